@@ -1,0 +1,203 @@
+"""The `adaptloop` command line: one entry point, one subcommand per job.
+
+Run `adaptloop --help` for the list. Every command accepts `--config PATH`
+(else ADAPTLOOP_CONFIG, else ./config/adapter_retrain.yaml, else the shipped
+default). Errors adaptloop expects print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from adaptloop.errors import AdaptloopError
+from adaptloop.settings import Settings, load_settings
+
+
+class _Context:
+    """Loads the settings once, on first use, so `--help` never needs a config."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="settings YAML file")
+@click.version_option(package_name="adaptloop")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """adaptloop: turn assistant failures into per-user LoRA adapters, safely."""
+    ctx.obj = _Context(config_path)
+
+
+# --------------------------------------------------------------------------- #
+# kafka
+# --------------------------------------------------------------------------- #
+
+
+@cli.group()
+def kafka() -> None:
+    """Run a local single-node Kafka broker (KRaft) from Maven Central jars."""
+
+
+def _local_broker(settings: Settings, port: int | None = None, data_dir: str | None = None):
+    from adaptloop.kafka.broker import LocalBroker
+
+    lb = settings.kafka.local_broker
+    return LocalBroker(
+        port=port or lb.port,
+        cache_dir=settings.cache_dir,
+        data_dir=Path(data_dir) if data_dir else lb.data_dir,
+        kafka_version=lb.kafka_version,
+        heap=lb.heap,
+        startup_timeout_s=lb.startup_timeout_s,
+    )
+
+
+@kafka.command("up")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="client port (default from config)")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="broker data directory")
+@pass_ctx
+def kafka_up(ctx: _Context, port: int | None, data_dir: str | None) -> None:
+    """Start the local broker (idempotent) and print its bootstrap address."""
+    settings = ctx.settings
+    if settings.external_kafka:
+        click.echo(f"KAFKA_BOOTSTRAP_SERVERS is set: using {settings.kafka.bootstrap_servers}, no local broker started")
+        return
+    click.echo(_local_broker(settings, port, data_dir).up())
+
+
+@kafka.command("down")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="client port (default from config)")
+@pass_ctx
+def kafka_down(ctx: _Context, port: int | None) -> None:
+    """Stop the local broker cleanly (SIGTERM, then wait); its data is kept."""
+    broker = _local_broker(ctx.settings, port)
+    click.echo(f"stopped broker on port {broker.port}" if broker.down() else f"no broker was running on port {broker.port}")
+
+
+@kafka.command("status")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="client port (default from config)")
+@pass_ctx
+def kafka_status(ctx: _Context, port: int | None) -> None:
+    """Say whether the local broker is up, and where."""
+    settings = ctx.settings
+    if settings.external_kafka:
+        from adaptloop.kafka.broker import broker_answers
+
+        up = broker_answers(settings.kafka.bootstrap_servers)
+        click.echo(f"external cluster {settings.kafka.bootstrap_servers}: {'answering' if up else 'NOT answering'}")
+        return
+    click.echo(_local_broker(settings, port).status())
+
+
+# --------------------------------------------------------------------------- #
+# topics, schemas, config
+# --------------------------------------------------------------------------- #
+
+
+@cli.group()
+def topics() -> None:
+    """Manage adaptloop's Kafka topics."""
+
+
+@topics.command("ensure")
+@pass_ctx
+def topics_ensure(ctx: _Context) -> None:
+    """Create every configured topic that is missing (idempotent)."""
+    from adaptloop.kafka.client import ClientConfig
+    from adaptloop.kafka.topics import ensure_topics, plans_from_specs
+
+    settings = ctx.settings
+    outcomes = ensure_topics(ClientConfig.from_settings(settings.kafka), plans_from_specs(settings.topics.all()))
+    for o in outcomes:
+        state = "created" if o.created else "exists "
+        click.echo(f"{state} {o.name} ({o.partitions} partitions){'  ! ' + o.note if o.note else ''}")
+
+
+@cli.group()
+def schemas() -> None:
+    """Message schemas for producers in any language."""
+
+
+@schemas.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+def schemas_export(directory: str) -> None:
+    """Write one JSON Schema file per message type into DIRECTORY."""
+    from schemas import export_json_schemas
+
+    for path in export_json_schemas(Path(directory)):
+        click.echo(str(path))
+
+
+@cli.group()
+def config() -> None:
+    """Inspect the settings."""
+
+
+@config.command("show")
+@pass_ctx
+def config_show(ctx: _Context) -> None:
+    """Print the resolved settings as JSON (secrets masked)."""
+    click.echo(json.dumps(json.loads(ctx.settings.model_dump_json()), indent=2))
+
+
+@config.command("check")
+@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+def config_check(paths: tuple[str, ...]) -> None:
+    """Validate settings files; list every bad key and exit 2 if any is invalid."""
+    failed = False
+    for path in paths:
+        try:
+            load_settings(path)
+            click.echo(f"ok      {path}")
+        except AdaptloopError as exc:
+            failed = True
+            click.echo(f"invalid {exc}")
+    if failed:
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- #
+# demo
+# --------------------------------------------------------------------------- #
+
+
+@cli.command("demo")
+@pass_ctx
+def demo(ctx: _Context) -> None:
+    """Run the main job end to end on the embedded defaults, narrating each step."""
+    from adaptloop.demo import run_demo
+
+    run_demo(ctx.settings, local_broker=None if ctx.settings.external_kafka else _local_broker(ctx.settings))
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="adaptloop", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AdaptloopError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Kafka plumbing shared by every side: the local broker, client configs, topics."""

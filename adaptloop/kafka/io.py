@@ -1,0 +1,98 @@
+"""Small, blocking produce/consume helpers over confluent-kafka.
+
+Used by the CLI (`demo`, `publish`) and the tests; the long-running services
+have their own loops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+
+from adaptloop.errors import KafkaOperationError
+from adaptloop.kafka.client import ClientConfig
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def produce(client: ClientConfig, topic: str, messages: Iterable[tuple[str | bytes | None, bytes]], timeout: float = 60.0) -> int:
+    """Send (key, value) pairs to `topic`, wait for every acknowledgement; return the count."""
+    producer = Producer(client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5}))
+    errors: list[str] = []
+
+    def on_delivery(err, _msg) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    count = 0
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full: let deliveries drain
+        count += 1
+        producer.poll(0)
+    remaining = producer.flush(timeout)
+    if remaining:
+        raise KafkaOperationError(f"{remaining} message(s) to {topic} not acknowledged within {timeout:.0f}s")
+    if errors:
+        raise KafkaOperationError(f"{len(errors)} message(s) to {topic} failed, first: {errors[0]}")
+    return count
+
+
+def consume(
+    client: ClientConfig,
+    topics: list[str],
+    group_id: str,
+    *,
+    max_messages: int | None = None,
+    idle_timeout: float = 5.0,
+    total_timeout: float = 120.0,
+    from_beginning: bool = True,
+) -> Iterator[Record]:
+    """Yield records until `max_messages` arrived, or nothing came for `idle_timeout` seconds."""
+    consumer = Consumer(
+        client.librdkafka(
+            **{
+                "group.id": group_id,
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "enable.auto.commit": True,
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+    )
+    try:
+        consumer.subscribe(topics)
+        seen = 0
+        deadline = time.monotonic() + total_timeout
+        last = time.monotonic()
+        while time.monotonic() < deadline and (max_messages is None or seen < max_messages):
+            msg = consumer.poll(0.5)
+            if msg is None:
+                if time.monotonic() - last > idle_timeout:
+                    break
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaOperationError(f"consuming {topics} failed: {msg.error()}")
+            last = time.monotonic()
+            seen += 1
+            yield Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.timestamp()[1])
+    except KafkaException as exc:
+        raise KafkaOperationError(f"consuming {topics} failed: {exc}") from None
+    finally:
+        consumer.close()

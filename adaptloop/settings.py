@@ -1,0 +1,311 @@
+"""Typed, frozen settings: one YAML file, then environment overrides.
+
+Load once at the edge with `load_settings()` and hand components plain
+arguments taken from the result; components never read the settings object.
+
+Where the file comes from, first match wins:
+  1. the `path` argument (the CLI's `--config PATH`),
+  2. the `ADAPTLOOP_CONFIG` environment variable,
+  3. `config/adapter_retrain.yaml` in the working directory,
+  4. the default shipped with the package.
+
+Overrides: a top-level key `x` is overridden by `ADAPTLOOP_X`, a nested one by
+`ADAPTLOOP_SECTION__KEY` (for example `ADAPTLOOP_KAFKA__CLIENT_ID`); lists and
+mappings are given as JSON. `KAFKA_BOOTSTRAP_SERVERS`, when set, wins over both,
+and then no command starts a local broker.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+from adaptloop.errors import ConfigError
+
+CONFIG_ENV = "ADAPTLOOP_CONFIG"
+BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+ENV_PREFIX = "ADAPTLOOP_"
+DEFAULT_CONFIG_NAME = "adapter_retrain.yaml"
+
+Schedule = Literal["nightly", "on-demand", "threshold", "continuous"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class _Section(BaseModel):
+    """A frozen settings section that rejects unknown keys (so typos are named)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- #
+# Kafka
+# --------------------------------------------------------------------------- #
+
+
+class LocalBrokerSettings(_Section):
+    """The single-node KRaft broker that `adaptloop kafka up` runs from Maven jars."""
+
+    port: int = Field(9092, ge=1, le=65535, description="client (PLAINTEXT) port")
+    data_dir: Path | None = Field(None, description="log and metadata dir; default <cache_dir>/kafka/broker-<port>")
+    kafka_version: str = Field("4.1.1", pattern=r"^4\.\d+\.\d+$", description="org.apache.kafka:kafka_2.13 version")
+    heap: str = Field("512m", pattern=r"^\d+[mg]$", description="JVM -Xmx")
+    startup_timeout_s: float = Field(90.0, gt=0)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field("127.0.0.1:9092", min_length=1)
+    client_id: str = "adaptloop"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    max_event_bytes: int = Field(64 * 1024, ge=1024, description="larger input messages go to the DLQ")
+    local_broker: LocalBrokerSettings = LocalBrokerSettings()
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL_"):
+            missing = [k for k in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+        return self
+
+
+class TopicSpec(_Section):
+    name: str
+    partitions: int = Field(6, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1, le=32)
+    config: dict[str, str] = Field(default_factory=dict, description="Kafka topic configs, e.g. retention.ms")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_topic_name(cls, value: str) -> str:
+        if not _TOPIC_NAME.match(value) or value in {".", ".."}:
+            raise ValueError("a topic name is 1-249 of letters, digits, '.', '_' and '-'")
+        return value
+
+
+InputKind = Literal["intent_traces", "feedback", "conversations", "concept_gaps"]
+INPUT_KINDS: tuple[InputKind, ...] = ("intent_traces", "feedback", "conversations", "concept_gaps")
+
+
+class TopicsSettings(_Section):
+    """Every topic adaptloop reads or writes; messages are keyed by user_id."""
+
+    intent_traces: TopicSpec = TopicSpec(name="interactions.intent-traces")
+    feedback: TopicSpec = TopicSpec(name="interactions.feedback")
+    conversations: TopicSpec = TopicSpec(name="interactions.conversations")
+    concept_gaps: TopicSpec = TopicSpec(name="interactions.concept-gaps")
+    commands: TopicSpec = TopicSpec(name="adapter.commands", partitions=3)
+    training_requests: TopicSpec = TopicSpec(name="adapter.training-requests")
+    lifecycle: TopicSpec = TopicSpec(name="adapter.lifecycle")
+    dlq: TopicSpec = TopicSpec(name="adapter.dlq", partitions=1)
+
+    def inputs(self) -> dict[InputKind, TopicSpec]:
+        return {kind: getattr(self, kind) for kind in INPUT_KINDS}
+
+    def all(self) -> list[TopicSpec]:
+        return [getattr(self, name) for name in type(self).model_fields]
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "TopicsSettings":
+        names = [spec.name for spec in self.all()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"topic names must be distinct, got {names}")
+        return self
+
+
+# --------------------------------------------------------------------------- #
+# Model and LoRA
+# --------------------------------------------------------------------------- #
+
+
+class ModelSettings(_Section):
+    base_model: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="a Hugging Face model dir or hub id, or 'embedded:smollm2-135m-instruct'",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside base_model, if it is a GGUF repo/dir")
+    embedding_model: str = Field("embedded:all-minilm-l6-v2", description="sentence-embedding model for scoring")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_seq_len: int = Field(512, ge=32, le=32_768)
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1, le=512)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# The root
+# --------------------------------------------------------------------------- #
+
+_yaml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_yaml_data", default={})
+
+
+class _YamlData(PydanticBaseSettingsSource):
+    """The already-parsed YAML file, the lowest-priority source."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _yaml_data.get()
+
+
+class Settings(BaseSettings):
+    """Everything adaptloop can be configured with. See config/adapter_retrain.yaml."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    # The seed's five keys, at the top level under these names.
+    schedule: Schedule = "threshold"
+    min_gap_events: int = Field(5, ge=1, description="gaps since the last request that trigger training")
+    promote_if_score: float = Field(0.7, ge=0.0, le=1.0, description="user-suite score a candidate needs")
+    regression_threshold: float = Field(0.05, ge=0.0, le=1.0, description="allowed drop on the core suite")
+    max_adapter_versions: int = Field(5, ge=1, le=1000, description="versions kept per user; older are archived")
+
+    storage_root: str = Field("./adaptloop-data", description="local dir or fsspec URL for datasets, adapters, logs")
+    cache_dir: Path = Field(Path.home() / ".cache" / "adaptloop", description="broker jars, broker state, model cache")
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicsSettings = TopicsSettings()
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+
+    @field_validator("storage_root")
+    @classmethod
+    def _resolve_local_root(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("storage_root must not be empty")
+        if "://" in value:
+            return value.rstrip("/")
+        # A relative path resolves against the working directory, once, here.
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_cache_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: explicit arguments (KAFKA_BOOTSTRAP_SERVERS), environment, file.
+        return init_settings, env_settings, _YamlData(settings_cls)
+
+    @property
+    def external_kafka(self) -> bool:
+        """True when KAFKA_BOOTSTRAP_SERVERS names a cluster, so no local broker is started."""
+        return bool(os.environ.get(BOOTSTRAP_ENV, "").strip())
+
+
+def shipped_config_dir() -> Path:
+    """The `config/` directory that ships with adaptloop (wheel or checkout)."""
+    packaged = Path(__file__).resolve().parent / "_config"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "config"
+
+
+def resolve_config_path(path: str | Path | None = None) -> Path:
+    """Which settings file to load; see the module docstring for the order."""
+    if path is not None:
+        chosen = Path(path).expanduser()
+    elif os.environ.get(CONFIG_ENV):
+        chosen = Path(os.environ[CONFIG_ENV]).expanduser()
+    elif (Path.cwd() / "config" / DEFAULT_CONFIG_NAME).is_file():
+        chosen = Path.cwd() / "config" / DEFAULT_CONFIG_NAME
+    else:
+        chosen = shipped_config_dir() / DEFAULT_CONFIG_NAME
+    if not chosen.is_file():
+        raise ConfigError(f"config file not found: {chosen}")
+    return chosen
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Parse a YAML file that must hold a mapping; errors name the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid setting(s):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = ""
+        # Name the environment variable when that is where the bad value came from.
+        for depth in range(len(loc), 0, -1):
+            if _env_name(loc[:depth]) in {k.upper() for k in os.environ}:
+                where = f" (from {_env_name(loc[:depth])})"
+                break
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}{where}: unknown key")
+        else:
+            lines.append(f"  - {key}{where}: {err['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load, override and validate the settings; raise ConfigError listing every bad key."""
+    config_path = resolve_config_path(path)
+    data = read_yaml_mapping(config_path)
+    overrides: dict[str, Any] = {}
+    bootstrap = os.environ.get(BOOTSTRAP_ENV, "").strip()
+    if bootstrap:
+        overrides["kafka"] = {"bootstrap_servers": bootstrap}
+    token = _yaml_data.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_path)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"{config_path}: bad environment override: {exc}") from None
+    finally:
+        _yaml_data.reset(token)

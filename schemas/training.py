@@ -1,0 +1,70 @@
+"""Training data and requests: dataset lines and `adapter.training-requests`."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
+
+Trigger = Literal["threshold", "nightly", "on-demand", "continuous", "accuracy-drop"]
+ExampleSource = Literal["intent", "correction", "conversation", "concept", "global", "replay", "manual"]
+
+
+class Provenance(Message):
+    """Where an example came from: the event's topic, partition and offset."""
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class TrainingExample(Message):
+    """One line of a dataset JSONL file (the streams side writes, the trainer reads)."""
+
+    prompt: Text
+    response: Text
+    source: ExampleSource = "manual"
+    weight: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    event_id: EventId | None = None
+    provenance: Provenance | None = None
+
+
+class OffsetRange(Message):
+    """The events a dataset was built from, per topic partition (inclusive)."""
+
+    topic: str
+    partition: int = Field(ge=0)
+    first_offset: int = Field(ge=0)
+    last_offset: int = Field(ge=0)
+
+
+class DatasetRef(Message):
+    uri: str = Field(min_length=1, max_length=2000)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    example_counts: dict[str, int] = Field(default_factory=dict, description="training examples per source")
+    test_uri: str | None = Field(None, description="the held-out split, never trained on")
+    test_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    test_count: int = Field(0, ge=0)
+
+
+class TrainingRequest(Message):
+    request_id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
+    user_id: UserId
+    trigger: Trigger
+    created_at: Timestamp = Field(default_factory=utc_now)
+    dataset: DatasetRef
+    lineage: list[OffsetRange] = Field(default_factory=list)
+    include_global: bool = False
+    command_id: EventId | None = Field(None, description="the retrain command that asked for it, if any")
+    note: ShortText | None = None
+
+
+def request_id_for(user_id: str, dataset_sha256: str, trigger: str) -> str:
+    """A deterministic request id: the same user, data and trigger give the same id.
+
+    Redelivered or re-emitted requests therefore dedupe by id downstream.
+    """
+    return hashlib.sha256(f"{user_id}\n{dataset_sha256}\n{trigger}".encode()).hexdigest()[:32]
