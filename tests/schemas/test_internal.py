@@ -1,0 +1,80 @@
+"""Internal messages: commands, training requests, lifecycle events, dead letters, JSON Schema export."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from adaptloop.errors import InvalidMessage
+from schemas import (
+    COMMAND_ADAPTER,
+    MESSAGE_TYPES,
+    DeadLetter,
+    LifecycleEvent,
+    RollbackCommand,
+    TrainingRequest,
+    decode,
+    export_json_schemas,
+)
+from schemas.training import DatasetRef, OffsetRange, TrainingExample, request_id_for
+
+pytestmark = pytest.mark.unit
+
+
+def _request(**overrides) -> TrainingRequest:
+    sha = "a" * 64
+    data = dict(
+        request_id=request_id_for("alice", sha, "threshold"),
+        user_id="alice",
+        trigger="threshold",
+        dataset=DatasetRef(uri="file:///x/user_alice_finetune.jsonl", sha256=sha, example_counts={"correction": 3}),
+        lineage=[OffsetRange(topic="interactions.feedback", partition=0, first_offset=0, last_offset=9)],
+    )
+    return TrainingRequest(**(data | overrides))
+
+
+def test_commands_are_told_apart_by_type():
+    raw = json.dumps({"type": "rollback", "command_id": "c1", "user_id": "alice", "reason": "bad answers"}).encode()
+    command = decode(COMMAND_ADAPTER, raw)
+    assert isinstance(command, RollbackCommand) and command.to_version is None
+    with pytest.raises(InvalidMessage, match="type"):
+        decode(COMMAND_ADAPTER, json.dumps({"type": "explode", "command_id": "c1", "user_id": "alice"}).encode())
+
+
+def test_training_request_round_trip_and_deterministic_id():
+    request = _request()
+    assert decode(TrainingRequest, request.to_bytes()) == request
+    assert request_id_for("alice", "a" * 64, "threshold") == request.request_id
+    assert request_id_for("bob", "a" * 64, "threshold") != request.request_id
+    with pytest.raises(Exception):
+        _request(user_id="../bob")
+
+
+def test_lifecycle_and_dead_letter_round_trip():
+    event = LifecycleEvent(event_id="ev1", type="promoted", user_id="alice", version=2, metrics={"score": 0.9})
+    assert decode(LifecycleEvent, event.to_bytes()) == event
+    letter = DeadLetter.of(topic="t", partition=1, offset=5, key=b"k", value=b"\xff\x00raw", reason="not UTF-8")
+    again = decode(DeadLetter, letter.to_bytes())
+    assert again.original_value() == b"\xff\x00raw" and again.reason == "not UTF-8"
+
+
+def test_training_example_defaults_and_bounds():
+    example = TrainingExample(prompt="q", response="a")
+    assert example.weight == 1.0
+    with pytest.raises(Exception):
+        TrainingExample(prompt="q", response="a", weight=0)
+
+
+def test_exported_schemas_validate_real_messages(tmp_path):
+    paths = export_json_schemas(tmp_path)
+    assert {p.name for p in paths} == {f"{name}.schema.json" for name in MESSAGE_TYPES}
+    schema = json.loads((tmp_path / "training_request.schema.json").read_text())
+    jsonschema.validate(json.loads(_request().to_bytes()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"user_id": "alice"}, schema)
+    intent = json.loads((tmp_path / "intent_trace.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"event_id": "e", "user_id": "a", "timestamp": "2026-01-01T00:00:00Z",
+                             "intent": "i", "status": "missed", "query": "q", "extra": 1}, intent)

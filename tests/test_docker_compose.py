@@ -1,0 +1,38 @@
+"""docker-compose.yml stays valid: parsed here always, `docker compose config` where the plugin exists."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compose_file_defines_a_kraft_broker_and_our_services():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:4.")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    ours = [name for name, svc in services.items() if svc.get("image") == "adaptloop:local"]
+    assert ours, "no adaptloop service"
+    for name in ours:
+        assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert (REPO / "Dockerfile").is_file()
+
+
+def _compose_plugin() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _compose_plugin(), reason="the docker compose plugin is not installed here")
+def test_docker_compose_config_passes():
+    result = subprocess.run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
