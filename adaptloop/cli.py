@@ -172,6 +172,22 @@ def config_check(paths: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- #
+# streams
+# --------------------------------------------------------------------------- #
+
+
+@cli.command("worker")
+@click.option("--web-port", type=click.IntRange(0, 65535), default=None, help="metrics port (0 = off)")
+@click.option("--loglevel", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@pass_ctx
+def worker(ctx: _Context, web_port: int | None, loglevel: str) -> None:
+    """Run the streams worker: validate, curate, count gaps, emit training requests."""
+    from streams.worker import run_worker
+
+    run_worker(ctx.settings, web_port=web_port, loglevel=loglevel)
+
+
+# --------------------------------------------------------------------------- #
 # demo
 # --------------------------------------------------------------------------- #
 

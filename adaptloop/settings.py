@@ -129,6 +129,57 @@ class TopicsSettings(_Section):
 
 
 # --------------------------------------------------------------------------- #
+# Streams (the Faust worker)
+# --------------------------------------------------------------------------- #
+
+
+class CurationSettings(_Section):
+    """How events become training examples (see streams/curation.py)."""
+
+    paraphrases: int = Field(2, ge=0, le=8, description="extra paraphrased prompts per example")
+    seed: int = Field(13, description="seed for paraphrase templates and the held-out choice")
+    correction_weight: float = Field(2.0, gt=0, le=10)
+    resolution_weight: float = Field(1.5, gt=0, le=10)
+    conversation_weight: float = Field(1.0, gt=0, le=10, description="well-rated conversation turns")
+    unrated_weight: float = Field(0.5, gt=0, le=10, description="unrated conversation turns")
+    concept_weight: float = Field(1.0, gt=0, le=10)
+    positive_rating_boost: float = Field(0.5, ge=0, le=5, description="weight x (1 + boost) on a later thumbs-up")
+    confidence_weighting: bool = Field(True, description="scale weight by 0.5 + 0.5 * confidence when given")
+
+
+class TriggerSettings(_Section):
+    gap_window_s: float = Field(7 * 24 * 3600, gt=0, description="gaps older than this (event time) stop counting")
+    cooldown_s: float = Field(600, ge=0, description="least time between two automatic requests for one user")
+    continuous_min_interval_s: float = Field(60, ge=0, description="rate limit of the continuous schedule")
+    nightly_cron: str = Field("0 2 * * *", description="when the nightly schedule fires (on the leader)")
+    min_new_examples: int = Field(1, ge=1, description="a trigger needs at least this many new examples")
+    open_request_timeout_s: float = Field(6 * 3600, gt=0, description="an unanswered request is re-emitted after this")
+    accuracy_drop: bool = Field(True, description="trigger when a user's satisfaction rate falls below the floor")
+    accuracy_floor: float = Field(0.5, ge=0, le=1)
+    accuracy_window: int = Field(20, ge=2, le=1000, description="last N rated outcomes the rate is computed over")
+    accuracy_min_samples: int = Field(10, ge=1, description="no accuracy trigger before this many outcomes")
+
+
+class DatasetSettings(_Section):
+    replay_max: int = Field(64, ge=0, description="earlier examples of the user mixed into each new dataset")
+    global_max: int = Field(64, ge=0, description="global-pool examples mixed in when include_global is set")
+    include_global: bool = Field(False, description="include the global pool in automatically triggered datasets")
+    max_pending: int = Field(2000, ge=1, description="new examples kept per user until the next request")
+
+
+class StreamsSettings(_Section):
+    app_id: str = Field("adaptloop-worker", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="Faust app id = consumer group")
+    internal_partitions: int = Field(6, ge=1, le=1000, description="partitions of the worker's user-keyed internal topics")
+    batch_size: int = Field(1000, ge=1, description="events per stream.take() batch")
+    batch_within_s: float = Field(0.5, gt=0, description="longest wait to fill a batch")
+    web_port: int = Field(6066, ge=0, le=65535, description="Faust web server: /metrics (0 = disabled)")
+    dedupe_max_ids: int = Field(20000, ge=100, description="event ids remembered per user for idempotent counting")
+    curation: CurationSettings = CurationSettings()
+    triggers: TriggerSettings = TriggerSettings()
+    dataset: DatasetSettings = DatasetSettings()
+
+
+# --------------------------------------------------------------------------- #
 # Model and LoRA
 # --------------------------------------------------------------------------- #
 
@@ -194,6 +245,7 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicsSettings = TopicsSettings()
+    streams: StreamsSettings = StreamsSettings()
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
 

@@ -1,0 +1,189 @@
+"""Curation: turn validated events into training examples and gap signals.
+
+Plain functions, no Kafka: the worker and `adaptloop generate-data` share them.
+
+Rules (the seed's synthetic data generation):
+- intent trace, missed/abandoned: a gap; with a `resolution` also an example
+  (query -> resolution). satisfied: a good outcome. open: nothing yet.
+- feedback correction: an example (query -> correction) with a high weight,
+  and a gap. Rating < 0: a gap (that response was wrong). Rating > 0: raises
+  the weight of the user's pending conversation example with the same prompt.
+- conversation turn: rated > 0 -> a Q&A example; unrated (or neutral) -> a
+  lower weight; rated < 0 -> not trained on, counted as a negative rating gap.
+- concept gap: "What is X?" -> description, and "How is X related to Y?" for
+  each related Y; a gap for the user, or the global pool for user `global`.
+- augmentation: `paraphrases` extra prompts per example from seeded templates
+  (deterministic: the same prompt always gets the same paraphrases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
+from schemas.training import Provenance, TrainingExample
+
+GapKind = Literal["missed_intent", "negative_rating", "correction", "concept_gap"]
+GAP_KINDS: tuple[GapKind, ...] = ("missed_intent", "negative_rating", "correction", "concept_gap")
+GLOBAL_USER = "global"
+
+_TEMPLATES = (
+    "Can you tell me: {q}",
+    "Quick question: {q}",
+    "{q} Please answer briefly.",
+    "Remind me: {q}",
+    "I'd like to know something. {q}",
+    "Question for you: {q}",
+    "Help me out here. {q}",
+    "Tell me, {lq}",
+)
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    paraphrases: int = 2
+    seed: int = 13
+    correction_weight: float = 2.0
+    resolution_weight: float = 1.5
+    conversation_weight: float = 1.0
+    unrated_weight: float = 0.5
+    concept_weight: float = 1.0
+    positive_rating_boost: float = 0.5
+    confidence_weighting: bool = True
+
+
+@dataclass(frozen=True)
+class Curated:
+    """What one event contributes."""
+
+    examples: tuple[TrainingExample, ...] = ()
+    gap: GapKind | None = None
+    outcome: bool | None = None  # True: the user was served well; False: badly
+    boost_prompt: str | None = None  # a thumbs-up for this prompt
+    to_global: bool = False  # the examples belong to the global pool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _weight(base: float, confidence: float | None, cfg: CurationConfig) -> float:
+    if cfg.confidence_weighting and confidence is not None:
+        base *= 0.5 + 0.5 * confidence
+    return round(min(base, 10.0), 6)
+
+
+def _example(prompt: str, response: str, source: str, weight: float, event: InputEvent, prov: Provenance | None) -> TrainingExample:
+    return TrainingExample(
+        prompt=prompt, response=response, source=source, weight=weight, event_id=event.event_id, provenance=prov
+    )
+
+
+def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationConfig) -> Curated:
+    """The examples and signals of one validated event (before augmentation)."""
+    if isinstance(event, IntentTrace):
+        if event.status in ("missed", "abandoned"):
+            examples = ()
+            if event.resolution:
+                w = _weight(cfg.resolution_weight, event.confidence, cfg)
+                examples = (_example(event.query, event.resolution, "intent", w, event, provenance),)
+            return Curated(examples=examples, gap="missed_intent", outcome=False)
+        if event.status == "satisfied":
+            return Curated(outcome=True)
+        return Curated()
+    if isinstance(event, Feedback):
+        if event.kind == "correction":
+            assert event.correction is not None
+            example = _example(event.query, event.correction, "correction", cfg.correction_weight, event, provenance)
+            return Curated(examples=(example,), gap="correction", outcome=False)
+        rating = event.normalized_rating or 0.0
+        if rating < 0:
+            return Curated(gap="negative_rating", outcome=False)
+        if rating > 0:
+            return Curated(outcome=True, boost_prompt=event.query)
+        return Curated()
+    if isinstance(event, ConversationTurn):
+        rating = event.normalized_rating
+        if rating is not None and rating < 0:
+            return Curated(gap="negative_rating", outcome=False)
+        if rating is not None and rating > 0:
+            weight = cfg.conversation_weight * (0.5 + 0.5 * rating)
+            example = _example(event.question, event.answer, "conversation", round(weight, 6), event, provenance)
+            return Curated(examples=(example,), outcome=True)
+        example = _example(event.question, event.answer, "conversation", cfg.unrated_weight, event, provenance)
+        return Curated(examples=(example,))
+    if isinstance(event, ConceptGap):
+        w = _weight(cfg.concept_weight, event.confidence, cfg)
+        is_global = event.user_id == GLOBAL_USER
+        source = "global" if is_global else "concept"
+        examples = [_example(f"What is {event.concept}?", event.description, source, w, event, provenance)]
+        for other in event.related:
+            examples.append(
+                _example(
+                    f"How is {event.concept} related to {other}?",
+                    f"{event.concept} is related to {other}. {event.description}",
+                    source,
+                    w,
+                    event,
+                    provenance,
+                )
+            )
+        return Curated(examples=tuple(examples), gap=None if is_global else "concept_gap", to_global=is_global)
+    raise TypeError(f"no curation rule for {type(event).__name__}")
+
+
+def _stable_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def paraphrases(prompt: str, n: int, seed: int) -> list[str]:
+    """`n` deterministic paraphrases of `prompt`, each different from it and from each other."""
+    if n <= 0:
+        return []
+    rng = random.Random(_stable_seed(seed, prompt))
+    lowered = prompt[:1].lower() + prompt[1:]
+    out: list[str] = []
+    for template in rng.sample(_TEMPLATES, k=len(_TEMPLATES)):
+        text = template.format(q=prompt, lq=lowered)
+        if text != prompt and text not in out and len(text) <= 4000:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def augment(examples: list[TrainingExample], n: int, seed: int) -> list[TrainingExample]:
+    """Each example followed by its paraphrased copies (same event_id, response, weight)."""
+    out: list[TrainingExample] = []
+    for example in examples:
+        out.append(example)
+        for text in paraphrases(example.prompt, n, seed):
+            out.append(example.model_copy(update={"prompt": text}))
+    return out
+
+
+def dedupe(examples: list[TrainingExample]) -> list[TrainingExample]:
+    """Drop identical (prompt, response) pairs, keeping the first and the highest weight."""
+    index: dict[tuple[str, str], int] = {}
+    out: list[TrainingExample] = []
+    for example in examples:
+        key = (example.prompt.strip().casefold(), example.response.strip())
+        if key in index:
+            kept = out[index[key]]
+            if example.weight > kept.weight:
+                out[index[key]] = kept.model_copy(update={"weight": example.weight})
+            continue
+        index[key] = len(out)
+        out.append(example)
+    return out
+
+
+def apply_boost(pending: list[TrainingExample], prompt: str, boost: float) -> list[TrainingExample]:
+    """A thumbs-up for `prompt`: raise the weight of the pending conversation examples that answer it."""
+    key = prompt.strip().casefold()
+    return [
+        e.model_copy(update={"weight": round(min(e.weight * (1.0 + boost), 10.0), 6)})
+        if e.source == "conversation" and e.prompt.strip().casefold() == key
+        else e
+        for e in pending
+    ]

@@ -1,0 +1,21 @@
+"""Prometheus metrics of the worker: no per-user labels, counters end in _total."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter("adaptloop_worker_events_consumed_total", "Input messages consumed", ["topic"], registry=REGISTRY)
+DEAD_LETTERS = Counter("adaptloop_worker_dead_letters_total", "Messages sent to the DLQ", ["topic"], registry=REGISTRY)
+DUPLICATES = Counter("adaptloop_worker_duplicate_events_total", "Events already counted (by event_id)", registry=REGISTRY)
+EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
+REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)
+BATCH_SECONDS = Histogram(
+    "adaptloop_worker_batch_seconds", "Time to process one batch", ["stage"], registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)  # fmt: skip
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,204 @@
+"""The worker against the real broker: requests, dead letters, dedupe, SIGKILL, schedules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import uuid
+from collections import Counter
+
+import pytest
+
+from adaptloop.samples import malformed_messages
+from schemas import LifecycleEvent, RetrainCommand
+from schemas.events import EVENT_TYPE_BY_INPUT_KIND
+from streams.curation import CurationConfig, curate
+from streams.dataset import from_jsonl
+from tests.streams.conftest import event
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def _dataset(handle, uri: str):
+    return from_jsonl((handle.storage_root / uri.split(str(handle.storage_root) + "/", 1)[1]).read_bytes())
+
+
+def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_factory):
+    w = worker_factory(min_gap_events=4, streams={"curation": {"paraphrases": 2}})
+    # alice: 4 corrections -> crosses the threshold with her 4th gap.
+    # bob: 3 corrections -> below it. carol: 2 missed intents with resolutions,
+    # 1 without, 1 negative rating -> 4 gaps, 2 examples.
+    alice = [event("feedback", "alice", n) for n in range(4)]
+    bob = [event("feedback", "bob", n) for n in range(3)]
+    carol = [event("intent_traces", "carol", n) for n in range(2)]
+    carol += [event("intent_traces", "carol", 2, resolution=None)]
+    carol += [event("feedback", "carol", 3, kind="rating", rating=-1, correction=None)]
+    w.publish(alice + bob + carol)
+
+    requests = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] in {"alice", "carol"}] if len(w.requests()) >= 2 else None,
+                          what="two requests")  # fmt: skip
+    by_user = {r["user_id"]: r for r in w.requests()}
+    assert set(by_user) == {"alice", "carol"}, "bob is below the threshold"
+    a = by_user["alice"]
+    assert a["trigger"] == "threshold"
+    # 4 facts x (1 original + 2 paraphrases) = 12 prompts; one paraphrase of each is held out.
+    assert a["dataset"]["example_counts"] == {"correction": 8}
+    assert a["dataset"]["test_count"] == 4
+    assert a["lineage"] == [{"topic": w.topics["feedback"], "partition": a["lineage"][0]["partition"],
+                             "first_offset": a["lineage"][0]["first_offset"], "last_offset": a["lineage"][0]["last_offset"]}]  # fmt: skip
+    assert a["lineage"][0]["last_offset"] - a["lineage"][0]["first_offset"] >= 3
+    train = _dataset(w, a["dataset"]["uri"])
+    test = _dataset(w, a["dataset"]["test_uri"])
+    assert {e.response for e in train} == {f"Fact {n} is true." for n in range(4)}
+    assert {e.response for e in test} == {f"Fact {n} is true." for n in range(4)}
+    assert not {e.prompt for e in test} & {e.prompt for e in train}, "held-out prompts are never trained on"
+    assert {f"What is fact {n}?" for n in range(4)} <= {e.prompt for e in train}, "originals stay in training"
+    assert all(e.weight == 2.0 and e.event_id and e.provenance for e in train)
+    c = by_user["carol"]
+    assert c["dataset"]["example_counts"] == {"intent": 4} and c["dataset"]["test_count"] == 2
+
+    # At most one open request: more gaps for alice change nothing until it closes.
+    w.publish([event("feedback", "alice", n) for n in range(10, 14)])
+    w.wait_for(lambda: w.states().get("alice", {}).get("events_total") == 8, what="alice's 8 events")
+    assert len([r for r in w.requests() if r["user_id"] == "alice"]) == 1
+    # The trainer finishes: the 4 gaps gathered meanwhile trigger at once, and the
+    # new dataset replays the first one (against forgetting).
+    w.send("lifecycle", "alice", LifecycleEvent(event_id="lc1", type="training_completed", user_id="alice", request_id=a["request_id"], version=1))
+    second = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "alice" and r["request_id"] != a["request_id"]],
+                        what="alice's second request")[0]  # fmt: skip
+    assert second["dataset"]["example_counts"] == {"correction": 8, "replay": 8}
+    assert {e.response for e in _dataset(w, second["dataset"]["test_uri"])} == {f"Fact {n} is true." for n in range(10, 14)}
+
+
+def test_bad_messages_reach_the_dlq_and_good_ones_are_processed(worker_factory):
+    w = worker_factory(min_gap_events=1000)
+    bad = malformed_messages() + [(b"x" * 70_000, "oversized"), (json.dumps({"a": [[[[[]]]]]}).encode(), "nesting")]
+    good = [event("feedback", "dave", n) for n in range(20)]
+    raw = []
+    rng = random.Random(3)
+    for item in good:
+        raw.append(("good", item))
+        if bad and rng.random() < 0.6:
+            raw.append(("bad", bad.pop()))
+    raw += [("bad", b) for b in bad]
+    for what, item in raw:
+        if what == "good":
+            w.publish([item])
+        else:
+            w.publish_raw("feedback", [(b"dave", item[0])])
+    n_bad = sum(1 for what, _ in raw if what == "bad")
+    letters = w.wait_for(lambda: (lambda got: got if len(got) >= n_bad else None)(w.read("dlq")), what="dead letters")
+    assert len(letters) == n_bad
+    sent_bad = {item[0] for what, item in raw if what == "bad"}
+    for record in letters:
+        letter = json.loads(record.value)
+        assert base64.b64decode(letter["value_b64"]) in sent_bad
+        assert letter["source_topic"] == w.topics["feedback"] and letter["offset"] >= 0 and letter["reason"]
+    state = w.wait_for(lambda: w.states().get("dave", {}).get("events_total") == 20 and w.states()["dave"], what="20 good events")
+    assert state["gap_totals"]["correction"] == 20
+
+
+def test_events_published_twice_are_counted_once(worker_factory):
+    w = worker_factory(min_gap_events=1000)
+    events = [event("intent_traces", "erin", n) for n in range(10)] + [event("feedback", "erin", n, kind="rating", rating=-1, correction=None) for n in range(5)]
+    w.publish(events)
+    w.publish(events)
+    w.wait_for(lambda: w.states().get("erin", {}).get("events_total") == 15, what="15 events")
+    # Give a late double count time to show, then check again.
+    w.publish([event("conversations", "erin", 99)])
+    state = w.wait_for(lambda: w.states().get("erin", {}).get("events_total") == 16 and w.states()["erin"], what="marker")
+    assert state["gap_totals"] == {"missed_intent": 10, "negative_rating": 5, "correction": 0, "concept_gap": 0}
+
+
+def _ground_truth(events) -> dict[str, Counter]:
+    truth: dict[str, Counter] = {}
+    seen = set()
+    for kind, data in events:
+        if data["event_id"] in seen:
+            continue
+        seen.add(data["event_id"])
+        gap = curate(EVENT_TYPE_BY_INPUT_KIND[kind].model_validate(data), None, CurationConfig()).gap
+        counter = truth.setdefault(data["user_id"], Counter())
+        counter["events"] += 1
+        if gap:
+            counter[gap] += 1
+    return truth
+
+
+def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(worker_factory):
+    w = worker_factory(min_gap_events=10**6, streams={"batch_size": 200})
+    rng = random.Random(11)
+    kinds = ["intent_traces", "feedback", "conversations", "concept_gaps"]
+    users = [f"u{i}" for i in range(10)]
+    events = []
+    for n in range(3000):
+        kind = rng.choice(kinds)
+        extra = {"kind": "rating", "rating": -1, "correction": None} if kind == "feedback" and n % 2 else {}
+        events.append(event(kind, rng.choice(users), n, **extra))
+    chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
+    for i, chunk in enumerate(chunks):
+        w.publish(chunk)
+        if i in (1, 3):
+            w.kill()  # mid-stream, with work in flight
+            w.start()
+    truth = _ground_truth(events)
+
+    def settled():
+        states = w.states()
+        return states if sum(s.get("events_total", 0) for s in states.values()) >= len(events) else None
+
+    states = w.wait_for(settled, timeout=120, what="all events counted")
+    for user, counter in truth.items():
+        got = states[user]
+        assert got["events_total"] == counter["events"], user
+        for gap in ("missed_intent", "negative_rating", "correction", "concept_gap"):
+            assert got["gap_totals"][gap] == counter[gap], (user, gap)
+
+
+def test_threshold_schedule_fires_only_at_the_threshold(worker_factory):
+    w = worker_factory(min_gap_events=3)
+    w.publish([event("feedback", "fay", n) for n in range(2)] + [event("conversations", "fay", 50)])
+    w.wait_for(lambda: w.states().get("fay", {}).get("events_total") == 3, what="fay's events")
+    assert w.requests() == []
+    w.publish([event("feedback", "fay", 2)])
+    reqs = w.wait_for(lambda: w.requests(), what="threshold request")
+    assert [r["trigger"] for r in reqs] == ["threshold"]
+
+
+def test_nightly_on_demand_and_accuracy_drop(worker_factory):
+    w = worker_factory(schedule="nightly", min_gap_events=1, streams={"triggers": {"accuracy_min_samples": 10, "accuracy_floor": 0.5}})
+    # gus: gaps and examples, but the nightly schedule waits for the tick.
+    w.publish([event("feedback", "gus", n) for n in range(5)])
+    # hal: mostly happy -> no accuracy drop. ida: mostly unhappy -> accuracy drop.
+    happy = [event("intent_traces", "hal", n, status="satisfied", resolution=None) for n in range(12)]
+    unhappy = [event("conversations", "ida", 0)] + [event("feedback", "ida", n, kind="rating", rating=-1, correction=None) for n in range(1, 12)]
+    w.publish(happy + [event("conversations", "hal", 40)] + unhappy)
+    reqs = w.wait_for(lambda: w.requests(), what="accuracy-drop request")
+    assert [(r["user_id"], r["trigger"]) for r in reqs] == [("ida", "accuracy-drop")]
+    w.wait_for(lambda: w.states().get("hal", {}).get("events_total") == 13, what="hal's events")
+    assert len(w.requests()) == 1, "no nightly request before the tick, no drop for hal"
+
+    w.tick(at=1_780_100_000.0)
+    reqs = w.wait_for(lambda: (lambda rs: rs if len(rs) >= 3 else None)(w.requests()), what="nightly requests")
+    assert sorted((r["user_id"], r["trigger"]) for r in reqs) == [("gus", "nightly"), ("hal", "nightly"), ("ida", "accuracy-drop")]
+
+    # On demand under the nightly schedule: a retrain command for a user with no open request.
+    w.send("commands", "jo", RetrainCommand(command_id=f"cmd-{uuid.uuid4().hex[:6]}", user_id="jo", include_global=True))
+    w.publish([event("concept_gaps", "global", 1, related=["Other"])])
+    reqs = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "jo"], what="on-demand request")
+    assert reqs[0]["trigger"] == "on-demand" and reqs[0]["include_global"] is True and reqs[0]["command_id"].startswith("cmd-")
+
+
+def test_continuous_schedule_is_rate_limited(worker_factory):
+    w = worker_factory(schedule="continuous", streams={"triggers": {"continuous_min_interval_s": 3600}})
+    w.publish([event("conversations", "kim", 0, rating=1)])
+    first = w.wait_for(lambda: w.requests(), what="first continuous request")[0]
+    assert first["trigger"] == "continuous"
+    w.send("lifecycle", "kim", LifecycleEvent(event_id="lc-k", type="training_completed", user_id="kim", request_id=first["request_id"]))
+    w.publish([event("conversations", "kim", 600, rating=1)])  # 10 minutes later: rate-limited
+    w.wait_for(lambda: w.states().get("kim", {}).get("events_total") == 2, what="kim's second event")
+    assert len(w.requests()) == 1
+    w.publish([event("conversations", "kim", 7200, rating=1)])  # two hours later: fires
+    reqs = w.wait_for(lambda: (lambda rs: rs if len(rs) == 2 else None)(w.requests()), what="second continuous request")
+    assert reqs[1]["dataset"]["example_counts"]["conversation"] >= 1
