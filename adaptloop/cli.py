@@ -187,6 +187,56 @@ def worker(ctx: _Context, web_port: int | None, loglevel: str) -> None:
     run_worker(ctx.settings, web_port=web_port, loglevel=loglevel)
 
 
+@cli.command("generate-data")
+@click.option("--user-id", required=True, help="whose dataset")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="training JSONL to write")
+@click.option("--include-global", is_flag=True, help="mix in the global concept pool")
+@click.option("--since", default=None, help="ISO-8601 time to read the input topics from (default: the beginning)")
+@pass_ctx
+def generate_data(ctx: _Context, user_id: str, output: str, include_global: bool, since: str | None) -> None:
+    """Build a user's dataset offline from the input topics (same curation as the worker)."""
+    from adaptloop.kafka.client import ClientConfig
+    from schemas import check_user_id
+    from streams.generate import generate_dataset
+    from streams.worker import worker_config
+
+    try:
+        check_user_id(user_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user-id") from None
+    settings = ctx.settings
+    cfg = worker_config(settings)
+    result = generate_dataset(
+        ClientConfig.from_settings(settings.kafka),
+        cfg.input_topics,
+        user_id,
+        Path(output),
+        since_ms=_parse_since(since),
+        include_global=include_global,
+        curation=cfg.processor.curation,
+        dataset=cfg.processor.dataset,
+        max_event_bytes=cfg.max_event_bytes,
+    )
+    click.echo(
+        f"{result.events} events for {user_id} ({result.invalid} invalid skipped): "
+        f"{len(result.train)} training examples -> {result.train_path}, {len(result.test)} held out -> {result.test_path}"
+    )
+
+
+def _parse_since(since: str | None) -> int:
+    if since is None:
+        return 0
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO-8601 time: {since!r}", param_hint="--since") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
 # --------------------------------------------------------------------------- #
 # demo
 # --------------------------------------------------------------------------- #

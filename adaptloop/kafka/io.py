@@ -96,3 +96,53 @@ def consume(
         raise KafkaOperationError(f"consuming {topics} failed: {exc}") from None
     finally:
         consumer.close()
+
+
+def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeout: float = 60.0) -> Iterator[Record]:
+    """Every record of `topics` from `since_ms` (broker timestamp) up to the end as of now.
+
+    Uses offsets_for_times and assign(): no consumer group, nothing committed,
+    the live groups are untouched.
+    """
+    from confluent_kafka import TopicPartition
+
+    consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-reader", "enable.auto.commit": False}))
+    try:
+        metadata = consumer.list_topics(timeout=timeout)
+        wanted: list[TopicPartition] = []
+        for topic in topics:
+            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                raise KafkaOperationError(f"topic {topic} does not exist")
+            wanted += [TopicPartition(topic, p, since_ms) for p in metadata.topics[topic].partitions]
+        starts = consumer.offsets_for_times(wanted, timeout=timeout)
+        ends: dict[tuple[str, int], int] = {}
+        assignment = []
+        for tp in starts:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout)
+            start = tp.offset if tp.offset >= 0 else high  # -1: nothing at or after since_ms
+            if start < high:
+                ends[(tp.topic, tp.partition)] = high
+                assignment.append(TopicPartition(tp.topic, tp.partition, start))
+        if not assignment:
+            return
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaOperationError(f"reading {msg.topic()} failed: {msg.error()}")
+            key = (msg.topic(), msg.partition())
+            if key not in ends:
+                continue
+            deadline = time.monotonic() + timeout
+            yield Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.timestamp()[1])
+            if msg.offset() + 1 >= ends[key]:
+                del ends[key]
+        if ends:
+            raise KafkaOperationError(f"timed out reading {sorted(ends)}")
+    finally:
+        consumer.close()

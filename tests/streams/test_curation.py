@@ -1,0 +1,82 @@
+"""Curation rules, paraphrasing and dedupe: plain functions, no Kafka."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.events import ConceptGap, ConversationTurn, Feedback, IntentTrace
+from schemas.training import Provenance, TrainingExample
+from streams.curation import CurationConfig, apply_boost, augment, curate, dedupe, paraphrases
+
+pytestmark = pytest.mark.unit
+
+CFG = CurationConfig(confidence_weighting=True)
+BASE = {"event_id": "e1", "user_id": "alice", "timestamp": "2026-01-01T00:00:00Z"}
+PROV = Provenance(topic="t", partition=0, offset=7)
+
+
+def test_missed_intent_with_resolution_is_an_example_and_a_gap():
+    out = curate(IntentTrace(**BASE, intent="i", status="missed", query="Q?", resolution="A.", confidence=1.0), PROV, CFG)
+    assert out.gap == "missed_intent" and out.outcome is False
+    (ex,) = out.examples
+    assert (ex.prompt, ex.response, ex.source, ex.weight, ex.provenance) == ("Q?", "A.", "intent", 1.5, PROV)
+
+
+def test_missed_intent_without_resolution_is_only_a_gap_and_confidence_scales_weight():
+    out = curate(IntentTrace(**BASE, intent="i", status="abandoned", query="Q?"), PROV, CFG)
+    assert out.gap == "missed_intent" and out.examples == ()
+    low = curate(IntentTrace(**BASE, intent="i", status="missed", query="Q?", resolution="A.", confidence=0.0), PROV, CFG)
+    assert low.examples[0].weight == pytest.approx(0.75)
+    assert curate(IntentTrace(**BASE, intent="i", status="satisfied", query="Q?"), PROV, CFG).outcome is True
+    assert curate(IntentTrace(**BASE, intent="i", status="open", query="Q?"), PROV, CFG) == curate(
+        IntentTrace(**BASE, intent="j", status="open", query="R?"), PROV, CFG
+    )
+
+
+def test_feedback_rules():
+    corr = curate(Feedback(**BASE, kind="correction", query="Q?", response="bad", correction="good"), PROV, CFG)
+    assert corr.gap == "correction" and corr.examples[0].response == "good" and corr.examples[0].weight == 2.0
+    neg = curate(Feedback(**BASE, kind="rating", query="Q?", response="bad", rating=1, rating_scale="stars"), PROV, CFG)
+    assert neg.gap == "negative_rating" and neg.examples == ()
+    pos = curate(Feedback(**BASE, kind="rating", query="Q?", response="ok", rating=5), PROV, CFG)
+    assert pos.gap is None and pos.boost_prompt == "Q?" and pos.outcome is True
+
+
+def test_conversation_rules():
+    good = curate(ConversationTurn(**BASE, session_id="s", question="Q?", answer="A.", rating=1), PROV, CFG)
+    unrated = curate(ConversationTurn(**BASE, session_id="s", question="Q?", answer="A."), PROV, CFG)
+    bad = curate(ConversationTurn(**BASE, session_id="s", question="Q?", answer="A.", rating=-1), PROV, CFG)
+    assert good.examples[0].weight == 1.0 and unrated.examples[0].weight == 0.5
+    assert bad.examples == () and bad.gap == "negative_rating"
+
+
+def test_concept_gaps_for_users_and_the_global_pool():
+    gap = ConceptGap(**BASE, concept="LoRA", related=["PEFT", "Adapters"], description="Low-rank adaptation.")
+    out = curate(gap, PROV, CFG)
+    assert out.gap == "concept_gap" and not out.to_global
+    assert [e.prompt for e in out.examples] == ["What is LoRA?", "How is LoRA related to PEFT?", "How is LoRA related to Adapters?"]
+    glob = curate(gap.model_copy(update={"user_id": "global"}), PROV, CFG)
+    assert glob.to_global and glob.gap is None and {e.source for e in glob.examples} == {"global"}
+
+
+def test_paraphrases_are_deterministic_distinct_and_configurable():
+    a = paraphrases("What is my dog's name?", 3, seed=1)
+    assert a == paraphrases("What is my dog's name?", 3, seed=1)
+    assert len(set(a)) == 3 and "What is my dog's name?" not in a
+    assert paraphrases("What is my dog's name?", 0, seed=1) == []
+    assert a != paraphrases("What is my dog's name?", 3, seed=2)
+
+
+def test_augment_then_dedupe():
+    ex = TrainingExample(prompt="Q?", response="A.", weight=1.0, event_id="e1")
+    out = augment([ex, ex.model_copy(update={"weight": 3.0})], n=2, seed=1)
+    assert len(out) == 6
+    kept = dedupe(out)
+    assert len(kept) == 3 and all(e.weight == 3.0 for e in kept)
+
+
+def test_positive_rating_boosts_matching_conversation_examples_only():
+    conv = TrainingExample(prompt="Q?", response="A.", source="conversation", weight=1.0)
+    other = TrainingExample(prompt="Q?", response="A.", source="correction", weight=1.0)
+    boosted = apply_boost([conv, other], "q?", 0.5)
+    assert [e.weight for e in boosted] == [1.5, 1.0]

@@ -1,0 +1,127 @@
+"""Per-user state, triggers and dataset snapshots: plain functions, no Kafka."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaptloop.storage import ArtifactStore
+from schemas.training import Provenance, TrainingExample
+from streams.curation import CurationConfig, Curated
+from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, split_holdout
+from streams.processor import BatchStats, Envelope, ProcessorConfig, UserProcessor
+from streams.state import UserState, apply_event
+from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
+
+pytestmark = pytest.mark.unit
+
+CFG = CurationConfig(paraphrases=2)
+
+
+def _apply(state, eid, t, curated, **kw):
+    return apply_event(state, eid, t, curated, CFG, dedupe_max_ids=kw.get("ids", 100), max_pending=kw.get("pending", 100), accuracy_window=5)
+
+
+def _ex(n: int) -> TrainingExample:
+    return TrainingExample(prompt=f"Q{n}?", response=f"A{n}.", source="correction", event_id=f"e{n}",
+                           provenance=Provenance(topic="t", partition=n % 2, offset=n))  # fmt: skip
+
+
+def test_duplicate_event_ids_change_nothing():
+    state = UserState()
+    assert _apply(state, "e1", 1.0, Curated(examples=(_ex(1),), gap="correction"))
+    before = state.model_copy(deep=True)
+    assert not _apply(state, "e1", 1.0, Curated(examples=(_ex(1),), gap="correction"))
+    assert state == before
+    assert state.gap_totals["correction"] == 1 and len(state.pending) == 3  # original + 2 paraphrases
+
+
+def test_dedupe_memory_and_pending_are_bounded():
+    state = UserState()
+    for n in range(50):
+        _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),)), ids=10, pending=12)
+    assert len(state.seen) == 10 and "e49" in state.seen and "e0" not in state.seen
+    assert len(state.pending) == 12 and state.pending_dropped == 150 - 12
+
+
+def test_threshold_cooldown_and_open_request():
+    cfg = TriggerConfig(schedule="threshold", min_gap_events=3, cooldown_s=100, gap_window_s=1000)
+    state = UserState()
+    for n in range(2):
+        _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),), gap="correction"))
+    assert automatic_trigger(state, 2.0, cfg) is None
+    _apply(state, "e2", 2.0, Curated(gap="correction"))
+    assert automatic_trigger(state, 2.0, cfg) == "threshold"
+    state.last_request_at = 0.0
+    assert automatic_trigger(state, 50.0, cfg) is None, "cooldown"
+    assert automatic_trigger(state, 150.0, cfg) == "threshold"
+    assert automatic_trigger(state, 5000.0, cfg) is None, "gaps outside the window"
+
+
+def test_accuracy_drop_fires_once_per_dip_and_rearms():
+    cfg = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    state = UserState()
+    _apply(state, "x", 0.0, Curated(examples=(_ex(0),)))
+    for n in range(4):
+        _apply(state, f"b{n}", 1.0, Curated(outcome=False))
+    assert automatic_trigger(state, 1.0, cfg) == "accuracy-drop"
+    assert automatic_trigger(state, 1.0, cfg) is None, "fires once per dip"
+    for n in range(5):
+        _apply(state, f"g{n}", 2.0, Curated(outcome=True))
+    assert automatic_trigger(state, 2.0, cfg) is None and not state.accuracy_alarm
+    for n in range(5):
+        _apply(state, f"c{n}", 3.0, Curated(outcome=False))
+    assert automatic_trigger(state, 3.0, cfg) == "accuracy-drop"
+
+
+def test_nightly_needs_new_examples_and_the_nightly_schedule():
+    state = UserState()
+    assert nightly_trigger(state, TriggerConfig(schedule="nightly")) is None
+    _apply(state, "e", 0.0, Curated(examples=(_ex(0),)))
+    assert nightly_trigger(state, TriggerConfig(schedule="threshold")) is None
+    assert nightly_trigger(state, TriggerConfig(schedule="nightly")) == "nightly"
+
+
+def test_holdout_keeps_originals_and_never_trains_on_held_out_prompts():
+    from streams.curation import augment
+
+    examples = augment([_ex(n) for n in range(5)], 2, seed=3) + [_ex(9)]  # _ex(9): one prompt only
+    train, test = split_holdout(examples, seed=3)
+    assert len(test) == 5 and {e.event_id for e in test} == {f"e{n}" for n in range(5)}
+    assert {f"Q{n}?" for n in range(5)} <= {e.prompt for e in train}
+    assert not {e.prompt for e in test} & {e.prompt for e in train}
+    assert split_holdout(examples, seed=3) == (train, test), "deterministic"
+
+
+def test_build_dataset_mixes_replay_and_global_without_leaking_tests():
+    new = [_ex(n) for n in range(3)]
+    from streams.curation import augment
+
+    new = augment(new, 1, seed=1)
+    replay = [_ex(n) for n in range(10, 20)]
+    glob = [TrainingExample(prompt="What is LoRA?", response="Low-rank.", source="global")]
+    train, test = build_dataset(new, replay_pool=replay, global_pool=glob, include_global=True,
+                                cfg=DatasetConfig(replay_max=4, global_max=5, seed=1), user_id="u")  # fmt: skip
+    sources = [e.source for e in train]
+    assert sources.count("replay") == 4 and sources.count("global") == 1 and sources.count("correction") == 3
+    assert len(test) == 3
+    assert lineage(new) == lineage(reversed(new))
+    assert [(r.partition, r.first_offset, r.last_offset) for r in lineage(new)] == [(0, 0, 2), (1, 1, 1)]
+
+
+def test_processor_snapshot_writes_the_seed_layout(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    proc = UserProcessor(ProcessorConfig(triggers=TriggerConfig(min_gap_events=2, cooldown_s=0)), store)
+    state = UserState()
+    envs = [
+        Envelope(k="event", kind="feedback", body={"event_id": f"f{n}", "user_id": "zoe", "timestamp": "2026-01-01T00:00:00Z",
+                                                    "kind": "correction", "query": f"Q{n}?", "response": "x", "correction": f"A{n}."})
+        for n in range(2)
+    ]  # fmt: skip
+    (request,) = proc.handle("zoe", state, envs, BatchStats())
+    assert (tmp_path / "data/adapter_training/user_zoe_finetune.jsonl").is_file()
+    assert read_examples(store, request.dataset.uri)[0].response in {"A0.", "A1."}
+    assert request.dataset.uri.endswith(f"{request.dataset.sha256}.jsonl")
+    assert state.open_request and state.open_request.request_id == request.request_id and state.pending == []
+    # Same data, same trigger -> same request id (downstream dedupe).
+    again = UserProcessor(proc.cfg, store).handle("zoe", UserState(), envs, BatchStats())[0]
+    assert again.request_id == request.request_id
