@@ -109,7 +109,7 @@ class TopicsSettings(_Section):
     feedback: TopicSpec = TopicSpec(name="interactions.feedback")
     conversations: TopicSpec = TopicSpec(name="interactions.conversations")
     concept_gaps: TopicSpec = TopicSpec(name="interactions.concept-gaps")
-    commands: TopicSpec = TopicSpec(name="adapter.commands", partitions=3)
+    commands: TopicSpec = TopicSpec(name="adapter.commands")
     training_requests: TopicSpec = TopicSpec(name="adapter.training-requests")
     lifecycle: TopicSpec = TopicSpec(name="adapter.lifecycle")
     dlq: TopicSpec = TopicSpec(name="adapter.dlq", partitions=1)
@@ -173,7 +173,7 @@ class StreamsSettings(_Section):
     batch_size: int = Field(1000, ge=1, description="events per stream.take() batch")
     batch_within_s: float = Field(0.5, gt=0, description="longest wait to fill a batch")
     web_port: int = Field(6066, ge=0, le=65535, description="Faust web server: /metrics (0 = disabled)")
-    dedupe_max_ids: int = Field(20000, ge=100, description="event ids remembered per user for idempotent counting")
+    dedupe_window_s: float = Field(7 * 24 * 3600, gt=0, description="how long counted event ids are remembered")
     curation: CurationSettings = CurationSettings()
     triggers: TriggerSettings = TriggerSettings()
     dataset: DatasetSettings = DatasetSettings()
@@ -248,6 +248,18 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
+
+    @model_validator(mode="after")
+    def _worker_topics_copartitioned(self) -> "Settings":
+        # The worker keeps a user's state in partition murmur2(user_id) % N of
+        # every topic it reads, so they must all have N partitions.
+        n = self.streams.internal_partitions
+        t = self.topics
+        bad = [f"topics.{k}.partitions={getattr(t, k).partitions}" for k in (*INPUT_KINDS, "commands", "lifecycle")
+               if getattr(t, k).partitions != n]  # fmt: skip
+        if bad:
+            raise ValueError(f"the worker's source topics need streams.internal_partitions={n} partitions each; got {', '.join(bad)}")
+        return self
 
     @field_validator("storage_root")
     @classmethod

@@ -176,14 +176,3 @@ def dedupe(examples: list[TrainingExample]) -> list[TrainingExample]:
         index[key] = len(out)
         out.append(example)
     return out
-
-
-def apply_boost(pending: list[TrainingExample], prompt: str, boost: float) -> list[TrainingExample]:
-    """A thumbs-up for `prompt`: raise the weight of the pending conversation examples that answer it."""
-    key = prompt.strip().casefold()
-    return [
-        e.model_copy(update={"weight": round(min(e.weight * (1.0 + boost), 10.0), 6)})
-        if e.source == "conversation" and e.prompt.strip().casefold() == key
-        else e
-        for e in pending
-    ]

@@ -20,9 +20,9 @@ from adaptloop.kafka.io import read_since
 from schemas.decode import decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
 from schemas.training import Provenance, TrainingExample
-from streams.curation import GLOBAL_USER, CurationConfig, curate
+from streams.curation import GLOBAL_USER, CurationConfig, augment, curate
 from streams.dataset import DatasetConfig, build_dataset, dedupe, to_jsonl
-from streams.state import UserState, apply_event
+from streams.state import MemoryUserLog, UserState, apply_event, pending_examples
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ def generate_dataset(
 ) -> GenerateResult:
     kind_by_topic = {topic: kind for kind, topic in input_topics.items()}
     state = UserState()
+    log = MemoryUserLog()
     global_examples: list[TrainingExample] = []
     events = invalid = 0
     records = sorted(read_since(client, list(input_topics.values()), since_ms), key=lambda r: (r.timestamp_ms, r.topic, r.partition, r.offset))
@@ -71,10 +72,10 @@ def generate_dataset(
         if curated.to_global:
             global_examples.extend(curated.examples)
         elif event.user_id == user_id:
-            apply_event(state, event.event_id, event.timestamp.timestamp(), curated, curation,
-                        dedupe_max_ids=10**9, max_pending=max_pending, accuracy_window=20)  # fmt: skip
+            apply_event(state, log, event.event_id, event.timestamp.timestamp(), curated, curation,
+                        max_pending=max_pending, accuracy_window=20)  # fmt: skip
     train, test = build_dataset(
-        state.pending, replay_pool=[], global_pool=dedupe(global_examples),
+        dedupe(augment(pending_examples(state, log), curation.paraphrases, curation.seed)), replay_pool=[], global_pool=dedupe(global_examples),
         include_global=include_global, cfg=dataset, user_id=user_id,
     )  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)

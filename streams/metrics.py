@@ -8,6 +8,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 EVENTS = Counter("adaptloop_worker_events_consumed_total", "Input messages consumed", ["topic"], registry=REGISTRY)
 DEAD_LETTERS = Counter("adaptloop_worker_dead_letters_total", "Messages sent to the DLQ", ["topic"], registry=REGISTRY)
+PROCESSED = Counter("adaptloop_worker_events_processed_total", "Valid events applied to user state", registry=REGISTRY)
+REROUTED = Counter(
+    "adaptloop_worker_rerouted_events_total", "Events moved to their user's home partition", registry=REGISTRY
+)
 DUPLICATES = Counter("adaptloop_worker_duplicate_events_total", "Events already counted (by event_id)", registry=REGISTRY)
 EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
 REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)

@@ -12,14 +12,24 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from adaptloop.storage import ArtifactStore
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
 from schemas.training import Provenance, TrainingExample, TrainingRequest, request_id_for
-from streams.curation import GLOBAL_USER, CurationConfig, curate
+from streams.curation import GLOBAL_USER, CurationConfig, augment, curate, dedupe
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
-from streams.state import DeferredCommand, OpenRequest, UserState, apply_event, prune_gaps
+from streams.state import (
+    DeferredCommand,
+    OpenRequest,
+    UserLog,
+    UserState,
+    add_pending,
+    apply_event,
+    clear_pending,
+    pending_examples,
+    prune_gaps,
+)
 from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,15 @@ class Envelope(BaseModel):
     body: dict[str, Any] = {}
     prov: Provenance | None = None
     at: float | None = None  # tick time
+    parsed: Any = Field(None, exclude=True)  # the validated event, when it never left this process
+
+    def to_wire(self) -> bytes:
+        if self.parsed is not None and not self.body:
+            return self.model_copy(update={"body": self.parsed.model_dump(mode="json")}).model_dump_json(exclude_none=True).encode()
+        return self.model_dump_json(exclude_none=True).encode()
+
+    def event(self):
+        return self.parsed if self.parsed is not None else EVENT_TYPE_BY_INPUT_KIND[self.kind or ""].model_validate(self.body)
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,6 @@ class ProcessorConfig:
     triggers: TriggerConfig = TriggerConfig()
     dataset: DatasetConfig = DatasetConfig()
     include_global: bool = False
-    dedupe_max_ids: int = 20000
     max_pending: int = 2000
     accuracy_window: int = 20
 
@@ -64,20 +82,21 @@ class UserProcessor:
 
     # ---- events, commands, lifecycle ------------------------------------- #
 
-    def handle(self, user_id: str, state: UserState, envelopes: list[Envelope], stats: BatchStats) -> list[TrainingRequest]:
+    def handle(
+        self, user_id: str, state: UserState, log: UserLog, envelopes: list[Envelope], stats: BatchStats
+    ) -> list[TrainingRequest]:
         """Apply a batch of one user's envelopes to `state`; return the requests to emit."""
         requests: list[TrainingRequest] = []
         global_examples: list[TrainingExample] = []
         now = state.last_event_at
         for env in envelopes:
             if env.k == "event":
-                event = EVENT_TYPE_BY_INPUT_KIND[env.kind or ""].model_validate(env.body)
+                event = env.event()
                 now = max(now, event.timestamp.timestamp())
                 curated = curate(event, env.prov, self.cfg.curation)
                 fresh = apply_event(
-                    state, event.event_id, event.timestamp.timestamp(), curated, self.cfg.curation,
-                    dedupe_max_ids=self.cfg.dedupe_max_ids, max_pending=self.cfg.max_pending,
-                    accuracy_window=self.cfg.accuracy_window,
+                    state, log, event.event_id, event.timestamp.timestamp(), curated, self.cfg.curation,
+                    max_pending=self.cfg.max_pending, accuracy_window=self.cfg.accuracy_window,
                 )  # fmt: skip
                 if not fresh:
                     stats.duplicates += 1
@@ -88,31 +107,33 @@ class UserProcessor:
                 if curated.to_global:
                     global_examples.extend(curated.examples)
             elif env.k == "command":
-                requests.extend(self._on_command(user_id, state, env.body, env.at or state.last_event_at))
+                requests.extend(self._on_command(user_id, state, log, env.body, env.at or state.last_event_at))
             elif env.k == "lifecycle":
-                requests.extend(self._on_lifecycle(user_id, state, env.body))
+                requests.extend(self._on_lifecycle(user_id, state, log, env.body))
         if global_examples:
             write_global(self.store, global_examples)
         if user_id == GLOBAL_USER:
-            state.pending = []  # the global pool lives in the store, not in a user's dataset
+            clear_pending(state, log)  # the global pool lives in the store, not in a user's dataset
             return requests
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
         requests.extend(self._maybe_reemit(state, now))
         trigger = automatic_trigger(state, now, self.cfg.triggers)
         if trigger is not None:
-            requests.append(self._snapshot(user_id, state, trigger, now, self.cfg.include_global))
+            requests.append(self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global))
         for r in requests:
             stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
         return requests
 
-    def on_tick(self, user_id: str, state: UserState, at: float, stats: BatchStats) -> list[TrainingRequest]:
+    def on_tick(self, user_id: str, state: UserState, log: UserLog, at: float, stats: BatchStats) -> list[TrainingRequest]:
         """The nightly schedule's tick for one user."""
         if user_id == GLOBAL_USER or nightly_trigger(state, self.cfg.triggers) is None:
             return []
         stats.requests["nightly"] = stats.requests.get("nightly", 0) + 1
-        return [self._snapshot(user_id, state, "nightly", at, self.cfg.include_global)]
+        return [self._snapshot(user_id, state, log, "nightly", at, self.cfg.include_global)]
 
-    def _on_command(self, user_id: str, state: UserState, body: dict[str, Any], at: float) -> list[TrainingRequest]:
+    def _on_command(
+        self, user_id: str, state: UserState, log: UserLog, body: dict[str, Any], at: float
+    ) -> list[TrainingRequest]:
         if body.get("type") != "retrain":
             return []  # validate and rollback are the trainer's
         command_id = str(body["command_id"])
@@ -121,9 +142,9 @@ class UserProcessor:
             if state.open_request.command_id != command_id:
                 state.deferred = DeferredCommand(command_id=command_id, include_global=include_global, at=at)
             return []
-        return [self._snapshot(user_id, state, "on-demand", at, include_global, command_id=command_id)]
+        return [self._snapshot(user_id, state, log, "on-demand", at, include_global, command_id=command_id)]
 
-    def _on_lifecycle(self, user_id: str, state: UserState, body: dict[str, Any]) -> list[TrainingRequest]:
+    def _on_lifecycle(self, user_id: str, state: UserState, log: UserLog, body: dict[str, Any]) -> list[TrainingRequest]:
         open_ = state.open_request
         if open_ is None or body.get("request_id") != open_.request_id or body.get("type") not in CLOSING_LIFECYCLE:
             return []
@@ -132,13 +153,15 @@ class UserProcessor:
             # Nothing is lost: the failed dataset's new examples go back to pending.
             try:
                 back = [e for e in read_examples(self.store, open_.dataset_uri) if e.source not in ("replay", "global")]
-                state.pending = back + state.pending
+                add_pending(state, log, back, self.cfg.max_pending)
             except Exception as exc:  # the dataset file itself is gone: say so, keep going
                 log.warning("could not restore examples of failed request %s: %s", open_.request_id, exc)
         if state.deferred is not None:
             deferred, state.deferred = state.deferred, None
             return [
-                self._snapshot(user_id, state, "on-demand", deferred.at, deferred.include_global, command_id=deferred.command_id)
+                self._snapshot(
+                    user_id, state, log, "on-demand", deferred.at, deferred.include_global, command_id=deferred.command_id
+                )
             ]
         return []
 
@@ -154,7 +177,14 @@ class UserProcessor:
     # ---- snapshot --------------------------------------------------------- #
 
     def _snapshot(
-        self, user_id: str, state: UserState, trigger: str, now: float, include_global: bool, command_id: str | None = None
+        self,
+        user_id: str,
+        state: UserState,
+        log: UserLog,
+        trigger: str,
+        now: float,
+        include_global: bool,
+        command_id: str | None = None,
     ) -> TrainingRequest:
         replay_pool: list[TrainingExample] = []
         if state.last_dataset_uri:
@@ -163,11 +193,13 @@ class UserProcessor:
             except Exception as exc:
                 log.warning("replay pool %s unreadable: %s", state.last_dataset_uri, exc)
         global_pool = read_global(self.store) if include_global else []
+        pending = pending_examples(state, log)
+        new = dedupe(augment(pending, self.cfg.curation.paraphrases, self.cfg.curation.seed))
         train, test = build_dataset(
-            state.pending, replay_pool=replay_pool, global_pool=global_pool,
+            new, replay_pool=replay_pool, global_pool=global_pool,
             include_global=include_global, cfg=self.cfg.dataset, user_id=user_id,
         )  # fmt: skip
-        ranges = lineage(state.pending)
+        ranges = lineage(pending)
         ref = write_dataset(self.store, user_id, train, test, trigger=trigger, lineage_ranges=ranges)
         request = TrainingRequest(
             request_id=request_id_for(user_id, ref.sha256, trigger if command_id is None else f"{trigger}:{command_id}"),
@@ -182,7 +214,7 @@ class UserProcessor:
             request_id=request.request_id, at=now, trigger=trigger, command_id=command_id,
             include_global=include_global, dataset_uri=ref.uri,
         )  # fmt: skip
-        state.pending = []
+        clear_pending(state, log)
         state.gaps = []
         state.last_request_at = now
         state.requests_total += 1

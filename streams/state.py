@@ -1,20 +1,26 @@
-"""Per-user state kept in the worker's changelog-backed table, and how events change it.
+"""Per-user state, and how events change it. Plain functions; storage is pluggable.
 
-One table value per user, written once per batch. Everything here is a plain
-function of (state, input), so tests and `generate-data` use it without Kafka.
-Idempotence: an `event_id` already in `seen` changes nothing, so a redelivered
-or republished event is counted once.
+A user's state has two parts:
+- `UserState`, small and fixed-size: counters, the gaps since the last
+  request, recent outcomes, the open request. One table value per user,
+  written once per batch.
+- a `UserLog`: the event ids already counted (for idempotence) and the pending
+  examples, one entry per event or example. In the worker these are table
+  entries of their own, so a batch writes O(events) bytes to the changelogs,
+  not O(everything the user ever sent).
+
+Idempotence: an event id the log has seen changes nothing, so a redelivered or
+republished event is counted once.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from schemas.training import TrainingExample
-from streams.curation import GAP_KINDS, CurationConfig, Curated, apply_boost, augment, dedupe
+from streams.curation import GAP_KINDS, CurationConfig, Curated
 
 
 class OpenRequest(BaseModel):
@@ -33,13 +39,13 @@ class DeferredCommand(BaseModel):
 
 
 class UserState(BaseModel):
-    """Everything the worker knows about one user (JSON in the table)."""
+    """Everything fixed-size the worker knows about one user (JSON in the table)."""
 
-    seen: dict[str, float] = Field(default_factory=dict, description="event_id -> event time, insertion ordered")
     gap_totals: dict[str, int] = Field(default_factory=lambda: {k: 0 for k in GAP_KINDS})
-    gaps: list[tuple[float, str]] = Field(default_factory=list, description="gaps since the last request")
+    gaps: list[tuple[float, str]] = Field(default_factory=list, description="gaps since the last request, in the window")
     events_total: int = 0
-    pending: list[TrainingExample] = Field(default_factory=list, description="new examples since the last request")
+    pending_first: int = Field(0, description="sequence number of the oldest pending example")
+    pending_next: int = Field(0, description="sequence number the next pending example gets")
     pending_dropped: int = 0
     outcomes: list[int] = Field(default_factory=list, description="last N outcomes, 1 good / 0 bad")
     accuracy_alarm: bool = False
@@ -50,12 +56,49 @@ class UserState(BaseModel):
     requests_total: int = 0
     last_dataset_uri: str | None = None
 
+    @property
+    def pending_count(self) -> int:
+        return self.pending_next - self.pending_first
+
     @classmethod
     def load(cls, raw: Any) -> "UserState":
         return cls() if raw is None else cls.model_validate(raw)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+class UserLog(Protocol):
+    """One user's counted event ids and pending examples (a table in the worker, dicts elsewhere)."""
+
+    def seen(self, event_id: str) -> bool: ...
+    def mark_seen(self, event_id: str, at: float) -> None: ...
+    def get_example(self, seq: int) -> TrainingExample | None: ...
+    def put_example(self, seq: int, example: TrainingExample) -> None: ...
+    def drop_example(self, seq: int) -> None: ...
+
+
+class MemoryUserLog:
+    """A `UserLog` in plain dicts: for tests and `generate-data`."""
+
+    def __init__(self) -> None:
+        self.seen_ids: dict[str, float] = {}
+        self.examples: dict[int, TrainingExample] = {}
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self.seen_ids
+
+    def mark_seen(self, event_id: str, at: float) -> None:
+        self.seen_ids[event_id] = at
+
+    def get_example(self, seq: int) -> TrainingExample | None:
+        return self.examples.get(seq)
+
+    def put_example(self, seq: int, example: TrainingExample) -> None:
+        self.examples[seq] = example
+
+    def drop_example(self, seq: int) -> None:
+        self.examples.pop(seq, None)
 
 
 def gaps_in_window(state: UserState, now: float, window_s: float) -> int:
@@ -66,27 +109,41 @@ def accuracy(state: UserState) -> float | None:
     return sum(state.outcomes) / len(state.outcomes) if state.outcomes else None
 
 
+def pending_examples(state: UserState, log: UserLog) -> list[TrainingExample]:
+    return [e for seq in range(state.pending_first, state.pending_next) if (e := log.get_example(seq)) is not None]
+
+
+def add_pending(state: UserState, log: UserLog, examples: list[TrainingExample], max_pending: int) -> None:
+    for example in examples:
+        log.put_example(state.pending_next, example)
+        state.pending_next += 1
+    while state.pending_count > max_pending:
+        log.drop_example(state.pending_first)
+        state.pending_first += 1
+        state.pending_dropped += 1
+
+
+def clear_pending(state: UserState, log: UserLog) -> None:
+    for seq in range(state.pending_first, state.pending_next):
+        log.drop_example(seq)
+    state.pending_first = state.pending_next
+
+
 def apply_event(
     state: UserState,
+    log: UserLog,
     event_id: str,
     event_time: float,
     curated: Curated,
     cfg: CurationConfig,
     *,
-    dedupe_max_ids: int,
     max_pending: int,
     accuracy_window: int,
 ) -> bool:
-    """Apply one event's curation to `state` in place; False when it was a duplicate."""
-    if event_id in state.seen:
+    """Apply one event's curation to `state`; False when it was counted before."""
+    if log.seen(event_id):
         return False
-    state.seen[event_id] = event_time
-    if len(state.seen) > dedupe_max_ids:
-        # Forget the oldest ids first; redeliveries come soon after the original.
-        ordered = OrderedDict(state.seen)
-        while len(ordered) > dedupe_max_ids:
-            ordered.popitem(last=False)
-        state.seen = dict(ordered)
+    log.mark_seen(event_id, event_time)
     state.events_total += 1
     state.last_event_at = max(state.last_event_at, event_time)
     if curated.gap is not None:
@@ -96,13 +153,15 @@ def apply_event(
         state.outcomes.append(1 if curated.outcome else 0)
         del state.outcomes[:-accuracy_window]
     if curated.boost_prompt is not None:
-        state.pending = apply_boost(state.pending, curated.boost_prompt, cfg.positive_rating_boost)
+        key = curated.boost_prompt.strip().casefold()
+        for seq in range(state.pending_first, state.pending_next):
+            example = log.get_example(seq)
+            if example is not None and example.source == "conversation" and example.prompt.strip().casefold() == key:
+                boosted = round(min(example.weight * (1.0 + cfg.positive_rating_boost), 10.0), 6)
+                log.put_example(seq, example.model_copy(update={"weight": boosted}))
     if curated.examples and not curated.to_global:
-        state.pending = dedupe(state.pending + augment(list(curated.examples), cfg.paraphrases, cfg.seed))
-        overflow = len(state.pending) - max_pending
-        if overflow > 0:
-            state.pending_dropped += overflow
-            del state.pending[:overflow]
+        # Paraphrasing and dedupe happen once, at snapshot time.
+        add_pending(state, log, list(curated.examples), max_pending)
     return True
 
 

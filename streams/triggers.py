@@ -48,7 +48,7 @@ def update_accuracy_alarm(state: UserState, cfg: TriggerConfig) -> bool:
 def automatic_trigger(state: UserState, now: float, cfg: TriggerConfig) -> str | None:
     """The trigger that fires for `state` after a batch of events, if any."""
     dropped = update_accuracy_alarm(state, cfg)
-    if state.open_request is not None or len(state.pending) < cfg.min_new_examples:
+    if state.open_request is not None or state.pending_count < cfg.min_new_examples:
         return None
     if state.last_request_at is not None and now - state.last_request_at < cfg.cooldown_s:
         return None
@@ -65,6 +65,6 @@ def automatic_trigger(state: UserState, now: float, cfg: TriggerConfig) -> str |
 
 
 def nightly_trigger(state: UserState, cfg: TriggerConfig) -> str | None:
-    if cfg.schedule != "nightly" or state.open_request is not None or len(state.pending) < cfg.min_new_examples:
+    if cfg.schedule != "nightly" or state.open_request is not None or state.pending_count < cfg.min_new_examples:
         return None
     return "nightly"

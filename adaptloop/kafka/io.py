@@ -28,7 +28,9 @@ class Record:
 
 def produce(client: ClientConfig, topic: str, messages: Iterable[tuple[str | bytes | None, bytes]], timeout: float = 60.0) -> int:
     """Send (key, value) pairs to `topic`, wait for every acknowledgement; return the count."""
-    producer = Producer(client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5}))
+    # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
+    # then finds every user's events in the user's home partition.
+    producer = Producer(client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}))
     errors: list[str] = []
 
     def on_delivery(err, _msg) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from schemas.events import ConceptGap, ConversationTurn, Feedback, IntentTrace
 from schemas.training import Provenance, TrainingExample
-from streams.curation import CurationConfig, apply_boost, augment, curate, dedupe, paraphrases
+from streams.curation import CurationConfig, augment, curate, dedupe, paraphrases
 
 pytestmark = pytest.mark.unit
 
@@ -73,10 +73,3 @@ def test_augment_then_dedupe():
     assert len(out) == 6
     kept = dedupe(out)
     assert len(kept) == 3 and all(e.weight == 3.0 for e in kept)
-
-
-def test_positive_rating_boosts_matching_conversation_examples_only():
-    conv = TrainingExample(prompt="Q?", response="A.", source="conversation", weight=1.0)
-    other = TrainingExample(prompt="Q?", response="A.", source="correction", weight=1.0)
-    boosted = apply_boost([conv, other], "q?", 0.5)
-    assert [e.weight for e in boosted] == [1.5, 1.0]

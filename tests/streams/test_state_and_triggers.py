@@ -9,7 +9,7 @@ from schemas.training import Provenance, TrainingExample
 from streams.curation import CurationConfig, Curated
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, split_holdout
 from streams.processor import BatchStats, Envelope, ProcessorConfig, UserProcessor
-from streams.state import UserState, apply_event
+from streams.state import MemoryUserLog, UserState, apply_event, pending_examples
 from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
 
 pytestmark = pytest.mark.unit
@@ -17,8 +17,15 @@ pytestmark = pytest.mark.unit
 CFG = CurationConfig(paraphrases=2)
 
 
+_LOGS: dict[int, MemoryUserLog] = {}
+
+
+def _log(state: UserState) -> MemoryUserLog:
+    return _LOGS.setdefault(id(state), MemoryUserLog())
+
+
 def _apply(state, eid, t, curated, **kw):
-    return apply_event(state, eid, t, curated, CFG, dedupe_max_ids=kw.get("ids", 100), max_pending=kw.get("pending", 100), accuracy_window=5)
+    return apply_event(state, _log(state), eid, t, curated, CFG, max_pending=kw.get("pending", 100), accuracy_window=5)
 
 
 def _ex(n: int) -> TrainingExample:
@@ -32,15 +39,25 @@ def test_duplicate_event_ids_change_nothing():
     before = state.model_copy(deep=True)
     assert not _apply(state, "e1", 1.0, Curated(examples=(_ex(1),), gap="correction"))
     assert state == before
-    assert state.gap_totals["correction"] == 1 and len(state.pending) == 3  # original + 2 paraphrases
+    assert state.gap_totals["correction"] == 1 and state.pending_count == 1  # paraphrased at snapshot time
 
 
-def test_dedupe_memory_and_pending_are_bounded():
+def test_pending_is_bounded_oldest_first():
     state = UserState()
     for n in range(50):
-        _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),)), ids=10, pending=12)
-    assert len(state.seen) == 10 and "e49" in state.seen and "e0" not in state.seen
-    assert len(state.pending) == 12 and state.pending_dropped == 150 - 12
+        _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),)), pending=12)
+    assert state.pending_count == 12 and state.pending_dropped == 50 - 12
+    assert [e.event_id for e in pending_examples(state, _log(state))] == [f"e{n}" for n in range(38, 50)]
+    assert len(_log(state).examples) == 12, "dropped examples leave the log too"
+
+
+def test_positive_rating_boosts_the_pending_conversation_example():
+    state = UserState()
+    conv = TrainingExample(prompt="Q?", response="A.", source="conversation", weight=1.0)
+    other = TrainingExample(prompt="Q?", response="B.", source="correction", weight=1.0)
+    _apply(state, "c", 0.0, Curated(examples=(conv, other)))
+    _apply(state, "r", 1.0, Curated(outcome=True, boost_prompt="q?"))
+    assert [e.weight for e in pending_examples(state, _log(state))] == [1.5, 1.0]
 
 
 def test_threshold_cooldown_and_open_request():
@@ -117,11 +134,13 @@ def test_processor_snapshot_writes_the_seed_layout(tmp_path):
                                                     "kind": "correction", "query": f"Q{n}?", "response": "x", "correction": f"A{n}."})
         for n in range(2)
     ]  # fmt: skip
-    (request,) = proc.handle("zoe", state, envs, BatchStats())
+    log = MemoryUserLog()
+    (request,) = proc.handle("zoe", state, log, envs, BatchStats())
     assert (tmp_path / "data/adapter_training/user_zoe_finetune.jsonl").is_file()
     assert read_examples(store, request.dataset.uri)[0].response in {"A0.", "A1."}
     assert request.dataset.uri.endswith(f"{request.dataset.sha256}.jsonl")
-    assert state.open_request and state.open_request.request_id == request.request_id and state.pending == []
+    assert state.open_request and state.open_request.request_id == request.request_id and state.pending_count == 0
+    assert log.examples == {}, "snapshotted examples leave the log"
     # Same data, same trigger -> same request id (downstream dedupe).
-    again = UserProcessor(proc.cfg, store).handle("zoe", UserState(), envs, BatchStats())[0]
+    again = UserProcessor(proc.cfg, store).handle("zoe", UserState(), MemoryUserLog(), envs, BatchStats())[0]
     assert again.request_id == request.request_id

@@ -100,10 +100,20 @@ def test_bad_messages_reach_the_dlq_and_good_ones_are_processed(worker_factory):
 
 
 def test_events_published_twice_are_counted_once(worker_factory):
+    from confluent_kafka import Producer
+
+    from streams.app import partition_of
+
     w = worker_factory(min_gap_events=1000)
     events = [event("intent_traces", "erin", n) for n in range(10)] + [event("feedback", "erin", n, kind="rating", rating=-1, correction=None) for n in range(5)]
     w.publish(events)
-    w.publish(events)
+    # The second time through another partitioner: every copy lands outside
+    # erin's home partition and must be rerouted there, then deduplicated.
+    producer = Producer(w.client.librdkafka())
+    wrong = (partition_of(b"erin", w.internal_partitions) + 1) % w.internal_partitions
+    for kind, data in events:
+        producer.produce(w.topics[kind], key=b"erin", value=json.dumps(data).encode(), partition=wrong)
+    assert producer.flush(30) == 0
     w.wait_for(lambda: w.states().get("erin", {}).get("events_total") == 15, what="15 events")
     # Give a late double count time to show, then check again.
     w.publish([event("conversations", "erin", 99)])

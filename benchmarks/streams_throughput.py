@@ -1,0 +1,245 @@
+"""Streams benchmark: the worker's events/s against a raw confluent-kafka consumer.
+
+    .venv/bin/python benchmarks/streams_throughput.py [--events 100000] [--users 500]
+    (or: make bench-streams)
+
+Same broker, same topic, same payloads, same run:
+  1. raw:       a confluent-kafka consumer that only reads the messages;
+  2. validated: the same loop validating each message with the schemas and
+                counting it per user (what the brief measured at ~320k/s);
+  3. worker:    `adaptloop worker` (validate + curate + count + table), from
+                its first consumed event until the last one is applied to state;
+  4. latency:   at a steady input rate, produce -> training request p50/p99,
+                with every user crossing the threshold once.
+Uses KAFKA_BOOTSTRAP_SERVERS, else starts the local jar broker on a free port.
+Prints a Markdown table and writes benchmarks/results/streams-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from confluent_kafka import Consumer, Producer
+
+from adaptloop.kafka.broker import LocalBroker, free_port
+from adaptloop.kafka.client import ClientConfig
+from adaptloop.kafka.topics import TopicPlan, ensure_topics
+from schemas.decode import decode
+from schemas.events import Feedback
+
+REPO = Path(__file__).resolve().parents[1]
+PARTITIONS = 6
+
+
+def payloads(n: int, users: int, t0: float = 1_780_000_000.0) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        user = f"user-{i % users}"
+        event = {"event_id": f"b-{i}", "user_id": user, "timestamp": datetime.fromtimestamp(t0 + i, timezone.utc).isoformat(),
+                 "kind": "correction", "query": f"What is item {i % 97}?", "response": "I don't know.",
+                 "correction": f"Item {i % 97} is a thing."}  # fmt: skip
+        out.append((user.encode(), json.dumps(event).encode()))
+    return out
+
+
+def produce_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
+                         "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4",
+                         "partitioner": "murmur2_random"})  # fmt: skip
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(120) == 0
+
+
+def consume_rate(bootstrap: str, topic: str, n: int, validate: bool) -> float:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.subscribe([topic])
+    seen = 0
+    counts: Counter[str] = Counter()
+    started = None
+    while seen < n:
+        batch = consumer.consume(10000, timeout=1.0)
+        if batch and started is None:
+            started = time.perf_counter()
+        for msg in batch:
+            if msg.error():
+                continue
+            if validate:
+                counts[decode(Feedback, msg.value()).user_id] += 1
+            seen += 1
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return n / elapsed
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("adaptloop_worker_") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            values[base] = values.get(base, 0.0) + float(value)
+    return values
+
+
+def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: str, port: int, **top) -> subprocess.Popen:
+    config = {
+        "storage_root": str(workdir / "store"),
+        "topics": {k: {"name": v, "partitions": PARTITIONS if k != "dlq" else 1} for k, v in topics.items()},
+        "streams": {"app_id": app_id, "internal_partitions": PARTITIONS, "web_port": port,
+                    "triggers": {"cooldown_s": 0, "accuracy_drop": False}},
+        **top,
+    }
+    path = workdir / f"{app_id}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+    log = open(workdir / f"{app_id}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "adaptloop.cli", "--config", str(path), "worker", "--loglevel", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            scrape(port)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("worker did not start")
+
+
+def worker_rate(bootstrap: str, workdir: Path, n: int, users: int) -> tuple[float, float, float]:
+    suffix = uuid.uuid4().hex[:6]
+    topics = {k: f"bench.{k}.{suffix}" for k in ("intent_traces", "feedback", "conversations", "concept_gaps",
+                                                  "commands", "training_requests", "lifecycle", "dlq")}  # fmt: skip
+    client = ClientConfig(bootstrap_servers=bootstrap)
+    ensure_topics(client, [TopicPlan(t, PARTITIONS if k != "dlq" else 1) for k, t in topics.items()])
+    produce_all(bootstrap, topics["feedback"], payloads(n, users))
+    raw = consume_rate(bootstrap, topics["feedback"], n, validate=False)
+    validated = consume_rate(bootstrap, topics["feedback"], n, validate=True)
+    port = free_port()
+    proc = start_worker(bootstrap, workdir, topics, f"bench-{suffix}", port, min_gap_events=10**6)
+    try:
+        first = None
+        while True:
+            m = scrape(port)
+            if first is None and m.get("adaptloop_worker_events_consumed_total", 0) > 0:
+                first = time.perf_counter()
+            if m.get("adaptloop_worker_events_processed_total", 0) >= n:
+                done = time.perf_counter()
+                break
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return raw, validated, n / (done - first)
+
+
+def latency(bootstrap: str, workdir: Path, users: int, rate: float, gaps: int = 5) -> dict[str, float]:
+    suffix = uuid.uuid4().hex[:6]
+    topics = {k: f"lat.{k}.{suffix}" for k in ("intent_traces", "feedback", "conversations", "concept_gaps",
+                                                "commands", "training_requests", "lifecycle", "dlq")}  # fmt: skip
+    client = ClientConfig(bootstrap_servers=bootstrap)
+    ensure_topics(client, [TopicPlan(t, PARTITIONS if k != "dlq" else 1) for k, t in topics.items()])
+    port = free_port()
+    proc = start_worker(bootstrap, workdir, topics, f"lat-{suffix}", port, min_gap_events=gaps,
+                        streams={"app_id": f"lat-{suffix}", "internal_partitions": PARTITIONS, "web_port": port,
+                                 "batch_within_s": 0.05, "triggers": {"cooldown_s": 0}})  # fmt: skip
+    try:
+        time.sleep(3)
+        events = payloads(users * gaps, users)
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": "murmur2_random"})
+        sent_at: dict[str, float] = {}
+        start = time.time()
+        for i, (key, value) in enumerate(events):
+            target = start + i / rate
+            if (delay := target - time.time()) > 0:
+                time.sleep(delay)
+            producer.produce(topics["feedback"], value=value, key=key)
+            producer.poll(0)
+            sent_at[key.decode()] = time.time()  # the last one sent crosses the threshold
+        producer.flush(30)
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"lat-reader-{suffix}", "auto.offset.reset": "earliest"})
+        consumer.subscribe([topics["training_requests"]])
+        waits = []
+        deadline = time.time() + 120
+        while len(waits) < users and time.time() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            user = json.loads(msg.value())["user_id"]
+            waits.append(msg.timestamp()[1] / 1000 - sent_at[user])
+        consumer.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    waits.sort()
+    return {"requests": len(waits), "p50_ms": 1000 * statistics.median(waits),
+            "p99_ms": 1000 * waits[max(0, int(len(waits) * 0.99) - 1)], "rate_events_s": rate}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=500)
+    parser.add_argument("--latency-users", type=int, default=400)
+    parser.add_argument("--latency-rate", type=float, default=500.0, help="events/s during the latency run")
+    args = parser.parse_args()
+
+    broker = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    workdir = Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))
+    if not bootstrap:
+        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka", heap="1g")
+        bootstrap = broker.up()
+    try:
+        raw, validated, worker = worker_rate(bootstrap, workdir, args.events, args.users)
+        lat = latency(bootstrap, workdir, args.latency_users, args.latency_rate)
+    finally:
+        if broker:
+            broker.down()
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "events": args.events,
+        "users": args.users,
+        "raw_consumer_events_s": round(raw),
+        "validating_consumer_events_s": round(validated),
+        "worker_events_s": round(worker),
+        "worker_vs_raw": round(worker / raw, 3),
+        "latency": {k: round(v, 1) for k, v in lat.items()},
+    }
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"streams-{result['date'][:10]}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print()
+    print("| run | events/s | vs raw |")
+    print("| --- | ---: | ---: |")
+    print(f"| raw confluent-kafka consumer | {raw:,.0f} | 1.00 |")
+    print(f"| confluent-kafka + pydantic validate + count | {validated:,.0f} | {validated / raw:.2f} |")
+    print(f"| adaptloop worker (validate, curate, count, table) | {worker:,.0f} | {worker / raw:.2f} |")
+    print(f"\nproduce -> training request at {lat['rate_events_s']:.0f} events/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms ({lat['requests']:.0f} requests)")
+
+
+if __name__ == "__main__":
+    main()
