@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-kafka bench clean
+.PHONY: install demo test test-unit test-kafka bench-streams clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-unit: install
 
 test-kafka: install
 	$(BIN)/python -m pytest -m kafka
+
+# Benchmarks: one command each; results go to benchmarks/README.md by hand.
+bench-streams: install
+	$(BIN)/python benchmarks/streams_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

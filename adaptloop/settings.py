@@ -373,3 +373,25 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{config_path}: bad environment override: {exc}") from None
     finally:
         _yaml_data.reset(token)
+
+
+def write_settings(settings: Settings, path: Path) -> Path:
+    """Write `settings` as a YAML file another process can load (secrets included: mode 0600)."""
+
+    def reveal(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: reveal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [reveal(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    data = reveal(settings.model_dump(mode="python"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    return path

@@ -142,3 +142,17 @@ def test_config_resolution_order(tmp_path, monkeypatch):
     explicit = tmp_path / "explicit.yaml"
     explicit.write_text("min_gap_events: 5\n")
     assert load_settings(explicit).min_gap_events == 5
+
+
+def test_write_settings_round_trips_with_secrets(tmp_path):
+    import os
+
+    from adaptloop.settings import write_settings
+
+    cfg = tmp_path / "in.yaml"
+    cfg.write_text("min_gap_events: 9\nkafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n  sasl_username: u\n  sasl_password: pw\n")
+    settings = load_settings(cfg)
+    out = write_settings(settings, tmp_path / "out.yaml")
+    assert oct(os.stat(out).st_mode & 0o777) == "0o600"
+    again = load_settings(out)
+    assert again == settings and again.kafka.sasl_password.get_secret_value() == "pw"
