@@ -238,6 +238,116 @@ def _parse_since(since: str | None) -> int:
 
 
 # --------------------------------------------------------------------------- #
+# trainer (offline)
+# --------------------------------------------------------------------------- #
+
+
+def _registry(settings: Settings):
+    from trainer.registry import AdapterRegistry
+
+    return AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+
+
+def _user(user_id: str) -> str:
+    from schemas import check_user_id
+
+    try:
+        return check_user_id(user_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="user_id") from None
+
+
+def _train_config(settings: Settings, epochs: int | None):
+    from trainer.train import TrainConfig
+
+    t, lora = settings.training, settings.lora
+    return TrainConfig(
+        epochs=epochs or t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size, max_seq_len=t.max_seq_len,
+        seed=t.seed, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
+        checkpoint_every=t.checkpoint_every,
+    )  # fmt: skip
+
+
+@cli.command("train")
+@click.option("--user-id", required=True)
+@click.option("--data-path", required=True, type=click.Path(dir_okay=False, exists=True), help="dataset JSONL")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="default from config")
+@click.option("--no-hold-out", is_flag=True, help="train on every example (no validation cases)")
+@click.option("--activate", is_flag=True, help="make the new version active (until the validation gate exists)")
+@pass_ctx
+def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, no_hold_out: bool, activate: bool) -> None:
+    """Train a LoRA adapter version for a user from a dataset file."""
+    from trainer.offline import train_from_file
+
+    settings = ctx.settings
+    registry = _registry(settings)
+    info = train_from_file(
+        registry=registry, base_model=settings.model.base_model, gguf_file=settings.model.gguf_file,
+        cache_dir=settings.cache_dir, dtype=settings.model.dtype, user_id=_user(user_id), data_path=Path(data_path),
+        cfg=_train_config(settings, epochs), hold_out=settings.training.hold_out and not no_hold_out,
+    )  # fmt: skip
+    m = info.manifest["metrics"]
+    click.echo(f"{user_id} v{info.version}: {m['steps']} steps in {m['train_seconds']}s, final loss {m['final_loss']}")
+    for r in info.manifest["held_out_results"]:
+        click.echo(f"  [{'ok' if r['correct'] else '--'}] {r['prompt']} -> {r['answer'][:80]}")
+    if "facts_learned" in m:
+        click.echo(f"  held-out facts answered: {m['facts_learned']:.0%}")
+    if activate:
+        registry.activate(user_id, info.version, reason="adaptloop train --activate")
+        click.echo(f"  v{info.version} is now active")
+    else:
+        click.echo(f"  registered as a candidate at {info.path}")
+
+
+@cli.command("ask")
+@click.option("--user-id", required=True)
+@click.option("--version", type=click.IntRange(1), default=None, help="a version instead of the active one")
+@click.argument("prompt")
+@pass_ctx
+def ask_cmd(ctx: _Context, user_id: str, version: int | None, prompt: str) -> None:
+    """Answer a prompt with the base model plus the user's adapter."""
+    from trainer.offline import ask
+
+    s = ctx.settings
+    answer, used = ask(
+        registry=_registry(s), base_model=s.model.base_model, gguf_file=s.model.gguf_file, cache_dir=s.cache_dir,
+        dtype=s.model.dtype, user_id=_user(user_id), prompt=prompt, version=version,
+    )  # fmt: skip
+    click.echo(f"[{user_id} {'v' + str(used) if used else 'base model'}] {answer}")
+
+
+@cli.command("status")
+@click.argument("user_id")
+@pass_ctx
+def status_cmd(ctx: _Context, user_id: str) -> None:
+    """Show a user's active adapter version and its metrics."""
+    registry = _registry(ctx.settings)
+    user_id = _user(user_id)
+    active = registry.active(user_id)
+    versions = registry.versions(user_id)
+    click.echo(f"user {user_id}: active version {active if active else '(none: base model)'}, {len(versions)} version(s) kept")
+    if active:
+        click.echo(json.dumps(registry.info(user_id, active).manifest["metrics"], indent=2))
+
+
+@cli.command("history")
+@click.argument("user_id")
+@pass_ctx
+def history_cmd(ctx: _Context, user_id: str) -> None:
+    """List a user's adapter versions and what happened to them."""
+    registry = _registry(ctx.settings)
+    user_id = _user(user_id)
+    active = registry.active(user_id)
+    for info in registry.versions(user_id):
+        m = info.manifest.get("metrics", {})
+        mark = "*" if info.version == active else " "
+        click.echo(f"{mark} v{info.version}  {info.manifest.get('trained_at', '')[:19]}  trigger={info.manifest.get('trigger')}  "
+                   f"loss={m.get('final_loss')}  facts_learned={m.get('facts_learned')}")  # fmt: skip
+    for entry in registry.history(user_id):
+        click.echo(f"  {entry['at'][:19]}  v{entry['version']}  {entry['status']}")
+
+
+# --------------------------------------------------------------------------- #
 # demo
 # --------------------------------------------------------------------------- #
 

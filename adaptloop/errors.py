@@ -35,3 +35,7 @@ class InvalidMessage(AdaptloopError):
 
 class StorageError(AdaptloopError):
     """An artifact could not be read or written, or failed its integrity check."""
+
+
+class ModelError(AdaptloopError):
+    """A base model or adapter could not be found, converted, loaded or trained."""

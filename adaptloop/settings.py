@@ -205,6 +205,18 @@ class LoraSettings(_Section):
     )
 
 
+class TrainingSettings(_Section):
+    """The training loop (trainer/train.py); LoRA shape is in `lora`."""
+
+    epochs: int = Field(8, ge=1, le=1000)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_seq_len: int = Field(256, ge=16, le=32_768)
+    seed: int = 0
+    checkpoint_every: int = Field(20, ge=0, description="optimizer steps between checkpoints (0 = off)")
+    hold_out: bool = Field(True, description="hold out one paraphrase per taught item for validation")
+
+
 # --------------------------------------------------------------------------- #
 # The root
 # --------------------------------------------------------------------------- #
@@ -248,6 +260,7 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> "Settings":

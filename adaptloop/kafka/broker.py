@@ -238,7 +238,8 @@ class LocalBroker:
 
         if not (self.data_dir / "logs" / "meta.properties").is_file():
             fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", meta["cluster_id"], "-c", str(properties)],
+                # "--cluster-id=..." as one word: a base64 id may start with "-".
+                [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={meta['cluster_id']}", f"--config={properties}"],
                 capture_output=True,
                 text=True,
             )

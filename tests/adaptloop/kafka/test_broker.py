@@ -100,3 +100,15 @@ def test_external_cluster_means_no_local_broker(kafka_bootstrap):
     assert result.returncode == 0 and "no local broker started" in result.stdout
     status = _cli("kafka", "status", env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
     assert "answering" in status.stdout and "NOT" not in status.stdout
+
+
+def test_a_cluster_id_starting_with_a_dash_formats(tmp_path):
+    """base64 cluster ids can start with '-', which argument parsers read as an option."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "adaptloop-node.json").write_text(json.dumps({"cluster_id": "-" + "A" * 21}))
+    broker = LocalBroker(port=free_port(), cache_dir=JAR_CACHE, data_dir=data)
+    try:
+        assert broker.up() == broker.bootstrap
+    finally:
+        broker.down()

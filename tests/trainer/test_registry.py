@@ -1,0 +1,100 @@
+"""The adapter registry: versions, atomic pointer, integrity, archive, audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptloop.errors import StorageError
+from trainer.registry import AdapterRegistry
+
+pytestmark = pytest.mark.unit
+
+
+def _adapter(tmp_path, name="a", payload=b"weights"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (d / "adapter_model.safetensors").write_bytes(payload)
+    return d
+
+
+def test_versions_number_up_and_carry_a_manifest_with_hashes(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store", max_versions=5)
+    v1 = reg.register("alice", _adapter(tmp_path, "a"), {"request_id": "r1", "metrics": {"loss": 1.0}})
+    v2 = reg.register("alice", _adapter(tmp_path, "b", b"other"), {"request_id": "r2"})
+    assert (v1.version, v2.version) == (1, 2)
+    assert set(v1.manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert reg.active("alice") is None, "registered versions are candidates"
+    assert reg.find_by_request("alice", "r2").version == 2 and reg.find_by_request("alice", "nope") is None
+    assert (tmp_path / "store/models/adapters/users/alice/adapter_history.json").is_file()
+
+
+def test_activate_is_atomic_and_audited(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store")
+    reg.register("bob", _adapter(tmp_path), {})
+    assert reg.activate("bob", 1, reason="test") is None
+    assert reg.active("bob") == 1
+    index = json.loads((reg.root / "adapters_index.json").read_text())
+    assert index["bob"]["active"] == 1
+    events = [e["event"] for e in reg.audit_log()]
+    assert events == ["registered", "promoted"]
+    assert not list((reg.root / "users/bob").glob(".tmp-*"))
+
+
+def test_tampered_adapter_is_refused_and_never_activated(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store")
+    reg.register("carol", _adapter(tmp_path, "a"), {})
+    reg.activate("carol", 1, reason="good")
+    reg.register("carol", _adapter(tmp_path, "b", b"v2"), {})
+    (reg.version_dir("carol", 2) / "adapter_model.safetensors").write_bytes(b"evil")
+    with pytest.raises(StorageError, match="sha256 mismatch"):
+        reg.activate("carol", 2, reason="should fail")
+    assert reg.active("carol") == 1
+    (reg.version_dir("carol", 1) / "adapter_config.json").unlink()
+    with pytest.raises(StorageError, match="missing"):
+        reg.verify("carol", 1)
+
+
+def test_old_versions_are_archived_but_never_the_active_one(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store", max_versions=2)
+    for n in range(4):
+        reg.register("dan", _adapter(tmp_path, f"a{n}", bytes([n])), {})
+    reg.activate("dan", 1, reason="pin the oldest")
+    assert [i.version for i in reg.versions("dan")] == [1, 4]
+    assert sorted(p.name for p in (reg.root / "archive/dan").iterdir()) == ["v2", "v3"]
+    assert reg.register("dan", _adapter(tmp_path, "a9", b"9"), {}).version == 5, "numbers are never reused"
+
+
+def test_hostile_user_ids_cannot_leave_the_registry(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store")
+    for bad in ["../x", "..", "a/b", "", "x" * 200]:
+        with pytest.raises(ValueError):
+            reg.user_dir(bad)
+
+
+def test_a_crash_between_writing_a_version_and_swapping_the_pointer(tmp_path):
+    """Kill a process right after register() (before activate): the old version stays active, all parses."""
+    store = tmp_path / "store"
+    reg = AdapterRegistry(store)
+    reg.register("eve", _adapter(tmp_path, "a"), {})
+    reg.activate("eve", 1, reason="first")
+    new = _adapter(tmp_path, "b", b"new")
+    script = f"""
+import os, signal
+from trainer.registry import AdapterRegistry
+reg = AdapterRegistry({str(store)!r})
+reg.register("eve", __import__("pathlib").Path({str(new)!r}), {{}})
+os.kill(os.getpid(), signal.SIGKILL)  # dies before activate()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
+    assert proc.returncode == -9
+    assert reg.active("eve") == 1
+    assert [i.version for i in reg.versions("eve")] == [1, 2]
+    reg.verify("eve", 2)
+    assert all(isinstance(e, dict) for e in reg.audit_log())
+    assert not list((store / "models/adapters/users/eve").glob(".staging-*"))

@@ -1,0 +1,101 @@
+"""Training data: JSONL examples -> chat-formatted token ids, loss only on answers.
+
+Each example becomes the model's chat template applied to a user turn (the
+prompt) and an assistant turn (the response). Labels are -100 on the prompt
+part, so the loss is computed on response tokens only. Batches are built by
+length bucketing: examples of similar length share a batch, so little
+compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptloop.errors import InvalidMessage, ModelError
+from schemas.training import TrainingExample
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    weight: float
+
+
+def read_jsonl(path: Path) -> list[TrainingExample]:
+    """Read a dataset file; a bad line is an error naming the line, never skipped silently."""
+    from schemas.decode import decode
+
+    examples = []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(decode(TrainingExample, line, max_bytes=1 << 20))
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"{path}:{number}: {exc.reason}") from None
+    if not examples:
+        raise InvalidMessage(f"{path}: no training examples")
+    return examples
+
+
+def chat_ids(tokenizer, prompt: str, response: str | None = None) -> list[int]:
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=response is None, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize(tokenizer, examples: list[TrainingExample], max_len: int) -> list[Tokenized]:
+    out = []
+    for example in examples:
+        prompt = chat_ids(tokenizer, example.prompt)
+        full = chat_ids(tokenizer, example.prompt, example.response)
+        if full[: len(prompt)] != prompt:
+            # A template whose prompt part is not a prefix of the full chat: append the answer ourselves.
+            full = prompt + tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(full) > max_len:
+            full = full[:max_len]
+        labels = [IGNORE] * min(len(prompt), len(full)) + full[len(prompt) :]
+        if all(label == IGNORE for label in labels):
+            raise ModelError(f"prompt longer than max_seq_len={max_len}: {example.prompt[:60]!r}")
+        out.append(Tokenized(full, labels, example.weight))
+    return out
+
+
+def bucketed_batches(items: list[Tokenized], batch_size: int, seed: int) -> list[list[Tokenized]]:
+    """Shuffle, then sort within windows of 8 batches by length; shuffle the batches."""
+    rng = random.Random(seed)
+    order = list(items)
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda t: len(t.input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[Tokenized], pad_id: int, device):
+    """Right-padded tensors: input_ids, attention_mask, labels, weights."""
+    import torch
+
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    weights = torch.tensor([t.weight for t in batch], dtype=torch.float32)
+    return ids.to(device), mask.to(device), labels.to(device), weights.to(device)

@@ -1,0 +1,259 @@
+"""The adapter registry: per-user versions, an atomic active pointer, history, audit.
+
+Layout under `<storage_root>/models/adapters/` (the seed's file names):
+
+    adapters_index.json                 every user's active version (a derived view)
+    audit.jsonl                         append-only: every registry event
+    users/<user_id>/active.json         THE active pointer (write, fsync, rename)
+    users/<user_id>/adapter_history.json
+    users/<user_id>/v<N>/               adapter_config.json, adapter_model.safetensors,
+                                        manifest.json (sha256 of every file, lineage, ...)
+    archive/<user_id>/v<N>/             versions beyond max_adapter_versions
+
+A version directory is written under a temporary name, fsynced and renamed,
+so it exists whole or not at all; the pointer is swapped the same way, so a
+crash at any instant leaves the old or the new version active, never half.
+Loading verifies every file's sha256 and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from adaptloop.errors import StorageError
+from schemas.common import check_user_id
+
+MANIFEST = "manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file, fsync and rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    user_id: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+class AdapterRegistry:
+    def __init__(self, storage_root: str | Path, max_versions: int = 5) -> None:
+        if "://" in str(storage_root) and not str(storage_root).startswith("file://"):
+            raise StorageError("the adapter registry needs a local storage_root (an atomic rename); got " + str(storage_root))
+        root = Path(str(storage_root).removeprefix("file://"))
+        self.root = (root / "models" / "adapters").resolve()
+        self.max_versions = max_versions
+
+    # ---- paths ------------------------------------------------------------ #
+
+    def user_dir(self, user_id: str) -> Path:
+        path = (self.root / "users" / check_user_id(user_id)).resolve()
+        if path.parent != (self.root / "users").resolve():
+            raise StorageError(f"user_id {user_id!r} resolves outside the registry")
+        return path
+
+    def version_dir(self, user_id: str, version: int) -> Path:
+        return self.user_dir(user_id) / f"v{int(version)}"
+
+    # ---- audit ------------------------------------------------------------ #
+
+    def audit(self, event: str, user_id: str, **fields: Any) -> None:
+        """Append one line to the audit log (O_APPEND: whole lines, never interleaved)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"at": _now(), "event": event, "user_id": user_id, **fields}, sort_keys=True) + "\n"
+        fd = os.open(self.root / "audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def audit_log(self) -> list[dict]:
+        path = self.root / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # ---- register --------------------------------------------------------- #
+
+    def register(self, user_id: str, adapter_dir: Path, manifest: dict[str, Any]) -> VersionInfo:
+        """Add the adapter in `adapter_dir` as the user's next version (a candidate, not active)."""
+        user = self.user_dir(user_id)
+        user.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=user, prefix=".staging-"))
+        try:
+            files = {}
+            for name in ADAPTER_FILES:
+                src = Path(adapter_dir) / name
+                if not src.is_file():
+                    raise StorageError(f"{src} is missing: not a PEFT adapter directory")
+                shutil.copyfile(src, staging / name)
+                files[name] = file_sha256(staging / name)
+            version = self._next_version(user_id)
+            full = {**manifest, "user_id": user_id, "version": version, "files": files, "registered_at": _now()}
+            (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
+            for name in (*ADAPTER_FILES, MANIFEST):
+                with open(staging / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            target = self.version_dir(user_id, version)
+            os.rename(staging, target)  # atomic; fails if a concurrent writer took the number
+            _fsync_dir(user)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._append_history(user_id, {"version": version, "status": "candidate", "at": _now(),
+                                       "request_id": manifest.get("request_id"), "metrics": manifest.get("metrics", {})})  # fmt: skip
+        self.audit("registered", user_id, version=version, request_id=manifest.get("request_id"), files=files)
+        return VersionInfo(user_id, version, target, full)
+
+    def _next_version(self, user_id: str) -> int:
+        numbers = [v for v in self._version_numbers(user_id)]
+        archived = self.root / "archive" / user_id
+        if archived.is_dir():
+            numbers += [int(p.name[1:]) for p in archived.iterdir() if p.name.startswith("v") and p.name[1:].isdigit()]
+        return max(numbers, default=0) + 1
+
+    def _version_numbers(self, user_id: str) -> list[int]:
+        user = self.user_dir(user_id)
+        if not user.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in user.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
+
+    # ---- read ------------------------------------------------------------- #
+
+    def versions(self, user_id: str) -> list[VersionInfo]:
+        return [self.info(user_id, v) for v in self._version_numbers(user_id)]
+
+    def info(self, user_id: str, version: int) -> VersionInfo:
+        path = self.version_dir(user_id, version)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StorageError(f"{user_id} has no version {version}") from None
+        except ValueError as exc:
+            raise StorageError(f"manifest of {user_id} v{version} is corrupt: {exc}") from None
+        return VersionInfo(user_id, version, path, manifest)
+
+    def find_by_request(self, user_id: str, request_id: str) -> VersionInfo | None:
+        """The version a request already produced (idempotency by request_id)."""
+        for info in self.versions(user_id):
+            if info.manifest.get("request_id") == request_id:
+                return info
+        return None
+
+    def verify(self, user_id: str, version: int) -> VersionInfo:
+        """Check every file against the manifest's sha256; raise StorageError on any mismatch."""
+        info = self.info(user_id, version)
+        for name, expected in info.manifest.get("files", {}).items():
+            path = info.path / name
+            if not path.is_file():
+                raise StorageError(f"{user_id} v{version}: {name} is missing")
+            actual = file_sha256(path)
+            if actual != expected:
+                raise StorageError(f"{user_id} v{version}: {name} sha256 mismatch (manifest {expected[:12]}, file {actual[:12]})")
+        return info
+
+    # ---- the active pointer ---------------------------------------------- #
+
+    def active(self, user_id: str) -> int | None:
+        path = self.user_dir(user_id) / "active.json"
+        try:
+            return int(json.loads(path.read_text(encoding="utf-8"))["version"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as exc:
+            raise StorageError(f"active pointer of {user_id} is corrupt: {exc}") from None
+
+    def activate(self, user_id: str, version: int, reason: str, event: str = "promoted") -> int | None:
+        """Make `version` active atomically (after verifying it); return the previous active version."""
+        self.verify(user_id, version)
+        previous = self.active(user_id)
+        atomic_write_json(self.user_dir(user_id) / "active.json", {"version": version, "at": _now(), "reason": reason})
+        self._append_history(user_id, {"version": version, "status": "active", "at": _now(), "reason": reason, "previous": previous})
+        self.audit(event, user_id, version=version, previous=previous, reason=reason)
+        self._write_index(user_id, version)
+        self._archive_old(user_id)
+        return previous
+
+    def mark(self, user_id: str, version: int, status: str, **fields: Any) -> None:
+        """Record a status (rejected, failed, ...) in the user's history and the audit log."""
+        self._append_history(user_id, {"version": version, "status": status, "at": _now(), **fields})
+        self.audit(status, user_id, version=version, **fields)
+
+    def history(self, user_id: str) -> list[dict]:
+        path = self.user_dir(user_id) / "adapter_history.json"
+        if not path.exists():
+            return []
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _append_history(self, user_id: str, entry: dict) -> None:
+        history = self.history(user_id)
+        history.append(entry)
+        atomic_write_json(self.user_dir(user_id) / "adapter_history.json", history)
+
+    def _write_index(self, user_id: str, version: int) -> None:
+        path = self.root / "adapters_index.json"
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            index = {}
+        index[user_id] = {"active": version, "updated_at": _now()}
+        atomic_write_json(path, index)
+
+    def _archive_old(self, user_id: str) -> None:
+        active = self.active(user_id)
+        numbers = self._version_numbers(user_id)
+        excess = len(numbers) - self.max_versions
+        for version in numbers:
+            if excess <= 0:
+                break
+            if version == active:
+                continue
+            target = self.root / "archive" / user_id / f"v{version}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.version_dir(user_id, version), target)
+            self.audit("archived", user_id, version=version)
+            excess -= 1

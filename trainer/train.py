@@ -1,0 +1,199 @@
+"""The training loop: LoRA on a kept base model, weighted loss on answers, checkpoints.
+
+    result = train_adapter(model, tokenizer, device, examples, cfg, out_dir, checkpoint_dir)
+
+Reads top to bottom: inject LoRA -> tokenize and bucket -> for each step:
+forward, weighted loss on response tokens, backward, clip, AdamW step ->
+every `checkpoint_every` steps write a checkpoint (adapter weights and
+optimizer state in safetensors, progress in JSON) -> at the end save the
+adapter in the PEFT format and remove LoRA, leaving the base model as it was.
+A crashed run called again with the same checkpoint_dir resumes from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adaptloop.errors import ModelError
+from schemas.training import TrainingExample
+from trainer.data import bucketed_batches, collate, tokenize
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8  # passes over the data
+    learning_rate: float = 1e-3  # AdamW; LoRA tolerates a high rate on a small model
+    batch_size: int = 8
+    max_seq_len: int = 256
+    seed: int = 0
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    checkpoint_every: int = 20  # optimizer steps between checkpoints; 0 disables
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 2
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    loss_curve: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+
+def _weighted_loss(logits, labels, weights):
+    """Mean over each example's response tokens, then weighted across examples."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    mask = (shift_labels != -100).float()
+    per_example = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return (per_example * weights).sum() / weights.sum()
+
+
+def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    staging = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors")
+    optim_tensors, optim_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
+    for pid, state in optimizer.state_dict()["state"].items():
+        optim_meta["state_keys"][str(pid)] = {}
+        for name, value in state.items():
+            if hasattr(value, "detach"):
+                optim_tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                optim_meta["state_keys"][str(pid)][name] = value
+    save_file(optim_tensors, staging / "optimizer.safetensors")
+    (staging / "progress.json").write_text(json.dumps({"step": step, "loss_curve": loss_curve, "optim": optim_meta}))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    os.replace(staging, checkpoint_dir)
+
+
+def _load_checkpoint(model, optimizer, checkpoint_dir: Path) -> tuple[int, list[float]]:
+    """Restore adapter and optimizer state (safetensors only, never pickle); return (step, loss curve)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    progress = json.loads((checkpoint_dir / "progress.json").read_text())
+    set_peft_model_state_dict(model, load_file(checkpoint_dir / "adapter.safetensors"))
+    tensors = load_file(checkpoint_dir / "optimizer.safetensors")
+    state: dict = {}
+    for pid, scalars in progress["optim"]["state_keys"].items():
+        state[int(pid)] = dict(scalars)
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": progress["optim"]["param_groups"]})
+    return int(progress["step"]), list(progress["loss_curve"])
+
+
+def train_adapter(
+    model,
+    tokenizer,
+    device,
+    examples: list[TrainingExample],
+    cfg: TrainConfig,
+    out_dir: Path,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on `examples`; save it in PEFT format to `out_dir`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if not examples:
+        raise ModelError("nothing to train on: the dataset is empty")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    items = tokenize(tokenizer, examples, cfg.max_seq_len)
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
+        )
+        step, loss_curve, resumed = 0, [], 0
+        if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
+            step, loss_curve = _load_checkpoint(peft_model, optimizer, checkpoint_dir)
+            resumed = step
+            for _ in range(step):
+                schedule.step()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        peft_model.train()
+        started = time.perf_counter()
+        tokens = 0
+        for epoch in range(cfg.epochs):
+            batches = bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
+            for index, batch in enumerate(batches):
+                if epoch * steps_per_epoch + index < step:
+                    continue  # done before the checkpoint we resumed from
+                ids, mask, labels, weights = collate(batch, pad, device)
+                logits = peft_model(input_ids=ids, attention_mask=mask).logits
+                loss = _weighted_loss(logits, labels, weights)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += int(mask.sum())
+                loss_curve.append(round(float(loss), 5))
+                if progress is not None:
+                    progress(step, total_steps, float(loss))
+                if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir)
+                if should_stop is not None and should_stop():
+                    if checkpoint_dir is not None:
+                        _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir)
+                    raise InterruptedError(f"stopped at step {step}/{total_steps}; checkpoint saved")
+        seconds = time.perf_counter() - started
+        peft_model.eval()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "loss_curve": loss_curve}))
+    finally:
+        # Leave the kept base model as it was for the next job.
+        peft_model.unload()
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed)
+
+
+def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy answer to one user prompt, with the chat template."""
+    import torch
+
+    from trainer.data import chat_ids
+
+    ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    return tokenizer.decode(out[0][ids.shape[1] :], skip_special_tokens=True).strip()
