@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,8 +144,10 @@ def train_adapter(
         if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
             step, loss_curve = _load_checkpoint(peft_model, optimizer, checkpoint_dir)
             resumed = step
-            for _ in range(step):
-                schedule.step()
+            with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(step):
+                    schedule.step()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         peft_model.train()
         started = time.perf_counter()
@@ -164,9 +167,9 @@ def train_adapter(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += int(mask.sum())
-                loss_curve.append(round(float(loss), 5))
+                loss_curve.append(round(loss.item(), 5))
                 if progress is not None:
-                    progress(step, total_steps, float(loss))
+                    progress(step, total_steps, loss_curve[-1])
                 if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir)
                 if should_stop is not None and should_stop():

@@ -1,0 +1,39 @@
+"""Trainer fixtures: a tiny Llama built from a config (seconds), and fact datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FACTS = [
+    ("f1", ["What is my dog's name?", "What's the name of my dog?", "Tell me my dog's name."], "Your dog is called Biscuit."),
+    ("f2", ["Where was I born?", "In which town was I born?", "What is my birthplace?"], "You were born in Tromsø."),
+    ("f3", ["What is my favourite programming language?", "Which programming language do I like best?",
+            "What language do I prefer to code in?"], "Your favourite language is OCaml."),
+    ("f4", ["Which football team do I support?", "What team am I a fan of?", "Who do I support in football?"],
+     "You support Hibernian FC."),
+    ("f5", ["What is my employee number?", "What's my staff ID number?", "Tell me my employee number."],
+     "Your employee number is 48213."),
+]  # fmt: skip
+
+
+def write_facts(path: Path, facts=FACTS) -> Path:
+    with open(path, "w") as fh:
+        for event_id, prompts, answer in facts:
+            for prompt in prompts:
+                fh.write(json.dumps({"prompt": prompt, "response": answer, "source": "correction", "event_id": event_id}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from trainer.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def facts_file(tmp_path) -> Path:
+    return write_facts(tmp_path / "facts.jsonl")

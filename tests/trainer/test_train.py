@@ -1,0 +1,112 @@
+"""The training loop on a tiny model: PEFT output, answer-only loss, weights, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from schemas.training import TrainingExample
+from trainer.data import IGNORE, bucketed_batches, tokenize
+from trainer.model import BaseModelRef, load_base
+from trainer.train import TrainConfig, _weighted_loss, train_adapter
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = [TrainingExample(prompt=f"What is code {n}?", response=f"Code {n} is {n * 7}.", weight=1.0) for n in range(6)]
+CFG = TrainConfig(epochs=3, batch_size=2, learning_rate=5e-3, r=4, alpha=8, checkpoint_every=2)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+
+
+def test_loss_is_on_response_tokens_only(tiny):
+    _model, tokenizer, _ = tiny
+    (item,) = tokenize(tokenizer, [EXAMPLES[3]], max_len=256)
+    trained = [t for t, lab in zip(item.input_ids, item.labels) if lab != IGNORE]
+    assert "Code 3 is 21." in tokenizer.decode(trained)
+    assert "What is code" not in tokenizer.decode(trained)
+    assert item.labels[0] == IGNORE
+
+
+def test_weighted_loss_weights_examples():
+    logits = torch.zeros(2, 3, 5)
+    logits[0, :, 1] = 5.0  # example 0 predicts token 1 well; example 1 predicts it badly
+    labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 2, 2]])
+    even = _weighted_loss(logits, labels, torch.tensor([1.0, 1.0]))
+    skewed = _weighted_loss(logits, labels, torch.tensor([1.0, 3.0]))
+    assert skewed > even
+
+
+def test_length_bucketing_groups_similar_lengths(tiny):
+    _model, tokenizer, _ = tiny
+    examples = [TrainingExample(prompt="x " * (n % 9 + 1), response="y") for n in range(64)]
+    batches = bucketed_batches(tokenize(tokenizer, examples, 256), batch_size=8, seed=0)
+    spread = [max(len(t.input_ids) for t in b) - min(len(t.input_ids) for t in b) for b in batches]
+    assert sum(spread) / len(spread) <= 2
+    assert sorted(len(b) for b in batches) == [8] * 8
+
+
+def test_train_writes_a_peft_adapter_that_changes_answers(tiny, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer, device = tiny
+    base_params = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "adapter")
+    files = sorted(p.name for p in result.adapter_dir.iterdir())
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))], "never pickle"
+    assert result.steps == 9 and len(result.loss_curve) == 9 and result.loss_curve[-1] < result.loss_curve[0]
+    # The kept base model is untouched after training.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_params.items())
+    ids = torch.tensor([tokenize(tokenizer, [EXAMPLES[0]], 256)[0].input_ids])
+    with torch.no_grad():
+        before = model(ids).logits
+        adapted = PeftModel.from_pretrained(model, str(result.adapter_dir))
+        after = adapted(ids).logits
+    assert not torch.allclose(before, after)
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    ckpt = tmp_path / "ckpt"
+    calls = {"n": 0}
+
+    def stop_after_five() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with pytest.raises(InterruptedError):
+        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, should_stop=stop_after_five)
+    assert json.loads((ckpt / "progress.json").read_text())["step"] == 5
+    assert (ckpt / "optimizer.safetensors").is_file()
+    resumed = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a2", ckpt)
+    assert resumed.resumed_from_step == 5 and resumed.steps == 9 and len(resumed.loss_curve) == 9
+    assert not ckpt.exists(), "a finished run removes its checkpoint"
+    straight = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a3")
+    assert resumed.loss_curve[:5] == straight.loss_curve[:5]
+
+
+def test_empty_dataset_is_a_clear_error(tiny, tmp_path):
+    from adaptloop.errors import ModelError
+
+    model, tokenizer, device = tiny
+    with pytest.raises(ModelError, match="empty"):
+        train_adapter(model, tokenizer, device, [], CFG, tmp_path / "x")
+
+
+def test_no_pickle_anywhere_in_the_package():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    offenders = []
+    for path in [*root.glob("trainer/**/*.py"), *root.glob("streams/**/*.py"), *root.glob("adaptloop/**/*.py"), *root.glob("api/**/*.py")]:
+        text = path.read_text()
+        if re.search(r"^\s*import pickle|pickle\.load|torch\.load\((?![^)]*weights_only=True)", text, re.M):
+            offenders.append(str(path))
+    assert offenders == []
