@@ -299,6 +299,26 @@ def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, n
         click.echo(f"  registered as a candidate at {info.path}")
 
 
+@cli.command("trainer")
+@pass_ctx
+def trainer_cmd(ctx: _Context) -> None:
+    """Run the training consumer: train adapters for requests on adapter.training-requests."""
+    from adaptloop.kafka.client import ClientConfig
+    from adaptloop.kafka.topics import ensure_topics, plans_from_specs
+    from trainer.model import resolve_base_model
+    from trainer.service import TrainerConfig, run_trainer
+
+    s = ctx.settings
+    client = ClientConfig.from_settings(s.kafka)
+    ensure_topics(client, plans_from_specs(s.topics.all()))
+    cfg = TrainerConfig(
+        client=client, group_id=s.training.group_id, requests_topic=s.topics.training_requests.name,
+        lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
+        max_versions=s.max_adapter_versions, train=_train_config(s, None),
+    )  # fmt: skip
+    run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
+
+
 @cli.command("ask")
 @click.option("--user-id", required=True)
 @click.option("--version", type=click.IntRange(1), default=None, help="a version instead of the active one")

@@ -215,6 +215,7 @@ class TrainingSettings(_Section):
     seed: int = 0
     checkpoint_every: int = Field(20, ge=0, description="optimizer steps between checkpoints (0 = off)")
     hold_out: bool = Field(True, description="hold out one paraphrase per taught item for validation")
+    group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
 
 
 # --------------------------------------------------------------------------- #

@@ -100,11 +100,14 @@ def train_version(
     lineage: list | None = None,
     checkpoint_dir: Path | None = None,
     show_progress: bool = True,
+    should_stop=None,
 ) -> VersionInfo:
     """Train, score the held-out cases, register a candidate version. Shared by CLI and service."""
     bar, update = _progress_bar() if show_progress else (None, None)
     try:
-        result = train_adapter(model, tokenizer, device, examples, cfg, work_dir / "adapter", checkpoint_dir, progress=update)
+        result = train_adapter(
+            model, tokenizer, device, examples, cfg, work_dir / "adapter", checkpoint_dir, progress=update, should_stop=should_stop
+        )
     finally:
         if bar is not None:
             bar.close()

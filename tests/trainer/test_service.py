@@ -1,0 +1,173 @@
+"""`adaptloop trainer` against the real broker with a tiny model: versions, idempotence, SIGKILL resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptloop.kafka.client import ClientConfig
+from adaptloop.kafka.io import consume, produce
+from adaptloop.storage import ArtifactStore
+from schemas import TrainingRequest
+from schemas.training import TrainingExample, request_id_for
+from streams.dataset import write_dataset
+from trainer.registry import AdapterRegistry
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "commands", "training_requests", "lifecycle", "dlq")
+
+
+class TrainerHandle:
+    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.client = ClientConfig(bootstrap_servers=bootstrap)
+        self.topics = {k: f"tr.{k}.{suffix}" for k in TOPICS}
+        self.store = base / "store"
+        self.log_path = base / "trainer.log"
+        self.config = base / "adapter_retrain.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "storage_root": str(self.store),
+            "topics": {k: {"name": v, "partitions": 1 if k == "dlq" else 3} for k, v in self.topics.items()},
+            "streams": {"internal_partitions": 3},
+            "model": {"base_model": str(tiny), "dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"group_id": f"tr-{suffix}", "batch_size": 2, "learning_rate": 0.005, **training},
+        }))  # fmt: skip
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> "TrainerHandle":
+        before = self.log_path.read_text().count("trainer ready") if self.log_path.exists() else 0
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.client.bootstrap_servers)
+        with open(self.log_path, "ab") as log:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "adaptloop.cli", "--config", str(self.config), "trainer"],
+                                               stdout=log, stderr=subprocess.STDOUT, env=env))  # fmt: skip
+        self.wait_for(lambda: self.log_path.read_text().count("trainer ready") > before, what="trainer ready")
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def request(self, user: str, examples: list[TrainingExample], test: list[TrainingExample] | None = None) -> TrainingRequest:
+        ref = write_dataset(ArtifactStore(str(self.store)), user, examples, test or [], trigger="threshold", lineage_ranges=[])
+        return TrainingRequest(request_id=request_id_for(user, ref.sha256, "threshold"), user_id=user, trigger="threshold", dataset=ref)
+
+    def publish(self, request: TrainingRequest | bytes, key: str = "x") -> None:
+        value = request if isinstance(request, bytes) else request.to_bytes()
+        produce(self.client, self.topics["training_requests"], [(key if isinstance(request, bytes) else request.user_id, value)])
+
+    def lifecycle(self) -> list[dict]:
+        records = consume(self.client, [self.topics["lifecycle"]], f"read-{uuid.uuid4().hex[:6]}", idle_timeout=2, total_timeout=30)
+        return [json.loads(r.value) for r in records]
+
+    def wait_for(self, predicate, timeout: float = 180, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate()
+            if result:
+                return result
+            if self.procs and self.procs[-1].poll() is not None:
+                raise AssertionError(f"trainer exited ({self.procs[-1].returncode}):\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory):
+    handles = []
+
+    def make(start: bool = True, **training) -> TrainerHandle:
+        handle = TrainerHandle(kafka_bootstrap, tmp_path_factory.mktemp("trainer"), tiny_model_dir, training)
+        handles.append(handle)
+        return handle.start() if start else handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+def _examples(n: int) -> list[TrainingExample]:
+    return [TrainingExample(prompt=f"What is code {i}?", response=f"Code {i} is {i * 7}.", event_id=f"e{i}") for i in range(n)]
+
+
+def _completed(events, request_id):
+    return [e for e in events if e["type"] == "training_completed" and e["request_id"] == request_id]
+
+
+def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains_nothing(trainer_factory, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+
+    from trainer.model import BaseModelRef, load_base
+
+    t = trainer_factory(epochs=2)
+    request = t.request("ana", _examples(6), test=_examples(1))
+    t.publish(request)
+    t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="training_completed")
+    types = [e["type"] for e in t.lifecycle() if e["request_id"] == request.request_id]
+    assert types == ["training_started", "training_completed"]
+    done = _completed(t.lifecycle(), request.request_id)[0]
+    assert done["version"] == 1 and done["metrics"]["steps"] == 6
+
+    registry = AdapterRegistry(t.store)
+    info = registry.verify("ana", 1)
+    assert info.manifest["request_id"] == request.request_id and info.manifest["dataset"]["sha256"] == request.dataset.sha256
+    assert registry.active("ana") is None, "a candidate until the validation gate promotes it"
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+        after = PeftModel.from_pretrained(model, str(info.path))(ids).logits
+    assert not torch.allclose(before, after), "the adapter loads with plain PEFT and changes the model"
+
+    t.publish(request)  # redelivered
+    t.wait_for(lambda: len(_completed(t.lifecycle(), request.request_id)) == 2, what="republished result")
+    assert [i.version for i in registry.versions("ana")] == [1]
+    assert _completed(t.lifecycle(), request.request_id)[1]["details"]["republished"] is True
+
+
+def test_sigkill_during_training_resumes_from_the_checkpoint_and_yields_one_version(trainer_factory):
+    t = trainer_factory(epochs=40, checkpoint_every=10)
+    request = t.request("bea", _examples(12))
+    t.publish(request)
+    checkpoint = t.store / "models/adapters/checkpoints" / request.request_id
+    t.wait_for(lambda: (checkpoint / "progress.json").is_file(), what="a checkpoint")
+    t.procs[-1].send_signal(signal.SIGKILL)
+    t.procs[-1].wait(10)
+    killed_at = json.loads((checkpoint / "progress.json").read_text())["step"]
+    assert killed_at >= 10
+    t.start()
+    t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="completion after restart")
+    registry = AdapterRegistry(t.store)
+    (info,) = registry.versions("bea")
+    assert info.manifest["resumed_from_step"] >= killed_at
+    assert info.manifest["metrics"]["steps"] == 240
+    assert len(_completed(t.lifecycle(), request.request_id)) == 1
+
+
+def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(trainer_factory):
+    t = trainer_factory(epochs=1)
+    t.publish(b"{not a request")
+    request = t.request("cy", _examples(2))
+    tampered = request.model_copy(update={"dataset": request.dataset.model_copy(update={"sha256": "0" * 64})})
+    t.publish(tampered)
+    failed = t.wait_for(lambda: [e for e in t.lifecycle() if e["type"] == "training_failed"], what="training_failed")
+    assert "sha256" in failed[0]["reason"]
+    letters = list(consume(t.client, [t.topics["dlq"]], f"dlq-{uuid.uuid4().hex[:6]}", idle_timeout=3))
+    assert len(letters) == 1 and "not JSON" in json.loads(letters[0].value)["reason"]
+    assert AdapterRegistry(t.store).versions("cy") == []
