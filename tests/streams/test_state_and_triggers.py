@@ -20,8 +20,15 @@ CFG = CurationConfig(paraphrases=2)
 _LOGS: dict[int, MemoryUserLog] = {}
 
 
+def _new_state() -> UserState:
+    """A fresh state with its own fresh log (ids of dead objects are reused, so never setdefault)."""
+    state = UserState()
+    _LOGS[id(state)] = MemoryUserLog()
+    return state
+
+
 def _log(state: UserState) -> MemoryUserLog:
-    return _LOGS.setdefault(id(state), MemoryUserLog())
+    return _LOGS[id(state)]
 
 
 def _apply(state, eid, t, curated, **kw):
@@ -34,7 +41,7 @@ def _ex(n: int) -> TrainingExample:
 
 
 def test_duplicate_event_ids_change_nothing():
-    state = UserState()
+    state = _new_state()
     assert _apply(state, "e1", 1.0, Curated(examples=(_ex(1),), gap="correction"))
     before = state.model_copy(deep=True)
     assert not _apply(state, "e1", 1.0, Curated(examples=(_ex(1),), gap="correction"))
@@ -43,7 +50,7 @@ def test_duplicate_event_ids_change_nothing():
 
 
 def test_pending_is_bounded_oldest_first():
-    state = UserState()
+    state = _new_state()
     for n in range(50):
         _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),)), pending=12)
     assert state.pending_count == 12 and state.pending_dropped == 50 - 12
@@ -52,7 +59,7 @@ def test_pending_is_bounded_oldest_first():
 
 
 def test_positive_rating_boosts_the_pending_conversation_example():
-    state = UserState()
+    state = _new_state()
     conv = TrainingExample(prompt="Q?", response="A.", source="conversation", weight=1.0)
     other = TrainingExample(prompt="Q?", response="B.", source="correction", weight=1.0)
     _apply(state, "c", 0.0, Curated(examples=(conv, other)))
@@ -62,7 +69,7 @@ def test_positive_rating_boosts_the_pending_conversation_example():
 
 def test_threshold_cooldown_and_open_request():
     cfg = TriggerConfig(schedule="threshold", min_gap_events=3, cooldown_s=100, gap_window_s=1000)
-    state = UserState()
+    state = _new_state()
     for n in range(2):
         _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),), gap="correction"))
     assert automatic_trigger(state, 2.0, cfg) is None
@@ -76,7 +83,7 @@ def test_threshold_cooldown_and_open_request():
 
 def test_accuracy_drop_fires_once_per_dip_and_rearms():
     cfg = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
-    state = UserState()
+    state = _new_state()
     _apply(state, "x", 0.0, Curated(examples=(_ex(0),)))
     for n in range(4):
         _apply(state, f"b{n}", 1.0, Curated(outcome=False))
@@ -91,7 +98,7 @@ def test_accuracy_drop_fires_once_per_dip_and_rearms():
 
 
 def test_nightly_needs_new_examples_and_the_nightly_schedule():
-    state = UserState()
+    state = _new_state()
     assert nightly_trigger(state, TriggerConfig(schedule="nightly")) is None
     _apply(state, "e", 0.0, Curated(examples=(_ex(0),)))
     assert nightly_trigger(state, TriggerConfig(schedule="threshold")) is None
@@ -128,7 +135,7 @@ def test_build_dataset_mixes_replay_and_global_without_leaking_tests():
 def test_processor_snapshot_writes_the_seed_layout(tmp_path):
     store = ArtifactStore(str(tmp_path))
     proc = UserProcessor(ProcessorConfig(triggers=TriggerConfig(min_gap_events=2, cooldown_s=0)), store)
-    state = UserState()
+    state = _new_state()
     envs = [
         Envelope(k="event", kind="feedback", body={"event_id": f"f{n}", "user_id": "zoe", "timestamp": "2026-01-01T00:00:00Z",
                                                     "kind": "correction", "query": f"Q{n}?", "response": "x", "correction": f"A{n}."})
