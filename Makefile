@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-kafka bench-streams clean
+.PHONY: install demo test test-unit test-kafka bench-streams bench-trainer clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ test-kafka: install
 # Benchmarks: one command each; results go to benchmarks/README.md by hand.
 bench-streams: install
 	$(BIN)/python benchmarks/streams_throughput.py
+
+bench-trainer: install
+	$(BIN)/python benchmarks/trainer_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

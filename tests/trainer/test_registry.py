@@ -98,3 +98,22 @@ os.kill(os.getpid(), signal.SIGKILL)  # dies before activate()
     reg.verify("eve", 2)
     assert all(isinstance(e, dict) for e in reg.audit_log())
     assert not list((store / "models/adapters/users/eve").glob(".staging-*"))
+
+
+def test_status_and_history_commands(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from adaptloop.cli import cli
+
+    monkeypatch.setenv("ADAPTLOOP_STORAGE_ROOT", str(tmp_path / "store"))
+    reg = AdapterRegistry(tmp_path / "store")
+    reg.register("fin", _adapter(tmp_path, "a"), {"trigger": "threshold", "metrics": {"final_loss": 0.1, "facts_learned": 0.8}})
+    reg.register("fin", _adapter(tmp_path, "b", b"2"), {"trigger": "on-demand", "metrics": {"final_loss": 0.2}})
+    reg.activate("fin", 1, reason="test")
+    status = CliRunner().invoke(cli, ["status", "fin"])
+    assert status.exit_code == 0 and "active version 1" in status.output and "facts_learned" in status.output
+    history = CliRunner().invoke(cli, ["history", "fin"])
+    assert history.exit_code == 0
+    assert "* v1" in history.output and "  v2" in history.output and "trigger=on-demand" in history.output
+    bad = CliRunner().invoke(cli, ["status", "../etc"])
+    assert bad.exit_code != 0 and "user_id" in bad.output

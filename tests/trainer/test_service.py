@@ -160,6 +160,24 @@ def test_sigkill_during_training_resumes_from_the_checkpoint_and_yields_one_vers
     assert len(_completed(t.lifecycle(), request.request_id)) == 1
 
 
+def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_factory):
+    t = trainer_factory(epochs=40, checkpoint_every=1000)
+    request = t.request("dee", _examples(12))
+    t.publish(request)
+    t.wait_for(lambda: [e for e in t.lifecycle() if e["type"] == "training_started"], what="training_started")
+    time.sleep(2)
+    t.procs[-1].send_signal(signal.SIGTERM)
+    assert t.procs[-1].wait(60) == 0
+    checkpoint = t.store / "models/adapters/checkpoints" / request.request_id
+    step = json.loads((checkpoint / "progress.json").read_text())["step"]
+    assert 0 < step < 240, "checkpointed mid-way on SIGTERM (checkpoint_every alone would not have)"
+    assert not _completed(t.lifecycle(), request.request_id)
+    t.start()  # the uncommitted request comes back and resumes
+    t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="completion after SIGTERM")
+    (info,) = AdapterRegistry(t.store).versions("dee")
+    assert info.manifest["resumed_from_step"] == step
+
+
 def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(trainer_factory):
     t = trainer_factory(epochs=1)
     t.publish(b"{not a request")
