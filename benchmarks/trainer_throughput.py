@@ -8,8 +8,9 @@ Same base model (the embedded SmolLM2-135M-Instruct), same tokenized data
 (r=16, alpha=32, all linear layers), same optimizer settings, batch size and
 epochs, in the same run. Each side runs in its own process so peak memory
 (max RSS, and CUDA peak where there is a GPU) is its own. Reports training
-tokens/s (non-padding tokens), peak memory and the final loss, which must
-agree within a few percent for the comparison to count.
+tokens/s (non-padding tokens), peak memory and the final loss (the mean loss over the
+whole training set after training), which must agree within a few percent
+for the comparison to count.
 """
 
 from __future__ import annotations
@@ -56,12 +57,28 @@ def run_side(side: str, examples: int, epochs: int, batch: int) -> dict:
     cfg = TrainConfig(epochs=epochs, batch_size=batch, learning_rate=1e-3, checkpoint_every=0, warmup_steps=2)
     items = tokenize(tokenizer, data, cfg.max_seq_len)
     real_tokens = sum(len(t.input_ids) for t in items) * epochs
+    def training_set_loss(trained) -> float:
+        """Mean loss over the whole training set after training: comparable across batch orders."""
+        from trainer.data import collate
+
+        trained.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                ids, mask, labels, weights = collate(chunk, tokenizer.pad_token_id, device)
+                total += _weighted_loss(trained(input_ids=ids, attention_mask=mask).logits, labels, weights).item() * len(chunk)
+        return total / len(items)
+
     if side == "adaptloop":
         import tempfile
 
+        from peft import PeftModel
+
         with tempfile.TemporaryDirectory() as tmp:
             result = train_adapter(model, tokenizer, device, data, cfg, Path(tmp) / "a")
-        seconds, final = result.seconds, sum(result.loss_curve[-4:]) / len(result.loss_curve[-4:])
+            final = training_set_loss(PeftModel.from_pretrained(model, str(result.adapter_dir)))
+        seconds = result.seconds
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -70,14 +87,12 @@ def run_side(side: str, examples: int, epochs: int, batch: int) -> dict:
                           task_type="CAUSAL_LM")  # fmt: skip
         peft_model = get_peft_model(model, lora)
         rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels} for t in items]
-        losses: list[float] = []
 
         class Recording(Trainer):
             def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
                 labels = inputs.pop("labels")
                 outputs = model(**inputs)
                 loss = _weighted_loss(outputs.logits, labels, torch.ones(labels.shape[0], device=labels.device))
-                losses.append(loss.item())
                 return (loss, outputs) if return_outputs else loss
 
         import tempfile
@@ -85,7 +100,7 @@ def run_side(side: str, examples: int, epochs: int, batch: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             args = TrainingArguments(
                 output_dir=tmp, per_device_train_batch_size=batch, num_train_epochs=epochs, learning_rate=1e-3,
-                lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0, weight_decay=0.0, logging_steps=1000,
+                lr_scheduler_type="polynomial", lr_scheduler_kwargs={"power": 0.5, "lr_end": 0.0}, warmup_steps=2, max_grad_norm=1.0, weight_decay=0.0, logging_steps=1000,
                 save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0, disable_tqdm=True,
                 use_cpu=device == "cpu", bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
             )  # fmt: skip
@@ -94,7 +109,7 @@ def run_side(side: str, examples: int, epochs: int, batch: int) -> dict:
             started = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - started
-        final = sum(losses[-4:]) / len(losses[-4:])
+        final = training_set_loss(peft_model)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"side": side, "seconds": round(seconds, 2), "tokens": real_tokens, "tokens_per_s": round(real_tokens / seconds, 1),

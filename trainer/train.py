@@ -67,6 +67,29 @@ def _weighted_loss(logits, labels, weights):
     return (per_example * weights).sum() / weights.sum()
 
 
+def _answer_only_loss(peft_model, ids, mask, labels, weights):
+    """The weighted loss, projecting to the vocabulary only where an answer token is predicted.
+
+    The output projection (hidden x vocabulary: 576 x 49,152 for SmolLM2-135M)
+    is a large share of a small model's compute, and with the loss on answers
+    only, most positions' logits would be thrown away.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    causal_lm = peft_model.get_base_model()
+    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = causal_lm.lm_head(hidden[keep]).float()
+    per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+    rows = keep.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, per_token)
+    counts = keep.sum(dim=1).clamp(min=1)
+    per_example = sums / counts
+    return (per_example * weights).sum() / weights.sum()
+
+
 def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -158,8 +181,7 @@ def train_adapter(
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the checkpoint we resumed from
                 ids, mask, labels, weights = collate(batch, pad, device)
-                logits = peft_model(input_ids=ids, attention_mask=mask).logits
-                loss = _weighted_loss(logits, labels, weights)
+                loss = _answer_only_loss(peft_model, ids, mask, labels, weights)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

@@ -110,3 +110,22 @@ def test_no_pickle_anywhere_in_the_package():
         if re.search(r"^\s*import pickle|pickle\.load|torch\.load\((?![^)]*weights_only=True)", text, re.M):
             offenders.append(str(path))
     assert offenders == []
+
+
+def test_answer_only_loss_equals_the_full_loss(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.data import collate
+    from trainer.train import _answer_only_loss
+
+    model, tokenizer, device = tiny
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    try:
+        batch = tokenize(tokenizer, EXAMPLES[:3], 256)
+        ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
+        weights = torch.tensor([1.0, 2.0, 0.5])
+        full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
+        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
+        assert torch.allclose(full, fast, atol=1e-5)
+    finally:
+        peft_model.unload()
