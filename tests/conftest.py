@@ -24,6 +24,19 @@ from adaptloop.settings import Settings
 JAR_CACHE = Path(os.environ.get("ADAPTLOOP_TEST_CACHE", Path.home() / ".cache" / "adaptloop"))
 
 
+def stop_processes(procs, timeout: float = 30) -> None:
+    """Terminate the service processes a test started (SIGTERM, then SIGKILL)."""
+    import subprocess
+
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def _docker_answers() -> bool:
     try:
         import docker

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import stop_processes
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from streams.app import partition_of
@@ -72,13 +73,7 @@ class WorkerHandle:
         proc.wait(10)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(self.procs)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import stop_processes
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from adaptloop.storage import ArtifactStore
@@ -55,13 +56,7 @@ class TrainerHandle:
         return self
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(self.procs)
 
     def request(self, user: str, examples: list[TrainingExample], test: list[TrainingExample] | None = None) -> TrainingRequest:
         ref = write_dataset(ArtifactStore(str(self.store)), user, examples, test or [], trigger="threshold", lineage_ranges=[])

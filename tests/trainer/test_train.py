@@ -121,11 +121,11 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
     model, tokenizer, device = tiny
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     try:
-        batch = tokenize(tokenizer, EXAMPLES[:3], 256)
+        batch = tokenize(tokenizer, [EXAMPLES[0], TrainingExample(prompt="A much longer question " * 5, response="Yes."), EXAMPLES[2]], 256)
         ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
         weights = torch.tensor([1.0, 2.0, 0.5])
         full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
-        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
+        fast = _answer_only_loss(peft_model, ids, labels, weights)  # right padding: no mask needed
         assert torch.allclose(full, fast, atol=1e-5)
     finally:
         peft_model.unload()

@@ -1,0 +1,1 @@
+"""The HTTP API for the adapter lifecycle (FastAPI). Not built yet: see issue #6."""
