@@ -67,7 +67,7 @@ def _weighted_loss(logits, labels, weights):
     return (per_example * weights).sum() / weights.sum()
 
 
-def _answer_only_loss(peft_model, ids, labels, weights):
+def _answer_only_loss(peft_model, ids, mask, labels, weights):
     """The weighted loss, projecting to the vocabulary only where an answer token is predicted.
 
     The output projection (hidden x vocabulary: 576 x 49,152 for SmolLM2-135M)
@@ -78,10 +78,9 @@ def _answer_only_loss(peft_model, ids, labels, weights):
     import torch.nn.functional as F
 
     causal_lm = peft_model.get_base_model()
-    # Batches are right-padded and attention is causal, so no real token ever
-    # attends to padding: without a mask, attention takes its faster causal
-    # path, and the padded positions' outputs are never used.
-    hidden = causal_lm.model(input_ids=ids).last_hidden_state[:, :-1, :]
+    # (Dropping the mask on these right-padded batches gives the same loss but
+    # measured 1.32x/1.36x against 1.41x with it, so the mask stays.)
+    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :]
     targets = labels[:, 1:]
     keep = targets != -100
     logits = causal_lm.lm_head(hidden[keep]).float()
@@ -184,7 +183,7 @@ def train_adapter(
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the checkpoint we resumed from
                 ids, mask, labels, weights = collate(batch, pad, device)
-                loss = _answer_only_loss(peft_model, ids, labels, weights)
+                loss = _answer_only_loss(peft_model, ids, mask, labels, weights)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

@@ -125,7 +125,7 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
         ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
         weights = torch.tensor([1.0, 2.0, 0.5])
         full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
-        fast = _answer_only_loss(peft_model, ids, labels, weights)  # right padding: no mask needed
+        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
         assert torch.allclose(full, fast, atol=1e-5)
     finally:
         peft_model.unload()
