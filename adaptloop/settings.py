@@ -153,7 +153,7 @@ class TriggerSettings(_Section):
     continuous_min_interval_s: float = Field(60, ge=0, description="rate limit of the continuous schedule")
     nightly_cron: str = Field("0 2 * * *", description="when the nightly schedule fires (on the leader)")
     min_new_examples: int = Field(1, ge=1, description="a trigger needs at least this many new examples")
-    open_request_timeout_s: float = Field(6 * 3600, gt=0, description="an unanswered request is re-emitted after this")
+    open_request_timeout_s: float = Field(6 * 3600, gt=0, description="an unanswered request is forgotten after this; the next trigger starts anew")
     accuracy_drop: bool = Field(True, description="trigger when a user's satisfaction rate falls below the floor")
     accuracy_floor: float = Field(0.5, ge=0, le=1)
     accuracy_window: int = Field(20, ge=2, le=1000, description="last N rated outcomes the rate is computed over")

@@ -252,7 +252,6 @@ def create_app(cfg: WorkerConfig) -> faust.App:
     async def metrics_page(web, request):
         return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
-    app.adaptloop_internal_topic = internal  # type: ignore[attr-defined]
     return app
 
 

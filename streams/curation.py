@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
@@ -64,7 +64,6 @@ class Curated:
     outcome: bool | None = None  # True: the user was served well; False: badly
     boost_prompt: str | None = None  # a thumbs-up for this prompt
     to_global: bool = False  # the examples belong to the global pool
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def _weight(base: float, confidence: float | None, cfg: CurationConfig) -> float:

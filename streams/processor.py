@@ -116,7 +116,7 @@ class UserProcessor:
             clear_pending(state, log)  # the global pool lives in the store, not in a user's dataset
             return requests
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
-        requests.extend(self._maybe_reemit(state, now))
+        self._expire_open_request(state, now)
         trigger = automatic_trigger(state, now, self.cfg.triggers)
         if trigger is not None:
             requests.append(self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global))
@@ -165,14 +165,13 @@ class UserProcessor:
             ]
         return []
 
-    def _maybe_reemit(self, state: UserState, now: float) -> list[TrainingRequest]:
+    def _expire_open_request(self, state: UserState, now: float) -> None:
+        """Forget a request nobody answered within the timeout; the next trigger starts anew."""
         open_ = state.open_request
         if open_ is None or now - open_.at < self.cfg.triggers.open_request_timeout_s:
-            return []
-        # The request (or its answer) was lost: forget it; the next trigger starts anew.
+            return
         log.warning("request %s unanswered for %.0fs; closing it", open_.request_id, now - open_.at)
         state.open_request = None
-        return []
 
     # ---- snapshot --------------------------------------------------------- #
 
