@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from adaptloop.errors import AdaptloopError
+from adaptloop.errors import AdaptloopError, ConfigError
 from adaptloop.settings import Settings, load_settings
 
 
@@ -268,35 +268,124 @@ def _train_config(settings: Settings, epochs: int | None):
     )  # fmt: skip
 
 
+def _gate_spec(settings: Settings):
+    """The validation gate's plain values from the settings; core suite paths resolved here, at the edge."""
+    from adaptloop.settings import shipped_config_dir
+    from trainer.gate import GateConfig, GateSpec
+    from trainer.scoring import ScoreWeights
+
+    v = settings.validation
+    paths = []
+    for name in v.core_suites:
+        candidates = [Path(name).expanduser()] if Path(name).is_absolute() else [Path.cwd() / "config" / name, shipped_config_dir() / name]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ConfigError(f"validation.core_suites: {name} not found (looked in {', '.join(str(p) for p in candidates)})")
+        paths.append(found)
+    cfg = GateConfig(promote_if_score=settings.promote_if_score, regression_threshold=settings.regression_threshold,
+                     weights=ScoreWeights(**v.weights.model_dump()), require_user_tests=v.require_user_tests)  # fmt: skip
+    return GateSpec(settings.model.embedding_model, tuple(paths), cfg, v.user_tests_dir)
+
+
 @cli.command("train")
 @click.option("--user-id", required=True)
 @click.option("--data-path", required=True, type=click.Path(dir_okay=False, exists=True), help="dataset JSONL")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="default from config")
-@click.option("--no-hold-out", is_flag=True, help="train on every example (no validation cases)")
-@click.option("--activate", is_flag=True, help="make the new version active (until the validation gate exists)")
+@click.option("--no-hold-out", is_flag=True, help="train on every example (no held-out validation cases)")
+@click.option("--no-gate", is_flag=True, help="skip the validation gate: the version stays a candidate, never active")
 @pass_ctx
-def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, no_hold_out: bool, activate: bool) -> None:
-    """Train a LoRA adapter version for a user from a dataset file."""
+def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, no_hold_out: bool, no_gate: bool) -> None:
+    """Train a LoRA adapter version for a user from a dataset file, then validate it (promote or reject)."""
+    from adaptloop.storage import ArtifactStore
     from trainer.offline import train_from_file
 
     settings = ctx.settings
     registry = _registry(settings)
-    info = train_from_file(
+    outcome = train_from_file(
         registry=registry, base_model=settings.model.base_model, gguf_file=settings.model.gguf_file,
         cache_dir=settings.cache_dir, dtype=settings.model.dtype, user_id=_user(user_id), data_path=Path(data_path),
         cfg=_train_config(settings, epochs), hold_out=settings.training.hold_out and not no_hold_out,
+        gate=None if no_gate else _gate_spec(settings), store=ArtifactStore(settings.storage_root),
     )  # fmt: skip
+    info = outcome.info
     m = info.manifest["metrics"]
     click.echo(f"{user_id} v{info.version}: {m['steps']} steps in {m['train_seconds']}s, final loss {m['final_loss']}")
-    for r in info.manifest["held_out_results"]:
-        click.echo(f"  [{'ok' if r['correct'] else '--'}] {r['prompt']} -> {r['answer'][:80]}")
-    if "facts_learned" in m:
-        click.echo(f"  held-out facts answered: {m['facts_learned']:.0%}")
-    if activate:
-        registry.activate(user_id, info.version, reason="adaptloop train --activate")
-        click.echo(f"  v{info.version} is now active")
+    if outcome.report is not None:
+        for line in outcome.report.lines():
+            click.echo("  " + line)
+    if outcome.decision == "promoted":
+        click.echo(f"  v{info.version} promoted: it is now active")
+    elif outcome.decision == "rejected":
+        click.echo(f"  v{info.version} rejected; the active version is still {registry.active(user_id) or 'the base model'}")
     else:
-        click.echo(f"  registered as a candidate at {info.path}")
+        click.echo(f"  registered as a candidate at {info.path} (not validated, not active)")
+
+
+@cli.command("validate")
+@click.option("--adapter", "adapter", required=True, type=click.Path(file_okay=False, exists=True), help="PEFT adapter directory")
+@click.option("--user-id", required=True)
+@click.option("--baseline", type=click.Path(file_okay=False, exists=True), default=None,
+              help="adapter to compare with on the core suite (default: the user's active one, else the base model)")  # fmt: skip
+@pass_ctx
+def validate_cmd(ctx: _Context, adapter: str, user_id: str, baseline: str | None) -> None:
+    """Run the validation gate on an adapter offline; exit 0 if it passes, 1 if rejected."""
+    from adaptloop.storage import ArtifactStore
+    from trainer.model import load_base, resolve_base_model
+    from trainer.offline import validate_adapter, verified_adapter
+
+    s = ctx.settings
+    user_id = _user(user_id)
+    verified_adapter(Path(adapter))  # a tampered adapter fails here, before the model is even loaded
+    spec = _gate_spec(s)
+    model, tokenizer, device = load_base(resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
+    report = validate_adapter(gate=spec.build(model, tokenizer, device), registry=_registry(s), store=ArtifactStore(s.storage_root),
+                              tests_dir=spec.user_tests_dir, user_id=user_id, adapter=Path(adapter),
+                              baseline=Path(baseline) if baseline else None)  # fmt: skip
+    for line in report.lines():
+        click.echo(line)
+    sys.exit(0 if report.passed else 1)
+
+
+@cli.command("rollback")
+@click.option("--user-id", required=True)
+@click.option("--reason", required=True, help="why; recorded in the rollback log and the lifecycle event")
+@click.option("--to-version", type=click.IntRange(1), default=None, help="default: the previous good version")
+@click.option("--direct", is_flag=True, help="apply to the registry here instead of sending a command to the trainers")
+@click.option("--timeout", type=click.FloatRange(0), default=120.0, show_default=True, help="seconds to wait for the outcome")
+@pass_ctx
+def rollback_cmd(ctx: _Context, user_id: str, reason: str, to_version: int | None, direct: bool, timeout: float) -> None:
+    """Make the previous good (or a named) adapter version active again."""
+    s = ctx.settings
+    user_id = _user(user_id)
+    if direct:
+        from adaptloop.errors import RollbackError
+
+        try:
+            new, previous = _registry(s).rollback(user_id, reason, to_version, requested_by="cli --direct")
+        except RollbackError as exc:
+            click.echo(f"rollback not done: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"{user_id}: v{previous} -> v{new} active")
+        return
+    from adaptloop.commands import send_command
+    from adaptloop.kafka.client import ClientConfig
+    from schemas import RollbackCommand
+
+    command = RollbackCommand(command_id=_new_command_id(), user_id=user_id, reason=reason, to_version=to_version)
+    event = send_command(ClientConfig.from_settings(s.kafka), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
+    if event is None:
+        click.echo(f"command {command.command_id} sent; no outcome within {timeout:.0f}s (is `adaptloop trainer` running?)", err=True)
+        sys.exit(3)
+    if event.type != "rolled_back":
+        click.echo(f"rollback not done: {event.reason}", err=True)
+        sys.exit(1)
+    click.echo(f"{user_id}: v{event.previous_version} -> v{event.version} active")
+
+
+def _new_command_id() -> str:
+    import uuid
+
+    return f"cli-{uuid.uuid4().hex}"
 
 
 @cli.command("trainer")
@@ -314,7 +403,8 @@ def trainer_cmd(ctx: _Context) -> None:
     cfg = TrainerConfig(
         client=client, group_id=s.training.group_id, requests_topic=s.topics.training_requests.name,
         lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
-        max_versions=s.max_adapter_versions, train=_train_config(s, None),
+        max_versions=s.max_adapter_versions, train=_train_config(s, None), gate=_gate_spec(s),
+        commands_topic=s.topics.commands.name,
     )  # fmt: skip
     run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
 

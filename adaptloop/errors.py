@@ -39,3 +39,7 @@ class StorageError(AdaptloopError):
 
 class ModelError(AdaptloopError):
     """A base model or adapter could not be found, converted, loaded or trained."""
+
+
+class RollbackError(AdaptloopError):
+    """A rollback cannot be carried out (nothing earlier to go back to, no such version); nothing changed."""

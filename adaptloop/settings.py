@@ -218,6 +218,34 @@ class TrainingSettings(_Section):
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
 
 
+class ScoreWeightSettings(_Section):
+    """How a case's three scores combine (normalised by their sum)."""
+
+    semantic: float = Field(0.4, ge=0, description="cosine similarity of answer and expected answer embeddings")
+    match: float = Field(0.4, ge=0, description="1 when the answer equals, contains or names the expected one")
+    loss: float = Field(0.2, ge=0, description="exp(-mean NLL) of the expected answer given the prompt")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "ScoreWeightSettings":
+        if self.semantic + self.match + self.loss <= 0:
+            raise ValueError("at least one score weight must be above 0")
+        return self
+
+
+class ValidationSettings(_Section):
+    """The validation gate (trainer/gate.py); its thresholds are the seed's top-level keys."""
+
+    core_suites: list[str] = Field(
+        default_factory=lambda: ["core_suite.jsonl"], min_length=1,
+        description="JSONL files of {prompt, expected}; relative paths: ./config/ first, then the shipped config/",
+    )  # fmt: skip
+    user_tests_dir: str = Field("data/adapter_tests", description="explicit per-user cases: <dir>/user_<id>.jsonl in the store")
+    require_user_tests: bool = Field(True, description="reject a candidate with no user-specific cases at all")
+    weights: ScoreWeightSettings = ScoreWeightSettings()
+    auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
+    auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
+
+
 # --------------------------------------------------------------------------- #
 # The root
 # --------------------------------------------------------------------------- #
@@ -262,6 +290,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
+    validation: ValidationSettings = ValidationSettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> "Settings":

@@ -16,6 +16,7 @@ LifecycleType = Literal[
     "promoted",
     "rejected",
     "rolled_back",
+    "command_failed",  # a validate or rollback command that could not be carried out; `reason` says why
 ]
 
 

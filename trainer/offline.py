@@ -1,69 +1,89 @@
-"""The seed's offline commands, on the same code as the trainer service.
+"""One training job from dataset to decision, shared by the CLI and the trainer service.
 
     adaptloop train --user-id alice --data-path alice.jsonl [--epochs 8]
+    adaptloop validate --adapter DIR --user-id alice [--baseline DIR]
     adaptloop ask --user-id alice "What is my dog's name?" [--version N]
-    adaptloop status alice
-    adaptloop history alice
 
 `train` holds out one paraphrase of every taught item that has several
 (examples sharing an event_id, else the same response) as validation cases,
-trains on the rest, scores the held-out cases and registers the adapter as a
-candidate version with a manifest (the validation gate decides what becomes
-active; until it exists, `--activate` makes the new version active).
+trains on the rest, runs the validation gate (trainer/gate.py) on the
+candidate, registers it with a manifest that records the gate's result, and
+then promotes it (the active pointer swaps atomically) or rejects it (the
+active version stays). Every gate result goes to the validation log.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adaptloop.storage import sha256_bytes
+from adaptloop.errors import StorageError
+from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas.training import TrainingExample
 from streams.dataset import split_holdout
 from trainer.data import read_jsonl
 from trainer.model import BaseModelRef, load_base, resolve_base_model
-from trainer.registry import AdapterRegistry, VersionInfo
+from trainer.gate import Gate, GateReport, GateSpec, parse_cases
+from trainer.registry import AdapterRegistry, VersionInfo, file_sha256
+from trainer.scoring import TestCase
 from trainer.train import TrainConfig, generate, train_adapter
+
+log = logging.getLogger("adaptloop.trainer")
+
+
+def user_cases(store: ArtifactStore, tests_dir: str, user_id: str) -> list[TestCase]:
+    """The user's explicit test cases (`<tests_dir>/user_<id>.jsonl` in the store), if any."""
+    relative = f"{tests_dir.strip('/')}/user_{user_id}.jsonl"
+    if not store.exists(relative):
+        return []
+    return parse_cases(store.read_bytes(relative).decode("utf-8"), store.uri(relative))
+
+
+def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
+    return [TestCase(e.prompt, e.response) for e in examples]
 
 
 @dataclass(frozen=True)
-class HeldOutResult:
-    prompt: str
-    expected: str
-    answer: str
-    correct: bool
+class Outcome:
+    """A trained version and what the gate made of it."""
+
+    info: VersionInfo
+    report: GateReport | None
+    decision: str  # promoted | rejected | candidate (no gate)
 
 
-def key_terms(expected: str) -> set[str]:
-    """The distinctive words of an answer: names and numbers (capitalised past the first word, or with a digit).
-
-    "Your dog is called Biscuit." -> {"biscuit"}; "Your employee number is 48213." -> {"48213"}.
-    Without any, every word longer than three letters counts.
-    """
-    import re
-
-    words = re.findall(r"[^\W_]+", expected)
-    keys = {w.casefold() for i, w in enumerate(words) if any(c.isdigit() for c in w) or (i > 0 and w[0].isupper())}
-    return keys or {w.casefold() for w in words if len(w) > 3}
-
-
-def answers_match(answer: str, expected: str) -> bool:
-    """True when at least half of the expected answer's key terms appear in the answer."""
-    import re
-
-    keys = key_terms(expected)
-    said = {w.casefold() for w in re.findall(r"[^\W_]+", answer)}
-    return bool(keys) and len(keys & said) * 2 >= len(keys)
+def reference_dir(registry: AdapterRegistry, user_id: str) -> tuple[Path | None, int | None]:
+    """The adapter a candidate is compared with: the user's active version, verified; None = the base model."""
+    active = registry.active(user_id)
+    if active is None:
+        return None, None
+    try:
+        return registry.verify(user_id, active).path, active
+    except StorageError as exc:  # never load a tampered adapter, not even as a reference
+        log.error("active adapter unusable as the reference, comparing with the base model: %s", exc)
+        return None, None
 
 
-def evaluate(model, tokenizer, device, cases: list[TrainingExample]) -> list[HeldOutResult]:
-    results = []
-    for case in cases:
-        answer = generate(model, tokenizer, device, case.prompt)
-        results.append(HeldOutResult(case.prompt, case.response, answer, answers_match(answer, case.response)))
-    return results
+def apply_decision(registry: AdapterRegistry, info: VersionInfo, report: GateReport | None = None, *, job_id: str | None = None) -> str:
+    """Promote or reject a registered version by its recorded gate result; idempotent (safe to redo after a crash)."""
+    validation = info.manifest.get("validation")
+    if validation is None:
+        return "candidate"
+    user_id, version = info.user_id, info.version
+    done = {e["status"] for e in registry.history(user_id) if e["version"] == version}
+    if not done & {"active", "rejected"}:
+        if not any(r.get("version") == version and r.get("kind") == "gate" for r in registry.validation_results(user_id)):
+            record = report.to_dict() if report is not None else validation
+            registry.log_validation(user_id, version, record, kind="gate", request_id=info.manifest.get("request_id"), job_id=job_id)
+        if validation["passed"]:
+            registry.activate(user_id, version, reason="passed the validation gate")
+        else:
+            registry.mark(user_id, version, "rejected", reasons=validation["reasons"])
+    return "promoted" if validation["passed"] else "rejected"
 
 
 def _progress_bar(total_hint: int = 0):
@@ -95,14 +115,21 @@ def train_version(
     work_dir: Path,
     dataset_uri: str,
     dataset_sha256: str,
+    gate: Gate | None,
+    explicit_cases: list[TestCase] = (),
     trigger: str = "manual",
     request_id: str | None = None,
     lineage: list | None = None,
     checkpoint_dir: Path | None = None,
     show_progress: bool = True,
     should_stop=None,
-) -> VersionInfo:
-    """Train, score the held-out cases, register a candidate version. Shared by CLI and service."""
+) -> Outcome:
+    """Train, run the gate, register the version, promote or reject it. Shared by CLI and service.
+
+    The gate runs before the version is registered, so its result is part of
+    the immutable manifest; a crash after registering is finished by
+    `apply_decision` when the request comes again.
+    """
     bar, update = _progress_bar() if show_progress else (None, None)
     try:
         result = train_adapter(
@@ -111,19 +138,15 @@ def train_version(
     finally:
         if bar is not None:
             bar.close()
-    from peft import PeftModel
-
-    adapted = PeftModel.from_pretrained(model, str(result.adapter_dir))
-    try:
-        scored = evaluate(adapted, tokenizer, device, held_out)
-    finally:
-        adapted.unload()
-    learned = sum(r.correct for r in scored) / len(scored) if scored else None
+    report, reference_version = None, None
+    if gate is not None:
+        reference, reference_version = reference_dir(registry, user_id)
+        report = gate.evaluate(result.adapter_dir, as_cases(held_out) + list(explicit_cases), reference)
     manifest = {
         "base_model": base.model_id,
         "base_model_sha256": base.sha256,
         "dataset": {"uri": dataset_uri, "sha256": dataset_sha256, "train_count": len(examples)},
-        "held_out": [{"prompt": r.prompt, "expected": r.expected} for r in scored],
+        "held_out": [{"prompt": e.prompt, "expected": e.response} for e in held_out],
         "lineage": lineage or [],
         "hyperparameters": asdict(cfg),
         "metrics": {
@@ -131,16 +154,19 @@ def train_version(
             "steps": result.steps,
             "tokens": result.tokens,
             "final_loss": result.loss_curve[-1] if result.loss_curve else None,
-            **({"facts_learned": round(learned, 4)} if learned is not None else {}),
+            **(report.metrics() if report is not None else {}),
         },
         "loss_curve": result.loss_curve,
         "resumed_from_step": result.resumed_from_step,
         "trigger": trigger,
         "request_id": request_id,
         "trained_at": datetime.now(timezone.utc).isoformat(),
-        "held_out_results": [asdict(r) for r in scored],
     }
-    return registry.register(user_id, result.adapter_dir, manifest)
+    if report is not None:
+        manifest["validation"] = {"passed": report.passed, "reasons": report.reasons, "reference_version": reference_version,
+                                  "suites": {name: suite.summary() for name, suite in report.suites.items()}}  # fmt: skip
+    info = registry.register(user_id, result.adapter_dir, manifest)
+    return Outcome(info, report, apply_decision(registry, info, report, job_id=request_id))
 
 
 def train_from_file(
@@ -153,20 +179,71 @@ def train_from_file(
     user_id: str,
     data_path: Path,
     cfg: TrainConfig,
+    gate: GateSpec | None,
+    store: ArtifactStore | None = None,
     hold_out: bool = True,
-) -> VersionInfo:
+) -> Outcome:
     import tempfile
 
     examples = read_jsonl(data_path)
     train, held_out = split_holdout(examples, cfg.seed) if hold_out else (examples, [])
     base = resolve_base_model(base_model, gguf_file, cache_dir)
     model, tokenizer, device = load_base(base, dtype)
+    explicit = user_cases(store, gate.user_tests_dir, user_id) if gate is not None and store is not None else []
     with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
         return train_version(
             registry=registry, base=base, model=model, tokenizer=tokenizer, device=device, user_id=user_id,
             examples=train, held_out=held_out, cfg=cfg, work_dir=Path(tmp),
             dataset_uri=Path(data_path).resolve().as_uri(), dataset_sha256=sha256_bytes(Path(data_path).read_bytes()),
+            gate=gate.build(model, tokenizer, device) if gate is not None else None, explicit_cases=explicit,
         )  # fmt: skip
+
+
+def verified_adapter(path: Path) -> dict:
+    """Check a PEFT adapter directory before anything loads it; return its manifest ({} when it has none).
+
+    A registry version carries a manifest with every file's sha256: a mismatch is refused.
+    """
+    path = Path(path)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise StorageError(f"{path} is not a PEFT adapter directory: {name} is missing")
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise StorageError(f"{manifest_path} is corrupt: {exc}") from None
+    for name, expected in manifest.get("files", {}).items():
+        actual = file_sha256(path / name) if (path / name).is_file() else "missing"
+        if actual != expected:
+            raise StorageError(f"{path / name}: sha256 mismatch (manifest {expected[:12]}, file {actual[:12]}); refusing to load it")
+    return manifest
+
+
+def validate_adapter(
+    *, gate: Gate, registry: AdapterRegistry, store: ArtifactStore | None, tests_dir: str, user_id: str,
+    adapter: Path, baseline: Path | None, job_id: str | None = None, version: int | None = None,
+) -> GateReport:  # fmt: skip
+    """Run the gate on an existing adapter (offline, or for a validate command) and log the result.
+
+    User cases: the held-out slice in the adapter's manifest plus the user's
+    explicit cases. Baseline: `baseline`, else the user's active version, else
+    the base model. Nothing is promoted.
+    """
+    manifest = verified_adapter(adapter)
+    if baseline is not None:
+        verified_adapter(baseline)
+    else:
+        baseline, _ = reference_dir(registry, user_id)
+    cases = [TestCase(c["prompt"], c["expected"]) for c in manifest.get("held_out", [])]
+    cases += user_cases(store, tests_dir, user_id) if store is not None else []
+    report = gate.evaluate(Path(adapter), cases, baseline)
+    registry.log_validation(user_id, version if version is not None else manifest.get("version"), report.to_dict(),
+                            kind="validate", adapter=str(adapter), baseline=str(baseline) if baseline else None,
+                            job_id=job_id)  # fmt: skip
+    return report
 
 
 def ask(

@@ -4,6 +4,8 @@ Layout under `<storage_root>/models/adapters/` (the seed's file names):
 
     adapters_index.json                 every user's active version (a derived view)
     audit.jsonl                         append-only: every registry event
+    adapter_validation_results.jsonl    append-only: every validation gate result
+    rollback_log.jsonl                  append-only: every rollback
     users/<user_id>/active.json         THE active pointer (write, fsync, rename)
     users/<user_id>/adapter_history.json
     users/<user_id>/v<N>/               adapter_config.json, adapter_model.safetensors,
@@ -28,10 +30,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adaptloop.errors import StorageError
+from adaptloop.errors import RollbackError, StorageError
 from schemas.common import check_user_id
 
 MANIFEST = "manifest.json"
+VALIDATION_LOG = "adapter_validation_results.jsonl"
+ROLLBACK_LOG = "rollback_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -100,22 +104,39 @@ class AdapterRegistry:
 
     # ---- audit ------------------------------------------------------------ #
 
-    def audit(self, event: str, user_id: str, **fields: Any) -> None:
-        """Append one line to the audit log (O_APPEND: whole lines, never interleaved)."""
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        """Append one JSON line to a log (O_APPEND: whole lines, never interleaved)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"at": _now(), "event": event, "user_id": user_id, **fields}, sort_keys=True) + "\n"
-        fd = os.open(self.root / "audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        line = json.dumps({"at": _now(), **record}, sort_keys=True) + "\n"
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def audit_log(self) -> list[dict]:
-        path = self.root / "audit.jsonl"
+    def _read_log(self, name: str, user_id: str | None = None) -> list[dict]:
+        path = self.root / name
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return records if user_id is None else [r for r in records if r.get("user_id") == user_id]
+
+    def audit(self, event: str, user_id: str, **fields: Any) -> None:
+        self._append("audit.jsonl", {"event": event, "user_id": user_id, **fields})
+
+    def audit_log(self) -> list[dict]:
+        return self._read_log("audit.jsonl")
+
+    def log_validation(self, user_id: str, version: int | None, report: dict[str, Any], **fields: Any) -> None:
+        """Record one gate result (every case's scores) in the validation log."""
+        self._append(VALIDATION_LOG, {"user_id": user_id, "version": version, **fields, **report})
+
+    def validation_results(self, user_id: str | None = None) -> list[dict]:
+        return self._read_log(VALIDATION_LOG, user_id)
+
+    def rollback_log(self, user_id: str | None = None) -> list[dict]:
+        return self._read_log(ROLLBACK_LOG, user_id)
 
     # ---- register --------------------------------------------------------- #
 
@@ -222,6 +243,49 @@ class AdapterRegistry:
         """Record a status (rejected, failed, ...) in the user's history and the audit log."""
         self._append_history(user_id, {"version": version, "status": status, "at": _now(), **fields})
         self.audit(status, user_id, version=version, **fields)
+
+    def rollback(
+        self, user_id: str, reason: str, to_version: int | None = None, requested_by: str = "cli", command_id: str | None = None
+    ) -> tuple[int, int | None]:
+        """Make an earlier good version (or `to_version`) active; return (new, previous).
+
+        The previous good version is the newest version below the active one
+        that was active before and is still kept (not rolled back from, not
+        archived) and verifies. Nothing to go back to -> RollbackError, nothing changed.
+        """
+        current = self.active(user_id)
+        if to_version is not None:
+            if to_version == current:
+                raise RollbackError(f"{user_id} v{to_version} is already active")
+            if to_version not in self._version_numbers(user_id):
+                raise RollbackError(f"{user_id} has no kept version {to_version} (kept: {self._version_numbers(user_id) or 'none'})")
+            target = to_version
+        else:
+            target = self.previous_good(user_id)
+            if target is None:
+                where = f"before v{current}" if current else "at all (no version was ever active)"
+                raise RollbackError(f"{user_id} has no earlier good version to roll back to {where}; nothing changed")
+        try:
+            self.verify(user_id, target)
+        except StorageError as exc:
+            raise RollbackError(f"cannot roll back to {user_id} v{target}: {exc}") from None
+        if current is not None:
+            self.mark(user_id, current, "rolled_back_from", reason=reason)
+        self.activate(user_id, target, reason=f"rollback: {reason}", event="rolled_back")
+        self._append(ROLLBACK_LOG, {"user_id": user_id, "from_version": current, "to_version": target,
+                                    "reason": reason, "requested_by": requested_by, "command_id": command_id})  # fmt: skip
+        return target, current
+
+    def previous_good(self, user_id: str) -> int | None:
+        current = self.active(user_id)
+        history = self.history(user_id)
+        was_active = {e["version"] for e in history if e.get("status") == "active"}
+        bad = {e["version"] for e in history if e.get("status") in ("rolled_back_from", "corrupt")}
+        kept = set(self._version_numbers(user_id))
+        for version in sorted(was_active & kept - bad, reverse=True):
+            if current is None or version < current:
+                return version
+        return None
 
     def history(self, user_id: str) -> list[dict]:
         path = self.user_dir(user_id) / "adapter_history.json"

@@ -2,9 +2,17 @@
 
     adaptloop trainer [--config PATH]
 
-A confluent-kafka consumer group on `adapter.training-requests`
-(cooperative-sticky assignment). Kafka spreads users over the trainers; a
-user's requests sit in one partition, so one trainer handles them at a time.
+A confluent-kafka consumer group on `adapter.training-requests` and
+`adapter.commands` (cooperative-sticky assignment). Kafka spreads users over
+the trainers; a user's requests sit in one partition, so one trainer handles
+them at a time.
+
+Per request: train -> validation gate -> register -> promote or reject, with
+lifecycle events `training_started`, `training_completed`, `validated`, then
+`promoted` or `rejected`. Commands: `validate` runs the gate on a registered
+version (report only), `rollback` swaps the active pointer back; `retrain` is
+the streams worker's. Commands are idempotent by `command_id` (the
+validation and rollback logs record it).
 
 Delivery:
 - One job at a time. Training runs in a worker thread while the main loop
@@ -32,18 +40,23 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from adaptloop.errors import AdaptloopError, InvalidMessage, KafkaOperationError
+from adaptloop.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.storage import ArtifactStore, sha256_bytes
-from schemas import DeadLetter, LifecycleEvent, TrainingRequest
+from schemas import COMMAND_ADAPTER, Command, DeadLetter, LifecycleEvent, RollbackCommand, TrainingRequest, ValidateCommand
 from schemas.decode import decode
 from streams.dataset import from_jsonl
+from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
-from trainer.offline import train_version
+from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
 from trainer.registry import AdapterRegistry, VersionInfo
 from trainer.train import TrainConfig
 
 log = logging.getLogger("adaptloop.trainer")
+
+
+def _numbers(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass(frozen=True)
@@ -56,15 +69,17 @@ class TrainerConfig:
     storage_root: str
     max_versions: int
     train: TrainConfig
+    gate: GateSpec | None  # None: versions stay candidates (never promoted)
+    commands_topic: str | None = None
     max_message_bytes: int = 1 << 20
 
 
 @dataclass
 class _Job:
-    request: TrainingRequest
+    request: TrainingRequest | ValidateCommand
     partition: TopicPartition  # with the offset to commit when done
     thread: threading.Thread
-    result: VersionInfo | None = None
+    result: Outcome | GateReport | None = None
     error: BaseException | None = None
 
 
@@ -75,6 +90,7 @@ class TrainerService:
         self.model, self.tokenizer, self.device = load_base(base, dtype)  # once per process
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.store = ArtifactStore(cfg.storage_root)
+        self.gate = cfg.gate.build(self.model, self.tokenizer, self.device) if cfg.gate is not None else None
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None
@@ -93,19 +109,36 @@ class TrainerService:
 
     # ---- lifecycle events -------------------------------------------------- #
 
-    def _emit(self, kind: str, request: TrainingRequest, **fields) -> None:
-        event = LifecycleEvent(
-            event_id=f"{request.request_id}-{kind}-{uuid.uuid4().hex[:6]}", type=kind, user_id=request.user_id,
-            request_id=request.request_id, job_id=request.command_id, **fields,
-        )  # fmt: skip
-        self.producer.produce(self.cfg.lifecycle_topic, key=request.user_id, value=event.to_bytes())
+    def _emit(self, kind: str, about: TrainingRequest | Command, **fields) -> None:
+        """Publish one lifecycle event and wait for its acknowledgement."""
+        if isinstance(about, TrainingRequest):
+            ids = {"request_id": about.request_id, "job_id": about.command_id}
+            prefix = about.request_id
+        else:
+            ids, prefix = {"job_id": about.command_id}, about.command_id
+        event = LifecycleEvent(event_id=f"{prefix}-{kind}-{uuid.uuid4().hex[:6]}"[-128:], type=kind,
+                               user_id=about.user_id, **ids, **fields)  # fmt: skip
+        self.producer.produce(self.cfg.lifecycle_topic, key=about.user_id, value=event.to_bytes())
         if self.producer.flush(30):
-            raise KafkaOperationError(f"lifecycle event {kind} for {request.request_id} not acknowledged")
+            raise KafkaOperationError(f"lifecycle event {kind} for {prefix} not acknowledged")
 
-    def _completed(self, request: TrainingRequest, info: VersionInfo, republished: bool = False) -> None:
-        metrics = {k: float(v) for k, v in info.manifest.get("metrics", {}).items() if isinstance(v, (int, float))}
-        self._emit("training_completed", request, version=info.version, metrics=metrics,
-                   details={"republished": republished, "adapter": str(info.path), "status": "candidate"})  # fmt: skip
+    def _announce(self, request: TrainingRequest, info: VersionInfo, decision: str, republished: bool = False) -> None:
+        """training_completed, then the gate's verdict: validated + promoted | rejected."""
+        manifest = info.manifest
+        metrics = _numbers(manifest.get("metrics", {}))
+        details = {"republished": republished, "adapter": str(info.path)}
+        self._emit("training_completed", request, version=info.version, metrics=metrics, details=details)
+        validation = manifest.get("validation")
+        if validation is None:
+            return
+        details = {**details, "passed": validation["passed"], "suites": validation["suites"]}
+        self._emit("validated", request, version=info.version, metrics=metrics, details=details)
+        if decision == "promoted":
+            self._emit("promoted", request, version=info.version, previous_version=validation.get("reference_version"),
+                       metrics=metrics, details=details)  # fmt: skip
+        else:
+            self._emit("rejected", request, version=info.version, metrics=metrics, details=details,
+                       reason="; ".join(validation["reasons"])[:3900])  # fmt: skip
 
     # ---- the loop ------------------------------------------------------------ #
 
@@ -120,7 +153,8 @@ class TrainerService:
                 log.warning("partition of the running job was revoked; checkpointing and handing it over")
                 self.abort.set()
 
-        self.consumer.subscribe([self.cfg.requests_topic], on_assign=on_assign, on_revoke=on_revoke)
+        topics = [self.cfg.requests_topic] + ([self.cfg.commands_topic] if self.cfg.commands_topic else [])
+        self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
         log.info("trainer ready: group %s, topic %s, base model %s", self.cfg.group_id, self.cfg.requests_topic, self.base.model_id)
         try:
             while True:
@@ -142,27 +176,87 @@ class TrainerService:
 
     def _handle(self, msg) -> None:
         next_offset = TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)
+        is_command = msg.topic() == self.cfg.commands_topic
         try:
-            request = decode(TrainingRequest, msg.value(), self.cfg.max_message_bytes)
+            message = decode(COMMAND_ADAPTER if is_command else TrainingRequest, msg.value(), self.cfg.max_message_bytes)
         except InvalidMessage as exc:
-            letter = DeadLetter.of(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
-                                   key=msg.key(), value=msg.value(), reason=exc.reason)  # fmt: skip
-            self.producer.produce(self.cfg.dlq_topic, key=msg.key(), value=letter.to_bytes())
-            self.producer.flush(30)
+            if not is_command:  # the streams worker dead-letters bad commands; one letter per message is enough
+                letter = DeadLetter.of(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                                       key=msg.key(), value=msg.value(), reason=exc.reason)  # fmt: skip
+                self.producer.produce(self.cfg.dlq_topic, key=msg.key(), value=letter.to_bytes())
+                self.producer.flush(30)
             self.consumer.commit(offsets=[next_offset], asynchronous=False)
             return
-        done = self.registry.find_by_request(request.user_id, request.request_id)
-        if done is not None:
-            log.info("request %s already produced %s v%d; republishing", request.request_id, request.user_id, done.version)
-            self._completed(request, done, republished=True)
-            self.consumer.commit(offsets=[next_offset], asynchronous=False)
-            return
+        if isinstance(message, RollbackCommand):
+            self._rollback(message)
+        elif isinstance(message, ValidateCommand):
+            if not self._republish_validation(message):
+                self._start(message, next_offset, self._validate)
+                return
+        elif isinstance(message, TrainingRequest):
+            done = self.registry.find_by_request(message.user_id, message.request_id)
+            if done is None:
+                self._emit("training_started", message)
+                self._start(message, next_offset, self._train)
+                return
+            log.info("request %s already produced %s v%d; republishing", message.request_id, message.user_id, done.version)
+            self._announce(message, done, apply_decision(self.registry, done, job_id=message.command_id), republished=True)
+        self.consumer.commit(offsets=[next_offset], asynchronous=False)
+
+    def _start(self, message, next_offset: TopicPartition, target) -> None:
+        """Run one long job in a thread while the main loop keeps polling with every partition paused."""
         self.consumer.pause(self.consumer.assignment())
-        self._emit("training_started", request)
-        job = _Job(request, next_offset, threading.Thread(target=lambda: None))
-        job.thread = threading.Thread(target=self._train, args=(job,), name=f"train-{request.request_id[:8]}", daemon=True)
+        job = _Job(message, next_offset, threading.Thread(target=lambda: None))
+        job.thread = threading.Thread(target=target, args=(job,), name=f"job-{next_offset.topic}-{next_offset.offset}", daemon=True)
         self.job = job
         job.thread.start()
+
+    # ---- commands --------------------------------------------------------------- #
+
+    def _rollback(self, command: RollbackCommand) -> None:
+        done = [r for r in self.registry.rollback_log(command.user_id) if r.get("command_id") == command.command_id]
+        if done:  # a redelivered command: say again what it did
+            self._emit("rolled_back", command, version=done[-1]["to_version"], previous_version=done[-1]["from_version"],
+                       reason=command.reason, details={"republished": True})  # fmt: skip
+            return
+        try:
+            new, previous = self.registry.rollback(command.user_id, command.reason, command.to_version,
+                                                   requested_by=command.requested_by, command_id=command.command_id)  # fmt: skip
+        except (RollbackError, StorageError) as exc:
+            log.warning("rollback %s for %s not done: %s", command.command_id, command.user_id, exc)
+            self._emit("command_failed", command, reason=str(exc)[:3900], details={"command": "rollback"})
+            return
+        log.info("rolled %s back from v%s to v%d: %s", command.user_id, previous, new, command.reason)
+        self._emit("rolled_back", command, version=new, previous_version=previous, reason=command.reason)
+
+    def _republish_validation(self, command: ValidateCommand) -> bool:
+        done = [r for r in self.registry.validation_results(command.user_id) if r.get("job_id") == command.command_id]
+        if done:
+            self._validated(command, done[-1], republished=True)
+        return bool(done)
+
+    def _validated(self, command: ValidateCommand, record: dict, republished: bool = False) -> None:
+        self._emit("validated", command, version=command.version, metrics=_numbers(record.get("metrics", {})),
+                   reason="; ".join(record.get("reasons", []))[:3900] or None,
+                   details={"passed": record["passed"], "republished": republished, "command": "validate",
+                            "suites": {k: {n: v for n, v in s.items() if n != "case_scores"} for k, s in record.get("suites", {}).items()}})  # fmt: skip
+
+    def _validate(self, job: _Job) -> None:
+        command = job.request
+        assert isinstance(command, ValidateCommand)
+        try:
+            if self.gate is None:
+                raise AdaptloopError("this trainer runs without a validation gate")
+            candidate = self.registry.verify(command.user_id, command.version)  # a tampered adapter is never loaded
+            baseline = None
+            if command.baseline_version is not None:
+                baseline = self.registry.verify(command.user_id, command.baseline_version).path
+            job.result = validate_adapter(gate=self.gate, registry=self.registry, store=self.store,
+                                          tests_dir=self.cfg.gate.user_tests_dir, user_id=command.user_id,
+                                          adapter=candidate.path, baseline=baseline, job_id=command.command_id,
+                                          version=command.version)  # fmt: skip
+        except BaseException as exc:  # reported by the main loop
+            job.error = exc
 
     def _train(self, job: _Job) -> None:
         request = job.request
@@ -175,6 +269,7 @@ class TrainerService:
             if request.dataset.test_uri:
                 held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
             checkpoint = self.registry.root / "checkpoints" / request.request_id
+            explicit = user_cases(self.store, self.cfg.gate.user_tests_dir, request.user_id) if self.cfg.gate else []
             with tempfile.TemporaryDirectory(prefix="adaptloop-job-") as tmp:
                 job.result = train_version(
                     registry=self.registry, base=self.base, model=self.model, tokenizer=self.tokenizer,
@@ -183,6 +278,7 @@ class TrainerService:
                     dataset_sha256=request.dataset.sha256, trigger=request.trigger, request_id=request.request_id,
                     lineage=[r.model_dump() for r in request.lineage], checkpoint_dir=checkpoint,
                     show_progress=False, should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
+                    gate=self.gate, explicit_cases=explicit,
                 )  # fmt: skip
         except BaseException as exc:  # reported by the main loop
             job.error = exc
@@ -192,7 +288,17 @@ class TrainerService:
         assert job is not None
         request = job.request
         self.abort.clear()
-        if isinstance(job.error, InterruptedError):
+        if isinstance(request, ValidateCommand):
+            if job.error is not None:
+                log.warning("validate %s failed: %s", request.command_id, job.error)
+                failed = {"passed": False, "reasons": [f"{type(job.error).__name__}: {job.error}"], "metrics": {}}
+                self.registry.log_validation(request.user_id, request.version, failed, kind="validate", job_id=request.command_id)
+                self._validated(request, failed)
+            else:
+                assert isinstance(job.result, GateReport)
+                self._validated(request, job.result.to_dict())
+            self.consumer.commit(offsets=[job.partition], asynchronous=False)
+        elif isinstance(job.error, InterruptedError):
             # Not committed: whoever owns the partition next gets the request again and resumes.
             log.warning("request %s interrupted and checkpointed; it will resume", request.request_id)
         elif job.error is not None:
@@ -200,9 +306,10 @@ class TrainerService:
             self._emit("training_failed", request, reason=f"{type(job.error).__name__}: {job.error}"[:3900])
             self.consumer.commit(offsets=[job.partition], asynchronous=False)
         else:
-            assert job.result is not None
-            log.info("request %s -> %s v%d", request.request_id, request.user_id, job.result.version)
-            self._completed(request, job.result)
+            assert isinstance(job.result, Outcome)
+            info = job.result.info
+            log.info("request %s -> %s v%d: %s", request.request_id, request.user_id, info.version, job.result.decision)
+            self._announce(request, info, job.result.decision)
             self.consumer.commit(offsets=[job.partition], asynchronous=False)
         if not self.stop.is_set():
             self.consumer.resume(self.consumer.assignment())

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.trainer.conftest import FACTS
-from trainer.offline import answers_match
+from trainer.scoring import answers_match
 
 pytestmark = pytest.mark.slow
 

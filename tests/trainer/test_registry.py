@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adaptloop.errors import StorageError
+from adaptloop.errors import RollbackError, StorageError
 from trainer.registry import AdapterRegistry
 
 pytestmark = pytest.mark.unit
@@ -117,3 +117,57 @@ def test_status_and_history_commands(tmp_path, monkeypatch):
     assert "* v1" in history.output and "  v2" in history.output and "trigger=on-demand" in history.output
     bad = CliRunner().invoke(cli, ["status", "../etc"])
     assert bad.exit_code != 0 and "user_id" in bad.output
+
+
+def _three_promoted(tmp_path, user="rol"):
+    reg = AdapterRegistry(tmp_path / "store", max_versions=5)
+    for n in (1, 2, 3):
+        reg.register(user, _adapter(tmp_path, f"{user}{n}", f"w{n}".encode()), {"request_id": f"r{n}"})
+        reg.activate(user, n, reason="passed the validation gate")
+    return reg
+
+
+def test_rollback_goes_to_the_previous_good_version_and_is_logged(tmp_path):
+    reg = _three_promoted(tmp_path)
+    reg.register("rol", _adapter(tmp_path, "rol4", b"w4"), {"request_id": "r4"})
+    reg.mark("rol", 4, "rejected", reasons=["core suite regressed"])
+    assert reg.rollback("rol", "users complain", command_id="c1") == (2, 3)
+    assert reg.active("rol") == 2
+    # Rolled back from v3: a second rollback skips it and goes further back, never forward.
+    assert reg.rollback("rol", "still bad") == (1, 2)
+    log = reg.rollback_log("rol")
+    assert [(r["from_version"], r["to_version"], r["reason"]) for r in log] == [(3, 2, "users complain"), (2, 1, "still bad")]
+    assert log[0]["command_id"] == "c1"
+    assert [e["event"] for e in reg.audit_log() if e["event"] == "rolled_back"] == ["rolled_back", "rolled_back"]
+    assert json.loads((tmp_path / "store/models/adapters/adapters_index.json").read_text())["rol"]["active"] == 1
+
+
+def test_rollback_to_a_named_version(tmp_path):
+    reg = _three_promoted(tmp_path)
+    assert reg.rollback("rol", "pin v1", to_version=1) == (1, 3)
+    assert reg.rollback("rol", "back to v3", to_version=3) == (3, 1), "a named version may be newer"
+    with pytest.raises(RollbackError, match="no kept version 9"):
+        reg.rollback("rol", "nope", to_version=9)
+    with pytest.raises(RollbackError, match="already active"):
+        reg.rollback("rol", "nope", to_version=3)
+
+
+def test_rollback_with_nothing_earlier_says_so_and_changes_nothing(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store")
+    reg.register("solo", _adapter(tmp_path, "s1"), {"request_id": "r1"})
+    with pytest.raises(RollbackError, match="no earlier good version"):
+        reg.rollback("solo", "no active version yet")
+    reg.activate("solo", 1, reason="first")
+    before = (reg.active("solo"), reg.history("solo"), reg.audit_log())
+    with pytest.raises(RollbackError, match="no earlier good version to roll back to before v1"):
+        reg.rollback("solo", "nothing before v1")
+    assert (reg.active("solo"), reg.history("solo"), reg.audit_log()) == before
+    assert reg.rollback_log("solo") == []
+
+
+def test_rollback_refuses_a_tampered_target(tmp_path):
+    reg = _three_promoted(tmp_path)
+    (reg.version_dir("rol", 2) / "adapter_model.safetensors").write_bytes(b"evil")
+    with pytest.raises(RollbackError, match="sha256 mismatch"):
+        reg.rollback("rol", "try")
+    assert reg.active("rol") == 3

@@ -1,0 +1,152 @@
+"""The validation gate on a tiny model with hand-made adapters: promote, reject, log, never load a tampered one.
+
+A tiny random model says nothing useful, so the suites are built from what a
+known adapter answers: adapter A is the user's active version and the core
+suite expects A's answers. A copy of A keeps every answer (promoted); another
+random adapter changes them (core regression: rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from adaptloop.errors import StorageError
+from trainer.gate import Gate, GateConfig, load_cases, parse_cases, suite_key
+from trainer.model import BaseModelRef, load_base
+from trainer.offline import apply_decision, validate_adapter
+from trainer.registry import AdapterRegistry
+from trainer.scoring import ScoreWeights, TestCase, load_embedder
+
+pytestmark = pytest.mark.unit
+
+CORE_PROMPTS = ["What is the capital of France?", "How many days are in a week?", "What is 2 plus 2?", "Who painted the Mona Lisa?"]
+USER_PROMPTS = ["What is my dog's name?", "Where was I born?"]
+
+
+def random_adapter(model, path, seed: int, scale: float = 0.5):
+    """A LoRA adapter with random weights: it changes the tiny model's answers, deterministically."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.save_pretrained(path, safe_serialization=True)
+    peft_model.unload()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+
+
+@pytest.fixture(scope="module")
+def world(tiny, tmp_path_factory):
+    """A registry where user `ann` has adapter A active, suites built from A's answers, and two candidates."""
+    model, tokenizer, device = tiny
+    tmp = tmp_path_factory.mktemp("gate")
+    adapter_a = random_adapter(model, tmp / "A", seed=1)
+    adapter_b = random_adapter(model, tmp / "B", seed=2)
+    embedder = load_embedder()
+    probe = Gate(model, tokenizer, device, embedder, [], GateConfig())
+    answers = {c.prompt: c.answer for c in probe.score(adapter_a, [TestCase(p, "x") for p in CORE_PROMPTS + USER_PROMPTS])}
+    assert all(answers.values()) and len(set(answers.values())) > 1, f"adapter A must say something varied: {answers}"
+    core = [TestCase(p, answers[p]) for p in CORE_PROMPTS]
+    user = [TestCase(p, answers[p]) for p in USER_PROMPTS]
+    registry = AdapterRegistry(tmp / "store")
+    registry.register("ann", adapter_a, {"request_id": "r-a"})
+    registry.activate("ann", 1, reason="test setup")
+    gate = Gate(model, tokenizer, device, embedder, core, GateConfig(promote_if_score=0.7, regression_threshold=0.05))
+    return {"gate": gate, "registry": registry, "A": adapter_a, "B": adapter_b, "user": user, "tmp": tmp}
+
+
+def test_a_candidate_that_keeps_the_core_answers_and_knows_the_user_passes(world):
+    report = world["gate"].evaluate(world["A"], world["user"], reference_dir=world["registry"].info("ann", 1).path)
+    assert report.passed, report.lines()
+    core, user = report.suites["core"], report.suites["user"]
+    assert core.score == pytest.approx(core.reference_score) and core.score >= 0.8  # semantic 1 + match 1; the loss term varies
+    assert user.score >= 0.7 and report.facts_learned == 1.0
+    case = core.cases[0]
+    assert case.semantic > 0.99 and case.match == 1.0 and 0 <= case.loss <= 1 and case.answer_nll >= 0
+    assert {"core_score", "user_score", "core_reference_score", "facts_learned"} <= set(report.metrics())
+
+
+def test_a_candidate_that_changes_core_answers_is_rejected_with_reasons(world):
+    report = world["gate"].evaluate(world["B"], world["user"], reference_dir=world["A"])
+    assert not report.passed
+    assert any("core suite regressed" in r for r in report.reasons)
+    assert any("user suite scored" in r for r in report.reasons)
+    assert report.suites["core"].score < report.suites["core"].reference_score - 0.05
+    text = "\n".join(report.lines())
+    assert text.startswith("REJECTED") and "core suite:" in text and "FAIL" in text
+
+
+def test_no_user_cases_is_a_rejection_unless_configured(world, tiny):
+    model, tokenizer, device = tiny
+    report = world["gate"].evaluate(world["A"], [], reference_dir=world["A"])
+    assert not report.passed and report.reasons == ["no user-specific test cases (empty held-out split and no explicit tests)"]
+    lenient = Gate(model, tokenizer, device, world["gate"].embedder, world["gate"].core_cases, GateConfig(require_user_tests=False))
+    assert lenient.evaluate(world["A"], [], reference_dir=world["A"]).passed
+
+
+def test_reference_scores_are_computed_once_per_adapter(world, monkeypatch):
+    gate = world["gate"]
+    gate.reference_core(world["A"])
+    monkeypatch.setattr(gate, "score", lambda *a: pytest.fail("the reference was answered again"))
+    assert gate.reference_core(world["A"])
+
+
+def test_decision_promotes_or_rejects_atomically_and_logs_every_case(world):
+    registry, gate = world["registry"], world["gate"]
+    for name, candidate in (("good", world["A"]), ("bad", world["B"])):
+        report = gate.evaluate(candidate, world["user"], reference_dir=registry.info("ann", registry.active("ann")).path)
+        validation = {"passed": report.passed, "reasons": report.reasons, "reference_version": registry.active("ann"),
+                      "suites": {k: s.summary() for k, s in report.suites.items()}}  # fmt: skip
+        info = registry.register("ann", candidate, {"request_id": f"r-{name}", "validation": validation})
+        decision = apply_decision(registry, info, report)
+        assert decision == ("promoted" if name == "good" else "rejected")
+        assert apply_decision(registry, info, report) == decision, "idempotent"
+    good, bad = 2, 3
+    assert registry.active("ann") == good, "the rejected candidate never became active"
+    statuses = [(e["version"], e["status"]) for e in registry.history("ann")]
+    assert (good, "active") in statuses and (bad, "rejected") in statuses
+    log = [r for r in registry.validation_results("ann") if r["kind"] == "gate"]
+    assert [(r["version"], r["passed"]) for r in log] == [(good, True), (bad, False)], "one record per decision"
+    cases = log[1]["suites"]["core"]["case_scores"]
+    assert len(cases) == len(CORE_PROMPTS) and {"semantic", "match", "loss", "answer_nll", "score", "answer"} <= set(cases[0])
+
+
+def test_a_tampered_adapter_fails_validation_without_being_loaded(world, monkeypatch):
+    registry = world["registry"]
+    target = world["tmp"] / "tampered"
+    shutil.copytree(registry.info("ann", 1).path, target)
+    (target / "adapter_model.safetensors").write_bytes(b"not the weights the manifest names")
+    import peft
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("a tampered adapter was loaded"))
+    with pytest.raises(StorageError, match="sha256 mismatch"):
+        validate_adapter(gate=world["gate"], registry=registry, store=None, tests_dir="t", user_id="ann", adapter=target, baseline=None)
+
+
+def test_case_files_parse_and_bad_lines_name_themselves(tmp_path):
+    from adaptloop.errors import InvalidMessage
+    from adaptloop.settings import shipped_config_dir
+
+    shipped = load_cases(shipped_config_dir() / "core_suite.jsonl")
+    assert len(shipped) >= 10 and all(c.prompt and c.expected for c in shipped)
+    assert parse_cases('# comment\n{"prompt": "p", "response": "r"}\n\n', "x") == [TestCase("p", "r")]
+    with pytest.raises(InvalidMessage, match=r"cases.jsonl:2"):
+        parse_cases('{"prompt": "p", "expected": "e"}\n{"prompt": 3}\n', "cases.jsonl")
+    assert suite_key(shipped, ScoreWeights()) != suite_key(shipped, ScoreWeights(semantic=1, match=0, loss=0))
+
+
+def test_validation_log_lines_are_json(world):
+    lines = (world["registry"].root / "adapter_validation_results.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["user_id"] == "ann" for line in lines)

@@ -1,0 +1,204 @@
+"""The validation gate: a candidate adapter becomes active only if it passes.
+
+    gate = Gate(model, tokenizer, device, embedder, core_cases, GateConfig())
+    report = gate.evaluate(candidate_dir, user_cases, reference_dir=None)
+    report.passed, report.reasons, report.suites["core"].score
+
+Two suites, answered by the base model plus the candidate adapter:
+- core: a global set of prompts with expected answers (config/core_suite.jsonl,
+  extendable by the operator). The candidate may score at most
+  `regression_threshold` below the reference: the user's active adapter, or
+  the base model when the user has none.
+- user: the user's held-out split (never trained on) plus the user's explicit
+  test cases. The candidate needs at least `promote_if_score`.
+
+Each case is scored by trainer/scoring.py; every case's scores are kept in the
+report, which goes to the validation log and, summarised, to the lifecycle
+event. The reference's core scores are cached per adapter file hash, so the
+base model or the active adapter is answered once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptloop.errors import InvalidMessage
+from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, mean_score, score_cases
+
+CORE_SUITE_FILE = "core_suite.jsonl"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    promote_if_score: float = 0.7
+    regression_threshold: float = 0.05
+    weights: ScoreWeights = ScoreWeights()
+    require_user_tests: bool = True  # no held-out or explicit cases -> reject (nothing shows it learned)
+
+
+@dataclass
+class SuiteReport:
+    name: str
+    score: float
+    passed: bool
+    threshold: float  # the score needed
+    reference_score: float | None = None  # core: the active adapter's (or the base model's) score
+    cases: list[CaseScore] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"score": self.score, "passed": self.passed, "threshold": self.threshold,
+                "reference_score": self.reference_score, "cases": len(self.cases)}  # fmt: skip
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reasons: list[str]
+    suites: dict[str, SuiteReport]
+
+    @property
+    def facts_learned(self) -> float | None:
+        """Share of the user's cases whose answer names the expected one."""
+        cases = self.suites["user"].cases if "user" in self.suites else []
+        return round(sum(c.match for c in cases) / len(cases), 4) if cases else None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for lifecycle events and manifests."""
+        out = {f"{name}_score": s.score for name, s in self.suites.items()}
+        core = self.suites.get("core")
+        if core is not None and core.reference_score is not None:
+            out["core_reference_score"] = core.reference_score
+        if self.facts_learned is not None:
+            out["facts_learned"] = self.facts_learned
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "metrics": self.metrics(),
+            "suites": {name: {**s.summary(), "case_scores": [asdict(c) for c in s.cases]} for name, s in self.suites.items()},
+        }
+
+    def lines(self) -> list[str]:
+        """A human-readable per-suite report."""
+        out = [f"{'PASSED' if self.passed else 'REJECTED'}" + ("" if self.passed else ": " + "; ".join(self.reasons))]
+        for name, s in self.suites.items():
+            ref = f" (reference {s.reference_score:.3f})" if s.reference_score is not None else ""
+            out.append(f"  {name} suite: {s.score:.3f}{ref}, needs >= {s.threshold:.3f} -> {'pass' if s.passed else 'FAIL'}")
+            for c in s.cases:
+                out.append(f"    [{c.score:.2f}] {c.prompt[:60]} -> {c.answer[:60]!r} (expected {c.expected[:40]!r})")
+        return out
+
+
+def load_cases(path: str | Path) -> list[TestCase]:
+    """Read test cases from a JSONL file."""
+    return parse_cases(Path(path).read_text(encoding="utf-8"), str(path))
+
+
+def parse_cases(text: str, source: str) -> list[TestCase]:
+    """JSONL lines with `prompt` and `expected` (or `response`); blank and # lines skipped; a bad line names itself."""
+    cases = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            raw = json.loads(line)
+            expected = raw.get("expected", raw.get("response"))
+            if not isinstance(raw.get("prompt"), str) or not isinstance(expected, str) or not raw["prompt"].strip():
+                raise ValueError("needs a non-empty string `prompt` and a string `expected`")
+        except (ValueError, AttributeError) as exc:
+            raise InvalidMessage(f"{source}:{number}: {exc}") from None
+        cases.append(TestCase(raw["prompt"], expected))
+    return cases
+
+
+def suite_key(cases: list[TestCase], weights: ScoreWeights) -> str:
+    """Identifies a suite and its scoring: reference scores are reused only under the same key."""
+    blob = json.dumps([[c.prompt, c.expected] for c in cases] + [asdict(weights)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Everything needed to build a gate next to a loaded base model (plain values, from the settings)."""
+
+    embedding_model: str
+    core_suites: tuple[Path, ...]
+    cfg: GateConfig = GateConfig()
+    user_tests_dir: str = "data/adapter_tests"
+
+    def build(self, model, tokenizer, device) -> "Gate":
+        from trainer.scoring import load_embedder
+
+        core = [case for path in self.core_suites for case in load_cases(path)]
+        return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg)
+
+
+class Gate:
+    """Runs the suites with one kept base model; not thread-safe (one job at a time)."""
+
+    def __init__(self, model, tokenizer, device, embedder: Embedder, core_cases: list[TestCase], cfg: GateConfig) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.embedder = embedder
+        self.core_cases = core_cases
+        self.cfg = cfg
+        self.core_key = suite_key(core_cases, cfg.weights)
+        self._reference: dict[str, list[CaseScore]] = {}
+
+    def score(self, adapter_dir: Path | None, cases: list[TestCase]) -> list[CaseScore]:
+        """Answer and score `cases` with the base model plus the adapter (or the base model alone)."""
+        if not cases:
+            return []
+        if adapter_dir is None:
+            return score_cases(self.model, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights)
+        from peft import PeftModel
+
+        adapted = PeftModel.from_pretrained(self.model, str(adapter_dir))
+        try:
+            adapted.eval()
+            return score_cases(adapted, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights)
+        finally:
+            adapted.unload()  # leave the kept base model as it was
+
+    def reference_core(self, reference_dir: Path | None) -> list[CaseScore]:
+        """The reference's core scores, cached by the adapter file's hash (or 'base')."""
+        key = "base"
+        if reference_dir is not None:
+            key = hashlib.sha256((Path(reference_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+        if key not in self._reference:
+            self._reference[key] = self.score(reference_dir, self.core_cases)
+        return self._reference[key]
+
+    def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None) -> GateReport:
+        cfg = self.cfg
+        reasons: list[str] = []
+        suites: dict[str, SuiteReport] = {}
+
+        if self.core_cases:
+            reference = mean_score(self.reference_core(reference_dir))
+            candidate = self.score(candidate_dir, self.core_cases)
+            core = SuiteReport("core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate)
+            core.passed = core.score >= core.threshold
+            if not core.passed:
+                who = "the active adapter" if reference_dir is not None else "the base model"
+                reasons.append(f"core suite regressed: {core.score:.3f} vs {reference:.3f} for {who} "
+                               f"(allowed drop {cfg.regression_threshold})")  # fmt: skip
+            suites["core"] = core
+
+        scored = self.score(candidate_dir, user_cases)
+        user = SuiteReport("user", mean_score(scored), bool(scored), cfg.promote_if_score, None, scored)
+        if scored:
+            user.passed = user.score >= cfg.promote_if_score
+            if not user.passed:
+                reasons.append(f"user suite scored {user.score:.3f}, below promote_if_score {cfg.promote_if_score}")
+        elif cfg.require_user_tests:
+            reasons.append("no user-specific test cases (empty held-out split and no explicit tests)")
+        else:
+            user.passed = True
+        suites["user"] = user
+        return GateReport(passed=not reasons, reasons=reasons, suites=suites)

