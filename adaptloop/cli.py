@@ -268,20 +268,39 @@ def _train_config(settings: Settings, epochs: int | None):
     )  # fmt: skip
 
 
+def _config_file(name: str, key: str) -> Path:
+    """A file named in the settings: absolute, or in ./config/, or in the shipped config/."""
+    from adaptloop.settings import shipped_config_dir
+
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / "config" / name, shipped_config_dir() / name]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"{key}: {name} not found (looked in {', '.join(str(p) for p in candidates)})")
+    return found
+
+
+def _anchor_prompts(settings: Settings) -> list[str]:
+    from trainer.anchors import read_prompts
+
+    t = settings.training
+    return [p for name in t.anchor_files for p in read_prompts(_config_file(name, "training.anchor_files"))] if t.anchors else []
+
+
+def _anchor_mix(settings: Settings):
+    from trainer.anchors import AnchorMix
+
+    t = settings.training
+    return AnchorMix(ratio=t.anchor_ratio, minimum=t.anchor_min, weight=t.anchor_weight)
+
+
 def _gate_spec(settings: Settings):
     """The validation gate's plain values from the settings; core suite paths resolved here, at the edge."""
-    from adaptloop.settings import shipped_config_dir
     from trainer.gate import GateConfig, GateSpec
     from trainer.scoring import ScoreWeights
 
     v = settings.validation
-    paths = []
-    for name in v.core_suites:
-        candidates = [Path(name).expanduser()] if Path(name).is_absolute() else [Path.cwd() / "config" / name, shipped_config_dir() / name]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ConfigError(f"validation.core_suites: {name} not found (looked in {', '.join(str(p) for p in candidates)})")
-        paths.append(found)
+    paths = [_config_file(name, "validation.core_suites") for name in v.core_suites]
     cfg = GateConfig(promote_if_score=settings.promote_if_score, regression_threshold=settings.regression_threshold,
                      weights=ScoreWeights(**v.weights.model_dump()), require_user_tests=v.require_user_tests)  # fmt: skip
     return GateSpec(settings.model.embedding_model, tuple(paths), cfg, v.user_tests_dir)
@@ -306,6 +325,7 @@ def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, n
         cache_dir=settings.cache_dir, dtype=settings.model.dtype, user_id=_user(user_id), data_path=Path(data_path),
         cfg=_train_config(settings, epochs), hold_out=settings.training.hold_out and not no_hold_out,
         gate=None if no_gate else _gate_spec(settings), store=ArtifactStore(settings.storage_root),
+        anchor_prompts=_anchor_prompts(settings), anchor_mix=_anchor_mix(settings),
     )  # fmt: skip
     info = outcome.info
     m = info.manifest["metrics"]
@@ -404,7 +424,8 @@ def trainer_cmd(ctx: _Context) -> None:
         client=client, group_id=s.training.group_id, requests_topic=s.topics.training_requests.name,
         lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, train=_train_config(s, None), gate=_gate_spec(s),
-        commands_topic=s.topics.commands.name,
+        commands_topic=s.topics.commands.name, cache_dir=s.cache_dir, anchor_prompts=tuple(_anchor_prompts(s)),
+        anchor_mix=_anchor_mix(s),
     )  # fmt: skip
     run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
 

@@ -215,6 +215,14 @@ class TrainingSettings(_Section):
     seed: int = 0
     checkpoint_every: int = Field(20, ge=0, description="optimizer steps between checkpoints (0 = off)")
     hold_out: bool = Field(True, description="hold out one paraphrase per taught item for validation")
+    anchors: bool = Field(True, description="mix the base model's own answers to general prompts into every run")
+    anchor_files: list[str] = Field(
+        default_factory=lambda: ["anchor_prompts.txt"],
+        description="prompt files (one per line); relative paths: ./config/ first, then the shipped config/",
+    )
+    anchor_ratio: float = Field(1.0, ge=0, le=100, description="anchors per user example in a run")
+    anchor_min: int = Field(16, ge=0, description="least anchors in a run")
+    anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
 
 

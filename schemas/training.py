@@ -10,7 +10,7 @@ from pydantic import Field
 from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
 
 Trigger = Literal["threshold", "nightly", "on-demand", "continuous", "accuracy-drop"]
-ExampleSource = Literal["intent", "correction", "conversation", "concept", "global", "replay", "manual"]
+ExampleSource = Literal["intent", "correction", "conversation", "concept", "global", "replay", "manual", "anchor"]
 
 
 class Provenance(Message):

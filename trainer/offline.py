@@ -25,6 +25,7 @@ from adaptloop.errors import StorageError
 from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas.training import TrainingExample
 from streams.dataset import split_holdout
+from trainer.anchors import AnchorMix, load_anchor_answers, mix_anchors
 from trainer.data import read_jsonl
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
@@ -117,6 +118,8 @@ def train_version(
     dataset_sha256: str,
     gate: Gate | None,
     explicit_cases: list[TestCase] = (),
+    anchors: list[TrainingExample] = (),
+    anchor_mix: AnchorMix = AnchorMix(),
     trigger: str = "manual",
     request_id: str | None = None,
     lineage: list | None = None,
@@ -131,9 +134,10 @@ def train_version(
     `apply_decision` when the request comes again.
     """
     bar, update = _progress_bar() if show_progress else (None, None)
+    mixed = mix_anchors(examples, list(anchors), anchor_mix, cfg.seed) if anchors else examples
     try:
         result = train_adapter(
-            model, tokenizer, device, examples, cfg, work_dir / "adapter", checkpoint_dir, progress=update, should_stop=should_stop
+            model, tokenizer, device, mixed, cfg, work_dir / "adapter", checkpoint_dir, progress=update, should_stop=should_stop
         )
     finally:
         if bar is not None:
@@ -145,7 +149,8 @@ def train_version(
     manifest = {
         "base_model": base.model_id,
         "base_model_sha256": base.sha256,
-        "dataset": {"uri": dataset_uri, "sha256": dataset_sha256, "train_count": len(examples)},
+        "dataset": {"uri": dataset_uri, "sha256": dataset_sha256, "train_count": len(examples),
+                    "anchor_count": len(mixed) - len(examples)},
         "held_out": [{"prompt": e.prompt, "expected": e.response} for e in held_out],
         "lineage": lineage or [],
         "hyperparameters": asdict(cfg),
@@ -182,6 +187,8 @@ def train_from_file(
     gate: GateSpec | None,
     store: ArtifactStore | None = None,
     hold_out: bool = True,
+    anchor_prompts: list[str] = (),
+    anchor_mix: AnchorMix = AnchorMix(),
 ) -> Outcome:
     import tempfile
 
@@ -190,12 +197,14 @@ def train_from_file(
     base = resolve_base_model(base_model, gguf_file, cache_dir)
     model, tokenizer, device = load_base(base, dtype)
     explicit = user_cases(store, gate.user_tests_dir, user_id) if gate is not None and store is not None else []
+    anchors = load_anchor_answers(model, tokenizer, device, list(anchor_prompts), cache_dir, base.sha256) if anchor_prompts else []
     with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
         return train_version(
             registry=registry, base=base, model=model, tokenizer=tokenizer, device=device, user_id=user_id,
             examples=train, held_out=held_out, cfg=cfg, work_dir=Path(tmp),
             dataset_uri=Path(data_path).resolve().as_uri(), dataset_sha256=sha256_bytes(Path(data_path).read_bytes()),
             gate=gate.build(model, tokenizer, device) if gate is not None else None, explicit_cases=explicit,
+            anchors=anchors, anchor_mix=anchor_mix,
         )  # fmt: skip
 
 

@@ -161,9 +161,9 @@ def answer_nll(model, tokenizer, device, case: TestCase, max_len: int = 512) -> 
 
 def score_cases(model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights) -> list[CaseScore]:
     """Answer every case with `model` (greedy) and score it."""
-    from trainer.train import generate
+    from trainer.train import generate_batch
 
-    answers = [generate(model, tokenizer, device, case.prompt) for case in cases]
+    answers = generate_batch(model, tokenizer, device, [case.prompt for case in cases])
     semantic = embedder.similarity(answers, [c.expected for c in cases])
     total = weights.semantic + weights.match + weights.loss
     out = []

@@ -46,6 +46,7 @@ from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas import COMMAND_ADAPTER, Command, DeadLetter, LifecycleEvent, RollbackCommand, TrainingRequest, ValidateCommand
 from schemas.decode import decode
 from streams.dataset import from_jsonl
+from trainer.anchors import AnchorMix, load_anchor_answers
 from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
 from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
@@ -71,6 +72,9 @@ class TrainerConfig:
     train: TrainConfig
     gate: GateSpec | None  # None: versions stay candidates (never promoted)
     commands_topic: str | None = None
+    cache_dir: Path = Path.home() / ".cache" / "adaptloop"
+    anchor_prompts: tuple[str, ...] = ()
+    anchor_mix: AnchorMix = AnchorMix()
     max_message_bytes: int = 1 << 20
 
 
@@ -91,6 +95,8 @@ class TrainerService:
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.store = ArtifactStore(cfg.storage_root)
         self.gate = cfg.gate.build(self.model, self.tokenizer, self.device) if cfg.gate is not None else None
+        self.anchors = load_anchor_answers(self.model, self.tokenizer, self.device, list(cfg.anchor_prompts),
+                                           cfg.cache_dir, base.sha256) if cfg.anchor_prompts else []  # fmt: skip
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None
@@ -278,7 +284,7 @@ class TrainerService:
                     dataset_sha256=request.dataset.sha256, trigger=request.trigger, request_id=request.request_id,
                     lineage=[r.model_dump() for r in request.lineage], checkpoint_dir=checkpoint,
                     show_progress=False, should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
-                    gate=self.gate, explicit_cases=explicit,
+                    gate=self.gate, explicit_cases=explicit, anchors=self.anchors, anchor_mix=self.cfg.anchor_mix,
                 )  # fmt: skip
         except BaseException as exc:  # reported by the main loop
             job.error = exc

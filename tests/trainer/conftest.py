@@ -27,6 +27,22 @@ def write_facts(path: Path, facts=FACTS) -> Path:
     return path
 
 
+def random_adapter(model, path, seed: int, scale: float = 0.5):
+    """A LoRA adapter with random weights: it changes the tiny model's answers, deterministically."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.save_pretrained(path, safe_serialization=True)
+    peft_model.unload()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from trainer.model import build_tiny_model

@@ -20,26 +20,12 @@ from trainer.offline import apply_decision, validate_adapter
 from trainer.registry import AdapterRegistry
 from trainer.scoring import ScoreWeights, TestCase, load_embedder
 
+from tests.trainer.conftest import random_adapter
+
 pytestmark = pytest.mark.unit
 
 CORE_PROMPTS = ["What is the capital of France?", "How many days are in a week?", "What is 2 plus 2?", "Who painted the Mona Lisa?"]
 USER_PROMPTS = ["What is my dog's name?", "Where was I born?"]
-
-
-def random_adapter(model, path, seed: int, scale: float = 0.5):
-    """A LoRA adapter with random weights: it changes the tiny model's answers, deterministically."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    peft_model.save_pretrained(path, safe_serialization=True)
-    peft_model.unload()
-    return path
 
 
 @pytest.fixture(scope="module")

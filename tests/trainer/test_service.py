@@ -23,6 +23,8 @@ from schemas.training import TrainingExample, request_id_for
 from streams.dataset import write_dataset
 from trainer.registry import AdapterRegistry
 
+from tests.trainer.conftest import random_adapter
+
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "commands", "training_requests", "lifecycle", "dlq")
@@ -104,6 +106,10 @@ def _completed(events, request_id):
     return [e for e in events if e["type"] == "training_completed" and e["request_id"] == request_id]
 
 
+def _decided(events, request_id):
+    return [e for e in events if e["type"] in ("promoted", "rejected") and e["request_id"] == request_id]
+
+
 def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains_nothing(trainer_factory, tiny_model_dir):
     import torch
     from peft import PeftModel
@@ -113,16 +119,23 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     t = trainer_factory(epochs=2)
     request = t.request("ana", _examples(6), test=_examples(1))
     t.publish(request)
-    t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="training_completed")
-    types = [e["type"] for e in t.lifecycle() if e["request_id"] == request.request_id]
-    assert types == ["training_started", "training_completed"]
+    t.wait_for(lambda: _decided(t.lifecycle(), request.request_id), what="the gate's decision")
+    events = [e for e in t.lifecycle() if e["request_id"] == request.request_id]
+    assert [e["type"] for e in events] == ["training_started", "training_completed", "validated", "rejected"]
     done = _completed(t.lifecycle(), request.request_id)[0]
     assert done["version"] == 1 and done["metrics"]["steps"] == 6
+    validated, rejected = events[2], events[3]
+    assert validated["details"]["passed"] is False and {"core", "user"} <= set(validated["details"]["suites"])
+    assert "user suite scored" in rejected["reason"], "two epochs on a tiny model teach it nothing"
+    assert rejected["metrics"]["user_score"] < 0.7 and "core_score" in rejected["metrics"]
 
     registry = AdapterRegistry(t.store)
     info = registry.verify("ana", 1)
     assert info.manifest["request_id"] == request.request_id and info.manifest["dataset"]["sha256"] == request.dataset.sha256
-    assert registry.active("ana") is None, "a candidate until the validation gate promotes it"
+    assert registry.active("ana") is None, "rejected: never active"
+    assert [(e["version"], e["status"]) for e in registry.history("ana")][-1] == (1, "rejected")
+    (logged,) = registry.validation_results("ana")
+    assert logged["passed"] is False and logged["request_id"] == request.request_id and logged["suites"]["user"]["case_scores"]
     model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -131,9 +144,10 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     assert not torch.allclose(before, after), "the adapter loads with plain PEFT and changes the model"
 
     t.publish(request)  # redelivered
-    t.wait_for(lambda: len(_completed(t.lifecycle(), request.request_id)) == 2, what="republished result")
+    t.wait_for(lambda: len(_decided(t.lifecycle(), request.request_id)) == 2, what="republished result")
     assert [i.version for i in registry.versions("ana")] == [1]
     assert _completed(t.lifecycle(), request.request_id)[1]["details"]["republished"] is True
+    assert len(registry.validation_results("ana")) == 1, "the redelivered request was not validated again"
 
 
 def test_sigkill_during_training_resumes_from_the_checkpoint_and_yields_one_version(trainer_factory):
@@ -184,3 +198,55 @@ def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(tra
     letters = list(consume(t.client, [t.topics["dlq"]], f"dlq-{uuid.uuid4().hex[:6]}", idle_timeout=3))
     assert len(letters) == 1 and "not JSON" in json.loads(letters[0].value)["reason"]
     assert AdapterRegistry(t.store).versions("cy") == []
+
+
+def _answers(events, command_id):
+    return [e for e in events if e.get("job_id") == command_id]
+
+
+def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_model_dir):
+    from adaptloop.kafka.io import produce
+    from schemas import RollbackCommand, ValidateCommand
+    from trainer.model import BaseModelRef, load_base
+
+    t = trainer_factory(start=False)
+    registry = AdapterRegistry(t.store)
+    model, _tokenizer, _device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    for version in (1, 2):
+        adapter = random_adapter(model, t.store.parent / f"adapter{version}", seed=version)
+        registry.register("rho", adapter, {"request_id": f"r{version}", "held_out": [{"prompt": "hi", "expected": "hello"}]})
+        registry.activate("rho", version, reason="setup")
+    t.start()
+
+    def send(command) -> dict:
+        produce(t.client, t.topics["commands"], [(command.user_id, command.to_bytes())])
+        return t.wait_for(lambda: _answers(t.lifecycle(), command.command_id), what=f"answer to {command.type}")[0]
+
+    back = RollbackCommand(command_id="rb-1", user_id="rho", reason="complaints")
+    answer = send(back)
+    assert (answer["type"], answer["version"], answer["previous_version"]) == ("rolled_back", 1, 2)
+    assert registry.active("rho") == 1 and registry.rollback_log("rho")[-1]["command_id"] == "rb-1"
+    produce(t.client, t.topics["commands"], [("rho", back.to_bytes())])  # redelivered: no second rollback
+    t.wait_for(lambda: len(_answers(t.lifecycle(), "rb-1")) == 2, what="the republished answer")
+    assert len(registry.rollback_log("rho")) == 1 and registry.active("rho") == 1
+
+    nothing = send(RollbackCommand(command_id="rb-2", user_id="rho", reason="again"))
+    assert nothing["type"] == "command_failed" and "no earlier good version" in nothing["reason"]
+    assert registry.active("rho") == 1
+
+    # The CLI sends the same command and waits for its outcome.
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=t.client.bootstrap_servers)
+    cli = subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(t.config), "rollback", "--user-id", "rho",
+                          "--reason", "v2 was fine", "--to-version", "2"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert cli.returncode == 0 and "v1 -> v2 active" in cli.stdout, cli.stderr
+    assert registry.active("rho") == 2
+
+    validated = send(ValidateCommand(command_id="va-1", user_id="rho", version=1, baseline_version=2))
+    assert validated["type"] == "validated" and validated["version"] == 1
+    assert validated["details"]["passed"] is False and "core" in validated["details"]["suites"]
+    assert registry.active("rho") == 2, "validate reports; it never promotes"
+    assert [r["job_id"] for r in registry.validation_results("rho")] == ["va-1"]
+
+    (registry.version_dir("rho", 1) / "adapter_model.safetensors").write_bytes(b"tampered")
+    tampered = send(ValidateCommand(command_id="va-2", user_id="rho", version=1))
+    assert tampered["details"]["passed"] is False and "sha256 mismatch" in tampered["reason"]
