@@ -31,7 +31,7 @@ from aiokafka.partitioner import murmur2
 from adaptloop.errors import InvalidMessage
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.storage import ArtifactStore
-from schemas import COMMAND_ADAPTER, LifecycleEvent
+from schemas import COMMAND_ADAPTER, LifecycleEvent, RollbackCommand
 from schemas.deadletter import DeadLetter
 from schemas.decode import decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
@@ -218,11 +218,17 @@ def create_app(cfg: WorkerConfig) -> faust.App:
                         outgoing += [(key, r) for r in produced]
                         save(key, state)
             writer.stage()
-            for key, request in outgoing:
-                out.add(cfg.requests_topic, partition_of(key, cfg.requests_partitions), key, request.to_bytes())
+            for key, message in outgoing:
+                if isinstance(message, RollbackCommand):  # commands share the worker's partitioning
+                    out.add(cfg.commands_topic, partition_of(key, cfg.internal_partitions), key, message.to_bytes())
+                else:
+                    out.add(cfg.requests_topic, partition_of(key, cfg.requests_partitions), key, message.to_bytes())
             await out.flush()
-            for key, request in outgoing:
-                log.info("training request %s for %s (%s)", request.request_id, request.user_id, request.trigger)
+            for key, message in outgoing:
+                if isinstance(message, RollbackCommand):
+                    log.warning("rollback command %s for %s: %s", message.command_id, message.user_id, message.reason)
+                else:
+                    log.info("training request %s for %s (%s)", message.request_id, message.user_id, message.trigger)
             metrics.PROCESSED.inc(stats.events)
             metrics.DUPLICATES.inc(stats.duplicates)
             for source, n in stats.examples.items():

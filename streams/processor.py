@@ -8,13 +8,16 @@ with that user's state, then writes the state back once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from adaptloop.storage import ArtifactStore
+from schemas.commands import RollbackCommand
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
 from schemas.training import Provenance, TrainingExample, TrainingRequest, request_id_for
 from streams.curation import GLOBAL_USER, CurationConfig, augment, curate, dedupe
@@ -24,6 +27,7 @@ from streams.state import (
     OpenRequest,
     UserLog,
     UserState,
+    accuracy,
     add_pending,
     apply_event,
     clear_pending,
@@ -36,6 +40,13 @@ log = logging.getLogger(__name__)
 
 # Lifecycle events that end a training request.
 CLOSING_LIFECYCLE = {"training_completed", "training_failed", "promoted", "rejected"}
+
+
+def _timestamp(body: dict[str, Any], default: float) -> float:
+    try:
+        return datetime.fromisoformat(str(body["timestamp"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return default
 
 
 class Envelope(BaseModel):
@@ -65,6 +76,8 @@ class ProcessorConfig:
     include_global: bool = False
     max_pending: int = 2000
     accuracy_window: int = 20
+    auto_rollback: bool = True  # an accuracy drop soon after a promotion rolls the promotion back
+    auto_rollback_window_s: float = 24 * 3600
 
 
 @dataclass
@@ -84,9 +97,9 @@ class UserProcessor:
 
     def handle(
         self, user_id: str, state: UserState, log: UserLog, envelopes: list[Envelope], stats: BatchStats
-    ) -> list[TrainingRequest]:
-        """Apply a batch of one user's envelopes to `state`; return the requests to emit."""
-        requests: list[TrainingRequest] = []
+    ) -> list[TrainingRequest | RollbackCommand]:
+        """Apply a batch of one user's envelopes to `state`; return the training requests and commands to emit."""
+        requests: list[TrainingRequest | RollbackCommand] = []
         global_examples: list[TrainingExample] = []
         now = state.last_event_at
         for env in envelopes:
@@ -117,12 +130,42 @@ class UserProcessor:
             return requests
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
         self._expire_open_request(state, now)
+        rollback = self._auto_rollback(user_id, state, now)
+        if rollback is not None:
+            stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
+            return [*requests, rollback]
         trigger = automatic_trigger(state, now, self.cfg.triggers)
         if trigger is not None:
             requests.append(self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global))
         for r in requests:
-            stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
+            if isinstance(r, TrainingRequest):
+                stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
         return requests
+
+    def _auto_rollback(self, user_id: str, state: UserState, now: float) -> RollbackCommand | None:
+        """A rollback command when the satisfaction rate drops below the floor soon after a promotion.
+
+        Outcomes are counted from the promotion on, so the rate judges the new
+        version. One rollback per promotion; the dip then needs no retraining request.
+        """
+        t = self.cfg.triggers
+        if not self.cfg.auto_rollback or state.promoted_at is None or state.promoted_version is None:
+            return None
+        if now - state.promoted_at > self.cfg.auto_rollback_window_s:
+            state.promoted_at = state.promoted_version = None  # it has proven itself
+            return None
+        rate = accuracy(state)
+        if not t.accuracy_drop or rate is None or len(state.outcomes) < t.accuracy_min_samples or rate >= t.accuracy_floor:
+            return None
+        version = state.promoted_version
+        state.promoted_at = state.promoted_version = None
+        state.accuracy_alarm = True  # this dip is answered by the rollback
+        log.warning("%s: satisfaction %.2f after v%d was promoted; rolling back", user_id, rate, version)
+        return RollbackCommand(
+            command_id=f"auto-rollback-{hashlib.sha256(f'{user_id}/{version}'.encode()).hexdigest()[:24]}",
+            user_id=user_id, requested_by="streams",
+            reason=f"accuracy dropped to {rate:.2f} (floor {t.accuracy_floor}) after v{version} was promoted",
+        )  # fmt: skip
 
     def on_tick(self, user_id: str, state: UserState, log: UserLog, at: float, stats: BatchStats) -> list[TrainingRequest]:
         """The nightly schedule's tick for one user."""
@@ -145,6 +188,12 @@ class UserProcessor:
         return [self._snapshot(user_id, state, log, "on-demand", at, include_global, command_id=command_id)]
 
     def _on_lifecycle(self, user_id: str, state: UserState, log: UserLog, body: dict[str, Any]) -> list[TrainingRequest]:
+        if body.get("type") == "promoted" and body.get("version"):
+            # Judge the new version by what happens from now on.
+            state.promoted_version, state.promoted_at = int(body["version"]), _timestamp(body, state.last_event_at)
+            state.outcomes, state.accuracy_alarm = [], False
+        elif body.get("type") == "rolled_back":
+            state.promoted_version = state.promoted_at = None
         open_ = state.open_request
         if open_ is None or body.get("request_id") != open_.request_id or body.get("type") not in CLOSING_LIFECYCLE:
             return []

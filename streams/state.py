@@ -55,6 +55,8 @@ class UserState(BaseModel):
     deferred: DeferredCommand | None = None
     requests_total: int = 0
     last_dataset_uri: str | None = None
+    promoted_version: int | None = Field(None, description="the last promoted version, while a drop may still roll it back")
+    promoted_at: float | None = None
 
     @property
     def pending_count(self) -> int:

@@ -41,6 +41,8 @@ def worker_config(settings: Settings, web_port: int | None = None) -> WorkerConf
         include_global=s.dataset.include_global,
         max_pending=s.dataset.max_pending,
         accuracy_window=t.accuracy_window,
+        auto_rollback=settings.validation.auto_rollback,
+        auto_rollback_window_s=settings.validation.auto_rollback_window_s,
     )
     topics = settings.topics
     return WorkerConfig(

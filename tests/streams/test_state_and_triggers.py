@@ -151,3 +151,50 @@ def test_processor_snapshot_writes_the_seed_layout(tmp_path):
     # Same data, same trigger -> same request id (downstream dedupe).
     again = UserProcessor(proc.cfg, store).handle("zoe", UserState(), MemoryUserLog(), envs, BatchStats())[0]
     assert again.request_id == request.request_id
+
+
+def _rating(user: str, n: int, rating: int, t: float) -> Envelope:
+    from datetime import datetime, timezone
+
+    at = datetime.fromtimestamp(t, timezone.utc).isoformat()
+    return Envelope(k="event", kind="feedback", body={"event_id": f"{user}-r{n}", "user_id": user, "timestamp": at,
+                                                      "kind": "rating", "query": f"Q{n}?", "response": "x", "rating": rating})  # fmt: skip
+
+
+def _promoted(user: str, version: int, t: float) -> Envelope:
+    from datetime import datetime, timezone
+
+    at = datetime.fromtimestamp(t, timezone.utc).isoformat()
+    return Envelope(k="lifecycle", body={"type": "promoted", "user_id": user, "version": version, "timestamp": at})
+
+
+def test_an_accuracy_drop_soon_after_a_promotion_rolls_it_back(tmp_path):
+    from schemas import RollbackCommand
+
+    triggers = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    proc = UserProcessor(ProcessorConfig(triggers=triggers, auto_rollback_window_s=3600), ArtifactStore(str(tmp_path)))
+    state, log, t0 = _new_state(), MemoryUserLog(), 1_780_000_000.0
+    # Happy before the promotion; those outcomes do not count for the new version.
+    assert proc.handle("pia", state, log, [_rating("pia", n, 1, t0 + n) for n in range(6)], BatchStats()) == []
+    assert proc.handle("pia", state, log, [_promoted("pia", 3, t0 + 10)], BatchStats()) == []
+    assert state.outcomes == [] and state.promoted_version == 3
+    out = proc.handle("pia", state, log, [_rating("pia", 10 + n, -1, t0 + 20 + n) for n in range(4)], BatchStats())
+    (command,) = out
+    assert isinstance(command, RollbackCommand) and command.user_id == "pia" and command.to_version is None
+    assert "after v3 was promoted" in command.reason and command.requested_by == "streams"
+    assert state.promoted_version is None and state.accuracy_alarm, "one rollback per promotion, no retraining for this dip"
+    # Deterministic id: a replayed batch asks for the same rollback, which the trainer dedupes.
+    again = _new_state()
+    proc.handle("pia", again, MemoryUserLog(), [_promoted("pia", 3, t0 + 10)], BatchStats())
+    assert proc.handle("pia", again, MemoryUserLog(), [_rating("pia", 10 + n, -1, t0 + 20 + n) for n in range(4)], BatchStats())[0].command_id == command.command_id
+
+
+def test_no_rollback_outside_the_window_or_when_disabled(tmp_path):
+    triggers = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    t0 = 1_780_000_000.0
+    for cfg, late in ((ProcessorConfig(triggers=triggers, auto_rollback_window_s=60), 600), (ProcessorConfig(triggers=triggers, auto_rollback=False), 1)):
+        proc = UserProcessor(cfg, ArtifactStore(str(tmp_path)))
+        state, log = _new_state(), MemoryUserLog()
+        proc.handle("quo", state, log, [_promoted("quo", 2, t0)], BatchStats())
+        out = proc.handle("quo", state, log, [_rating("quo", n, -1, t0 + late + n) for n in range(4)], BatchStats())
+        assert not [m for m in out if m.__class__.__name__ == "RollbackCommand"]

@@ -212,3 +212,17 @@ def test_continuous_schedule_is_rate_limited(worker_factory):
     w.publish([event("conversations", "kim", 7200, rating=1)])  # two hours later: fires
     reqs = w.wait_for(lambda: (lambda rs: rs if len(rs) == 2 else None)(w.requests()), what="second continuous request")
     assert reqs[1]["dataset"]["example_counts"]["conversation"] >= 1
+
+
+def test_an_accuracy_drop_after_a_promotion_sends_a_rollback_command(worker_factory):
+    w = worker_factory(streams={"triggers": {"accuracy_min_samples": 6, "accuracy_floor": 0.5}})
+    w.publish([event("feedback", "kim", n, kind="rating", rating=1, correction=None) for n in range(8)])
+    w.wait_for(lambda: w.states().get("kim", {}).get("events_total") == 8, what="kim's happy ratings")
+    w.send("lifecycle", "kim", LifecycleEvent(event_id="kim-promoted-4", type="promoted", user_id="kim", version=4))
+    w.wait_for(lambda: w.states().get("kim", {}).get("promoted_version") == 4, what="the promotion to be seen")
+    w.publish([event("feedback", "kim", n, kind="rating", rating=-1, correction=None, t0=1_780_000_500.0) for n in range(20, 26)])
+    commands = w.wait_for(lambda: [json.loads(r.value) for r in w.read("commands") if json.loads(r.value)["type"] == "rollback"],
+                          what="a rollback command")  # fmt: skip
+    assert [(c["user_id"], c["requested_by"]) for c in commands] == [("kim", "streams")]
+    assert "after v4 was promoted" in commands[0]["reason"]
+    assert not [r for r in w.requests() if r["user_id"] == "kim"], "the rollback answers the dip; no retraining request"
