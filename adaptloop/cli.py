@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from adaptloop.errors import AdaptloopError, ConfigError
+from adaptloop.errors import AdaptloopError, ConfigError, StorageError
 from adaptloop.settings import Settings, load_settings
 
 
@@ -355,7 +355,13 @@ def validate_cmd(ctx: _Context, adapter: str, user_id: str, baseline: str | None
 
     s = ctx.settings
     user_id = _user(user_id)
-    verified_adapter(Path(adapter))  # a tampered adapter fails here, before the model is even loaded
+    try:
+        verified_adapter(Path(adapter))  # a tampered adapter fails here, before the model is even loaded
+    except StorageError as exc:
+        _registry(s).log_validation(user_id, None, {"passed": False, "reasons": [str(exc)], "metrics": {}},
+                                    kind="validate", adapter=str(adapter))  # fmt: skip
+        click.echo(f"REJECTED: {exc}")
+        sys.exit(1)
     spec = _gate_spec(s)
     model, tokenizer, device = load_base(resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
     report = validate_adapter(gate=spec.build(model, tokenizer, device), registry=_registry(s), store=ArtifactStore(s.storage_root),

@@ -136,3 +136,37 @@ def test_case_files_parse_and_bad_lines_name_themselves(tmp_path):
 def test_validation_log_lines_are_json(world):
     lines = (world["registry"].root / "adapter_validation_results.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["user_id"] == "ann" for line in lines)
+
+
+def test_validate_command_line_exit_codes(world, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp = world["tmp"]
+    core = tmp / "core.jsonl"
+    core.write_text("".join(json.dumps({"prompt": c.prompt, "expected": c.expected}) + "\n" for c in world["gate"].core_cases))
+    config = tmp / "validate.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage_root": str(tmp / "cli-store"), "model": {"base_model": str(tiny_model_dir), "dtype": "float32"},
+        "validation": {"core_suites": [str(core)], "require_user_tests": False},
+    }))  # fmt: skip
+
+    def validate(adapter, *extra):
+        cmd = [sys.executable, "-m", "adaptloop.cli", "--config", str(config), "validate", "--adapter", str(adapter), "--user-id", "ann", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    passed = validate(world["A"], "--baseline", str(world["A"]))
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.startswith("PASSED") and "core suite:" in passed.stdout and "user suite:" in passed.stdout
+    rejected = validate(world["B"], "--baseline", str(world["A"]))
+    assert rejected.returncode == 1 and rejected.stdout.startswith("REJECTED: core suite regressed")
+    tampered = world["tmp"] / "tampered"  # written by the tampered-adapter test above, or now
+    if not tampered.exists():
+        shutil.copytree(world["registry"].info("ann", 1).path, tampered)
+        (tampered / "adapter_model.safetensors").write_bytes(b"junk")
+    refused = validate(tampered)
+    assert refused.returncode == 1 and "sha256 mismatch" in refused.stdout + refused.stderr
+    logged = AdapterRegistry(tmp / "cli-store").validation_results("ann")
+    assert [r["passed"] for r in logged] == [True, False, False], "every offline validation is logged, the refusal too"
