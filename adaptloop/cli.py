@@ -478,10 +478,14 @@ def history_cmd(ctx: _Context, user_id: str) -> None:
     for info in registry.versions(user_id):
         m = info.manifest.get("metrics", {})
         mark = "*" if info.version == active else " "
+        scores = "  ".join(f"{k}={m[k]}" for k in ("final_loss", "core_score", "user_score", "facts_learned") if k in m)
+        verdict = info.manifest.get("validation", {}).get("passed")
+        gate = {True: "passed", False: "rejected", None: "not validated"}[verdict]
         click.echo(f"{mark} v{info.version}  {info.manifest.get('trained_at', '')[:19]}  trigger={info.manifest.get('trigger')}  "
-                   f"loss={m.get('final_loss')}  facts_learned={m.get('facts_learned')}")  # fmt: skip
+                   f"gate={gate}  {scores}")  # fmt: skip
     for entry in registry.history(user_id):
-        click.echo(f"  {entry['at'][:19]}  v{entry['version']}  {entry['status']}")
+        why = entry.get("reason") or "; ".join(entry.get("reasons", []))
+        click.echo(f"  {entry['at'][:19]}  v{entry['version']}  {entry['status']}" + (f"  ({why})" if why else ""))
 
 
 # --------------------------------------------------------------------------- #

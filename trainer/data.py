@@ -24,6 +24,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     weight: float
+    anchor: bool = False  # from the anchor set (see trainer/anchors.py)
 
 
 def read_jsonl(path: Path) -> list[TrainingExample]:
@@ -66,7 +67,7 @@ def tokenize(tokenizer, examples: list[TrainingExample], max_len: int) -> list[T
         labels = [IGNORE] * min(len(prompt), len(full)) + full[len(prompt) :]
         if all(label == IGNORE for label in labels):
             raise ModelError(f"prompt longer than max_seq_len={max_len}: {example.prompt[:60]!r}")
-        out.append(Tokenized(full, labels, example.weight))
+        out.append(Tokenized(full, labels, example.weight, example.source == "anchor"))
     return out
 
 

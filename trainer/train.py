@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 20  # optimizer steps between checkpoints; 0 disables
     max_grad_norm: float = 1.0
     warmup_steps: int = 2
+    anchor_kl: float = 0.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainResult:
     seconds: float
     loss_curve: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
+    stopped_after_epoch: int | None = None  # early stopping
 
 
 def _weighted_loss(logits, labels, weights):
@@ -67,12 +69,18 @@ def _weighted_loss(logits, labels, weights):
     return (per_example * weights).sum() / weights.sum()
 
 
-def _answer_only_loss(peft_model, ids, mask, labels, weights):
+def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, kl_weight: float = 0.0):
     """The weighted loss, projecting to the vocabulary only where an answer token is predicted.
 
     The output projection (hidden x vocabulary: 576 x 49,152 for SmolLM2-135M)
     is a large share of a small model's compute, and with the loss on answers
     only, most positions' logits would be thrown away.
+
+    With `kl_weight` > 0, the rows in `anchor_rows` (the anchor set's general
+    prompts) are scored by KL(base || adapted) over the whole next-token
+    distribution at each answer position instead of cross-entropy on the base
+    model's greedy answer: the adapter is held to the base model's
+    distribution there, not just to its top token.
     """
     import torch
     import torch.nn.functional as F
@@ -86,6 +94,14 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights):
     logits = causal_lm.lm_head(hidden[keep]).float()
     per_token = F.cross_entropy(logits, targets[keep], reduction="none")
     rows = keep.nonzero(as_tuple=True)[0]
+    if kl_weight > 0 and anchor_rows is not None and bool(anchor_rows.any()):
+        anchor_tokens = anchor_rows[rows]  # row-major order, as in hidden[keep]
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_hidden = causal_lm.model(input_ids=ids[anchor_rows], attention_mask=mask[anchor_rows]).last_hidden_state[:, :-1, :]
+            base_logits = causal_lm.lm_head(base_hidden[keep[anchor_rows]]).float()
+        kl = F.kl_div(F.log_softmax(logits[anchor_tokens], dim=-1), F.log_softmax(base_logits, dim=-1),
+                      log_target=True, reduction="none").sum(dim=-1)  # fmt: skip
+        per_token = per_token.masked_scatter(anchor_tokens, kl * kl_weight)
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, per_token)
     counts = keep.sum(dim=1).clamp(min=1)
     per_example = sums / counts
@@ -142,8 +158,14 @@ def train_adapter(
     checkpoint_dir: Path | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    epoch_done: Callable[[int, object], bool] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `examples`; save it in PEFT format to `out_dir`."""
+    """Train a LoRA adapter on `examples`; save it in PEFT format to `out_dir`.
+
+    `epoch_done(epoch, peft_model)` runs after each epoch (the model in eval
+    mode); returning True stops training there (early stopping) and the
+    adapter is saved as it is.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -165,7 +187,7 @@ def train_adapter(
             optimizer,
             lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
         )
-        step, loss_curve, resumed = 0, [], 0
+        step, loss_curve, resumed, stopped_early = 0, [], 0, None
         if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
             step, loss_curve = _load_checkpoint(peft_model, optimizer, checkpoint_dir)
             resumed = step
@@ -183,7 +205,8 @@ def train_adapter(
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the checkpoint we resumed from
                 ids, mask, labels, weights = collate(batch, pad, device)
-                loss = _answer_only_loss(peft_model, ids, mask, labels, weights)
+                anchors = torch.tensor([t.anchor for t in batch], device=device) if cfg.anchor_kl > 0 else None
+                loss = _answer_only_loss(peft_model, ids, mask, labels, weights, anchors, cfg.anchor_kl)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -200,6 +223,14 @@ def train_adapter(
                     if checkpoint_dir is not None:
                         _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir)
                     raise InterruptedError(f"stopped at step {step}/{total_steps}; checkpoint saved")
+            if epoch_done is not None and step == (epoch + 1) * steps_per_epoch:
+                peft_model.eval()
+                with torch.no_grad():
+                    done = epoch_done(epoch + 1, peft_model)
+                peft_model.train()
+                if done:
+                    stopped_early = epoch + 1
+                    break
         seconds = time.perf_counter() - started
         peft_model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +241,7 @@ def train_adapter(
         peft_model.unload()
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed)
+    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early)
 
 
 def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) -> str:

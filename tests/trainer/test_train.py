@@ -129,3 +129,32 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
         assert torch.allclose(full, fast, atol=1e-5)
     finally:
         peft_model.unload()
+
+
+def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.data import collate
+    from trainer.train import _answer_only_loss
+
+    model, tokenizer, device = tiny
+    anchor = TrainingExample(prompt="What is code 9?", response="Code 9 is 63.", source="anchor")
+    items = tokenize(tokenizer, [EXAMPLES[0], anchor], 256)
+    assert [t.anchor for t in items] == [False, True]
+    ids, mask, labels, weights = collate(items, tokenizer.pad_token_id, device)
+    rows = torch.tensor([t.anchor for t in items])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    try:
+        # A fresh adapter (B = 0) is the base model: the anchor row's KL is 0, the user row's loss is not.
+        only_anchor = _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0)
+        assert abs(only_anchor.item()) < 1e-5
+        both = _answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, kl_weight=1.0)
+        user_only = _answer_only_loss(peft_model, ids[:1], mask[:1], labels[:1], weights[:1])
+        assert torch.allclose(both, user_only / 2, atol=1e-5)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.05)  # now the adapter moves the distribution: the KL grows
+        assert _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0).item() > 1e-4
+    finally:
+        peft_model.unload()
