@@ -264,7 +264,7 @@ def _train_config(settings: Settings, epochs: int | None):
     return TrainConfig(
         epochs=epochs or t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size, max_seq_len=t.max_seq_len,
         seed=t.seed, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
-        checkpoint_every=t.checkpoint_every,
+        checkpoint_every=t.checkpoint_every, anchor_kl=t.anchor_kl, early_stopping=t.early_stopping, min_epochs=t.min_epochs,
     )  # fmt: skip
 
 
@@ -303,7 +303,7 @@ def _gate_spec(settings: Settings):
     paths = [_config_file(name, "validation.core_suites") for name in v.core_suites]
     cfg = GateConfig(promote_if_score=settings.promote_if_score, regression_threshold=settings.regression_threshold,
                      weights=ScoreWeights(**v.weights.model_dump()), require_user_tests=v.require_user_tests)  # fmt: skip
-    return GateSpec(settings.model.embedding_model, tuple(paths), cfg, v.user_tests_dir)
+    return GateSpec(settings.model.embedding_model, tuple(paths), cfg, v.user_tests_dir, settings.cache_dir)
 
 
 @cli.command("train")
@@ -363,8 +363,9 @@ def validate_cmd(ctx: _Context, adapter: str, user_id: str, baseline: str | None
         click.echo(f"REJECTED: {exc}")
         sys.exit(1)
     spec = _gate_spec(s)
-    model, tokenizer, device = load_base(resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
-    report = validate_adapter(gate=spec.build(model, tokenizer, device), registry=_registry(s), store=ArtifactStore(s.storage_root),
+    base = resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir)
+    model, tokenizer, device = load_base(base, s.model.dtype)
+    report = validate_adapter(gate=spec.build(model, tokenizer, device, base.sha256), registry=_registry(s), store=ArtifactStore(s.storage_root),
                               tests_dir=spec.user_tests_dir, user_id=user_id, adapter=Path(adapter),
                               baseline=Path(baseline) if baseline else None)  # fmt: skip
     for line in report.lines():

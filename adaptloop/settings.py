@@ -223,6 +223,9 @@ class TrainingSettings(_Section):
     anchor_ratio: float = Field(1.0, ge=0, le=100, description="anchors per user example in a run")
     anchor_min: int = Field(16, ge=0, description="least anchors in a run")
     anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
+    anchor_kl: float = Field(1.0, ge=0, le=100, description="hold anchors to the base distribution by KL with this weight (0: cross-entropy on the base answer)")
+    early_stopping: bool = Field(True, description="stop once every held-out paraphrase is answered (epochs is then the most)")
+    min_epochs: int = Field(2, ge=1, description="early stopping waits at least this many epochs")
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
 
 

@@ -27,7 +27,7 @@ from schemas.training import TrainingExample
 log = logging.getLogger("adaptloop.trainer")
 
 ANCHOR_FILE = "anchor_prompts.txt"
-_MAX_NEW_TOKENS = 48
+_MAX_NEW_TOKENS = 32  # the KL is taken along the base answer: its first sentence or two is enough
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -49,7 +49,7 @@ def load_anchor_answers(model, tokenizer, device, prompts: list[str], cache_dir:
     from trainer.train import generate_batch
 
     log.info("answering %d anchor prompts with the base model (once per base model)", len(prompts))
-    answers = generate_batch(model, tokenizer, device, prompts, _MAX_NEW_TOKENS)
+    answers = generate_batch(model, tokenizer, device, prompts, _MAX_NEW_TOKENS, batch_size=32)
     examples = []
     for prompt, answer in zip(prompts, answers):
         try:

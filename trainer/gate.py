@@ -131,24 +131,31 @@ class GateSpec:
     core_suites: tuple[Path, ...]
     cfg: GateConfig = GateConfig()
     user_tests_dir: str = "data/adapter_tests"
+    cache_dir: Path | None = None  # the base model's core scores are kept here, per base model and suite
 
-    def build(self, model, tokenizer, device) -> "Gate":
+    def build(self, model, tokenizer, device, base_sha256: str = "") -> "Gate":
         from trainer.scoring import load_embedder
 
         core = [case for path in self.core_suites for case in load_cases(path)]
-        return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg)
+        cache = self.cache_dir / "gate" if self.cache_dir is not None and base_sha256 else None
+        return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg, cache, base_sha256)
 
 
 class Gate:
     """Runs the suites with one kept base model; not thread-safe (one job at a time)."""
 
-    def __init__(self, model, tokenizer, device, embedder: Embedder, core_cases: list[TestCase], cfg: GateConfig) -> None:
+    def __init__(
+        self, model, tokenizer, device, embedder: Embedder, core_cases: list[TestCase], cfg: GateConfig,
+        cache_dir: Path | None = None, base_sha256: str = "",
+    ) -> None:  # fmt: skip
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.embedder = embedder
         self.core_cases = core_cases
         self.cfg = cfg
         self.core_key = suite_key(core_cases, cfg.weights)
         self._reference: dict[str, list[CaseScore]] = {}
+        # The base model's answers never change: keep its core scores across processes.
+        self._base_file = cache_dir / f"{base_sha256[:16]}-{self.core_key}.json" if cache_dir is not None and base_sha256 else None
 
     def score(self, adapter_dir: Path | None, cases: list[TestCase]) -> list[CaseScore]:
         """Answer and score `cases` with the base model plus the adapter (or the base model alone)."""
@@ -171,7 +178,15 @@ class Gate:
         if reference_dir is not None:
             key = hashlib.sha256((Path(reference_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
         if key not in self._reference:
-            self._reference[key] = self.score(reference_dir, self.core_cases)
+            if key == "base" and self._base_file is not None and self._base_file.is_file():
+                self._reference[key] = [CaseScore(**c) for c in json.loads(self._base_file.read_text(encoding="utf-8"))]
+            else:
+                self._reference[key] = self.score(reference_dir, self.core_cases)
+                if key == "base" and self._base_file is not None:
+                    self._base_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = self._base_file.with_suffix(".tmp")
+                    tmp.write_text(json.dumps([asdict(c) for c in self._reference[key]]), encoding="utf-8")
+                    tmp.replace(self._base_file)
         return self._reference[key]
 
     def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None) -> GateReport:

@@ -30,8 +30,8 @@ from trainer.data import read_jsonl
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
 from trainer.registry import AdapterRegistry, VersionInfo, file_sha256
-from trainer.scoring import TestCase
-from trainer.train import TrainConfig, generate, train_adapter
+from trainer.scoring import TestCase, answers_match
+from trainer.train import TrainConfig, generate, generate_batch, train_adapter
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -135,10 +135,21 @@ def train_version(
     """
     bar, update = _progress_bar() if show_progress else (None, None)
     mixed = mix_anchors(examples, list(anchors), anchor_mix, cfg.seed) if anchors else examples
+    answered: list[dict] = []
+
+    def held_out_answered(epoch: int, peft_model) -> bool:
+        """Early stopping: stop once every held-out paraphrase is answered, not after a fixed number of epochs."""
+        answers = generate_batch(peft_model, tokenizer, device, [e.prompt for e in held_out])
+        share = sum(answers_match(a, e.response) for a, e in zip(answers, held_out)) / len(held_out)
+        answered.append({"epoch": epoch, "held_out_answered": round(share, 4)})
+        return epoch >= cfg.min_epochs and share >= 1.0
+
+    early = held_out_answered if cfg.early_stopping and held_out else None
     try:
         result = train_adapter(
-            model, tokenizer, device, mixed, cfg, work_dir / "adapter", checkpoint_dir, progress=update, should_stop=should_stop
-        )
+            model, tokenizer, device, mixed, cfg, work_dir / "adapter", checkpoint_dir, progress=update,
+            should_stop=should_stop, epoch_done=early,
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
@@ -163,6 +174,7 @@ def train_version(
         },
         "loss_curve": result.loss_curve,
         "resumed_from_step": result.resumed_from_step,
+        "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "per_epoch": answered},
         "trigger": trigger,
         "request_id": request_id,
         "trained_at": datetime.now(timezone.utc).isoformat(),
@@ -203,7 +215,7 @@ def train_from_file(
             registry=registry, base=base, model=model, tokenizer=tokenizer, device=device, user_id=user_id,
             examples=train, held_out=held_out, cfg=cfg, work_dir=Path(tmp),
             dataset_uri=Path(data_path).resolve().as_uri(), dataset_sha256=sha256_bytes(Path(data_path).read_bytes()),
-            gate=gate.build(model, tokenizer, device) if gate is not None else None, explicit_cases=explicit,
+            gate=gate.build(model, tokenizer, device, base.sha256) if gate is not None else None, explicit_cases=explicit,
             anchors=anchors, anchor_mix=anchor_mix,
         )  # fmt: skip
 

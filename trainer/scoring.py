@@ -75,8 +75,18 @@ def key_terms(expected: str) -> set[str]:
     return keys or {w.casefold() for w in words if len(w) > 3} or {w.casefold() for w in words}
 
 
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90", "hundred": "100"}
+
+
 def _normal(text: str) -> str:
-    return " ".join(w.casefold() for w in _WORD.findall(text))
+    """Casefolded words, number words as digits ("four" -> "4"), punctuation dropped."""
+    return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in _WORD.findall(text))
 
 
 def answers_match(answer: str, expected: str) -> bool:
@@ -84,7 +94,7 @@ def answers_match(answer: str, expected: str) -> bool:
     said, wanted = _normal(answer), _normal(expected)
     if wanted and (said == wanted or f" {wanted} " in f" {said} "):
         return True
-    keys = key_terms(expected)
+    keys = {_NUMBER_WORDS.get(k, k) for k in key_terms(expected)}
     return bool(keys) and len(keys & set(said.split())) * 2 >= len(keys)
 
 

@@ -94,7 +94,7 @@ class TrainerService:
         self.model, self.tokenizer, self.device = load_base(base, dtype)  # once per process
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.store = ArtifactStore(cfg.storage_root)
-        self.gate = cfg.gate.build(self.model, self.tokenizer, self.device) if cfg.gate is not None else None
+        self.gate = cfg.gate.build(self.model, self.tokenizer, self.device, base.sha256) if cfg.gate is not None else None
         self.anchors = load_anchor_answers(self.model, self.tokenizer, self.device, list(cfg.anchor_prompts),
                                            cfg.cache_dir, base.sha256) if cfg.anchor_prompts else []  # fmt: skip
         self.stop = threading.Event()  # the process is stopping

@@ -43,7 +43,9 @@ class TrainConfig:
     checkpoint_every: int = 20  # optimizer steps between checkpoints; 0 disables
     max_grad_norm: float = 1.0
     warmup_steps: int = 2
-    anchor_kl: float = 0.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
+    anchor_kl: float = 1.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
+    early_stopping: bool = True  # stop after the epoch in which every held-out case is answered
+    min_epochs: int = 2
 
 
 @dataclass

@@ -170,3 +170,17 @@ def test_validate_command_line_exit_codes(world, tiny_model_dir):
     assert refused.returncode == 1 and "sha256 mismatch" in refused.stdout + refused.stderr
     logged = AdapterRegistry(tmp / "cli-store").validation_results("ann")
     assert [r["passed"] for r in logged] == [True, False, False], "every offline validation is logged, the refusal too"
+
+
+def test_the_base_models_core_scores_are_cached_on_disk(world, tiny, tmp_path, monkeypatch):
+    model, tokenizer, device = tiny
+    gate = world["gate"]
+
+    def fresh() -> Gate:
+        return Gate(model, tokenizer, device, gate.embedder, gate.core_cases, gate.cfg, tmp_path, base_sha256="f" * 64)
+
+    first = fresh().reference_core(None)
+    assert list(tmp_path.glob("ffffffffffffffff-*.json"))
+    other_process = fresh()
+    monkeypatch.setattr(other_process, "score", lambda *a: pytest.fail("the base model was answered again"))
+    assert other_process.reference_core(None) == first
