@@ -490,6 +490,83 @@ def history_cmd(ctx: _Context, user_id: str) -> None:
 
 
 # --------------------------------------------------------------------------- #
+# api
+# --------------------------------------------------------------------------- #
+
+
+def _tokens_file(settings: Settings) -> Path:
+    if settings.api.tokens_file is not None:
+        return settings.api.tokens_file
+    if "://" in settings.storage_root and not settings.storage_root.startswith("file://"):
+        raise ConfigError("api.tokens_file must be set when storage_root is not a local directory")
+    return Path(settings.storage_root.removeprefix("file://")) / "api" / "tokens.json"
+
+
+@cli.group("api", invoke_without_command=True)
+@click.option("--host", default=None, help="default from config (api.host)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="default from config (api.port)")
+@click.pass_context
+def api_group(click_ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs); `api token` manages bearer tokens."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from adaptloop.kafka.client import ClientConfig
+    from adaptloop.kafka.topics import ensure_topics, plans_from_specs
+    from api.app import ApiConfig, run_api
+
+    s = click_ctx.find_object(_Context).settings
+    client = ClientConfig.from_settings(s.kafka)
+    ensure_topics(client, plans_from_specs(s.topics.all()))
+    cfg = ApiConfig(
+        client=client, commands_topic=s.topics.commands.name, lifecycle_topic=s.topics.lifecycle.name,
+        users_changelog=f"{s.streams.app_id}-users-changelog", storage_root=s.storage_root,
+        max_versions=s.max_adapter_versions, tokens_file=_tokens_file(s), max_body_bytes=s.api.max_body_bytes,
+    )  # fmt: skip
+    run_api(cfg, host or s.api.host, port or s.api.port)
+
+
+@api_group.group("token")
+def api_token() -> None:
+    """Create, list and revoke the API's bearer tokens."""
+
+
+@api_token.command("create")
+@click.option("--scope", "scopes", multiple=True, required=True, help="admin, or user:<user_id> (repeatable)")
+@click.option("--note", default="", help="what the token is for")
+@pass_ctx
+def api_token_create(ctx: _Context, scopes: tuple[str, ...], note: str) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from api.auth import TokenStore
+
+    token_id, token = TokenStore(_tokens_file(ctx.settings)).create(list(scopes), note)
+    click.echo(f"token id {token_id} ({', '.join(scopes)}); shown once, store it now:", err=True)
+    click.echo(token)
+
+
+@api_token.command("list")
+@pass_ctx
+def api_token_list(ctx: _Context) -> None:
+    """List token ids and scopes (never the tokens)."""
+    from api.auth import TokenStore
+
+    for token_id, entry in TokenStore(_tokens_file(ctx.settings)).list().items():
+        click.echo(f"{token_id}  {','.join(entry['scopes'])}  {entry['created_at'][:19]}  {entry.get('note', '')}")
+
+
+@api_token.command("revoke")
+@click.argument("token_id")
+@pass_ctx
+def api_token_revoke(ctx: _Context, token_id: str) -> None:
+    """Revoke a token by its id."""
+    from api.auth import TokenStore
+
+    if not TokenStore(_tokens_file(ctx.settings)).revoke(token_id):
+        click.echo(f"no token {token_id}", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {token_id}")
+
+
+# --------------------------------------------------------------------------- #
 # demo
 # --------------------------------------------------------------------------- #
 

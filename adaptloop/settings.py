@@ -257,6 +257,15 @@ class ValidationSettings(_Section):
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 
 
+class ApiSettings(_Section):
+    """The HTTP API (`adaptloop api`)."""
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535)
+    tokens_file: Path | None = Field(None, description="hashed bearer tokens; default <storage_root>/api/tokens.json")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger request bodies get 413")
+
+
 # --------------------------------------------------------------------------- #
 # The root
 # --------------------------------------------------------------------------- #
@@ -302,6 +311,7 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     validation: ValidationSettings = ValidationSettings()
+    api: ApiSettings = ApiSettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> "Settings":

@@ -185,6 +185,11 @@ class AdapterRegistry:
 
     # ---- read ------------------------------------------------------------- #
 
+    def users(self) -> list[str]:
+        """Every user with a directory in the registry."""
+        users = self.root / "users"
+        return sorted(p.name for p in users.iterdir() if p.is_dir()) if users.is_dir() else []
+
     def versions(self, user_id: str) -> list[VersionInfo]:
         return [self.info(user_id, v) for v in self._version_numbers(user_id)]
 

@@ -1,0 +1,200 @@
+"""Jobs and per-user counters, materialised from Kafka by the API process.
+
+A background thread reads, from the beginning and without a consumer group
+(assign(); the API joins no group and commits nothing):
+- `adapter.commands`: every retrain/validate/rollback command is a job, `queued`;
+- `adapter.lifecycle`: events carrying the command's id as `job_id` move it on;
+- the worker's `<app_id>-users-changelog`: each user's pending gaps.
+
+Job status by kind:
+- retrain: queued -> training -> validating -> promoted | rejected | failed
+- validate: queued -> validated (with `passed`) | failed
+- rollback: queued -> rolled_back | failed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from adaptloop.kafka.client import ClientConfig
+
+log = logging.getLogger("adaptloop.api")
+
+_STATUS_BY_EVENT = {
+    "training_started": "training",
+    "training_completed": "validating",
+    "promoted": "promoted",
+    "rejected": "rejected",
+    "training_failed": "failed",
+    "command_failed": "failed",
+    "rolled_back": "rolled_back",
+}
+FINAL = {"promoted", "rejected", "failed", "validated", "rolled_back"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    user_id: str
+    status: str = "queued"
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    version: int | None = None
+    passed: bool | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        at = event.get("timestamp") or _now()
+        self.events.append({"type": kind, "at": at, "version": event.get("version")})
+        self.updated_at = at
+        if self.status in FINAL and kind not in ("promoted", "rejected"):
+            return  # a republished earlier step never moves a finished job back
+        if kind == "validated" and self.kind == "validate":
+            self.status = "validated"
+        else:
+            self.status = _STATUS_BY_EVENT.get(kind, self.status)
+        if event.get("version") is not None:
+            self.version = event["version"]
+        if event.get("metrics"):
+            self.scores = {k: v for k, v in event["metrics"].items() if k.endswith("_score") or k == "facts_learned"}
+        details = event.get("details") or {}
+        if "passed" in details:
+            self.passed = details["passed"]
+        if event.get("reason"):
+            self.reason = event["reason"]
+
+
+@dataclass
+class Activity:
+    """What the API reports across users, from the same topics."""
+
+    trainings: list[float] = field(default_factory=list)  # training_completed times (epoch s)
+    rollbacks: list[float] = field(default_factory=list)
+    pending_gaps: dict[str, int] = field(default_factory=dict)
+    last_training: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class JobTracker:
+    def __init__(self, client: ClientConfig, commands_topic: str, lifecycle_topic: str, users_changelog: str | None) -> None:
+        self.client = client
+        self.topics = [t for t in (commands_topic, lifecycle_topic, users_changelog) if t]
+        self.commands_topic, self.lifecycle_topic, self.users_changelog = commands_topic, lifecycle_topic, users_changelog
+        self.jobs: dict[str, Job] = {}
+        self.activity = Activity()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.caught_up = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="job-tracker", daemon=True)
+
+    def start(self) -> "JobTracker":
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    # ---- what the API asks --------------------------------------------------- #
+
+    def add(self, job_id: str, kind: str, user_id: str) -> Job:
+        with self.lock:
+            return self.jobs.setdefault(job_id, Job(job_id, kind, user_id))
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            out: dict[str, int] = {}
+            for job in self.jobs.values():
+                out[job.status] = out.get(job.status, 0) + 1
+            return out
+
+    # ---- the reader ------------------------------------------------------------ #
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._consume()
+            except Exception as exc:  # the broker went away: say so, retry, keep serving what we have
+                log.warning("job tracker: %s; retrying in 2 s", exc)
+                time.sleep(2)
+
+    def _consume(self) -> None:
+        consumer = Consumer(self.client.librdkafka(**{"group.id": "adaptloop-api-reader", "enable.auto.commit": False,
+                                                      "enable.partition.eof": True}))  # fmt: skip
+        try:
+            metadata = consumer.list_topics(timeout=10)
+            assignment = [TopicPartition(t, p, 0) for t in self.topics if t in metadata.topics
+                          for p in metadata.topics[t].partitions]  # fmt: skip
+            consumer.assign(assignment)
+            at_end: set[tuple[str, int]] = set()
+            while not self.stop.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add((msg.topic(), msg.partition()))
+                        if len(at_end) >= len(assignment):
+                            self.caught_up.set()
+                        continue
+                    raise RuntimeError(str(msg.error()))
+                self._apply(msg.topic(), msg.key(), msg.value())
+        finally:
+            consumer.close()
+
+    def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        try:
+            body = json.loads(value) if value is not None else None
+        except ValueError:
+            return  # not ours to judge: the worker dead-letters bad commands
+        with self.lock:
+            if topic == self.users_changelog:
+                if key is not None:
+                    user = key.decode(errors="replace")
+                    self.activity.pending_gaps[user] = len(body.get("gaps", [])) if isinstance(body, dict) else 0
+            elif not isinstance(body, dict):
+                return
+            elif topic == self.commands_topic and body.get("command_id") and body.get("user_id"):
+                job = self.jobs.setdefault(body["command_id"], Job(body["command_id"], str(body.get("type")), body["user_id"]))
+                job.created_at = body.get("requested_at") or job.created_at
+            elif topic == self.lifecycle_topic:
+                self._lifecycle(body)
+
+    def _lifecycle(self, event: dict[str, Any]) -> None:
+        kind, at = event.get("type"), _epoch(event.get("timestamp"))
+        if kind == "training_completed" and not (event.get("details") or {}).get("republished"):
+            self.activity.trainings.append(at)
+            self.activity.last_training[event.get("user_id", "")] = {
+                "at": event.get("timestamp"), "version": event.get("version"), "request_id": event.get("request_id"),
+            }  # fmt: skip
+        elif kind == "rolled_back" and not (event.get("details") or {}).get("republished"):
+            self.activity.rollbacks.append(at)
+        job = self.jobs.get(event.get("job_id") or "")
+        if job is not None:
+            job.apply(event)
+
+
+def _epoch(timestamp: str | None) -> float:
+    try:
+        return datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
