@@ -30,7 +30,7 @@ from tests.api.conftest import TOPICS, start_api, write_config
 from tests.conftest import stop_processes
 from trainer.registry import AdapterRegistry
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 FACTS = [
     ("What is my cat's name?", "Your cat is called Pixel."),
