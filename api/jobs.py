@@ -97,6 +97,7 @@ class JobTracker:
         self.commands_topic, self.lifecycle_topic, self.users_changelog = commands_topic, lifecycle_topic, users_changelog
         self.jobs: dict[str, Job] = {}
         self.activity = Activity()
+        self._seen_events: set[str] = set()  # a reconnect re-reads from the start: apply each event once
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.caught_up = threading.Event()
@@ -141,12 +142,25 @@ class JobTracker:
         consumer = Consumer(self.client.librdkafka(**{"group.id": "adaptloop-api-reader", "enable.auto.commit": False,
                                                       "enable.partition.eof": True}))  # fmt: skip
         try:
-            metadata = consumer.list_topics(timeout=10)
-            assignment = [TopicPartition(t, p, 0) for t in self.topics if t in metadata.topics
-                          for p in metadata.topics[t].partitions]  # fmt: skip
-            consumer.assign(assignment)
+            assigned: set[str] = set()
+            assignment: list[TopicPartition] = []
             at_end: set[tuple[str, int]] = set()
+            next_check = 0.0
             while not self.stop.is_set():
+                if len(assigned) < len(self.topics) and time.monotonic() >= next_check:
+                    # A topic created later (the worker's changelog, say) is picked up when it appears.
+                    metadata = consumer.list_topics(timeout=10)
+                    new = [TopicPartition(t, p, 0) for t in self.topics if t not in assigned and t in metadata.topics
+                           for p in metadata.topics[t].partitions]  # fmt: skip
+                    if new:
+                        consumer.incremental_assign(new)
+                        assignment += new
+                        assigned |= {tp.topic for tp in new}
+                    next_check = time.monotonic() + 10
+                    if not assignment:
+                        self.caught_up.set()  # nothing to read yet
+                        time.sleep(0.5)
+                        continue
                 msg = consumer.poll(0.5)
                 if msg is None:
                     continue
@@ -180,6 +194,10 @@ class JobTracker:
                 self._lifecycle(body)
 
     def _lifecycle(self, event: dict[str, Any]) -> None:
+        event_id = str(event.get("event_id"))
+        if event_id in self._seen_events:
+            return
+        self._seen_events.add(event_id)
         kind, at = event.get("type"), _epoch(event.get("timestamp"))
         if kind == "training_completed" and not (event.get("details") or {}).get("republished"):
             self.activity.trainings.append(at)
