@@ -1,24 +1,23 @@
 """The anchor set: general prompts with the base model's own answers, mixed into every training run.
 
-    anchors = load_anchor_answers(model, tokenizer, device, prompts, cache_dir, base_sha256)
-    mixed = mix_anchors(user_examples, anchors, AnchorMix(ratio=1.0, minimum=16), seed=0)
+    anchor_set = AnchorSet(prompts, cache_dir, base_sha256)
+    chosen = choose_anchor_prompts(user_examples, anchor_set.prompts, AnchorMix(ratio=1.0, minimum=16), seed=0)
+    mixed = mix_anchors(user_examples, anchor_set.answers(model, tokenizer, device, chosen), AnchorMix())
 
 A LoRA fine-tune on a handful of personal facts learns them and rewrites
 general answers too ("the capital of France is <the user's birthplace>").
 Training on the base model's own answers to a few hundred general prompts
 (self-distillation) alongside the user's examples keeps those answers where
-they were. The answers are generated once per base model and prompt list
-(greedy, batched) and cached as JSONL under `<cache_dir>/anchors/`.
+they were. Each answer is generated once per base model (greedy, batched),
+when a run first samples its prompt, and cached as JSONL under
+`<cache_dir>/anchors/`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,33 +35,53 @@ def read_prompts(path: str | Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _cache_path(cache_dir: Path, base_sha256: str, prompts: list[str]) -> Path:
-    key = hashlib.sha256(json.dumps([base_sha256, _MAX_NEW_TOKENS, prompts]).encode()).hexdigest()[:20]
-    return Path(cache_dir) / "anchors" / f"{key}.jsonl"
+class AnchorSet:
+    """The anchor prompts, and the base model's answers to them: generated on first use, cached per base model.
 
+    Only the prompts a run samples are answered, so the first run pays for a
+    batch of them, not for the whole set; the cache (JSONL under
+    `<cache_dir>/anchors/<base sha256>.jsonl`) fills as runs go.
+    """
 
-def load_anchor_answers(model, tokenizer, device, prompts: list[str], cache_dir: Path, base_sha256: str) -> list[TrainingExample]:
-    """The base model's answers to `prompts`, from the cache or generated once (the model must be the plain base)."""
-    path = _cache_path(cache_dir, base_sha256, prompts)
-    if base_sha256 and path.is_file():
-        return [TrainingExample.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    from trainer.train import generate_batch
+    def __init__(self, prompts: list[str], cache_dir: Path, base_sha256: str) -> None:
+        self.prompts = list(prompts)
+        # An unidentified base model (a hub id) is never cached: its weights could change.
+        self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{_MAX_NEW_TOKENS}.jsonl" if base_sha256 else None
+        self._answers: dict[str, str] | None = None
 
-    log.info("answering %d anchor prompts with the base model (once per base model)", len(prompts))
-    answers = generate_batch(model, tokenizer, device, prompts, _MAX_NEW_TOKENS, batch_size=32)
-    examples = []
-    for prompt, answer in zip(prompts, answers):
-        try:
-            examples.append(TrainingExample(prompt=prompt, response=answer, source="anchor"))
-        except ValueError:  # an empty answer, or one with control characters: not worth teaching back
-            continue
-    if base_sha256:  # an unidentified base model (a hub id) is never cached: its weights could change
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(e.model_dump_json() + "\n" for e in examples)
-        os.replace(tmp, path)
-    return examples
+    def _load(self) -> dict[str, str]:
+        if self._answers is None:
+            self._answers = {}
+            if self.cache_file is not None and self.cache_file.is_file():
+                for line in self.cache_file.read_text(encoding="utf-8").splitlines():
+                    try:
+                        entry = json.loads(line)
+                        self._answers[entry["prompt"]] = entry["answer"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a crash: answered again when needed
+        return self._answers
+
+    def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
+        """Anchor examples for `prompts` (the model must be the plain base model)."""
+        known = self._load()
+        missing = [p for p in dict.fromkeys(prompts) if p not in known]
+        if missing:
+            from trainer.train import generate_batch
+
+            log.info("answering %d anchor prompts with the base model (cached afterwards)", len(missing))
+            fresh = dict(zip(missing, generate_batch(model, tokenizer, device, missing, _MAX_NEW_TOKENS, batch_size=32)))
+            known.update(fresh)
+            if self.cache_file is not None:
+                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.cache_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in fresh.items())
+        examples = []
+        for prompt in prompts:
+            try:
+                examples.append(TrainingExample(prompt=prompt, response=known[prompt], source="anchor"))
+            except ValueError:  # an empty answer, or one with control characters: not worth teaching back
+                continue
+        return examples
 
 
 @dataclass(frozen=True)
@@ -78,15 +97,17 @@ def _normal(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip("?.! ")
 
 
-def mix_anchors(examples: list[TrainingExample], anchors: list[TrainingExample], mix: AnchorMix, seed: int) -> list[TrainingExample]:
-    """The user's examples plus a seeded sample of anchors (ratio x as many, at least `minimum`).
+def choose_anchor_prompts(examples: list[TrainingExample], prompts: list[str], mix: AnchorMix, seed: int) -> list[str]:
+    """A seeded sample of anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
 
     Anchors asking what a user example asks are left out: the user's answer wins.
     """
     taught = {_normal(e.prompt) for e in examples}
-    usable = [a for a in anchors if _normal(a.prompt) not in taught]
+    usable = [p for p in dict.fromkeys(prompts) if _normal(p) not in taught]
     count = min(len(usable), max(mix.minimum, round(mix.ratio * len(examples))))
-    if count <= 0:
-        return list(examples)
-    chosen = random.Random(seed).sample(usable, count)
-    return list(examples) + [a.model_copy(update={"weight": mix.weight, "source": "anchor"}) for a in chosen]
+    return random.Random(seed).sample(usable, count) if count > 0 else []
+
+
+def mix_anchors(examples: list[TrainingExample], anchors: list[TrainingExample], mix: AnchorMix) -> list[TrainingExample]:
+    """The user's examples plus the anchors, weighted for the run."""
+    return list(examples) + [a.model_copy(update={"weight": mix.weight, "source": "anchor"}) for a in anchors]

@@ -25,7 +25,7 @@ from adaptloop.errors import StorageError
 from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas.training import TrainingExample
 from streams.dataset import split_holdout
-from trainer.anchors import AnchorMix, load_anchor_answers, mix_anchors
+from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
 from trainer.data import read_jsonl
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
@@ -118,7 +118,7 @@ def train_version(
     dataset_sha256: str,
     gate: Gate | None,
     explicit_cases: list[TestCase] = (),
-    anchors: list[TrainingExample] = (),
+    anchors: AnchorSet | None = None,
     anchor_mix: AnchorMix = AnchorMix(),
     trigger: str = "manual",
     request_id: str | None = None,
@@ -134,7 +134,10 @@ def train_version(
     `apply_decision` when the request comes again.
     """
     bar, update = _progress_bar() if show_progress else (None, None)
-    mixed = mix_anchors(examples, list(anchors), anchor_mix, cfg.seed) if anchors else examples
+    mixed = examples
+    if anchors is not None and anchors.prompts:
+        chosen = choose_anchor_prompts(examples, anchors.prompts, anchor_mix, cfg.seed)
+        mixed = mix_anchors(examples, anchors.answers(model, tokenizer, device, chosen), anchor_mix)
     answered: list[dict] = []
 
     def held_out_answered(epoch: int, peft_model) -> bool:
@@ -209,7 +212,7 @@ def train_from_file(
     base = resolve_base_model(base_model, gguf_file, cache_dir)
     model, tokenizer, device = load_base(base, dtype)
     explicit = user_cases(store, gate.user_tests_dir, user_id) if gate is not None and store is not None else []
-    anchors = load_anchor_answers(model, tokenizer, device, list(anchor_prompts), cache_dir, base.sha256) if anchor_prompts else []
+    anchors = AnchorSet(list(anchor_prompts), cache_dir, base.sha256) if anchor_prompts else None
     with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
         return train_version(
             registry=registry, base=base, model=model, tokenizer=tokenizer, device=device, user_id=user_id,

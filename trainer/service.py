@@ -46,7 +46,7 @@ from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas import COMMAND_ADAPTER, Command, DeadLetter, LifecycleEvent, RollbackCommand, TrainingRequest, ValidateCommand
 from schemas.decode import decode
 from streams.dataset import from_jsonl
-from trainer.anchors import AnchorMix, load_anchor_answers
+from trainer.anchors import AnchorMix, AnchorSet
 from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
 from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
@@ -95,8 +95,7 @@ class TrainerService:
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.store = ArtifactStore(cfg.storage_root)
         self.gate = cfg.gate.build(self.model, self.tokenizer, self.device, base.sha256) if cfg.gate is not None else None
-        self.anchors = load_anchor_answers(self.model, self.tokenizer, self.device, list(cfg.anchor_prompts),
-                                           cfg.cache_dir, base.sha256) if cfg.anchor_prompts else []  # fmt: skip
+        self.anchors = AnchorSet(list(cfg.anchor_prompts), cfg.cache_dir, base.sha256) if cfg.anchor_prompts else None
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None

@@ -6,7 +6,7 @@ import pytest
 
 from adaptloop.settings import shipped_config_dir
 from schemas.training import TrainingExample
-from trainer.anchors import AnchorMix, load_anchor_answers, mix_anchors, read_prompts
+from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors, read_prompts
 from trainer.gate import load_cases
 
 pytestmark = pytest.mark.unit
@@ -19,35 +19,41 @@ def test_shipped_anchor_prompts_are_many_and_disjoint_from_the_core_suite():
     assert not core & {a.casefold() for a in anchors}, "the core suite measures what the anchors protect: never train on it"
 
 
-def _anchors(n: int) -> list[TrainingExample]:
-    return [TrainingExample(prompt=f"General question {i}?", response=f"Answer {i}.", source="anchor") for i in range(n)]
-
-
-def test_mixing_is_seeded_bounded_and_never_contradicts_the_user():
+def test_choosing_is_seeded_bounded_and_never_contradicts_the_user():
+    prompts = [f"General question {i}?" for i in range(40)]
     user = [TrainingExample(prompt="General question 3?", response="My own answer."), TrainingExample(prompt="Q?", response="A.")]
-    mixed = mix_anchors(user, _anchors(40), AnchorMix(ratio=2.0, minimum=10, weight=0.5), seed=1)
-    added = mixed[len(user) :]
-    assert mixed[: len(user)] == user and len(added) == 10, "at least `minimum`"
-    assert all(a.source == "anchor" and a.weight == 0.5 for a in added)
-    assert "General question 3?" not in {a.prompt for a in added}, "the user's answer wins"
-    assert mixed == mix_anchors(user, _anchors(40), AnchorMix(ratio=2.0, minimum=10, weight=0.5), seed=1)
-    assert len(mix_anchors(user * 20, _anchors(40), AnchorMix(ratio=1.0, minimum=0), seed=1)) == 40 + 39
-    assert mix_anchors(user, _anchors(40), AnchorMix(ratio=0.0, minimum=0), seed=1) == user
+    mix = AnchorMix(ratio=2.0, minimum=10, weight=0.5)
+    chosen = choose_anchor_prompts(user, prompts, mix, seed=1)
+    assert len(chosen) == 10, "at least `minimum`"
+    assert "General question 3?" not in chosen, "the user's answer wins"
+    assert chosen == choose_anchor_prompts(user, prompts, mix, seed=1) != choose_anchor_prompts(user, prompts, mix, seed=2)
+    assert len(choose_anchor_prompts(user * 20, prompts, AnchorMix(ratio=1.0, minimum=0), seed=1)) == 39
+    assert choose_anchor_prompts(user, prompts, AnchorMix(ratio=0.0, minimum=0), seed=1) == []
+    anchors = [TrainingExample(prompt=p, response="x", source="anchor") for p in chosen]
+    mixed = mix_anchors(user, anchors, mix)
+    assert mixed[:2] == user and all(a.source == "anchor" and a.weight == 0.5 for a in mixed[2:])
 
 
-def test_base_answers_are_generated_once_and_cached(tmp_path, monkeypatch):
+def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monkeypatch):
     import trainer.train
 
     calls = []
+    answers = {"Capital of France?": "Paris.", "Say nothing.": "", "Days in a week?": "Seven."}
 
     def fake_generate(model, tokenizer, device, prompts, max_new_tokens=48, batch_size=16):
         calls.append(list(prompts))
-        return ["Paris.", "", "Seven."][: len(prompts)]
+        return [answers[p] for p in prompts]
 
     monkeypatch.setattr(trainer.train, "generate_batch", fake_generate)
-    prompts = ["Capital of France?", "Say nothing.", "Days in a week?"]
-    first = load_anchor_answers(None, None, "cpu", prompts, tmp_path, base_sha256="abc")
-    assert [(a.prompt, a.response) for a in first] == [("Capital of France?", "Paris."), ("Days in a week?", "Seven.")]
-    assert load_anchor_answers(None, None, "cpu", prompts, tmp_path, base_sha256="abc") == first and len(calls) == 1
-    load_anchor_answers(None, None, "cpu", prompts, tmp_path, base_sha256="other-base")
-    assert len(calls) == 2, "keyed by the base model's hash"
+    anchor_set = AnchorSet(list(answers), tmp_path, base_sha256="abc")
+    first = anchor_set.answers(None, None, "cpu", ["Capital of France?", "Say nothing."])
+    assert [(a.prompt, a.response) for a in first] == [("Capital of France?", "Paris.")], "an empty answer is not an example"
+    assert calls == [["Capital of France?", "Say nothing."]]
+    again = AnchorSet(list(answers), tmp_path, base_sha256="abc")  # another process
+    both = again.answers(None, None, "cpu", ["Days in a week?", "Capital of France?"])
+    assert [a.response for a in both] == ["Seven.", "Paris."] and calls[-1] == ["Days in a week?"], "only the new prompt"
+    AnchorSet(list(answers), tmp_path, base_sha256="other-base").answers(None, None, "cpu", ["Capital of France?"])
+    assert calls[-1] == ["Capital of France?"], "keyed by the base model's hash"
+    cache = next((tmp_path / "anchors").glob("abc*.jsonl"))
+    cache.write_text(cache.read_text() + '{"prompt": "cut sh')  # a crash mid-line
+    assert len(AnchorSet(list(answers), tmp_path, base_sha256="abc").answers(None, None, "cpu", ["Capital of France?"])) == 1
