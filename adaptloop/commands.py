@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from adaptloop.errors import InvalidMessage, KafkaOperationError
 from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import produce
+from adaptloop.kafka.io import next_message, produce
 from schemas import LifecycleEvent, RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.decode import decode
 
@@ -49,13 +49,9 @@ def send_command(
         produce(client, commands_topic, [(command.user_id, command.to_bytes())])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
+            msg = next_message(consumer, 0.5, f"reading {lifecycle_topic}")
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaOperationError(f"reading {lifecycle_topic} failed: {msg.error()}")
             try:
                 event = decode(LifecycleEvent, msg.value())
             except InvalidMessage:

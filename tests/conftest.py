@@ -37,6 +37,23 @@ def stop_processes(procs, timeout: float = 30) -> None:
                 proc.kill()
 
 
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, *, interval: float = 0.5,
+               check: Callable[[], None] | None = None, context: Callable[[], str] = lambda: ""):  # fmt: skip
+    """Poll `predicate` until it returns something truthy (returned); `check` may raise early (a process died)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        if check is not None:
+            check()
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{context()}")
+
+
 def _docker_answers() -> bool:
     try:
         import docker

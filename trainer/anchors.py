@@ -25,7 +25,6 @@ from schemas.training import TrainingExample
 
 log = logging.getLogger("adaptloop.trainer")
 
-ANCHOR_FILE = "anchor_prompts.txt"
 _MAX_NEW_TOKENS = 32  # the KL is taken along the base answer: its first sentence or two is enough
 
 

@@ -29,8 +29,6 @@ from typing import Any
 from adaptloop.errors import InvalidMessage
 from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, mean_score, score_cases
 
-CORE_SUITE_FILE = "core_suite.jsonl"
-
 
 @dataclass(frozen=True)
 class GateConfig:

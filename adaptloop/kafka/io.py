@@ -26,6 +26,18 @@ class Record:
     timestamp_ms: int
 
 
+def next_message(consumer: Consumer, timeout: float, what: str):
+    """The next message, or None when nothing came (a partition's end counts as nothing); errors raise."""
+    msg = consumer.poll(timeout)
+    if msg is None:
+        return None
+    if msg.error():
+        if msg.error().code() == KafkaError._PARTITION_EOF:
+            return None
+        raise KafkaOperationError(f"{what} failed: {msg.error()}")
+    return msg
+
+
 def produce(client: ClientConfig, topic: str, messages: Iterable[tuple[str | bytes | None, bytes]], timeout: float = 60.0) -> int:
     """Send (key, value) pairs to `topic`, wait for every acknowledgement; return the count."""
     # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
@@ -82,15 +94,11 @@ def consume(
         deadline = time.monotonic() + total_timeout
         last = time.monotonic()
         while time.monotonic() < deadline and (max_messages is None or seen < max_messages):
-            msg = consumer.poll(0.5)
+            msg = next_message(consumer, 0.5, f"consuming {topics}")
             if msg is None:
                 if time.monotonic() - last > idle_timeout:
                     break
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaOperationError(f"consuming {topics} failed: {msg.error()}")
             last = time.monotonic()
             seen += 1
             yield Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.timestamp()[1])
@@ -130,13 +138,9 @@ def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeo
         consumer.assign(assignment)
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
+            msg = next_message(consumer, 0.5, f"reading {topics}")
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaOperationError(f"reading {msg.topic()} failed: {msg.error()}")
             key = (msg.topic(), msg.partition())
             if key not in ends:
                 continue

@@ -18,7 +18,7 @@ from adaptloop.kafka.broker import free_port
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from api.auth import TokenStore
-from tests.conftest import stop_processes
+from tests.conftest import stop_processes, wait_until
 
 TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "commands", "training_requests", "lifecycle", "dlq")
 
@@ -48,13 +48,7 @@ class ApiHandle:
         produce(self.client, self.topics["lifecycle"], [(message.user_id, message.to_bytes())])
 
     def wait_for(self, predicate, timeout: float = 60, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = predicate()
-            if result:
-                return result
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_until(predicate, timeout, what, interval=0.3)
 
 
 def write_config(base: Path, topics: dict[str, str], **extra) -> Path:

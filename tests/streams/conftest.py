@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import stop_processes
+from tests.conftest import stop_processes, wait_until
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from streams.app import partition_of
@@ -121,14 +121,7 @@ class WorkerHandle:
         return out
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 60, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(1.0)
-        raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{self.log_tail()}")
+        return wait_until(predicate, timeout, what, interval=1.0, context=self.log_tail)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import stop_processes
+from tests.conftest import stop_processes, wait_until
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from adaptloop.storage import ArtifactStore
@@ -73,15 +73,11 @@ class TrainerHandle:
         return [json.loads(r.value) for r in records]
 
     def wait_for(self, predicate, timeout: float = 180, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = predicate()
-            if result:
-                return result
+        def alive() -> None:
             if self.procs and self.procs[-1].poll() is not None:
                 raise AssertionError(f"trainer exited ({self.procs[-1].returncode}):\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.log_path.read_text()[-3000:]}")
+
+        return wait_until(predicate, timeout, what, check=alive, context=lambda: self.log_path.read_text()[-3000:])
 
 
 @pytest.fixture
