@@ -54,6 +54,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, *, in
     raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{context()}")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the tests with the largest time budget first.
+
+    Under `pytest -n 2` (`make test`) a long test that starts last would
+    leave one worker idle while it runs; started first, it overlaps the rest.
+    """
+
+    def budget(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        return float(marker.args[0]) if marker and marker.args else 0.0
+
+    items.sort(key=budget, reverse=True)  # stable: otherwise the collection order
+
+
 def _docker_answers() -> bool:
     try:
         import docker
