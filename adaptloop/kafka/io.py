@@ -38,8 +38,12 @@ def next_message(consumer: Consumer, timeout: float, what: str):
     return msg
 
 
-def produce(client: ClientConfig, topic: str, messages: Iterable[tuple[str | bytes | None, bytes]], timeout: float = 60.0) -> int:
-    """Send (key, value) pairs to `topic`, wait for every acknowledgement; return the count."""
+def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout: float = 60.0) -> int:
+    """Send (key, value[, timestamp_ms[, partition]]) tuples to `topic`; wait for every acknowledgement.
+
+    A timestamp of None means now; without a partition, the key's murmur2
+    hash picks it. Returns the count.
+    """
     # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
     # then finds every user's events in the user's home partition.
     producer = Producer(client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}))
@@ -50,10 +54,12 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple[str | byt
             errors.append(str(err))
 
     count = 0
-    for key, value in messages:
+    for key, value, *more in messages:
+        stamp, partition = (list(more) + [None, None])[:2]
+        extra = {k: v for k, v in (("timestamp", stamp), ("partition", partition)) if v is not None}
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **extra)
                 break
             except BufferError:
                 producer.poll(0.1)  # local queue full: let deliveries drain
@@ -108,41 +114,74 @@ def consume(
         consumer.close()
 
 
-def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeout: float = 60.0) -> Iterator[Record]:
-    """Every record of `topics` from `since_ms` (broker timestamp) up to the end as of now.
+@dataclass(frozen=True)
+class OffsetRange:
+    """Offsets [start, end) of one partition; empty when start == end."""
 
-    Uses offsets_for_times and assign(): no consumer group, nothing committed,
-    the live groups are untouched.
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+def offset_ranges(client: ClientConfig, topics: list[str], since_ms: int = 0, until_ms: int | None = None,
+                  timeout: float = 60.0) -> list[OffsetRange]:  # fmt: skip
+    """For every partition of `topics`: the offsets of the records with broker timestamps in [since_ms, until_ms).
+
+    offsets_for_times gives the first offset at or after a time; a missing
+    `until_ms` means the end of the partition as of now.
     """
     from confluent_kafka import TopicPartition
 
-    consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-reader", "enable.auto.commit": False}))
+    consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-planner", "enable.auto.commit": False}))
     try:
         metadata = consumer.list_topics(timeout=timeout)
-        wanted: list[TopicPartition] = []
+        partitions: list[tuple[str, int]] = []
         for topic in topics:
             if topic not in metadata.topics or metadata.topics[topic].error is not None:
                 raise KafkaOperationError(f"topic {topic} does not exist")
-            wanted += [TopicPartition(topic, p, since_ms) for p in metadata.topics[topic].partitions]
-        starts = consumer.offsets_for_times(wanted, timeout=timeout)
-        ends: dict[tuple[str, int], int] = {}
-        assignment = []
-        for tp in starts:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout)
-            start = tp.offset if tp.offset >= 0 else high  # -1: nothing at or after since_ms
-            if start < high:
-                ends[(tp.topic, tp.partition)] = high
-                assignment.append(TopicPartition(tp.topic, tp.partition, start))
-        if not assignment:
-            return
-        consumer.assign(assignment)
+            partitions += [(topic, p) for p in sorted(metadata.topics[topic].partitions)]
+
+        def first_at(ms: int) -> list[int]:
+            found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t, p in partitions], timeout=timeout)
+            return [tp.offset for tp in found]
+
+        highs = [consumer.get_watermark_offsets(TopicPartition(t, p), timeout=timeout)[1] for t, p in partitions]
+        starts = first_at(since_ms)
+        ends = first_at(until_ms) if until_ms is not None else highs
+        ranges = []
+        for (topic, partition), start, end, high in zip(partitions, starts, ends, highs):
+            end = high if end < 0 else end  # -1: nothing at or after that time
+            start = end if start < 0 else min(start, end)
+            ranges.append(OffsetRange(topic, partition, start, end))
+        return ranges
+    except KafkaException as exc:
+        raise KafkaOperationError(f"planning offsets of {topics} failed: {exc}") from None
+    finally:
+        consumer.close()
+
+
+def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float = 60.0) -> Iterator[Record]:
+    """Every record in `ranges`, per partition in offset order; no consumer group, nothing committed."""
+    from confluent_kafka import TopicPartition
+
+    ends = {(r.topic, r.partition): r.end for r in ranges if r.count > 0}
+    if not ends:
+        return
+    consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-reader", "enable.auto.commit": False}))
+    try:
+        consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in ranges if r.count > 0])
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
-            msg = next_message(consumer, 0.5, f"reading {topics}")
+            msg = next_message(consumer, 0.5, "reading offset ranges")
             if msg is None:
                 continue
             key = (msg.topic(), msg.partition())
-            if key not in ends:
+            if key not in ends or msg.offset() >= ends[key]:
                 continue
             deadline = time.monotonic() + timeout
             yield Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.timestamp()[1])
@@ -152,3 +191,12 @@ def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeo
             raise KafkaOperationError(f"timed out reading {sorted(ends)}")
     finally:
         consumer.close()
+
+
+def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeout: float = 60.0) -> Iterator[Record]:
+    """Every record of `topics` from `since_ms` (broker timestamp) up to the end as of now.
+
+    Uses offsets_for_times and assign(): no consumer group, nothing committed,
+    the live groups are untouched.
+    """
+    yield from read_ranges(client, offset_ranges(client, topics, since_ms, timeout=timeout), timeout)
