@@ -223,18 +223,100 @@ def generate_data(ctx: _Context, user_id: str, output: str, include_global: bool
     )
 
 
-def _parse_since(since: str | None) -> int:
-    if since is None:
-        return 0
+@cli.command("publish")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--dry-run", is_flag=True, help="check the file and show where each line would go; send nothing")
+@pass_ctx
+def publish_cmd(ctx: _Context, path: str, dry_run: bool) -> None:
+    """Publish recorded events (JSONL) to their topics: each line names its topic or its event type."""
+    from adaptloop.kafka.client import ClientConfig
+    from adaptloop.publish import publish, read_publish_file
+
+    settings = ctx.settings
+    topics = {name: getattr(settings.topics, name).name for name in type(settings.topics).model_fields}
+    records = read_publish_file(Path(path), topics)
+    counts: dict[str, int] = {}
+    if dry_run:
+        for record in records:
+            counts[record.topic] = counts.get(record.topic, 0) + 1
+    else:
+        counts = publish(ClientConfig.from_settings(settings.kafka), records)
+    for topic, n in counts.items():
+        click.echo(f"{n:8d} {'would go to' if dry_run else '->'} {topic}")
+    click.echo(f"{sum(counts.values())} record(s) {'checked' if dry_run else 'published'} from {path}")
+
+
+@cli.command("replay")
+@click.option("--from", "from_", required=True, help="ISO-8601 time to re-read the topics from (broker timestamps)")
+@click.option("--to", "to", default=None, help="ISO-8601 time to stop before (default: the end as of now)")
+@click.option("--topics", "topic_list", default=None,
+              help="comma-separated topic keys or names (default: the input topics, commands and lifecycle)")
+@click.option("--user-id", default=None, help="rebuild this user only")
+@click.option("--app-id", default=None, help="the new app version (default: <streams.app_id>-replay-<UTC stamp>)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="where datasets and requests.jsonl go (default: <storage_root>/replays/<app version>)")
+@click.option("--emit-requests", is_flag=True, help="also send the rebuilt training requests to the live topic")
+@click.option("--dry-run", is_flag=True, help="print the offset plan and stop")
+@pass_ctx
+def replay_cmd(ctx: _Context, from_: str, to: str | None, topic_list: str | None, user_id: str | None, app_id: str | None,
+               out_dir: str | None, emit_requests: bool, dry_run: bool) -> None:  # fmt: skip
+    """Re-read the input topics from a point in time into a fresh app version: tables and datasets rebuilt."""
+    from adaptloop.publish import PublishFileError, resolve_topic
+    from streams.replay import default_app_id, plan_replay, run_replay
+    from streams.worker import worker_config
+
+    settings = ctx.settings
+    cfg = worker_config(settings)
+    known = {**{k: v for k, v in cfg.input_topics.items()}, "commands": cfg.commands_topic, "lifecycle": cfg.lifecycle_topic}
+    default_topics = list(known.values())
+    try:
+        topics = [resolve_topic(t.strip(), known, "--topics") for t in topic_list.split(",") if t.strip()] if topic_list else default_topics
+    except PublishFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--topics") from None
+    app = app_id or default_app_id(cfg.app_id)
+    if app == cfg.app_id:
+        raise click.BadParameter("the replay needs a new app version, not the live one", param_hint="--app-id")
+    plan = plan_replay(cfg.client, topics, _parse_time(from_, "--from"), _parse_time(to, "--to") if to else None,
+                       app, _user(user_id) if user_id else None, default_topics)  # fmt: skip
+    for line in plan.lines():
+        click.echo(line)
+    if dry_run:
+        return
+    target = Path(out_dir) if out_dir else Path(settings.storage_root) / "replays" / app
+    with click.progressbar(length=max(plan.total, 1), label="replaying", file=sys.stderr) as bar:
+        done = [0]
+
+        def progress(n: int, _total: int) -> None:
+            bar.update(n - done[0])
+            done[0] = n
+
+        result = run_replay(plan, cfg, target, emit_requests=emit_requests, progress=progress)
+    click.echo(f"{result.records} record(s) in {result.seconds:.1f}s: {result.events} events applied for "
+               f"{result.users} user(s), {result.dead_letters} invalid (dead-lettered live), "
+               f"{len(result.requests)} training request(s) -> {target / 'requests.jsonl'}")  # fmt: skip
+    for request in result.requests:
+        click.echo(f"  {request.user_id}: {request.trigger} dataset {request.dataset.uri} (sha256 {request.dataset.sha256[:12]})")
+    if result.tables_written:
+        counts = ", ".join(f"{n} {name}" for name, n in result.tables_written.items())
+        click.echo(f"tables rebuilt on app version {app} ({counts}); its offsets are committed at the plan's end:\n"
+                   f"  set streams.app_id: {app} to run the worker from there")  # fmt: skip
+
+
+def _parse_time(value: str, hint: str) -> int:
+    """Milliseconds since the epoch of an ISO-8601 time (UTC when no zone is given)."""
     from datetime import datetime, timezone
 
     try:
-        moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"not an ISO-8601 time: {since!r}", param_hint="--since") from None
+        raise click.BadParameter(f"not an ISO-8601 time: {value!r}", param_hint=hint) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return int(moment.timestamp() * 1000)
+
+
+def _parse_since(since: str | None) -> int:
+    return 0 if since is None else _parse_time(since, "--since")
 
 
 # --------------------------------------------------------------------------- #
@@ -416,8 +498,9 @@ def _new_command_id() -> str:
 
 
 @cli.command("trainer")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Prometheus port (0 = off; default from config)")
 @pass_ctx
-def trainer_cmd(ctx: _Context) -> None:
+def trainer_cmd(ctx: _Context, metrics_port: int | None) -> None:
     """Run the training consumer: train adapters for requests on adapter.training-requests."""
     from adaptloop.kafka.client import ClientConfig
     from adaptloop.kafka.topics import ensure_topics, plans_from_specs
@@ -432,7 +515,8 @@ def trainer_cmd(ctx: _Context) -> None:
         lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, train=_train_config(s, None), gate=_gate_spec(s),
         commands_topic=s.topics.commands.name, cache_dir=s.cache_dir, anchor_prompts=tuple(_anchor_prompts(s)),
-        anchor_mix=_anchor_mix(s),
+        anchor_mix=_anchor_mix(s), metrics_host=s.training.metrics_host,
+        metrics_port=s.training.metrics_port if metrics_port is None else metrics_port,
     )  # fmt: skip
     run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)
 
@@ -521,8 +605,16 @@ def api_group(click_ctx: click.Context, host: str | None, port: int | None) -> N
         client=client, commands_topic=s.topics.commands.name, lifecycle_topic=s.topics.lifecycle.name,
         users_changelog=f"{s.streams.app_id}-users-changelog", storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, tokens_file=_tokens_file(s), max_body_bytes=s.api.max_body_bytes,
+        lag_groups=_lag_groups(s),
     )  # fmt: skip
     run_api(cfg, host or s.api.host, port or s.api.port)
+
+
+def _lag_groups(s: Settings) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The worker's and the trainers' consumer groups with the topics each reads."""
+    t = s.topics
+    worker = (*[spec.name for spec in t.inputs().values()], t.commands.name, t.lifecycle.name, f"{s.streams.app_id}-users")
+    return ((s.streams.app_id, worker), (s.training.group_id, (t.training_requests.name, t.commands.name)))
 
 
 @api_group.group("token")

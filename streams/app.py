@@ -114,7 +114,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         broker_commit_every=cfg.batch_size,
         broker_commit_interval=1.0,
     )
-    kind_by_topic = {name: kind for kind, name in cfg.input_topics.items()}
+    to_envelope = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
     store = ArtifactStore(cfg.storage_root)
     processor = UserProcessor(cfg.processor, store)
 
@@ -147,20 +147,6 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         value = state.dump()
         live[key] = (value, state)
         writer.put(users, partition_of(key, cfg.internal_partitions), key, value)
-
-    def to_envelope(topic: str, partition: int, offset: int, raw: bytes | None) -> tuple[bytes, Envelope]:
-        """Validate one input message; raise InvalidMessage with the reason."""
-        if topic in kind_by_topic:
-            kind = kind_by_topic[topic]
-            event = decode(EVENT_TYPE_BY_INPUT_KIND[kind], raw, cfg.max_event_bytes)
-            prov = Provenance(topic=topic, partition=partition, offset=offset)
-            return event.user_id.encode(), Envelope(k="event", kind=kind, prov=prov, parsed=event)
-        if topic == cfg.commands_topic:
-            command = decode(COMMAND_ADAPTER, raw, cfg.max_event_bytes)
-            body = command.model_dump(mode="json")
-            return command.user_id.encode(), Envelope(k="command", body=body, at=command.requested_at.timestamp())
-        lifecycle = decode(LifecycleEvent, raw, cfg.max_event_bytes)
-        return lifecycle.user_id.encode(), Envelope(k="lifecycle", body=lifecycle.model_dump(mode="json"))
 
     def dead_letter(msg, value: bytes | None, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(msg.topic).inc()
@@ -203,12 +189,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
                     metrics.REROUTED.inc()
                     out.add(internal_name, home, key, env.to_wire())
             stats = BatchStats()
-            outgoing = []
-            for key, envelopes in by_user.items():
-                state = load(key)
-                user_log = TableUserLog(key, partition_of(key, cfg.internal_partitions), seen, examples, writer)
-                outgoing += [(key, r) for r in processor.handle(key.decode(), state, user_log, envelopes, stats)]
-                save(key, state)
+            outgoing = handle_users(processor, by_user, load, save, seen, examples, writer, cfg.internal_partitions, stats)
             for partition, at in ticks:
                 for key in [k for k in list(users.data.keys()) if partition_of(k, cfg.internal_partitions) == partition]:
                     state = load(key)
@@ -254,11 +235,53 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         pruner.stage()
         await pruner_out.flush()
 
+    metrics.watch_lag(cfg.client, cfg.app_id, [*cfg.input_topics.values(), cfg.commands_topic, cfg.lifecycle_topic, internal_name])
+
     @app.page("/metrics")
     async def metrics_page(web, request):
-        return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+        # The lag lookup asks the broker: off the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+        return web.bytes(body, content_type="text/plain; version=0.0.4")
 
     return app
+
+
+class SourceDecoder:
+    """Turns one raw source message into (user key, Envelope); raises InvalidMessage with the reason."""
+
+    def __init__(self, input_topics: dict[str, str], commands_topic: str, max_event_bytes: int) -> None:
+        self.kind_by_topic = {name: kind for kind, name in input_topics.items()}
+        self.commands_topic = commands_topic
+        self.max_event_bytes = max_event_bytes
+
+    def __call__(self, topic: str, partition: int, offset: int, raw: bytes | None) -> tuple[bytes, Envelope]:
+        if topic in self.kind_by_topic:
+            kind = self.kind_by_topic[topic]
+            event = decode(EVENT_TYPE_BY_INPUT_KIND[kind], raw, self.max_event_bytes)
+            prov = Provenance(topic=topic, partition=partition, offset=offset)
+            return event.user_id.encode(), Envelope(k="event", kind=kind, prov=prov, parsed=event)
+        if topic == self.commands_topic:
+            command = decode(COMMAND_ADAPTER, raw, self.max_event_bytes)
+            body = command.model_dump(mode="json")
+            return command.user_id.encode(), Envelope(k="command", body=body, at=command.requested_at.timestamp())
+        lifecycle = decode(LifecycleEvent, raw, self.max_event_bytes)
+        return lifecycle.user_id.encode(), Envelope(k="lifecycle", body=lifecycle.model_dump(mode="json"))
+
+
+def handle_users(processor: UserProcessor, by_user: dict[bytes, list[Envelope]], load, save, seen, examples, writer,
+                 partitions: int, stats: BatchStats) -> list[tuple[bytes, object]]:  # fmt: skip
+    """One batch: each user's envelopes applied to the user's state (one load and one save per user).
+
+    Returns the (user key, TrainingRequest | RollbackCommand) pairs to send.
+    Shared by the Faust agent and `adaptloop replay`.
+    """
+    outgoing = []
+    for key, envelopes in by_user.items():
+        state = load(key)
+        user_log = TableUserLog(key, partition_of(key, partitions), seen, examples, writer)
+        outgoing += [(key, r) for r in processor.handle(key.decode(), state, user_log, envelopes, stats)]
+        save(key, state)
+    return outgoing
 
 
 class BatchSender:
