@@ -227,6 +227,8 @@ class TrainingSettings(_Section):
     early_stopping: bool = Field(True, description="stop once every held-out paraphrase is answered (epochs is then the most)")
     min_epochs: int = Field(2, ge=1, description="early stopping waits at least this many epochs")
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus endpoint of a trainer (0 = off)")
+    metrics_host: str = Field("127.0.0.1", description="address the trainer's metrics endpoint binds")
 
 
 class ScoreWeightSettings(_Section):

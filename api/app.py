@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptloop.errors import AdaptloopError, StorageError
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import produce
+from adaptloop.kafka.lag import ConsumerLagCollector
 from api.auth import Principal, TokenStore
 from api.jobs import JobTracker
 from schemas import RetrainCommand, RollbackCommand, ValidateCommand
@@ -51,6 +52,7 @@ class ApiConfig:
     max_versions: int
     tokens_file: Path
     max_body_bytes: int = 64 * 1024
+    lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
 
 
 # ---- authentication ---------------------------------------------------------------- #
@@ -109,6 +111,8 @@ def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
     requests_total = Counter("adaptloop_api_requests_total", "HTTP requests", ["route", "status"], registry=metrics)
     commands_total = Counter("adaptloop_api_commands_total", "commands published", ["type"], registry=metrics)
     jobs_gauge = Gauge("adaptloop_api_jobs", "jobs known to this API process, by status", ["status"], registry=metrics)
+    if cfg.lag_groups:
+        metrics.register(ConsumerLagCollector(cfg.client, {group: list(topics) for group, topics in cfg.lag_groups}))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

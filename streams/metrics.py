@@ -21,5 +21,17 @@ BATCH_SECONDS = Histogram(
 )  # fmt: skip
 
 
+_lag: list = []
+
+
+def watch_lag(client, group: str, topics: list[str]) -> None:
+    """Report the consumer lag of the worker's group (once per process)."""
+    from adaptloop.kafka.lag import ConsumerLagCollector
+
+    if not _lag:
+        _lag.append(ConsumerLagCollector(client, {group: topics}))
+        REGISTRY.register(_lag[0])
+
+
 def render() -> bytes:
     return generate_latest(REGISTRY)

@@ -42,11 +42,13 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from adaptloop.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError
 from adaptloop.kafka.client import ClientConfig
+from adaptloop.kafka.lag import ConsumerLagCollector
 from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas import COMMAND_ADAPTER, Command, DeadLetter, LifecycleEvent, RollbackCommand, TrainingRequest, ValidateCommand
 from schemas.decode import decode
 from streams.dataset import from_jsonl
 from trainer.anchors import AnchorMix, AnchorSet
+from trainer import metrics
 from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
 from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
@@ -76,6 +78,8 @@ class TrainerConfig:
     anchor_prompts: tuple[str, ...] = ()
     anchor_mix: AnchorMix = AnchorMix()
     max_message_bytes: int = 1 << 20
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -126,23 +130,27 @@ class TrainerService:
         self.producer.produce(self.cfg.lifecycle_topic, key=about.user_id, value=event.to_bytes())
         if self.producer.flush(30):
             raise KafkaOperationError(f"lifecycle event {kind} for {prefix} not acknowledged")
+        metrics.LIFECYCLE.labels(kind).inc()
 
     def _announce(self, request: TrainingRequest, info: VersionInfo, decision: str, republished: bool = False) -> None:
         """training_completed, then the gate's verdict: validated + promoted | rejected."""
         manifest = info.manifest
-        metrics = _numbers(manifest.get("metrics", {}))
+        metrics_of = _numbers(manifest.get("metrics", {}))
         details = {"republished": republished, "adapter": str(info.path)}
-        self._emit("training_completed", request, version=info.version, metrics=metrics, details=details)
+        if not republished:
+            metrics.TRAIN_SECONDS.observe(metrics_of.get("train_seconds", 0.0))
+            metrics.TOKENS.inc(metrics_of.get("tokens", 0))
+        self._emit("training_completed", request, version=info.version, metrics=metrics_of, details=details)
         validation = manifest.get("validation")
         if validation is None:
             return
         details = {**details, "passed": validation["passed"], "suites": validation["suites"]}
-        self._emit("validated", request, version=info.version, metrics=metrics, details=details)
+        self._emit("validated", request, version=info.version, metrics=metrics_of, details=details)
         if decision == "promoted":
             self._emit("promoted", request, version=info.version, previous_version=validation.get("reference_version"),
-                       metrics=metrics, details=details)  # fmt: skip
+                       metrics=metrics_of, details=details)  # fmt: skip
         else:
-            self._emit("rejected", request, version=info.version, metrics=metrics, details=details,
+            self._emit("rejected", request, version=info.version, metrics=metrics_of, details=details,
                        reason="; ".join(validation["reasons"])[:3900])  # fmt: skip
 
     # ---- the loop ------------------------------------------------------------ #
@@ -211,6 +219,7 @@ class TrainerService:
     def _start(self, message, next_offset: TopicPartition, target) -> None:
         """Run one long job in a thread while the main loop keeps polling with every partition paused."""
         self.consumer.pause(self.consumer.assignment())
+        metrics.BUSY.set(1)
         job = _Job(message, next_offset, threading.Thread(target=lambda: None))
         job.thread = threading.Thread(target=target, args=(job,), name=f"job-{next_offset.topic}-{next_offset.offset}", daemon=True)
         self.job = job
@@ -291,6 +300,7 @@ class TrainerService:
     def _finish_job(self) -> None:
         job, self.job = self.job, None
         assert job is not None
+        metrics.BUSY.set(0)
         request = job.request
         self.abort.clear()
         if isinstance(request, ValidateCommand):
@@ -323,6 +333,8 @@ class TrainerService:
 def run_trainer(cfg: TrainerConfig, base: BaseModelRef, dtype: str) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     service = TrainerService(cfg, base, dtype)
+    lag = ConsumerLagCollector(cfg.client, {cfg.group_id: [cfg.requests_topic] + ([cfg.commands_topic] if cfg.commands_topic else [])})
+    metrics.serve(cfg.metrics_port, cfg.metrics_host, [lag])
 
     def stop(signum, _frame) -> None:
         log.info("signal %d: checkpointing and leaving the group", signum)

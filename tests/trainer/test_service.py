@@ -11,10 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from tests.conftest import stop_processes, wait_until
+from adaptloop.kafka.broker import free_port
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from adaptloop.storage import ArtifactStore
@@ -44,7 +46,7 @@ class TrainerHandle:
             "streams": {"internal_partitions": 3},
             "model": {"base_model": str(tiny), "dtype": "float32"},
             "lora": {"r": 4, "alpha": 8},
-            "training": {"group_id": f"tr-{suffix}", "batch_size": 2, "learning_rate": 0.005, **training},
+            "training": {"group_id": f"tr-{suffix}", "batch_size": 2, "learning_rate": 0.005, "metrics_port": 0, **training},
         }))  # fmt: skip
         self.procs: list[subprocess.Popen] = []
 
@@ -112,7 +114,8 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
 
     from trainer.model import BaseModelRef, load_base
 
-    t = trainer_factory(epochs=2)
+    port = free_port()
+    t = trainer_factory(epochs=2, metrics_port=port)
     request = t.request("ana", _examples(6), test=_examples(1))
     t.publish(request)
     t.wait_for(lambda: _decided(t.lifecycle(), request.request_id), what="the gate's decision")
@@ -145,7 +148,13 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     assert _completed(t.lifecycle(), request.request_id)[1]["details"]["republished"] is True
     assert len(registry.validation_results("ana")) == 1, "the redelivered request was not validated again"
 
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'adaptloop_trainer_lifecycle_events_total{type="rejected"} 2.0' in text
+    assert "adaptloop_trainer_train_seconds_count 1.0" in text and "adaptloop_trainer_busy 0.0" in text
+    assert f'adaptloop_consumer_lag_messages{{group="tr-' in text and "ana" not in text
 
+
+@pytest.mark.timeout(600)  # a long one: started early under xdist (tests/conftest.py)
 def test_sigkill_during_training_resumes_from_the_checkpoint_and_yields_one_version(trainer_factory):
     t = trainer_factory(epochs=40, checkpoint_every=10)
     request = t.request("bea", _examples(12))
