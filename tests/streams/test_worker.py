@@ -136,7 +136,6 @@ def _ground_truth(events) -> dict[str, Counter]:
     return truth
 
 
-@pytest.mark.timeout(600)  # a long one: started early under xdist (tests/conftest.py)
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(worker_factory):
     w = worker_factory(min_gap_events=10**6, streams={"batch_size": 200})
     rng = random.Random(11)
