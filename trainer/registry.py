@@ -39,6 +39,11 @@ ROLLBACK_LOG = "rollback_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def version_label(version: int | None) -> str:
+    """'v3', or 'base model' for None (no adapter active)."""
+    return "base model" if version is None else f"v{version}"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -227,7 +232,8 @@ class AdapterRegistry:
     def active(self, user_id: str) -> int | None:
         path = self.user_dir(user_id) / "active.json"
         try:
-            return int(json.loads(path.read_text(encoding="utf-8"))["version"])
+            version = json.loads(path.read_text(encoding="utf-8"))["version"]
+            return None if version is None else int(version)  # None: the base model (a rollback past v1)
         except FileNotFoundError:
             return None
         except (ValueError, KeyError) as exc:
@@ -251,12 +257,14 @@ class AdapterRegistry:
 
     def rollback(
         self, user_id: str, reason: str, to_version: int | None = None, requested_by: str = "cli", command_id: str | None = None
-    ) -> tuple[int, int | None]:
+    ) -> tuple[int | None, int | None]:
         """Make an earlier good version (or `to_version`) active; return (new, previous).
 
         The previous good version is the newest version below the active one
         that was active before and is still kept (not rolled back from, not
-        archived) and verifies. Nothing to go back to -> RollbackError, nothing changed.
+        archived) and verifies. When the active version has none before it,
+        the user goes back to the base model (new = None): the first adapter
+        is as reversible as any. Nothing active -> RollbackError, nothing changed.
         """
         current = self.active(user_id)
         if to_version is not None:
@@ -264,22 +272,32 @@ class AdapterRegistry:
                 raise RollbackError(f"{user_id} v{to_version} is already active")
             if to_version not in self._version_numbers(user_id):
                 raise RollbackError(f"{user_id} has no kept version {to_version} (kept: {self._version_numbers(user_id) or 'none'})")
-            target = to_version
+            target: int | None = to_version
+        elif current is None:
+            raise RollbackError(f"{user_id} has no active adapter (the base model answers); nothing to roll back")
         else:
             target = self.previous_good(user_id)
-            if target is None:
-                where = f"before v{current}" if current else "at all (no version was ever active)"
-                raise RollbackError(f"{user_id} has no earlier good version to roll back to {where}; nothing changed")
-        try:
-            self.verify(user_id, target)
-        except StorageError as exc:
-            raise RollbackError(f"cannot roll back to {user_id} v{target}: {exc}") from None
+        if target is not None:
+            try:
+                self.verify(user_id, target)
+            except StorageError as exc:
+                raise RollbackError(f"cannot roll back to {user_id} v{target}: {exc}") from None
         if current is not None:
             self.mark(user_id, current, "rolled_back_from", reason=reason)
-        self.activate(user_id, target, reason=f"rollback: {reason}", event="rolled_back")
+        if target is None:
+            self._deactivate(user_id, reason=f"rollback: {reason}", previous=current)
+        else:
+            self.activate(user_id, target, reason=f"rollback: {reason}", event="rolled_back")
         self._append(ROLLBACK_LOG, {"user_id": user_id, "from_version": current, "to_version": target,
                                     "reason": reason, "requested_by": requested_by, "command_id": command_id})  # fmt: skip
         return target, current
+
+    def _deactivate(self, user_id: str, reason: str, previous: int | None) -> None:
+        """Point the user at the base model (atomically, like activate)."""
+        atomic_write_json(self.user_dir(user_id) / "active.json", {"version": None, "at": _now(), "reason": reason})
+        self._append_history(user_id, {"version": None, "status": "base_model", "at": _now(), "reason": reason, "previous": previous})
+        self.audit("rolled_back", user_id, version=None, previous=previous, reason=reason)
+        self._write_index(user_id, None)
 
     def previous_good(self, user_id: str) -> int | None:
         current = self.active(user_id)
@@ -303,7 +321,7 @@ class AdapterRegistry:
         history.append(entry)
         atomic_write_json(self.user_dir(user_id) / "adapter_history.json", history)
 
-    def _write_index(self, user_id: str, version: int) -> None:
+    def _write_index(self, user_id: str, version: int | None) -> None:
         path = self.root / "adapters_index.json"
         try:
             index = json.loads(path.read_text(encoding="utf-8"))

@@ -152,17 +152,25 @@ def test_rollback_to_a_named_version(tmp_path):
         reg.rollback("rol", "nope", to_version=3)
 
 
-def test_rollback_with_nothing_earlier_says_so_and_changes_nothing(tmp_path):
+def test_rollback_past_the_first_version_restores_the_base_model(tmp_path):
     reg = AdapterRegistry(tmp_path / "store")
     reg.register("solo", _adapter(tmp_path, "s1"), {"request_id": "r1"})
-    with pytest.raises(RollbackError, match="no earlier good version"):
+    before = (reg.history("solo"), reg.audit_log())
+    with pytest.raises(RollbackError, match="no active adapter"):
         reg.rollback("solo", "no active version yet")
+    assert (reg.active("solo"), reg.history("solo"), reg.audit_log()) == (None, *before), "nothing changed"
     reg.activate("solo", 1, reason="first")
-    before = (reg.active("solo"), reg.history("solo"), reg.audit_log())
-    with pytest.raises(RollbackError, match="no earlier good version to roll back to before v1"):
-        reg.rollback("solo", "nothing before v1")
-    assert (reg.active("solo"), reg.history("solo"), reg.audit_log()) == before
-    assert reg.rollback_log("solo") == []
+    assert reg.rollback("solo", "v1 misbehaves", command_id="c9") == (None, 1)
+    assert reg.active("solo") is None, "the base model answers again"
+    assert [(e["version"], e["status"]) for e in reg.history("solo")][-2:] == [(1, "rolled_back_from"), (None, "base_model")]
+    assert reg.rollback_log("solo")[-1] | {"at": None} == {"user_id": "solo", "from_version": 1, "to_version": None,
+        "reason": "v1 misbehaves", "requested_by": "cli", "command_id": "c9", "at": None}  # fmt: skip
+    assert json.loads((tmp_path / "store/models/adapters/adapters_index.json").read_text())["solo"]["active"] is None
+    with pytest.raises(RollbackError, match="no active adapter"):
+        reg.rollback("solo", "again")
+    assert reg.previous_good("solo") is None, "v1 was rolled back from: never a target by default"
+    assert reg.rollback("solo", "v1 was fine after all", to_version=1) == (1, None)
+    assert reg.active("solo") == 1
 
 
 def test_rollback_refuses_a_tampered_target(tmp_path):
