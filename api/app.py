@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,7 @@ from api.jobs import JobTracker
 from schemas import RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.common import USER_ID_PATTERN, ShortText, Text, UserId, check_user_id
 from trainer.registry import AdapterRegistry
+from trainer.report import build_report, version_rows
 
 log = logging.getLogger("adaptloop.api")
 
@@ -52,6 +53,7 @@ class ApiConfig:
     max_versions: int
     tokens_file: Path
     max_body_bytes: int = 64 * 1024
+    promote_if_score: float | None = None  # drawn on the dashboard's score chart
     lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
 
 
@@ -236,17 +238,13 @@ def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
     @app.get("/api/adapter/history/{user_id}", tags=["adapter"])
     def history(user_id: UserIdPath, who: Auth) -> list[dict]:
         allowed(who, user_id)
-        active = registry.active(user_id)
-        out = []
-        for info in registry.versions(user_id):
-            m, validation = info.manifest.get("metrics", {}), info.manifest.get("validation", {})
-            out.append({
-                "version": info.version, "validation_score": m.get("user_score"), "core_score": m.get("core_score"),
-                "facts_learned": m.get("facts_learned"), "passed": validation.get("passed"),
-                "active": info.version == active, "trigger": info.manifest.get("trigger"),
-                "trained_at": info.manifest.get("trained_at"), "train_seconds": m.get("train_seconds"),
-            })  # fmt: skip
-        return out
+        return [{k: v for k, v in row.items() if k not in ("reasons", "sha256")} for row in version_rows(registry, user_id)]
+
+    @app.get("/dashboard/{user_id}", tags=["adapters"], response_class=HTMLResponse)
+    def dashboard(user_id: UserIdPath, who: Auth) -> HTMLResponse:
+        """The page `adaptloop report` writes: version history, score chart, loss curves."""
+        allowed(who, user_id)
+        return HTMLResponse(build_report(registry, user_id, cfg.promote_if_score).html)
 
     @app.get("/api/adapter/metrics", tags=["ops"])
     def adapter_metrics(who: Auth) -> dict:

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ApiHandle
+from tests.conftest import check_metric_names
 from tests.trainer.test_registry import _adapter
 from trainer.registry import AdapterRegistry
 
@@ -108,6 +109,11 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
     history = httpx.get(f"{api_server.url}/api/adapter/history/alice", headers=admin).json()
     assert [(h["version"], h["validation_score"], h["active"]) for h in history] == [(1, 0.8, False), (2, 0.9, True)]
     assert httpx.get(f"{api_server.url}/api/adapter/history/nobody", headers=admin).json() == []
+    page = httpx.get(f"{api_server.url}/dashboard/alice", headers=api_server.headers("alice"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<td>0.800</td>" in page.text and "<td>0.900</td>" in page.text and "active: v2" in page.text
+    assert httpx.get(f"{api_server.url}/dashboard/alice").status_code == 401
+    assert httpx.get(f"{api_server.url}/dashboard/bob", headers=api_server.headers("alice")).status_code == 403
     api_server.lifecycle(type="rolled_back", user_id="alice", job_id="job-rb", version=1, previous_version=2)
     api_server.lifecycle(type="training_completed", user_id="alice", version=2)
     metrics = api_server.wait_for(lambda: (lambda m: m if m["rollbacks_7d"] == 1 else None)(
@@ -117,6 +123,8 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
     text = httpx.get(f"{api_server.url}/metrics", headers=admin).text
     assert "adaptloop_api_requests_total{" in text and 'route="/api/adapter/status/{user_id}"' in text
     assert "alice" not in text, "no per-user labels"
+    assert 'adaptloop_consumer_lag_messages{group="' in text, "the worker's and the trainers' lag"
+    check_metric_names(text)
 
 
 def test_the_seed_client_snippet_works_as_written(api_server: ApiHandle, tmp_path):
