@@ -267,7 +267,7 @@ class LocalBroker:
         self._state_file.parent.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(state.__dict__), encoding="utf-8")
         if not self._wait_ready(proc.pid, log_file, proc):
-            self._terminate(proc.pid, timeout=10)
+            terminate(proc.pid, 10, "broker")
             raise BrokerError(f"Kafka did not come up on port {self.port} in {self.startup_timeout_s:.0f}s; see {log_file}")
         _log(f"broker up at {self.bootstrap} (pid {proc.pid}, data {self.data_dir})")
         return self.bootstrap
@@ -348,28 +348,28 @@ class LocalBroker:
         if state is None:
             self._state_file.unlink(missing_ok=True)
             return False
-        self._terminate(state.pid, timeout=timeout)
+        terminate(state.pid, timeout, "broker")
         self._state_file.unlink(missing_ok=True)
         return True
 
-    @staticmethod
-    def _terminate(pid: int, timeout: float) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not pid_alive(pid):
-                return
-            time.sleep(0.2)
-        _log(f"broker pid {pid} did not stop in {timeout:.0f}s after SIGTERM; killing it")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def terminate(pid: int, timeout: float, name: str = "process") -> None:
+    """SIGTERM `pid`, wait up to `timeout` seconds for it to exit, then SIGKILL it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.2)
+    _log(f"{name} pid {pid} did not stop in {timeout:.0f}s after SIGTERM; killing it")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
 
 
 def _reap(pid: int) -> None:
