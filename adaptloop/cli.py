@@ -105,6 +105,69 @@ def kafka_status(ctx: _Context, port: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- #
+# the whole local stack
+# --------------------------------------------------------------------------- #
+
+STACK_SERVICES = ("worker", "trainer", "api")
+
+
+@cli.command("up")
+@click.option("--services", default=",".join(STACK_SERVICES), show_default=True, help="which services to start")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=900, show_default=True,
+              help="seconds to wait for every service to be ready (the first trainer start converts the model)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="logs and pids (default <cache_dir>/stack)")
+@pass_ctx
+def up_cmd(ctx: _Context, services: str, timeout_s: float, run_dir: str | None) -> None:
+    """Start the local stack: broker (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, worker, trainer, API."""
+    from adaptloop.kafka.client import ClientConfig
+    from adaptloop.kafka.topics import ensure_topics, plans_from_specs
+    from adaptloop.settings import write_settings
+    from adaptloop.stack import Stack, services as stack_services
+
+    names = [n.strip() for n in services.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(STACK_SERVICES))
+    if unknown:
+        raise click.BadParameter(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(STACK_SERVICES)}",
+                                 param_hint="--services")  # fmt: skip
+    s = ctx.settings
+    stack = Stack(Path(run_dir) if run_dir else s.cache_dir / "stack")
+    broker_port = None
+    if s.external_kafka:
+        bootstrap = s.kafka.bootstrap_servers
+        click.echo(f"Kafka: {bootstrap} (KAFKA_BOOTSTRAP_SERVERS)")
+    else:
+        broker = _local_broker(s)
+        bootstrap, broker_port = broker.up(), broker.port
+        click.echo(f"Kafka: local broker at {bootstrap}")
+    s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"bootstrap_servers": bootstrap})})
+    for outcome in ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all())):
+        if outcome.created:
+            click.echo(f"created topic {outcome.name}")
+    config_file = Path(ctx.config_path).resolve() if ctx.config_path else write_settings(s, stack.run_dir / "settings.yaml")
+    wanted = [svc for svc in stack_services(s.api.host, s.api.port, s.streams.web_port, s.training.metrics_port) if svc.name in names]
+    click.echo(f"logs: {stack.run_dir / 'logs'}")
+    running = stack.up(config_file, bootstrap, wanted, broker_port, say=click.echo, timeout_s=timeout_s)
+    click.echo(f"up: {', '.join(sorted(running))}. Stop with `adaptloop down`."
+               + ("" if "api" not in names else "\nAPI token: adaptloop api token create --scope admin"))  # fmt: skip
+
+
+@cli.command("down")
+@click.option("--keep-broker", is_flag=True, help="leave the local broker running")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="as given to `up`")
+@pass_ctx
+def down_cmd(ctx: _Context, keep_broker: bool, run_dir: str | None) -> None:
+    """Stop what `adaptloop up` started (services first, then the broker it started); data is kept."""
+    from adaptloop.stack import Stack
+
+    s = ctx.settings
+    broker_port = Stack(Path(run_dir) if run_dir else s.cache_dir / "stack").down(say=click.echo)
+    if broker_port is not None and not keep_broker:
+        stopped = _local_broker(s, broker_port).down()
+        click.echo(f"stopped the local broker on port {broker_port}" if stopped else "the local broker was not running")
+    click.echo("down")
+
+
+# --------------------------------------------------------------------------- #
 # topics, schemas, config
 # --------------------------------------------------------------------------- #
 
@@ -463,7 +526,9 @@ def validate_cmd(ctx: _Context, adapter: str, user_id: str, baseline: str | None
 @click.option("--timeout", type=click.FloatRange(0), default=120.0, show_default=True, help="seconds to wait for the outcome")
 @pass_ctx
 def rollback_cmd(ctx: _Context, user_id: str, reason: str, to_version: int | None, direct: bool, timeout: float) -> None:
-    """Make the previous good (or a named) adapter version active again."""
+    """Make the previous good (or a named) adapter version active again; before v1 that is the base model."""
+    from trainer.registry import version_label
+
     s = ctx.settings
     user_id = _user(user_id)
     if direct:
@@ -474,7 +539,7 @@ def rollback_cmd(ctx: _Context, user_id: str, reason: str, to_version: int | Non
         except RollbackError as exc:
             click.echo(f"rollback not done: {exc}", err=True)
             sys.exit(1)
-        click.echo(f"{user_id}: v{previous} -> v{new} active")
+        click.echo(f"{user_id}: {version_label(previous)} -> {version_label(new)} active")
         return
     from adaptloop.commands import send_command
     from adaptloop.kafka.client import ClientConfig
@@ -488,7 +553,7 @@ def rollback_cmd(ctx: _Context, user_id: str, reason: str, to_version: int | Non
     if event.type != "rolled_back":
         click.echo(f"rollback not done: {event.reason}", err=True)
         sys.exit(1)
-    click.echo(f"{user_id}: v{event.previous_version} -> v{event.version} active")
+    click.echo(f"{user_id}: {version_label(event.previous_version)} -> {version_label(event.version)} active")
 
 
 def _new_command_id() -> str:
@@ -557,6 +622,8 @@ def status_cmd(ctx: _Context, user_id: str) -> None:
 @pass_ctx
 def history_cmd(ctx: _Context, user_id: str) -> None:
     """List a user's adapter versions and what happened to them."""
+    from trainer.registry import version_label
+
     registry = _registry(ctx.settings)
     user_id = _user(user_id)
     active = registry.active(user_id)
@@ -570,7 +637,23 @@ def history_cmd(ctx: _Context, user_id: str) -> None:
                    f"gate={gate}  {scores}")  # fmt: skip
     for entry in registry.history(user_id):
         why = entry.get("reason") or "; ".join(entry.get("reasons", []))
-        click.echo(f"  {entry['at'][:19]}  v{entry['version']}  {entry['status']}" + (f"  ({why})" if why else ""))
+        click.echo(f"  {entry['at'][:19]}  {version_label(entry['version'])}  {entry['status']}" + (f"  ({why})" if why else ""))
+
+
+@cli.command("report")
+@click.argument("user_id")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="directory for the PNGs and the page")
+@pass_ctx
+def report_cmd(ctx: _Context, user_id: str, out_dir: str) -> None:
+    """Loss curves, validation scores over versions and the version history of a user, as PNGs and HTML."""
+    from trainer.report import build_report
+
+    s = ctx.settings
+    report = build_report(_registry(s), _user(user_id), threshold=s.promote_if_score)
+    if not report.rows:
+        raise click.ClickException(f"{user_id} has no adapter versions in {s.storage_root}")
+    for path in report.write(Path(out_dir)):
+        click.echo(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------- #
@@ -605,7 +688,7 @@ def api_group(click_ctx: click.Context, host: str | None, port: int | None) -> N
         client=client, commands_topic=s.topics.commands.name, lifecycle_topic=s.topics.lifecycle.name,
         users_changelog=f"{s.streams.app_id}-users-changelog", storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, tokens_file=_tokens_file(s), max_body_bytes=s.api.max_body_bytes,
-        lag_groups=_lag_groups(s),
+        lag_groups=_lag_groups(s), promote_if_score=s.promote_if_score,
     )  # fmt: skip
     run_api(cfg, host or s.api.host, port or s.api.port)
 

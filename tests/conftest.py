@@ -54,18 +54,18 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, *, in
     raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{context()}")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Start the tests with the largest time budget first.
+def check_metric_names(text: str) -> None:
+    """Prometheus conventions: the adaptloop_ prefix, counters end in _total, no per-user labels."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    Under `pytest -n 2` (`make test`) a long test that starts last would
-    leave one worker idle while it runs; started first, it overlaps the rest.
-    """
-
-    def budget(item: pytest.Item) -> float:
-        marker = item.get_closest_marker("timeout")
-        return float(marker.args[0]) if marker and marker.args else 0.0
-
-    items.sort(key=budget, reverse=True)  # stable: otherwise the collection order
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(("python_", "process_")):
+            continue  # the client library's own
+        assert family.name.startswith("adaptloop_"), family.name
+        for sample in family.samples:
+            assert "user_id" not in sample.labels and "user" not in sample.labels, sample
+            if family.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
 
 
 def _docker_answers() -> bool:

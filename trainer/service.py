@@ -52,7 +52,7 @@ from trainer import metrics
 from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
 from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
-from trainer.registry import AdapterRegistry, VersionInfo
+from trainer.registry import AdapterRegistry, VersionInfo, version_label
 from trainer.train import TrainConfig
 
 log = logging.getLogger("adaptloop.trainer")
@@ -240,7 +240,7 @@ class TrainerService:
             log.warning("rollback %s for %s not done: %s", command.command_id, command.user_id, exc)
             self._emit("command_failed", command, reason=str(exc)[:3900], details={"command": "rollback"})
             return
-        log.info("rolled %s back from v%s to v%d: %s", command.user_id, previous, new, command.reason)
+        log.info("rolled %s back from %s to %s: %s", command.user_id, version_label(previous), version_label(new), command.reason)
         self._emit("rolled_back", command, version=new, previous_version=previous, reason=command.reason)
 
     def _republish_validation(self, command: ValidateCommand) -> bool:

@@ -37,6 +37,7 @@ class WorkerHandle:
     storage_root: Path
     internal_partitions: int
     log_path: Path
+    web_port: int = 0  # the worker's /metrics; 0: off
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     # ---- process control -------------------------------------------------- #
@@ -47,7 +48,7 @@ class WorkerHandle:
         before = self.log_path.read_text(errors="replace").count("Worker ready") if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adaptloop.cli", "--config", str(self.config_path), "worker", "--web-port", "0", "--loglevel", "info"],
+            [sys.executable, "-m", "adaptloop.cli", "--config", str(self.config_path), "worker", "--web-port", str(self.web_port), "--loglevel", "info"],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.config_path.parent,
         )  # fmt: skip
         log.close()

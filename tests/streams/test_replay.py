@@ -9,11 +9,14 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from adaptloop.kafka.broker import free_port
 from adaptloop.kafka.io import consume
+from tests.conftest import check_metric_names
 from schemas import LifecycleEvent
 from tests.streams.conftest import WorkerHandle, event
 
@@ -98,13 +101,20 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
     config = yaml.safe_load(w.config_path.read_text())
     config["streams"]["app_id"] = app
     (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config))
-    v2 = WorkerHandle(w.client, tmp_path / "v2.yaml", w.topics, app, w.storage_root, w.internal_partitions, tmp_path / "v2.log")
+    v2 = WorkerHandle(w.client, tmp_path / "v2.yaml", w.topics, app, w.storage_root, w.internal_partitions, tmp_path / "v2.log",
+                      web_port=free_port())  # fmt: skip
     try:
         v2.start()
         w.publish([event("feedback", "bob", 3)])  # bob's 4th gap: over the threshold with his 3 replayed ones
         bobs = v2.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "bob"], what="bob's request from v2")
         assert bobs[0]["dataset"]["example_counts"] == {"correction": 8} and bobs[0]["dataset"]["test_count"] == 4  # 4 facts
         assert v2.wait_for(lambda: v2.states().get("bob", {}).get("events_total"), what="bob's state") == 4, "nothing re-read"
+        # Its metrics: what it processed, and its group's lag (0 once the last event is committed).
+        lag = f'adaptloop_consumer_lag_messages{{group="{app}",topic="{w.topics["feedback"]}"}} 0.0'
+        text = v2.wait_for(lambda: (t := httpx.get(f"http://127.0.0.1:{v2.web_port}/metrics").text) if lag in t else None,
+                           what="the lag on /metrics")  # fmt: skip
+        assert "adaptloop_worker_events_processed_total 1.0" in text and "bob" not in text
+        check_metric_names(text)
     finally:
         v2.stop()
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import stop_processes, wait_until
+from tests.conftest import check_metric_names, stop_processes, wait_until
 from adaptloop.kafka.broker import free_port
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
@@ -152,9 +152,9 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     assert 'adaptloop_trainer_lifecycle_events_total{type="rejected"} 2.0' in text
     assert "adaptloop_trainer_train_seconds_count 1.0" in text and "adaptloop_trainer_busy 0.0" in text
     assert f'adaptloop_consumer_lag_messages{{group="tr-' in text and "ana" not in text
+    check_metric_names(text)
 
 
-@pytest.mark.timeout(600)  # a long one: started early under xdist (tests/conftest.py)
 def test_sigkill_during_training_resumes_from_the_checkpoint_and_yields_one_version(trainer_factory):
     t = trainer_factory(epochs=40, checkpoint_every=10)
     request = t.request("bea", _examples(12))
@@ -235,15 +235,18 @@ def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_mode
     t.wait_for(lambda: len(_answers(t.lifecycle(), "rb-1")) == 2, what="the republished answer")
     assert len(registry.rollback_log("rho")) == 1 and registry.active("rho") == 1
 
-    nothing = send(RollbackCommand(command_id="rb-2", user_id="rho", reason="again"))
-    assert nothing["type"] == "command_failed" and "no earlier good version" in nothing["reason"]
-    assert registry.active("rho") == 1
+    base = send(RollbackCommand(command_id="rb-2", user_id="rho", reason="again"))
+    assert (base["type"], base["version"], base["previous_version"]) == ("rolled_back", None, 1), "past v1: the base model"
+    assert registry.active("rho") is None
+    nothing = send(RollbackCommand(command_id="rb-3", user_id="rho", reason="and again"))
+    assert nothing["type"] == "command_failed" and "no active adapter" in nothing["reason"]
+    assert registry.active("rho") is None
 
     # The CLI sends the same command and waits for its outcome.
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=t.client.bootstrap_servers)
     cli = subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(t.config), "rollback", "--user-id", "rho",
                           "--reason", "v2 was fine", "--to-version", "2"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
-    assert cli.returncode == 0 and "v1 -> v2 active" in cli.stdout, cli.stderr
+    assert cli.returncode == 0 and "base model -> v2 active" in cli.stdout, cli.stderr
     assert registry.active("rho") == 2
 
     validated = send(ValidateCommand(command_id="va-1", user_id="rho", version=1, baseline_version=2))
