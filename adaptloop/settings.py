@@ -173,6 +173,7 @@ class StreamsSettings(_Section):
     batch_size: int = Field(1000, ge=1, description="events per stream.take() batch")
     batch_within_s: float = Field(0.5, gt=0, description="longest wait to fill a batch")
     web_port: int = Field(6066, ge=0, le=65535, description="Faust web server: /metrics (0 = disabled)")
+    web_bind: str = Field("127.0.0.1", description="address the web server binds (0.0.0.0 to let Prometheus elsewhere scrape it)")
     dedupe_window_s: float = Field(7 * 24 * 3600, gt=0, description="how long counted event ids are remembered")
     curation: CurationSettings = CurationSettings()
     triggers: TriggerSettings = TriggerSettings()

@@ -58,6 +58,7 @@ class WorkerConfig:
     batch_size: int = 1000
     batch_within_s: float = 0.5
     web_port: int = 6066
+    web_bind: str = "127.0.0.1"
     max_event_bytes: int = 64 * 1024
     nightly_cron: str = "0 2 * * *"
     schedule: str = "threshold"
@@ -106,7 +107,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         value_serializer="raw",
         web_enabled=cfg.web_port > 0,
         web_port=cfg.web_port or 6066,
-        web_bind="127.0.0.1",
+        web_bind=cfg.web_bind,
         web_host="127.0.0.1",
         producer_acks=-1,
         stream_wait_empty=False,

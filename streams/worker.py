@@ -4,7 +4,7 @@
 
 Start as many as you like with the same `streams.app_id`: they form one
 consumer group and share the partitions; each user is handled by one of them.
-Prometheus metrics are served on http://127.0.0.1:<web_port>/metrics.
+Prometheus metrics are served on http://<streams.web_bind>:<web_port>/metrics.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def worker_config(settings: Settings, web_port: int | None = None) -> WorkerConf
         batch_size=s.batch_size,
         batch_within_s=s.batch_within_s,
         web_port=s.web_port if web_port is None else web_port,
+        web_bind=s.web_bind,
         max_event_bytes=settings.kafka.max_event_bytes,
         nightly_cron=t.nightly_cron,
         schedule=settings.schedule,

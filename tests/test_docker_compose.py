@@ -24,6 +24,21 @@ def test_compose_file_defines_a_kraft_broker_and_our_services():
     for name in ours:
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert (REPO / "Dockerfile").is_file()
+    assert services["kafka-ui"]["environment"]["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == "kafka:9092"
+    assert "./config/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+def test_prometheus_scrapes_every_service_on_its_configured_port():
+    from adaptloop.settings import load_settings
+
+    settings = load_settings(REPO / "config" / "adapter_retrain.yaml")
+    config = yaml.safe_load((REPO / "config" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert targets == {
+        "adaptloop-worker": [f"worker:{settings.streams.web_port}"],
+        "adaptloop-trainer": [f"trainer:{settings.training.metrics_port}"],
+        "adaptloop-api": [f"api:{8000}"],
+    }
 
 
 def _compose_plugin() -> bool:

@@ -102,6 +102,16 @@ def _progress_bar(total_hint: int = 0):
     return bar, update
 
 
+def _progress_log(user_id: str):
+    """Progress for a service without a terminal: one log line per tenth of the steps."""
+
+    def update(step: int, total: int, loss: float) -> None:
+        if step == total or step % max(1, total // 10) == 0:
+            log.info("training %s: step %d/%d, loss %.3f", user_id, step, total, loss)
+
+    return update
+
+
 def train_version(
     *,
     registry: AdapterRegistry,
@@ -133,7 +143,7 @@ def train_version(
     the immutable manifest; a crash after registering is finished by
     `apply_decision` when the request comes again.
     """
-    bar, update = _progress_bar() if show_progress else (None, None)
+    bar, update = _progress_bar() if show_progress else (None, _progress_log(user_id))
     mixed = examples
     if anchors is not None and anchors.prompts:
         chosen = choose_anchor_prompts(examples, anchors.prompts, anchor_mix, cfg.seed)
@@ -145,6 +155,7 @@ def train_version(
         answers = generate_batch(peft_model, tokenizer, device, [e.prompt for e in held_out])
         share = sum(answers_match(a, e.response) for a, e in zip(answers, held_out)) / len(held_out)
         answered.append({"epoch": epoch, "held_out_answered": round(share, 4)})
+        log.info("training %s: epoch %d, %d/%d held-out paraphrases answered", user_id, epoch, round(share * len(held_out)), len(held_out))
         return epoch >= cfg.min_epochs and share >= 1.0
 
     early = held_out_answered if cfg.early_stopping and held_out else None
