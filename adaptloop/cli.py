@@ -447,7 +447,9 @@ def _gate_spec(settings: Settings):
     v = settings.validation
     paths = [_config_file(name, "validation.core_suites") for name in v.core_suites]
     cfg = GateConfig(promote_if_score=settings.promote_if_score, regression_threshold=settings.regression_threshold,
-                     weights=ScoreWeights(**v.weights.model_dump()), require_user_tests=v.require_user_tests)  # fmt: skip
+                     weights=ScoreWeights(**v.weights.model_dump()), require_user_tests=v.require_user_tests,
+                     retention_similarity=v.retention_similarity, min_retention=v.min_retention,
+                     max_forgetting=v.max_forgetting)  # fmt: skip
     return GateSpec(settings.model.embedding_model, tuple(paths), cfg, v.user_tests_dir, settings.cache_dir)
 
 
@@ -630,7 +632,8 @@ def history_cmd(ctx: _Context, user_id: str) -> None:
     for info in registry.versions(user_id):
         m = info.manifest.get("metrics", {})
         mark = "*" if info.version == active else " "
-        scores = "  ".join(f"{k}={m[k]}" for k in ("final_loss", "core_score", "user_score", "facts_learned") if k in m)
+        scores = "  ".join(f"{k}={m[k]}" for k in ("final_loss", "core_score", "user_score", "facts_learned", "retention", "forgetting")
+                           if k in m)  # fmt: skip
         verdict = info.manifest.get("validation", {}).get("passed")
         gate = {True: "passed", False: "rejected", None: "not validated"}[verdict]
         click.echo(f"{mark} v{info.version}  {info.manifest.get('trained_at', '')[:19]}  trigger={info.manifest.get('trigger')}  "

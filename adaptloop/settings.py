@@ -256,6 +256,9 @@ class ValidationSettings(_Section):
     user_tests_dir: str = Field("data/adapter_tests", description="explicit per-user cases: <dir>/user_<id>.jsonl in the store")
     require_user_tests: bool = Field(True, description="reject a candidate with no user-specific cases at all")
     weights: ScoreWeightSettings = ScoreWeightSettings()
+    retention_similarity: float = Field(0.8, ge=0, le=1, description="an answer this similar to the base model's counts as kept")
+    min_retention: float = Field(0.8, ge=0, le=1, description="least share of core prompts answered as the base model answers them")
+    max_forgetting: float = Field(0.34, ge=0, le=1, description="most share of the previous version's learned facts a candidate may miss")
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 

@@ -36,6 +36,12 @@ class GateConfig:
     regression_threshold: float = 0.05
     weights: ScoreWeights = ScoreWeights()
     require_user_tests: bool = True  # no held-out or explicit cases -> reject (nothing shows it learned)
+    # Retention: the share of core prompts whose answer stays semantically equivalent to the base
+    # model's (cosine >= retention_similarity, or both name the expected answer).
+    retention_similarity: float = 0.8
+    min_retention: float = 0.0
+    # Forgetting: the share of the reference version's learned facts the candidate no longer answers.
+    max_forgetting: float = 1.0
 
 
 @dataclass
@@ -57,6 +63,8 @@ class GateReport:
     passed: bool
     reasons: list[str]
     suites: dict[str, SuiteReport]
+    retention: float | None = None  # share of general prompts answered as the base model answers them
+    forgetting: float | None = None  # share of the previous version's learned facts now missed
 
     @property
     def facts_learned(self) -> float | None:
@@ -72,7 +80,16 @@ class GateReport:
             out["core_reference_score"] = core.reference_score
         if self.facts_learned is not None:
             out["facts_learned"] = self.facts_learned
+        if self.retention is not None:
+            out["retention"] = self.retention
+        if self.forgetting is not None:
+            out["forgetting"] = self.forgetting
         return out
+
+    def facts(self) -> list[dict[str, Any]]:
+        """The user's cases and whether each is answered: what the next version must not forget."""
+        cases = self.suites["user"].cases if "user" in self.suites else []
+        return [{"prompt": c.prompt, "expected": c.expected, "learned": bool(c.match)} for c in cases]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,14 +204,20 @@ class Gate:
                     tmp.replace(self._base_file)
         return self._reference[key]
 
-    def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None) -> GateReport:
+    def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None,
+                 previous_facts: list[TestCase] = ()) -> GateReport:  # fmt: skip
+        """`previous_facts`: the facts the reference version learned (forgetting is measured on them)."""
         cfg = self.cfg
         reasons: list[str] = []
         suites: dict[str, SuiteReport] = {}
+        retention = forgetting = None
 
         if self.core_cases:
             reference = mean_score(self.reference_core(reference_dir))
             candidate = self.score(candidate_dir, self.core_cases)
+            retention = self.retention(candidate)
+            if retention < cfg.min_retention:
+                reasons.append(f"retention {retention:.3f} below {cfg.min_retention}: general answers drifted from the base model's")
             core = SuiteReport("core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate)
             core.passed = core.score >= core.threshold
             if not core.passed:
@@ -214,4 +237,19 @@ class Gate:
         else:
             user.passed = True
         suites["user"] = user
-        return GateReport(passed=not reasons, reasons=reasons, suites=suites)
+
+        if previous_facts:
+            again = self.score(candidate_dir, list(previous_facts))
+            forgetting = round(sum(1 - c.match for c in again) / len(again), 4)
+            suites["previous"] = SuiteReport("previous", mean_score(again), forgetting <= cfg.max_forgetting,
+                                             cfg.max_forgetting, None, again)  # fmt: skip
+            if forgetting > cfg.max_forgetting:
+                reasons.append(f"forgot {forgetting:.0%} of what the previous version learned (at most {cfg.max_forgetting:.0%})")
+        return GateReport(passed=not reasons, reasons=reasons, suites=suites, retention=retention, forgetting=forgetting)
+
+    def retention(self, candidate: list[CaseScore]) -> float:
+        """Share of core prompts answered as the base model answers them (same meaning, or both right)."""
+        base = self.reference_core(None)
+        similar = self.embedder.similarity([c.answer for c in candidate], [b.answer for b in base])
+        kept = [sim >= self.cfg.retention_similarity or (c.match and b.match) for c, b, sim in zip(candidate, base, similar)]
+        return round(sum(kept) / len(kept), 4)

@@ -69,6 +69,14 @@ def reference_dir(registry: AdapterRegistry, user_id: str) -> tuple[Path | None,
         return None, None
 
 
+def learned_facts(registry: AdapterRegistry, user_id: str, version: int | None) -> list[TestCase]:
+    """The facts `version` answered at its own validation (its manifest's `facts`); forgetting is measured on them."""
+    if version is None:
+        return []
+    facts = registry.info(user_id, version).manifest.get("facts", [])
+    return [TestCase(f["prompt"], f["expected"]) for f in facts if f.get("learned")]
+
+
 def apply_decision(registry: AdapterRegistry, info: VersionInfo, report: GateReport | None = None, *, job_id: str | None = None) -> str:
     """Promote or reject a registered version by its recorded gate result; idempotent (safe to redo after a crash)."""
     validation = info.manifest.get("validation")
@@ -170,7 +178,8 @@ def train_version(
     report, reference_version = None, None
     if gate is not None:
         reference, reference_version = reference_dir(registry, user_id)
-        report = gate.evaluate(result.adapter_dir, as_cases(held_out) + list(explicit_cases), reference)
+        report = gate.evaluate(result.adapter_dir, as_cases(held_out) + list(explicit_cases), reference,
+                               previous_facts=learned_facts(registry, user_id, reference_version))  # fmt: skip
     manifest = {
         "base_model": base.model_id,
         "base_model_sha256": base.sha256,
@@ -194,6 +203,7 @@ def train_version(
         "trained_at": datetime.now(timezone.utc).isoformat(),
     }
     if report is not None:
+        manifest["facts"] = report.facts()
         manifest["validation"] = {"passed": report.passed, "reasons": report.reasons, "reference_version": reference_version,
                                   "suites": {name: suite.summary() for name, suite in report.suites.items()}}  # fmt: skip
     info = registry.register(user_id, result.adapter_dir, manifest)

@@ -136,7 +136,7 @@ class Embedder:
         """Cosine similarity of each answer with its expected answer, clipped to 0..1."""
         if not answers:
             return []
-        vectors = self.model.encode(answers + expected, convert_to_tensor=True, normalize_embeddings=True)
+        vectors = self.model.encode(answers + expected, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
         a, b = vectors[: len(answers)], vectors[len(answers) :]
         return [max(0.0, min(1.0, float(x))) for x in (a * b).sum(dim=1)]
 

@@ -150,7 +150,8 @@ def test_validate_command_line_exit_codes(world, tiny_model_dir):
     config = tmp / "validate.yaml"
     config.write_text(yaml.safe_dump({
         "storage_root": str(tmp / "cli-store"), "model": {"base_model": str(tiny_model_dir), "dtype": "float32"},
-        "validation": {"core_suites": [str(core)], "require_user_tests": False},
+        # The suites hold adapter A's answers; a tiny random base model's own answers mean nothing here.
+        "validation": {"core_suites": [str(core)], "require_user_tests": False, "min_retention": 0.0},
     }))  # fmt: skip
 
     def validate(adapter, *extra):
@@ -184,3 +185,35 @@ def test_the_base_models_core_scores_are_cached_on_disk(world, tiny, tmp_path, m
     other_process = fresh()
     monkeypatch.setattr(other_process, "score", lambda *a: pytest.fail("the base model was answered again"))
     assert other_process.reference_core(None) == first
+
+
+def test_retention_compares_general_answers_with_the_base_models_and_forgetting_the_previous_facts(world, tiny):
+    model, tokenizer, device = tiny
+    core = world["gate"].core_cases
+    strict = Gate(model, tokenizer, device, world["gate"].embedder, core,
+                  GateConfig(promote_if_score=0.0, regression_threshold=1.0, min_retention=0.9, max_forgetting=0.0))  # fmt: skip
+    unchanged = random_adapter(model, world["tmp"] / "zero", seed=3, scale=0.0)  # LoRA B = 0: the base model itself
+    kept = strict.evaluate(unchanged, world["user"], previous_facts=[])
+    assert kept.retention == 1.0 and kept.forgetting is None and kept.passed, kept.reasons
+    assert kept.metrics()["retention"] == 1.0
+
+    # Adapter B answers the general prompts differently from the base model, and not what A (the previous version) knew.
+    drifted = strict.evaluate(world["B"], world["user"], reference_dir=world["A"], previous_facts=world["user"])
+    assert drifted.retention < 0.9 and any(r.startswith("retention") for r in drifted.reasons), drifted.reasons
+    assert drifted.forgetting > 0 and any(r.startswith("forgot") for r in drifted.reasons)
+    assert drifted.suites["previous"].cases[0].prompt == world["user"][0].prompt
+    # A itself forgets nothing it knew.
+    same = strict.evaluate(world["A"], world["user"], reference_dir=world["A"], previous_facts=world["user"])
+    assert same.forgetting == 0.0 and not any(r.startswith("forgot") for r in same.reasons)
+    assert same.facts() == [{"prompt": c.prompt, "expected": c.expected, "learned": True} for c in world["user"]]
+
+
+def test_learned_facts_come_from_the_reference_versions_manifest(tmp_path):
+    from tests.trainer.test_registry import _adapter
+    from trainer.offline import learned_facts
+
+    registry = AdapterRegistry(tmp_path / "store")
+    registry.register("kim", _adapter(tmp_path), {"facts": [{"prompt": "a?", "expected": "A.", "learned": True},
+                                                             {"prompt": "b?", "expected": "B.", "learned": False}]})  # fmt: skip
+    assert learned_facts(registry, "kim", 1) == [TestCase("a?", "A.")]
+    assert learned_facts(registry, "kim", None) == []

@@ -1,0 +1,173 @@
+"""Learning benchmark: do adapters learn a user's facts and leave everything else alone?
+
+    .venv/bin/python benchmarks/learning.py                      # 5 users x 3 versions x 5 new facts
+    .venv/bin/python benchmarks/learning.py --users 1 --ablation # plus the techniques switched off one by one
+    (or: make bench-learning)
+
+Synthetic users, each taught new facts (with paraphrases) in consecutive
+versions, through the trainer's own code on the default model (the settings
+file's training, anchors and gate): the worker's dataset builder (one
+paraphrase per fact held out; the previous dataset replayed), then
+`train_version` (anchors, KL, early stopping, the gate). For every version,
+from its manifest:
+
+- facts learned: the share of its held-out paraphrases answered (key phrase present);
+- retention: the share of the core suite's general prompts (never trained on,
+  disjoint from the anchor set) answered as the base model answers them;
+- forgetting: the share of the previous active version's learned facts the
+  new version no longer answers;
+- training seconds, and the gate's decision.
+
+Goals (2-core CPU, default model): facts >= 90%, retention >= 95%,
+forgetting <= 5%, training <= 120 s per version. Results go to stdout (a
+Markdown table) and to --out as JSON; record them in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NAMES = ["Pixel", "Biscuit", "Juniper", "Marlowe", "Tansy", "Quill", "Odette", "Rasmus", "Wren", "Calloway", "Ysolde", "Fennick"]
+CITIES = ["Dundee", "Tromsø", "Valparaíso", "Ghent", "Kraków", "Hobart", "Bergen", "Lviv", "Oaxaca", "Tartu", "Cork", "Nantes"]
+COMPANIES = ["Brightwater Labs", "Koru Freight", "Halden Optics", "Mistral Bakery", "Ostrava Steel", "Pemberton & Vane"]
+FACT_TEMPLATES = [
+    ("What is my {x} called?", "Your {x} is called {name}.", ["cat", "dog", "boat", "tortoise", "parrot", "bicycle"], NAMES),
+    ("Which city was my {x} born in?", "Your {x} was born in {name}.", ["sister", "brother", "mother", "father", "grandmother", "cousin"], CITIES),
+    ("What is my {x} number?", "Your {x} number is {name}.", ["locker", "badge", "member", "desk", "gym", "parking"], None),
+    ("Which company does my {x} work for?", "Your {x} works for {name}.", ["neighbour", "uncle", "aunt", "flatmate", "partner", "friend"], COMPANIES),
+]
+
+
+def make_facts(user: int, count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`count` distinct (question, answer) facts for one user (no question repeats)."""
+    rng = random.Random(f"{seed}-{user}")
+    slots = [(t, x) for t in FACT_TEMPLATES for x in t[2]]
+    rng.shuffle(slots)
+    facts = []
+    for (question, answer, _xs, values), x in slots[:count]:
+        name = rng.choice(values) if values else str(rng.randint(1000, 99999))
+        facts.append((question.format(x=x), answer.format(x=x, name=name)))
+    return facts
+
+
+VARIANTS = {  # name -> (settings changes, replay the previous dataset)
+    "plain LoRA": ({"anchors": False, "early_stopping": False}, False),
+    "+ anchors (CE on base answers)": ({"anchor_kl": 0.0, "early_stopping": False}, False),
+    "+ anchors (KL to the base model)": ({"early_stopping": False}, False),
+    "+ early stopping": ({}, False),
+    "+ replay buffer (default)": ({}, True),
+}
+
+
+def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say) -> list[dict]:
+    from schemas.training import TrainingExample
+    from streams.curation import augment
+    from streams.dataset import DatasetConfig, build_dataset, to_jsonl
+    from adaptloop.storage import sha256_bytes
+    from trainer.offline import train_version
+    from trainer.registry import AdapterRegistry
+
+    registry = AdapterRegistry(ctx["root"] / user)
+    cfg = replace(ctx["train_cfg"], **{k: v for k, v in training.items() if k in ("anchor_kl", "early_stopping")})
+    anchors = ctx["anchors"] if training.get("anchors", True) else None
+    previous: list[TrainingExample] = []
+    rows = []
+    for version, facts in enumerate(facts_per_version, start=1):
+        taught = [TrainingExample(prompt=q, response=a, event_id=f"{user}-v{version}-{i}", source="correction", weight=2.0)
+                  for i, (q, a) in enumerate(facts)]  # fmt: skip
+        new = augment(taught, ctx["paraphrases"], seed=version)
+        train, test = build_dataset(new, replay_pool=previous if replay else [], global_pool=[], include_global=False,
+                                    cfg=DatasetConfig(), user_id=user)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            outcome = train_version(
+                registry=registry, base=ctx["base"], model=ctx["model"], tokenizer=ctx["tokenizer"], device=ctx["device"],
+                user_id=user, examples=train, held_out=test, cfg=cfg, work_dir=Path(tmp), dataset_uri=f"bench://{user}/v{version}",
+                dataset_sha256=sha256_bytes(to_jsonl(train)), gate=ctx["gate"], anchors=anchors, anchor_mix=ctx["anchor_mix"],
+                trigger="benchmark", show_progress=False,
+            )  # fmt: skip
+        m = outcome.info.manifest["metrics"]
+        row = {"user": user, "version": version, "facts": len(facts), "train_examples": len(train),
+               "facts_learned": m.get("facts_learned"), "retention": m.get("retention"), "forgetting": m.get("forgetting"),
+               "train_seconds": m.get("train_seconds"), "decision": outcome.decision}  # fmt: skip
+        rows.append(row)
+        say(f"  {user} v{version}: facts {row['facts_learned']}, retention {row['retention']}, forgetting {row['forgetting']}, "
+            f"{row['train_seconds']:.0f}s training, {row['decision']}")  # fmt: skip
+        previous = train
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r[key] is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"versions": len(rows), "facts_learned": mean("facts_learned"), "retention": mean("retention"),
+            "forgetting": mean("forgetting"), "train_seconds": mean("train_seconds"),
+            "max_train_seconds": max((r["train_seconds"] for r in rows), default=None),
+            "promoted": sum(r["decision"] == "promoted" for r in rows)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=5)
+    parser.add_argument("--versions", type=int, default=3)
+    parser.add_argument("--facts", type=int, default=5, help="new facts per version")
+    parser.add_argument("--ablation", action="store_true", help="also run each technique switched off (on the users given)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "learning-results.json")
+    args = parser.parse_args()
+
+    from adaptloop.cli import _anchor_mix, _anchor_prompts, _gate_spec, _train_config
+    from adaptloop.settings import load_settings
+    from trainer.anchors import AnchorSet
+    from trainer.model import load_base, resolve_base_model
+
+    settings = load_settings()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    ctx = {
+        "base": base, "model": model, "tokenizer": tokenizer, "device": device, "train_cfg": _train_config(settings, None),
+        "gate": _gate_spec(settings).build(model, tokenizer, device, base.sha256), "anchor_mix": _anchor_mix(settings),
+        "anchors": AnchorSet(_anchor_prompts(settings), settings.cache_dir, base.sha256),
+        "paraphrases": settings.streams.curation.paraphrases, "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-")),
+    }  # fmt: skip
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    plans = {f"user{u}": [make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts]
+                          for v in range(args.versions)] for u in range(args.users)}  # fmt: skip
+    variants = VARIANTS if args.ablation else {"+ replay buffer (default)": VARIANTS["+ replay buffer (default)"]}
+    started = time.time()
+    results = {}
+    for name, (training, replay) in variants.items():
+        say(f"{name}:")
+        rows = [r for user, facts in plans.items() for r in run_user(ctx, f"{user}-{len(results)}", facts, training, replay, say)]
+        results[name] = {"rows": rows, "summary": summary(rows)}
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": str(device), "base_model": base.model_id, "users": args.users, "versions": args.versions,
+        "facts_per_version": args.facts, "wall_seconds": round(time.time() - started), "variants": results,
+    }  # fmt: skip
+    args.out.write_text(json.dumps(report, indent=2))
+    say(f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} user(s) x {args.versions} versions x "
+        f"{args.facts} facts; {report['wall_seconds']} s")  # fmt: skip
+    say("| variant | facts learned | retention | forgetting | train s (mean / max) | promoted |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for name, result in results.items():
+        s = result["summary"]
+        say(f"| {name} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
+            f"{s['train_seconds']} / {s['max_train_seconds']} | {s['promoted']}/{s['versions']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
