@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-kafka bench-streams bench-trainer clean
+.PHONY: install demo test test-unit test-kafka bench-streams bench-trainer bench-learning clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-streams: install
 
 bench-trainer: install
 	$(BIN)/python benchmarks/trainer_throughput.py
+
+bench-learning: install
+	$(BIN)/python benchmarks/learning.py --ablation
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """Learning benchmark: do adapters learn a user's facts and leave everything else alone?
 
     .venv/bin/python benchmarks/learning.py                      # 5 users x 3 versions x 5 new facts
-    .venv/bin/python benchmarks/learning.py --users 1 --ablation # plus the techniques switched off one by one
+    .venv/bin/python benchmarks/learning.py --ablation           # plus variants with techniques off (on 1 user)
     (or: make bench-learning)
 
 Synthetic users, each taught new facts (with paraphrases) in consecutive
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=5)
     parser.add_argument("--versions", type=int, default=3)
     parser.add_argument("--facts", type=int, default=5, help="new facts per version")
-    parser.add_argument("--ablation", action="store_true", help="also run each technique switched off (on the users given)")
+    parser.add_argument("--ablation", action="store_true", help="also run the variants with techniques switched off")
+    parser.add_argument("--ablation-users", type=int, default=1, help="how many of the users the ablation variants run on")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "learning-results.json")
     args = parser.parse_args()
 
@@ -146,13 +147,17 @@ def main() -> None:
     say = lambda text: print(text, flush=True)  # noqa: E731
     plans = {f"user{u}": [make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts]
                           for v in range(args.versions)] for u in range(args.users)}  # fmt: skip
-    variants = VARIANTS if args.ablation else {"+ replay buffer (default)": VARIANTS["+ replay buffer (default)"]}
+    default = "+ replay buffer (default)"
+    runs = [(default, list(plans))]
+    if args.ablation:
+        runs += [(name, list(plans)[: args.ablation_users]) for name in VARIANTS if name != default]
     started = time.time()
     results = {}
-    for name, (training, replay) in variants.items():
-        say(f"{name}:")
-        rows = [r for user, facts in plans.items() for r in run_user(ctx, f"{user}-{len(results)}", facts, training, replay, say)]
-        results[name] = {"rows": rows, "summary": summary(rows)}
+    for name, users in runs:
+        training, replay = VARIANTS[name]
+        say(f"{name} ({len(users)} user(s)):")
+        rows = [r for user in users for r in run_user(ctx, f"{user}-{len(results)}", plans[user], training, replay, say)]
+        results[name] = {"users": len(users), "rows": rows, "summary": summary(rows)}
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "device": str(device), "base_model": base.model_id, "users": args.users, "versions": args.versions,
@@ -161,11 +166,11 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} user(s) x {args.versions} versions x "
         f"{args.facts} facts; {report['wall_seconds']} s")  # fmt: skip
-    say("| variant | facts learned | retention | forgetting | train s (mean / max) | promoted |")
-    say("| --- | --- | --- | --- | --- | --- |")
+    say("| variant | users | facts learned | retention | forgetting | train s (mean / max) | promoted |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
     for name, result in results.items():
         s = result["summary"]
-        say(f"| {name} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
+        say(f"| {name} | {result['users']} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
             f"{s['train_seconds']} / {s['max_train_seconds']} | {s['promoted']}/{s['versions']} |")  # fmt: skip
 
 

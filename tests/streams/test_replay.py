@@ -111,8 +111,12 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
         assert v2.wait_for(lambda: v2.states().get("bob", {}).get("events_total"), what="bob's state") == 4, "nothing re-read"
         # Its metrics: what it processed, and its group's lag (0 once the last event is committed).
         lag = f'adaptloop_consumer_lag_messages{{group="{app}",topic="{w.topics["feedback"]}"}} 0.0'
-        text = v2.wait_for(lambda: (t := httpx.get(f"http://127.0.0.1:{v2.web_port}/metrics").text) if lag in t else None,
-                           what="the lag on /metrics")  # fmt: skip
+
+        def metrics_with_lag() -> str | None:
+            text = httpx.get(f"http://127.0.0.1:{v2.web_port}/metrics").text
+            return text if lag in text else None
+
+        text = v2.wait_for(metrics_with_lag, what="the lag on /metrics")
         assert "adaptloop_worker_events_processed_total 1.0" in text and "bob" not in text
         check_metric_names(text)
     finally:
