@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=5, help="new facts per version")
     parser.add_argument("--ablation", action="store_true", help="also run the variants with techniques switched off")
     parser.add_argument("--ablation-users", type=int, default=1, help="how many of the users the ablation variants run on")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "learning-results.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"learning-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = parser.parse_args()
 
     from adaptloop.cli import _anchor_mix, _anchor_prompts, _gate_spec, _train_config
