@@ -582,7 +582,7 @@ def trainer_cmd(ctx: _Context, metrics_port: int | None) -> None:
         lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, train=_train_config(s, None), gate=_gate_spec(s),
         commands_topic=s.topics.commands.name, cache_dir=s.cache_dir, anchor_prompts=tuple(_anchor_prompts(s)),
-        anchor_mix=_anchor_mix(s), metrics_host=s.training.metrics_host,
+        anchor_mix=_anchor_mix(s), metrics_host=s.training.metrics_host, session_timeout_s=s.kafka.session_timeout_s,
         metrics_port=s.training.metrics_port if metrics_port is None else metrics_port,
     )  # fmt: skip
     run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)

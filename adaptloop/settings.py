@@ -73,6 +73,9 @@ class KafkaSettings(_Section):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     max_event_bytes: int = Field(64 * 1024, ge=1024, description="larger input messages go to the DLQ")
+    session_timeout_s: float = Field(
+        45.0, ge=6, le=300, description="consumer-group session timeout of workers and trainers: how soon a crashed one's partitions move"
+    )  # fmt: skip
     local_broker: LocalBrokerSettings = LocalBrokerSettings()
 
     @model_validator(mode="after")

@@ -59,6 +59,7 @@ class WorkerConfig:
     batch_within_s: float = 0.5
     web_port: int = 6066
     web_bind: str = "127.0.0.1"
+    session_timeout_s: float = 45.0
     max_event_bytes: int = 64 * 1024
     nightly_cron: str = "0 2 * * *"
     schedule: str = "threshold"
@@ -114,6 +115,8 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         table_standby_replicas=0,  # tables are rebuilt from their changelogs on (re)assignment
         broker_commit_every=cfg.batch_size,
         broker_commit_interval=1.0,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, cfg.session_timeout_s / 3),
     )
     to_envelope = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
     store = ArtifactStore(cfg.storage_root)

@@ -60,6 +60,7 @@ def worker_config(settings: Settings, web_port: int | None = None) -> WorkerConf
         batch_within_s=s.batch_within_s,
         web_port=s.web_port if web_port is None else web_port,
         web_bind=s.web_bind,
+        session_timeout_s=settings.kafka.session_timeout_s,
         max_event_bytes=settings.kafka.max_event_bytes,
         nightly_cron=t.nightly_cron,
         schedule=settings.schedule,

@@ -80,6 +80,7 @@ class TrainerConfig:
     max_message_bytes: int = 1 << 20
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
+    session_timeout_s: float = 45.0
 
 
 @dataclass
@@ -111,6 +112,8 @@ class TrainerService:
                     "auto.offset.reset": "earliest",
                     "partition.assignment.strategy": "cooperative-sticky",
                     "max.poll.interval.ms": 300_000,
+                    "session.timeout.ms": int(cfg.session_timeout_s * 1000),
+                    "heartbeat.interval.ms": int(min(3.0, cfg.session_timeout_s / 3) * 1000),
                 }
             )
         )

@@ -137,7 +137,8 @@ def _ground_truth(events) -> dict[str, Counter]:
 
 
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(worker_factory):
-    w = worker_factory(min_gap_events=10**6, streams={"batch_size": 200})
+    # A short session timeout: the killed worker's partitions move in seconds, not 45.
+    w = worker_factory(min_gap_events=10**6, streams={"batch_size": 200}, kafka={"session_timeout_s": 8})
     rng = random.Random(11)
     kinds = ["intent_traces", "feedback", "conversations", "concept_gaps"]
     users = [f"u{i}" for i in range(10)]

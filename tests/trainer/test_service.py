@@ -44,6 +44,7 @@ class TrainerHandle:
             "storage_root": str(self.store),
             "topics": {k: {"name": v, "partitions": 1 if k == "dlq" else 3} for k, v in self.topics.items()},
             "streams": {"internal_partitions": 3},
+            "kafka": {"session_timeout_s": 8},  # a killed trainer's partitions move in seconds
             "model": {"base_model": str(tiny), "dtype": "float32"},
             "lora": {"r": 4, "alpha": 8},
             "training": {"group_id": f"tr-{suffix}", "batch_size": 2, "learning_rate": 0.005, "metrics_port": 0, **training},
