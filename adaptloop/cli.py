@@ -330,7 +330,7 @@ def replay_cmd(ctx: _Context, from_: str, to: str | None, topic_list: str | None
 
     settings = ctx.settings
     cfg = worker_config(settings)
-    known = {**{k: v for k, v in cfg.input_topics.items()}, "commands": cfg.commands_topic, "lifecycle": cfg.lifecycle_topic}
+    known = {**cfg.input_topics, "commands": cfg.commands_topic, "lifecycle": cfg.lifecycle_topic}
     default_topics = list(known.values())
     try:
         topics = [resolve_topic(t.strip(), known, "--topics") for t in topic_list.split(",") if t.strip()] if topic_list else default_topics

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,10 +44,9 @@ from adaptloop.kafka.topics import TopicPlan, ensure_topics
 from adaptloop.storage import ArtifactStore
 from schemas import RollbackCommand, TrainingRequest
 from streams.app import SourceDecoder, WorkerConfig, handle_users, partition_of
-from streams.processor import BatchStats, Envelope, UserProcessor
+from streams.processor import BatchStats, UserProcessor
 from streams.state import UserState
 
-log = logging.getLogger(__name__)
 
 TABLES = ("users", "seen", "examples")
 

@@ -28,11 +28,11 @@ from trainer.registry import AdapterRegistry, version_label
 PNG_KEY = "adaptloop"
 
 
-def version_rows(registry: AdapterRegistry, user_id: str) -> list[dict]:
-    """One summary per version: what the API's history, the report and the CLI show."""
+def version_rows(registry: AdapterRegistry, user_id: str, infos: list | None = None) -> list[dict]:
+    """One summary per version: what the API's history and the report show (`infos`: the versions, if already read)."""
     active = registry.active(user_id)
     rows = []
-    for info in registry.versions(user_id):
+    for info in registry.versions(user_id) if infos is None else infos:
         m, validation = info.manifest.get("metrics", {}), info.manifest.get("validation", {})
         rows.append({
             "version": info.version, "validation_score": m.get("user_score"), "core_score": m.get("core_score"),
@@ -72,8 +72,9 @@ class Report:
 
 
 def build_report(registry: AdapterRegistry, user_id: str, threshold: float | None = None) -> Report:
-    rows = version_rows(registry, user_id)
-    curves = {info.version: [float(x) for x in info.manifest.get("loss_curve", [])] for info in registry.versions(user_id)}
+    infos = registry.versions(user_id)  # every manifest read once
+    rows = version_rows(registry, user_id, infos)
+    curves = {info.version: [float(x) for x in info.manifest.get("loss_curve", [])] for info in infos}
     events = [{"at": e.get("at"), "version": e.get("version"), "status": e.get("status"),
                "why": e.get("reason") or "; ".join(e.get("reasons", []))} for e in registry.history(user_id)]  # fmt: skip
     report = Report(user_id, rows, curves, events, threshold)

@@ -35,16 +35,17 @@ def group_lag(admin: AdminClient, group: str, topics: list[str], timeout_s: floa
         if not partitions:
             return {}
         ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=timeout_s)
-        starts = admin.list_offsets({tp: OffsetSpec.earliest() for tp in partitions}, request_timeout=timeout_s)
         request = [ConsumerGroupTopicPartitions(group, partitions)]
         committed = admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result(timeout_s)
-        done = {(tp.topic, tp.partition): tp.offset for tp in committed.topic_partitions}
+        done = {(tp.topic, tp.partition): tp.offset for tp in committed.topic_partitions if tp.offset >= 0}
+        # Nothing committed yet: everything still in the partition is lag.
+        fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in done]
+        starts = admin.list_offsets({tp: OffsetSpec.earliest() for tp in fresh}, request_timeout=timeout_s) if fresh else {}
         lag: dict[str, int] = {}
         for tp in partitions:
             end = ends[tp].result(timeout_s).offset
-            start = done.get((tp.topic, tp.partition), -1)
-            if start < 0:  # nothing committed yet: everything still there is lag
-                start = starts[tp].result(timeout_s).offset
+            key = (tp.topic, tp.partition)
+            start = done[key] if key in done else starts[tp].result(timeout_s).offset
             lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - start)
         return lag
     except Exception as exc:  # KafkaException, timeouts: the caller reports the failure

@@ -152,7 +152,7 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'adaptloop_trainer_lifecycle_events_total{type="rejected"} 2.0' in text
     assert "adaptloop_trainer_train_seconds_count 1.0" in text and "adaptloop_trainer_busy 0.0" in text
-    assert f'adaptloop_consumer_lag_messages{{group="tr-' in text and "ana" not in text
+    assert 'adaptloop_consumer_lag_messages{group="tr-' in text and "ana" not in text
     check_metric_names(text)
 
 
