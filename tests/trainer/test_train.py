@@ -158,3 +158,36 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
         assert _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0).item() > 1e-4
     finally:
         peft_model.unload()
+
+
+def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
+    """The rows' common prefix runs once and is broadcast: same loss, same LoRA gradients as the plain batch."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.data import collate
+    from trainer.train import _answer_only_loss, _shared_prefix_len
+
+    model, tokenizer, device = tiny
+    batch = tokenize(tokenizer, [EXAMPLES[0], TrainingExample(prompt="What is code 12345?", response="Yes."), EXAMPLES[2]], 256)
+    ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    prefix = _shared_prefix_len(ids, mask, labels)
+    assert prefix >= 4  # the template's start and "What is code" are shared
+    assert (labels[:, : prefix + 1] == IGNORE).all()  # no answer token inside the shared part
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+    try:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)  # a trained adapter: the prefix's keys and values depend on it
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
+        full_grads = torch.autograd.grad(full, params)
+        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
+        fast_grads = torch.autograd.grad(fast, params)
+        assert torch.allclose(full, fast, atol=1e-5)
+        for a, b in zip(full_grads, fast_grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        assert any(g.abs().sum() > 0 for g in fast_grads)
+    finally:
+        peft_model.unload()
