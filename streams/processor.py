@@ -111,36 +111,47 @@ class UserProcessor:
                     state, log, event.event_id, event.timestamp.timestamp(), curated, self.cfg.curation,
                     max_pending=self.cfg.max_pending, accuracy_window=self.cfg.accuracy_window,
                 )  # fmt: skip
-                if not fresh:
+                if fresh:
+                    stats.events += 1
+                    for example in curated.examples:
+                        stats.examples[example.source] = stats.examples.get(example.source, 0) + 1
+                    if curated.to_global:
+                        global_examples.extend(curated.examples)
+                else:
                     stats.duplicates += 1
-                    continue
-                stats.events += 1
-                for example in curated.examples:
-                    stats.examples[example.source] = stats.examples.get(example.source, 0) + 1
-                if curated.to_global:
-                    global_examples.extend(curated.examples)
             elif env.k == "command":
                 requests.extend(self._on_command(user_id, state, log, env.body, env.at or state.last_event_at))
             elif env.k == "lifecycle":
                 requests.extend(self._on_lifecycle(user_id, state, log, env.body))
+            if user_id != GLOBAL_USER:
+                # After every envelope, not once per batch: a request then snapshots
+                # exactly the examples up to the event that crossed the threshold, so
+                # its dataset (and request_id) never depends on where a batch ended.
+                # A batch replayed after a crash, or `adaptloop replay`, rebuilds the
+                # very same request instead of a second, different one.
+                requests.extend(self._after_envelope(user_id, state, log, now))
         if global_examples:
             write_global(self.store, global_examples)
         if user_id == GLOBAL_USER:
             clear_pending(state, log)  # the global pool lives in the store, not in a user's dataset
-            return requests
+        for r in requests:
+            if isinstance(r, TrainingRequest):
+                stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
+            else:
+                stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
+        return requests
+
+    def _after_envelope(self, user_id: str, state: UserState, log: UserLog, now: float) -> list[TrainingRequest | RollbackCommand]:
+        """Windows pruned, a stale open request expired, then an automatic rollback or training request, if due."""
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
         self._expire_open_request(state, now)
         rollback = self._auto_rollback(user_id, state, now)
         if rollback is not None:
-            stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
-            return [*requests, rollback]
+            return [rollback]
         trigger = automatic_trigger(state, now, self.cfg.triggers)
-        if trigger is not None:
-            requests.append(self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global))
-        for r in requests:
-            if isinstance(r, TrainingRequest):
-                stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
-        return requests
+        if trigger is None:
+            return []
+        return [self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global)]
 
     def _auto_rollback(self, user_id: str, state: UserState, now: float) -> RollbackCommand | None:
         """A rollback command when the satisfaction rate drops below the floor soon after a promotion.

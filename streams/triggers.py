@@ -46,7 +46,7 @@ def update_accuracy_alarm(state: UserState, cfg: TriggerConfig) -> bool:
 
 
 def automatic_trigger(state: UserState, now: float, cfg: TriggerConfig) -> str | None:
-    """The trigger that fires for `state` after a batch of events, if any."""
+    """The trigger that fires for `state` after an event (or command, or lifecycle event), if any."""
     dropped = update_accuracy_alarm(state, cfg)
     if state.open_request is not None or state.pending_count < cfg.min_new_examples:
         return None
