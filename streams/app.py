@@ -36,7 +36,7 @@ from schemas.deadletter import DeadLetter
 from schemas.decode import decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
 from schemas.training import Provenance, TrainingExample
-from streams import metrics
+from streams import faust_fixes, metrics
 from streams.processor import BatchStats, Envelope, ProcessorConfig, UserProcessor
 from streams.state import UserState
 
@@ -96,6 +96,7 @@ def _broker_kwargs(client: ClientConfig) -> dict:
 
 
 def create_app(cfg: WorkerConfig) -> faust.App:
+    faust_fixes.apply()
     app = faust.App(
         cfg.app_id,
         **_broker_kwargs(cfg.client),
@@ -150,7 +151,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
     def save(key: bytes, state: UserState) -> None:
         value = state.dump()
         live[key] = (value, state)
-        writer.put(users, partition_of(key, cfg.internal_partitions), key, value)
+        writer.put(users, partition_of(key, cfg.internal_partitions), key, value, PHASE_STATE)
 
     def dead_letter(msg, value: bytes | None, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(msg.topic).inc()
@@ -205,9 +206,9 @@ def create_app(cfg: WorkerConfig) -> faust.App:
             writer.stage()
             for key, message in outgoing:
                 if isinstance(message, RollbackCommand):  # commands share the worker's partitioning
-                    out.add(cfg.commands_topic, partition_of(key, cfg.internal_partitions), key, message.to_bytes())
+                    out.add(cfg.commands_topic, partition_of(key, cfg.internal_partitions), key, message.to_bytes(), PHASE_MARKS)
                 else:
-                    out.add(cfg.requests_topic, partition_of(key, cfg.requests_partitions), key, message.to_bytes())
+                    out.add(cfg.requests_topic, partition_of(key, cfg.requests_partitions), key, message.to_bytes(), PHASE_MARKS)
             await out.flush()
             for key, message in outgoing:
                 if isinstance(message, RollbackCommand):
@@ -288,6 +289,17 @@ def handle_users(processor: UserProcessor, by_user: dict[bytes, list[Envelope]],
     return outgoing
 
 
+# A crash may cut a batch's sends anywhere, so they go out in this order, each
+# phase acknowledged before the next: (1) new examples, dead letters, the
+# internal hop; (2) the users' states; (3) event-id marks, training requests,
+# rollback commands and the removal of examples a request took. What a crash
+# leaves is then repairable: examples beyond a lost state are rewritten when
+# the batch is processed again, and marks or a request lost after a state
+# landed are sent again by the next run (UserProcessor._repair_after_crash).
+PHASE_FIRST, PHASE_STATE, PHASE_MARKS = 0, 1, 2
+PHASE_CLEANUP = PHASE_MARKS
+
+
 class BatchSender:
     """Messages of one stream batch, sent as one Kafka batch per topic partition.
 
@@ -302,24 +314,25 @@ class BatchSender:
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
-        self._groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._groups: dict[tuple[int, str, int], list[tuple[bytes | None, bytes | None]]] = {}
 
-    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> None:
-        self._groups.setdefault((topic, partition), []).append((key, value))
+    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None, phase: int = PHASE_FIRST) -> None:
+        self._groups.setdefault((phase, topic, partition), []).append((key, value))
 
     async def flush(self) -> int:
+        """Send every message, phase by phase: a phase goes out only once the one before is acknowledged."""
         groups, self._groups = self._groups, {}
         producer = self.app.producer._ensure_producer()  # the aiokafka producer Faust runs
-        acks = []
-        for (topic, partition), messages in groups.items():
-            batch = producer.create_batch()
-            for key, value in messages:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    acks.append(await producer.send_batch(batch, topic, partition=partition))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            acks.append(await producer.send_batch(batch, topic, partition=partition))
-        if acks:
+        for phase in sorted({phase for phase, _topic, _partition in groups}):
+            acks = []
+            for (_phase, topic, partition), messages in ((k, v) for k, v in groups.items() if k[0] == phase):
+                batch = producer.create_batch()
+                for key, value in messages:
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        acks.append(await producer.send_batch(batch, topic, partition=partition))
+                        batch = producer.create_batch()
+                        batch.append(key=key, value=value, timestamp=None)
+                acks.append(await producer.send_batch(batch, topic, partition=partition))
             await asyncio.gather(*acks)
         return sum(len(m) for m in groups.values())
 
@@ -334,21 +347,21 @@ class ChangelogWriter:
 
     def __init__(self, sender: BatchSender) -> None:
         self.sender = sender
-        self._pending: dict[tuple[str, bytes], tuple[str, int, bytes | None]] = {}
+        self._pending: dict[tuple[str, bytes], tuple[str, int, bytes | None, int]] = {}
 
-    def put(self, table, partition: int, key: bytes, value) -> None:
+    def put(self, table, partition: int, key: bytes, value, phase: int = PHASE_FIRST) -> None:
         table.data[key] = value
-        self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, json.dumps(value).encode())
+        self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, json.dumps(value).encode(), phase)
 
-    def delete(self, table, partition: int, key: bytes) -> None:
+    def delete(self, table, partition: int, key: bytes, phase: int = PHASE_CLEANUP) -> None:
         table.data.pop(key, None)
-        self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, None)
+        self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, None, phase)
 
     def stage(self) -> None:
         """Hand the writes to the sender (which `flush()` then sends)."""
         pending, self._pending = self._pending, {}
-        for (_name, key), (topic, partition, value) in pending.items():
-            self.sender.add(topic, partition, key, value)
+        for (_name, key), (topic, partition, value, phase) in pending.items():
+            self.sender.add(topic, partition, key, value, phase)
 
 
 class TableUserLog:
@@ -366,7 +379,8 @@ class TableUserLog:
 
     def mark_seen(self, event_id: str, at: float) -> None:
         # Wall-clock time of first sight: old (backfilled) events are remembered too.
-        self.writer.put(self.seen_table, self.partition, self.prefix + event_id.encode(), time.time())
+        # Sent after the state (PHASE_MARKS): see apply_event.
+        self.writer.put(self.seen_table, self.partition, self.prefix + event_id.encode(), time.time(), PHASE_MARKS)
 
     def _example_key(self, seq: int) -> bytes:
         return self.prefix + b"%016d" % seq

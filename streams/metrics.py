@@ -13,6 +13,7 @@ REROUTED = Counter(
     "adaptloop_worker_rerouted_events_total", "Events moved to their user's home partition", registry=REGISTRY
 )
 DUPLICATES = Counter("adaptloop_worker_duplicate_events_total", "Events already counted (by event_id)", registry=REGISTRY)
+REREADS = Counter("adaptloop_worker_fetch_rereads_total", "Fetched records a rebalance cut off, re-read from the committed offset", registry=REGISTRY)
 EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
 REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)
 BATCH_SECONDS = Histogram(

@@ -9,6 +9,7 @@ with that user's state, then writes the state back once.
 from __future__ import annotations
 
 import hashlib
+import uuid
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -92,6 +93,7 @@ class UserProcessor:
     def __init__(self, cfg: ProcessorConfig, store: ArtifactStore) -> None:
         self.cfg = cfg
         self.store = store
+        self.run_id = uuid.uuid4().hex  # this worker run, in the states it writes (see _repair_marks)
 
     # ---- events, commands, lifecycle ------------------------------------- #
 
@@ -102,6 +104,7 @@ class UserProcessor:
         requests: list[TrainingRequest | RollbackCommand] = []
         global_examples: list[TrainingExample] = []
         now = state.last_event_at
+        requests.extend(self._repair_after_crash(state, log, now))
         for env in envelopes:
             if env.k == "event":
                 event = env.event()
@@ -140,6 +143,30 @@ class UserProcessor:
             else:
                 stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
         return requests
+
+    def _repair_after_crash(self, state: UserState, log: UserLog, now: float) -> list[TrainingRequest]:
+        """Resend what a crash may have lost after the state landed; start this write's list of counted ids.
+
+        The worker sends a batch's state before its event-id marks and its
+        training request (streams.app's send phases), so a crash between the
+        two leaves a state that counted events whose marks are missing (those
+        events come again) and maybe a request that was never sent. The state
+        lists the ids its last write counted; if another run wrote it
+        (perhaps one that crashed), their marks are written again before
+        anything else and kept until this run has written a state of its own,
+        and a request that write opened is sent again (same request_id: the
+        trainer trains it once). If this run wrote it, that batch was fully
+        sent before this one began.
+        """
+        foreign = state.written_by != self.run_id
+        carried = state.batch_ids if foreign else []
+        for event_id in carried:
+            log.mark_seen(event_id, now)
+        resend = []
+        if foreign and state.request_unsent and state.open_request is not None and state.open_request.message:
+            resend.append(TrainingRequest.model_validate_json(state.open_request.message))
+        state.batch_ids, state.written_by, state.request_unsent = list(carried), self.run_id, False
+        return resend
 
     def _after_envelope(self, user_id: str, state: UserState, log: UserLog, now: float) -> list[TrainingRequest | RollbackCommand]:
         """Windows pruned, a stale open request expired, then an automatic rollback or training request, if due."""
@@ -271,8 +298,9 @@ class UserProcessor:
         )
         state.open_request = OpenRequest(
             request_id=request.request_id, at=now, trigger=trigger, command_id=command_id,
-            include_global=include_global, dataset_uri=ref.uri,
+            include_global=include_global, dataset_uri=ref.uri, message=request.model_dump_json(exclude_none=True),
         )  # fmt: skip
+        state.request_unsent = True
         clear_pending(state, log)
         state.gaps = []
         state.last_request_at = now

@@ -119,10 +119,10 @@ class _Table:
 class _DictWriter:
     """The ChangelogWriter's interface without the sending: the changelogs are written once at the end."""
 
-    def put(self, table: _Table, partition: int, key: bytes, value) -> None:
+    def put(self, table: _Table, partition: int, key: bytes, value, phase: int = 0) -> None:
         table.data[key] = value
 
-    def delete(self, table: _Table, partition: int, key: bytes) -> None:
+    def delete(self, table: _Table, partition: int, key: bytes, phase: int = 0) -> None:
         table.data.pop(key, None)
 
 

@@ -30,6 +30,7 @@ class OpenRequest(BaseModel):
     command_id: str | None = None
     include_global: bool = False
     dataset_uri: str | None = None
+    message: str | None = Field(None, description="the request as sent (JSON), to send again if a crash may have lost it")
 
 
 class DeferredCommand(BaseModel):
@@ -44,6 +45,11 @@ class UserState(BaseModel):
     gap_totals: dict[str, int] = Field(default_factory=lambda: {k: 0 for k in GAP_KINDS})
     gaps: list[tuple[float, str]] = Field(default_factory=list, description="gaps since the last request, in the window")
     events_total: int = 0
+    batch_ids: list[str] = Field(
+        default_factory=list, description="event ids the last write counted, whose marks a crash may have lost (see UserProcessor.handle)"
+    )
+    written_by: str | None = Field(None, description="the worker run that wrote this state last")
+    request_unsent: bool = Field(False, description="the last write opened `open_request`, which is sent after the state")
     pending_first: int = Field(0, description="sequence number of the oldest pending example")
     pending_next: int = Field(0, description="sequence number the next pending example gets")
     pending_dropped: int = 0
@@ -146,6 +152,7 @@ def apply_event(
     if log.seen(event_id):
         return False
     log.mark_seen(event_id, event_time)
+    state.batch_ids.append(event_id)
     state.events_total += 1
     state.last_event_at = max(state.last_event_at, event_time)
     if curated.gap is not None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,3 +181,22 @@ def event(topic_kind: str, user: str, n: int, t0: float = 1_780_000_000.0, **fie
         "concept_gaps": {"concept": f"Concept{n}", "description": f"Concept{n} is a thing."},
     }[topic_kind]
     return topic_kind, base | defaults | fields
+
+
+def ground_truth(events: list[tuple[str, dict]]) -> dict[str, Counter]:
+    """Per user: events (first delivery of each event_id) and gaps by kind, computed without the worker."""
+    from streams.curation import CurationConfig, curate
+    from schemas.events import EVENT_TYPE_BY_INPUT_KIND
+
+    truth: dict[str, Counter] = {}
+    seen = set()
+    for kind, data in events:
+        if data["event_id"] in seen:
+            continue
+        seen.add(data["event_id"])
+        gap = curate(EVENT_TYPE_BY_INPUT_KIND[kind].model_validate(data), None, CurationConfig()).gap
+        counter = truth.setdefault(data["user_id"], Counter())
+        counter["events"] += 1
+        if gap:
+            counter[gap] += 1
+    return truth

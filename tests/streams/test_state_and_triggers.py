@@ -198,3 +198,21 @@ def test_no_rollback_outside_the_window_or_when_disabled(tmp_path):
         proc.handle("quo", state, log, [_promoted("quo", 2, t0)], BatchStats())
         out = proc.handle("quo", state, log, [_rating("quo", n, -1, t0 + late + n) for n in range(4)], BatchStats())
         assert not [m for m in out if m.__class__.__name__ == "RollbackCommand"]
+
+
+def test_marks_a_crash_lost_after_the_state_landed_are_repaired_by_the_next_run(tmp_path):
+    """The state was written, its batch's event-id marks were not: the next run rewrites them before anything else."""
+    store = ArtifactStore(str(tmp_path))
+    config = ProcessorConfig(triggers=TriggerConfig(min_gap_events=100))
+    crashed, log = UserProcessor(config, store), MemoryUserLog()
+    state = UserState()
+    batch = [_rating("zed", n, 1, 1_780_000_000.0 + n) for n in range(3)]
+    crashed.handle("zed", state, log, batch, BatchStats())
+    assert state.events_total == 3 and state.batch_ids == ["zed-r0", "zed-r1", "zed-r2"]
+    log.seen_ids.clear()  # the marks never reached the broker
+    restarted = UserProcessor(config, store)
+    restarted.handle("zed", state, log, [_rating("zed", 9, 1, 1_780_000_009.0)], BatchStats())  # another event first
+    restarted.handle("zed", state, log, list(reversed(batch)), BatchStats())  # the lost batch again, in another order
+    assert state.events_total == 4, "nothing counted twice"
+    assert set(log.seen_ids) == {"zed-r0", "zed-r1", "zed-r2", "zed-r9"}
+    assert state.batch_ids == [], "this run's own last write: its marks were sent, nothing is carried"
