@@ -176,8 +176,15 @@ class LocalBroker:
         kafka_version: str = "4.1.1",
         heap: str = "512m",
         startup_timeout_s: float = 90.0,
+        extra_listeners: tuple[tuple[str, str, int], ...] = (),
+        extra_properties: dict[str, str] | None = None,
     ) -> None:
+        """`extra_listeners`: (name, security protocol, port) beside PLAINTEXT, e.g.
+        ("SASL_SSL", "SASL_SSL", 9094); `extra_properties` configures them
+        (JAAS users, key stores): see docs/SECURITY.md for a worked TLS + SASL setup."""
         self.port = port
+        self.extra_listeners = tuple(extra_listeners)
+        self.extra_properties = dict(extra_properties or {})
         self.cache_dir = Path(cache_dir)
         self.data_dir = Path(data_dir) if data_dir else self.cache_dir / "kafka" / f"broker-{port}"
         self.kafka_version = kafka_version
@@ -288,16 +295,19 @@ class LocalBroker:
     def _write_properties(self, meta: dict) -> Path:
         path = self.data_dir / "server.properties"
         controller = meta["controller_port"]
+        extra = "".join(f",{name}://{HOST}:{port}" for name, _protocol, port in self.extra_listeners)
+        protocols = "".join(f",{name}:{protocol}" for name, protocol, _port in self.extra_listeners)
         path.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@{HOST}:{controller}",
-                    f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{controller}",
-                    f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
+                    f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{controller}{extra}",
+                    f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}{extra}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    f"listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}",
                     f"log.dirs={self.data_dir / 'logs'}",
                     "num.partitions=1",
                     "offsets.topic.replication.factor=1",
@@ -311,6 +321,7 @@ class LocalBroker:
                     "log.retention.hours=168",
                     "num.network.threads=2",
                     "num.io.threads=2",
+                    *(f"{key}={value}" for key, value in self.extra_properties.items()),
                     "",
                 ]
             ),
