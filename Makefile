@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-kafka bench-streams bench-trainer bench-learning clean
+.PHONY: install demo test test-unit test-kafka bench-streams bench-trainer bench-learning reliability clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ test-kafka: install
 # Benchmarks: one command each; results go to benchmarks/README.md by hand.
 bench-streams: install
 	$(BIN)/python benchmarks/streams_throughput.py
+
+reliability: install
+	$(BIN)/python -m tests.reliability.report
 
 bench-trainer: install
 	$(BIN)/python benchmarks/trainer_throughput.py

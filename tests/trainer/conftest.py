@@ -1,11 +1,24 @@
-"""Trainer fixtures: a tiny Llama built from a config (seconds), and fact datasets."""
+"""Trainer fixtures: a tiny Llama built from a config (seconds), fact datasets, and live `adaptloop trainer` processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
+
+from adaptloop.kafka.client import ClientConfig
+from adaptloop.kafka.io import consume, produce
+from adaptloop.storage import ArtifactStore
+from schemas import TrainingRequest
+from schemas.training import TrainingExample, request_id_for
+from streams.dataset import write_dataset
+from tests.conftest import stop_processes, wait_until
 
 FACTS = [
     ("f1", ["What is my dog's name?", "What's the name of my dog?", "Tell me my dog's name."], "Your dog is called Biscuit."),
@@ -53,3 +66,71 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def facts_file(tmp_path) -> Path:
     return write_facts(tmp_path / "facts.jsonl")
+
+
+TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "commands", "training_requests", "lifecycle", "dlq")
+
+
+class TrainerHandle:
+    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.client = ClientConfig(bootstrap_servers=bootstrap)
+        self.topics = {k: f"tr.{k}.{suffix}" for k in TOPICS}
+        self.store = base / "store"
+        self.log_path = base / "trainer.log"
+        self.config = base / "adapter_retrain.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "storage_root": str(self.store),
+            "topics": {k: {"name": v, "partitions": 1 if k == "dlq" else 3} for k, v in self.topics.items()},
+            "streams": {"internal_partitions": 3},
+            "kafka": {"session_timeout_s": 8},  # a killed trainer's partitions move in seconds
+            "model": {"base_model": str(tiny), "dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"group_id": f"tr-{suffix}", "batch_size": 2, "learning_rate": 0.005, "metrics_port": 0, **training},
+        }))  # fmt: skip
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> "TrainerHandle":
+        before = self.log_path.read_text().count("trainer ready") if self.log_path.exists() else 0
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=self.client.bootstrap_servers)
+        with open(self.log_path, "ab") as log:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "adaptloop.cli", "--config", str(self.config), "trainer"],
+                                               stdout=log, stderr=subprocess.STDOUT, env=env))  # fmt: skip
+        self.wait_for(lambda: self.log_path.read_text().count("trainer ready") > before, what="trainer ready")
+        return self
+
+    def stop(self) -> None:
+        stop_processes(self.procs)
+
+    def request(self, user: str, examples: list[TrainingExample], test: list[TrainingExample] | None = None) -> TrainingRequest:
+        ref = write_dataset(ArtifactStore(str(self.store)), user, examples, test or [], trigger="threshold", lineage_ranges=[])
+        return TrainingRequest(request_id=request_id_for(user, ref.sha256, "threshold"), user_id=user, trigger="threshold", dataset=ref)
+
+    def publish(self, request: TrainingRequest | bytes, key: str = "x") -> None:
+        value = request if isinstance(request, bytes) else request.to_bytes()
+        produce(self.client, self.topics["training_requests"], [(key if isinstance(request, bytes) else request.user_id, value)])
+
+    def lifecycle(self) -> list[dict]:
+        records = consume(self.client, [self.topics["lifecycle"]], f"read-{uuid.uuid4().hex[:6]}", idle_timeout=2, total_timeout=30)
+        return [json.loads(r.value) for r in records]
+
+    def wait_for(self, predicate, timeout: float = 180, what: str = "condition"):
+        def alive() -> None:
+            if self.procs and self.procs[-1].poll() is not None:
+                raise AssertionError(f"trainer exited ({self.procs[-1].returncode}):\n{self.log_path.read_text()[-3000:]}")
+
+        return wait_until(predicate, timeout, what, check=alive, context=lambda: self.log_path.read_text()[-3000:])
+
+
+@pytest.fixture
+def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory):
+    handles = []
+
+    def make(start: bool = True, **training) -> TrainerHandle:
+        handle = TrainerHandle(kafka_bootstrap, tmp_path_factory.mktemp("trainer"), tiny_model_dir, training)
+        handles.append(handle)
+        return handle.start() if start else handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
