@@ -297,7 +297,6 @@ def handle_users(processor: UserProcessor, by_user: dict[bytes, list[Envelope]],
 # the batch is processed again, and marks or a request lost after a state
 # landed are sent again by the next run (UserProcessor._repair_after_crash).
 PHASE_FIRST, PHASE_STATE, PHASE_MARKS = 0, 1, 2
-PHASE_CLEANUP = PHASE_MARKS
 
 
 class BatchSender:
@@ -353,7 +352,7 @@ class ChangelogWriter:
         table.data[key] = value
         self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, json.dumps(value).encode(), phase)
 
-    def delete(self, table, partition: int, key: bytes, phase: int = PHASE_CLEANUP) -> None:
+    def delete(self, table, partition: int, key: bytes, phase: int = PHASE_MARKS) -> None:
         table.data.pop(key, None)
         self._pending[(table.name, key)] = (table.changelog_topic.get_topic_name(), partition, None, phase)
 
@@ -379,7 +378,7 @@ class TableUserLog:
 
     def mark_seen(self, event_id: str, at: float) -> None:
         # Wall-clock time of first sight: old (backfilled) events are remembered too.
-        # Sent after the state (PHASE_MARKS): see apply_event.
+        # Sent after the state (PHASE_MARKS): see UserProcessor._repair_after_crash.
         self.writer.put(self.seen_table, self.partition, self.prefix + event_id.encode(), time.time(), PHASE_MARKS)
 
     def _example_key(self, seq: int) -> bytes:

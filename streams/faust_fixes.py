@@ -21,8 +21,6 @@ import logging
 
 log = logging.getLogger("adaptloop.streams")
 
-_applied = False
-
 
 async def _reread_instead_of_skipping(self, tp, offset_from: int, offset_to: int) -> None:
     from streams import metrics
@@ -47,10 +45,7 @@ async def _reread_instead_of_skipping(self, tp, offset_from: int, offset_to: int
 
 
 def apply() -> None:
-    global _applied
-    if _applied:
-        return
+    """Idempotent: it only rebinds one method."""
     from faust.transport.consumer import Consumer
 
     Consumer._add_gap = _reread_instead_of_skipping
-    _applied = True

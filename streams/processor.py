@@ -9,8 +9,8 @@ with that user's state, then writes the state back once.
 from __future__ import annotations
 
 import hashlib
-import uuid
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -93,7 +93,7 @@ class UserProcessor:
     def __init__(self, cfg: ProcessorConfig, store: ArtifactStore) -> None:
         self.cfg = cfg
         self.store = store
-        self.run_id = uuid.uuid4().hex  # this worker run, in the states it writes (see _repair_marks)
+        self.run_id = uuid.uuid4().hex  # this worker run, in the states it writes (see _repair_after_crash)
 
     # ---- events, commands, lifecycle ------------------------------------- #
 
