@@ -31,7 +31,7 @@ from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
 from trainer.registry import AdapterRegistry, VersionInfo, file_sha256
 from trainer.scoring import TestCase, answers_match
-from trainer.train import TrainConfig, generate, generate_batch, train_adapter
+from trainer.train import TrainConfig, generate, generate_batch, remove_checkpoint, train_adapter
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -207,6 +207,8 @@ def train_version(
         manifest["validation"] = {"passed": report.passed, "reasons": report.reasons, "reference_version": reference_version,
                                   "suites": {name: suite.summary() for name, suite in report.suites.items()}}  # fmt: skip
     info = registry.register(user_id, result.adapter_dir, manifest)
+    if checkpoint_dir is not None:
+        remove_checkpoint(checkpoint_dir)
     return Outcome(info, report, apply_decision(registry, info, report, job_id=request_id))
 
 

@@ -53,7 +53,7 @@ from trainer.gate import GateReport, GateSpec
 from trainer.model import BaseModelRef, load_base
 from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
 from trainer.registry import AdapterRegistry, VersionInfo, version_label
-from trainer.train import TrainConfig
+from trainer.train import TrainConfig, remove_checkpoint
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -216,6 +216,7 @@ class TrainerService:
                 self._start(message, next_offset, self._train)
                 return
             log.info("request %s already produced %s v%d; republishing", message.request_id, message.user_id, done.version)
+            remove_checkpoint(self._checkpoint_dir(message))  # left behind when a kill came right after registering
             self._announce(message, done, apply_decision(self.registry, done, job_id=message.command_id), republished=True)
         self.consumer.commit(offsets=[next_offset], asynchronous=False)
 
@@ -275,6 +276,9 @@ class TrainerService:
         except BaseException as exc:  # reported by the main loop
             job.error = exc
 
+    def _checkpoint_dir(self, request: TrainingRequest) -> Path:
+        return self.registry.root / "checkpoints" / request.request_id
+
     def _train(self, job: _Job) -> None:
         request = job.request
         try:
@@ -285,7 +289,7 @@ class TrainerService:
             held_out = []
             if request.dataset.test_uri:
                 held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
-            checkpoint = self.registry.root / "checkpoints" / request.request_id
+            checkpoint = self._checkpoint_dir(request)
             explicit = user_cases(self.store, self.cfg.gate.user_tests_dir, request.user_id) if self.cfg.gate else []
             with tempfile.TemporaryDirectory(prefix="adaptloop-job-") as tmp:
                 job.result = train_version(

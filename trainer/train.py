@@ -8,7 +8,8 @@ every `checkpoint_every` steps write a checkpoint (adapter weights and
 optimizer state in safetensors, progress in JSON) -> at the end save the
 adapter in the PEFT format and remove LoRA, leaving the base model as it was.
 A crashed run called again with the same checkpoint_dir resumes from its last
-checkpoint.
+checkpoint. The last checkpoint is the finished adapter; the caller removes it
+(`remove_checkpoint`) once the version is registered.
 """
 
 from __future__ import annotations
@@ -149,11 +150,18 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
     return (per_example * weights).sum() / weights.sum()
 
 
-def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path) -> None:
+def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path,
+                     finished: bool = False, stopped_after_epoch: int | None = None) -> None:
+    """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint.
+
+    A `finished` checkpoint is the trained adapter itself: it stays until the
+    caller has registered the version, so a kill during the gate does not mean
+    training again.
+    """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    staging = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+    staging, previous = _checkpoint_siblings(checkpoint_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors")
@@ -166,13 +174,37 @@ def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], check
             else:
                 optim_meta["state_keys"][str(pid)][name] = value
     save_file(optim_tensors, staging / "optimizer.safetensors")
-    (staging / "progress.json").write_text(json.dumps({"step": step, "loss_curve": loss_curve, "optim": optim_meta}))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    # progress.json last: a directory without it is incomplete and never loaded.
+    (staging / "progress.json").write_text(json.dumps({"step": step, "loss_curve": loss_curve, "optim": optim_meta,
+                                                       "finished": finished, "stopped_after_epoch": stopped_after_epoch}))  # fmt: skip
+    if checkpoint_dir.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(checkpoint_dir, previous)
     os.replace(staging, checkpoint_dir)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
-def _load_checkpoint(model, optimizer, checkpoint_dir: Path) -> tuple[int, list[float]]:
-    """Restore adapter and optimizer state (safetensors only, never pickle); return (step, loss curve)."""
+def _checkpoint_siblings(checkpoint_dir: Path) -> tuple[Path, Path]:
+    """(staging, previous): where the next checkpoint is written, and where the last one waits during the swap."""
+    return checkpoint_dir.with_name(checkpoint_dir.name + ".tmp"), checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+
+
+def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint to resume from, if any (the previous one when a kill fell inside the swap)."""
+    for candidate in (checkpoint_dir, _checkpoint_siblings(checkpoint_dir)[1]):
+        if (candidate / "progress.json").is_file():
+            return candidate
+    return None
+
+
+def remove_checkpoint(checkpoint_dir: Path) -> None:
+    """Drop a job's checkpoint once its version is registered."""
+    for path in (checkpoint_dir, *_checkpoint_siblings(checkpoint_dir)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_checkpoint(model, optimizer, checkpoint_dir: Path) -> dict:
+    """Restore adapter and optimizer state (safetensors only, never pickle); return the progress record."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -186,7 +218,7 @@ def _load_checkpoint(model, optimizer, checkpoint_dir: Path) -> tuple[int, list[
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": progress["optim"]["param_groups"]})
-    return int(progress["step"]), list(progress["loss_curve"])
+    return progress
 
 
 def train_adapter(
@@ -228,9 +260,12 @@ def train_adapter(
             optimizer,
             lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
         )
-        step, loss_curve, resumed, stopped_early = 0, [], 0, None
-        if checkpoint_dir is not None and (checkpoint_dir / "progress.json").is_file():
-            step, loss_curve = _load_checkpoint(peft_model, optimizer, checkpoint_dir)
+        step, loss_curve, resumed, stopped_early, finished = 0, [], 0, None, False
+        checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if checkpoint is not None:
+            progress_record = _load_checkpoint(peft_model, optimizer, checkpoint)
+            step, loss_curve = int(progress_record["step"]), list(progress_record["loss_curve"])
+            finished, stopped_early = bool(progress_record.get("finished")), progress_record.get("stopped_after_epoch")
             resumed = step
             with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
                 warnings.simplefilter("ignore", UserWarning)
@@ -240,7 +275,7 @@ def train_adapter(
         peft_model.train()
         started = time.perf_counter()
         tokens = 0
-        for epoch in range(cfg.epochs):
+        for epoch in range(0 if finished else cfg.epochs):
             batches = bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
             for index, batch in enumerate(batches):
                 if epoch * steps_per_epoch + index < step:
@@ -273,6 +308,8 @@ def train_adapter(
                     stopped_early = epoch + 1
                     break
         seconds = time.perf_counter() - started
+        if checkpoint_dir is not None and cfg.checkpoint_every and not finished:
+            _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir, finished=True, stopped_after_epoch=stopped_early)
         peft_model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(out_dir, safe_serialization=True)
@@ -280,8 +317,6 @@ def train_adapter(
     finally:
         # Leave the kept base model as it was for the next job.
         peft_model.unload()
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early)
 
 

@@ -99,6 +99,7 @@ def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_facto
     t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="completion after SIGTERM")
     (info,) = AdapterRegistry(t.store).versions("dee")
     assert info.manifest["resumed_from_step"] == step
+    assert not checkpoint.exists(), "the checkpoint goes once its version is registered"
 
 
 def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(trainer_factory):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
 from trainer.model import BaseModelRef, load_base
-from trainer.train import TrainConfig, _weighted_loss, train_adapter
+from trainer.train import TrainConfig, _weighted_loss, remove_checkpoint, train_adapter
 
 pytestmark = pytest.mark.unit
 
@@ -84,11 +86,22 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
         train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, should_stop=stop_after_five)
     assert json.loads((ckpt / "progress.json").read_text())["step"] == 5
     assert (ckpt / "optimizer.safetensors").is_file()
+    # A kill inside the checkpoint swap leaves the last complete checkpoint under its ".old" name.
+    os.replace(ckpt, tmp_path / "ckpt.old")
     resumed = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a2", ckpt)
     assert resumed.resumed_from_step == 5 and resumed.steps == 9 and len(resumed.loss_curve) == 9
-    assert not ckpt.exists(), "a finished run removes its checkpoint"
     straight = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a3")
     assert resumed.loss_curve[:5] == straight.loss_curve[:5]
+
+    # The finished adapter stays as the checkpoint until the caller has registered it: a kill
+    # in between (during the gate) resumes to the same adapter without training again.
+    assert json.loads((ckpt / "progress.json").read_text())["finished"] is True
+    again = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a4", ckpt)
+    assert again.resumed_from_step == 9 and again.loss_curve == resumed.loss_curve
+    saved = [load_file(d / "adapter_model.safetensors") for d in (tmp_path / "a2", tmp_path / "a4")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    remove_checkpoint(ckpt)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")]
 
 
 def test_empty_dataset_is_a_clear_error(tiny, tmp_path):
