@@ -20,8 +20,10 @@ Loading verifies every file's sha256 and refuses a mismatch.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +34,8 @@ from typing import Any
 
 from adaptloop.errors import RollbackError, StorageError
 from schemas.common import check_user_id
+
+log = logging.getLogger("adaptloop.registry")
 
 MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
@@ -110,13 +114,25 @@ class AdapterRegistry:
     # ---- audit ------------------------------------------------------------ #
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        """Append one JSON line to a log (O_APPEND: whole lines, never interleaved)."""
+        """Append one JSON line to a log (O_APPEND: whole lines, never interleaved, never torn).
+
+        A write the disk cannot take whole (ENOSPC part-way) is cut back off,
+        so the log always parses; the caller gets a StorageError.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"at": _now(), **record}, sort_keys=True) + "\n"
-        fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        line = (json.dumps({"at": _now(), **record}, sort_keys=True) + "\n").encode()
+        path = self.root / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(line)} bytes)")
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                raise StorageError(f"could not append to {path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
 
@@ -124,7 +140,14 @@ class AdapterRegistry:
         path = self.root / name
         if not path.exists():
             return []
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    # Only an outside hand (or a crash of the machine) can leave one: skip it, loudly.
+                    log.warning("%s line %d is not JSON; skipped", path, number)
         return records if user_id is None else [r for r in records if r.get("user_id") == user_id]
 
     def audit(self, event: str, user_id: str, **fields: Any) -> None:
@@ -167,6 +190,9 @@ class AdapterRegistry:
             target = self.version_dir(user_id, version)
             os.rename(staging, target)  # atomic; fails if a concurrent writer took the number
             _fsync_dir(user)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"could not write {user_id}'s new version under {user}: {exc.strerror or exc}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

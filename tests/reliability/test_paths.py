@@ -1,0 +1,85 @@
+"""No `user_id` accepted anywhere resolves outside the storage root (a hypothesis property test).
+
+Every place that builds a path from a user_id is tried with ids hypothesis
+makes up, biased towards the dangerous ones (dots, slashes, percent-escapes,
+unicode look-alikes, NUL): either the id is refused everywhere with a clear
+error, or every path built from it lies inside the root, one level below its
+folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from adaptloop.errors import StorageError
+from adaptloop.storage import ArtifactStore
+from schemas.common import UserId, check_user_id
+from streams.dataset import write_dataset
+from trainer.offline import user_cases
+from trainer.registry import AdapterRegistry
+
+pytestmark = pytest.mark.unit
+
+PIECES = ["..", ".", "/", "\\", "%2e", "%2f", "~", "\x00", "\u2024", "\uff0e", "\u2215", "\u2044", "@", "-", "_", "a", "Z", "9",
+          "..%2f", "%00", " ", "\n", "con", "nul", "etc", "passwd"]  # fmt: skip
+user_ids = st.one_of(
+    st.lists(st.sampled_from(PIECES), min_size=1, max_size=12).map("".join),
+    st.from_regex(r"\A[A-Za-z0-9@_.\-]{1,130}\Z"),
+    st.text(max_size=140),
+)
+
+
+class _Event(BaseModel):
+    user_id: UserId
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user_id=user_ids)
+def test_no_accepted_user_id_leaves_the_storage_root(root, user_id):
+    registry = AdapterRegistry(root)
+    store = ArtifactStore(str(root))
+    try:
+        check_user_id(user_id)
+    except ValueError:
+        with pytest.raises(ValidationError):
+            _Event(user_id=user_id)
+        with pytest.raises((StorageError, ValueError)):
+            registry.user_dir(user_id)
+        return
+    assert _Event(user_id=user_id).user_id == user_id
+    user_dir = registry.user_dir(user_id)
+    users = registry.root / "users"
+    assert _inside(user_dir, users) and user_dir.parent == users.resolve(), "one folder per user, directly under users/"
+    assert _inside(registry.version_dir(user_id, 3), user_dir)
+    assert registry.versions(user_id) == [] and registry.active(user_id) is None
+    assert user_cases(store, "tests/users", user_id) == []
+    for relative in (f"training/versions/user_{user_id}/x.jsonl", f"training/user_{user_id}_finetune.jsonl",
+                     f"tests/users/user_{user_id}.jsonl"):  # fmt: skip
+        assert _inside(store.path(relative), root)
+
+
+def test_writing_a_dataset_for_an_odd_but_valid_user_stays_inside(tmp_path):
+    from schemas.training import TrainingExample
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    for user_id in (".a", "a.", ".a.b", "-", "@", "_", "a.b.c"):
+        check_user_id(user_id)
+        ref = write_dataset(store, user_id, [TrainingExample(prompt="p", response="r")], [], trigger="manual", lineage_ranges=[])
+        assert _inside(ref.uri.removeprefix("file://"), tmp_path / "store")
+    written = [p for p in (tmp_path).rglob("*") if p.is_file()]
+    assert written and all(_inside(p, tmp_path / "store") for p in written)
