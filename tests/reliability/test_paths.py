@@ -10,10 +10,11 @@ folder.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
@@ -43,34 +44,42 @@ def _inside(path: str | Path, folder: Path) -> bool:
     return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("storage")
-
-
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(user_id=user_ids)
-def test_no_accepted_user_id_leaves_the_storage_root(root, user_id):
+def test_no_accepted_user_id_leaves_the_storage_root(tmp_path, figures):
+    root = tmp_path / "storage"
     registry = AdapterRegistry(root)
     store = ArtifactStore(str(root))
-    try:
-        check_user_id(user_id)
-    except ValueError:
-        with pytest.raises(ValidationError):
-            _Event(user_id=user_id)
-        with pytest.raises((StorageError, ValueError)):
-            registry.user_dir(user_id)
-        return
-    assert _Event(user_id=user_id).user_id == user_id
-    user_dir = registry.user_dir(user_id)
-    users = registry.root / "users"
-    assert _inside(user_dir, users) and user_dir.parent == users.resolve(), "one folder per user, directly under users/"
-    assert _inside(registry.version_dir(user_id, 3), user_dir)
-    assert registry.versions(user_id) == [] and registry.active(user_id) is None
-    assert user_cases(store, "tests/users", user_id) == []
-    for relative in (f"training/versions/user_{user_id}/x.jsonl", f"training/user_{user_id}_finetune.jsonl",
-                     f"tests/users/user_{user_id}.jsonl"):  # fmt: skip
-        assert _inside(store.path(relative), root)
+    tried: Counter[str] = Counter()
+
+    @settings(max_examples=2000, deadline=None, database=None)
+    @given(user_id=user_ids)
+    def check(user_id):
+        try:
+            check_user_id(user_id)
+        except ValueError:
+            tried["refused"] += 1
+            with pytest.raises(ValidationError):
+                _Event(user_id=user_id)
+            with pytest.raises((StorageError, ValueError)):
+                registry.user_dir(user_id)
+            return
+        tried["accepted"] += 1
+        assert _Event(user_id=user_id).user_id == user_id
+        user_dir = registry.user_dir(user_id)
+        users = registry.root / "users"
+        assert _inside(user_dir, users) and user_dir.parent == users.resolve(), "one folder per user, directly under users/"
+        assert _inside(registry.version_dir(user_id, 3), user_dir)
+        assert registry.versions(user_id) == [] and registry.active(user_id) is None
+        assert user_cases(store, "tests/users", user_id) == []
+        for relative in (f"training/versions/user_{user_id}/x.jsonl", f"training/user_{user_id}_finetune.jsonl",
+                         f"tests/users/user_{user_id}.jsonl"):  # fmt: skip
+            assert _inside(store.path(relative), root)
+
+    check()
+    figures("Bad input", "user_id paths (hypothesis property test)",
+            f"{sum(tried.values())} made-up user_ids (dots, slashes, escapes, look-alikes, NUL)", lost=None, duplicated=None,
+            result=f"{tried['refused']} refused everywhere; for the {tried['accepted']} accepted, every path built "
+                   "from them lies inside the storage root, one folder per user")  # fmt: skip
+    assert tried["refused"] > 100 and tried["accepted"] > 100, "both sides of the rule were tried"
 
 
 def test_writing_a_dataset_for_an_odd_but_valid_user_stays_inside(tmp_path):

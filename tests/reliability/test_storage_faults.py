@@ -60,7 +60,7 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_while_an_adapter_is_written_fails_clearly_and_keeps_the_active_version(small_disk, tmp_path):
+def test_a_full_disk_while_an_adapter_is_written_fails_clearly_and_keeps_the_active_version(small_disk, tmp_path, figures):
     registry = AdapterRegistry(small_disk / "store")
     v1 = registry.register("ann", _adapter(tmp_path / "a1", 200_000), {"request_id": "r1"})
     registry.activate("ann", v1.version, reason="gate passed")
@@ -82,10 +82,14 @@ def test_a_full_disk_while_an_adapter_is_written_fails_clearly_and_keeps_the_act
     filler.unlink()
     registry.audit("note", "ann", detail="after the disk was freed")
     assert _audit_is_whole(registry)[-1]["detail"] == "after the disk was freed"
+    figures("Faults", "Disk full (4 MiB tmpfs) while an adapter is written, then full to the last byte",
+            "a 1 MB adapter with 300 kB free; audit records on a full disk", lost=0, duplicated=0,
+            result="StorageError 'No space left on device', no half-written version, v1 still active and verifying; "
+                   "the audit record that did not fit was cut back off (no torn line), the log parses")  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
-def test_a_damaged_candidate_is_refused_and_the_previous_version_stays_active(tmp_path, damage):
+def test_a_damaged_candidate_is_refused_and_the_previous_version_stays_active(tmp_path, damage, figures):
     registry = AdapterRegistry(tmp_path / "store")
     registry.activate("bo", registry.register("bo", _adapter(tmp_path / "a1", 5_000), {}).version, reason="gate passed")
     v2 = registry.register("bo", _adapter(tmp_path / "a2", 5_000), {})
@@ -98,9 +102,11 @@ def test_a_damaged_candidate_is_refused_and_the_previous_version_stays_active(tm
         verified_adapter(v2.path)  # what every loader calls first
     assert registry.active("bo") == 1
     assert [r["event"] for r in _audit_is_whole(registry)] == ["registered", "promoted", "registered"]
+    figures("Faults", f"Candidate adapter file {damage}", f"adapter_model.safetensors {damage} before promotion",
+            lost=0, duplicated=0, result="promotion and loading refused (sha256 mismatch); v1 stays active; audit log parses")
 
 
-def test_deleted_active_files_give_a_clear_error_and_a_rollback_restores_the_previous_good_version(tmp_path):
+def test_deleted_active_files_give_a_clear_error_and_a_rollback_restores_the_previous_good_version(tmp_path, figures):
     registry = AdapterRegistry(tmp_path / "store")
     for n in (1, 2):
         registry.activate("cy", registry.register("cy", _adapter(tmp_path / f"a{n}", 5_000), {}).version, reason="gate passed")
@@ -117,3 +123,5 @@ def test_deleted_active_files_give_a_clear_error_and_a_rollback_restores_the_pre
     with pytest.raises(StorageError, match="no version 1"):
         registry.verify("cy", 1)
     assert [r["event"] for r in _audit_is_whole(registry)][-2:] == ["rolled_back_from", "rolled_back"]
+    figures("Faults", "Active version's files deleted", "both adapter files of the active v2 removed", lost=0, duplicated=0,
+            result="verify and load fail naming the missing file; a rollback makes v1 (verified) active; audit log parses")

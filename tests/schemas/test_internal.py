@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jsonschema
@@ -78,3 +79,16 @@ def test_exported_schemas_validate_real_messages(tmp_path):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"event_id": "e", "user_id": "a", "timestamp": "2026-01-01T00:00:00Z",
                              "intent": "i", "status": "missed", "query": "q", "extra": 1}, intent)
+
+
+def test_a_dead_letter_of_a_huge_message_still_fits_on_the_topic():
+    from schemas.deadletter import MAX_KEPT_BYTES
+
+    junk = b"\xfe" * 900_000  # just under the broker's 1 MB limit
+    letter = DeadLetter.of(topic="t", partition=0, offset=7, key=b"k" * 5000, value=junk, reason="too large")
+    assert len(letter.to_bytes()) < 500_000
+    again = decode(DeadLetter, letter.to_bytes(), max_bytes=1_000_000)
+    assert again.value_truncated and again.value_bytes == 900_000 and again.original_value() == junk[:MAX_KEPT_BYTES]
+    assert again.value_sha256 == hashlib.sha256(junk).hexdigest()
+    small = DeadLetter.of(topic="t", partition=0, offset=8, key=None, value=b"{", reason="not JSON")
+    assert not small.value_truncated and small.original_value() == b"{" and small.value_bytes == 1
