@@ -131,7 +131,8 @@ def worker_factory(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
     """`worker_factory(schedule="nightly", min_gap_events=3, triggers={...})` -> a started worker."""
     handles: list[WorkerHandle] = []
 
-    def make(start: bool = True, internal_partitions: int = 3, streams: dict | None = None, **top) -> WorkerHandle:
+    def make(start: bool = True, internal_partitions: int = 3, streams: dict | None = None, bootstrap: str | None = None,
+             **top) -> WorkerHandle:  # fmt: skip
         base = tmp_path_factory.mktemp("worker")
         suffix = uuid.uuid4().hex[:8]
         topics = {kind: f"it.{kind}.{suffix}" for kind in (*INPUT_KINDS, *OTHER)}
@@ -152,7 +153,7 @@ def worker_factory(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
         config_path = base / "adapter_retrain.yaml"
         config_path.write_text(yaml.safe_dump(config))
         handle = WorkerHandle(
-            client=ClientConfig(bootstrap_servers=kafka_bootstrap),
+            client=ClientConfig(bootstrap_servers=bootstrap or kafka_bootstrap),
             config_path=config_path,
             topics=topics,
             app_id=app_id,
