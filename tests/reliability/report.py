@@ -44,11 +44,11 @@ by `event_id` / `request_id`.
 
 PENDING = """## Not covered yet
 
-Schemathesis against the API's OpenAPI spec (no 5xx, no request served
-without a valid token, no path outside the storage root) is planned in the
-same issue and not run yet; the API's own tests cover its error answers and
-token checks case by case. The security points are listed with their tests
-in docs/SECURITY.md.
+Faults in more than one place at once (say, the broker restarting while a
+worker is killed), a slow or flaky disk rather than a full one, and network
+partitions between a client and the broker (only whole-broker outages are
+injected). The security points are listed with their tests in
+docs/SECURITY.md.
 """
 
 
