@@ -27,7 +27,7 @@ from tests.streams.conftest import event, ground_truth
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-FILES, PER_FILE, USERS, OUTAGE_S = 16, 250, 10, 20
+FILES, PER_FILE, USERS, OUTAGE_S = 8, 500, 10, 15
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

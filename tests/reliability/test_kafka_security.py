@@ -119,11 +119,16 @@ def test_publish_worker_trainer_and_api_over_sasl_ssl(secure_env, worker_factory
                    what="the API's command through SASL_SSL")  # fmt: skip
     finally:
         stop_processes([api])
+    lifecycle = "".join(json.dumps(e) for e in t.lifecycle())
+    shown = {"worker log": w.log_path.read_text(errors="replace"), "trainer log": t.log_path.read_text(errors="replace"),
+             "API log": (tmp_path / "api.log").read_text(errors="replace"), "lifecycle events": lifecycle}  # fmt: skip
+    assert "training_completed" in lifecycle
+    assert [place for place, text in shown.items() if PASSWORD in text] == [], "the SASL password was shown"
     figures("Security", "Kafka over TLS + SASL (SASL_SSL, PLAIN) end to end",
             "a broker with only a SASL_SSL listener in use; every process configured by ADAPTLOOP_KAFKA__* variables",
             lost=None, duplicated=None,
             result="`adaptloop publish` -> worker -> training request; trainer -> training_completed; API -> command: all over "
-                   "SASL_SSL; a wrong password is refused without showing it")  # fmt: skip
+                   "SASL_SSL; the password in no log or event; a wrong one is refused without showing it")  # fmt: skip
 
 
 def test_a_wrong_password_is_refused_clearly_without_showing_it(secure_env, worker_factory, monkeypatch, tmp_path):

@@ -46,7 +46,7 @@ def _all_completed(handle, requests):
 
 
 def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(trainer_factory, figures):
-    t = trainer_factory(epochs=60, checkpoint_every=5)  # 360 steps a request
+    t = trainer_factory(epochs=30, checkpoint_every=5)  # 180 steps a request
     requests = [t.request(f"kay{i}", _examples(12)) for i in range(3)]
     for request in requests:
         t.publish(request)
@@ -71,7 +71,7 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
     step_s = sum(per_step) / len(per_step)
     saved_s = sum(resumable_steps) * step_s  # each restart skipped the checkpointed steps instead of starting over
     figures("Faults", "Trainer SIGKILLed at random points during training and restarted",
-            f"5 SIGKILLs over {len(requests)} requests (360 steps each, checkpoint every 5)", lost=wrong, duplicated=extra_completions,
+            f"5 SIGKILLs over {len(requests)} requests (180 steps each, checkpoint every 5)", lost=wrong, duplicated=extra_completions,
             result=f"every request ended with exactly one version; restarts resumed {sum(resumable_steps)} checkpointed steps "
                    f"(~{saved_s:.0f} s of training not redone)",
             resumed_steps_per_kill=resumable_steps, seconds_per_step=round(step_s, 4), time_saved_s=round(saved_s, 1),
