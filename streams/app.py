@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import faust
 from aiokafka.partitioner import murmur2
@@ -66,6 +67,7 @@ class WorkerConfig:
     dedupe_window_s: float = 7 * 24 * 3600
     requests_partitions: int = 6
     dlq_partitions: int = 1
+    data_dir: Path | None = None  # Faust's local files; None: "<app_id>-data" in the working directory (Faust's default)
 
 
 def internal_topic_name(app_id: str) -> str:
@@ -97,6 +99,8 @@ def _broker_kwargs(client: ClientConfig) -> dict:
 
 def create_app(cfg: WorkerConfig) -> faust.App:
     faust_fixes.apply()
+    if cfg.data_dir is not None:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         cfg.app_id,
         **_broker_kwargs(cfg.client),
@@ -118,6 +122,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=min(3.0, cfg.session_timeout_s / 3),
+        **({"datadir": str(cfg.data_dir)} if cfg.data_dir is not None else {}),
     )
     to_envelope = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
     store = ArtifactStore(cfg.storage_root)

@@ -67,6 +67,7 @@ def worker_config(settings: Settings, web_port: int | None = None) -> WorkerConf
         dedupe_window_s=s.dedupe_window_s,
         requests_partitions=topics.training_requests.partitions,
         dlq_partitions=topics.dlq.partitions,
+        data_dir=settings.cache_dir / "streams" / s.app_id,
     )
 
 

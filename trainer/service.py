@@ -325,6 +325,7 @@ class TrainerService:
             log.warning("request %s interrupted and checkpointed; it will resume", request.request_id)
         elif job.error is not None:
             log.error("request %s failed: %s", request.request_id, job.error)
+            remove_checkpoint(self._checkpoint_dir(request))  # a retry of the same request starts afresh
             self._emit("training_failed", request, reason=f"{type(job.error).__name__}: {job.error}"[:3900])
             self.consumer.commit(offsets=[job.partition], asynchronous=False)
         else:

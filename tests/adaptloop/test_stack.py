@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "commands", "training_requests", "lifecycle", "dlq")
 
 
-def _adaptloop(config, env, *args, timeout=600) -> subprocess.CompletedProcess:
+def _adaptloop(config, env, *args, timeout=600, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)  # fmt: skip
 
 
 def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, tmp_path):
@@ -40,9 +40,10 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
         "api": {"port": ports["api"]},
     }))  # fmt: skip
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)
-    run_dir = tmp_path / "run"
+    run_dir, working_dir = tmp_path / "run", tmp_path / "wd"
+    working_dir.mkdir()
     try:
-        up = _adaptloop(config, env, "up", "--run-dir", str(run_dir))
+        up = _adaptloop(config, env, "up", "--run-dir", str(run_dir), cwd=working_dir)
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"logs: {run_dir / 'logs'}" in up.stdout and "up: api, trainer, worker" in up.stdout
         for name in ("worker", "trainer", "api"):
@@ -65,6 +66,8 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
     assert not any(pid_alive(pid) for pid in pids.values())
     assert "signal 15: checkpointing and leaving the group" in (run_dir / "logs" / "trainer.log").read_text()
     assert json.loads((run_dir / "stack.json").read_text())["services"] == {}
+    assert list(working_dir.iterdir()) == [], "nothing written to the working directory"
+    assert (tmp_path / "cache" / "streams" / f"up-{suffix}").is_dir(), "the worker's local files live in the cache dir"
 
 
 def test_up_starts_the_local_broker_when_none_is_given_and_down_stops_it(tmp_path):

@@ -80,10 +80,11 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
     assert sum(resumable_steps) > 0 and any(i.manifest["resumed_from_step"] > 0 for i in infos)
 
 
-def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factory, figures, tmp_path):
+def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factory, figures, tmp_path, request):
     a = trainer_factory(epochs=20, checkpoint_every=5)
     b = copy.copy(a)
     b.log_path, b.procs = tmp_path / "trainer-b.log", []
+    request.addfinalizer(b.stop)  # the factory stops only the trainers it made
     b.start()
     # Two users per partition of the 3-partition requests topic.
     users, n = [], 0
