@@ -311,7 +311,7 @@ class Settings(BaseSettings):
     max_adapter_versions: int = Field(5, ge=1, le=1000, description="versions kept per user; older are archived")
 
     storage_root: str = Field("./adaptloop-data", description="local dir or fsspec URL for datasets, adapters, logs")
-    cache_dir: Path = Field(Path.home() / ".cache" / "adaptloop", description="broker jars, broker state, model cache")
+    cache_dir: Path = Field(Path.home() / ".cache" / "adaptloop", description="broker jars, broker state, model cache, the worker's local files")
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicsSettings = TopicsSettings()

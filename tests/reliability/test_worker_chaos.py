@@ -1,20 +1,26 @@
 """The stream worker SIGKILLed at random points, 10 times, during 20,000 events for 50 users.
 
 Afterwards every user's event and gap counts equal the ground truth computed
-from the events, and the training requests on the topic are exactly those the
-users' states opened, each once: nothing lost, nothing counted twice.
+from the events; every training example the events yield is in exactly one
+place, the user's request dataset or the user's pending examples (read back
+from the examples table's changelog); and the training requests on the topic
+are exactly those the users' states opened, each once: nothing lost, nothing
+counted twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from adaptloop.kafka.io import consume
 from tests.streams.conftest import event, ground_truth
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -42,6 +48,43 @@ def _unique_requests(w) -> tuple[dict[str, dict], int]:
 
 def _file(uri: str) -> bytes:
     return Path(uri.removeprefix("file://")).read_bytes()
+
+
+def _examples_truth(events: list[tuple[str, dict]]) -> dict[str, set[str]]:
+    """Per user: the event_ids (first delivery) whose event yields a training example, computed without the worker."""
+    from schemas.events import EVENT_TYPE_BY_INPUT_KIND
+    from streams.curation import CurationConfig, curate
+
+    truth: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    for kind, data in events:
+        if data["event_id"] not in seen:
+            seen.add(data["event_id"])
+            if curate(EVENT_TYPE_BY_INPUT_KIND[kind].model_validate(data), None, CurationConfig()).examples:
+                truth.setdefault(data["user_id"], set()).add(data["event_id"])
+    return truth
+
+
+def _pending_event_ids(w, states: dict[str, dict]) -> dict[str, set[str]]:
+    """Per user: the event_ids of the examples still pending, from the examples table's changelog."""
+    latest: dict[bytes, bytes | None] = {}
+    for record in consume(w.client, [f"{w.app_id}-examples-changelog"], f"test-examples-{uuid.uuid4().hex[:8]}",
+                          idle_timeout=3, total_timeout=120):  # fmt: skip
+        latest[record.key] = record.value
+    pending: dict[str, set[str]] = {}
+    for user, state in states.items():
+        prefix = user.encode() + b"\x00"
+        rows = (latest.get(prefix + b"%016d" % seq) for seq in range(state["pending_first"], state["pending_next"]))
+        pending[user] = {json.loads(row)["event_id"] for row in rows if row is not None}
+    return pending
+
+
+def _dataset_event_ids(request: dict) -> set[str]:
+    ids = set()
+    for uri in (request["dataset"]["uri"], request["dataset"].get("test_uri")):
+        if uri:
+            ids |= {json.loads(line)["event_id"] for line in _file(uri).decode().splitlines() if line.strip()}
+    return ids
 
 
 def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worker_factory, figures, tmp_path):
@@ -99,13 +142,27 @@ def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worke
     for r in live.values():
         if hashlib.sha256(_file(r["dataset"]["uri"])).hexdigest() != r["dataset"]["sha256"]:
             request_errors += 1
+    # Examples: each one the events yield is in the user's dataset or still pending, never both, never missing.
+    examples_truth, pending = _examples_truth(events), _pending_event_ids(w, states)
+    examples_lost = examples_doubled = 0
+    assert any(pending.values()), "examples pending after the requests: both places are checked"
+    for user, expected in examples_truth.items():
+        in_datasets = set().union(*(_dataset_event_ids(r) for r in live.values() if r["user_id"] == user))
+        examples_lost += len(expected - in_datasets - pending[user])
+        examples_doubled += len(in_datasets & pending[user]) + len((in_datasets | pending[user]) - expected)
+        assert states[user]["pending_dropped"] == 0, "max_pending was reached: the accounting below would not hold"
     figures("Faults", "Stream worker SIGKILLed at random points and restarted",
-            f"{KILLS} SIGKILLs during {EVENTS:,} events for {USERS} users", lost=lost, duplicated=duplicated,
-            result=f"event and gap counts equal the ground truth for all {USERS} users; {len(live)} training requests, each "
+            f"{KILLS} SIGKILLs during {EVENTS:,} events for {USERS} users", lost=lost + examples_lost,
+            duplicated=duplicated + examples_doubled,
+            result=f"event and gap counts equal the ground truth for all {USERS} users; each of the "
+                   f"{sum(len(v) for v in examples_truth.values())} training examples in its user's dataset or pending, once; "
+                   f"{len(live)} training requests, each "
                    f"opened once by its user's state, datasets intact ({deliveries - len(live)} records sent again after a crash, "
                    f"same request_id)",
             kill_points_s=kill_points, kills_done_s=round(killed_s, 1), settle_s=round(settle_s, 1), requests=len(live),
-            request_deliveries=deliveries, request_errors=request_errors)  # fmt: skip
+            request_deliveries=deliveries, request_errors=request_errors, examples_lost=examples_lost,
+            examples_doubled=examples_doubled)  # fmt: skip
     assert (lost, duplicated) == (0, 0)
+    assert (examples_lost, examples_doubled) == (0, 0)
     assert len(live) >= USERS // 2, "most users crossed the threshold"
     assert request_errors == 0
