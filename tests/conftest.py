@@ -10,6 +10,8 @@ interfere and need no teardown.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,14 @@ from adaptloop.settings import Settings
 
 # The jars are fetched once per machine; tests share the user's cache for them.
 JAR_CACHE = Path(os.environ.get("ADAPTLOOP_TEST_CACHE", Path.home() / ".cache" / "adaptloop"))
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`adaptloop ARGS` with the test jar cache and without the session broker's KAFKA_BOOTSTRAP_SERVERS."""
+    full_env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    full_env["ADAPTLOOP_CACHE_DIR"] = str(JAR_CACHE)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "adaptloop.cli", *args], capture_output=True, text=True, env=full_env, timeout=240)
 
 
 def stop_processes(procs, timeout: float = 30) -> None:

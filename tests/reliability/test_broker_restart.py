@@ -10,9 +10,6 @@ through.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +19,7 @@ import pytest
 from adaptloop.kafka.broker import free_port
 from api.auth import TokenStore
 from tests.api.conftest import start_api
-from tests.conftest import JAR_CACHE, stop_processes
+from tests.conftest import run_cli, stop_processes
 from tests.streams.conftest import event, ground_truth
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -30,11 +27,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 FILES, PER_FILE, USERS, OUTAGE_S = 8, 500, 10, 15
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    full_env["ADAPTLOOP_CACHE_DIR"] = str(JAR_CACHE)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "adaptloop.cli", *args], capture_output=True, text=True, env=full_env, timeout=240)
+_cli = run_cli
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -16,7 +13,7 @@ from adaptloop.kafka.broker import LocalBroker, broker_answers, free_port
 from adaptloop.kafka.client import ClientConfig
 from adaptloop.kafka.io import consume, produce
 from adaptloop.kafka.topics import TopicPlan, ensure_topics
-from tests.conftest import JAR_CACHE
+from tests.conftest import JAR_CACHE, run_cli
 
 pytestmark = pytest.mark.kafka
 
@@ -42,11 +39,7 @@ def test_topics_ensure_is_idempotent_and_reports_mismatch(kafka_client):
     assert not again[0].created and again[0].partitions == 2 and "4" in again[0].note
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    full_env["ADAPTLOOP_CACHE_DIR"] = str(JAR_CACHE)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "adaptloop.cli", *args], capture_output=True, text=True, env=full_env, timeout=240)
+_cli = run_cli
 
 
 @pytest.mark.slow
