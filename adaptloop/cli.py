@@ -408,8 +408,9 @@ def _train_config(settings: Settings, epochs: int | None):
     t, lora = settings.training, settings.lora
     return TrainConfig(
         epochs=epochs or t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size, max_seq_len=t.max_seq_len,
-        seed=t.seed, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
-        checkpoint_every=t.checkpoint_every, anchor_kl=t.anchor_kl, early_stopping=t.early_stopping, min_epochs=t.min_epochs,
+        seed=t.seed, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules), top_layer_share=lora.top_layer_share,
+        checkpoint_every=t.checkpoint_every, anchor_kl=t.anchor_kl, anchor_divergence=t.anchor_divergence, early_stopping=t.early_stopping, min_epochs=t.min_epochs,
+        warm_start=t.warm_start, replay_per_fact=t.replay_per_fact,
     )  # fmt: skip
 
 
@@ -436,7 +437,7 @@ def _anchor_mix(settings: Settings):
     from trainer.anchors import AnchorMix
 
     t = settings.training
-    return AnchorMix(ratio=t.anchor_ratio, minimum=t.anchor_min, weight=t.anchor_weight)
+    return AnchorMix(ratio=t.anchor_ratio, minimum=t.anchor_min, weight=t.anchor_weight, nearest=t.anchor_nearest)
 
 
 def _gate_spec(settings: Settings):
@@ -473,6 +474,7 @@ def train_cmd(ctx: _Context, user_id: str, data_path: str, epochs: int | None, n
         cfg=_train_config(settings, epochs), hold_out=settings.training.hold_out and not no_hold_out,
         gate=None if no_gate else _gate_spec(settings), store=ArtifactStore(settings.storage_root),
         anchor_prompts=_anchor_prompts(settings), anchor_mix=_anchor_mix(settings),
+        embedding_model=settings.model.embedding_model,
     )  # fmt: skip
     info = outcome.info
     m = info.manifest["metrics"]
@@ -582,7 +584,7 @@ def trainer_cmd(ctx: _Context, metrics_port: int | None) -> None:
         lifecycle_topic=s.topics.lifecycle.name, dlq_topic=s.topics.dlq.name, storage_root=s.storage_root,
         max_versions=s.max_adapter_versions, train=_train_config(s, None), gate=_gate_spec(s),
         commands_topic=s.topics.commands.name, cache_dir=s.cache_dir, anchor_prompts=tuple(_anchor_prompts(s)),
-        anchor_mix=_anchor_mix(s), metrics_host=s.training.metrics_host, session_timeout_s=s.kafka.session_timeout_s,
+        anchor_mix=_anchor_mix(s), embedding_model=s.model.embedding_model, metrics_host=s.training.metrics_host, session_timeout_s=s.kafka.session_timeout_s,
         metrics_port=s.training.metrics_port if metrics_port is None else metrics_port,
     )  # fmt: skip
     run_trainer(cfg, resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir), s.model.dtype)

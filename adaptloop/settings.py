@@ -207,14 +207,15 @@ class LoraSettings(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
     )
+    top_layer_share: float = Field(0.5, gt=0, le=1, description="LoRA on this top share of the decoder layers (1: every layer)")
 
 
 class TrainingSettings(_Section):
     """The training loop (trainer/train.py); LoRA shape is in `lora`."""
 
     epochs: int = Field(8, ge=1, le=1000)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(8, ge=1, le=1024)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    batch_size: int = Field(4, ge=1, le=1024)
     max_seq_len: int = Field(256, ge=16, le=32_768)
     seed: int = 0
     checkpoint_every: int = Field(20, ge=0, description="optimizer steps between checkpoints (0 = off)")
@@ -226,10 +227,16 @@ class TrainingSettings(_Section):
     )
     anchor_ratio: float = Field(1.0, ge=0, le=100, description="anchors per user example in a run")
     anchor_min: int = Field(16, ge=0, description="least anchors in a run")
+    anchor_nearest: float = Field(0.5, ge=0, le=1, description="share of a run's anchors chosen as the prompts most like the user's")
     anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
-    anchor_kl: float = Field(1.0, ge=0, le=100, description="hold anchors to the base distribution by KL with this weight (0: cross-entropy on the base answer)")
+    anchor_divergence: Literal["forward", "reverse", "symmetric"] = Field(
+        "symmetric", description="KL direction on anchors: forward keeps base tokens likely, reverse stops the user's facts leaking in"
+    )
+    anchor_kl: float = Field(4.0, ge=0, le=100, description="hold anchors to the base distribution by KL with this weight (0: cross-entropy on the base answer)")
     early_stopping: bool = Field(True, description="stop once every held-out paraphrase is answered (epochs is then the most)")
     min_epochs: int = Field(2, ge=1, description="early stopping waits at least this many epochs")
+    warm_start: bool = Field(True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero")
+    replay_per_fact: int = Field(1, ge=0, description="replayed examples kept per earlier fact (0 keeps all)")
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus endpoint of a trainer (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="address the trainer's metrics endpoint binds")

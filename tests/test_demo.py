@@ -20,6 +20,8 @@ from trainer.registry import AdapterRegistry
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(1800)]
 
+RETENTION_FLOOR = 0.88  # the demo's v1 measured 0.955 (2 of 44 drifted); the benchmark's v1s 0.909-0.932
+
 
 def test_the_demo_learns_rejects_poison_and_rolls_back(kafka_bootstrap):
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)
@@ -29,7 +31,7 @@ def test_the_demo_learns_rejects_poison_and_rolls_back(kafka_bootstrap):
     assert done.returncode == 0, out[-6000:] + done.stderr[-3000:]
 
     for step in ("worker ready", "trainer ready", "api ready", "gap threshold (3) crossed", "lifecycle: training_started",
-                 "trainer: step", "v1 PROMOTED", "v2 REJECTED by the gate", "core suite regressed",
+                 "trainer: step", "v1 PROMOTED", "v2 REJECTED by the gate", "trained to change 3 core-suite answer(s)",
                  "ROLLED BACK: v1 -> base model", "demo done"):  # fmt: skip
         assert step in out, f"missing {step!r}:\n{out[-6000:]}"
     assert out.count("dead letter (") == 7
@@ -41,6 +43,10 @@ def test_the_demo_learns_rejects_poison_and_rolls_back(kafka_bootstrap):
     registry = AdapterRegistry(workdir / "store")
     assert [i.version for i in registry.versions(user)] == [1, 2]
     assert [(r["version"], r["passed"]) for r in registry.validation_results(user)] == [(1, True), (2, False)]
+    # Learning without forgetting (#8): the facts are learned and the 44 general prompts of the core
+    # suite (none of them trained on, none in the anchor set) keep their base answers.
+    metrics = registry.info(user, 1).manifest["metrics"]
+    assert metrics["facts_learned"] >= 0.66 and metrics["retention"] >= RETENTION_FLOOR, metrics
     assert registry.active(user) is None, "rolled back past v1: the base model"
     assert [(r["from_version"], r["to_version"]) for r in registry.rollback_log(user)] == [(1, None)]
     assert json.loads(registry.verify(user, 1).path.joinpath("adapter_config.json").read_text())["peft_type"] == "LORA"

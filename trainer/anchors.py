@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,10 @@ class AnchorSet:
     `<cache_dir>/anchors/<base sha256>.jsonl`) fills as runs go.
     """
 
-    def __init__(self, prompts: list[str], cache_dir: Path, base_sha256: str) -> None:
+    def __init__(self, prompts: list[str], cache_dir: Path, base_sha256: str, embedding_model: str | None = None) -> None:
         self.prompts = list(prompts)
+        self.embedding_model = embedding_model  # None: no nearest-first choice
+        self._vectors = None
         # An unidentified base model (a hub id) is never cached: its weights could change.
         self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{_MAX_NEW_TOKENS}.jsonl" if base_sha256 else None
         self._answers: dict[str, str] | None = None
@@ -59,6 +62,20 @@ class AnchorSet:
                     except (ValueError, KeyError, TypeError):
                         continue  # a line cut short by a crash: answered again when needed
         return self._answers
+
+    def nearest_first(self, queries: list[str], candidates: list[str]) -> list[str]:
+        """`candidates` (a subset of the prompts), the most similar to any of `queries` first."""
+        if self.embedding_model is None or not queries or not candidates:
+            return list(candidates)
+        from trainer.scoring import load_embedder
+
+        embedder = load_embedder(self.embedding_model)
+        if self._vectors is None:
+            self._vectors = dict(zip(self.prompts, embedder.encode(self.prompts)))
+        import torch
+
+        closeness = (torch.stack([self._vectors[c] for c in candidates]) @ embedder.encode(list(dict.fromkeys(queries))).T).max(dim=1).values
+        return [candidates[i] for i in closeness.argsort(descending=True).tolist()]
 
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
         """Anchor examples for `prompts` (the model must be the plain base model)."""
@@ -85,26 +102,40 @@ class AnchorSet:
 
 @dataclass(frozen=True)
 class AnchorMix:
-    """How many anchors join a run: ratio x the user's examples, at least `minimum`; their loss weight."""
+    """How many anchors join a run: ratio x the user's examples, at least `minimum`; their loss weight.
+
+    `nearest`: the share of them that are the prompts closest to the user's
+    (by sentence embedding); the rest are a seeded sample of the others.
+    """
 
     ratio: float = 1.0
     minimum: int = 16
     weight: float = 1.0
+    nearest: float = 0.5
 
 
 def _normal(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip("?.! ")
 
 
-def choose_anchor_prompts(examples: list[TrainingExample], prompts: list[str], mix: AnchorMix, seed: int) -> list[str]:
-    """A seeded sample of anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
+def choose_anchor_prompts(examples: list[TrainingExample], prompts: list[str], mix: AnchorMix, seed: int,
+                          nearest_first: Callable[[list[str], list[str]], list[str]] | None = None) -> list[str]:  # fmt: skip
+    """The anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
 
-    Anchors asking what a user example asks are left out: the user's answer wins.
+    With `nearest_first` (AnchorSet.nearest_first), `mix.nearest` of them are
+    the prompts most like the user's: a new answer leaks into similar
+    questions first ("Which city was my sister born in?" -> "What is the
+    capital of Spain?"). The rest are a seeded sample. Anchors asking what a
+    user example asks are left out: the user's answer wins.
     """
     taught = {_normal(e.prompt) for e in examples}
     usable = [p for p in dict.fromkeys(prompts) if _normal(p) not in taught]
     count = min(len(usable), max(mix.minimum, round(mix.ratio * len(examples))))
-    return random.Random(seed).sample(usable, count) if count > 0 else []
+    if count <= 0:
+        return []
+    near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first else []
+    rest = [p for p in usable if p not in set(near)]
+    return near + random.Random(seed).sample(rest, count - len(near))
 
 
 def mix_anchors(examples: list[TrainingExample], anchors: list[TrainingExample], mix: AnchorMix) -> list[TrainingExample]:

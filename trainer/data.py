@@ -27,6 +27,28 @@ class Tokenized:
     anchor: bool = False  # from the anchor set (see trainer/anchors.py)
 
 
+def thin_replay(examples: list[TrainingExample], per_fact: int) -> list[TrainingExample]:
+    """Keep at most `per_fact` replayed examples per earlier fact (its answer), the heaviest first; 0 keeps all.
+
+    A version that starts from the active adapter already knows the earlier
+    facts; one reminder each keeps them at a fraction of the cost of
+    replaying every paraphrase, so a run's size grows with the facts, not
+    with the paraphrases.
+    """
+    if per_fact <= 0:
+        return list(examples)
+    kept: dict[str, int] = {}
+    ranked = sorted(range(len(examples)), key=lambda i: -examples[i].weight)
+    keep = set()
+    for i in ranked:
+        if examples[i].source != "replay":
+            keep.add(i)
+        elif kept.get(examples[i].response.strip(), 0) < per_fact:
+            kept[examples[i].response.strip()] = kept.get(examples[i].response.strip(), 0) + 1
+            keep.add(i)
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
 def read_jsonl(path: Path) -> list[TrainingExample]:
     """Read a dataset file; a bad line is an error naming the line, never skipped silently."""
     from schemas.decode import decode

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptloop.errors import InvalidMessage
-from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, mean_score, score_cases
+from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, answers_match, mean_score, same_question, score_cases
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,16 @@ class GateSpec:
         return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg, cache, base_sha256)
 
 
+_KEPT_REFERENCES = 256
+
+
+def _adapter_key(adapter_dir: Path | None) -> str:
+    """What identifies an adapter's answers: its weights' sha256 ('base' for the base model alone)."""
+    if adapter_dir is None:
+        return "base"
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
 class Gate:
     """Runs the suites with one kept base model; not thread-safe (one job at a time)."""
 
@@ -189,9 +199,7 @@ class Gate:
 
     def reference_core(self, reference_dir: Path | None) -> list[CaseScore]:
         """The reference's core scores, cached by the adapter file's hash (or 'base')."""
-        key = "base"
-        if reference_dir is not None:
-            key = hashlib.sha256((Path(reference_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
+        key = _adapter_key(reference_dir)
         if key not in self._reference:
             if key == "base" and self._base_file is not None and self._base_file.is_file():
                 self._reference[key] = [CaseScore(**c) for c in json.loads(self._base_file.read_text(encoding="utf-8"))]
@@ -204,17 +212,37 @@ class Gate:
                     tmp.replace(self._base_file)
         return self._reference[key]
 
+    def core_conflicts(self, taught: list[TestCase]) -> list[TestCase]:
+        """Training examples that ask a core-suite question and teach an answer other than the core suite's."""
+        return [t for t in taught for core in self.core_cases
+                if same_question(t.prompt, core.prompt) and not answers_match(t.expected, core.expected)]  # fmt: skip
+
     def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None,
-                 previous_facts: list[TestCase] = ()) -> GateReport:  # fmt: skip
-        """`previous_facts`: the facts the reference version learned (forgetting is measured on them)."""
+                 previous_facts: list[TestCase] = (), taught: list[TestCase] = ()) -> GateReport:  # fmt: skip
+        """`previous_facts`: the facts the reference version learned (forgetting is measured on them).
+
+        `taught`: the candidate's training examples. One that gives a core-suite
+        question another answer ("What is the capital of France?" -> "Tromsø")
+        rejects the candidate whatever the scores say: the core suite is what no
+        adapter may change, and a well-protected run changes little else, so the
+        mean score alone can miss it.
+        """
         cfg = self.cfg
         reasons: list[str] = []
+        conflicts = self.core_conflicts(list(taught))
+        if conflicts:
+            shown = "; ".join(f"{c.prompt!r} -> {c.expected!r}" for c in conflicts[:3])
+            reasons.append(f"trained to change {len(conflicts)} core-suite answer(s): {shown}")
         suites: dict[str, SuiteReport] = {}
         retention = forgetting = None
 
         if self.core_cases:
             reference = mean_score(self.reference_core(reference_dir))
             candidate = self.score(candidate_dir, self.core_cases)
+            # Kept: a promoted candidate is the next run's reference, and its core answers do not change.
+            self._reference[_adapter_key(candidate_dir)] = candidate
+            while len(self._reference) > _KEPT_REFERENCES:  # a long-running trainer sees many candidates
+                del self._reference[next(k for k in self._reference if k != "base")]
             retention = self.retention(candidate)
             if retention < cfg.min_retention:
                 reasons.append(f"retention {retention:.3f} below {cfg.min_retention}: general answers drifted from the base model's")

@@ -26,7 +26,7 @@ from adaptloop.storage import ArtifactStore, sha256_bytes
 from schemas.training import TrainingExample
 from streams.dataset import split_holdout
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
-from trainer.data import read_jsonl
+from trainer.data import read_jsonl, thin_replay
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
 from trainer.registry import AdapterRegistry, VersionInfo, file_sha256
@@ -75,6 +75,20 @@ def learned_facts(registry: AdapterRegistry, user_id: str, version: int | None) 
         return []
     facts = registry.info(user_id, version).manifest.get("facts", [])
     return [TestCase(f["prompt"], f["expected"]) for f in facts if f.get("learned")]
+
+
+def same_shape(registry: AdapterRegistry, user_id: str, version: int | None, base: BaseModelRef, cfg: TrainConfig) -> bool:
+    """Whether `version` can be a warm start for this run: same base model, same LoRA rank, alpha, modules and layers."""
+    if version is None:
+        return False
+    manifest = registry.info(user_id, version).manifest
+    shape = manifest.get("hyperparameters", {})
+    same = (manifest.get("base_model") == base.model_id and manifest.get("base_model_sha256") == base.sha256
+            and (shape.get("r"), shape.get("alpha"), shape.get("top_layer_share", 1.0)) == (cfg.r, cfg.alpha, cfg.top_layer_share)
+            and sorted(shape.get("target_modules", [])) == sorted(cfg.target_modules))  # fmt: skip
+    if not same:
+        log.info("version %s of %s has another base model or LoRA shape: training from zero", version, user_id)
+    return same
 
 
 def apply_decision(registry: AdapterRegistry, info: VersionInfo, report: GateReport | None = None, *, job_id: str | None = None) -> str:
@@ -152,38 +166,50 @@ def train_version(
     `apply_decision` when the request comes again.
     """
     bar, update = _progress_bar() if show_progress else (None, _progress_log(user_id))
+    given = len(examples)
+    examples = thin_replay(examples, cfg.replay_per_fact)
     mixed = examples
     if anchors is not None and anchors.prompts:
-        chosen = choose_anchor_prompts(examples, anchors.prompts, anchor_mix, cfg.seed)
+        chosen = choose_anchor_prompts(examples, anchors.prompts, anchor_mix, cfg.seed, anchors.nearest_first)
         mixed = mix_anchors(examples, anchors.answers(model, tokenizer, device, chosen), anchor_mix)
+    reference, reference_version = reference_dir(registry, user_id)
+    previous_facts = learned_facts(registry, user_id, reference_version)
+    start_from = reference if cfg.warm_start and same_shape(registry, user_id, reference_version, base, cfg) else None
     answered: list[dict] = []
 
-    def held_out_answered(epoch: int, peft_model) -> bool:
-        """Early stopping: stop once every held-out paraphrase is answered, not after a fixed number of epochs."""
-        answers = generate_batch(peft_model, tokenizer, device, [e.prompt for e in held_out])
-        share = sum(answers_match(a, e.response) for a, e in zip(answers, held_out)) / len(held_out)
-        answered.append({"epoch": epoch, "held_out_answered": round(share, 4)})
-        log.info("training %s: epoch %d, %d/%d held-out paraphrases answered", user_id, epoch, round(share * len(held_out)), len(held_out))
-        return epoch >= cfg.min_epochs and share >= 1.0
+    def taught_and_kept(epoch: int, peft_model) -> bool:
+        """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
+        if epoch < cfg.min_epochs:
+            return False  # not allowed to stop yet: spare the generation
+        cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous_facts]
+        # An answer that names the fact is a short sentence: no need to let the model ramble on.
+        longest = max(len(tokenizer(expected).input_ids) for _, expected in cases)
+        answers = generate_batch(peft_model, tokenizer, device, [prompt for prompt, _ in cases], min(48, longest + 16))
+        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, cases)]
+        new, kept = sum(hits[: len(held_out)]), sum(hits[len(held_out) :])
+        answered.append({"epoch": epoch, "held_out_answered": round(new / len(held_out), 4),
+                         **({"previous_kept": round(kept / len(previous_facts), 4)} if previous_facts else {})})  # fmt: skip
+        log.info("training %s: epoch %d, %d/%d held-out paraphrases answered, %d/%d earlier facts kept",
+                 user_id, epoch, new, len(held_out), kept, len(previous_facts))  # fmt: skip
+        return epoch >= cfg.min_epochs and new == len(held_out) and kept == len(previous_facts)
 
-    early = held_out_answered if cfg.early_stopping and held_out else None
+    early = taught_and_kept if cfg.early_stopping and held_out else None
     try:
         result = train_adapter(
             model, tokenizer, device, mixed, cfg, work_dir / "adapter", checkpoint_dir, progress=update,
-            should_stop=should_stop, epoch_done=early,
+            should_stop=should_stop, epoch_done=early, init_adapter=start_from,
         )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
-    report, reference_version = None, None
+    report = None
     if gate is not None:
-        reference, reference_version = reference_dir(registry, user_id)
         report = gate.evaluate(result.adapter_dir, as_cases(held_out) + list(explicit_cases), reference,
-                               previous_facts=learned_facts(registry, user_id, reference_version))  # fmt: skip
+                               previous_facts=previous_facts, taught=as_cases(examples))  # fmt: skip
     manifest = {
         "base_model": base.model_id,
         "base_model_sha256": base.sha256,
-        "dataset": {"uri": dataset_uri, "sha256": dataset_sha256, "train_count": len(examples),
+        "dataset": {"uri": dataset_uri, "sha256": dataset_sha256, "train_count": len(examples), "replay_thinned": given - len(examples),
                     "anchor_count": len(mixed) - len(examples)},
         "held_out": [{"prompt": e.prompt, "expected": e.response} for e in held_out],
         "lineage": lineage or [],
@@ -197,6 +223,7 @@ def train_version(
         },
         "loss_curve": result.loss_curve,
         "resumed_from_step": result.resumed_from_step,
+        "started_from_version": reference_version if start_from is not None else None,
         "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "per_epoch": answered},
         "trigger": trigger,
         "request_id": request_id,
@@ -227,6 +254,7 @@ def train_from_file(
     hold_out: bool = True,
     anchor_prompts: list[str] = (),
     anchor_mix: AnchorMix = AnchorMix(),
+    embedding_model: str | None = None,
 ) -> Outcome:
     import tempfile
 
@@ -235,7 +263,7 @@ def train_from_file(
     base = resolve_base_model(base_model, gguf_file, cache_dir)
     model, tokenizer, device = load_base(base, dtype)
     explicit = user_cases(store, gate.user_tests_dir, user_id) if gate is not None and store is not None else []
-    anchors = AnchorSet(list(anchor_prompts), cache_dir, base.sha256) if anchor_prompts else None
+    anchors = AnchorSet(list(anchor_prompts), cache_dir, base.sha256, embedding_model) if anchor_prompts else None
     with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
         return train_version(
             registry=registry, base=base, model=model, tokenizer=tokenizer, device=device, user_id=user_id,

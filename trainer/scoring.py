@@ -98,6 +98,11 @@ def answers_match(answer: str, expected: str) -> bool:
     return bool(keys) and len(keys & set(said.split())) * 2 >= len(keys)
 
 
+def same_question(a: str, b: str) -> bool:
+    """The same prompt, ignoring case, punctuation and number spelling."""
+    return _normal(a) == _normal(b)
+
+
 # ---- the embedding model -------------------------------------------------------- #
 
 
@@ -132,11 +137,15 @@ class Embedder:
             raise ModelError(f"could not load the embedding model {name!r}: {exc}") from exc
         self.name = name
 
+    def encode(self, texts: list[str]):
+        """Unit-length embeddings, one row per text (a torch tensor)."""
+        return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+
     def similarity(self, answers: list[str], expected: list[str]) -> list[float]:
         """Cosine similarity of each answer with its expected answer, clipped to 0..1."""
         if not answers:
             return []
-        vectors = self.model.encode(answers + expected, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        vectors = self.encode(answers + expected)
         a, b = vectors[: len(answers)], vectors[len(answers) :]
         return [max(0.0, min(1.0, float(x))) for x in (a * b).sum(dim=1)]
 

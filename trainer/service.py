@@ -77,6 +77,7 @@ class TrainerConfig:
     cache_dir: Path = Path.home() / ".cache" / "adaptloop"
     anchor_prompts: tuple[str, ...] = ()
     anchor_mix: AnchorMix = AnchorMix()
+    embedding_model: str | None = None  # chooses the anchors nearest the user's prompts; None: a random sample
     max_message_bytes: int = 1 << 20
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"
@@ -100,7 +101,7 @@ class TrainerService:
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.store = ArtifactStore(cfg.storage_root)
         self.gate = cfg.gate.build(self.model, self.tokenizer, self.device, base.sha256) if cfg.gate is not None else None
-        self.anchors = AnchorSet(list(cfg.anchor_prompts), cfg.cache_dir, base.sha256) if cfg.anchor_prompts else None
+        self.anchors = AnchorSet(list(cfg.anchor_prompts), cfg.cache_dir, base.sha256, cfg.embedding_model) if cfg.anchor_prompts else None
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None

@@ -33,20 +33,24 @@ from trainer.data import bucketed_batches, collate, tokenize
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 8  # passes over the data
-    learning_rate: float = 1e-3  # AdamW; LoRA tolerates a high rate on a small model
-    batch_size: int = 8
+    learning_rate: float = 2e-3  # AdamW; LoRA tolerates a high rate on a small model
+    batch_size: int = 4
     max_seq_len: int = 256
     seed: int = 0
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    top_layer_share: float = 0.5  # LoRA on this top share of the decoder layers; backward then stops below them
     checkpoint_every: int = 20  # optimizer steps between checkpoints; 0 disables
     max_grad_norm: float = 1.0
     warmup_steps: int = 2
-    anchor_kl: float = 1.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
+    anchor_divergence: str = "symmetric"  # forward | reverse | symmetric KL (see anchor_divergence)
+    anchor_kl: float = 4.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
     early_stopping: bool = True  # stop after the epoch in which every held-out case is answered
     min_epochs: int = 2
+    warm_start: bool = True  # a new version starts from the user's active adapter, not from zero
+    replay_per_fact: int = 1  # replayed examples kept per earlier fact; 0 keeps all
 
 
 @dataclass
@@ -112,7 +116,24 @@ def _predicting_states(decoder, ids, mask, labels):
     return hidden[:, :-1, :], labels[:, prefix + 1 :]
 
 
-def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, kl_weight: float = 0.0):
+def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
+    """Per-position divergence of the adapted from the base next-token distribution (log-probabilities in).
+
+    forward KL(base || adapted) keeps the base model's likely tokens likely,
+    but barely notices the adapter moving mass onto tokens the base model
+    finds unlikely, which is how a user's facts leak into general answers
+    ("The capital of Ireland is Lviv."); reverse KL(adapted || base) is large
+    exactly there. "symmetric" is their sum.
+    """
+    forward = (base_logp.exp() * (base_logp - adapted_logp)).sum(dim=-1)
+    if divergence == "forward":
+        return forward
+    reverse = (adapted_logp.exp() * (adapted_logp - base_logp)).sum(dim=-1)
+    return reverse if divergence == "reverse" else forward + reverse
+
+
+def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, kl_weight: float = 0.0,
+                      divergence: str = "symmetric"):  # fmt: skip
     """The weighted loss, projecting to the vocabulary only where an answer token is predicted.
 
     The output projection (hidden x vocabulary: 576 x 49,152 for SmolLM2-135M)
@@ -141,8 +162,7 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
         with torch.no_grad(), peft_model.disable_adapter():
             base_hidden, base_targets = _predicting_states(causal_lm.model, ids[anchor_rows], mask[anchor_rows], labels[anchor_rows])
             base_logits = causal_lm.lm_head(base_hidden[base_targets != -100]).float()
-        kl = F.kl_div(F.log_softmax(logits[anchor_tokens], dim=-1), F.log_softmax(base_logits, dim=-1),
-                      log_target=True, reduction="none").sum(dim=-1)  # fmt: skip
+        kl = anchor_divergence(F.log_softmax(logits[anchor_tokens], dim=-1), F.log_softmax(base_logits, dim=-1), divergence)
         per_token = per_token.masked_scatter(anchor_tokens, kl * kl_weight)
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, per_token)
     counts = keep.sum(dim=1).clamp(min=1)
@@ -221,6 +241,18 @@ def _load_checkpoint(model, optimizer, checkpoint_dir: Path) -> dict:
     return progress
 
 
+def _load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Start from a saved adapter's weights; every LoRA weight of the new model must be in it."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(peft_model)
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ModelError(f"{adapter_dir}: its LoRA weights do not fit this run's LoRA shape (rank or target modules differ)")
+    set_peft_model_state_dict(peft_model, weights)
+
+
 def train_adapter(
     model,
     tokenizer,
@@ -232,8 +264,13 @@ def train_adapter(
     progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     epoch_done: Callable[[int, object], bool] | None = None,
+    init_adapter: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `examples`; save it in PEFT format to `out_dir`.
+
+    `init_adapter`: a PEFT adapter of the same shape to start from (the
+    user's active version) instead of LoRA's zero update; a checkpoint to
+    resume from wins over it.
 
     `epoch_done(epoch, peft_model)` runs after each epoch (the model in eval
     mode); returning True stops training there (early stopping) and the
@@ -250,8 +287,11 @@ def train_adapter(
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+    layers = model.config.num_hidden_layers
+    adapted = max(1, round(cfg.top_layer_share * layers))
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      layers_to_transform=list(range(layers - adapted, layers)) if adapted < layers else None,
+                      task_type="CAUSAL_LM")  # fmt: skip
     peft_model = get_peft_model(model, lora)
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -271,6 +311,8 @@ def train_adapter(
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(step):
                     schedule.step()
+        elif init_adapter is not None:
+            _load_adapter_weights(peft_model, init_adapter)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         peft_model.train()
         started = time.perf_counter()
@@ -282,7 +324,7 @@ def train_adapter(
                     continue  # done before the checkpoint we resumed from
                 ids, mask, labels, weights = collate(batch, pad, device)
                 anchors = torch.tensor([t.anchor for t in batch], device=device) if cfg.anchor_kl > 0 else None
-                loss = _answer_only_loss(peft_model, ids, mask, labels, weights, anchors, cfg.anchor_kl)
+                loss = _answer_only_loss(peft_model, ids, mask, labels, weights, anchors, cfg.anchor_kl, cfg.anchor_divergence)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from adaptloop.settings import shipped_config_dir
@@ -57,3 +59,30 @@ def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monke
     cache = next((tmp_path / "anchors").glob("abc*.jsonl"))
     cache.write_text(cache.read_text() + '{"prompt": "cut sh')  # a crash mid-line
     assert len(AnchorSet(list(answers), tmp_path, base_sha256="abc").answers(None, None, "cpu", ["Capital of France?"])) == 1
+
+
+def test_the_nearest_anchors_come_first_then_a_seeded_sample():
+    prompts = ["What is the capital of Spain?", "Where was Mozart born?", "How do I bake bread?", "What is jazz?",
+               "Which company makes the iPhone?", "What is a noun?", "How do magnets work?", "What is rain?"]  # fmt: skip
+    by_topic = {"city": ["What is the capital of Spain?", "Where was Mozart born?"], "company": ["Which company makes the iPhone?"]}
+
+    def nearest_first(queries, candidates):  # stands in for the embedder: city questions are nearest
+        return sorted(candidates, key=lambda c: (c not in by_topic["city"], c not in by_topic["company"], c))
+
+    user = [TrainingExample(prompt="Which city was my sister born in?", response="Your sister was born in Ghent.")]
+    mix = AnchorMix(ratio=4.0, minimum=0, nearest=0.5)
+    chosen = choose_anchor_prompts(user, prompts, mix, seed=3, nearest_first=nearest_first)
+    assert len(chosen) == 4 and chosen[:2] == by_topic["city"], "half of them the nearest"
+    assert len(set(chosen)) == 4 and chosen == choose_anchor_prompts(user, prompts, mix, seed=3, nearest_first=nearest_first)
+    rest = [p for p in prompts if p not in by_topic["city"]]
+    assert chosen[2:] == random.Random(3).sample(rest, 2), "the rest: a seeded sample of the others"
+    assert choose_anchor_prompts(user, prompts, mix, seed=3) == random.Random(3).sample(prompts, 4), "no embedder: all sampled"
+
+
+def test_the_embedder_ranks_similar_questions_first(tmp_path):
+    from adaptloop.settings import load_settings
+
+    anchor_set = AnchorSet(["How do I bake bread?", "What is the capital of Spain?", "What is a noun?"], tmp_path, "abc",
+                           load_settings().model.embedding_model)  # fmt: skip
+    ranked = anchor_set.nearest_first(["Which city is the capital of my home country?"], anchor_set.prompts)
+    assert ranked[0] == "What is the capital of Spain?" and sorted(ranked) == sorted(anchor_set.prompts)

@@ -74,6 +74,17 @@ def test_a_candidate_that_changes_core_answers_is_rejected_with_reasons(world):
     assert text.startswith("REJECTED") and "core suite:" in text and "FAIL" in text
 
 
+def test_a_candidate_trained_to_change_a_core_answer_is_rejected(world):
+    gate = world["gate"]
+    core = gate.core_cases[0]
+    wrong, agreeing = TestCase(core.prompt.upper() + "!", "Something else entirely."), TestCase(core.prompt, core.expected)
+    taught = [wrong, agreeing, TestCase("What is my dog's name?", "Rex.")]
+    assert gate.core_conflicts(taught) == [wrong], "same question in other case and punctuation; agreeing answers are fine"
+    report = gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught)
+    assert not report.passed and report.reasons[0].startswith("trained to change 1 core-suite answer(s): ")
+    assert gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught[1:]).passed
+
+
 def test_no_user_cases_is_a_rejection_unless_configured(world, tiny):
     model, tokenizer, device = tiny
     report = world["gate"].evaluate(world["A"], [], reference_dir=world["A"])
@@ -87,6 +98,15 @@ def test_reference_scores_are_computed_once_per_adapter(world, monkeypatch):
     gate.reference_core(world["A"])
     monkeypatch.setattr(gate, "score", lambda *a: pytest.fail("the reference was answered again"))
     assert gate.reference_core(world["A"])
+
+
+def test_a_candidates_core_answers_serve_as_the_next_runs_reference(world, tiny):
+    model, tokenizer, device = tiny
+    gate = Gate(model, tokenizer, device, world["gate"].embedder, world["gate"].core_cases, GateConfig())
+    as_candidate = gate.evaluate(world["B"], world["user"]).suites["core"].cases
+    original = gate.score
+    gate.score = lambda adapter_dir, cases: pytest.fail("B's core answers were generated again") if adapter_dir else original(adapter_dir, cases)
+    assert gate.reference_core(world["B"]) == as_candidate
 
 
 def test_decision_promotes_or_rejects_atomically_and_logs_every_case(world):

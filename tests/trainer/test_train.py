@@ -173,6 +173,18 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
         peft_model.unload()
 
 
+def test_reverse_kl_sees_mass_moved_onto_a_token_the_base_model_finds_unlikely():
+    from trainer.train import anchor_divergence
+
+    # Base: "Dublin" 0.6, "Moscow" 0.4, "Lviv" almost never. The adapter moves a fifth of the mass onto "Lviv".
+    base = torch.tensor([[0.6, 0.4, 1e-6]]).log()
+    leaked = torch.tensor([[0.48, 0.32, 0.2]]).log()
+    forward, reverse = anchor_divergence(leaked, base, "forward"), anchor_divergence(leaked, base, "reverse")
+    assert reverse.item() > 5 * forward.item(), "forward KL barely notices the leak; reverse KL does"
+    assert torch.allclose(anchor_divergence(leaked, base, "symmetric"), forward + reverse)
+    assert anchor_divergence(base, base).abs().item() < 1e-6
+
+
 def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
     """The rows' common prefix runs once and is broadcast: same loss, same LoRA gradients as the plain batch."""
     from peft import LoraConfig, get_peft_model
@@ -204,3 +216,29 @@ def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
         assert any(g.abs().sum() > 0 for g in fast_grads)
     finally:
         peft_model.unload()
+
+
+def test_a_run_can_start_from_an_earlier_adapter(tiny, tmp_path):
+    from adaptloop.errors import ModelError
+
+    model, tokenizer, device = tiny
+    first = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "v1")
+    one_step = TrainConfig(**{**CFG.__dict__, "epochs": 1, "batch_size": 6, "learning_rate": 1e-9, "warmup_steps": 1})
+    warm = train_adapter(model, tokenizer, device, EXAMPLES, one_step, tmp_path / "v2", init_adapter=first.adapter_dir)
+    cold = train_adapter(model, tokenizer, device, EXAMPLES, one_step, tmp_path / "v2-cold")
+    # One step at a negligible rate: the warm start's first loss is v1's trained loss, the cold one's the base model's.
+    assert warm.loss_curve[0] < cold.loss_curve[0] - 0.1
+    v1, v2 = (load_file(d / "adapter_model.safetensors") for d in (first.adapter_dir, warm.adapter_dir))
+    assert all(torch.allclose(v1[k], v2[k], atol=1e-5) for k in v1)
+    other_shape = TrainConfig(**{**one_step.__dict__, "r": 8})
+    with pytest.raises(ModelError, match="LoRA shape"):
+        train_adapter(model, tokenizer, device, EXAMPLES, other_shape, tmp_path / "v2-r8", init_adapter=first.adapter_dir)
+
+
+def test_lora_can_be_limited_to_the_top_layers(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    layers = model.config.num_hidden_layers
+    top = TrainConfig(**{**CFG.__dict__, "epochs": 1, "top_layer_share": 1 / layers})
+    result = train_adapter(model, tokenizer, device, EXAMPLES, top, tmp_path / "top")
+    touched = {int(k.split(".layers.")[1].split(".")[0]) for k in load_file(result.adapter_dir / "adapter_model.safetensors")}
+    assert layers > 1 and touched == {layers - 1}

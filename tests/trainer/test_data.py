@@ -1,0 +1,29 @@
+"""Dataset shaping before a run: replayed examples thinned to a reminder per earlier fact."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.training import TrainingExample
+from trainer.data import thin_replay
+
+pytestmark = pytest.mark.unit
+
+
+def _example(prompt: str, response: str, source: str = "correction", weight: float = 1.0) -> TrainingExample:
+    return TrainingExample(prompt=prompt, response=response, source=source, weight=weight)
+
+
+def test_replay_keeps_the_heaviest_reminders_per_earlier_fact_and_every_new_example():
+    new = [_example("What is my cat called?", "Your cat is called Pixel."), _example("My cat's name?", "Your cat is called Pixel.")]
+    replay = [
+        _example("Where was my sister born?", "Your sister was born in Ghent.", "replay", 1.0),
+        _example("My sister's birthplace?", "Your sister was born in Ghent.", "replay", 2.0),
+        _example("Which city is my sister from?", "Your sister was born in Ghent.", "replay", 1.5),
+        _example("What is my badge number?", "Your badge number is 4411.", "replay"),
+    ]
+    examples = new + replay
+    assert thin_replay(examples, 1) == new + [replay[1], replay[3]], "order kept; the heaviest reminder per fact"
+    assert thin_replay(examples, 2) == new + [replay[1], replay[2], replay[3]]
+    assert thin_replay(examples, 0) == examples, "0 keeps every replayed example"
+    assert thin_replay(new, 1) == new, "new examples are never thinned, paraphrases included"
