@@ -8,8 +8,9 @@ Synthetic users, each taught new facts (with paraphrases) in consecutive
 versions, through the trainer's own code on the default model (the settings
 file's training, anchors and gate): the worker's dataset builder (one
 paraphrase per fact held out; the previous dataset replayed), then
-`train_version` (anchors, KL, early stopping, the gate). For every version,
-from its manifest:
+`train_version` (a warm start from the active version, one replayed reminder
+per earlier fact, anchors nearest the user's prompts held by symmetric KL,
+early stopping, the gate). For every version, from its manifest:
 
 - facts learned: the share of its held-out paraphrases answered (key phrase present);
 - retention: the share of the core suite's general prompts (never trained on,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import random
@@ -63,13 +65,18 @@ def make_facts(user: int, count: int, seed: int = 0) -> list[tuple[str, str]]:
     return facts
 
 
-VARIANTS = {  # name -> (settings changes, replay the previous dataset)
-    "plain LoRA": ({"anchors": False, "early_stopping": False}, False),
-    "+ anchors (CE on base answers)": ({"anchor_kl": 0.0, "early_stopping": False}, False),
-    "+ anchors (KL to the base model)": ({"early_stopping": False}, False),
-    "+ early stopping": ({}, False),
-    "+ replay buffer (default)": ({}, True),
+# name -> (TrainConfig / AnchorMix changes, "anchors": False to leave them out; replay the previous dataset)
+_FROM_ZERO = {"warm_start": False, "replay_per_fact": 0}
+VARIANTS = {
+    "plain LoRA": ({"anchors": False, "early_stopping": False, **_FROM_ZERO}, False),
+    "+ anchors (CE on base answers)": ({"anchor_kl": 0.0, "nearest": 0.0, "early_stopping": False, **_FROM_ZERO}, False),
+    "+ anchors (KL to the base model)": ({"nearest": 0.0, "early_stopping": False, **_FROM_ZERO}, False),
+    "+ nearest anchors": ({"early_stopping": False, **_FROM_ZERO}, False),
+    "+ early stopping": (dict(_FROM_ZERO), False),
+    "+ replay buffer (every example)": (dict(_FROM_ZERO), True),
+    "+ warm start, one reminder per fact (default)": ({}, True),
 }
+DEFAULT = "+ warm start, one reminder per fact (default)"
 
 
 def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say) -> list[dict]:
@@ -77,11 +84,14 @@ def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]
     from streams.curation import augment
     from streams.dataset import DatasetConfig, build_dataset, to_jsonl
     from adaptloop.storage import sha256_bytes
+    from trainer.anchors import AnchorMix
     from trainer.offline import train_version
     from trainer.registry import AdapterRegistry
+    from trainer.train import TrainConfig
 
     registry = AdapterRegistry(ctx["root"] / user)
-    cfg = replace(ctx["train_cfg"], **{k: v for k, v in training.items() if k in ("anchor_kl", "early_stopping")})
+    cfg = replace(ctx["train_cfg"], **{k: v for k, v in training.items() if k in TrainConfig.__dataclass_fields__})
+    mix = replace(ctx["anchor_mix"], **{k: v for k, v in training.items() if k in AnchorMix.__dataclass_fields__})
     anchors = ctx["anchors"] if training.get("anchors", True) else None
     previous: list[TrainingExample] = []
     rows = []
@@ -95,7 +105,7 @@ def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]
             outcome = train_version(
                 registry=registry, base=ctx["base"], model=ctx["model"], tokenizer=ctx["tokenizer"], device=ctx["device"],
                 user_id=user, examples=train, held_out=test, cfg=cfg, work_dir=Path(tmp), dataset_uri=f"bench://{user}/v{version}",
-                dataset_sha256=sha256_bytes(to_jsonl(train)), gate=ctx["gate"], anchors=anchors, anchor_mix=ctx["anchor_mix"],
+                dataset_sha256=sha256_bytes(to_jsonl(train)), gate=ctx["gate"], anchors=anchors, anchor_mix=mix,
                 trigger="benchmark", show_progress=False,
             )  # fmt: skip
         m = outcome.info.manifest["metrics"]
@@ -129,6 +139,8 @@ def main() -> None:
     parser.add_argument("--ablation-users", type=int, default=1, help="how many of the users the ablation variants run on")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"learning-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
 
     from adaptloop.cli import _anchor_mix, _anchor_prompts, _gate_spec, _train_config
     from adaptloop.settings import load_settings
@@ -141,16 +153,15 @@ def main() -> None:
     ctx = {
         "base": base, "model": model, "tokenizer": tokenizer, "device": device, "train_cfg": _train_config(settings, None),
         "gate": _gate_spec(settings).build(model, tokenizer, device, base.sha256), "anchor_mix": _anchor_mix(settings),
-        "anchors": AnchorSet(_anchor_prompts(settings), settings.cache_dir, base.sha256),
+        "anchors": AnchorSet(_anchor_prompts(settings), settings.cache_dir, base.sha256, settings.model.embedding_model),
         "paraphrases": settings.streams.curation.paraphrases, "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-")),
     }  # fmt: skip
     say = lambda text: print(text, flush=True)  # noqa: E731
     plans = {f"user{u}": [make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts]
                           for v in range(args.versions)] for u in range(args.users)}  # fmt: skip
-    default = "+ replay buffer (default)"
-    runs = [(default, list(plans))]
+    runs = [(DEFAULT, list(plans))]
     if args.ablation:
-        runs += [(name, list(plans)[: args.ablation_users]) for name in VARIANTS if name != default]
+        runs += [(name, list(plans)[: args.ablation_users]) for name in VARIANTS if name != DEFAULT]
     started = time.time()
     results = {}
     for name, users in runs:
