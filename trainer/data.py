@@ -10,6 +10,7 @@ compute goes to padding.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +38,15 @@ def thin_replay(examples: list[TrainingExample], per_fact: int) -> list[Training
     """
     if per_fact <= 0:
         return list(examples)
-    kept: dict[str, int] = {}
-    ranked = sorted(range(len(examples)), key=lambda i: -examples[i].weight)
-    keep = set()
-    for i in ranked:
-        if examples[i].source != "replay":
-            keep.add(i)
-        elif kept.get(examples[i].response.strip(), 0) < per_fact:
-            kept[examples[i].response.strip()] = kept.get(examples[i].response.strip(), 0) + 1
-            keep.add(i)
-    return [e for i, e in enumerate(examples) if i in keep]
+    reminders: Counter[str] = Counter()
+    dropped = set()
+    for i in sorted(range(len(examples)), key=lambda i: -examples[i].weight):
+        if examples[i].source == "replay":
+            fact = examples[i].response.strip()
+            reminders[fact] += 1
+            if reminders[fact] > per_fact:
+                dropped.add(i)
+    return [e for i, e in enumerate(examples) if i not in dropped]
 
 
 def read_jsonl(path: Path) -> list[TrainingExample]:

@@ -176,14 +176,14 @@ def train_version(
     previous_facts = learned_facts(registry, user_id, reference_version)
     start_from = reference if cfg.warm_start and same_shape(registry, user_id, reference_version, base, cfg) else None
     answered: list[dict] = []
+    cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous_facts]
+    # An answer that names the fact is a short sentence: no need to let the model ramble on.
+    longest = max((len(tokenizer(expected).input_ids) for _, expected in cases), default=0)
 
     def taught_and_kept(epoch: int, peft_model) -> bool:
         """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
         if epoch < cfg.min_epochs:
             return False  # not allowed to stop yet: spare the generation
-        cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous_facts]
-        # An answer that names the fact is a short sentence: no need to let the model ramble on.
-        longest = max(len(tokenizer(expected).input_ids) for _, expected in cases)
         answers = generate_batch(peft_model, tokenizer, device, [prompt for prompt, _ in cases], min(48, longest + 16))
         hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, cases)]
         new, kept = sum(hits[: len(held_out)]), sum(hits[len(held_out) :])
