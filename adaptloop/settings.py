@@ -234,7 +234,10 @@ class TrainingSettings(_Section):
     )
     anchor_kl: float = Field(4.0, ge=0, le=100, description="hold anchors to the base distribution by KL with this weight (0: cross-entropy on the base answer)")
     early_stopping: bool = Field(True, description="stop once every held-out paraphrase is answered (epochs is then the most)")
-    min_epochs: int = Field(2, ge=1, description="early stopping waits at least this many epochs")
+    min_epochs: int = Field(2, ge=1, description="early stopping and the time budget wait at least this many epochs")
+    max_train_seconds: float = Field(
+        120.0, ge=0, description="time budget per version: no epoch starts that would, at the last one's pace, end past it (0 = none)"
+    )
     warm_start: bool = Field(True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero")
     replay_per_fact: int = Field(1, ge=0, description="replayed examples kept per earlier fact (0 keeps all)")
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")

@@ -224,7 +224,7 @@ def train_version(
         "loss_curve": result.loss_curve,
         "resumed_from_step": result.resumed_from_step,
         "started_from_version": reference_version if start_from is not None else None,
-        "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "per_epoch": answered},
+        "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "stopped_by": result.stopped_by, "per_epoch": answered},
         "trigger": trigger,
         "request_id": request_id,
         "trained_at": datetime.now(timezone.utc).isoformat(),

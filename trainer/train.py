@@ -48,7 +48,8 @@ class TrainConfig:
     anchor_divergence: str = "symmetric"  # forward | reverse | symmetric KL (see anchor_divergence)
     anchor_kl: float = 4.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
     early_stopping: bool = True  # stop after the epoch in which every held-out case is answered
-    min_epochs: int = 2
+    min_epochs: int = 2  # neither early stopping nor the time budget stops a run before this many epochs
+    max_train_seconds: float = 120.0  # > 0: no epoch is started that would, at the last epoch's pace, end past this
     warm_start: bool = True  # a new version starts from the user's active adapter, not from zero
     replay_per_fact: int = 1  # replayed examples kept per earlier fact; 0 keeps all
 
@@ -61,7 +62,8 @@ class TrainResult:
     seconds: float
     loss_curve: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
-    stopped_after_epoch: int | None = None  # early stopping
+    stopped_after_epoch: int | None = None  # stopped before `epochs`...
+    stopped_by: str | None = None  # ...by "early stopping" or "time budget"
 
 
 def _weighted_loss(logits, labels, weights):
@@ -132,7 +134,34 @@ def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
     return reverse if divergence == "reverse" else forward + reverse
 
 
-def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, kl_weight: float = 0.0,
+def base_answer_states(decoder, items, pad_id: int, device, batch_size: int = 8) -> dict[int, object]:
+    """The base model's last hidden states at each answer-predicting position of `items`, keyed by id(item).
+
+    Anchors are held to the base model's next-token distribution at these
+    positions. The base model never changes during a run, so its states are
+    computed once here instead of in a second forward pass at every step
+    (a fifth of a step's time); the loss projects them to the vocabulary
+    when it needs them. A few KB per anchor, where the distributions
+    themselves would be 200 KB per position.
+    """
+    import torch
+
+    states: dict[int, object] = {}
+    ordered = sorted(items, key=lambda t: len(t.input_ids))
+    was_training = decoder.training
+    decoder.eval()  # the distribution the base model answers with: no dropout
+    with torch.no_grad():
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start : start + batch_size]
+            ids, mask, labels, _ = collate(batch, pad_id, device)
+            hidden, targets = _predicting_states(decoder, ids, mask, labels)
+            for row, item in enumerate(batch):
+                states[id(item)] = hidden[row][targets[row] != -100]
+    decoder.train(was_training)
+    return states
+
+
+def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, base_hidden=None, kl_weight: float = 0.0,
                       divergence: str = "symmetric"):  # fmt: skip
     """The weighted loss, projecting to the vocabulary only where an answer token is predicted.
 
@@ -141,10 +170,11 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
     only, most positions' logits would be thrown away.
 
     With `kl_weight` > 0, the rows in `anchor_rows` (the anchor set's general
-    prompts) are scored by KL(base || adapted) over the whole next-token
-    distribution at each answer position instead of cross-entropy on the base
-    model's greedy answer: the adapter is held to the base model's
-    distribution there, not just to its top token.
+    prompts) are scored by a KL divergence from the base model's whole
+    next-token distribution at each answer position (`base_hidden`: the base
+    model's states there, from `base_answer_states`, in row order) instead of
+    cross-entropy on the base model's greedy answer: the adapter is held to
+    the base model's distribution there, not just to its top token.
     """
     import torch
     import torch.nn.functional as F
@@ -159,10 +189,11 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
     rows = keep.nonzero(as_tuple=True)[0]
     if kl_weight > 0 and anchor_rows is not None and bool(anchor_rows.any()):
         anchor_tokens = anchor_rows[rows]  # row-major order, as in hidden[keep]
-        with torch.no_grad(), peft_model.disable_adapter():
-            base_hidden, base_targets = _predicting_states(causal_lm.model, ids[anchor_rows], mask[anchor_rows], labels[anchor_rows])
-            base_logits = causal_lm.lm_head(base_hidden[base_targets != -100]).float()
-        kl = anchor_divergence(F.log_softmax(logits[anchor_tokens], dim=-1), F.log_softmax(base_logits, dim=-1), divergence)
+        if base_hidden is None or base_hidden.shape[0] != int(anchor_tokens.sum()):
+            raise ModelError("anchor rows need the base model's states at each of their answer positions")
+        with torch.no_grad():
+            base_logp = F.log_softmax(causal_lm.lm_head(base_hidden).float(), dim=-1)
+        kl = anchor_divergence(F.log_softmax(logits[anchor_tokens], dim=-1), base_logp, divergence)
         per_token = per_token.masked_scatter(anchor_tokens, kl * kl_weight)
     sums = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, per_token)
     counts = keep.sum(dim=1).clamp(min=1)
@@ -171,7 +202,7 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
 
 
 def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path,
-                     finished: bool = False, stopped_after_epoch: int | None = None) -> None:
+                     finished: bool = False, stopped_after_epoch: int | None = None, stopped_by: str | None = None) -> None:
     """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint.
 
     A `finished` checkpoint is the trained adapter itself: it stays until the
@@ -196,7 +227,8 @@ def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], check
     save_file(optim_tensors, staging / "optimizer.safetensors")
     # progress.json last: a directory without it is incomplete and never loaded.
     (staging / "progress.json").write_text(json.dumps({"step": step, "loss_curve": loss_curve, "optim": optim_meta,
-                                                       "finished": finished, "stopped_after_epoch": stopped_after_epoch}))  # fmt: skip
+                                                       "finished": finished, "stopped_after_epoch": stopped_after_epoch,
+                                                       "stopped_by": stopped_by}))  # fmt: skip
     if checkpoint_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(checkpoint_dir, previous)
@@ -287,6 +319,10 @@ def train_adapter(
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
+    base_states = base_answer_states(model.model, anchor_items, pad, device) if anchor_items else {}
+
     layers = model.config.num_hidden_layers
     adapted = max(1, round(cfg.top_layer_share * layers))
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
@@ -300,12 +336,13 @@ def train_adapter(
             optimizer,
             lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
         )
-        step, loss_curve, resumed, stopped_early, finished = 0, [], 0, None, False
+        step, loss_curve, resumed, stopped_early, stopped_by, finished = 0, [], 0, None, None, False
         checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         if checkpoint is not None:
             progress_record = _load_checkpoint(peft_model, optimizer, checkpoint)
             step, loss_curve = int(progress_record["step"]), list(progress_record["loss_curve"])
             finished, stopped_early = bool(progress_record.get("finished")), progress_record.get("stopped_after_epoch")
+            stopped_by = progress_record.get("stopped_by")
             resumed = step
             with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
                 warnings.simplefilter("ignore", UserWarning)
@@ -313,18 +350,20 @@ def train_adapter(
                     schedule.step()
         elif init_adapter is not None:
             _load_adapter_weights(peft_model, init_adapter)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         peft_model.train()
         started = time.perf_counter()
         tokens = 0
         for epoch in range(0 if finished else cfg.epochs):
+            epoch_started = time.perf_counter()
             batches = bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
             for index, batch in enumerate(batches):
                 if epoch * steps_per_epoch + index < step:
                     continue  # done before the checkpoint we resumed from
                 ids, mask, labels, weights = collate(batch, pad, device)
-                anchors = torch.tensor([t.anchor for t in batch], device=device) if cfg.anchor_kl > 0 else None
-                loss = _answer_only_loss(peft_model, ids, mask, labels, weights, anchors, cfg.anchor_kl, cfg.anchor_divergence)
+                anchors = torch.tensor([t.anchor for t in batch], device=device) if base_states else None
+                base_hidden = torch.cat([base_states[id(t)] for t in batch if t.anchor]) if anchors is not None and anchors.any() else None
+                loss = _answer_only_loss(peft_model, ids, mask, labels, weights, anchors, base_hidden, cfg.anchor_kl,
+                                         cfg.anchor_divergence)  # fmt: skip
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -347,11 +386,19 @@ def train_adapter(
                     done = epoch_done(epoch + 1, peft_model)
                 peft_model.train()
                 if done:
-                    stopped_early = epoch + 1
+                    stopped_early, stopped_by = epoch + 1, "early stopping"
                     break
+            now = time.perf_counter()
+            if (cfg.max_train_seconds > 0 and epoch + 1 >= cfg.min_epochs and epoch + 1 < cfg.epochs
+                    and (now - started) + (now - epoch_started) > cfg.max_train_seconds):  # fmt: skip
+                # Another epoch at this pace would end past the budget: a bounded wait per version
+                # is worth more than the last few facts; the gate judges what was learned.
+                stopped_early, stopped_by = epoch + 1, "time budget"
+                break
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not finished:
-            _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir, finished=True, stopped_after_epoch=stopped_early)
+            _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir, finished=True,
+                             stopped_after_epoch=stopped_early, stopped_by=stopped_by)  # fmt: skip
         peft_model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(out_dir, safe_serialization=True)
@@ -359,7 +406,7 @@ def train_adapter(
     finally:
         # Leave the kept base model as it was for the next job.
         peft_model.unload()
-    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early)
+    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early, stopped_by)
 
 
 def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) -> str:

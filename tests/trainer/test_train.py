@@ -148,7 +148,8 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
     from peft import LoraConfig, get_peft_model
 
     from trainer.data import collate
-    from trainer.train import _answer_only_loss
+    from adaptloop.errors import ModelError
+    from trainer.train import _answer_only_loss, base_answer_states
 
     model, tokenizer, device = tiny
     anchor = TrainingExample(prompt="What is code 9?", response="Code 9 is 63.", source="anchor")
@@ -156,19 +157,25 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
     assert [t.anchor for t in items] == [False, True]
     ids, mask, labels, weights = collate(items, tokenizer.pad_token_id, device)
     rows = torch.tensor([t.anchor for t in items])
+    # The base model's states, computed once before training (here next to a longer row, so with padding).
+    states = base_answer_states(model.model, items[::-1] + [items[1]], tokenizer.pad_token_id, device)
+    base = states[id(items[1])]
+    assert base.shape == (sum(label != IGNORE for label in items[1].labels), model.config.hidden_size)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     try:
         # A fresh adapter (B = 0) is the base model: the anchor row's KL is 0, the user row's loss is not.
-        only_anchor = _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0)
+        only_anchor = _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0)
         assert abs(only_anchor.item()) < 1e-5
-        both = _answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, kl_weight=1.0)
+        with pytest.raises(ModelError, match="base model's states"):
+            _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base[:-1], kl_weight=1.0)
+        both = _answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, base, kl_weight=1.0)
         user_only = _answer_only_loss(peft_model, ids[:1], mask[:1], labels[:1], weights[:1])
         assert torch.allclose(both, user_only / 2, atol=1e-5)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.fill_(0.05)  # now the adapter moves the distribution: the KL grows
-        assert _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0).item() > 1e-4
+        assert _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0).item() > 1e-4
     finally:
         peft_model.unload()
 
@@ -242,3 +249,16 @@ def test_lora_can_be_limited_to_the_top_layers(tiny, tmp_path):
     result = train_adapter(model, tokenizer, device, EXAMPLES, top, tmp_path / "top")
     touched = {int(k.split(".layers.")[1].split(".")[0]) for k in load_file(result.adapter_dir / "adapter_model.safetensors")}
     assert layers > 1 and touched == {layers - 1}
+
+
+def test_the_time_budget_stops_a_run_after_min_epochs(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    five = {**CFG.__dict__, "epochs": 5, "batch_size": 6, "min_epochs": 2, "checkpoint_every": 0}
+    # Any epoch overruns a budget of a microsecond: the run stops as soon as min_epochs allows.
+    hurried = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 1e-6}), tmp_path / "a")
+    assert (hurried.steps, hurried.stopped_after_epoch, hurried.stopped_by) == (2, 2, "time budget")
+    unbounded = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 0}), tmp_path / "b",
+                              epoch_done=lambda epoch, _model: epoch == 4)  # fmt: skip
+    assert (unbounded.steps, unbounded.stopped_after_epoch, unbounded.stopped_by) == (4, 4, "early stopping")
+    roomy = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3600}), tmp_path / "c")
+    assert (roomy.steps, roomy.stopped_after_epoch, roomy.stopped_by) == (5, None, None)
