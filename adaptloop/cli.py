@@ -410,7 +410,7 @@ def _train_config(settings: Settings, epochs: int | None):
         epochs=epochs or t.epochs, learning_rate=t.learning_rate, batch_size=t.batch_size, max_seq_len=t.max_seq_len,
         seed=t.seed, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules), top_layer_share=lora.top_layer_share,
         checkpoint_every=t.checkpoint_every, anchor_kl=t.anchor_kl, anchor_divergence=t.anchor_divergence, early_stopping=t.early_stopping, min_epochs=t.min_epochs,
-        max_train_seconds=t.max_train_seconds, warm_start=t.warm_start, replay_per_fact=t.replay_per_fact,
+        max_train_seconds=t.max_train_seconds, warm_start=t.warm_start, replay_per_fact=t.replay_per_fact, shrink_to=tuple(t.shrink_to),
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ import contextvars
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -240,6 +240,10 @@ class TrainingSettings(_Section):
     )
     warm_start: bool = Field(True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero")
     replay_per_fact: int = Field(1, ge=0, description="replayed examples kept per earlier fact (0 keeps all)")
+    shrink_to: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        description="after training, the update is scaled to the smallest of these that still answers every fact ([] = off)",
+    )
     group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus endpoint of a trainer (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="address the trainer's metrics endpoint binds")

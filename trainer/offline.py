@@ -134,6 +134,13 @@ def _progress_log(user_id: str):
     return update
 
 
+def no_fact_lost(hits: list[bool], trained_hits: list[bool]) -> bool:
+    """Whether a shrunk update answers every case the update as trained answered (every case, when that is unknown)."""
+    if not trained_hits:
+        return all(hits)
+    return all(hit or not trained for hit, trained in zip(hits, trained_hits, strict=True))
+
+
 def train_version(
     *,
     registry: AdapterRegistry,
@@ -175,29 +182,39 @@ def train_version(
     reference, reference_version = reference_dir(registry, user_id)
     previous_facts = learned_facts(registry, user_id, reference_version)
     start_from = reference if cfg.warm_start and same_shape(registry, user_id, reference_version, base, cfg) else None
-    answered: list[dict] = []
+    checks: list[dict] = []
     cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous_facts]
     # An answer that names the fact is a short sentence: no need to let the model ramble on.
     longest = max((len(tokenizer(expected).input_ids) for _, expected in cases), default=0)
+
+    trained_hits: list[bool] = []  # what the weights as trained answer: the last epoch's check
+
+    def answered(peft_model, when) -> list[bool]:
+        """Which held-out paraphrases and earlier facts the model answers (logged, and kept for the manifest)."""
+        answers = generate_batch(peft_model, tokenizer, device, [prompt for prompt, _ in cases], min(48, longest + 16))
+        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, cases)]
+        new, kept = sum(hits[: len(held_out)]), sum(hits[len(held_out) :])
+        checks.append({**when, "held_out_answered": round(new / len(held_out), 4),
+                       **({"previous_kept": round(kept / len(previous_facts), 4)} if previous_facts else {})})  # fmt: skip
+        log.info("training %s: %s, %d/%d held-out paraphrases answered, %d/%d earlier facts kept",
+                 user_id, ", ".join(f"{k} {v}" for k, v in when.items()), new, len(held_out), kept, len(previous_facts))  # fmt: skip
+        return hits
 
     def taught_and_kept(epoch: int, peft_model) -> bool:
         """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
         if epoch < cfg.min_epochs:
             return False  # not allowed to stop yet: spare the generation
-        answers = generate_batch(peft_model, tokenizer, device, [prompt for prompt, _ in cases], min(48, longest + 16))
-        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, cases)]
-        new, kept = sum(hits[: len(held_out)]), sum(hits[len(held_out) :])
-        answered.append({"epoch": epoch, "held_out_answered": round(new / len(held_out), 4),
-                         **({"previous_kept": round(kept / len(previous_facts), 4)} if previous_facts else {})})  # fmt: skip
-        log.info("training %s: epoch %d, %d/%d held-out paraphrases answered, %d/%d earlier facts kept",
-                 user_id, epoch, new, len(held_out), kept, len(previous_facts))  # fmt: skip
-        return epoch >= cfg.min_epochs and new == len(held_out) and kept == len(previous_facts)
+        trained_hits[:] = answered(peft_model, {"epoch": epoch})
+        return all(trained_hits)
+
+    def keeps_facts(peft_model, scale: float) -> bool:
+        return no_fact_lost(answered(peft_model, {"scale": scale}), trained_hits)
 
     early = taught_and_kept if cfg.early_stopping and held_out else None
     try:
         result = train_adapter(
             model, tokenizer, device, mixed, cfg, work_dir / "adapter", checkpoint_dir, progress=update,
-            should_stop=should_stop, epoch_done=early, init_adapter=start_from,
+            should_stop=should_stop, epoch_done=early, init_adapter=start_from, keeps_facts=keeps_facts if held_out else None,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -224,7 +241,8 @@ def train_version(
         "loss_curve": result.loss_curve,
         "resumed_from_step": result.resumed_from_step,
         "started_from_version": reference_version if start_from is not None else None,
-        "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "stopped_by": result.stopped_by, "per_epoch": answered},
+        "early_stopping": {"stopped_after_epoch": result.stopped_after_epoch, "stopped_by": result.stopped_by, "checks": checks,
+                           "update_scaled": result.shrunk_to},
         "trigger": trigger,
         "request_id": request_id,
         "trained_at": datetime.now(timezone.utc).isoformat(),

@@ -51,6 +51,7 @@ class TrainConfig:
     min_epochs: int = 2  # neither early stopping nor the time budget stops a run before this many epochs
     max_train_seconds: float = 120.0  # > 0: no epoch is started that would, at the last epoch's pace, end past this
     warm_start: bool = True  # a new version starts from the user's active adapter, not from zero
+    shrink_to: tuple[float, ...] = (0.5, 0.75)  # after training, the smallest of these scales of the update that keeps the facts
     replay_per_fact: int = 1  # replayed examples kept per earlier fact; 0 keeps all
 
 
@@ -64,6 +65,7 @@ class TrainResult:
     resumed_from_step: int = 0
     stopped_after_epoch: int | None = None  # stopped before `epochs`...
     stopped_by: str | None = None  # ...by "early stopping" or "time budget"
+    shrunk_to: float = 1.0  # the scale the adapter's update was shrunk to (see shrink_update)
 
 
 def _weighted_loss(logits, labels, weights):
@@ -202,7 +204,8 @@ def _answer_only_loss(peft_model, ids, mask, labels, weights, anchor_rows=None, 
 
 
 def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], checkpoint_dir: Path,
-                     finished: bool = False, stopped_after_epoch: int | None = None, stopped_by: str | None = None) -> None:
+                     finished: bool = False, stopped_after_epoch: int | None = None, stopped_by: str | None = None,
+                     shrunk_to: float = 1.0) -> None:
     """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint.
 
     A `finished` checkpoint is the trained adapter itself: it stays until the
@@ -228,7 +231,7 @@ def _save_checkpoint(model, optimizer, step: int, loss_curve: list[float], check
     # progress.json last: a directory without it is incomplete and never loaded.
     (staging / "progress.json").write_text(json.dumps({"step": step, "loss_curve": loss_curve, "optim": optim_meta,
                                                        "finished": finished, "stopped_after_epoch": stopped_after_epoch,
-                                                       "stopped_by": stopped_by}))  # fmt: skip
+                                                       "stopped_by": stopped_by, "shrunk_to": shrunk_to}))  # fmt: skip
     if checkpoint_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(checkpoint_dir, previous)
@@ -297,6 +300,7 @@ def train_adapter(
     should_stop: Callable[[], bool] | None = None,
     epoch_done: Callable[[int, object], bool] | None = None,
     init_adapter: Path | None = None,
+    keeps_facts: Callable[[object, float], bool] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `examples`; save it in PEFT format to `out_dir`.
 
@@ -307,6 +311,10 @@ def train_adapter(
     `epoch_done(epoch, peft_model)` runs after each epoch (the model in eval
     mode); returning True stops training there (early stopping) and the
     adapter is saved as it is.
+
+    `keeps_facts(peft_model, scale)`: whether the model, its update scaled by
+    `scale`, still answers what the run taught; with it, the update is shrunk
+    afterwards (`shrink_update`).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -336,13 +344,13 @@ def train_adapter(
             optimizer,
             lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
         )
-        step, loss_curve, resumed, stopped_early, stopped_by, finished = 0, [], 0, None, None, False
+        step, loss_curve, resumed, stopped_early, stopped_by, finished, shrunk_to = 0, [], 0, None, None, False, 1.0
         checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
         if checkpoint is not None:
             progress_record = _load_checkpoint(peft_model, optimizer, checkpoint)
             step, loss_curve = int(progress_record["step"]), list(progress_record["loss_curve"])
             finished, stopped_early = bool(progress_record.get("finished")), progress_record.get("stopped_after_epoch")
-            stopped_by = progress_record.get("stopped_by")
+            stopped_by, shrunk_to = progress_record.get("stopped_by"), float(progress_record.get("shrunk_to", 1.0))
             resumed = step
             with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
                 warnings.simplefilter("ignore", UserWarning)
@@ -395,10 +403,14 @@ def train_adapter(
                 # is worth more than the last few facts; the gate judges what was learned.
                 stopped_early, stopped_by = epoch + 1, "time budget"
                 break
+        if keeps_facts is not None and cfg.shrink_to and not finished:
+            peft_model.eval()
+            with torch.no_grad():
+                shrunk_to = shrink_update(peft_model, cfg.shrink_to, keeps_facts)
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not finished:
             _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir, finished=True,
-                             stopped_after_epoch=stopped_early, stopped_by=stopped_by)  # fmt: skip
+                             stopped_after_epoch=stopped_early, stopped_by=stopped_by, shrunk_to=shrunk_to)  # fmt: skip
         peft_model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(out_dir, safe_serialization=True)
@@ -406,7 +418,27 @@ def train_adapter(
     finally:
         # Leave the kept base model as it was for the next job.
         peft_model.unload()
-    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early, stopped_by)
+    return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early, stopped_by, shrunk_to)
+
+
+def shrink_update(peft_model, scales: tuple[float, ...], keeps_facts: Callable[[object, float], bool]) -> float:
+    """Scale the adapter's update (LoRA's B matrices) down to the smallest of `scales` that `keeps_facts`; return it.
+
+    Early stopping leaves the update just large enough to answer the facts,
+    and the drift of general answers grows with its size; a smaller multiple
+    often answers them all the same. 1.0 (the update as trained) when no
+    smaller one does.
+    """
+    lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+    trained = [p.detach().clone() for p in lora_b]
+    for scale in sorted(s for s in scales if 0 < s < 1):
+        for param, weights in zip(lora_b, trained):
+            param.copy_(weights * scale)
+        if keeps_facts(peft_model, scale):
+            return scale
+    for param, weights in zip(lora_b, trained):
+        param.copy_(weights)
+    return 1.0
 
 
 def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) -> str:

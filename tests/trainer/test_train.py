@@ -262,3 +262,25 @@ def test_the_time_budget_stops_a_run_after_min_epochs(tiny, tmp_path):
     assert (unbounded.steps, unbounded.stopped_after_epoch, unbounded.stopped_by) == (4, 4, "early stopping")
     roomy = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3600}), tmp_path / "c")
     assert (roomy.steps, roomy.stopped_after_epoch, roomy.stopped_by) == (5, None, None)
+
+
+def test_the_update_is_shrunk_to_the_smallest_scale_that_keeps_the_facts(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    cfg = TrainConfig(**{**CFG.__dict__, "shrink_to": (0.75, 0.5)})
+    asked = []
+
+    def keeps_facts(peft_model, scale):
+        asked.append(scale)
+        return scale >= 0.75  # 0.5 forgets something, 0.75 does not
+
+    shrunk = train_adapter(model, tokenizer, device, EXAMPLES, cfg, tmp_path / "shrunk", keeps_facts=keeps_facts)
+    as_trained = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**CFG.__dict__, "shrink_to": ()}), tmp_path / "plain",
+                               keeps_facts=keeps_facts)  # fmt: skip
+    assert (asked, shrunk.shrunk_to, as_trained.shrunk_to) == ([0.5, 0.75], 0.75, 1.0)
+    small, full = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (shrunk, as_trained))
+    for key in full:
+        expected = full[key] * 0.75 if "lora_B" in key else full[key]  # the update B·A scales with B alone
+        assert torch.allclose(small[key], expected, atol=1e-6), key
+    kept_nothing = train_adapter(model, tokenizer, device, EXAMPLES, cfg, tmp_path / "none", keeps_facts=lambda m, s: False)
+    untouched = load_file(kept_nothing.adapter_dir / "adapter_model.safetensors")
+    assert kept_nothing.shrunk_to == 1.0 and all(torch.equal(untouched[k], full[k]) for k in full)
