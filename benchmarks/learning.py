@@ -66,7 +66,7 @@ def make_facts(user: int, count: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 # name -> (TrainConfig / AnchorMix changes, "anchors": False to leave them out; replay the previous dataset)
-_FROM_ZERO = {"warm_start": False, "replay_per_fact": 0}
+_FROM_ZERO = {"warm_start": False, "replay_per_fact": 0, "shrink_to": ()}
 VARIANTS = {
     "plain LoRA": ({"anchors": False, "early_stopping": False, **_FROM_ZERO}, False),
     "+ anchors (CE on base answers)": ({"anchor_kl": 0.0, "nearest": 0.0, "early_stopping": False, **_FROM_ZERO}, False),
@@ -74,9 +74,10 @@ VARIANTS = {
     "+ nearest anchors": ({"early_stopping": False, **_FROM_ZERO}, False),
     "+ early stopping": (dict(_FROM_ZERO), False),
     "+ replay buffer (every example)": (dict(_FROM_ZERO), True),
-    "+ warm start, one reminder per fact (default)": ({}, True),
+    "+ warm start, one reminder per fact": ({"shrink_to": ()}, True),
+    "+ update shrunk while it keeps the facts (default)": ({}, True),
 }
-DEFAULT = "+ warm start, one reminder per fact (default)"
+DEFAULT = "+ update shrunk while it keeps the facts (default)"
 
 
 def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say) -> list[dict]:

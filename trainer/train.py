@@ -321,6 +321,7 @@ def train_adapter(
 
     if not examples:
         raise ModelError("nothing to train on: the dataset is empty")
+    started = time.perf_counter()  # the base model's anchor states count as training time too
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     items = tokenize(tokenizer, examples, cfg.max_seq_len)
@@ -359,8 +360,9 @@ def train_adapter(
         elif init_adapter is not None:
             _load_adapter_weights(peft_model, init_adapter)
         peft_model.train()
-        started = time.perf_counter()
         tokens = 0
+        check_seconds = 0.0  # the last epoch check's time: each shrink step costs one more
+        shrink_checks = sum(0 < scale < 1 for scale in cfg.shrink_to) if keeps_facts is not None else 0
         for epoch in range(0 if finished else cfg.epochs):
             epoch_started = time.perf_counter()
             batches = bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
@@ -390,17 +392,20 @@ def train_adapter(
                     raise InterruptedError(f"stopped at step {step}/{total_steps}; checkpoint saved")
             if epoch_done is not None and step == (epoch + 1) * steps_per_epoch:
                 peft_model.eval()
+                check_started = time.perf_counter()
                 with torch.no_grad():
                     done = epoch_done(epoch + 1, peft_model)
+                check_seconds = time.perf_counter() - check_started
                 peft_model.train()
                 if done:
                     stopped_early, stopped_by = epoch + 1, "early stopping"
                     break
             now = time.perf_counter()
             if (cfg.max_train_seconds > 0 and epoch + 1 >= cfg.min_epochs and epoch + 1 < cfg.epochs
-                    and (now - started) + (now - epoch_started) > cfg.max_train_seconds):  # fmt: skip
-                # Another epoch at this pace would end past the budget: a bounded wait per version
-                # is worth more than the last few facts; the gate judges what was learned.
+                    and (now - started) + (now - epoch_started) + shrink_checks * check_seconds > cfg.max_train_seconds):  # fmt: skip
+                # Another epoch at this pace (and the shrink checks after it) would end past the budget:
+                # a bounded wait per version is worth more than the last few facts; the gate judges
+                # what was learned.
                 stopped_early, stopped_by = epoch + 1, "time budget"
                 break
         if keeps_facts is not None and cfg.shrink_to and not finished:
