@@ -114,12 +114,13 @@ class TrainerHandle:
         records = consume(self.client, [self.topics["lifecycle"]], f"read-{uuid.uuid4().hex[:6]}", idle_timeout=2, total_timeout=30)
         return [json.loads(r.value) for r in records]
 
-    def wait_for(self, predicate, timeout: float = 180, what: str = "condition"):
+    def wait_for(self, predicate, timeout: float = 180, what: str = "condition", interval: float = 0.5):
         def alive() -> None:
             if self.procs and self.procs[-1].poll() is not None:
                 raise AssertionError(f"trainer exited ({self.procs[-1].returncode}):\n{self.log_path.read_text()[-3000:]}")
 
-        return wait_until(predicate, timeout, what, check=alive, context=lambda: self.log_path.read_text()[-3000:])
+        return wait_until(predicate, timeout, what, interval=interval, check=alive,
+                          context=lambda: self.log_path.read_text()[-3000:])  # fmt: skip
 
 
 @pytest.fixture
