@@ -49,7 +49,7 @@ class TrainConfig:
     anchor_kl: float = 4.0  # > 0: anchors are held to the base distribution by KL (this weight), not by cross-entropy
     early_stopping: bool = True  # stop after the epoch in which every held-out case is answered
     min_epochs: int = 2  # neither early stopping nor the time budget stops a run before this many epochs
-    max_train_seconds: float = 120.0  # > 0: no epoch is started that would, at the last epoch's pace, end past this
+    max_train_seconds: float = 120.0  # > 0: no epoch is started that would, at the slowest epoch's pace, end past this
     warm_start: bool = True  # a new version starts from the user's active adapter, not from zero
     shrink_to: tuple[float, ...] = (0.5, 0.75)  # after training, the smallest of these scales of the update that keeps the facts
     replay_per_fact: int = 1  # replayed examples kept per earlier fact; 0 keeps all
@@ -361,7 +361,9 @@ def train_adapter(
             _load_adapter_weights(peft_model, init_adapter)
         peft_model.train()
         tokens = 0
-        check_seconds = 0.0  # the last epoch check's time: each shrink step costs one more
+        # The slowest epoch and check so far set the pace: later epochs run longer (their checks
+        # generate longer answers), so the last one's pace let a run overrun its budget.
+        slowest_epoch = slowest_check = 0.0  # each shrink step costs one more check
         shrink_checks = sum(0 < scale < 1 for scale in cfg.shrink_to) if keeps_facts is not None else 0
         for epoch in range(0 if finished else cfg.epochs):
             epoch_started = time.perf_counter()
@@ -395,15 +397,16 @@ def train_adapter(
                 check_started = time.perf_counter()
                 with torch.no_grad():
                     done = epoch_done(epoch + 1, peft_model)
-                check_seconds = time.perf_counter() - check_started
+                slowest_check = max(slowest_check, time.perf_counter() - check_started)
                 peft_model.train()
                 if done:
                     stopped_early, stopped_by = epoch + 1, "early stopping"
                     break
             now = time.perf_counter()
+            slowest_epoch = max(slowest_epoch, now - epoch_started)
             if (cfg.max_train_seconds > 0 and epoch + 1 >= cfg.min_epochs and epoch + 1 < cfg.epochs
-                    and (now - started) + (now - epoch_started) + shrink_checks * check_seconds > cfg.max_train_seconds):  # fmt: skip
-                # Another epoch at this pace (and the shrink checks after it) would end past the budget:
+                    and (now - started) + slowest_epoch + shrink_checks * slowest_check > cfg.max_train_seconds):  # fmt: skip
+                # Another epoch as slow as the slowest yet (and the shrink checks after it) would end past the budget:
                 # a bounded wait per version is worth more than the last few facts; the gate judges
                 # what was learned.
                 stopped_early, stopped_by = epoch + 1, "time budget"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -262,6 +263,11 @@ def test_the_time_budget_stops_a_run_after_min_epochs(tiny, tmp_path):
     assert (unbounded.steps, unbounded.stopped_after_epoch, unbounded.stopped_by) == (4, 4, "early stopping")
     roomy = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3600}), tmp_path / "c")
     assert (roomy.steps, roomy.stopped_after_epoch, roomy.stopped_by) == (5, None, None)
+    # A slow first epoch (a 2 s check) sets the pace even after a quick second one: another epoch
+    # could take 2 s again, and 2 s more do not fit a 3 s budget.
+    slow_start = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3.0}), tmp_path / "d",
+                               epoch_done=lambda epoch, _model: time.sleep(2.0 if epoch == 1 else 0))  # fmt: skip
+    assert (slow_start.steps, slow_start.stopped_after_epoch, slow_start.stopped_by) == (2, 2, "time budget")
 
 
 def test_the_update_is_shrunk_to_the_smallest_scale_that_keeps_the_facts(tiny, tmp_path):
