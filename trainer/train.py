@@ -364,7 +364,7 @@ def train_adapter(
         # The slowest epoch and check so far set the pace: later epochs run longer (their checks
         # generate longer answers), so the last one's pace let a run overrun its budget.
         slowest_epoch = slowest_check = 0.0  # each shrink step costs one more check
-        shrink_checks = sum(0 < scale < 1 for scale in cfg.shrink_to) if keeps_facts is not None else 0
+        shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if keeps_facts is not None else []  # smallest first
         for epoch in range(0 if finished else cfg.epochs):
             epoch_started = time.perf_counter()
             batches = bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)
@@ -405,16 +405,16 @@ def train_adapter(
             now = time.perf_counter()
             slowest_epoch = max(slowest_epoch, now - epoch_started)
             if (cfg.max_train_seconds > 0 and epoch + 1 >= cfg.min_epochs and epoch + 1 < cfg.epochs
-                    and (now - started) + slowest_epoch + shrink_checks * slowest_check > cfg.max_train_seconds):  # fmt: skip
+                    and (now - started) + slowest_epoch + len(shrink_scales) * slowest_check > cfg.max_train_seconds):  # fmt: skip
                 # Another epoch as slow as the slowest yet (and the shrink checks after it) would end past the budget:
                 # a bounded wait per version is worth more than the last few facts; the gate judges
                 # what was learned.
                 stopped_early, stopped_by = epoch + 1, "time budget"
                 break
-        if keeps_facts is not None and cfg.shrink_to and not finished:
+        if shrink_scales and not finished:
             peft_model.eval()
             with torch.no_grad():
-                shrunk_to = shrink_update(peft_model, cfg.shrink_to, keeps_facts)
+                shrunk_to = shrink_update(peft_model, shrink_scales, keeps_facts)
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not finished:
             _save_checkpoint(peft_model, optimizer, step, loss_curve, checkpoint_dir, finished=True,
@@ -429,8 +429,8 @@ def train_adapter(
     return TrainResult(out_dir, step, tokens, seconds, loss_curve, resumed, stopped_early, stopped_by, shrunk_to)
 
 
-def shrink_update(peft_model, scales: tuple[float, ...], keeps_facts: Callable[[object, float], bool]) -> float:
-    """Scale the adapter's update (LoRA's B matrices) down to the smallest of `scales` that `keeps_facts`; return it.
+def shrink_update(peft_model, scales: list[float], keeps_facts: Callable[[object, float], bool]) -> float:
+    """Scale the adapter's update (LoRA's B matrices) by the first of `scales` (smallest first) that `keeps_facts`; return it.
 
     Early stopping leaves the update just large enough to answer the facts,
     and the drift of general answers grows with its size; a smaller multiple
@@ -439,7 +439,7 @@ def shrink_update(peft_model, scales: tuple[float, ...], keeps_facts: Callable[[
     """
     lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
     trained = [p.detach().clone() for p in lora_b]
-    for scale in sorted(s for s in scales if 0 < s < 1):
+    for scale in scales:
         for param, weights in zip(lora_b, trained):
             param.copy_(weights * scale)
         if keeps_facts(peft_model, scale):
