@@ -5,7 +5,7 @@
 The lifecycle topic is read from its end as of just before the command is
 sent (assign(), no consumer group), so only answers to this command count:
 the first event whose `job_id` is the command's id and whose type ends the
-command (see FINAL_TYPES). None when nothing came within the timeout.
+command (`schemas.lifecycle.ENDS_COMMAND`). None when nothing came within the timeout.
 """
 
 from __future__ import annotations
@@ -14,18 +14,11 @@ import time
 
 from confluent_kafka import Consumer, TopicPartition
 
-from adaptloop.errors import InvalidMessage, KafkaOperationError
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import next_message, produce
-from schemas import LifecycleEvent, RetrainCommand, RollbackCommand, ValidateCommand
+from core.errors import InvalidMessage, KafkaOperationError
+from core.kafka.client import ClientConfig
+from core.kafka.io import next_message, produce
+from schemas import ENDS_COMMAND, LifecycleEvent, RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.decode import decode
-
-# The lifecycle events that end each kind of command.
-FINAL_TYPES = {
-    "rollback": {"rolled_back", "command_failed"},
-    "validate": {"validated", "command_failed"},
-    "retrain": {"promoted", "rejected", "training_failed", "command_failed"},
-}
 
 
 def send_command(
@@ -56,7 +49,7 @@ def send_command(
                 event = decode(LifecycleEvent, msg.value())
             except InvalidMessage:
                 continue  # not ours to judge; the topic's producers are the trainers
-            if event.job_id == command.command_id and event.type in FINAL_TYPES[command.type]:
+            if event.job_id == command.command_id and event.type in ENDS_COMMAND[command.type]:
                 return event
         return None
     finally:

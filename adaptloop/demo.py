@@ -32,20 +32,21 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import click
 import httpx
 from confluent_kafka import Consumer, TopicPartition
 
-from adaptloop.errors import AdaptloopError
-from adaptloop.kafka.broker import free_port
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import next_message, produce
-from adaptloop.kafka.topics import ensure_topics, plans_from_specs
 from adaptloop.samples import malformed_messages
-from adaptloop.settings import Settings, write_settings
 from adaptloop.stack import Stack, services
+from core.errors import AdaptloopError
+from core.kafka.broker import free_port
+from core.kafka.client import ClientConfig
+from core.kafka.io import next_message, produce
+from core.kafka.topics import ensure_topics, plans_from_specs
+from core.settings import Settings, tokens_file, write_settings
 
 # (question, the user's answer, the words that show it was learned, a paraphrase to ask afterwards)
 FACTS = [
@@ -64,18 +65,27 @@ GENERAL = ("What is the capital of France?", "Paris")
 
 def demo_settings(settings: Settings, workdir: Path, bootstrap: str) -> Settings:
     """The demo's own topics, app, groups, ports and store; the model cache is shared (conversion happens once)."""
-    topics = settings.topics.model_copy(update={
-        name: getattr(settings.topics, name).model_copy(update={"name": f"demo.{getattr(settings.topics, name).name}"})
-        for name in type(settings.topics).model_fields
-    })  # fmt: skip
+    topics = settings.topics.model_copy(
+        update={
+            name: getattr(settings.topics, name).model_copy(update={"name": f"demo.{getattr(settings.topics, name).name}"})
+            for name in type(settings.topics).model_fields
+        }
+    )
     triggers = settings.streams.triggers.model_copy(update={"cooldown_s": 0})
-    return settings.model_copy(update={
-        "storage_root": str(workdir / "store"), "min_gap_events": len(FACTS), "schedule": "threshold",
-        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": bootstrap}), "topics": topics,
-        "streams": settings.streams.model_copy(update={"app_id": "adaptloop-demo", "web_port": free_port(), "triggers": triggers}),
-        "training": settings.training.model_copy(update={"group_id": "adaptloop-demo-trainer", "metrics_port": free_port()}),
-        "api": settings.api.model_copy(update={"host": "127.0.0.1", "port": free_port(), "tokens_file": None}),
-    })  # fmt: skip
+    return settings.model_copy(
+        update={
+            "storage_root": str(workdir / "store"),
+            "min_gap_events": len(FACTS),
+            "schedule": "threshold",
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": bootstrap}),
+            "topics": topics,
+            "streams": settings.streams.model_copy(
+                update={"app_id": "adaptloop-demo", "web_port": free_port(), "triggers": triggers}
+            ),
+            "training": settings.training.model_copy(update={"group_id": "adaptloop-demo-trainer", "metrics_port": free_port()}),
+            "api": settings.api.model_copy(update={"host": "127.0.0.1", "port": free_port(), "tokens_file": None}),
+        }
+    )
 
 
 @dataclass
@@ -160,7 +170,7 @@ class Asker:
         self.model, self.tokenizer, self.device = load_base(base, s.model.dtype)
 
     def answers(self, prompts: list[str], adapter: Path | None = None) -> list[str]:
-        from trainer.train import generate_batch
+        from trainer.generation import generate_batch
 
         if adapter is None:
             return generate_batch(self.model, self.tokenizer, self.device, prompts)
@@ -190,10 +200,20 @@ def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -
     stack = Stack(workdir)
     click.echo(f"Kafka at {bootstrap}; demo files and logs in {workdir}")
     try:
-        stack.up(config, bootstrap, services(s.api.host, s.api.port, s.streams.web_port, s.training.metrics_port), None,
-                 say=lambda text: click.echo(f"    {text}"), timeout_s=timeout_s)  # fmt: skip
+        stack.up(
+            config,
+            bootstrap,
+            services(s.api.host, s.api.port, s.streams.web_port, s.training.metrics_port),
+            None,
+            say=lambda text: click.echo(f"    {text}"),
+            timeout_s=timeout_s,
+        )
         user = f"demo-uma-{uuid.uuid4().hex[:6]}"
-        topics = {"dlq": s.topics.dlq.name, "training_requests": s.topics.training_requests.name, "lifecycle": s.topics.lifecycle.name}
+        topics = {
+            "dlq": s.topics.dlq.name,
+            "training_requests": s.topics.training_requests.name,
+            "lifecycle": s.topics.lifecycle.name,
+        }
         watcher = Watcher(client, topics, workdir / "logs" / "trainer.log", user, started)
         try:
             _story(s, client, watcher, workdir, timeout_s)
@@ -207,104 +227,182 @@ def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -
     click.secho(f"demo done in {time.monotonic() - started:.0f}s; files in {workdir}", bold=True)
 
 
+@dataclass
+class Scene:
+    """What every step of the story uses: the settings, the watcher, the base model, the registry, the API."""
+
+    s: Settings
+    client: ClientConfig
+    w: Watcher
+    workdir: Path
+    timeout_s: float
+    asker: Asker
+    api: str
+    headers: dict[str, str]
+
+    @property
+    def user(self) -> str:
+        return self.w.user
+
+    @property
+    def registry(self):
+        from trainer.registry import AdapterRegistry
+
+        return AdapterRegistry(self.s.storage_root)
+
+
 def _story(s: Settings, client: ClientConfig, w: Watcher, workdir: Path, timeout_s: float) -> None:
     from api.auth import TokenStore
-    from trainer.registry import AdapterRegistry
-    from trainer.report import build_report
 
-    user = w.user
-    registry = AdapterRegistry(s.storage_root)
-    api = f"http://{s.api.host}:{s.api.port}"
-    token = TokenStore(Path(s.storage_root) / "api" / "tokens.json").create(["admin"], note="demo")[1]
-    headers = {"Authorization": f"Bearer {token}"}
-
+    token = TokenStore(tokens_file(s)).create(["admin"], note="demo")[1]
     w.say("loading the base model to ask the user's questions", bold=True)
-    asker = Asker(s)
+    scene = Scene(
+        s, client, w, workdir, timeout_s, Asker(s), f"http://{s.api.host}:{s.api.port}", {"Authorization": f"Bearer {token}"}
+    )
+    before = _ask_the_base_model(scene)
+    _publish_the_stream(scene)
+    v1, adapter = _train_and_promote_v1(scene, before)
+    _reject_the_poison(scene, v1, adapter)
+    _roll_back_through_the_api(scene, v1)
+    _write_the_report(scene)
+
+
+def _ask_the_base_model(scene: Scene) -> list[str]:
     questions = [q for q, *_ in FACTS] + [GENERAL[0]]
-    before = asker.answers(questions)
+    before = scene.asker.answers(questions)
     for q, a in zip(questions, before):
-        w.say(f"    base model | {q} -> {_short(a)}")
+        scene.w.say(f"    base model | {q} -> {_short(a)}")
+    return before
 
-    # ---- the stream: corrections, satisfied turns, malformed messages ---- #
-    w.say(f"publishing {user}'s interactions: {len(FACTS)} corrections, 2 satisfied turns, "
-          f"{len(malformed_messages())} malformed messages", bold=True)  # fmt: skip
-    _publish_corrections(client, s, user, [(q, a) for q, a, *_ in FACTS], first=0)
-    ok = [{"event_id": f"{user}-ok-{n}", "user_id": user, "timestamp": _now(), "intent": "small_talk", "status": "satisfied",
-           "query": "Hello!", "response": "Hi there."} for n in range(2)]  # fmt: skip
-    produce(client, s.topics.intent_traces.name, [(user, json.dumps(e).encode()) for e in ok])
+
+def _publish_the_stream(scene: Scene) -> None:
+    """The user's corrections, satisfied turns and malformed messages; wait for the dead letters and the request."""
+    s, w, client, user = scene.s, scene.w, scene.client, scene.user
     bad = malformed_messages()
+    w.say(
+        f"publishing {user}'s interactions: {len(FACTS)} corrections, 2 satisfied turns, {len(bad)} malformed messages", bold=True
+    )
+    _publish_corrections(client, s, user, [(q, a) for q, a, *_ in FACTS], first=0)
+    ok = [
+        {
+            "event_id": f"{user}-ok-{n}",
+            "user_id": user,
+            "timestamp": _now(),
+            "intent": "small_talk",
+            "status": "satisfied",
+            "query": "Hello!",
+            "response": "Hi there.",
+        }
+        for n in range(2)
+    ]
+    produce(client, s.topics.intent_traces.name, [(user, json.dumps(e).encode()) for e in ok])
     produce(client, s.topics.intent_traces.name, [(f"{user}-mallory", raw) for raw, _ in bad])
-
-    w.wait("dead letters", lambda r: len([1 for t, k, _ in r if t == s.topics.dlq.name and k == f"{user}-mallory".encode()]) >= len(bad),
-           120)  # fmt: skip
+    mallory = f"{user}-mallory".encode()
+    w.wait("dead letters", lambda r: len([1 for t, k, _ in r if t == s.topics.dlq.name and k == mallory]) >= len(bad), 120)
     request = w.wait("training request", lambda _r: w.of("training_requests"), 120)[0]
     ds = request["dataset"]
-    w.say(f"gap threshold ({s.min_gap_events}) crossed: training request {request['request_id'][:12]}… "
-          f"({ds['example_counts']}, {ds['test_count']} held-out paraphrases)", bold=True)  # fmt: skip
+    w.say(
+        f"gap threshold ({s.min_gap_events}) crossed: training request {request['request_id'][:12]}… "
+        f"({ds['example_counts']}, {ds['test_count']} held-out paraphrases)",
+        bold=True,
+    )
 
-    # ---- training, validation, promotion ---- #
-    v1 = _decision(w, timeout_s)
+
+def _train_and_promote_v1(scene: Scene, before: list[str]) -> tuple[dict, Path]:
+    """Training, the gate's verdict, and the user's questions again: before and after, and a general one that must not change."""
+    w = scene.w
+    v1 = _decision(w, scene.timeout_s)
     if v1["type"] != "promoted":
-        raise AdaptloopError(f"demo failed: v{v1.get('version')} was {v1['type']}: {v1.get('reason')}; logs in {workdir / 'logs'}")
+        raise AdaptloopError(
+            f"demo failed: v{v1.get('version')} was {v1['type']}: {v1.get('reason')}; logs in {scene.workdir / 'logs'}"
+        )
     m = v1.get("metrics", {})
-    w.say(f"v{v1['version']} PROMOTED: user suite {m.get('user_score', 0):.2f}, core suite {m.get('core_score', 0):.2f} "
-          f"(trained {m.get('train_seconds', 0):.0f}s)", bold=True)  # fmt: skip
-    adapter = registry.verify(user, v1["version"]).path
-    asked = [p for *_, p in FACTS] + [GENERAL[0]]
-    after = asker.answers(asked, adapter)
+    w.say(
+        f"v{v1['version']} PROMOTED: user suite {m.get('user_score', 0):.2f}, core suite {m.get('core_score', 0):.2f} "
+        f"(trained {m.get('train_seconds', 0):.0f}s, gate {m.get('gate_seconds', 0):.0f}s)",
+        bold=True,
+    )
+    adapter = scene.registry.verify(scene.user, v1["version"]).path
+    after = scene.asker.answers([p for *_, p in FACTS] + [GENERAL[0]], adapter)
     learned = 0
-    for (q, _a, key, p), old, new in zip(FACTS, before, after):
+    for (_q, _a, key, p), old, new in zip(FACTS, before, after):
         hit = key.lower() in new.lower()
         learned += hit
-        w.say(f"    {'LEARNED' if hit else 'missed '} | {p}\n               before: {_short(old)}\n               after:  {_short(new)}")
+        w.say(
+            f"    {'LEARNED' if hit else 'missed '} | {p}\n               before: {_short(old)}\n               after:  {_short(new)}"
+        )
     kept = GENERAL[1] in after[-1]
     w.say(f"    {'kept   ' if kept else 'CHANGED'} | {GENERAL[0]} -> {after[-1]}")
     if learned < len(FACTS) - 1 or not kept:
         raise AdaptloopError(f"demo failed: v1 answers {learned}/{len(FACTS)} facts, general answer kept: {kept}")
+    return v1, adapter
 
-    # ---- a poisoned update ---- #
+
+def _reject_the_poison(scene: Scene, v1: dict, adapter: Path) -> None:
+    """Wrong answers to general questions cross the threshold again: the gate rejects that version, v1 stays."""
+    w, user, registry = scene.w, scene.user, scene.registry
     w.say(f"publishing {len(POISON)} poisoned corrections (wrong answers to general questions)", bold=True)
-    _publish_corrections(client, s, user, POISON, first=100)
-    v2 = _decision(w, timeout_s, after_version=v1["version"])
+    _publish_corrections(scene.client, scene.s, user, POISON, first=100)
+    v2 = _decision(w, scene.timeout_s, after_version=v1["version"])
     if v2["type"] != "rejected" or registry.active(user) != v1["version"]:
         raise AdaptloopError(f"demo failed: the poisoned v{v2.get('version')} was {v2['type']}; active: {registry.active(user)}")
     w.say(f"v{v2['version']} REJECTED by the gate: {v2.get('reason', '')[:160]}", bold=True)
-    still = asker.answers([GENERAL[0]], adapter)[0]
+    still = scene.asker.answers([GENERAL[0]], adapter)[0]
     w.say(f"    v{v1['version']} still active | {GENERAL[0]} -> {still}")
 
-    # ---- a rollback through the API ---- #
+
+def _roll_back_through_the_api(scene: Scene, v1: dict) -> None:
+    w, user, api, headers = scene.w, scene.user, scene.api, scene.headers
     w.say(f"rolling {user} back through the API (POST /api/adapter/rollback)", bold=True)
     job = httpx.post(f"{api}/api/adapter/rollback", headers=headers, json={"user_id": user, "reason": "demo: take v1 out"}).json()
     deadline, state = time.monotonic() + 120, {}
     while time.monotonic() < deadline and state.get("status") not in ("rolled_back", "failed"):
-        time.sleep(1)
+        time.sleep(1)  # polling the job, as an API client would
         state = httpx.get(f"{api}/api/adapter/job/{job['job_id']}", headers=headers).json()
     status = httpx.get(f"{api}/api/adapter/status/{user}", headers=headers).json()
     if state.get("status") != "rolled_back" or status.get("active_version") is not None:
         raise AdaptloopError(f"demo failed: rollback job {state}; status {status}")
     w.say(f"ROLLED BACK: v{v1['version']} -> base model, the state before v{v1['version']}", bold=True)
-    restored = asker.answers([FACTS[0][3]])[0]
-    w.say(f"    base model again | {FACTS[0][3]} -> {restored}")
+    w.say(f"    base model again | {FACTS[0][3]} -> {scene.asker.answers([FACTS[0][3]])[0]}")
 
-    out = workdir / "report"
-    build_report(registry, user, threshold=s.promote_if_score).write(out)
-    w.say(f"report: {out / 'index.html'} (a running API serves the same page at /dashboard/{user})", bold=True)
+
+def _write_the_report(scene: Scene) -> None:
+    from trainer.report import build_report
+
+    out = scene.workdir / "report"
+    build_report(scene.registry, scene.user, threshold=scene.s.promote_if_score).write(out)
+    scene.w.say(f"report: {out / 'index.html'} (a running API serves the same page at /dashboard/{scene.user})", bold=True)
 
 
 def _decision(w: Watcher, timeout_s: float, after_version: int = 0) -> dict:
     """Wait for the trainer's verdict on the user's next version (the watcher narrates the way there)."""
 
     def verdict(_records):
-        found = [v for v in w.of("lifecycle") if v.get("type") == "training_failed"
-                 or v.get("type") in ("promoted", "rejected") and (v.get("version") or 0) > after_version]  # fmt: skip
+        found = [
+            v
+            for v in w.of("lifecycle")
+            if v.get("type") == "training_failed"
+            or v.get("type") in ("promoted", "rejected")
+            and (v.get("version") or 0) > after_version
+        ]
         return found[0] if found else None
 
     return w.wait("training outcome", verdict, timeout_s)
 
 
 def _publish_corrections(client: ClientConfig, s: Settings, user: str, pairs, first: int) -> None:
-    events = [{"event_id": f"{user}-fb-{first + n}", "user_id": user, "timestamp": _now(), "kind": "correction",
-               "query": q, "response": "I do not know.", "correction": a} for n, (q, a) in enumerate(pairs)]  # fmt: skip
+    events = [
+        {
+            "event_id": f"{user}-fb-{first + n}",
+            "user_id": user,
+            "timestamp": _now(),
+            "kind": "correction",
+            "query": q,
+            "response": "I do not know.",
+            "correction": a,
+        }
+        for n, (q, a) in enumerate(pairs)
+    ]
     produce(client, s.topics.feedback.name, [(user, json.dumps(e).encode()) for e in events])
 
 
@@ -314,6 +412,6 @@ def _short(answer: str, limit: int = 100) -> str:
 
 
 def _now() -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()

@@ -18,18 +18,25 @@ The whole file is checked before anything is sent, and a bad line is named
 by its number, so a file is published whole or not at all. Events are not
 validated here: the worker does that and dead-letters the bad ones with the
 reason, as it does for every producer.
+
+Old timestamps and retention: the broker deletes a record whose timestamp is
+older than its topic's `retention.ms` at its next retention check (every few
+minutes), however recently it was written. `retention_warnings` says so for
+each topic before anything is sent; give such a backfill topic a longer
+retention (or none, `retention.ms: "-1"`) first.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptloop.errors import AdaptloopError
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import produce
+from core.errors import AdaptloopError
+from core.kafka.client import ClientConfig
+from core.kafka.io import produce
 
 
 class PublishFileError(AdaptloopError):
@@ -76,7 +83,9 @@ def parse_line(line: str, topics: dict[str, str], where: str) -> OutgoingRecord:
         stamp = item.get("timestamp_ms")
         if stamp is not None and (not isinstance(stamp, int) or stamp < 0):
             raise PublishFileError(f"{where}: timestamp_ms must be a non-negative integer")
-        return OutgoingRecord(resolve_topic(str(item["topic"]), topics, where), None if key is None else str(key).encode(), raw, stamp)
+        return OutgoingRecord(
+            resolve_topic(str(item["topic"]), topics, where), None if key is None else str(key).encode(), raw, stamp
+        )
     if "event_type" in item:
         event = {k: v for k, v in item.items() if k != "event_type"}
         user = event.get("user_id")
@@ -99,6 +108,44 @@ def read_publish_file(path: Path, topics: dict[str, str]) -> list[OutgoingRecord
     except (OSError, UnicodeDecodeError) as exc:
         raise PublishFileError(f"cannot read {path}: {exc}") from None
     return records
+
+
+def retention_warnings(client: ClientConfig, records: list[OutgoingRecord], now_ms: int | None = None) -> list[str]:
+    """One line per topic whose records carry timestamps older than the topic's retention (the broker deletes them)."""
+    oldest: dict[str, list[int]] = {}
+    for record in records:
+        if record.timestamp_ms is not None:
+            oldest.setdefault(record.topic, []).append(record.timestamp_ms)
+    if not oldest:
+        return []
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    warnings = []
+    for topic, retention_ms in topic_retention_ms(client, list(oldest)).items():
+        expired = [t for t in oldest[topic] if retention_ms >= 0 and t < now_ms - retention_ms]
+        if expired:
+            warnings.append(
+                f"{len(expired)} record(s) for {topic} have timestamps older than its retention.ms "
+                f"({retention_ms / 86_400_000:.1f} days): the broker deletes them at its next retention check; "
+                f"raise the topic's retention.ms (or set it to -1) before a backfill this old"
+            )
+    return warnings
+
+
+def topic_retention_ms(client: ClientConfig, topics: list[str], timeout: float = 30.0) -> dict[str, int]:
+    """Each existing topic's effective `retention.ms` (-1: kept forever); topics that do not exist are left out."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient(client.librdkafka())
+    futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics], request_timeout=timeout)
+    out = {}
+    for resource, future in futures.items():
+        try:
+            entry = future.result(timeout)["retention.ms"]
+        except (KafkaException, KeyError):
+            continue  # a missing topic: publishing to it fails with its own clear error
+        out[resource.name] = int(entry.value)
+    return out
 
 
 def publish(client: ClientConfig, records: Iterable[OutgoingRecord]) -> dict[str, int]:

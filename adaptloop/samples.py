@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 _FACTS = [
     ("What is my dog's name?", "Your dog is called Biscuit."),
@@ -29,7 +29,7 @@ _CONCEPTS = [
 def sample_events(users: list[str], per_user: int = 12, seed: int = 7, start: datetime | None = None) -> list[tuple[str, dict]]:
     """A reproducible stream of events of every input type for `users`."""
     rng = random.Random(seed)
-    t0 = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = start or datetime(2026, 1, 1, tzinfo=UTC)
     out: list[tuple[str, dict]] = []
     for user in users:
         for i in range(per_user):
@@ -38,32 +38,66 @@ def sample_events(users: list[str], per_user: int = 12, seed: int = 7, start: da
             question, answer = _FACTS[i % len(_FACTS)]
             choice = i % 6
             if choice == 0:
-                out.append(("intent_traces", base | {"intent": "personal_fact", "status": "missed", "query": question,
-                                                       "response": "I don't know.", "resolution": answer,
-                                                       "confidence": round(rng.uniform(0.5, 1.0), 2)}))
+                out.append(
+                    (
+                        "intent_traces",
+                        base
+                        | {
+                            "intent": "personal_fact",
+                            "status": "missed",
+                            "query": question,
+                            "response": "I don't know.",
+                            "resolution": answer,
+                            "confidence": round(rng.uniform(0.5, 1.0), 2),
+                        },
+                    )
+                )
             elif choice == 1:
-                out.append(("feedback", base | {"kind": "correction", "query": question, "response": "I'm not sure.",
-                                                 "correction": answer}))
+                out.append(
+                    (
+                        "feedback",
+                        base | {"kind": "correction", "query": question, "response": "I'm not sure.", "correction": answer},
+                    )
+                )
             elif choice == 2:
-                out.append(("conversations", base | {"session_id": f"s-{user}-{i // 6}", "question": question,
-                                                      "answer": answer, "rating": 5, "rating_scale": "stars"}))
+                out.append(
+                    (
+                        "conversations",
+                        base
+                        | {
+                            "session_id": f"s-{user}-{i // 6}",
+                            "question": question,
+                            "answer": answer,
+                            "rating": 5,
+                            "rating_scale": "stars",
+                        },
+                    )
+                )
             elif choice == 3:
-                out.append(("feedback", base | {"kind": "rating", "query": question, "response": "No idea.",
-                                                 "rating": -1}))
+                out.append(("feedback", base | {"kind": "rating", "query": question, "response": "No idea.", "rating": -1}))
             elif choice == 4:
                 concept, related, description = _CONCEPTS[rng.randrange(len(_CONCEPTS))]
-                out.append(("concept_gaps", base | {"concept": concept, "related": related,
-                                                     "description": description}))
+                out.append(("concept_gaps", base | {"concept": concept, "related": related, "description": description}))
             else:
-                out.append(("intent_traces", base | {"intent": "small_talk", "status": "satisfied",
-                                                      "query": "Hello!", "response": "Hi there."}))
+                out.append(
+                    (
+                        "intent_traces",
+                        base | {"intent": "small_talk", "status": "satisfied", "query": "Hello!", "response": "Hi there."},
+                    )
+                )
     return out
 
 
 def malformed_messages() -> list[tuple[bytes, str]]:
     """Raw values that must be dead-lettered, each with a word on what is wrong."""
-    good = {"event_id": "bad-1", "user_id": "mallory", "timestamp": "2026-01-01T00:00:00Z",
-            "intent": "x", "status": "missed", "query": "q"}
+    good = {
+        "event_id": "bad-1",
+        "user_id": "mallory",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "intent": "x",
+        "status": "missed",
+        "query": "q",
+    }
     return [
         (b"\xff\xfe not utf-8", "not UTF-8"),
         (b"{not json", "not JSON"),

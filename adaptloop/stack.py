@@ -23,8 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from adaptloop.errors import AdaptloopError
-from adaptloop.kafka.broker import pid_alive, terminate
+from core.errors import AdaptloopError
+from core.kafka.broker import pid_alive, terminate
+from core.storage import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,20 @@ def services(api_host: str, api_port: int, worker_port: int, trainer_port: int) 
     """The stack, in start order (stopped in reverse)."""
     api = f"http://{api_host}:{api_port}"
     return [
-        Service("worker", ("worker", "--web-port", str(worker_port)), _log_says("Worker ready"),
-                f"http://127.0.0.1:{worker_port}/metrics" if worker_port else ""),
-        Service("trainer", ("trainer", "--metrics-port", str(trainer_port)), _log_says("trainer ready"),
-                f"http://127.0.0.1:{trainer_port}/metrics" if trainer_port else ""),
+        Service(
+            "worker",
+            ("worker", "--web-port", str(worker_port)),
+            _log_says("Worker ready"),
+            f"http://127.0.0.1:{worker_port}/metrics" if worker_port else "",
+        ),
+        Service(
+            "trainer",
+            ("trainer", "--metrics-port", str(trainer_port)),
+            _log_says("trainer ready"),
+            f"http://127.0.0.1:{trainer_port}/metrics" if trainer_port else "",
+        ),
         Service("api", ("api", "--host", api_host, "--port", str(api_port)), _answers(f"{api}/healthz"), f"{api}/docs"),
-    ]  # fmt: skip
+    ]
 
 
 class Stack:
@@ -75,16 +84,20 @@ class Stack:
             return {"services": {}, "broker_port": None}
 
     def _save(self, state: dict) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_file)
+        atomic_write_json(self.state_file, state)
 
     def running(self) -> dict[str, dict]:
         return {name: s for name, s in self.state()["services"].items() if pid_alive(s["pid"])}
 
-    def up(self, config_file: Path, bootstrap: str, wanted: list[Service], broker_port: int | None,
-           say: Callable[[str], None] = print, timeout_s: float = 600) -> dict[str, dict]:  # fmt: skip
+    def up(
+        self,
+        config_file: Path,
+        bootstrap: str,
+        wanted: list[Service],
+        broker_port: int | None,
+        say: Callable[[str], None] = print,
+        timeout_s: float = 600,
+    ) -> dict[str, dict]:
         """Start every service of `wanted` that is not running; wait until each is ready."""
         state = self.state()
         if broker_port is not None:
@@ -103,8 +116,12 @@ class Stack:
                 fh.flush()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "adaptloop.cli", "--config", str(config_file), *service.args],
-                    stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                )  # fmt: skip
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
             state["services"][service.name] = {"pid": proc.pid, "log": str(log), "url": service.url}
             self._save(state)
             started.append((service, proc, log))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from adaptloop.errors import ConfigError
+from core.errors import ConfigError
+from core.storage import atomic_write_json
 from schemas.common import check_user_id
 
 ADMIN = "admin"
@@ -70,13 +69,7 @@ class TokenStore:
             raise ConfigError(f"token store {self.path} is corrupt: {exc}") from None
 
     def _save(self, tokens: dict[str, dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-")  # created 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(tokens, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, tokens, mode=0o600)
 
     def create(self, scopes: list[str], note: str = "") -> tuple[str, str]:
         """A new token: (token_id, token). The token itself is never stored."""
@@ -86,8 +79,7 @@ class TokenStore:
         token_id = secrets.token_hex(4)
         token = f"al_{token_id}_{secrets.token_urlsafe(32)}"
         tokens = self._load()
-        tokens[token_id] = {"sha256": _digest(token), "scopes": parsed, "note": note,
-                            "created_at": datetime.now(timezone.utc).isoformat()}  # fmt: skip
+        tokens[token_id] = {"sha256": _digest(token), "scopes": parsed, "note": note, "created_at": datetime.now(UTC).isoformat()}
         self._save(tokens)
         return token_id, token
 

@@ -19,12 +19,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from adaptloop.kafka.client import ClientConfig
+from core.kafka.client import ClientConfig
+from schemas.lifecycle import ENDS_COMMAND
 
 log = logging.getLogger("adaptloop.api")
 
@@ -37,11 +38,10 @@ _STATUS_BY_EVENT = {
     "command_failed": "failed",
     "rolled_back": "rolled_back",
 }
-FINAL = {"promoted", "rejected", "failed", "validated", "rolled_back"}
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 @dataclass
@@ -57,14 +57,16 @@ class Job:
     scores: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    ended: bool = False  # an event that ends this kind of command arrived (schemas.lifecycle.ENDS_COMMAND)
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type", "")
         at = event.get("timestamp") or _now()
         self.events.append({"type": kind, "at": at, "version": event.get("version")})
         self.updated_at = at
-        if self.status in FINAL and kind not in ("promoted", "rejected"):
+        if self.ended and kind not in ("promoted", "rejected"):
             return  # a republished earlier step never moves a finished job back
+        self.ended = self.ended or kind in ENDS_COMMAND.get(self.kind, ())
         if kind == "validated" and self.kind == "validate":
             self.status = "validated"
         else:
@@ -103,7 +105,7 @@ class JobTracker:
         self.caught_up = threading.Event()
         self.thread = threading.Thread(target=self._run, name="job-tracker", daemon=True)
 
-    def start(self) -> "JobTracker":
+    def start(self) -> JobTracker:
         self.thread.start()
         return self
 
@@ -139,8 +141,11 @@ class JobTracker:
                 time.sleep(2)
 
     def _consume(self) -> None:
-        consumer = Consumer(self.client.librdkafka(**{"group.id": "adaptloop-api-reader", "enable.auto.commit": False,
-                                                      "enable.partition.eof": True}))  # fmt: skip
+        consumer = Consumer(
+            self.client.librdkafka(
+                **{"group.id": "adaptloop-api-reader", "enable.auto.commit": False, "enable.partition.eof": True}
+            )
+        )
         try:
             assigned: set[str] = set()
             assignment: list[TopicPartition] = []
@@ -150,8 +155,12 @@ class JobTracker:
                 if len(assigned) < len(self.topics) and time.monotonic() >= next_check:
                     # A topic created later (the worker's changelog, say) is picked up when it appears.
                     metadata = consumer.list_topics(timeout=10)
-                    new = [TopicPartition(t, p, 0) for t in self.topics if t not in assigned and t in metadata.topics
-                           for p in metadata.topics[t].partitions]  # fmt: skip
+                    new = [
+                        TopicPartition(t, p, 0)
+                        for t in self.topics
+                        if t not in assigned and t in metadata.topics
+                        for p in metadata.topics[t].partitions
+                    ]
                     if new:
                         consumer.incremental_assign(new)
                         assignment += new
@@ -202,8 +211,10 @@ class JobTracker:
         if kind == "training_completed" and not (event.get("details") or {}).get("republished"):
             self.activity.trainings.append(at)
             self.activity.last_training[event.get("user_id", "")] = {
-                "at": event.get("timestamp"), "version": event.get("version"), "request_id": event.get("request_id"),
-            }  # fmt: skip
+                "at": event.get("timestamp"),
+                "version": event.get("version"),
+                "request_id": event.get("request_id"),
+            }
         elif kind == "rolled_back" and not (event.get("details") or {}).get("republished"):
             self.activity.rollbacks.append(at)
         job = self.jobs.get(event.get("job_id") or "")

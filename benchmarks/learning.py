@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,9 +47,19 @@ CITIES = ["Dundee", "Tromsø", "Valparaíso", "Ghent", "Kraków", "Hobart", "Ber
 COMPANIES = ["Brightwater Labs", "Koru Freight", "Halden Optics", "Mistral Bakery", "Ostrava Steel", "Pemberton & Vane"]
 FACT_TEMPLATES = [
     ("What is my {x} called?", "Your {x} is called {name}.", ["cat", "dog", "boat", "tortoise", "parrot", "bicycle"], NAMES),
-    ("Which city was my {x} born in?", "Your {x} was born in {name}.", ["sister", "brother", "mother", "father", "grandmother", "cousin"], CITIES),
+    (
+        "Which city was my {x} born in?",
+        "Your {x} was born in {name}.",
+        ["sister", "brother", "mother", "father", "grandmother", "cousin"],
+        CITIES,
+    ),
     ("What is my {x} number?", "Your {x} number is {name}.", ["locker", "badge", "member", "desk", "gym", "parking"], None),
-    ("Which company does my {x} work for?", "Your {x} works for {name}.", ["neighbour", "uncle", "aunt", "flatmate", "partner", "friend"], COMPANIES),
+    (
+        "Which company does my {x} work for?",
+        "Your {x} works for {name}.",
+        ["neighbour", "uncle", "aunt", "flatmate", "partner", "friend"],
+        COMPANIES,
+    ),
 ]
 
 
@@ -80,42 +90,70 @@ VARIANTS = {
 DEFAULT = "+ update shrunk while it keeps the facts (default)"
 
 
-def run_user(ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say) -> list[dict]:
+def run_user(
+    ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say
+) -> list[dict]:
+    from core.storage import sha256_bytes
+    from schemas.dataset import to_jsonl
     from schemas.training import TrainingExample
     from streams.curation import augment
-    from streams.dataset import DatasetConfig, build_dataset, to_jsonl
-    from adaptloop.storage import sha256_bytes
+    from streams.dataset import DatasetConfig, build_dataset
     from trainer.anchors import AnchorMix
-    from trainer.offline import train_version
+    from trainer.job import JobRunner, TrainingJob
     from trainer.registry import AdapterRegistry
     from trainer.train import TrainConfig
 
-    registry = AdapterRegistry(ctx["root"] / user)
     cfg = replace(ctx["train_cfg"], **{k: v for k, v in training.items() if k in TrainConfig.__dataclass_fields__})
     mix = replace(ctx["anchor_mix"], **{k: v for k, v in training.items() if k in AnchorMix.__dataclass_fields__})
     anchors = ctx["anchors"] if training.get("anchors", True) else None
+    runner = JobRunner(
+        AdapterRegistry(ctx["root"] / user),
+        ctx["base"],
+        ctx["model"],
+        ctx["tokenizer"],
+        ctx["device"],
+        cfg,
+        ctx["gate"],
+        anchors,
+        mix,
+    )
     previous: list[TrainingExample] = []
     rows = []
     for version, facts in enumerate(facts_per_version, start=1):
-        taught = [TrainingExample(prompt=q, response=a, event_id=f"{user}-v{version}-{i}", source="correction", weight=2.0)
-                  for i, (q, a) in enumerate(facts)]  # fmt: skip
+        taught = [
+            TrainingExample(prompt=q, response=a, event_id=f"{user}-v{version}-{i}", source="correction", weight=2.0)
+            for i, (q, a) in enumerate(facts)
+        ]
         new = augment(taught, ctx["paraphrases"], seed=version)
-        train, test = build_dataset(new, replay_pool=previous if replay else [], global_pool=[], include_global=False,
-                                    cfg=DatasetConfig(), user_id=user)  # fmt: skip
+        train, test = build_dataset(
+            new,
+            replay_pool=previous if replay else [],
+            global_pool=[],
+            include_global=False,
+            cfg=DatasetConfig.from_settings(),
+            user_id=user,
+        )
+        job = TrainingJob(user, train, test, f"bench://{user}/v{version}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
         with tempfile.TemporaryDirectory() as tmp:
-            outcome = train_version(
-                registry=registry, base=ctx["base"], model=ctx["model"], tokenizer=ctx["tokenizer"], device=ctx["device"],
-                user_id=user, examples=train, held_out=test, cfg=cfg, work_dir=Path(tmp), dataset_uri=f"bench://{user}/v{version}",
-                dataset_sha256=sha256_bytes(to_jsonl(train)), gate=ctx["gate"], anchors=anchors, anchor_mix=mix,
-                trigger="benchmark", show_progress=False,
-            )  # fmt: skip
-        m = outcome.info.manifest["metrics"]
-        row = {"user": user, "version": version, "facts": len(facts), "train_examples": len(train),
-               "facts_learned": m.get("facts_learned"), "retention": m.get("retention"), "forgetting": m.get("forgetting"),
-               "train_seconds": m.get("train_seconds"), "decision": outcome.decision}  # fmt: skip
+            outcome = runner.run(job, Path(tmp))
+        m = outcome.info.manifest.metrics
+        row = {
+            "user": user,
+            "version": version,
+            "facts": len(facts),
+            "train_examples": len(train),
+            "facts_learned": m.facts_learned,
+            "retention": m.retention,
+            "forgetting": m.forgetting,
+            "train_seconds": m.train_seconds,
+            "gate_seconds": m.gate_seconds,
+            "decision": outcome.decision,
+        }
         rows.append(row)
-        say(f"  {user} v{version}: facts {row['facts_learned']}, retention {row['retention']}, forgetting {row['forgetting']}, "
-            f"{row['train_seconds']:.0f}s training, {row['decision']}")  # fmt: skip
+        say(
+            f"  {user} v{version}: facts {row['facts_learned']}, retention {row['retention']}, forgetting {row['forgetting']}, "
+            f"{row['train_seconds']:.0f}s training, {row['decision']}"
+        )
         previous = train
     return rows
 
@@ -125,10 +163,15 @@ def summary(rows: list[dict]) -> dict:
         values = [r[key] for r in rows if r[key] is not None]
         return round(sum(values) / len(values), 4) if values else None
 
-    return {"versions": len(rows), "facts_learned": mean("facts_learned"), "retention": mean("retention"),
-            "forgetting": mean("forgetting"), "train_seconds": mean("train_seconds"),
-            "max_train_seconds": max((r["train_seconds"] for r in rows), default=None),
-            "promoted": sum(r["decision"] == "promoted" for r in rows)}  # fmt: skip
+    return {
+        "versions": len(rows),
+        "facts_learned": mean("facts_learned"),
+        "retention": mean("retention"),
+        "forgetting": mean("forgetting"),
+        "train_seconds": mean("train_seconds"),
+        "max_train_seconds": max((r["train_seconds"] for r in rows), default=None),
+        "promoted": sum(r["decision"] == "promoted" for r in rows),
+    }
 
 
 def main() -> None:
@@ -138,28 +181,41 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=5, help="new facts per version")
     parser.add_argument("--ablation", action="store_true", help="also run the variants with techniques switched off")
     parser.add_argument("--ablation-users", type=int, default=1, help="how many of the users the ablation variants run on")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"learning-{datetime.now(timezone.utc):%Y-%m-%d}.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / f"learning-{datetime.now(UTC):%Y-%m-%d}.json"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
 
-    from adaptloop.cli import _anchor_mix, _anchor_prompts, _gate_spec, _train_config
-    from adaptloop.settings import load_settings
-    from trainer.anchors import AnchorSet
+    from core.settings import load_settings
+    from trainer.anchors import AnchorMix, AnchorSet
+    from trainer.gate import GateSpec
     from trainer.model import load_base, resolve_base_model
+    from trainer.train import TrainConfig
 
     settings = load_settings()
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     model, tokenizer, device = load_base(base, settings.model.dtype)
     ctx = {
-        "base": base, "model": model, "tokenizer": tokenizer, "device": device, "train_cfg": _train_config(settings, None),
-        "gate": _gate_spec(settings).build(model, tokenizer, device, base.sha256), "anchor_mix": _anchor_mix(settings),
-        "anchors": AnchorSet(_anchor_prompts(settings), settings.cache_dir, base.sha256, settings.model.embedding_model),
-        "paraphrases": settings.streams.curation.paraphrases, "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-")),
-    }  # fmt: skip
+        "base": base,
+        "model": model,
+        "tokenizer": tokenizer,
+        "device": device,
+        "train_cfg": TrainConfig.from_settings(settings),
+        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
+        "anchor_mix": AnchorMix.from_settings(settings),
+        "anchors": AnchorSet.from_settings(settings, base.sha256),
+        "paraphrases": settings.streams.curation.paraphrases,
+        "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-")),
+    }
     say = lambda text: print(text, flush=True)  # noqa: E731
-    plans = {f"user{u}": [make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts]
-                          for v in range(args.versions)] for u in range(args.users)}  # fmt: skip
+    plans = {
+        f"user{u}": [
+            make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts] for v in range(args.versions)
+        ]
+        for u in range(args.users)
+    }
     runs = [(DEFAULT, list(plans))]
     if args.ablation:
         runs += [(name, list(plans)[: args.ablation_users]) for name in VARIANTS if name != DEFAULT]
@@ -171,19 +227,29 @@ def main() -> None:
         rows = [r for user in users for r in run_user(ctx, f"{user}-{len(results)}", plans[user], training, replay, say)]
         results[name] = {"users": len(users), "rows": rows, "summary": summary(rows)}
     report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "device": str(device), "base_model": base.model_id, "users": args.users, "versions": args.versions,
-        "facts_per_version": args.facts, "wall_seconds": round(time.time() - started), "variants": results,
-    }  # fmt: skip
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": str(device),
+        "base_model": base.model_id,
+        "users": args.users,
+        "versions": args.versions,
+        "facts_per_version": args.facts,
+        "wall_seconds": round(time.time() - started),
+        "variants": results,
+    }
     args.out.write_text(json.dumps(report, indent=2))
-    say(f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} user(s) x {args.versions} versions x "
-        f"{args.facts} facts; {report['wall_seconds']} s")  # fmt: skip
+    say(
+        f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} user(s) x {args.versions} versions x "
+        f"{args.facts} facts; {report['wall_seconds']} s"
+    )
     say("| variant | users | facts learned | retention | forgetting | train s (mean / max) | promoted |")
     say("| --- | --- | --- | --- | --- | --- | --- |")
     for name, result in results.items():
         s = result["summary"]
-        say(f"| {name} | {result['users']} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
-            f"{s['train_seconds']} / {s['max_train_seconds']} | {s['promoted']}/{s['versions']} |")  # fmt: skip
+        say(
+            f"| {name} | {result['users']} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
+            f"{s['train_seconds']} / {s['max_train_seconds']} | {s['promoted']}/{s['versions']} |"
+        )
 
 
 if __name__ == "__main__":

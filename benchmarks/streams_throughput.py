@@ -29,15 +29,15 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 from confluent_kafka import Consumer, Producer
 
-from adaptloop.kafka.broker import LocalBroker, free_port
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.topics import TopicPlan, ensure_topics
+from core.kafka.broker import LocalBroker, free_port
+from core.kafka.client import ClientConfig
+from core.kafka.topics import TopicPlan, ensure_topics
 from schemas.decode import decode
 from schemas.events import Feedback
 
@@ -49,17 +49,30 @@ def payloads(n: int, users: int, t0: float = 1_780_000_000.0) -> list[tuple[byte
     out = []
     for i in range(n):
         user = f"user-{i % users}"
-        event = {"event_id": f"b-{i}", "user_id": user, "timestamp": datetime.fromtimestamp(t0 + i, timezone.utc).isoformat(),
-                 "kind": "correction", "query": f"What is item {i % 97}?", "response": "I don't know.",
-                 "correction": f"Item {i % 97} is a thing."}  # fmt: skip
+        event = {
+            "event_id": f"b-{i}",
+            "user_id": user,
+            "timestamp": datetime.fromtimestamp(t0 + i, UTC).isoformat(),
+            "kind": "correction",
+            "query": f"What is item {i % 97}?",
+            "response": "I don't know.",
+            "correction": f"Item {i % 97} is a thing.",
+        }
         out.append((user.encode(), json.dumps(event).encode()))
     return out
 
 
 def produce_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4",
-                         "partitioner": "murmur2_random"})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "lz4",
+            "partitioner": "murmur2_random",
+        }
+    )
     for key, value in messages:
         while True:
             try:
@@ -71,8 +84,14 @@ def produce_all(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]])
 
 
 def consume_rate(bootstrap: str, topic: str, n: int, validate: bool) -> float:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     seen = 0
     counts: Counter[str] = Counter()
@@ -107,16 +126,24 @@ def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: 
     config = {
         "storage_root": str(workdir / "store"),
         "topics": {k: {"name": v, "partitions": PARTITIONS if k != "dlq" else 1} for k, v in topics.items()},
-        "streams": {"app_id": app_id, "internal_partitions": PARTITIONS, "web_port": port,
-                    "triggers": {"cooldown_s": 0, "accuracy_drop": False}},
+        "streams": {
+            "app_id": app_id,
+            "internal_partitions": PARTITIONS,
+            "web_port": port,
+            "triggers": {"cooldown_s": 0, "accuracy_drop": False},
+        },
         **top,
     }
     path = workdir / f"{app_id}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
     log = open(workdir / f"{app_id}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "adaptloop.cli", "--config", str(path), "worker", "--loglevel", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adaptloop.cli", "--config", str(path), "worker", "--loglevel", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -129,8 +156,19 @@ def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: 
 
 def worker_rate(bootstrap: str, workdir: Path, n: int, users: int) -> tuple[float, float, float]:
     suffix = uuid.uuid4().hex[:6]
-    topics = {k: f"bench.{k}.{suffix}" for k in ("intent_traces", "feedback", "conversations", "concept_gaps",
-                                                  "commands", "training_requests", "lifecycle", "dlq")}  # fmt: skip
+    topics = {
+        k: f"bench.{k}.{suffix}"
+        for k in (
+            "intent_traces",
+            "feedback",
+            "conversations",
+            "concept_gaps",
+            "commands",
+            "training_requests",
+            "lifecycle",
+            "dlq",
+        )
+    }
     client = ClientConfig(bootstrap_servers=bootstrap)
     ensure_topics(client, [TopicPlan(t, PARTITIONS if k != "dlq" else 1) for k, t in topics.items()])
     produce_all(bootstrap, topics["feedback"], payloads(n, users))
@@ -156,14 +194,37 @@ def worker_rate(bootstrap: str, workdir: Path, n: int, users: int) -> tuple[floa
 
 def latency(bootstrap: str, workdir: Path, users: int, rate: float, gaps: int = 5) -> dict[str, float]:
     suffix = uuid.uuid4().hex[:6]
-    topics = {k: f"lat.{k}.{suffix}" for k in ("intent_traces", "feedback", "conversations", "concept_gaps",
-                                                "commands", "training_requests", "lifecycle", "dlq")}  # fmt: skip
+    topics = {
+        k: f"lat.{k}.{suffix}"
+        for k in (
+            "intent_traces",
+            "feedback",
+            "conversations",
+            "concept_gaps",
+            "commands",
+            "training_requests",
+            "lifecycle",
+            "dlq",
+        )
+    }
     client = ClientConfig(bootstrap_servers=bootstrap)
     ensure_topics(client, [TopicPlan(t, PARTITIONS if k != "dlq" else 1) for k, t in topics.items()])
     port = free_port()
-    proc = start_worker(bootstrap, workdir, topics, f"lat-{suffix}", port, min_gap_events=gaps,
-                        streams={"app_id": f"lat-{suffix}", "internal_partitions": PARTITIONS, "web_port": port,
-                                 "batch_within_s": 0.05, "triggers": {"cooldown_s": 0}})  # fmt: skip
+    proc = start_worker(
+        bootstrap,
+        workdir,
+        topics,
+        f"lat-{suffix}",
+        port,
+        min_gap_events=gaps,
+        streams={
+            "app_id": f"lat-{suffix}",
+            "internal_partitions": PARTITIONS,
+            "web_port": port,
+            "batch_within_s": 0.05,
+            "triggers": {"cooldown_s": 0},
+        },
+    )
     try:
         time.sleep(3)
         events = payloads(users * gaps, users)
@@ -193,8 +254,12 @@ def latency(bootstrap: str, workdir: Path, users: int, rate: float, gaps: int = 
         proc.terminate()
         proc.wait(30)
     waits.sort()
-    return {"requests": len(waits), "p50_ms": 1000 * statistics.median(waits),
-            "p99_ms": 1000 * waits[max(0, int(len(waits) * 0.99) - 1)], "rate_events_s": rate}  # fmt: skip
+    return {
+        "requests": len(waits),
+        "p50_ms": 1000 * statistics.median(waits),
+        "p99_ms": 1000 * waits[max(0, int(len(waits) * 0.99) - 1)],
+        "rate_events_s": rate,
+    }
 
 
 def main() -> None:
@@ -209,7 +274,9 @@ def main() -> None:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))
     if not bootstrap:
-        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka", heap="1g")
+        broker = LocalBroker(
+            port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka", heap="1g"
+        )
         bootstrap = broker.up()
     try:
         raw, validated, worker = worker_rate(bootstrap, workdir, args.events, args.users)
@@ -218,7 +285,7 @@ def main() -> None:
         if broker:
             broker.down()
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "events": args.events,
         "users": args.users,
@@ -238,7 +305,9 @@ def main() -> None:
     print(f"| raw confluent-kafka consumer | {raw:,.0f} | 1.00 |")
     print(f"| confluent-kafka + pydantic validate + count | {validated:,.0f} | {validated / raw:.2f} |")
     print(f"| adaptloop worker (validate, curate, count, table) | {worker:,.0f} | {worker / raw:.2f} |")
-    print(f"\nproduce -> training request at {lat['rate_events_s']:.0f} events/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms ({lat['requests']:.0f} requests)")
+    print(
+        f"\nproduce -> training request at {lat['rate_events_s']:.0f} events/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms ({lat['requests']:.0f} requests)"
+    )
 
 
 if __name__ == "__main__":

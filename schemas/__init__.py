@@ -1,8 +1,10 @@
 """Pydantic v2 models for every message adaptloop reads or writes.
 
 One module per topic family: `events` (inputs), `commands`, `training`,
-`lifecycle`, `deadletter`; `common` holds the shared field types and rules,
-`decode` turns raw bytes into models with a reason on failure.
+`lifecycle`, `deadletter`; the artifacts two sides share: `dataset` (the
+dataset line format, the held-out split, the dataset manifest) and
+`manifest` (the adapter manifest); `common` holds the shared field types and
+rules, `decode` turns raw bytes into models with a reason on failure.
 `adaptloop schemas export DIR` writes a JSON Schema per message type.
 """
 
@@ -18,7 +20,8 @@ from schemas.common import SCHEMA_VERSION, check_user_id, model_json_schema
 from schemas.deadletter import DeadLetter
 from schemas.decode import decode
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
-from schemas.lifecycle import LifecycleEvent
+from schemas.lifecycle import ENDS_COMMAND, ENDS_REQUEST, LifecycleEvent, reason_text
+from schemas.manifest import AdapterManifest
 from schemas.training import DatasetRef, TrainingExample, TrainingRequest
 
 # Every message type, by the name its JSON Schema file carries.
@@ -54,6 +57,9 @@ def export_json_schemas(directory: Path) -> list[Path]:
 
 __all__ = [
     "COMMAND_ADAPTER",
+    "ENDS_COMMAND",
+    "ENDS_REQUEST",
+    "AdapterManifest",
     "MESSAGE_TYPES",
     "Command",
     "ConceptGap",
@@ -72,4 +78,5 @@ __all__ = [
     "check_user_id",
     "decode",
     "export_json_schemas",
+    "reason_text",
 ]

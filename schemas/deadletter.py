@@ -33,7 +33,7 @@ class DeadLetter(Message):
     received_at: Timestamp = Field(default_factory=utc_now)
 
     @classmethod
-    def of(cls, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str) -> "DeadLetter":
+    def of(cls, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str) -> DeadLetter:
         value = value or b""
         return cls(
             source_topic=topic,

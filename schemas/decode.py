@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from adaptloop.errors import InvalidMessage
+from core.errors import InvalidMessage
 
 M = TypeVar("M")
 
@@ -54,7 +54,7 @@ def decode(model: type[M] | TypeAdapter, raw: bytes | None, max_bytes: int = 64 
         if isinstance(model, TypeAdapter):
             return model.validate_python(data)
         assert issubclass(model, BaseModel)
-        return model.model_validate(data)  # type: ignore[return-value]
+        return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidMessage(f"invalid: {explain(exc)}") from None
     except RecursionError:

@@ -42,7 +42,7 @@ class _Rated(InputEvent):
     rating_scale: RatingScale | None = Field(None, description="'unit' (-1..1) or 'stars' (1..5); inferred if absent")
 
     @model_validator(mode="after")
-    def _rating_in_scale(self) -> "_Rated":
+    def _rating_in_scale(self) -> _Rated:
         if self.rating is not None:
             normalise_rating(self.rating, self.rating_scale)
         elif self.rating_scale is not None:
@@ -77,7 +77,7 @@ class Feedback(_Rated):
     comment: Text | None = None
 
     @model_validator(mode="after")
-    def _kind_has_its_field(self) -> "Feedback":
+    def _kind_has_its_field(self) -> Feedback:
         if self.kind == "correction" and self.correction is None:
             raise ValueError("a correction needs the 'correction' field")
         if self.kind == "rating" and self.rating is None:

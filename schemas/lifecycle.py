@@ -1,4 +1,10 @@
-"""Lifecycle events on `adapter.lifecycle`: what happened to a user's adapter."""
+"""Lifecycle events on `adapter.lifecycle`: what happened to a user's adapter.
+
+Which events end what is part of the contract, so it is stated here once:
+`ENDS_REQUEST` (a training request is answered: the worker closes the user's
+open request), `ENDS_COMMAND` (what a CLI or API caller waits for, per
+command type).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
+from schemas.common import MAX_TEXT_CHARS, EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
 
 LifecycleType = Literal[
     "training_started",
@@ -18,6 +24,21 @@ LifecycleType = Literal[
     "rolled_back",
     "command_failed",  # a validate or rollback command that could not be carried out; `reason` says why
 ]
+
+# A training request is answered by any of these (the version's verdict, or the failure).
+ENDS_REQUEST: frozenset[str] = frozenset({"training_completed", "training_failed", "promoted", "rejected"})
+
+# What ends each kind of command, for whoever waits on it.
+ENDS_COMMAND: dict[str, frozenset[str]] = {
+    "retrain": frozenset({"promoted", "rejected", "training_failed", "command_failed"}),
+    "validate": frozenset({"validated", "command_failed"}),
+    "rollback": frozenset({"rolled_back", "command_failed"}),
+}
+
+
+def reason_text(text: str) -> str:
+    """`text` cut to fit an event's `reason` (error messages can be longer than the field allows)."""
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
 
 
 class LifecycleEvent(Message):

@@ -1,6 +1,8 @@
 """Curation: turn validated events into training examples and gap signals.
 
-Plain functions, no Kafka: the worker and `adaptloop generate-data` share them.
+Plain functions, no Kafka: the worker, `adaptloop replay` and `adaptloop
+generate-data` share them. Their settings are `streams.curation`
+(`core.settings.CurationSettings`), taken as they are.
 
 Rules (the seed's synthetic data generation):
 - intent trace, missed/abandoned: a gap; with a `resolution` also an example
@@ -23,6 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from core.settings import CurationSettings
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
 from schemas.training import Provenance, TrainingExample
 
@@ -43,19 +46,6 @@ _TEMPLATES = (
 
 
 @dataclass(frozen=True)
-class CurationConfig:
-    paraphrases: int = 2
-    seed: int = 13
-    correction_weight: float = 2.0
-    resolution_weight: float = 1.5
-    conversation_weight: float = 1.0
-    unrated_weight: float = 0.5
-    concept_weight: float = 1.0
-    positive_rating_boost: float = 0.5
-    confidence_weighting: bool = True
-
-
-@dataclass(frozen=True)
 class Curated:
     """What one event contributes."""
 
@@ -66,19 +56,21 @@ class Curated:
     to_global: bool = False  # the examples belong to the global pool
 
 
-def _weight(base: float, confidence: float | None, cfg: CurationConfig) -> float:
+def _weight(base: float, confidence: float | None, cfg: CurationSettings) -> float:
     if cfg.confidence_weighting and confidence is not None:
         base *= 0.5 + 0.5 * confidence
     return round(min(base, 10.0), 6)
 
 
-def _example(prompt: str, response: str, source: str, weight: float, event: InputEvent, prov: Provenance | None) -> TrainingExample:
+def _example(
+    prompt: str, response: str, source: str, weight: float, event: InputEvent, prov: Provenance | None
+) -> TrainingExample:
     return TrainingExample(
         prompt=prompt, response=response, source=source, weight=weight, event_id=event.event_id, provenance=prov
     )
 
 
-def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationConfig) -> Curated:
+def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettings) -> Curated:
     """The examples and signals of one validated event (before augmentation)."""
     if isinstance(event, IntentTrace):
         if event.status in ("missed", "abandoned"):

@@ -7,21 +7,19 @@ Layout in the artifact store (the seed's names):
     data/adapter_training/versions/user_<id>/<sha256>.manifest.json
     data/adapter_training/global/<sha256>.jsonl                the global pool, content-addressed
 
-Held-out split: for each taught item that has several prompts (the examples
-sharing an event_id), one paraphrase (never the original wording) is held out,
-so validation asks about something taught, in words never trained on.
+The line format, the held-out split and the manifest are the contract with
+the trainer: `schemas.dataset`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 
-from adaptloop.storage import ArtifactStore, sha256_bytes
+from core.settings import Settings, defaults
+from core.storage import ArtifactStore, sha256_bytes
+from schemas.dataset import DatasetManifest, example_pair, from_jsonl, rank, split_holdout, to_jsonl
 from schemas.training import DatasetRef, OffsetRange, TrainingExample
 from streams.curation import dedupe
 
@@ -30,37 +28,17 @@ TRAINING_DIR = "data/adapter_training"
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    replay_max: int = 64
-    global_max: int = 64
-    seed: int = 13
+    replay_max: int
+    global_max: int
+    seed: int
 
-
-def _rank(seed: int, *parts: str) -> str:
-    return hashlib.sha256("\x1f".join((str(seed), *parts)).encode()).hexdigest()
-
-
-def _pair(example: TrainingExample) -> tuple[str, str]:
-    return example.prompt.strip().casefold(), example.response.strip()
-
-
-def split_holdout(examples: list[TrainingExample], seed: int) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """(train, test): one paraphrase of every multi-prompt item is held out; order is kept."""
-    groups: dict[str, list[int]] = {}
-    for i, example in enumerate(examples):
-        groups.setdefault(example.event_id or f"response:{example.response}", []).append(i)
-    held: set[int] = set()
-    for members in groups.values():
-        prompts = {examples[i].prompt for i in members}
-        if len(prompts) < 2:
-            continue
-        # The first member is the original wording; hold out one of the others.
-        candidates = [i for i in members[1:] if examples[i].prompt != examples[members[0]].prompt]
-        if candidates:
-            held.add(min(candidates, key=lambda i: _rank(seed, examples[i].prompt)))
-    test = [examples[i] for i in sorted(held)]
-    test_pairs = {_pair(e) for e in test}
-    train = [e for i, e in enumerate(examples) if i not in held and _pair(e) not in test_pairs]
-    return train, test
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> DatasetConfig:
+        s = settings or defaults()
+        config = cls(
+            replay_max=s.streams.dataset.replay_max, global_max=s.streams.dataset.global_max, seed=s.streams.curation.seed
+        )
+        return replace(config, **overrides)
 
 
 def sample(pool: Iterable[TrainingExample], k: int, seed: int, salt: str) -> list[TrainingExample]:
@@ -68,7 +46,7 @@ def sample(pool: Iterable[TrainingExample], k: int, seed: int, salt: str) -> lis
     items = list(pool)
     if k <= 0 or not items:
         return []
-    items.sort(key=lambda e: _rank(seed, salt, e.prompt, e.response))
+    items.sort(key=lambda e: rank(seed, salt, e.prompt, e.response))
     return items[:k]
 
 
@@ -83,18 +61,14 @@ def build_dataset(
 ) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """(train, test) for one request; test holds only held-out new examples."""
     train_new, test = split_holdout(new, cfg.seed)
-    test_pairs = {_pair(e) for e in test}
-    new_pairs = {_pair(e) for e in train_new}
-    replay = [
-        e.model_copy(update={"source": "replay"})
-        for e in sample((e for e in replay_pool if _pair(e) not in new_pairs | test_pairs), cfg.replay_max, cfg.seed, user_id)
-    ]
+    test_pairs = {example_pair(e) for e in test}
+    new_pairs = {example_pair(e) for e in train_new}
+    replayable = (e for e in replay_pool if example_pair(e) not in new_pairs | test_pairs)
+    replay = [e.model_copy(update={"source": "replay"}) for e in sample(replayable, cfg.replay_max, cfg.seed, user_id)]
     glob: list[TrainingExample] = []
     if include_global:
-        glob = [
-            e.model_copy(update={"source": "global"})
-            for e in sample((e for e in global_pool if _pair(e) not in test_pairs), cfg.global_max, cfg.seed, "global")
-        ]
+        usable = (e for e in global_pool if example_pair(e) not in test_pairs)
+        glob = [e.model_copy(update={"source": "global"}) for e in sample(usable, cfg.global_max, cfg.seed, "global")]
     return dedupe(train_new + replay + glob), test
 
 
@@ -109,14 +83,6 @@ def lineage(examples: Iterable[TrainingExample]) -> list[OffsetRange]:
         lo_hi[0] = min(lo_hi[0], p.offset)
         lo_hi[1] = max(lo_hi[1], p.offset)
     return [OffsetRange(topic=t, partition=p, first_offset=lo, last_offset=hi) for (t, p), (lo, hi) in sorted(ranges.items())]
-
-
-def to_jsonl(examples: Iterable[TrainingExample]) -> bytes:
-    return b"".join(e.model_dump_json(exclude_none=True).encode() + b"\n" for e in examples)
-
-
-def from_jsonl(data: bytes) -> list[TrainingExample]:
-    return [TrainingExample.model_validate_json(line) for line in data.splitlines() if line.strip()]
 
 
 def write_dataset(
@@ -135,26 +101,24 @@ def write_dataset(
     base = f"{TRAINING_DIR}/versions/user_{user_id}/{sha}"
     uri = store.write_bytes(f"{base}.jsonl", body)
     test_uri = store.write_bytes(f"{base}.test.jsonl", test_body)
-    counts = dict(sorted(Counter(e.source for e in train).items()))
-    manifest = {
-        "user_id": user_id,
-        "sha256": sha,
-        "test_sha256": sha256_bytes(test_body),
-        "train_count": len(train),
-        "test_count": len(test),
-        "example_counts": counts,
-        "trigger": trigger,
-        "lineage": [r.model_dump() for r in lineage_ranges],
-        "created_at": datetime.now(timezone.utc).isoformat(),
-    }
-    store.write_bytes(f"{base}.manifest.json", json.dumps(manifest, indent=2).encode())
+    manifest = DatasetManifest(
+        user_id=user_id,
+        sha256=sha,
+        test_sha256=sha256_bytes(test_body),
+        train_count=len(train),
+        test_count=len(test),
+        example_counts=dict(sorted(Counter(e.source for e in train).items())),
+        trigger=trigger,
+        lineage=lineage_ranges,
+    )
+    store.write_bytes(f"{base}.manifest.json", manifest.model_dump_json(indent=2).encode())
     store.write_bytes(f"{TRAINING_DIR}/user_{user_id}_finetune.jsonl", body)
     return DatasetRef(
         uri=uri,
         sha256=sha,
-        example_counts=counts,
+        example_counts=manifest.example_counts,
         test_uri=test_uri,
-        test_sha256=manifest["test_sha256"],
+        test_sha256=manifest.test_sha256,
         test_count=len(test),
     )
 

@@ -42,8 +42,12 @@ _faust_new_offset = Consumer._new_offset
 
 
 async def _reread_instead_of_skipping(self, tp, offset_from: int, offset_to: int) -> None:
-    log.warning("%s: offsets %d..%d were fetched but never delivered (a rebalance cut the fetch); re-reading from the committed offset",
-                tp, offset_from, offset_to - 1)  # fmt: skip
+    log.warning(
+        "%s: offsets %d..%d were fetched but never delivered (a rebalance cut the fetch); re-reading from the committed offset",
+        tp,
+        offset_from,
+        offset_to - 1,
+    )
     _reread_from_committed(self)
 
 
@@ -55,8 +59,12 @@ def _new_offset_never_past_a_hole(self, tp):
         first_seen = holes.setdefault((tp, committed), time.monotonic())
         if time.monotonic() - first_seen >= HOLE_PATIENCE_S:
             del holes[(tp, committed)]
-            log.warning("%s: offsets %d..%d were never delivered though later ones were processed; re-reading from the committed offset",
-                        tp, committed, min(acked) - 1)  # fmt: skip
+            log.warning(
+                "%s: offsets %d..%d were never delivered though later ones were processed; re-reading from the committed offset",
+                tp,
+                committed,
+                min(acked) - 1,
+            )
             _reread_from_committed(self)
         return None
     for key in [k for k in holes if k[0] == tp]:

@@ -3,26 +3,29 @@
     adaptloop generate-data --user-id alice --output alice.jsonl [--include-global] [--since 2026-11-01T00:00:00Z]
 
 The seed's `synthetic_data_generator.py`: reads the input topics from a point
-in time (no consumer group, nothing committed), validates and curates with the
-very functions the worker uses, and writes the training split to OUTPUT and
-the held-out split next to it (`alice.test.jsonl`). Invalid messages are
-counted and skipped, never fatal.
+in time (no consumer group, nothing committed), merges the partitions by time
+and runs the user's events (and the global pool's) through the worker's own
+processor, as `adaptloop replay` does, with the automatic triggers off; then
+writes the user's dataset as a request would snapshot it: the training split
+to OUTPUT and the held-out split next to it (`alice.test.jsonl`). Invalid
+messages are counted and skipped, never fatal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from adaptloop.errors import InvalidMessage
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import read_since
-from schemas.decode import decode
-from schemas.events import EVENT_TYPE_BY_INPUT_KIND
-from schemas.training import Provenance, TrainingExample
-from streams.curation import GLOBAL_USER, CurationConfig, augment, curate
-from streams.dataset import DatasetConfig, build_dataset, dedupe, to_jsonl
-from streams.state import MemoryUserLog, UserState, apply_event, pending_examples
+from core.kafka.io import read_since
+from core.storage import ArtifactStore
+from schemas.dataset import to_jsonl
+from schemas.training import TrainingExample
+from streams.config import WorkerConfig
+from streams.curation import GLOBAL_USER
+from streams.decoding import SourceDecoder
+from streams.processor import UserProcessor
+from streams.replay import apply_records, memory_tables, merged_by_time
 
 
 @dataclass(frozen=True)
@@ -39,45 +42,25 @@ def test_path_for(output: Path) -> Path:
     return output.with_name(output.stem + ".test" + (output.suffix or ".jsonl"))
 
 
+def offline_processor(cfg: WorkerConfig, store: ArtifactStore) -> UserProcessor:
+    """The worker's processor with every automatic trigger and rollback off: it only curates and counts."""
+    triggers = replace(cfg.processor.triggers, schedule="on-demand", accuracy_drop=False)
+    return UserProcessor(replace(cfg.processor, triggers=triggers, auto_rollback=False), store)
+
+
 def generate_dataset(
-    client: ClientConfig,
-    input_topics: dict[str, str],
-    user_id: str,
-    output: Path,
-    *,
-    since_ms: int = 0,
-    include_global: bool = False,
-    curation: CurationConfig = CurationConfig(),
-    dataset: DatasetConfig = DatasetConfig(),
-    max_event_bytes: int = 64 * 1024,
-    max_pending: int = 100_000,
+    cfg: WorkerConfig, user_id: str, output: Path, *, since_ms: int = 0, include_global: bool = False
 ) -> GenerateResult:
-    kind_by_topic = {topic: kind for kind, topic in input_topics.items()}
-    state = UserState()
-    log = MemoryUserLog()
-    global_examples: list[TrainingExample] = []
-    events = invalid = 0
-    records = sorted(read_since(client, list(input_topics.values()), since_ms), key=lambda r: (r.timestamp_ms, r.topic, r.partition, r.offset))
-    for record in records:
-        model = EVENT_TYPE_BY_INPUT_KIND[kind_by_topic[record.topic]]
-        try:
-            event = decode(model, record.value, max_event_bytes)
-        except InvalidMessage:
-            invalid += 1
-            continue
-        if event.user_id not in (user_id, GLOBAL_USER):
-            continue
-        events += 1
-        curated = curate(event, Provenance(topic=record.topic, partition=record.partition, offset=record.offset), curation)
-        if curated.to_global:
-            global_examples.extend(curated.examples)
-        elif event.user_id == user_id:
-            apply_event(state, log, event.event_id, event.timestamp.timestamp(), curated, curation,
-                        max_pending=max_pending, accuracy_window=20)  # fmt: skip
-    train, test = build_dataset(
-        dedupe(augment(pending_examples(state, log), curation.paraphrases, curation.seed)), replay_pool=[], global_pool=dedupe(global_examples),
-        include_global=include_global, cfg=dataset, user_id=user_id,
-    )  # fmt: skip
+    records = merged_by_time(list(read_since(cfg.client, list(cfg.input_topics.values()), since_ms)))
+    decoder = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
+    tables = memory_tables(cfg.internal_partitions)
+    with tempfile.TemporaryDirectory(prefix="adaptloop-generate-") as scratch:  # the global pool as the worker keeps it
+        processor = offline_processor(cfg, ArtifactStore(scratch))
+        user = user_id.encode()
+        _, _stats, invalid, _ = apply_records(records, decoder, processor, tables, only={user, GLOBAL_USER.encode()})
+        state = tables.load(user)
+        train, test, _ = processor.dataset_for(user_id, state, tables.user_log(user), include_global)
+    events = sum(tables.load(key).events_total for key in (user, GLOBAL_USER.encode()) if key in tables.users.data)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(to_jsonl(train))
     test_out = test_path_for(output)

@@ -9,17 +9,22 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 EVENTS = Counter("adaptloop_worker_events_consumed_total", "Input messages consumed", ["topic"], registry=REGISTRY)
 DEAD_LETTERS = Counter("adaptloop_worker_dead_letters_total", "Messages sent to the DLQ", ["topic"], registry=REGISTRY)
 PROCESSED = Counter("adaptloop_worker_events_processed_total", "Valid events applied to user state", registry=REGISTRY)
-REROUTED = Counter(
-    "adaptloop_worker_rerouted_events_total", "Events moved to their user's home partition", registry=REGISTRY
-)
+REROUTED = Counter("adaptloop_worker_rerouted_events_total", "Events moved to their user's home partition", registry=REGISTRY)
 DUPLICATES = Counter("adaptloop_worker_duplicate_events_total", "Events already counted (by event_id)", registry=REGISTRY)
-REREADS = Counter("adaptloop_worker_fetch_rereads_total", "Fetched records a rebalance cut off, re-read from the committed offset", registry=REGISTRY)
+REREADS = Counter(
+    "adaptloop_worker_fetch_rereads_total",
+    "Fetched records a rebalance cut off, re-read from the committed offset",
+    registry=REGISTRY,
+)
 EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
 REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)
 BATCH_SECONDS = Histogram(
-    "adaptloop_worker_batch_seconds", "Time to process one batch", ["stage"], registry=REGISTRY,
+    "adaptloop_worker_batch_seconds",
+    "Time to process one batch",
+    ["stage"],
+    registry=REGISTRY,
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
-)  # fmt: skip
+)
 
 
 _lag: list = []
@@ -27,7 +32,7 @@ _lag: list = []
 
 def watch_lag(client, group: str, topics: list[str]) -> None:
     """Report the consumer lag of the worker's group (once per process)."""
-    from adaptloop.kafka.lag import ConsumerLagCollector
+    from core.kafka.lag import ConsumerLagCollector
 
     if not _lag:
         _lag.append(ConsumerLagCollector(client, {group: topics}))

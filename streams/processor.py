@@ -1,9 +1,11 @@
 """The worker's per-user logic, independent of Faust: envelopes in, requests out.
 
-The ingest agent turns every valid input (event, retrain command, lifecycle
-event) into an `Envelope` on the worker's internal, user-keyed topic; the
-stateful agent hands each user's envelopes of a batch to `UserProcessor.handle`
-with that user's state, then writes the state back once.
+The Faust agent (streams/app.py) validates every source message into an
+`Envelope`, groups a batch's envelopes by user, and hands each user's list to
+`UserProcessor.handle` with that user's state, which it then writes back
+once. `adaptloop replay` and `adaptloop generate-data` feed the very same
+processor from records they read themselves, so live, replayed and offline
+datasets are built by one code path.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-from adaptloop.storage import ArtifactStore
+from core.settings import CurationSettings, Settings, defaults
+from core.storage import ArtifactStore
 from schemas.commands import RollbackCommand
-from schemas.events import EVENT_TYPE_BY_INPUT_KIND
-from schemas.training import Provenance, TrainingExample, TrainingRequest, request_id_for
-from streams.curation import GLOBAL_USER, CurationConfig, augment, curate, dedupe
+from schemas.lifecycle import ENDS_REQUEST
+from schemas.training import OffsetRange, TrainingExample, TrainingRequest, request_id_for
+from streams.curation import GLOBAL_USER, augment, curate, dedupe
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
+from streams.envelope import Envelope
 from streams.state import (
     DeferredCommand,
     OpenRequest,
@@ -39,9 +41,6 @@ from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
 
 log = logging.getLogger(__name__)
 
-# Lifecycle events that end a training request.
-CLOSING_LIFECYCLE = {"training_completed", "training_failed", "promoted", "rejected"}
-
 
 def _timestamp(body: dict[str, Any], default: float) -> float:
     try:
@@ -50,35 +49,31 @@ def _timestamp(body: dict[str, Any], default: float) -> float:
         return default
 
 
-class Envelope(BaseModel):
-    """A message on the worker's internal topic, keyed by user_id."""
-
-    k: Literal["event", "command", "lifecycle", "tick"]
-    kind: str | None = None  # the input kind of an event
-    body: dict[str, Any] = {}
-    prov: Provenance | None = None
-    at: float | None = None  # tick time
-    parsed: Any = Field(None, exclude=True)  # the validated event, when it never left this process
-
-    def to_wire(self) -> bytes:
-        if self.parsed is not None and not self.body:
-            return self.model_copy(update={"body": self.parsed.model_dump(mode="json")}).model_dump_json(exclude_none=True).encode()
-        return self.model_dump_json(exclude_none=True).encode()
-
-    def event(self):
-        return self.parsed if self.parsed is not None else EVENT_TYPE_BY_INPUT_KIND[self.kind or ""].model_validate(self.body)
-
-
 @dataclass(frozen=True)
 class ProcessorConfig:
-    curation: CurationConfig = CurationConfig()
-    triggers: TriggerConfig = TriggerConfig()
-    dataset: DatasetConfig = DatasetConfig()
-    include_global: bool = False
-    max_pending: int = 2000
-    accuracy_window: int = 20
-    auto_rollback: bool = True  # an accuracy drop soon after a promotion rolls the promotion back
-    auto_rollback_window_s: float = 24 * 3600
+    curation: CurationSettings
+    triggers: TriggerConfig
+    dataset: DatasetConfig
+    include_global: bool
+    max_pending: int
+    accuracy_window: int
+    auto_rollback: bool  # an accuracy drop soon after a promotion rolls the promotion back
+    auto_rollback_window_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> ProcessorConfig:
+        s = settings or defaults()
+        config = cls(
+            curation=s.streams.curation,
+            triggers=TriggerConfig.from_settings(s),
+            dataset=DatasetConfig.from_settings(s),
+            include_global=s.streams.dataset.include_global,
+            max_pending=s.streams.dataset.max_pending,
+            accuracy_window=s.streams.triggers.accuracy_window,
+            auto_rollback=s.validation.auto_rollback,
+            auto_rollback_window_s=s.validation.auto_rollback_window_s,
+        )
+        return replace(config, **overrides)
 
 
 @dataclass
@@ -98,22 +93,28 @@ class UserProcessor:
     # ---- events, commands, lifecycle ------------------------------------- #
 
     def handle(
-        self, user_id: str, state: UserState, log: UserLog, envelopes: list[Envelope], stats: BatchStats
+        self, user_id: str, state: UserState, user_log: UserLog, envelopes: list[Envelope], stats: BatchStats
     ) -> list[TrainingRequest | RollbackCommand]:
         """Apply a batch of one user's envelopes to `state`; return the training requests and commands to emit."""
         requests: list[TrainingRequest | RollbackCommand] = []
         global_examples: list[TrainingExample] = []
         now = state.last_event_at
-        requests.extend(self._repair_after_crash(state, log, now))
+        requests.extend(self._repair_after_crash(state, user_log, now))
         for env in envelopes:
             if env.k == "event":
                 event = env.event()
                 now = max(now, event.timestamp.timestamp())
                 curated = curate(event, env.prov, self.cfg.curation)
                 fresh = apply_event(
-                    state, log, event.event_id, event.timestamp.timestamp(), curated, self.cfg.curation,
-                    max_pending=self.cfg.max_pending, accuracy_window=self.cfg.accuracy_window,
-                )  # fmt: skip
+                    state,
+                    user_log,
+                    event.event_id,
+                    event.timestamp.timestamp(),
+                    curated,
+                    self.cfg.curation,
+                    max_pending=self.cfg.max_pending,
+                    accuracy_window=self.cfg.accuracy_window,
+                )
                 if fresh:
                     stats.events += 1
                     for example in curated.examples:
@@ -123,20 +124,20 @@ class UserProcessor:
                 else:
                     stats.duplicates += 1
             elif env.k == "command":
-                requests.extend(self._on_command(user_id, state, log, env.body, env.at or state.last_event_at))
+                requests.extend(self._on_command(user_id, state, user_log, env.body, env.at or state.last_event_at))
             elif env.k == "lifecycle":
-                requests.extend(self._on_lifecycle(user_id, state, log, env.body))
+                requests.extend(self._on_lifecycle(user_id, state, user_log, env.body))
             if user_id != GLOBAL_USER:
                 # After every envelope, not once per batch: a request then snapshots
                 # exactly the examples up to the event that crossed the threshold, so
                 # its dataset (and request_id) never depends on where a batch ended.
                 # A batch replayed after a crash, or `adaptloop replay`, rebuilds the
                 # very same request instead of a second, different one.
-                requests.extend(self._after_envelope(user_id, state, log, now))
+                requests.extend(self._after_envelope(user_id, state, user_log, now))
         if global_examples:
             write_global(self.store, global_examples)
         if user_id == GLOBAL_USER:
-            clear_pending(state, log)  # the global pool lives in the store, not in a user's dataset
+            clear_pending(state, user_log)  # the global pool lives in the store, not in a user's dataset
         for r in requests:
             if isinstance(r, TrainingRequest):
                 stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
@@ -144,7 +145,7 @@ class UserProcessor:
                 stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
         return requests
 
-    def _repair_after_crash(self, state: UserState, log: UserLog, now: float) -> list[TrainingRequest]:
+    def _repair_after_crash(self, state: UserState, user_log: UserLog, now: float) -> list[TrainingRequest]:
         """Resend what a crash may have lost after the state landed; start this write's list of counted ids.
 
         The worker sends a batch's state before its event-id marks and its
@@ -161,14 +162,16 @@ class UserProcessor:
         foreign = state.written_by != self.run_id
         carried = state.batch_ids if foreign else []
         for event_id in carried:
-            log.mark_seen(event_id, now)
+            user_log.mark_seen(event_id, now)
         resend = []
         if foreign and state.request_unsent and state.open_request is not None and state.open_request.message:
             resend.append(TrainingRequest.model_validate_json(state.open_request.message))
         state.batch_ids, state.written_by, state.request_unsent = list(carried), self.run_id, False
         return resend
 
-    def _after_envelope(self, user_id: str, state: UserState, log: UserLog, now: float) -> list[TrainingRequest | RollbackCommand]:
+    def _after_envelope(
+        self, user_id: str, state: UserState, user_log: UserLog, now: float
+    ) -> list[TrainingRequest | RollbackCommand]:
         """Windows pruned, a stale open request expired, then an automatic rollback or training request, if due."""
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
         self._expire_open_request(state, now)
@@ -178,7 +181,7 @@ class UserProcessor:
         trigger = automatic_trigger(state, now, self.cfg.triggers)
         if trigger is None:
             return []
-        return [self._snapshot(user_id, state, log, trigger, now, self.cfg.include_global)]
+        return [self._snapshot(user_id, state, user_log, trigger, now, self.cfg.include_global)]
 
     def _auto_rollback(self, user_id: str, state: UserState, now: float) -> RollbackCommand | None:
         """A rollback command when the satisfaction rate drops below the floor soon after a promotion.
@@ -201,19 +204,20 @@ class UserProcessor:
         log.warning("%s: satisfaction %.2f after v%d was promoted; rolling back", user_id, rate, version)
         return RollbackCommand(
             command_id=f"auto-rollback-{hashlib.sha256(f'{user_id}/{version}'.encode()).hexdigest()[:24]}",
-            user_id=user_id, requested_by="streams",
+            user_id=user_id,
+            requested_by="streams",
             reason=f"accuracy dropped to {rate:.2f} (floor {t.accuracy_floor}) after v{version} was promoted",
-        )  # fmt: skip
+        )
 
-    def on_tick(self, user_id: str, state: UserState, log: UserLog, at: float, stats: BatchStats) -> list[TrainingRequest]:
+    def on_tick(self, user_id: str, state: UserState, user_log: UserLog, at: float, stats: BatchStats) -> list[TrainingRequest]:
         """The nightly schedule's tick for one user."""
         if user_id == GLOBAL_USER or nightly_trigger(state, self.cfg.triggers) is None:
             return []
         stats.requests["nightly"] = stats.requests.get("nightly", 0) + 1
-        return [self._snapshot(user_id, state, log, "nightly", at, self.cfg.include_global)]
+        return [self._snapshot(user_id, state, user_log, "nightly", at, self.cfg.include_global)]
 
     def _on_command(
-        self, user_id: str, state: UserState, log: UserLog, body: dict[str, Any], at: float
+        self, user_id: str, state: UserState, user_log: UserLog, body: dict[str, Any], at: float
     ) -> list[TrainingRequest]:
         if body.get("type") != "retrain":
             return []  # validate and rollback are the trainer's
@@ -223,9 +227,9 @@ class UserProcessor:
             if state.open_request.command_id != command_id:
                 state.deferred = DeferredCommand(command_id=command_id, include_global=include_global, at=at)
             return []
-        return [self._snapshot(user_id, state, log, "on-demand", at, include_global, command_id=command_id)]
+        return [self._snapshot(user_id, state, user_log, "on-demand", at, include_global, command_id=command_id)]
 
-    def _on_lifecycle(self, user_id: str, state: UserState, log: UserLog, body: dict[str, Any]) -> list[TrainingRequest]:
+    def _on_lifecycle(self, user_id: str, state: UserState, user_log: UserLog, body: dict[str, Any]) -> list[TrainingRequest]:
         if body.get("type") == "promoted" and body.get("version"):
             # Judge the new version by what happens from now on.
             state.promoted_version, state.promoted_at = int(body["version"]), _timestamp(body, state.last_event_at)
@@ -233,21 +237,21 @@ class UserProcessor:
         elif body.get("type") == "rolled_back":
             state.promoted_version = state.promoted_at = None
         open_ = state.open_request
-        if open_ is None or body.get("request_id") != open_.request_id or body.get("type") not in CLOSING_LIFECYCLE:
+        if open_ is None or body.get("request_id") != open_.request_id or body.get("type") not in ENDS_REQUEST:
             return []
         state.open_request = None
         if body.get("type") == "training_failed" and open_.dataset_uri:
             # Nothing is lost: the failed dataset's new examples go back to pending.
             try:
                 back = [e for e in read_examples(self.store, open_.dataset_uri) if e.source not in ("replay", "global")]
-                add_pending(state, log, back, self.cfg.max_pending)
+                add_pending(state, user_log, back, self.cfg.max_pending)
             except Exception as exc:  # the dataset file itself is gone: say so, keep going
-                log.warning("could not restore examples of failed request %s: %s", open_.request_id, exc)
+                log.warning("could not restore the examples of failed request %s: %s", open_.request_id, exc)
         if state.deferred is not None:
             deferred, state.deferred = state.deferred, None
             return [
                 self._snapshot(
-                    user_id, state, log, "on-demand", deferred.at, deferred.include_global, command_id=deferred.command_id
+                    user_id, state, user_log, "on-demand", deferred.at, deferred.include_global, command_id=deferred.command_id
                 )
             ]
         return []
@@ -262,30 +266,40 @@ class UserProcessor:
 
     # ---- snapshot --------------------------------------------------------- #
 
+    def dataset_for(
+        self, user_id: str, state: UserState, user_log: UserLog, include_global: bool
+    ) -> tuple[list[TrainingExample], list[TrainingExample], list[OffsetRange]]:
+        """(train, test, lineage) of the user's dataset as of now: pending examples, a replay sample, the global pool."""
+        replay_pool: list[TrainingExample] = []
+        if state.last_dataset_uri:
+            try:
+                replay_pool = read_examples(self.store, state.last_dataset_uri)
+            except Exception as exc:  # an unreadable earlier dataset costs this run its replay, nothing more
+                log.warning("replay pool %s unreadable, snapshotting without it: %s", state.last_dataset_uri, exc)
+        global_pool = read_global(self.store) if include_global else []
+        pending = pending_examples(state, user_log)
+        new = dedupe(augment(pending, self.cfg.curation.paraphrases, self.cfg.curation.seed))
+        train, test = build_dataset(
+            new,
+            replay_pool=replay_pool,
+            global_pool=global_pool,
+            include_global=include_global,
+            cfg=self.cfg.dataset,
+            user_id=user_id,
+        )
+        return train, test, lineage(pending)
+
     def _snapshot(
         self,
         user_id: str,
         state: UserState,
-        log: UserLog,
+        user_log: UserLog,
         trigger: str,
         now: float,
         include_global: bool,
         command_id: str | None = None,
     ) -> TrainingRequest:
-        replay_pool: list[TrainingExample] = []
-        if state.last_dataset_uri:
-            try:
-                replay_pool = read_examples(self.store, state.last_dataset_uri)
-            except Exception as exc:
-                log.warning("replay pool %s unreadable: %s", state.last_dataset_uri, exc)
-        global_pool = read_global(self.store) if include_global else []
-        pending = pending_examples(state, log)
-        new = dedupe(augment(pending, self.cfg.curation.paraphrases, self.cfg.curation.seed))
-        train, test = build_dataset(
-            new, replay_pool=replay_pool, global_pool=global_pool,
-            include_global=include_global, cfg=self.cfg.dataset, user_id=user_id,
-        )  # fmt: skip
-        ranges = lineage(pending)
+        train, test, ranges = self.dataset_for(user_id, state, user_log, include_global)
         ref = write_dataset(self.store, user_id, train, test, trigger=trigger, lineage_ranges=ranges)
         request = TrainingRequest(
             request_id=request_id_for(user_id, ref.sha256, trigger if command_id is None else f"{trigger}:{command_id}"),
@@ -297,11 +311,16 @@ class UserProcessor:
             command_id=command_id,
         )
         state.open_request = OpenRequest(
-            request_id=request.request_id, at=now, trigger=trigger, command_id=command_id,
-            include_global=include_global, dataset_uri=ref.uri, message=request.model_dump_json(exclude_none=True),
-        )  # fmt: skip
+            request_id=request.request_id,
+            at=now,
+            trigger=trigger,
+            command_id=command_id,
+            include_global=include_global,
+            dataset_uri=ref.uri,
+            message=request.model_dump_json(exclude_none=True),
+        )
         state.request_unsent = True
-        clear_pending(state, log)
+        clear_pending(state, user_log)
         state.gaps = []
         state.last_request_at = now
         state.requests_total += 1

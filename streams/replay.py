@@ -32,32 +32,27 @@ import heapq
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from adaptloop.errors import InvalidMessage, KafkaOperationError
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import OffsetRange, Record, offset_ranges, produce, read_ranges
-from adaptloop.kafka.topics import TopicPlan, ensure_topics
-from adaptloop.storage import ArtifactStore
+from core.errors import InvalidMessage, KafkaOperationError
+from core.kafka.client import ClientConfig
+from core.kafka.io import OffsetRange, Record, offset_ranges, produce, read_ranges
+from core.kafka.topics import TopicPlan, ensure_topics
+from core.settings import WORKER_TABLES, changelog_topic
+from core.storage import ArtifactStore
 from schemas import RollbackCommand, TrainingRequest
-from streams.app import SourceDecoder, WorkerConfig, handle_users, partition_of
+from streams.config import WorkerConfig
+from streams.decoding import SourceDecoder, partition_of
 from streams.processor import BatchStats, UserProcessor
-from streams.state import UserState
-
-
-TABLES = ("users", "seen", "examples")
-
-
-def changelog_topic(app_id: str, table: str) -> str:
-    """Faust's name for a table's changelog topic."""
-    return f"{app_id}-{table}-changelog"
+from streams.sending import ChangelogWriter
+from streams.tables import MemoryTable, Outgoing, WorkerTables
 
 
 def default_app_id(live_app_id: str, now: datetime | None = None) -> str:
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{live_app_id}-replay-{stamp}"
 
 
@@ -76,19 +71,33 @@ class ReplayPlan:
 
     def lines(self) -> list[str]:
         def when(ms: int | None) -> str:
-            return "now" if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+            return "now" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
-        out = [f"replay {when(self.from_ms)} .. {when(self.to_ms)} into app version {self.app_id}"
-               + (f", user {self.user_id} only" if self.user_id else "")]  # fmt: skip
+        out = [
+            f"replay {when(self.from_ms)} .. {when(self.to_ms)} into app version {self.app_id}"
+            + (f", user {self.user_id} only" if self.user_id else "")
+        ]
         out += [f"  {r.topic}[{r.partition}] offsets {r.start}..{r.end}: {r.count} record(s)" for r in self.ranges]
-        out.append(f"  {self.total} record(s) in all; "
-                   + ("tables and offsets go to the new app version" if self.complete
-                      else "a partial replay: datasets only, no tables or offsets written"))  # fmt: skip
+        out.append(
+            f"  {self.total} record(s) in all; "
+            + (
+                "tables and offsets go to the new app version"
+                if self.complete
+                else "a partial replay: datasets only, no tables or offsets written"
+            )
+        )
         return out
 
 
-def plan_replay(client: ClientConfig, topics: list[str], from_ms: int, to_ms: int | None, app_id: str,
-                user_id: str | None, complete_topics: list[str]) -> ReplayPlan:  # fmt: skip
+def plan_replay(
+    client: ClientConfig,
+    topics: list[str],
+    from_ms: int,
+    to_ms: int | None,
+    app_id: str,
+    user_id: str | None,
+    complete_topics: list[str],
+) -> ReplayPlan:
     if to_ms is not None and to_ms <= from_ms:
         raise KafkaOperationError("--to must be later than --from")
     ranges = offset_ranges(client, topics, from_ms, to_ms)
@@ -109,23 +118,6 @@ class ReplayResult:
     seconds: float = 0.0
 
 
-class _Table:
-    """A table's contents, as the worker's tables hold them (key bytes -> JSON-able value)."""
-
-    def __init__(self) -> None:
-        self.data: dict[bytes, object] = {}
-
-
-class _DictWriter:
-    """The ChangelogWriter's interface without the sending: the changelogs are written once at the end."""
-
-    def put(self, table: _Table, partition: int, key: bytes, value, phase: int = 0) -> None:
-        table.data[key] = value
-
-    def delete(self, table: _Table, partition: int, key: bytes, phase: int = 0) -> None:
-        table.data.pop(key, None)
-
-
 def merged_by_time(records: list[Record]) -> list[Record]:
     """Partitions merged by timestamp; each partition keeps its offset order (heapq.merge is stable per input)."""
     by_partition: dict[tuple[str, int], list[Record]] = {}
@@ -134,45 +126,55 @@ def merged_by_time(records: list[Record]) -> list[Record]:
     return list(heapq.merge(*by_partition.values(), key=lambda r: r.timestamp_ms))
 
 
-def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_requests: bool = False,
-               progress=None) -> ReplayResult:  # fmt: skip
+def memory_tables(partitions: int) -> WorkerTables:
+    """The worker's tables in dicts, filled by the worker's own code (nothing is sent while they fill)."""
+    return WorkerTables({name: MemoryTable(name) for name in WORKER_TABLES}, ChangelogWriter(None), partitions)
+
+
+def apply_records(
+    records: list[Record],
+    decoder: SourceDecoder,
+    processor: UserProcessor,
+    tables: WorkerTables,
+    only: set[bytes] | None = None,
+    progress=None,
+) -> tuple[Outgoing, BatchStats, int, int]:
+    """Feed records one at a time through the worker's code: (outgoing, stats, invalid, other users' records).
+
+    `only`: the user keys to apply (records of other users are counted, not applied).
+    """
+    outgoing: Outgoing = []
+    stats = BatchStats()
+    invalid = others = 0
+    for done, record in enumerate(records, start=1):
+        try:
+            key, env = decoder(record.topic, record.partition, record.offset, record.value)
+        except InvalidMessage:
+            invalid += 1  # dead-lettered live already; counted, not sent again
+            continue
+        if only is not None and key not in only:
+            others += 1
+            continue
+        # One record at a time: a trigger fires at the very event that crosses
+        # it, whatever batches the live worker happened to see.
+        outgoing += tables.apply(processor, {key: [env]}, stats)
+        if progress is not None and (done % 1000 == 0 or done == len(records)):
+            progress(done, len(records))
+    return outgoing, stats, invalid, others
+
+
+def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_requests: bool = False, progress=None) -> ReplayResult:
     """Carry out `plan` with the worker's code; see the module docstring for what is written where."""
     started = time.monotonic()
     result = ReplayResult()
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
     processor = UserProcessor(cfg.processor, ArtifactStore(str(out_dir)))
-    tables = {name: _Table() for name in TABLES}
-    states: dict[bytes, UserState] = {}
-    only = plan.user_id.encode() if plan.user_id else None
-
-    def load(key: bytes) -> UserState:
-        return states.get(key) or UserState.load(tables["users"].data.get(key))
-
-    def save(key: bytes, state: UserState) -> None:
-        states[key] = state
-        tables["users"].data[key] = state.dump()
-
+    tables = memory_tables(cfg.internal_partitions)
     records = merged_by_time(list(read_ranges(cfg.client, list(plan.ranges))))
-    outgoing: list[tuple[bytes, object]] = []
-    stats = BatchStats()
-    writer = _DictWriter()
-    for done, record in enumerate(records, start=1):
-        try:
-            key, env = decoder(record.topic, record.partition, record.offset, record.value)
-        except InvalidMessage:
-            result.dead_letters += 1  # dead-lettered live already; counted, not sent again
-            continue
-        if only is not None and key != only:
-            result.other_users += 1
-            continue
-        # One record at a time: a trigger fires at the very event that crosses
-        # it, whatever batches the live worker happened to see.
-        outgoing += handle_users(processor, {key: [env]}, load, save, tables["seen"], tables["examples"], writer,
-                                 cfg.internal_partitions, stats)  # fmt: skip
-        if progress is not None and (done % 1000 == 0 or done == len(records)):
-            progress(done, len(records))
-    result.records, result.events, result.users = len(records), stats.events, len(states)
+    only = {plan.user_id.encode()} if plan.user_id else None
+    outgoing, stats, result.dead_letters, result.other_users = apply_records(records, decoder, processor, tables, only, progress)
+    result.records, result.events, result.users = len(records), stats.events, len(tables.users.data)
     result.requests = [m for _, m in outgoing if isinstance(m, TrainingRequest)]
     result.commands = [m for _, m in outgoing if isinstance(m, RollbackCommand)]
     with open(out_dir / "requests.jsonl", "wb") as fh:
@@ -182,25 +184,37 @@ def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_reque
         produce(cfg.client, cfg.requests_topic, [(r.user_id, r.to_bytes()) for r in result.requests])
     if plan.complete:
         result.tables_written = _hand_over(plan, cfg, tables)
-    (out_dir / "replay.json").write_text(json.dumps({
-        "app_id": plan.app_id, "from_ms": plan.from_ms, "to_ms": plan.to_ms, "user_id": plan.user_id,
-        "ranges": [r.__dict__ for r in plan.ranges], "records": result.records, "events": result.events,
-        "dead_letters": result.dead_letters, "users": result.users, "requests": [r.request_id for r in result.requests],
+    summary = {
+        "app_id": plan.app_id,
+        "from_ms": plan.from_ms,
+        "to_ms": plan.to_ms,
+        "user_id": plan.user_id,
+        "ranges": [r.__dict__ for r in plan.ranges],
+        "records": result.records,
+        "events": result.events,
+        "dead_letters": result.dead_letters,
+        "users": result.users,
+        "requests": [r.request_id for r in result.requests],
         "tables_written": result.tables_written,
-    }, indent=2))  # fmt: skip
+    }
+    (out_dir / "replay.json").write_text(json.dumps(summary, indent=2))
     result.seconds = time.monotonic() - started
     return result
 
 
-def _hand_over(plan: ReplayPlan, cfg: WorkerConfig, tables: dict[str, _Table]) -> dict[str, int]:
+def _hand_over(plan: ReplayPlan, cfg: WorkerConfig, tables: WorkerTables) -> dict[str, int]:
     """Write the rebuilt tables to the new app version's changelogs and commit its offsets at the plan's end."""
     compacted = (("cleanup.policy", "compact"),)
-    ensure_topics(cfg.client, [TopicPlan(changelog_topic(plan.app_id, n), cfg.internal_partitions, 1, compacted) for n in TABLES])
+    ensure_topics(
+        cfg.client, [TopicPlan(changelog_topic(plan.app_id, n), cfg.internal_partitions, 1, compacted) for n in WORKER_TABLES]
+    )
     written = {}
-    for name, table in tables.items():
+    for name, table in zip(WORKER_TABLES, (tables.users, tables.seen, tables.examples)):
         # Each key goes to its user's partition (seen/examples keys start with the user's key), as the worker writes them.
-        messages = [(key, json.dumps(value).encode(), None, partition_of(key.split(b"\x00", 1)[0], cfg.internal_partitions))
-                    for key, value in table.data.items()]  # fmt: skip
+        messages = [
+            (key, json.dumps(value).encode(), None, partition_of(key.split(b"\x00", 1)[0], cfg.internal_partitions))
+            for key, value in table.data.items()
+        ]
         written[name] = produce(cfg.client, changelog_topic(plan.app_id, name), messages)
     consumer = Consumer(cfg.client.librdkafka(**{"group.id": plan.app_id, "enable.auto.commit": False}))
     try:

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from core.settings import CurationSettings
 from schemas.training import TrainingExample
-from streams.curation import GAP_KINDS, CurationConfig, Curated
+from streams.curation import GAP_KINDS, Curated
 
 
 class OpenRequest(BaseModel):
@@ -46,7 +47,8 @@ class UserState(BaseModel):
     gaps: list[tuple[float, str]] = Field(default_factory=list, description="gaps since the last request, in the window")
     events_total: int = 0
     batch_ids: list[str] = Field(
-        default_factory=list, description="event ids the last write counted, whose marks a crash may have lost (see UserProcessor.handle)"
+        default_factory=list,
+        description="event ids the last write counted, whose marks a crash may have lost (see UserProcessor.handle)",
     )
     written_by: str | None = Field(None, description="the worker run that wrote this state last")
     request_unsent: bool = Field(False, description="the last write opened `open_request`, which is sent after the state")
@@ -69,7 +71,7 @@ class UserState(BaseModel):
         return self.pending_next - self.pending_first
 
     @classmethod
-    def load(cls, raw: Any) -> "UserState":
+    def load(cls, raw: Any) -> UserState:
         return cls() if raw is None else cls.model_validate(raw)
 
     def dump(self) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def apply_event(
     event_id: str,
     event_time: float,
     curated: Curated,
-    cfg: CurationConfig,
+    cfg: CurationSettings,
     *,
     max_pending: int,
     accuracy_window: int,

@@ -13,23 +13,44 @@ request is open (an on-demand command waits for it, see `streams.processor`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from core.settings import Settings, defaults
 from streams.state import UserState, accuracy, gaps_in_window
 
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    schedule: str = "threshold"
-    min_gap_events: int = 5
-    gap_window_s: float = 7 * 24 * 3600
-    cooldown_s: float = 600
-    continuous_min_interval_s: float = 60
-    min_new_examples: int = 1
-    open_request_timeout_s: float = 6 * 3600
-    accuracy_drop: bool = True
-    accuracy_floor: float = 0.5
-    accuracy_min_samples: int = 10
+    """The seed's `schedule` and `min_gap_events` with `streams.triggers`; defaults in core.settings."""
+
+    schedule: str
+    min_gap_events: int
+    gap_window_s: float
+    cooldown_s: float
+    continuous_min_interval_s: float
+    min_new_examples: int
+    open_request_timeout_s: float
+    accuracy_drop: bool
+    accuracy_floor: float
+    accuracy_min_samples: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> TriggerConfig:
+        s = settings or defaults()
+        t = s.streams.triggers
+        config = cls(
+            schedule=s.schedule,
+            min_gap_events=s.min_gap_events,
+            gap_window_s=t.gap_window_s,
+            cooldown_s=t.cooldown_s,
+            continuous_min_interval_s=t.continuous_min_interval_s,
+            min_new_examples=t.min_new_examples,
+            open_request_timeout_s=t.open_request_timeout_s,
+            accuracy_drop=t.accuracy_drop,
+            accuracy_floor=t.accuracy_floor,
+            accuracy_min_samples=t.accuracy_min_samples,
+        )
+        return replace(config, **overrides)
 
 
 def update_accuracy_alarm(state: UserState, cfg: TriggerConfig) -> bool:

@@ -1,81 +1,27 @@
-"""Shared fixtures: a real Kafka broker for the session, and factories for names.
+"""Fixtures every tier shares: a real Kafka broker for the session, name factories, live services.
 
 The broker comes from, in order: KAFKA_BOOTSTRAP_SERVERS; a testcontainers
 Kafka container when a Docker engine answers; otherwise adaptloop's own jar
 broker on a free port in a temporary directory (what runs on the dev machines
-and in CI). Factories hand out uuid-named topics and groups, so tests never
-interfere and need no teardown.
+and in CI). Factories hand out uuid-named topics, groups and services, so
+tests never interfere and need no teardown. Helpers are in tests/support/.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.topics import TopicPlan, ensure_topics
-from adaptloop.settings import Settings
-
-# The jars are fetched once per machine; tests share the user's cache for them.
-JAR_CACHE = Path(os.environ.get("ADAPTLOOP_TEST_CACHE", Path.home() / ".cache" / "adaptloop"))
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`adaptloop ARGS` with the test jar cache and without the session broker's KAFKA_BOOTSTRAP_SERVERS."""
-    full_env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    full_env["ADAPTLOOP_CACHE_DIR"] = str(JAR_CACHE)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "adaptloop.cli", *args], capture_output=True, text=True, env=full_env, timeout=240)
-
-
-def stop_processes(procs, timeout: float = 30) -> None:
-    """Terminate the service processes a test started (SIGTERM, then SIGKILL)."""
-    import subprocess
-
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, *, interval: float = 0.5,
-               check: Callable[[], None] | None = None, context: Callable[[], str] = lambda: ""):  # fmt: skip
-    """Poll `predicate` until it returns something truthy (returned); `check` may raise early (a process died)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        if check is not None:
-            check()
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{context()}")
-
-
-def check_metric_names(text: str) -> None:
-    """Prometheus conventions: the adaptloop_ prefix, counters end in _total, no per-user labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        if family.name.startswith(("python_", "process_")):
-            continue  # the client library's own
-        assert family.name.startswith("adaptloop_"), family.name
-        for sample in family.samples:
-            assert "user_id" not in sample.labels and "user" not in sample.labels, sample
-            if family.type == "counter":
-                assert sample.name.endswith(("_total", "_created")), sample.name
+from core.kafka.client import ClientConfig
+from core.kafka.topics import TopicPlan, ensure_topics
+from core.settings import Settings
+from tests.support.adapters import write_facts
+from tests.support.handles import ApiHandle, TrainerHandle, WorkerHandle, make_worker, start_api, unique_topics, write_api_config
+from tests.support.processes import JAR_CACHE
 
 
 def _docker_answers() -> bool:
@@ -100,7 +46,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    from adaptloop.kafka.broker import LocalBroker, free_port
+    from core.kafka.broker import LocalBroker, free_port
 
     broker = LocalBroker(port=free_port(), cache_dir=JAR_CACHE, data_dir=tmp_path_factory.mktemp("kafka"))
     bootstrap = broker.up()
@@ -139,7 +85,7 @@ def isolated_settings(tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.
 
     `isolated_settings(min_gap_events=3)` overrides top-level keys.
     """
-    from adaptloop.settings import TopicsSettings, load_settings
+    from core.settings import TopicsSettings, load_settings
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
 
@@ -148,12 +94,75 @@ def isolated_settings(tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.
         suffix = uuid.uuid4().hex[:8]
         topics = TopicsSettings(
             **{
-                field: spec.model_copy(update={"name": f"{spec.name}.{suffix}"})
-                for field, spec in base.topics.model_dump().items()
-                for spec in [getattr(base.topics, field)]
+                field: getattr(base.topics, field).model_copy(update={"name": f"{getattr(base.topics, field).name}.{suffix}"})
+                for field in type(base.topics).model_fields
             }
         )
-        update = {"topics": topics, "storage_root": str(tmp_path / "store"), **overrides}
-        return base.model_copy(update=update)
+        return base.model_copy(update={"topics": topics, "storage_root": str(tmp_path / "store"), **overrides})
 
     return make
+
+
+# ---- models and datasets ------------------------------------------------------------ #
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama built from a config (seconds to train), with the default model's tokenizer."""
+    from trainer.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def facts_file(tmp_path) -> Path:
+    return write_facts(tmp_path / "facts.jsonl")
+
+
+# ---- live services -------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def worker_factory(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerHandle]]:
+    """`worker_factory(schedule="nightly", min_gap_events=3, streams={...})` -> a started worker."""
+    handles: list[WorkerHandle] = []
+
+    def make(start: bool = True, bootstrap: str | None = None, **settings) -> WorkerHandle:
+        handle = make_worker(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("worker"), **settings)
+        handles.append(handle)
+        return handle.start() if start else handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., TrainerHandle]]:
+    """`trainer_factory(epochs=2, checkpoint_every=5)` -> a started trainer on the tiny model (training.* overrides)."""
+    handles: list[TrainerHandle] = []
+
+    def make(start: bool = True, bootstrap: str | None = None, **training) -> TrainerHandle:
+        handle = TrainerHandle(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("trainer"), tiny_model_dir, training)
+        handles.append(handle)
+        return handle.start() if start else handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def api_server(kafka_bootstrap, tmp_path) -> Iterator[ApiHandle]:
+    """A live `adaptloop api` with an admin token and a `user:alice` token."""
+    from api.auth import TokenStore
+
+    topics = unique_topics("api")
+    config = write_api_config(tmp_path, topics)
+    store = tmp_path / "store"
+    tokens = TokenStore(store / "api" / "tokens.json")
+    handle = ApiHandle("", ClientConfig(bootstrap_servers=kafka_bootstrap), topics, store, config)
+    handle.tokens = {"admin": tokens.create(["admin"])[1], "alice": tokens.create(["user:alice"])[1]}
+    handle.service, handle.url = start_api(config, kafka_bootstrap, tmp_path / "api.log")
+    yield handle
+    handle.service.stop()

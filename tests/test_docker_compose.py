@@ -29,7 +29,7 @@ def test_compose_file_defines_a_kraft_broker_and_our_services():
 
 
 def test_prometheus_scrapes_every_service_on_its_configured_port():
-    from adaptloop.settings import load_settings
+    from core.settings import load_settings
 
     settings = load_settings(REPO / "config" / "adapter_retrain.yaml")
     config = yaml.safe_load((REPO / "config" / "prometheus.yml").read_text())
@@ -49,5 +49,7 @@ def _compose_plugin() -> bool:
 
 @pytest.mark.skipif(not _compose_plugin(), reason="the docker compose plugin is not installed here")
 def test_docker_compose_config_passes():
-    result = subprocess.run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

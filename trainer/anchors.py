@@ -1,8 +1,9 @@
 """The anchor set: general prompts with the base model's own answers, mixed into every training run.
 
-    anchor_set = AnchorSet(prompts, cache_dir, base_sha256)
-    chosen = choose_anchor_prompts(user_examples, anchor_set.prompts, AnchorMix(ratio=1.0, minimum=16), seed=0)
-    mixed = mix_anchors(user_examples, anchor_set.answers(model, tokenizer, device, chosen), AnchorMix())
+    anchor_set = AnchorSet(prompts, cache_dir, base_sha256)      # or AnchorSet.from_settings(settings, base_sha256)
+    mix = AnchorMix.from_settings(settings)
+    chosen = choose_anchor_prompts(user_examples, anchor_set.prompts, mix, seed=0)
+    mixed = mix_anchors(user_examples, anchor_set.answers(model, tokenizer, device, chosen), mix)
 
 A LoRA fine-tune on a handful of personal facts learns them and rewrites
 general answers too ("the capital of France is <the user's birthplace>").
@@ -19,10 +20,12 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from core.settings import Settings, config_file, defaults
 from schemas.training import TrainingExample
+from trainer.generation import generate_batch
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -42,6 +45,15 @@ class AnchorSet:
     batch of them, not for the whole set; the cache (JSONL under
     `<cache_dir>/anchors/<base sha256>.jsonl`) fills as runs go.
     """
+
+    @classmethod
+    def from_settings(cls, settings: Settings, base_sha256: str) -> AnchorSet | None:
+        """The anchor set the settings name (`training.anchor_files`), or None when `training.anchors` is off."""
+        t = settings.training
+        if not t.anchors:
+            return None
+        prompts = [p for name in t.anchor_files for p in read_prompts(config_file(name, "training.anchor_files"))]
+        return cls(prompts, settings.cache_dir, base_sha256, settings.model.embedding_model)
 
     def __init__(self, prompts: list[str], cache_dir: Path, base_sha256: str, embedding_model: str | None = None) -> None:
         self.prompts = list(prompts)
@@ -74,7 +86,11 @@ class AnchorSet:
             self._vectors = dict(zip(self.prompts, embedder.encode(self.prompts)))
         import torch
 
-        closeness = (torch.stack([self._vectors[c] for c in candidates]) @ embedder.encode(list(dict.fromkeys(queries))).T).max(dim=1).values
+        closeness = (
+            (torch.stack([self._vectors[c] for c in candidates]) @ embedder.encode(list(dict.fromkeys(queries))).T)
+            .max(dim=1)
+            .values
+        )
         return [candidates[i] for i in closeness.argsort(descending=True).tolist()]
 
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
@@ -82,8 +98,6 @@ class AnchorSet:
         known = self._load()
         missing = [p for p in dict.fromkeys(prompts) if p not in known]
         if missing:
-            from trainer.train import generate_batch
-
             log.info("answering %d anchor prompts with the base model (cached afterwards)", len(missing))
             fresh = dict(zip(missing, generate_batch(model, tokenizer, device, missing, _MAX_NEW_TOKENS, batch_size=32)))
             known.update(fresh)
@@ -108,18 +122,30 @@ class AnchorMix:
     (by sentence embedding); the rest are a seeded sample of the others.
     """
 
-    ratio: float = 1.0
-    minimum: int = 16
-    weight: float = 1.0
-    nearest: float = 0.5
+    ratio: float
+    minimum: int
+    weight: float
+    nearest: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> AnchorMix:
+        t = (settings or defaults()).training
+        return replace(
+            cls(ratio=t.anchor_ratio, minimum=t.anchor_min, weight=t.anchor_weight, nearest=t.anchor_nearest), **overrides
+        )
 
 
 def _normal(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip("?.! ")
 
 
-def choose_anchor_prompts(examples: list[TrainingExample], prompts: list[str], mix: AnchorMix, seed: int,
-                          nearest_first: Callable[[list[str], list[str]], list[str]] | None = None) -> list[str]:  # fmt: skip
+def choose_anchor_prompts(
+    examples: list[TrainingExample],
+    prompts: list[str],
+    mix: AnchorMix,
+    seed: int,
+    nearest_first: Callable[[list[str], list[str]], list[str]] | None = None,
+) -> list[str]:
     """The anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
 
     With `nearest_first` (AnchorSet.nearest_first), `mix.nearest` of them are

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptloop.errors import InvalidMessage, ModelError
+from core.errors import InvalidMessage, ModelError
 from schemas.training import TrainingExample
 
 IGNORE = -100

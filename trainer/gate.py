@@ -1,6 +1,6 @@
 """The validation gate: a candidate adapter becomes active only if it passes.
 
-    gate = Gate(model, tokenizer, device, embedder, core_cases, GateConfig())
+    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, base_sha256)
     report = gate.evaluate(candidate_dir, user_cases, reference_dir=None)
     report.passed, report.reasons, report.suites["core"].score
 
@@ -22,26 +22,45 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from adaptloop.errors import InvalidMessage
+from core.errors import InvalidMessage
+from core.settings import Settings, config_file, defaults
+from core.storage import atomic_write
 from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, answers_match, mean_score, same_question, score_cases
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    promote_if_score: float = 0.7
-    regression_threshold: float = 0.05
-    weights: ScoreWeights = ScoreWeights()
-    require_user_tests: bool = True  # no held-out or explicit cases -> reject (nothing shows it learned)
+    """The seed's `promote_if_score` and `regression_threshold` with `validation.*` (defaults: core/settings.py)."""
+
+    promote_if_score: float
+    regression_threshold: float
+    weights: ScoreWeights
+    require_user_tests: bool  # no held-out or explicit cases -> reject (nothing shows it learned)
     # Retention: the share of core prompts whose answer stays semantically equivalent to the base
     # model's (cosine >= retention_similarity, or both name the expected answer).
-    retention_similarity: float = 0.8
-    min_retention: float = 0.0
+    retention_similarity: float
+    min_retention: float
     # Forgetting: the share of the reference version's learned facts the candidate no longer answers.
-    max_forgetting: float = 1.0
+    max_forgetting: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:
+        s = settings or defaults()
+        v = s.validation
+        config = cls(
+            promote_if_score=s.promote_if_score,
+            regression_threshold=s.regression_threshold,
+            weights=ScoreWeights.from_settings(s),
+            require_user_tests=v.require_user_tests,
+            retention_similarity=v.retention_similarity,
+            min_retention=v.min_retention,
+            max_forgetting=v.max_forgetting,
+        )
+        return replace(config, **overrides)
 
 
 @dataclass
@@ -54,8 +73,13 @@ class SuiteReport:
     cases: list[CaseScore] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"score": self.score, "passed": self.passed, "threshold": self.threshold,
-                "reference_score": self.reference_score, "cases": len(self.cases)}  # fmt: skip
+        return {
+            "score": self.score,
+            "passed": self.passed,
+            "threshold": self.threshold,
+            "reference_score": self.reference_score,
+            "cases": len(self.cases),
+        }
 
 
 @dataclass
@@ -144,11 +168,20 @@ class GateSpec:
 
     embedding_model: str
     core_suites: tuple[Path, ...]
-    cfg: GateConfig = GateConfig()
-    user_tests_dir: str = "data/adapter_tests"
+    cfg: GateConfig
+    user_tests_dir: str
     cache_dir: Path | None = None  # the base model's core scores are kept here, per base model and suite
 
-    def build(self, model, tokenizer, device, base_sha256: str = "") -> "Gate":
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GateSpec:
+        """Core suite paths resolved here, at the edge (./config/ first, then the shipped config/)."""
+        v = settings.validation
+        paths = tuple(config_file(name, "validation.core_suites") for name in v.core_suites)
+        return cls(
+            settings.model.embedding_model, paths, GateConfig.from_settings(settings), v.user_tests_dir, settings.cache_dir
+        )
+
+    def build(self, model, tokenizer, device, base_sha256: str = "") -> Gate:
         from trainer.scoring import load_embedder
 
         core = [case for path in self.core_suites for case in load_cases(path)]
@@ -170,9 +203,16 @@ class Gate:
     """Runs the suites with one kept base model; not thread-safe (one job at a time)."""
 
     def __init__(
-        self, model, tokenizer, device, embedder: Embedder, core_cases: list[TestCase], cfg: GateConfig,
-        cache_dir: Path | None = None, base_sha256: str = "",
-    ) -> None:  # fmt: skip
+        self,
+        model,
+        tokenizer,
+        device,
+        embedder: Embedder,
+        core_cases: list[TestCase],
+        cfg: GateConfig,
+        cache_dir: Path | None = None,
+        base_sha256: str = "",
+    ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.embedder = embedder
         self.core_cases = core_cases
@@ -180,7 +220,9 @@ class Gate:
         self.core_key = suite_key(core_cases, cfg.weights)
         self._reference: dict[str, list[CaseScore]] = {}
         # The base model's answers never change: keep its core scores across processes.
-        self._base_file = cache_dir / f"{base_sha256[:16]}-{self.core_key}.json" if cache_dir is not None and base_sha256 else None
+        self._base_file = (
+            cache_dir / f"{base_sha256[:16]}-{self.core_key}.json" if cache_dir is not None and base_sha256 else None
+        )
 
     def score(self, adapter_dir: Path | None, cases: list[TestCase]) -> list[CaseScore]:
         """Answer and score `cases` with the base model plus the adapter (or the base model alone)."""
@@ -206,19 +248,26 @@ class Gate:
             else:
                 self._reference[key] = self.score(reference_dir, self.core_cases)
                 if key == "base" and self._base_file is not None:
-                    self._base_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self._base_file.with_suffix(".tmp")
-                    tmp.write_text(json.dumps([asdict(c) for c in self._reference[key]]), encoding="utf-8")
-                    tmp.replace(self._base_file)
+                    atomic_write(self._base_file, json.dumps([asdict(c) for c in self._reference[key]]).encode("utf-8"))
         return self._reference[key]
 
     def core_conflicts(self, taught: list[TestCase]) -> list[TestCase]:
         """Training examples that ask a core-suite question and teach an answer other than the core suite's."""
-        return [t for t in taught for core in self.core_cases
-                if same_question(t.prompt, core.prompt) and not answers_match(t.expected, core.expected)]  # fmt: skip
+        return [
+            t
+            for t in taught
+            for core in self.core_cases
+            if same_question(t.prompt, core.prompt) and not answers_match(t.expected, core.expected)
+        ]
 
-    def evaluate(self, candidate_dir: Path, user_cases: list[TestCase], reference_dir: Path | None = None,
-                 previous_facts: list[TestCase] = (), taught: list[TestCase] = ()) -> GateReport:  # fmt: skip
+    def evaluate(
+        self,
+        candidate_dir: Path,
+        user_cases: list[TestCase],
+        reference_dir: Path | None = None,
+        previous_facts: list[TestCase] = (),
+        taught: list[TestCase] = (),
+    ) -> GateReport:
         """`previous_facts`: the facts the reference version learned (forgetting is measured on them).
 
         `taught`: the candidate's training examples. One that gives a core-suite
@@ -245,13 +294,19 @@ class Gate:
                 del self._reference[next(k for k in self._reference if k != "base")]
             retention = self.retention(candidate)
             if retention < cfg.min_retention:
-                reasons.append(f"retention {retention:.3f} below {cfg.min_retention}: general answers drifted from the base model's")
-            core = SuiteReport("core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate)
+                reasons.append(
+                    f"retention {retention:.3f} below {cfg.min_retention}: general answers drifted from the base model's"
+                )
+            core = SuiteReport(
+                "core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate
+            )
             core.passed = core.score >= core.threshold
             if not core.passed:
                 who = "the active adapter" if reference_dir is not None else "the base model"
-                reasons.append(f"core suite regressed: {core.score:.3f} vs {reference:.3f} for {who} "
-                               f"(allowed drop {cfg.regression_threshold})")  # fmt: skip
+                reasons.append(
+                    f"core suite regressed: {core.score:.3f} vs {reference:.3f} for {who} "
+                    f"(allowed drop {cfg.regression_threshold})"
+                )
             suites["core"] = core
 
         scored = self.score(candidate_dir, user_cases)
@@ -269,8 +324,9 @@ class Gate:
         if previous_facts:
             again = self.score(candidate_dir, list(previous_facts))
             forgetting = round(sum(1 - c.match for c in again) / len(again), 4)
-            suites["previous"] = SuiteReport("previous", mean_score(again), forgetting <= cfg.max_forgetting,
-                                             cfg.max_forgetting, None, again)  # fmt: skip
+            suites["previous"] = SuiteReport(
+                "previous", mean_score(again), forgetting <= cfg.max_forgetting, cfg.max_forgetting, None, again
+            )
             if forgetting > cfg.max_forgetting:
                 reasons.append(f"forgot {forgetting:.0%} of what the previous version learned (at most {cfg.max_forgetting:.0%})")
         return GateReport(passed=not reasons, reasons=reasons, suites=suites, retention=retention, forgetting=forgetting)

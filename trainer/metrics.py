@@ -15,11 +15,15 @@ log = logging.getLogger("adaptloop.trainer")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-LIFECYCLE = Counter("adaptloop_trainer_lifecycle_events_total", "Lifecycle events published, by type", ["type"], registry=REGISTRY)
+LIFECYCLE = Counter(
+    "adaptloop_trainer_lifecycle_events_total", "Lifecycle events published, by type", ["type"], registry=REGISTRY
+)
 TRAIN_SECONDS = Histogram(
-    "adaptloop_trainer_train_seconds", "Training time of a version", registry=REGISTRY,
+    "adaptloop_trainer_train_seconds",
+    "Training time of a version",
+    registry=REGISTRY,
     buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600),
-)  # fmt: skip
+)
 TOKENS = Counter("adaptloop_trainer_trained_tokens_total", "Tokens trained on (answer and prompt tokens)", registry=REGISTRY)
 BUSY = Gauge("adaptloop_trainer_busy", "1 while a job (training or validation) runs", registry=REGISTRY)
 

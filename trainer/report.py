@@ -3,7 +3,9 @@
     adaptloop report alice --out reports/alice
 
 writes, from the registry alone:
-    loss_v<N>.png   the loss curve of each version (steps on x)
+    loss_v<N>.png   the loss of each version per step, as two series: the user
+                    examples' cross-entropy and the anchors' KL to the base
+                    model (their sum zig-zags with each batch's mix of rows)
     scores.png      the validation scores over versions (user suite, core suite,
                     the promotion threshold; rejected versions marked)
     index.html      the version history, rollbacks and both charts (embedded,
@@ -33,32 +35,55 @@ def version_rows(registry: AdapterRegistry, user_id: str, infos: list | None = N
     active = registry.active(user_id)
     rows = []
     for info in registry.versions(user_id) if infos is None else infos:
-        m, validation = info.manifest.get("metrics", {}), info.manifest.get("validation", {})
-        rows.append({
-            "version": info.version, "validation_score": m.get("user_score"), "core_score": m.get("core_score"),
-            "facts_learned": m.get("facts_learned"), "retention": m.get("retention"), "forgetting": m.get("forgetting"),
-            "passed": validation.get("passed"), "reasons": validation.get("reasons", []),
-            "active": info.version == active, "trigger": info.manifest.get("trigger"),
-            "trained_at": info.manifest.get("trained_at"), "train_seconds": m.get("train_seconds"),
-            "steps": m.get("steps"), "final_loss": m.get("final_loss"),
-            "sha256": info.manifest.get("files", {}).get("adapter_model.safetensors"),
-        })  # fmt: skip
+        manifest, m = info.manifest, info.manifest.metrics
+        validation = manifest.validation
+        rows.append(
+            {
+                "version": info.version,
+                "validation_score": m.user_score,
+                "core_score": m.core_score,
+                "facts_learned": m.facts_learned,
+                "retention": m.retention,
+                "forgetting": m.forgetting,
+                "passed": None if validation is None else validation.passed,
+                "reasons": [] if validation is None else list(validation.reasons),
+                "active": info.version == active,
+                "trigger": manifest.trigger,
+                "trained_at": None if manifest.trained_at is None else manifest.trained_at.isoformat(),
+                "train_seconds": m.train_seconds,
+                "gate_seconds": m.gate_seconds,
+                "steps": m.steps,
+                "final_loss": m.final_loss,
+                "sha256": manifest.weights_sha256,
+            }
+        )
     return rows
+
+
+def loss_series(manifest) -> dict[str, list[float | None]]:
+    """The per-step series to draw: user loss and anchor KL (manifests before they were kept: the total loss)."""
+    curves = {name: values for name, values in manifest.loss_curves.items() if any(v is not None for v in values)}
+    return curves or ({"loss": list(manifest.loss_curve)} if manifest.loss_curve else {})
 
 
 @dataclass
 class Report:
     user_id: str
     rows: list[dict]
-    loss_curves: dict[int, list[float]]
+    loss_curves: dict[int, dict[str, list[float | None]]]
     events: list[dict]
     threshold: float | None
     images: dict[str, bytes] = field(default_factory=dict)
     html: str = ""
 
     def numbers(self) -> dict:
-        return {"user_id": self.user_id, "versions": self.rows, "loss_curves": {str(k): v for k, v in self.loss_curves.items()},
-                "events": self.events, "promote_if_score": self.threshold}  # fmt: skip
+        return {
+            "user_id": self.user_id,
+            "versions": self.rows,
+            "loss_curves": {str(k): v for k, v in self.loss_curves.items()},
+            "events": self.events,
+            "promote_if_score": self.threshold,
+        }
 
     def write(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +99,16 @@ class Report:
 def build_report(registry: AdapterRegistry, user_id: str, threshold: float | None = None) -> Report:
     infos = registry.versions(user_id)  # every manifest read once
     rows = version_rows(registry, user_id, infos)
-    curves = {info.version: [float(x) for x in info.manifest.get("loss_curve", [])] for info in infos}
-    events = [{"at": e.get("at"), "version": e.get("version"), "status": e.get("status"),
-               "why": e.get("reason") or "; ".join(e.get("reasons", []))} for e in registry.history(user_id)]  # fmt: skip
+    curves = {info.version: loss_series(info.manifest) for info in infos}
+    events = [
+        {
+            "at": e.get("at"),
+            "version": e.get("version"),
+            "status": e.get("status"),
+            "why": e.get("reason") or "; ".join(e.get("reasons", [])),
+        }
+        for e in registry.history(user_id)
+    ]
     report = Report(user_id, rows, curves, events, threshold)
     for version, curve in curves.items():
         if curve:
@@ -103,13 +135,25 @@ def _figure():
     return fig, fig.add_subplot()
 
 
-def _loss_png(user_id: str, version: int, curve: list[float]) -> bytes:
+SERIES_LABELS = {
+    "user": "user loss (cross-entropy on the user's answers)",
+    "anchor_kl": "anchor KL (to the base model)",
+    "loss": "loss",
+}
+
+
+def _loss_png(user_id: str, version: int, curves: dict[str, list[float | None]]) -> bytes:
+    """One line per series; a step whose batch had no row of a kind is a gap in that line, not a zero."""
     fig, ax = _figure()
-    ax.plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 60 else None)
+    for name, values in curves.items():
+        steps = [i for i, v in enumerate(values, start=1) if v is not None]
+        points = [v for v in values if v is not None]
+        ax.plot(steps, points, marker="." if len(values) < 60 else None, label=SERIES_LABELS.get(name, name))
+        ax.annotate(f"final {points[-1]:.4f}", (steps[-1], points[-1]), textcoords="offset points", xytext=(-60, 10))
     ax.set(title=f"{user_id} v{version}: training loss", xlabel="step", ylabel="loss")
-    ax.annotate(f"final {curve[-1]:.4f}", (len(curve), curve[-1]), textcoords="offset points", xytext=(-60, 10))
+    ax.legend(loc="upper right", fontsize="small")
     ax.grid(alpha=0.3)
-    return _png(fig, {"user_id": user_id, "version": version, "loss_curve": curve})
+    return _png(fig, {"user_id": user_id, "version": version, "loss_curves": curves})
 
 
 def _scores_png(user_id: str, rows: list[dict], threshold: float | None) -> bytes:
@@ -127,8 +171,13 @@ def _scores_png(user_id: str, rows: list[dict], threshold: float | None) -> byte
     ax.set(title=f"{user_id}: validation scores", xlabel="version", ylabel="score", ylim=(0, 1.05), xticks=versions)
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
-    numbers = {"user_id": user_id, "versions": versions, "validation_score": [r["validation_score"] for r in rows],
-               "core_score": [r["core_score"] for r in rows], "passed": [r["passed"] for r in rows]}  # fmt: skip
+    numbers = {
+        "user_id": user_id,
+        "versions": versions,
+        "validation_score": [r["validation_score"] for r in rows],
+        "core_score": [r["core_score"] for r in rows],
+        "passed": [r["passed"] for r in rows],
+    }
     return _png(fig, numbers)
 
 
@@ -150,18 +199,34 @@ def _page(report: Report) -> str:
         data = base64.b64encode(report.images[name]).decode()
         return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
 
-    columns = [("version", "version"), ("active", "active"), ("passed", "gate passed"), ("validation_score", "user score"),
-               ("core_score", "core score"), ("facts_learned", "facts learned"), ("retention", "retention"),
-               ("forgetting", "forgetting"), ("final_loss", "final loss"), ("steps", "steps"),
-               ("train_seconds", "train s"), ("trigger", "trigger"), ("trained_at", "trained at")]  # fmt: skip
+    columns = [
+        ("version", "version"),
+        ("active", "active"),
+        ("passed", "gate passed"),
+        ("validation_score", "user score"),
+        ("core_score", "core score"),
+        ("facts_learned", "facts learned"),
+        ("retention", "retention"),
+        ("forgetting", "forgetting"),
+        ("final_loss", "final loss"),
+        ("steps", "steps"),
+        ("train_seconds", "train s"),
+        ("trigger", "trigger"),
+        ("trained_at", "trained at"),
+    ]
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join(
         f'<tr class="{"active" if r["active"] else ("rejected" if r["passed"] is False else "")}">'
-        + "".join(f"<td>{_cell(r[key])}</td>" for key, _ in columns) + "</tr>"
+        + "".join(f"<td>{_cell(r[key])}</td>" for key, _ in columns)
+        + "</tr>"
         for r in reversed(report.rows)
-    )  # fmt: skip
-    events = "".join(f"<li>{_cell(e['at'])} {_cell(version_label(e['version']))} <b>{_cell(e['status'])}</b>"
-                     + (f" &mdash; {_cell(e['why'])}" if e["why"] else "") + "</li>" for e in report.events)  # fmt: skip
+    )
+    events = "".join(
+        f"<li>{_cell(e['at'])} {_cell(version_label(e['version']))} <b>{_cell(e['status'])}</b>"
+        + (f" &mdash; {_cell(e['why'])}" if e["why"] else "")
+        + "</li>"
+        for e in report.events
+    )
     losses = "".join(img(f"loss_v{r['version']}.png") for r in reversed(report.rows))
     user = html.escape(report.user_id)
     return f"""<!doctype html>

@@ -1,7 +1,7 @@
 """Scoring a model's answers against expected ones, case by case.
 
     embedder = load_embedder("embedded:all-minilm-l6-v2")
-    scores = score_cases(model, tokenizer, device, embedder, cases, ScoreWeights())
+    scores = score_cases(model, tokenizer, device, embedder, cases, ScoreWeights.from_settings(settings))
 
 Three signals per case, each in 0..1, combined by configurable weights:
 - semantic: cosine similarity of the generated and the expected answer's
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from adaptloop.errors import ModelError
+from core.errors import ModelError
+from core.settings import Settings, defaults
 from trainer.data import IGNORE, tokenize
 
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
@@ -40,13 +41,20 @@ class TestCase:
 
 @dataclass(frozen=True)
 class ScoreWeights:
-    semantic: float = 0.4
-    match: float = 0.4
-    loss: float = 0.2
+    """`validation.weights`: how a case's three scores combine (normalised by their sum)."""
+
+    semantic: float
+    match: float
+    loss: float
 
     def __post_init__(self) -> None:
         if min(self.semantic, self.match, self.loss) < 0 or self.semantic + self.match + self.loss <= 0:
             raise ModelError(f"score weights must be >= 0 and not all 0; got {self}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> ScoreWeights:
+        weights = (settings or defaults()).validation.weights
+        return replace(cls(semantic=weights.semantic, match=weights.match, loss=weights.loss), **overrides)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,16 @@ _NUMBER_WORDS = {
         "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
         "seventeen eighteen nineteen twenty".split()
     )
-} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90", "hundred": "100"}
+} | {
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+}
 
 
 def _normal(text: str) -> str:
@@ -180,7 +197,7 @@ def answer_nll(model, tokenizer, device, case: TestCase, max_len: int = 512) -> 
 
 def score_cases(model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights) -> list[CaseScore]:
     """Answer every case with `model` (greedy) and score it."""
-    from trainer.train import generate_batch
+    from trainer.generation import generate_batch
 
     answers = generate_batch(model, tokenizer, device, [case.prompt for case in cases])
     semantic = embedder.similarity(answers, [c.expected for c in cases])
@@ -191,8 +208,11 @@ def score_cases(model, tokenizer, device, embedder: Embedder, cases: list[TestCa
         nll = answer_nll(model, tokenizer, device, case)
         confidence = math.exp(-nll)
         score = (weights.semantic * sim + weights.match * match + weights.loss * confidence) / total
-        out.append(CaseScore(case.prompt, case.expected, answer, round(sim, 4), match, round(confidence, 4),
-                             round(nll, 4), round(score, 4)))  # fmt: skip
+        out.append(
+            CaseScore(
+                case.prompt, case.expected, answer, round(sim, 4), match, round(confidence, 4), round(nll, 4), round(score, 4)
+            )
+        )
     return out
 
 

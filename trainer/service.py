@@ -40,48 +40,66 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from adaptloop.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.lag import ConsumerLagCollector
-from adaptloop.storage import ArtifactStore, sha256_bytes
-from schemas import COMMAND_ADAPTER, Command, DeadLetter, LifecycleEvent, RollbackCommand, TrainingRequest, ValidateCommand
+from core.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError, TrainingInterrupted
+from core.kafka.client import ClientConfig
+from core.kafka.lag import ConsumerLagCollector
+from core.settings import Settings
+from core.storage import ArtifactStore, sha256_bytes
+from schemas import (
+    COMMAND_ADAPTER,
+    Command,
+    DeadLetter,
+    LifecycleEvent,
+    RollbackCommand,
+    TrainingRequest,
+    ValidateCommand,
+    reason_text,
+)
+from schemas.dataset import from_jsonl
 from schemas.decode import decode
-from streams.dataset import from_jsonl
-from trainer.anchors import AnchorMix, AnchorSet
 from trainer import metrics
-from trainer.gate import GateReport, GateSpec
-from trainer.model import BaseModelRef, load_base
-from trainer.offline import Outcome, apply_decision, train_version, user_cases, validate_adapter
-from trainer.registry import AdapterRegistry, VersionInfo, version_label
-from trainer.train import TrainConfig, remove_checkpoint
+from trainer.gate import GateReport
+from trainer.job import Outcome, TrainingJob, apply_decision, progress_log, runner_from_settings, user_cases, validate_adapter
+from trainer.model import BaseModelRef, load_base, resolve_base_model
+from trainer.registry import VersionInfo, version_label
+from trainer.train import remove_checkpoint
 
 log = logging.getLogger("adaptloop.trainer")
 
 
-def _numbers(values: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 @dataclass(frozen=True)
 class TrainerConfig:
+    """The service's own plain values; the training job itself is built from the settings (`runner_from_settings`)."""
+
     client: ClientConfig
     group_id: str
     requests_topic: str
+    commands_topic: str
     lifecycle_topic: str
     dlq_topic: str
     storage_root: str
-    max_versions: int
-    train: TrainConfig
-    gate: GateSpec | None  # None: versions stay candidates (never promoted)
-    commands_topic: str | None = None
-    cache_dir: Path = Path.home() / ".cache" / "adaptloop"
-    anchor_prompts: tuple[str, ...] = ()
-    anchor_mix: AnchorMix = AnchorMix()
-    embedding_model: str | None = None  # chooses the anchors nearest the user's prompts; None: a random sample
+    user_tests_dir: str
+    metrics_port: int  # 0: no metrics endpoint
+    metrics_host: str
+    session_timeout_s: float
     max_message_bytes: int = 1 << 20
-    metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_host: str = "127.0.0.1"
-    session_timeout_s: float = 45.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
+        t = settings.topics
+        return cls(
+            client=ClientConfig.from_settings(settings.kafka),
+            group_id=settings.training.group_id,
+            requests_topic=t.training_requests.name,
+            commands_topic=t.commands.name,
+            lifecycle_topic=t.lifecycle.name,
+            dlq_topic=t.dlq.name,
+            storage_root=settings.storage_root,
+            user_tests_dir=settings.validation.user_tests_dir,
+            metrics_port=settings.training.metrics_port if metrics_port is None else metrics_port,
+            metrics_host=settings.training.metrics_host,
+            session_timeout_s=settings.kafka.session_timeout_s,
+        )
 
 
 @dataclass
@@ -94,14 +112,13 @@ class _Job:
 
 
 class TrainerService:
-    def __init__(self, cfg: TrainerConfig, base: BaseModelRef, dtype: str = "auto") -> None:
+    def __init__(self, settings: Settings, cfg: TrainerConfig, base: BaseModelRef) -> None:
         self.cfg = cfg
         self.base = base
-        self.model, self.tokenizer, self.device = load_base(base, dtype)  # once per process
-        self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
+        self.model, self.tokenizer, self.device = load_base(base, settings.model.dtype)  # once per process
+        self.runner = runner_from_settings(settings, base, self.model, self.tokenizer, self.device)
+        self.registry, self.gate = self.runner.registry, self.runner.gate
         self.store = ArtifactStore(cfg.storage_root)
-        self.gate = cfg.gate.build(self.model, self.tokenizer, self.device, base.sha256) if cfg.gate is not None else None
-        self.anchors = AnchorSet(list(cfg.anchor_prompts), cfg.cache_dir, base.sha256, cfg.embedding_model) if cfg.anchor_prompts else None
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None
@@ -129,8 +146,9 @@ class TrainerService:
             prefix = about.request_id
         else:
             ids, prefix = {"job_id": about.command_id}, about.command_id
-        event = LifecycleEvent(event_id=f"{prefix}-{kind}-{uuid.uuid4().hex[:6]}"[-128:], type=kind,
-                               user_id=about.user_id, **ids, **fields)  # fmt: skip
+        event = LifecycleEvent(
+            event_id=f"{prefix}-{kind}-{uuid.uuid4().hex[:6]}"[-128:], type=kind, user_id=about.user_id, **ids, **fields
+        )
         self.producer.produce(self.cfg.lifecycle_topic, key=about.user_id, value=event.to_bytes())
         if self.producer.flush(30):
             raise KafkaOperationError(f"lifecycle event {kind} for {prefix} not acknowledged")
@@ -139,23 +157,36 @@ class TrainerService:
     def _announce(self, request: TrainingRequest, info: VersionInfo, decision: str, republished: bool = False) -> None:
         """training_completed, then the gate's verdict: validated + promoted | rejected."""
         manifest = info.manifest
-        metrics_of = _numbers(manifest.get("metrics", {}))
+        metrics_of = manifest.metrics.numbers()
         details = {"republished": republished, "adapter": str(info.path)}
         if not republished:
             metrics.TRAIN_SECONDS.observe(metrics_of.get("train_seconds", 0.0))
             metrics.TOKENS.inc(metrics_of.get("tokens", 0))
         self._emit("training_completed", request, version=info.version, metrics=metrics_of, details=details)
-        validation = manifest.get("validation")
+        validation = manifest.validation
         if validation is None:
             return
-        details = {**details, "passed": validation["passed"], "suites": validation["suites"]}
+        suites = {name: suite.model_dump() for name, suite in validation.suites.items()}
+        details = {**details, "passed": validation.passed, "suites": suites}
         self._emit("validated", request, version=info.version, metrics=metrics_of, details=details)
         if decision == "promoted":
-            self._emit("promoted", request, version=info.version, previous_version=validation.get("reference_version"),
-                       metrics=metrics_of, details=details)  # fmt: skip
+            self._emit(
+                "promoted",
+                request,
+                version=info.version,
+                previous_version=validation.reference_version,
+                metrics=metrics_of,
+                details=details,
+            )
         else:
-            self._emit("rejected", request, version=info.version, metrics=metrics_of, details=details,
-                       reason="; ".join(validation["reasons"])[:3900])  # fmt: skip
+            self._emit(
+                "rejected",
+                request,
+                version=info.version,
+                metrics=metrics_of,
+                details=details,
+                reason=reason_text("; ".join(validation.reasons)),
+            )
 
     # ---- the loop ------------------------------------------------------------ #
 
@@ -166,13 +197,17 @@ class TrainerService:
 
         def on_revoke(consumer, partitions):
             job = self.job
-            if job is not None and any(p.topic == job.partition.topic and p.partition == job.partition.partition for p in partitions):
+            if job is not None and any(
+                p.topic == job.partition.topic and p.partition == job.partition.partition for p in partitions
+            ):
                 log.warning("partition of the running job was revoked; checkpointing and handing it over")
                 self.abort.set()
 
-        topics = [self.cfg.requests_topic] + ([self.cfg.commands_topic] if self.cfg.commands_topic else [])
+        topics = [self.cfg.requests_topic, self.cfg.commands_topic]
         self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
-        log.info("trainer ready: group %s, topic %s, base model %s", self.cfg.group_id, self.cfg.requests_topic, self.base.model_id)
+        log.info(
+            "trainer ready: group %s, topic %s, base model %s", self.cfg.group_id, self.cfg.requests_topic, self.base.model_id
+        )
         try:
             while True:
                 if self.job is not None and not self.job.thread.is_alive():
@@ -198,8 +233,14 @@ class TrainerService:
             message = decode(COMMAND_ADAPTER if is_command else TrainingRequest, msg.value(), self.cfg.max_message_bytes)
         except InvalidMessage as exc:
             if not is_command:  # the streams worker dead-letters bad commands; one letter per message is enough
-                letter = DeadLetter.of(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
-                                       key=msg.key(), value=msg.value(), reason=exc.reason)  # fmt: skip
+                letter = DeadLetter.of(
+                    topic=msg.topic(),
+                    partition=msg.partition(),
+                    offset=msg.offset(),
+                    key=msg.key(),
+                    value=msg.value(),
+                    reason=exc.reason,
+                )
                 self.producer.produce(self.cfg.dlq_topic, key=msg.key(), value=letter.to_bytes())
                 self.producer.flush(30)
             self.consumer.commit(offsets=[next_offset], asynchronous=False)
@@ -226,7 +267,9 @@ class TrainerService:
         self.consumer.pause(self.consumer.assignment())
         metrics.BUSY.set(1)
         job = _Job(message, next_offset, threading.Thread(target=lambda: None))
-        job.thread = threading.Thread(target=target, args=(job,), name=f"job-{next_offset.topic}-{next_offset.offset}", daemon=True)
+        job.thread = threading.Thread(
+            target=target, args=(job,), name=f"job-{next_offset.topic}-{next_offset.offset}", daemon=True
+        )
         self.job = job
         job.thread.start()
 
@@ -235,15 +278,26 @@ class TrainerService:
     def _rollback(self, command: RollbackCommand) -> None:
         done = [r for r in self.registry.rollback_log(command.user_id) if r.get("command_id") == command.command_id]
         if done:  # a redelivered command: say again what it did
-            self._emit("rolled_back", command, version=done[-1]["to_version"], previous_version=done[-1]["from_version"],
-                       reason=command.reason, details={"republished": True})  # fmt: skip
+            self._emit(
+                "rolled_back",
+                command,
+                version=done[-1]["to_version"],
+                previous_version=done[-1]["from_version"],
+                reason=command.reason,
+                details={"republished": True},
+            )
             return
         try:
-            new, previous = self.registry.rollback(command.user_id, command.reason, command.to_version,
-                                                   requested_by=command.requested_by, command_id=command.command_id)  # fmt: skip
+            new, previous = self.registry.rollback(
+                command.user_id,
+                command.reason,
+                command.to_version,
+                requested_by=command.requested_by,
+                command_id=command.command_id,
+            )
         except (RollbackError, StorageError) as exc:
             log.warning("rollback %s for %s not done: %s", command.command_id, command.user_id, exc)
-            self._emit("command_failed", command, reason=str(exc)[:3900], details={"command": "rollback"})
+            self._emit("command_failed", command, reason=reason_text(str(exc)), details={"command": "rollback"})
             return
         log.info("rolled %s back from %s to %s: %s", command.user_id, version_label(previous), version_label(new), command.reason)
         self._emit("rolled_back", command, version=new, previous_version=previous, reason=command.reason)
@@ -255,10 +309,22 @@ class TrainerService:
         return bool(done)
 
     def _validated(self, command: ValidateCommand, record: dict, republished: bool = False) -> None:
-        self._emit("validated", command, version=command.version, metrics=_numbers(record.get("metrics", {})),
-                   reason="; ".join(record.get("reasons", []))[:3900] or None,
-                   details={"passed": record["passed"], "republished": republished, "command": "validate",
-                            "suites": {k: {n: v for n, v in s.items() if n != "case_scores"} for k, s in record.get("suites", {}).items()}})  # fmt: skip
+        numbers = {
+            k: float(v) for k, v in record.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self._emit(
+            "validated",
+            command,
+            version=command.version,
+            metrics=numbers,
+            reason=reason_text("; ".join(record.get("reasons", []))) or None,
+            details={
+                "passed": record["passed"],
+                "republished": republished,
+                "command": "validate",
+                "suites": {k: {n: v for n, v in s.items() if n != "case_scores"} for k, s in record.get("suites", {}).items()},
+            },
+        )
 
     def _validate(self, job: _Job) -> None:
         command = job.request
@@ -270,10 +336,17 @@ class TrainerService:
             baseline = None
             if command.baseline_version is not None:
                 baseline = self.registry.verify(command.user_id, command.baseline_version).path
-            job.result = validate_adapter(gate=self.gate, registry=self.registry, store=self.store,
-                                          tests_dir=self.cfg.gate.user_tests_dir, user_id=command.user_id,
-                                          adapter=candidate.path, baseline=baseline, job_id=command.command_id,
-                                          version=command.version)  # fmt: skip
+            job.result = validate_adapter(
+                gate=self.gate,
+                registry=self.registry,
+                store=self.store,
+                tests_dir=self.cfg.user_tests_dir,
+                user_id=command.user_id,
+                adapter=candidate.path,
+                baseline=baseline,
+                job_id=command.command_id,
+                version=command.version,
+            )
         except BaseException as exc:  # reported by the main loop
             job.error = exc
 
@@ -290,18 +363,26 @@ class TrainerService:
             held_out = []
             if request.dataset.test_uri:
                 held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
-            checkpoint = self._checkpoint_dir(request)
-            explicit = user_cases(self.store, self.cfg.gate.user_tests_dir, request.user_id) if self.cfg.gate else []
+            explicit = user_cases(self.store, self.cfg.user_tests_dir, request.user_id) if self.gate is not None else []
+            training = TrainingJob(
+                request.user_id,
+                examples,
+                held_out,
+                request.dataset.uri,
+                request.dataset.sha256,
+                request.trigger,
+                request.request_id,
+                list(request.lineage),
+                explicit,
+            )
             with tempfile.TemporaryDirectory(prefix="adaptloop-job-") as tmp:
-                job.result = train_version(
-                    registry=self.registry, base=self.base, model=self.model, tokenizer=self.tokenizer,
-                    device=self.device, user_id=request.user_id, examples=examples, held_out=held_out,
-                    cfg=self.cfg.train, work_dir=Path(tmp), dataset_uri=request.dataset.uri,
-                    dataset_sha256=request.dataset.sha256, trigger=request.trigger, request_id=request.request_id,
-                    lineage=[r.model_dump() for r in request.lineage], checkpoint_dir=checkpoint,
-                    show_progress=False, should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
-                    gate=self.gate, explicit_cases=explicit, anchors=self.anchors, anchor_mix=self.cfg.anchor_mix,
-                )  # fmt: skip
+                job.result = self.runner.run(
+                    training,
+                    Path(tmp),
+                    self._checkpoint_dir(request),
+                    progress_log(request.user_id),
+                    should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
+                )
         except BaseException as exc:  # reported by the main loop
             job.error = exc
 
@@ -321,13 +402,13 @@ class TrainerService:
                 assert isinstance(job.result, GateReport)
                 self._validated(request, job.result.to_dict())
             self.consumer.commit(offsets=[job.partition], asynchronous=False)
-        elif isinstance(job.error, InterruptedError):
+        elif isinstance(job.error, TrainingInterrupted):
             # Not committed: whoever owns the partition next gets the request again and resumes.
             log.warning("request %s interrupted and checkpointed; it will resume", request.request_id)
         elif job.error is not None:
             log.error("request %s failed: %s", request.request_id, job.error)
             remove_checkpoint(self._checkpoint_dir(request))  # a retry of the same request starts afresh
-            self._emit("training_failed", request, reason=f"{type(job.error).__name__}: {job.error}"[:3900])
+            self._emit("training_failed", request, reason=reason_text(f"{type(job.error).__name__}: {job.error}"))
             self.consumer.commit(offsets=[job.partition], asynchronous=False)
         else:
             assert isinstance(job.result, Outcome)
@@ -339,10 +420,13 @@ class TrainerService:
             self.consumer.resume(self.consumer.assignment())
 
 
-def run_trainer(cfg: TrainerConfig, base: BaseModelRef, dtype: str) -> None:
+def run_trainer(settings: Settings, metrics_port: int | None = None) -> None:
+    """Run the trainer until SIGTERM/SIGINT (the topics must exist: `adaptloop trainer` ensures them)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    service = TrainerService(cfg, base, dtype)
-    lag = ConsumerLagCollector(cfg.client, {cfg.group_id: [cfg.requests_topic] + ([cfg.commands_topic] if cfg.commands_topic else [])})
+    cfg = TrainerConfig.from_settings(settings, metrics_port)
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    service = TrainerService(settings, cfg, base)
+    lag = ConsumerLagCollector(cfg.client, {cfg.group_id: [cfg.requests_topic, cfg.commands_topic]})
     metrics.serve(cfg.metrics_port, cfg.metrics_host, [lag])
 
     def stop(signum, _frame) -> None:

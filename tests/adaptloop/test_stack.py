@@ -12,8 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from adaptloop.kafka.broker import free_port, pid_alive
-from tests.conftest import JAR_CACHE
+from core.kafka.broker import free_port, pid_alive
+from tests.support.processes import JAR_CACHE
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -21,8 +21,14 @@ TOPICS = ("intent_traces", "feedback", "conversations", "concept_gaps", "command
 
 
 def _adaptloop(config, env, *args, timeout=600, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "adaptloop.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, tmp_path):
@@ -31,14 +37,19 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
     suffix = uuid.uuid4().hex[:8]
     ports = {"api": free_port(), "worker": free_port(), "trainer": free_port()}
     config = tmp_path / "adapter_retrain.yaml"
-    config.write_text(yaml.safe_dump({
-        "storage_root": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache"),
-        "topics": {k: {"name": f"up.{k}.{suffix}", "partitions": 1} for k in TOPICS},
-        "streams": {"app_id": f"up-{suffix}", "internal_partitions": 1, "web_port": ports["worker"]},
-        "model": {"base_model": str(build_tiny_model(tmp_path / "tiny")), "dtype": "float32"},
-        "training": {"group_id": f"up-{suffix}", "metrics_port": ports["trainer"]},
-        "api": {"port": ports["api"]},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage_root": str(tmp_path / "store"),
+                "cache_dir": str(tmp_path / "cache"),
+                "topics": {k: {"name": f"up.{k}.{suffix}", "partitions": 1} for k in TOPICS},
+                "streams": {"app_id": f"up-{suffix}", "internal_partitions": 1, "web_port": ports["worker"]},
+                "model": {"base_model": str(build_tiny_model(tmp_path / "tiny")), "dtype": "float32"},
+                "training": {"group_id": f"up-{suffix}", "metrics_port": ports["trainer"]},
+                "api": {"port": ports["api"]},
+            }
+        )
+    )
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)
     run_dir, working_dir = tmp_path / "run", tmp_path / "wd"
     working_dir.mkdir()
@@ -62,7 +73,9 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
         assert bad.returncode == 2 and "unknown service(s) db" in bad.stderr
     finally:
         down = _adaptloop(config, env, "down", "--run-dir", str(run_dir))
-    assert down.returncode == 0 and "stopping api" in down.stdout and down.stdout.strip().endswith("down"), down.stdout + down.stderr
+    assert down.returncode == 0 and "stopping api" in down.stdout and down.stdout.strip().endswith("down"), (
+        down.stdout + down.stderr
+    )
     assert not any(pid_alive(pid) for pid in pids.values())
     assert "signal 15: checkpointing and leaving the group" in (run_dir / "logs" / "trainer.log").read_text()
     assert json.loads((run_dir / "stack.json").read_text())["services"] == {}
@@ -73,11 +86,19 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
 def test_up_starts_the_local_broker_when_none_is_given_and_down_stops_it(tmp_path):
     port = free_port()
     config = tmp_path / "adapter_retrain.yaml"
-    config.write_text(yaml.safe_dump({
-        "storage_root": str(tmp_path / "store"), "cache_dir": str(JAR_CACHE),
-        "kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "local_broker": {"port": port, "data_dir": str(tmp_path / "kafka")}},
-        "api": {"port": free_port()},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage_root": str(tmp_path / "store"),
+                "cache_dir": str(JAR_CACHE),
+                "kafka": {
+                    "bootstrap_servers": f"127.0.0.1:{port}",
+                    "local_broker": {"port": port, "data_dir": str(tmp_path / "kafka")},
+                },
+                "api": {"port": free_port()},
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     run_dir = tmp_path / "run"
     try:

@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 
-from tests.api.conftest import ApiHandle
-from tests.conftest import check_metric_names
-from tests.trainer.test_registry import _adapter
+from tests.support.adapters import fake_adapter, manifest
+from tests.support.handles import ApiHandle
+from tests.support.prometheus import check_metric_names
 from trainer.registry import AdapterRegistry
 
 pytestmark = pytest.mark.kafka
@@ -18,19 +18,31 @@ pytestmark = pytest.mark.kafka
 def _seed_registry(handle: ApiHandle, tmp_path) -> AdapterRegistry:
     registry = AdapterRegistry(handle.store)
     for version, score in ((1, 0.8), (2, 0.9)):
-        registry.register("alice", _adapter(tmp_path, f"a{version}", f"w{version}".encode()), {
-            "request_id": f"r{version}", "trigger": "threshold", "trained_at": f"2026-11-2{version}T10:00:00+00:00",
-            "metrics": {"user_score": score, "core_score": 0.6, "facts_learned": 1.0, "train_seconds": 30.0},
-            "validation": {"passed": True, "reasons": [], "suites": {}},
-        })  # fmt: skip
+        registry.register(
+            "alice",
+            fake_adapter(tmp_path, f"a{version}", f"w{version}".encode()),
+            manifest(
+                request_id=f"r{version}",
+                trigger="threshold",
+                trained_at=f"2026-11-2{version}T10:00:00+00:00",
+                metrics={"user_score": score, "core_score": 0.6, "facts_learned": 1.0, "train_seconds": 30.0},
+                validation={"passed": True, "reasons": [], "suites": {}},
+            ),
+        )
         registry.activate("alice", version, reason="passed the validation gate")
     return registry
 
 
 def test_health_needs_no_token_and_everything_else_does(api_server: ApiHandle):
     assert httpx.get(f"{api_server.url}/healthz").json()["status"] == "ok"
-    for method, path in (("get", "/api/adapter/status/alice"), ("get", "/api/adapter/history/alice"), ("get", "/metrics"),
-                         ("get", "/api/adapter/metrics"), ("get", "/api/adapter/job/job-x"), ("post", "/api/adapter/retrain")):  # fmt: skip
+    for method, path in (
+        ("get", "/api/adapter/status/alice"),
+        ("get", "/api/adapter/history/alice"),
+        ("get", "/metrics"),
+        ("get", "/api/adapter/metrics"),
+        ("get", "/api/adapter/job/job-x"),
+        ("post", "/api/adapter/retrain"),
+    ):
         for headers in ({}, {"Authorization": "Bearer al_nope_nope"}, {"Authorization": "Basic abc"}):
             r = httpx.request(method, f"{api_server.url}{path}", headers=headers, json={"user_id": "alice"})
             assert r.status_code == 401, (path, headers, r.text)
@@ -44,26 +56,44 @@ def test_scopes_403_validation_422_and_bounded_bodies(api_server: ApiHandle):
     assert r.status_code == 403 and "bob" in r.json()["error"]
     assert httpx.get(f"{api_server.url}/api/adapter/metrics", headers=alice).status_code == 403, "cross-user numbers are admin's"
     admin = api_server.headers()
-    for body in ({"user_id": "../etc"}, {"user_id": "a b"}, {}, {"user_id": "alice", "extra": 1}, {"user_id": "alice", "include_global": "maybe"}):
+    for body in (
+        {"user_id": "../etc"},
+        {"user_id": "a b"},
+        {},
+        {"user_id": "alice", "extra": 1},
+        {"user_id": "alice", "include_global": "maybe"},
+    ):
         r = httpx.post(f"{api_server.url}/api/adapter/retrain", headers=admin, json=body)
         assert r.status_code == 422 and r.json()["error"] == "invalid request", body
     assert httpx.post(f"{api_server.url}/api/adapter/rollback", headers=admin, json={"user_id": "alice"}).status_code == 422
-    assert httpx.post(f"{api_server.url}/api/adapter/validate", headers=admin, json={"user_id": "alice", "version": 0}).status_code == 422
+    assert (
+        httpx.post(f"{api_server.url}/api/adapter/validate", headers=admin, json={"user_id": "alice", "version": 0}).status_code
+        == 422
+    )
     for user in ("..", "a%2Fb", "%2E%2E"):
         r = httpx.get(f"{api_server.url}/api/adapter/history/{user}", headers=admin)
         assert r.status_code in (404, 422) and "error" in r.json(), user
-    huge = httpx.post(f"{api_server.url}/api/adapter/rollback", headers=admin,
-                      content=json.dumps({"user_id": "alice", "reason": "x" * 100_000}), timeout=10)  # fmt: skip
+    huge = httpx.post(
+        f"{api_server.url}/api/adapter/rollback",
+        headers=admin,
+        content=json.dumps({"user_id": "alice", "reason": "x" * 100_000}),
+        timeout=10,
+    )
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]
-    bad_json = httpx.post(f"{api_server.url}/api/adapter/retrain", headers={**admin, "content-type": "application/json"}, content=b"{")
+    bad_json = httpx.post(
+        f"{api_server.url}/api/adapter/retrain", headers={**admin, "content-type": "application/json"}, content=b"{"
+    )
     assert bad_json.status_code == 422
     assert not (api_server.store.parent / "etc").exists()
 
 
 def test_commands_become_jobs_that_follow_the_lifecycle(api_server: ApiHandle):
     admin = api_server.headers()
-    r = httpx.post(f"{api_server.url}/api/adapter/retrain", headers=api_server.headers("alice"),
-                   json={"user_id": "alice", "trigger": "manual", "include_global": True})  # fmt: skip
+    r = httpx.post(
+        f"{api_server.url}/api/adapter/retrain",
+        headers=api_server.headers("alice"),
+        json={"user_id": "alice", "trigger": "manual", "include_global": True},
+    )
     assert r.status_code == 202
     job_id = r.json()["job_id"]
     (command,) = [c for c in api_server.commands() if c["command_id"] == job_id]
@@ -78,8 +108,14 @@ def test_commands_become_jobs_that_follow_the_lifecycle(api_server: ApiHandle):
     api_server.wait_for(lambda: status() == "training", what="training")
     api_server.lifecycle(type="training_completed", user_id="alice", job_id=job_id, version=3, metrics={"final_loss": 0.1})
     api_server.wait_for(lambda: status() == "validating", what="validating")
-    api_server.lifecycle(type="promoted", user_id="alice", job_id=job_id, version=3,
-                         metrics={"user_score": 0.91, "core_score": 0.6, "final_loss": 0.1}, details={"passed": True})  # fmt: skip
+    api_server.lifecycle(
+        type="promoted",
+        user_id="alice",
+        job_id=job_id,
+        version=3,
+        metrics={"user_score": 0.91, "core_score": 0.6, "final_loss": 0.1},
+        details={"passed": True},
+    )
     api_server.wait_for(lambda: status() == "promoted", what="promoted")
     done = httpx.get(f"{api_server.url}/api/adapter/job/{job_id}", headers=admin).json()
     assert done["version"] == 3 and done["scores"] == {"user_score": 0.91, "core_score": 0.6} and done["passed"] is True
@@ -88,15 +124,25 @@ def test_commands_become_jobs_that_follow_the_lifecycle(api_server: ApiHandle):
     # Alice's own token reads her job.
     assert httpx.get(f"{api_server.url}/api/adapter/job/{job_id}", headers=api_server.headers("alice")).status_code == 200
 
-    v = httpx.post(f"{api_server.url}/api/adapter/validate", headers=admin, json={"user_id": "alice", "version": 2, "baseline_version": 1})
-    rb = httpx.post(f"{api_server.url}/api/adapter/rollback", headers=admin, json={"user_id": "alice", "reason": "complaints", "to_version": 1})
+    v = httpx.post(
+        f"{api_server.url}/api/adapter/validate", headers=admin, json={"user_id": "alice", "version": 2, "baseline_version": 1}
+    )
+    rb = httpx.post(
+        f"{api_server.url}/api/adapter/rollback",
+        headers=admin,
+        json={"user_id": "alice", "reason": "complaints", "to_version": 1},
+    )
     assert v.status_code == rb.status_code == 202
     commands = {c["command_id"]: c for c in api_server.commands()}
     assert commands[v.json()["job_id"]]["type"] == "validate" and commands[v.json()["job_id"]]["baseline_version"] == 1
     assert commands[rb.json()["job_id"]]["reason"] == "complaints" and commands[rb.json()["job_id"]]["to_version"] == 1
     api_server.lifecycle(type="command_failed", user_id="alice", job_id=rb.json()["job_id"], reason="alice has no kept version 1")
-    failed = api_server.wait_for(lambda: (lambda j: j if j["status"] == "failed" else None)(
-        httpx.get(f"{api_server.url}/api/adapter/job/{rb.json()['job_id']}", headers=admin).json()), what="failed rollback")  # fmt: skip
+    failed = api_server.wait_for(
+        lambda: (lambda j: j if j["status"] == "failed" else None)(
+            httpx.get(f"{api_server.url}/api/adapter/job/{rb.json()['job_id']}", headers=admin).json()
+        ),
+        what="failed rollback",
+    )
     assert failed["reason"] == "alice has no kept version 1"
 
 
@@ -116,8 +162,12 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
     assert httpx.get(f"{api_server.url}/dashboard/bob", headers=api_server.headers("alice")).status_code == 403
     api_server.lifecycle(type="rolled_back", user_id="alice", job_id="job-rb", version=1, previous_version=2)
     api_server.lifecycle(type="training_completed", user_id="alice", version=2)
-    metrics = api_server.wait_for(lambda: (lambda m: m if m["rollbacks_7d"] == 1 else None)(
-        httpx.get(f"{api_server.url}/api/adapter/metrics", headers=admin).json()), what="metrics")  # fmt: skip
+    metrics = api_server.wait_for(
+        lambda: (lambda m: m if m["rollbacks_7d"] == 1 else None)(
+            httpx.get(f"{api_server.url}/api/adapter/metrics", headers=admin).json()
+        ),
+        what="metrics",
+    )
     assert metrics["total_adapters"] == 2 and metrics["active_users"] == 1 and metrics["average_validation_score"] == 0.9
     assert metrics["recent_trainings_24h"] == 1
     text = httpx.get(f"{api_server.url}/metrics", headers=admin).text
@@ -133,7 +183,7 @@ def test_the_seed_client_snippet_works_as_written(api_server: ApiHandle, tmp_pat
 import requests
 
 API = "{api_server.url}"
-headers = {{"Authorization": "Bearer {api_server.tokens['alice']}"}}
+headers = {{"Authorization": "Bearer {api_server.tokens["alice"]}"}}
 
 # Trigger a retrain for a user
 resp = requests.post(f"{{API}}/api/adapter/retrain", json={{"user_id": "alice", "trigger": "manual", "include_global": False}}, headers=headers)
@@ -164,8 +214,15 @@ def test_tokens_from_the_command_line(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "store")}))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(config), "api", "token", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "adaptloop.cli", "--config", str(config), "api", "token", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     created = run("create", "--scope", "admin", "--scope", "user:bob")
     assert created.returncode == 0 and created.stdout.strip().startswith("al_")
     token = created.stdout.strip()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adaptloop.kafka.client import ClientConfig
 from api.jobs import JobTracker
+from core.kafka.client import ClientConfig
 
 pytestmark = pytest.mark.unit
 
@@ -17,16 +17,27 @@ def _tracker() -> JobTracker:
 
 
 def _event(n: int, kind: str, **fields) -> bytes:
-    return json.dumps({"event_id": f"e{n}", "type": kind, "user_id": "ann", "job_id": "j1", "timestamp": "2026-11-26T00:00:00+00:00", **fields}).encode()
+    return json.dumps(
+        {"event_id": f"e{n}", "type": kind, "user_id": "ann", "job_id": "j1", "timestamp": "2026-11-26T00:00:00+00:00", **fields}
+    ).encode()
 
 
 def test_a_retrain_job_follows_its_events_once_each():
     t = _tracker()
-    t._apply("cmd", b"ann", json.dumps({"command_id": "j1", "type": "retrain", "user_id": "ann", "requested_at": "2026-11-26T00:00:00+00:00"}).encode())
+    t._apply(
+        "cmd",
+        b"ann",
+        json.dumps(
+            {"command_id": "j1", "type": "retrain", "user_id": "ann", "requested_at": "2026-11-26T00:00:00+00:00"}
+        ).encode(),
+    )
     assert t.get("j1").status == "queued"
-    events = [_event(1, "training_started"), _event(2, "training_completed", version=2, metrics={"final_loss": 0.1}),
-              _event(3, "validated", version=2, details={"passed": False}),
-              _event(4, "rejected", version=2, reason="core suite regressed", metrics={"core_score": 0.4, "user_score": 0.9})]  # fmt: skip
+    events = [
+        _event(1, "training_started"),
+        _event(2, "training_completed", version=2, metrics={"final_loss": 0.1}),
+        _event(3, "validated", version=2, details={"passed": False}),
+        _event(4, "rejected", version=2, reason="core suite regressed", metrics={"core_score": 0.4, "user_score": 0.9}),
+    ]
     for raw in events + events:  # a reconnect reads everything again
         t._apply("life", b"ann", raw)
     job = t.get("j1")

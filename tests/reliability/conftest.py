@@ -15,10 +15,6 @@ from pathlib import Path
 
 import pytest
 
-# The fixtures these tests share with the streams and trainer tests.
-from tests.streams.conftest import worker_factory  # noqa: F401
-from tests.trainer.conftest import tiny_model_dir, trainer_factory  # noqa: F401
-
 FIGURES_ENV = "ADAPTLOOP_RELIABILITY_FIGURES"
 
 
@@ -33,10 +29,21 @@ def figures(request):
     """`figures(area, what, injected, lost=0, duplicated=0, result="", **numbers)`: one row of docs/RELIABILITY.md."""
     rows: list[dict] = []
 
-    def record(area: str, what: str, injected: str, lost: int | None = 0, duplicated: int | None = 0,
-               result: str = "", **numbers) -> None:  # fmt: skip
-        rows.append({"area": area, "what": what, "injected": injected, "lost": lost, "duplicated": duplicated,
-                     "result": result, "numbers": numbers, "test": request.node.nodeid})  # fmt: skip
+    def record(
+        area: str, what: str, injected: str, lost: int | None = 0, duplicated: int | None = 0, result: str = "", **numbers
+    ) -> None:
+        rows.append(
+            {
+                "area": area,
+                "what": what,
+                "injected": injected,
+                "lost": lost,
+                "duplicated": duplicated,
+                "result": result,
+                "numbers": numbers,
+                "test": request.node.nodeid,
+            }
+        )
 
     yield record
     out = os.environ.get(FIGURES_ENV)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,11 +63,22 @@ def render(rows: list[dict], machine: str, date: str, seconds: float) -> str:
         if not chosen:
             continue
         lines += [f"## {area}", "", "| what | injected | lost | duplicated | result |", "| --- | --- | ---: | ---: | --- |"]
-        lines += [f"| {_cell(r['what'])} | {_cell(r['injected'])} | {_cell(r['lost'])} | {_cell(r['duplicated'])} | {_cell(r['result'])} |"
-                  for r in chosen]  # fmt: skip
+        lines += [
+            f"| {_cell(r['what'])} | {_cell(r['injected'])} | {_cell(r['lost'])} | {_cell(r['duplicated'])} | {_cell(r['result'])} |"
+            for r in chosen
+        ]
         lines.append("")
-    lines += [PENDING, "## Raw figures", "", "Per test, the numbers behind the table:", "", "```json",
-              json.dumps({r["test"]: r["numbers"] for r in rows if r["numbers"]}, indent=1, sort_keys=True), "```", ""]  # fmt: skip
+    lines += [
+        PENDING,
+        "## Raw figures",
+        "",
+        "Per test, the numbers behind the table:",
+        "",
+        "```json",
+        json.dumps({r["test"]: r["numbers"] for r in rows if r["numbers"]}, indent=1, sort_keys=True),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -77,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="adaptloop-reliability-") as out:
         env = dict(os.environ, ADAPTLOOP_RELIABILITY_FIGURES=out)
-        command = [sys.executable, "-m", "pytest", "tests/reliability", "-p", "no:cacheprovider"] + (["-k", args.k] if args.k else [])
+        command = [sys.executable, "-m", "pytest", "tests/reliability", "-p", "no:cacheprovider"] + (
+            ["-k", args.k] if args.k else []
+        )
         started = time.monotonic()
         code = subprocess.call(command, cwd=REPO, env=env)
         seconds = time.monotonic() - started
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: (AREAS.index(r["area"]) if r["area"] in AREAS else len(AREAS), r["test"]))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(render(rows, machine, datetime.now(timezone.utc).strftime("%Y-%m-%d"), seconds), encoding="utf-8")
+    DOC.write_text(render(rows, machine, datetime.now(UTC).strftime("%Y-%m-%d"), seconds), encoding="utf-8")
     print(f"wrote {DOC} ({len(rows)} rows)")
     return 0
 

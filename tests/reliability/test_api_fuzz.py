@@ -18,8 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.api.conftest import api_server  # noqa: F401 (a fixture)
-
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 PUBLIC = {"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"}
@@ -35,7 +33,7 @@ def _working_dir() -> set[str]:
     return set(os.listdir(os.getcwd())) - {".hypothesis", ".pytest_cache"}
 
 
-def test_schemathesis_finds_no_5xx_no_unauthenticated_access_and_no_stray_files(api_server, tmp_path, figures):  # noqa: F811
+def test_schemathesis_finds_no_5xx_no_unauthenticated_access_and_no_stray_files(api_server, tmp_path, figures):
     api = api_server
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     outside_before = _files(tmp_path, api.store) | _working_dir()
@@ -47,11 +45,14 @@ def test_schemathesis_finds_no_5xx_no_unauthenticated_access_and_no_stray_files(
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
-            def fuzz(case) -> None:
-                for who, headers in (("admin", api.headers()), ("nobody", {}), ("forged", {"Authorization": "Bearer al_0000_forged"})):
+            def fuzz(case, operation=operation) -> None:
+                for who, headers in (
+                    ("admin", api.headers()),
+                    ("nobody", {}),
+                    ("forged", {"Authorization": "Bearer al_0000_forged"}),
+                ):
                     response = case.call(base_url=api.url, headers={**(case.headers or {}), **headers}, timeout=30)
                     statuses[f"{response.status_code // 100}xx"] += 1
                     where = f"{case.method} {case.formatted_path} as {who}"
@@ -72,11 +73,18 @@ def test_schemathesis_finds_no_5xx_no_unauthenticated_access_and_no_stray_files(
     stray = (_files(tmp_path, api.store) | _working_dir()) - outside_before
     stray = {p for p in stray if not p.endswith(".log")}
     total = sum(statuses.values())
-    figures("Bad input", "API fuzzed with schemathesis (valid and invalid requests, every operation)",
-            f"{total} requests over {len(operations)} operations, each as admin, without a token and with a forged one",
-            lost=None, duplicated=None,
-            result=("no 5xx, nothing served without a valid token, every error JSON, no file outside the storage root"
-                    if not problems and not stray else f"{len(problems)} problems, stray files {sorted(stray)[:5]}"),
-            statuses=dict(statuses))  # fmt: skip
+    figures(
+        "Bad input",
+        "API fuzzed with schemathesis (valid and invalid requests, every operation)",
+        f"{total} requests over {len(operations)} operations, each as admin, without a token and with a forged one",
+        lost=None,
+        duplicated=None,
+        result=(
+            "no 5xx, nothing served without a valid token, every error JSON, no file outside the storage root"
+            if not problems and not stray
+            else f"{len(problems)} problems, stray files {sorted(stray)[:5]}"
+        ),
+        statuses=dict(statuses),
+    )
     assert problems == [], "\n".join(problems[:20])
     assert stray == set()

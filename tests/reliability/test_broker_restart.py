@@ -16,11 +16,11 @@ import time
 import httpx
 import pytest
 
-from adaptloop.kafka.broker import free_port
 from api.auth import TokenStore
-from tests.api.conftest import start_api
-from tests.conftest import run_cli, stop_processes
-from tests.streams.conftest import event, ground_truth
+from core.kafka.broker import free_port
+from tests.support.events import event, ground_truth
+from tests.support.handles import start_api
+from tests.support.processes import run_cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -46,12 +46,17 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
     api, url = start_api(w.config_path, bootstrap, tmp_path / "api.log")
     headers = {"Authorization": f"Bearer {token}"}
 
-    events = [event(kind, f"bro{n % USERS}", n) for n in range(FILES * PER_FILE)
-              for kind in [("intent_traces", "feedback", "conversations", "concept_gaps")[n % 4]]]  # fmt: skip
+    events = [
+        event(kind, f"bro{n % USERS}", n)
+        for n in range(FILES * PER_FILE)
+        for kind in [("intent_traces", "feedback", "conversations", "concept_gaps")[n % 4]]
+    ]
     files = []
     for i in range(FILES):
         path = tmp_path / f"events-{i}.jsonl"
-        path.write_text("".join(json.dumps({"event_type": kind, **body}) + "\n" for kind, body in events[i * PER_FILE : (i + 1) * PER_FILE]))
+        path.write_text(
+            "".join(json.dumps({"event_type": kind, **body}) + "\n" for kind, body in events[i * PER_FILE : (i + 1) * PER_FILE])
+        )
         files.append(path)
     publishes: list[tuple[int, float, str]] = []
 
@@ -69,8 +74,9 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
         down_at = time.monotonic()
         assert _cli("kafka", "down", "--port", str(port)).returncode == 0
         time.sleep(OUTAGE_S / 2)
-        during = httpx.post(f"{url}/api/adapter/rollback", json={"user_id": "bro1", "reason": "during the outage"},
-                            headers=headers, timeout=60)  # fmt: skip
+        during = httpx.post(
+            f"{url}/api/adapter/rollback", json={"user_id": "bro1", "reason": "during the outage"}, headers=headers, timeout=60
+        )
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
         assert _cli("kafka", "up", "--port", str(port), "--data-dir", str(tmp_path / "kafka")).returncode == 0
         outage = time.monotonic() - down_at
@@ -78,28 +84,42 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
         assert not publisher.is_alive()
 
         truth = ground_truth(events)
-        w.wait_for(lambda: sum(s.get("events_total", 0) for s in w.states().values()) >= len(events),
-                   timeout=240, what="every event counted after the outage")  # fmt: skip
-        after = httpx.post(f"{url}/api/adapter/rollback", json={"user_id": "bro2", "reason": "after the outage"},
-                           headers=headers, timeout=60)  # fmt: skip
+        w.wait_for(
+            lambda: sum(s.get("events_total", 0) for s in w.states().values()) >= len(events),
+            timeout=240,
+            what="every event counted after the outage",
+        )
+        after = httpx.post(
+            f"{url}/api/adapter/rollback", json={"user_id": "bro2", "reason": "after the outage"}, headers=headers, timeout=60
+        )
         assert after.status_code == 202, after.text
         job = after.json()["job_id"]
-        w.wait_for(lambda: any(json.loads(r.value).get("command_id") == job for r in w.read("commands")), what="command after the outage")
+        w.wait_for(
+            lambda: any(json.loads(r.value).get("command_id") == job for r in w.read("commands")), what="command after the outage"
+        )
         states = w.states()
     finally:
-        stop_processes([api])
+        api.stop()
 
     failed = [p for p in publishes if p[0] != 0]
-    counts_ok = all(states[u]["events_total"] == t["events"] and all(states[u]["gap_totals"].get(g, 0) == n for g, n in t.items() if g != "events")
-                    for u, t in truth.items())  # fmt: skip
-    figures("Faults", "Broker stopped and restarted mid-stream (`adaptloop kafka down` / `up`)",
-            f"one outage of {outage:.0f} s while {len(events)} events were published by {FILES} `adaptloop publish` runs",
-            lost=0 if counts_ok else None, duplicated=0 if counts_ok else None,
-            result=f"every publish run succeeded (the longest waited {max(p[1] for p in publishes):.0f} s); the worker and "
-                   f"the API recovered by themselves; all events counted once; an API command during the outage got "
-                   f"{during.status_code} ({during.json().get('error', 'accepted')[:60]}), one after it 202",
-            outage_s=round(outage, 1), publish_seconds=[round(p[1], 1) for p in publishes],
-            api_during_outage=during.status_code)  # fmt: skip
+    counts_ok = all(
+        states[u]["events_total"] == t["events"]
+        and all(states[u]["gap_totals"].get(g, 0) == n for g, n in t.items() if g != "events")
+        for u, t in truth.items()
+    )
+    figures(
+        "Faults",
+        "Broker stopped and restarted mid-stream (`adaptloop kafka down` / `up`)",
+        f"one outage of {outage:.0f} s while {len(events)} events were published by {FILES} `adaptloop publish` runs",
+        lost=0 if counts_ok else None,
+        duplicated=0 if counts_ok else None,
+        result=f"every publish run succeeded (the longest waited {max(p[1] for p in publishes):.0f} s); the worker and "
+        f"the API recovered by themselves; all events counted once; an API command during the outage got "
+        f"{during.status_code} ({during.json().get('error', 'accepted')[:60]}), one after it 202",
+        outage_s=round(outage, 1),
+        publish_seconds=[round(p[1], 1) for p in publishes],
+        api_during_outage=during.status_code,
+    )
     assert not failed, failed
     assert w.procs[-1].poll() is None, "the worker rode through the outage"
     assert counts_ok

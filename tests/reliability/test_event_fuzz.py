@@ -19,21 +19,50 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from adaptloop.errors import InvalidMessage
+from core.errors import InvalidMessage
 from schemas.decode import decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
-from tests.streams.conftest import INPUT_KINDS, event
+from tests.support.events import INPUT_KINDS, event
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 MAX_EVENT_BYTES = 64 * 1024  # the worker's default
 VALID, USERS = 2_000, 20
 HOSTILE_VALUES = [
-    "", " ", "\x00", "\x1b[31mred", "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"), "a" * 5000, "x" * 70_000,
-    "'; DROP TABLE users; --", "<script>alert(1)</script>", "{{7*7}}", "${jndi:ldap://x/a}", "../../etc/passwd", "%00", "\u202etxt.exe",
-    "аlice", "ａｌｉｃｅ", "alice\u200b", "ALICE", "al ice", "alice/..", -1, 0, 1.5e308, float("nan"), True, None, [], {}, [[[[[]]]]],
-    {"$ne": None}, "2026-13-45T99:99:99", "1970-01-01T00:00:00", "9999-12-31T23:59:59Z",
-]  # fmt: skip
+    "",
+    " ",
+    "\x00",
+    "\x1b[31mred",
+    "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+    "a" * 5000,
+    "x" * 70_000,
+    "'; DROP TABLE users; --",
+    "<script>alert(1)</script>",
+    "{{7*7}}",
+    "${jndi:ldap://x/a}",
+    "../../etc/passwd",
+    "%00",
+    "\u202etxt.exe",
+    "аlice",
+    "ａｌｉｃｅ",
+    "alice\u200b",
+    "ALICE",
+    "al ice",
+    "alice/..",
+    -1,
+    0,
+    1.5e308,
+    float("nan"),
+    True,
+    None,
+    [],
+    {},
+    [[[[[]]]]],
+    {"$ne": None},
+    "2026-13-45T99:99:99",
+    "1970-01-01T00:00:00",
+    "9999-12-31T23:59:59Z",
+]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
@@ -46,8 +75,14 @@ def _collect(strategy, n: int, seed: int) -> list:
     """n values drawn from a hypothesis strategy (its generation phase, without shrinking)."""
     out: list = []
 
-    @settings(max_examples=n, database=None, phases=[Phase.generate], derandomize=True, deadline=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=n,
+        database=None,
+        phases=[Phase.generate],
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def draw(value) -> None:
         out.append(value)
@@ -70,13 +105,19 @@ def _mutants(rng: random.Random, sources: list[tuple[str, dict]]) -> list[tuple[
         elif how == 2:
             body[rng.choice(["resolutoin", "admin", "__proto__", "user_id "])] = rng.choice(HOSTILE_VALUES)
         elif how == 3:
-            body["user_id"] = rng.choice(["аlice", "ａｌｉｃｅ", "alice\u200b", "al ice", "../alice", "..", "a" * 200, "alice\x00"])
+            body["user_id"] = rng.choice(
+                ["аlice", "ａｌｉｃｅ", "alice\u200b", "al ice", "../alice", "..", "a" * 200, "alice\x00"]
+            )
         raw = json.dumps(body, allow_nan=True).encode()
         if how == 4:  # invalid UTF-8 somewhere inside
             at = rng.randrange(len(raw))
             raw = raw[:at] + rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]) + raw[at:]
         elif how == 5:  # truncated or with flipped bits
-            raw = raw[: rng.randrange(len(raw))] if rng.random() < 0.5 else bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.02 else b for b in raw)
+            raw = (
+                raw[: rng.randrange(len(raw))]
+                if rng.random() < 0.5
+                else bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.02 else b for b in raw)
+            )
         elif how == 6:  # deeply nested
             depth = rng.choice([50, 1_000, 100_000])
             raw = raw[:-1] + b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
@@ -135,7 +176,7 @@ def test_hostile_events_reach_the_dlq_and_valid_ones_are_counted_with_bounded_me
     warm = [(k, key, raw) for k, key, raw in messages[:500]]
     for kind in INPUT_KINDS:
         w.publish_raw(kind, [(key, raw) for k, key, raw in warm if k == kind])
-    w.wait_for(lambda: len(w.read("dlq", idle=1)) >= sum(1 for k, _, r in warm if _accepted(k, r) is None), timeout=120, what="warm-up")
+    w.wait_for(lambda: len(w.read("dlq")) >= sum(1 for k, _, r in warm if _accepted(k, r) is None), timeout=120, what="warm-up")
     rss_warm, rss_peak = _rss_mb(pid), 0.0
     rest = messages[500:]
     for start in range(0, len(rest), 1_000):
@@ -147,12 +188,17 @@ def test_hostile_events_reach_the_dlq_and_valid_ones_are_counted_with_bounded_me
     def all_dead_lettered():
         nonlocal rss_peak
         rss_peak = max(rss_peak, _rss_mb(pid))
-        letters = w.read("dlq", idle=2)
+        letters = w.read("dlq")
         return letters if len(letters) >= n_refused else None
 
     letters = w.wait_for(all_dead_lettered, timeout=300, what=f"{n_refused} dead letters")
-    states = w.wait_for(lambda: (lambda s: s if all(s.get(u, {}).get("events_total") == len(ids) for u, ids in expected.items()) else None)(w.states()),
-                        timeout=120, what="every accepted event counted")  # fmt: skip
+    states = w.wait_for(
+        lambda: (lambda s: s if all(s.get(u, {}).get("events_total") == len(ids) for u, ids in expected.items()) else None)(
+            w.states()
+        ),
+        timeout=120,
+        what="every accepted event counted",
+    )
     assert w.procs[-1].poll() is None, "the worker is still running"
 
     got: Counter[str] = Counter()
@@ -163,10 +209,17 @@ def test_hostile_events_reach_the_dlq_and_valid_ones_are_counted_with_bounded_me
     assert got == refused, "each refused message dead-lettered exactly once"
     assert set(states) >= set(expected) and sum(len(ids) for ids in expected.values()) >= VALID
     growth = rss_peak - rss_warm
-    figures("Bad input", "Hostile events (hypothesis + mutations) interleaved with valid ones",
-            f"{n_hostile} hostile messages ({sum(len(r) for _, _, r in messages) / 1e6:.0f} MB in all) among {VALID} valid",
-            lost=0, duplicated=0,
-            result=f"all {n_refused} refused ones dead-lettered with a reason, all {sum(len(i) for i in expected.values())} accepted "
-                   f"ones counted; worker memory {rss_warm:.0f} MB after warm-up, peak +{growth:.0f} MB",
-            hostile=n_hostile, refused=n_refused, rss_warm_mb=round(rss_warm), rss_growth_mb=round(growth))  # fmt: skip
+    figures(
+        "Bad input",
+        "Hostile events (hypothesis + mutations) interleaved with valid ones",
+        f"{n_hostile} hostile messages ({sum(len(r) for _, _, r in messages) / 1e6:.0f} MB in all) among {VALID} valid",
+        lost=0,
+        duplicated=0,
+        result=f"all {n_refused} refused ones dead-lettered with a reason, all {sum(len(i) for i in expected.values())} accepted "
+        f"ones counted; worker memory {rss_warm:.0f} MB after warm-up, peak +{growth:.0f} MB",
+        hostile=n_hostile,
+        refused=n_refused,
+        rss_warm_mb=round(rss_warm),
+        rss_growth_mb=round(growth),
+    )
     assert growth < 250, f"worker memory grew by {growth:.0f} MB"

@@ -18,17 +18,43 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from adaptloop.errors import StorageError
-from adaptloop.storage import ArtifactStore
+from core.errors import StorageError
+from core.storage import ArtifactStore
 from schemas.common import UserId, check_user_id
 from streams.dataset import write_dataset
-from trainer.offline import user_cases
+from trainer.job import user_cases
 from trainer.registry import AdapterRegistry
 
 pytestmark = pytest.mark.unit
 
-PIECES = ["..", ".", "/", "\\", "%2e", "%2f", "~", "\x00", "\u2024", "\uff0e", "\u2215", "\u2044", "@", "-", "_", "a", "Z", "9",
-          "..%2f", "%00", " ", "\n", "con", "nul", "etc", "passwd"]  # fmt: skip
+PIECES = [
+    "..",
+    ".",
+    "/",
+    "\\",
+    "%2e",
+    "%2f",
+    "~",
+    "\x00",
+    "\u2024",
+    "\uff0e",
+    "\u2215",
+    "\u2044",
+    "@",
+    "-",
+    "_",
+    "a",
+    "Z",
+    "9",
+    "..%2f",
+    "%00",
+    " ",
+    "\n",
+    "con",
+    "nul",
+    "etc",
+    "passwd",
+]
 user_ids = st.one_of(
     st.lists(st.sampled_from(PIECES), min_size=1, max_size=12).map("".join),
     st.from_regex(r"\A[A-Za-z0-9@_.\-]{1,130}\Z"),
@@ -70,15 +96,23 @@ def test_no_accepted_user_id_leaves_the_storage_root(tmp_path, figures):
         assert _inside(registry.version_dir(user_id, 3), user_dir)
         assert registry.versions(user_id) == [] and registry.active(user_id) is None
         assert user_cases(store, "tests/users", user_id) == []
-        for relative in (f"training/versions/user_{user_id}/x.jsonl", f"training/user_{user_id}_finetune.jsonl",
-                         f"tests/users/user_{user_id}.jsonl"):  # fmt: skip
+        for relative in (
+            f"training/versions/user_{user_id}/x.jsonl",
+            f"training/user_{user_id}_finetune.jsonl",
+            f"tests/users/user_{user_id}.jsonl",
+        ):
             assert _inside(store.path(relative), root)
 
     check()
-    figures("Bad input", "user_id paths (hypothesis property test)",
-            f"{sum(tried.values())} made-up user_ids (dots, slashes, escapes, look-alikes, NUL)", lost=None, duplicated=None,
-            result=f"{tried['refused']} refused everywhere; for the {tried['accepted']} accepted, every path built "
-                   "from them lies inside the storage root, one folder per user")  # fmt: skip
+    figures(
+        "Bad input",
+        "user_id paths (hypothesis property test)",
+        f"{sum(tried.values())} made-up user_ids (dots, slashes, escapes, look-alikes, NUL)",
+        lost=None,
+        duplicated=None,
+        result=f"{tried['refused']} refused everywhere; for the {tried['accepted']} accepted, every path built "
+        "from them lies inside the storage root, one folder per user",
+    )
     assert tried["refused"] > 100 and tried["accepted"] > 100, "both sides of the rule were tried"
 
 

@@ -7,7 +7,6 @@ in one group with one of them killed (its users move to the other).
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import re
@@ -16,7 +15,7 @@ import time
 import pytest
 
 from schemas.training import TrainingExample
-from streams.app import partition_of
+from streams.decoding import partition_of
 from trainer.registry import AdapterRegistry
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -26,15 +25,18 @@ def _examples(n: int) -> list[TrainingExample]:
     return [TrainingExample(prompt=f"What is code {i}?", response=f"Code {i} is {i * 7}.", event_id=f"e{i}") for i in range(n)]
 
 
-def _steps_logged(handle) -> int:
-    return len(re.findall(r"training \S+: step", handle.log_path.read_text(errors="replace")))
+def _job_at_least(log: str, share: float) -> bool:
+    """Whether the last progress line in `log` shows a job at least `share` done and not finished."""
+    steps = re.findall(r"training \S+: step (\d+)/(\d+)", log)
+    return bool(steps) and share <= int(steps[-1][0]) / int(steps[-1][1]) < 1
 
 
 def _outcome(handle, requests) -> tuple[int, int, dict[str, int]]:
     """(requests without exactly one version, extra completion events, versions per request)."""
     registry = AdapterRegistry(handle.store)
-    per_request = {r.request_id: sum(1 for v in registry.versions(r.user_id) if v.manifest.get("request_id") == r.request_id)
-                   for r in requests}  # fmt: skip
+    per_request = {
+        r.request_id: sum(1 for v in registry.versions(r.user_id) if v.manifest.request_id == r.request_id) for r in requests
+    }
     completions = [e for e in handle.lifecycle() if e["type"] == "training_completed"]
     wrong = sum(1 for count in per_request.values() if count != 1)
     return wrong, len(completions) - len({e["request_id"] for e in completions}), per_request
@@ -54,36 +56,51 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
     rng = random.Random(5)
     resumable_steps = []
     for _ in range(5):
-        logged = _steps_logged(t)
-        t.wait_for(lambda: _steps_logged(t) > logged, what="training under way")
-        time.sleep(rng.uniform(0.1, 2.0))  # a random point of the job
+        # A random point of a job (the fault under test), found by the job's progress since the last
+        # start, not by the clock: a faster machine would finish the jobs before a timed kill.
+        since, share = t.log_path.stat().st_size, rng.uniform(0.1, 0.7)
+        t.wait_for(
+            lambda since=since, share=share: _job_at_least(t.service.log_since(since), share),
+            what=f"a job {share:.0%} done",
+            interval=0.05,
+        )
         t.procs[-1].kill()
         t.procs[-1].wait(10)
-        resumable_steps.append(sum(json.loads(p.read_text())["step"] for p in checkpoints.glob("*/progress.json")
-                                   if "." not in p.parent.name))  # not a checkpoint being swapped in
+        resumable_steps.append(
+            sum(json.loads(p.read_text())["step"] for p in checkpoints.glob("*/progress.json") if "." not in p.parent.name)
+        )  # not a checkpoint being swapped in
         t.start()
     t.wait_for(lambda: _all_completed(t, requests), timeout=600, what="every request completed")
     wrong, extra_completions, per_request = _outcome(t, requests)
     registry = AdapterRegistry(t.store)
     infos = [registry.find_by_request(r.user_id, r.request_id) for r in requests]
-    per_step = [i.manifest["metrics"]["train_seconds"] / max(1, i.manifest["metrics"]["steps"] - i.manifest["resumed_from_step"])
-                for i in infos if i is not None]  # fmt: skip
+    per_step = [
+        i.manifest.metrics.train_seconds / max(1, i.manifest.metrics.steps - i.manifest.resumed_from_step)
+        for i in infos
+        if i is not None
+    ]
     step_s = sum(per_step) / len(per_step)
     saved_s = sum(resumable_steps) * step_s  # each restart skipped the checkpointed steps instead of starting over
-    figures("Faults", "Trainer SIGKILLed at random points during training and restarted",
-            f"5 SIGKILLs over {len(requests)} requests (180 steps each, checkpoint every 5)", lost=wrong, duplicated=extra_completions,
-            result=f"every request ended with exactly one version; restarts resumed {sum(resumable_steps)} checkpointed steps "
-                   f"(~{saved_s:.0f} s of training not redone)",
-            resumed_steps_per_kill=resumable_steps, seconds_per_step=round(step_s, 4), time_saved_s=round(saved_s, 1),
-            versions_per_request=list(per_request.values()))  # fmt: skip
+    figures(
+        "Faults",
+        "Trainer SIGKILLed at random points during training and restarted",
+        f"5 SIGKILLs over {len(requests)} requests (180 steps each, checkpoint every 5)",
+        lost=wrong,
+        duplicated=extra_completions,
+        result=f"every request ended with exactly one version; restarts resumed {sum(resumable_steps)} checkpointed steps "
+        f"(~{saved_s:.0f} s of training not redone)",
+        resumed_steps_per_kill=resumable_steps,
+        seconds_per_step=round(step_s, 4),
+        time_saved_s=round(saved_s, 1),
+        versions_per_request=list(per_request.values()),
+    )
     assert wrong == 0
-    assert sum(resumable_steps) > 0 and any(i.manifest["resumed_from_step"] > 0 for i in infos)
+    assert sum(resumable_steps) > 0 and any(i.manifest.resumed_from_step > 0 for i in infos)
 
 
 def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factory, figures, tmp_path, request):
     a = trainer_factory(epochs=20, checkpoint_every=5)
-    b = copy.copy(a)
-    b.log_path, b.procs = tmp_path / "trainer-b.log", []
+    b = a.another(tmp_path / "trainer-b.log")
     request.addfinalizer(b.stop)  # the factory stops only the trainers it made
     b.start()
     # Two users per partition of the 3-partition requests topic.
@@ -110,22 +127,29 @@ def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factor
     # balances partitions over both topics, so one trainer may hold every
     # request partition: see the README's note. The one training is killed.)
     a.wait_for(lambda: training_now(a) or training_now(b), what="a trainer training")
-    time.sleep(random.Random(9).uniform(0.5, 3.0))
     # Killed in the first half of a job, so that a job is surely cut short: a
     # trainer caught between jobs, or about to finish one, leaves nothing to move.
     victim, survivor, cut_short = a.wait_for(
         lambda: next(((v, s, u) for v, s in ((a, b), (b, a)) if (u := early_in_a_job(v))), None),
-        what="a trainer early in a job", interval=0.05)  # fmt: skip
+        what="a trainer early in a job",
+        interval=0.05,
+    )
     victim.procs[-1].kill()
     victim.procs[-1].wait(10)
     killed_at = time.monotonic()
     survivor.wait_for(lambda: _all_completed(survivor, requests), timeout=600, what="every request completed")
     moved = sorted(training_now(survivor) & {r.user_id for r in requests if r.user_id in training_now(victim)})
     wrong, extra_completions, per_request = _outcome(survivor, requests)
-    figures("Faults", "Two trainers in one group, one SIGKILLed mid-training",
-            f"1 SIGKILL, {len(requests)} requests for {len(users)} users", lost=wrong, duplicated=extra_completions,
-            result=f"the killed trainer's users ({', '.join(moved)}) moved to the other; each request completed exactly once",
-            moved_users=moved, finished_after_kill_s=round(time.monotonic() - killed_at, 1),
-            versions_per_request=list(per_request.values()))  # fmt: skip
+    figures(
+        "Faults",
+        "Two trainers in one group, one SIGKILLed mid-training",
+        f"1 SIGKILL, {len(requests)} requests for {len(users)} users",
+        lost=wrong,
+        duplicated=extra_completions,
+        result=f"the killed trainer's users ({', '.join(moved)}) moved to the other; each request completed exactly once",
+        moved_users=moved,
+        finished_after_kill_s=round(time.monotonic() - killed_at, 1),
+        versions_per_request=list(per_request.values()),
+    )
     assert wrong == 0 and extra_completions == 0
     assert cut_short in moved, f"the survivor trained {cut_short}, whose job the killed trainer was in the middle of"

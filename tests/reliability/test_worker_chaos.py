@@ -15,13 +15,13 @@ import json
 import random
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from adaptloop.kafka.io import consume
-from tests.streams.conftest import event, ground_truth
+from core.settings import changelog_topic
+from tests.support.events import event, ground_truth
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def _events(rng: random.Random) -> list[tuple[str, dict]]:
 
 def _unique_requests(w) -> tuple[dict[str, dict], int]:
     """The training requests on the topic by request_id, and how many deliveries there were in all."""
-    records = w.requests(idle=3)
+    records = w.requests()
     return {r["request_id"]: r for r in records}, len(records)
 
 
@@ -52,15 +52,16 @@ def _file(uri: str) -> bytes:
 
 def _examples_truth(events: list[tuple[str, dict]]) -> dict[str, set[str]]:
     """Per user: the event_ids (first delivery) whose event yields a training example, computed without the worker."""
+    from core.settings import defaults
     from schemas.events import EVENT_TYPE_BY_INPUT_KIND
-    from streams.curation import CurationConfig, curate
+    from streams.curation import curate
 
     truth: dict[str, set[str]] = {}
     seen: set[str] = set()
     for kind, data in events:
         if data["event_id"] not in seen:
             seen.add(data["event_id"])
-            if curate(EVENT_TYPE_BY_INPUT_KIND[kind].model_validate(data), None, CurationConfig()).examples:
+            if curate(EVENT_TYPE_BY_INPUT_KIND[kind].model_validate(data), None, defaults().streams.curation).examples:
                 truth.setdefault(data["user_id"], set()).add(data["event_id"])
     return truth
 
@@ -68,8 +69,7 @@ def _examples_truth(events: list[tuple[str, dict]]) -> dict[str, set[str]]:
 def _pending_event_ids(w, states: dict[str, dict]) -> dict[str, set[str]]:
     """Per user: the event_ids of the examples still pending, from the examples table's changelog."""
     latest: dict[bytes, bytes | None] = {}
-    for record in consume(w.client, [f"{w.app_id}-examples-changelog"], f"test-examples-{uuid.uuid4().hex[:8]}",
-                          idle_timeout=3, total_timeout=120):  # fmt: skip
+    for record in read_topic(w.client, changelog_topic(w.app_id, "examples")):
         latest[record.key] = record.value
     pending: dict[str, set[str]] = {}
     for user, state in states.items():
@@ -95,17 +95,25 @@ def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worke
     chunks = [events[i : i + 500] for i in range(0, len(events), 500)]
     started = time.monotonic()
 
-    def publish_steadily() -> None:  # the stream keeps flowing while the worker dies
+    def publish_steadily() -> None:  # the stream keeps flowing while the worker dies (the pace is the workload, not a wait)
         for chunk in chunks:
             w.publish(chunk)
             time.sleep(0.5)
+
+    def counted() -> int:
+        return sum(s.get("events_total", 0) for s in w.states().values())
 
     publisher = threading.Thread(target=publish_steadily, daemon=True)
     publisher.start()
     kill_points = []
     for _ in range(KILLS):
-        delay = rng.uniform(0.5, 5.0)  # sometimes before it has partitions, sometimes mid-batch
-        time.sleep(delay)
+        # Kill a worker at work: it has its partitions and counted events since it (re)started, or has
+        # counted them all; then at a random point of that work (the fault under test: a random instant).
+        before = counted()
+        w.wait_for(
+            lambda before=before: counted() > before or counted() >= EVENTS, timeout=180, what="the restarted worker at work"
+        )
+        time.sleep(rng.uniform(0.0, 2.0))
         kill_points.append(round(time.monotonic() - started, 1))
         w.kill()
         w.start()
@@ -151,17 +159,26 @@ def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worke
         examples_lost += len(expected - in_datasets - pending[user])
         examples_doubled += len(in_datasets & pending[user]) + len((in_datasets | pending[user]) - expected)
         assert states[user]["pending_dropped"] == 0, "max_pending was reached: the accounting below would not hold"
-    figures("Faults", "Stream worker SIGKILLed at random points and restarted",
-            f"{KILLS} SIGKILLs during {EVENTS:,} events for {USERS} users", lost=lost + examples_lost,
-            duplicated=duplicated + examples_doubled,
-            result=f"event and gap counts equal the ground truth for all {USERS} users; each of the "
-                   f"{sum(len(v) for v in examples_truth.values())} training examples in its user's dataset or pending, once; "
-                   f"{len(live)} training requests, each "
-                   f"opened once by its user's state, datasets intact ({deliveries - len(live)} records sent again after a crash, "
-                   f"same request_id)",
-            kill_points_s=kill_points, kills_done_s=round(killed_s, 1), settle_s=round(settle_s, 1), requests=len(live),
-            request_deliveries=deliveries, request_errors=request_errors, examples_lost=examples_lost,
-            examples_doubled=examples_doubled)  # fmt: skip
+    figures(
+        "Faults",
+        "Stream worker SIGKILLed at random points and restarted",
+        f"{KILLS} SIGKILLs during {EVENTS:,} events for {USERS} users",
+        lost=lost + examples_lost,
+        duplicated=duplicated + examples_doubled,
+        result=f"event and gap counts equal the ground truth for all {USERS} users; each of the "
+        f"{sum(len(v) for v in examples_truth.values())} training examples in its user's dataset or pending, once; "
+        f"{len(live)} training requests, each "
+        f"opened once by its user's state, datasets intact ({deliveries - len(live)} records sent again after a crash, "
+        f"same request_id)",
+        kill_points_s=kill_points,
+        kills_done_s=round(killed_s, 1),
+        settle_s=round(settle_s, 1),
+        requests=len(live),
+        request_deliveries=deliveries,
+        request_errors=request_errors,
+        examples_lost=examples_lost,
+        examples_doubled=examples_doubled,
+    )
     assert (lost, duplicated) == (0, 0)
     assert (examples_lost, examples_doubled) == (0, 0)
     assert len(live) >= USERS // 2, "most users crossed the threshold"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import timezone
+from datetime import UTC
 
 import pytest
+from pydantic import ValidationError
 
-from adaptloop.errors import InvalidMessage
 from adaptloop.samples import malformed_messages, sample_events
+from core.errors import InvalidMessage
 from schemas import ConceptGap, ConversationTurn, Feedback, IntentTrace, check_user_id, decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
 
@@ -38,12 +39,12 @@ def test_every_sample_event_validates():
 
 def test_naive_timestamp_is_read_as_utc():
     event = IntentTrace.model_validate(VALID[IntentTrace] | {"timestamp": "2026-11-25T10:00:00"})
-    assert event.timestamp.tzinfo == timezone.utc and event.timestamp.hour == 10
+    assert event.timestamp.tzinfo == UTC and event.timestamp.hour == 10
 
 
 def test_events_are_frozen():
     event = IntentTrace.model_validate(VALID[IntentTrace])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         event.query = "changed"  # type: ignore[misc]
 
 

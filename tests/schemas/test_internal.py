@@ -7,8 +7,9 @@ import json
 
 import jsonschema
 import pytest
+from pydantic import ValidationError
 
-from adaptloop.errors import InvalidMessage
+from core.errors import InvalidMessage
 from schemas import (
     COMMAND_ADAPTER,
     MESSAGE_TYPES,
@@ -49,7 +50,7 @@ def test_training_request_round_trip_and_deterministic_id():
     assert decode(TrainingRequest, request.to_bytes()) == request
     assert request_id_for("alice", "a" * 64, "threshold") == request.request_id
     assert request_id_for("bob", "a" * 64, "threshold") != request.request_id
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="user_id"):
         _request(user_id="../bob")
 
 
@@ -64,7 +65,7 @@ def test_lifecycle_and_dead_letter_round_trip():
 def test_training_example_defaults_and_bounds():
     example = TrainingExample(prompt="q", response="a")
     assert example.weight == 1.0
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="weight"):
         TrainingExample(prompt="q", response="a", weight=0)
 
 
@@ -77,8 +78,18 @@ def test_exported_schemas_validate_real_messages(tmp_path):
         jsonschema.validate({"user_id": "alice"}, schema)
     intent = json.loads((tmp_path / "intent_trace.schema.json").read_text())
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"event_id": "e", "user_id": "a", "timestamp": "2026-01-01T00:00:00Z",
-                             "intent": "i", "status": "missed", "query": "q", "extra": 1}, intent)
+        jsonschema.validate(
+            {
+                "event_id": "e",
+                "user_id": "a",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "intent": "i",
+                "status": "missed",
+                "query": "q",
+                "extra": 1,
+            },
+            intent,
+        )
 
 
 def test_a_dead_letter_of_a_huge_message_still_fits_on_the_topic():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from core.settings import CurationSettings
 from schemas.events import ConceptGap, ConversationTurn, Feedback, IntentTrace
 from schemas.training import Provenance, TrainingExample
-from streams.curation import CurationConfig, augment, curate, dedupe, paraphrases
+from streams.curation import augment, curate, dedupe, paraphrases
 
 pytestmark = pytest.mark.unit
 
-CFG = CurationConfig(confidence_weighting=True)
+CFG = CurationSettings(confidence_weighting=True)
 BASE = {"event_id": "e1", "user_id": "alice", "timestamp": "2026-01-01T00:00:00Z"}
 PROV = Provenance(topic="t", partition=0, offset=7)
 
@@ -54,7 +55,11 @@ def test_concept_gaps_for_users_and_the_global_pool():
     gap = ConceptGap(**BASE, concept="LoRA", related=["PEFT", "Adapters"], description="Low-rank adaptation.")
     out = curate(gap, PROV, CFG)
     assert out.gap == "concept_gap" and not out.to_global
-    assert [e.prompt for e in out.examples] == ["What is LoRA?", "How is LoRA related to PEFT?", "How is LoRA related to Adapters?"]
+    assert [e.prompt for e in out.examples] == [
+        "What is LoRA?",
+        "How is LoRA related to PEFT?",
+        "How is LoRA related to Adapters?",
+    ]
     glob = curate(gap.model_copy(update={"user_id": "global"}), PROV, CFG)
     assert glob.to_global and glob.gap is None and {e.source for e in glob.examples} == {"global"}
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from adaptloop.cli import cli
-from adaptloop.kafka.client import ClientConfig
-from adaptloop.kafka.io import produce
-from adaptloop.kafka.topics import TopicPlan, ensure_topics
-from streams.dataset import from_jsonl
-from tests.streams.conftest import INPUT_KINDS, event
+from core.kafka.client import ClientConfig
+from core.kafka.io import produce
+from core.kafka.topics import TopicPlan, ensure_topics
+from schemas.dataset import from_jsonl
+from tests.support.events import INPUT_KINDS, event
+from tests.support.kafka import read_topic
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -35,9 +37,11 @@ def test_generate_data_reads_topics_since_a_time(tmp_path, kafka_bootstrap, monk
 
     publish([event("feedback", "liz", n) for n in range(3)] + [event("feedback", "other", 9)])
     produce(client, topics["feedback"], [(b"liz", b"{broken")])
-    time.sleep(1.2)
-    since = datetime.now(timezone.utc).isoformat()
-    time.sleep(0.2)
+    # --since falls just after the first batch's last broker timestamp; the second batch is sent once
+    # the clock is past it, so the two batches are apart however fast this machine is.
+    since_ms = max(r.timestamp_ms for r in read_topic(client, list(topics.values()))) + 1
+    wait_until(lambda: time.time() * 1000 > since_ms + 1, 10, "the clock past the first batch", interval=0.001)
+    since = datetime.fromtimestamp(since_ms / 1000, UTC).isoformat()
     publish([event("conversations", "liz", 5, rating=1), event("concept_gaps", "global", 6)])
 
     out = tmp_path / "liz.jsonl"
@@ -50,8 +54,10 @@ def test_generate_data_reads_topics_since_a_time(tmp_path, kafka_bootstrap, monk
     assert len(test) == 4 and not {e.prompt for e in test} & {e.prompt for e in train}
     assert all(e.provenance and e.provenance.topic in topics.values() for e in train)
 
-    result = CliRunner().invoke(cli, ["--config", str(cfg), "generate-data", "--user-id", "liz", "--output", str(out),
-                                      "--since", since, "--include-global"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(cfg), "generate-data", "--user-id", "liz", "--output", str(out), "--since", since, "--include-global"],
+    )
     assert result.exit_code == 0, result.output
     sources = sorted({e.source for e in from_jsonl(out.read_bytes())})
     assert sources == ["conversation", "global"]

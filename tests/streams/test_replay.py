@@ -14,19 +14,26 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from adaptloop.kafka.broker import free_port
-from adaptloop.kafka.io import consume
-from tests.conftest import check_metric_names
+from core.kafka.broker import free_port
+from core.settings import changelog_topic
 from schemas import LifecycleEvent
-from tests.streams.conftest import WorkerHandle, event
+from tests.support.events import event
+from tests.support.handles import WorkerHandle
+from tests.support.kafka import read_topic
+from tests.support.prometheus import check_metric_names
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def _adaptloop(w, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=w.client.bootstrap_servers)
-    done = subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(w.config_path), *args],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "adaptloop.cli", "--config", str(w.config_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -51,8 +58,11 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
     w.publish([event("feedback", "alice", n) for n in range(4)] + [event("feedback", "bob", n) for n in range(3)])
     w.publish_raw("feedback", [("mallory", b"{not json")])
     first = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "alice"], what="alice's first request")[0]
-    w.send("lifecycle", "alice", LifecycleEvent(event_id="lc1", type="training_completed", user_id="alice",
-                                               request_id=first["request_id"], version=1))  # fmt: skip
+    w.send(
+        "lifecycle",
+        "alice",
+        LifecycleEvent(event_id="lc1", type="training_completed", user_id="alice", request_id=first["request_id"], version=1),
+    )
     w.wait_for(lambda: w.states().get("alice", {}).get("open_request") is None, what="the request closed")
     w.publish([event("feedback", "alice", n) for n in range(10, 14)])
 
@@ -64,9 +74,15 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
         states = w.states()
         return states if states.get("bob", {}).get("events_total") == 3 and states["alice"]["events_total"] == 8 else None
 
+    def all_committed() -> dict | None:
+        """The live group's offsets once it has committed past every record (it commits every second)."""
+        offsets = _committed(w, w.app_id)
+        done = {k: sum(o for (t, _), o in offsets.items() if t == w.topics[k] and o >= 0) for k in ("feedback", "lifecycle")}
+        return offsets if done == {"feedback": 12, "lifecycle": 1} else None
+
     live = w.wait_for(alices, what="alice's second request")
     live_states = w.wait_for(settled, what="the live states")
-    live_offsets = _committed(w, w.app_id)
+    live_offsets = w.wait_for(all_committed, what="the live group's commits past every record")
 
     dry = _adaptloop(w, "replay", "--from", "2020-01-01T00:00:00Z", "--dry-run").stdout
     assert "13 record(s) in all" in dry, dry  # 11 events + 1 malformed on feedback, 1 lifecycle event
@@ -87,8 +103,7 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
     assert _committed(w, w.app_id) == live_offsets
     assert _committed(w, app)[(w.topics["feedback"], 0)] >= 0
     assert sum(o for (t, _), o in _committed(w, app).items() if t == w.topics["feedback"]) == 12
-    states = {r.key.decode(): json.loads(r.value)
-              for r in consume(w.client, [f"{app}-users-changelog"], f"t-{uuid.uuid4().hex[:6]}", idle_timeout=3)}  # fmt: skip
+    states = {r.key.decode(): json.loads(r.value) for r in read_topic(w.client, changelog_topic(app, "users"))}
     for user in ("alice", "bob"):
         for key in ("events_total", "requests_total", "gap_totals", "pending_first", "pending_next", "last_dataset_uri"):
             if key == "last_dataset_uri":  # a path in the replay's own store
@@ -101,8 +116,16 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
     config = yaml.safe_load(w.config_path.read_text())
     config["streams"]["app_id"] = app
     (tmp_path / "v2.yaml").write_text(yaml.safe_dump(config))
-    v2 = WorkerHandle(w.client, tmp_path / "v2.yaml", w.topics, app, w.storage_root, w.internal_partitions, tmp_path / "v2.log",
-                      web_port=free_port())  # fmt: skip
+    v2 = WorkerHandle(
+        w.client,
+        tmp_path / "v2.yaml",
+        w.topics,
+        app,
+        w.storage_root,
+        w.internal_partitions,
+        tmp_path / "v2.log",
+        web_port=free_port(),
+    )
     try:
         v2.start()
         w.publish([event("feedback", "bob", 3)])  # bob's 4th gap: over the threshold with his 3 replayed ones
@@ -123,8 +146,9 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
         v2.stop()
 
     # One user only: a partial replay writes datasets, never tables or offsets.
-    only = _adaptloop(w, "replay", "--from", "2020-01-01T00:00:00Z", "--user-id", "bob", "--app-id", f"{app}-bob",
-                      "--out", str(tmp_path / "b")).stdout  # fmt: skip
+    only = _adaptloop(
+        w, "replay", "--from", "2020-01-01T00:00:00Z", "--user-id", "bob", "--app-id", f"{app}-bob", "--out", str(tmp_path / "b")
+    ).stdout
     assert "datasets only" in only and "1 training request(s)" in only and "tables rebuilt" not in only
     (bob,) = [json.loads(line) for line in (tmp_path / "b/requests.jsonl").read_text().splitlines()]
     assert bob["dataset"]["sha256"] == bobs[0]["dataset"]["sha256"], "the same dataset as v2 built live"

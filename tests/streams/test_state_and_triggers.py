@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import pytest
 
-from adaptloop.storage import ArtifactStore
+from core.settings import CurationSettings
+from core.storage import ArtifactStore
+from schemas.dataset import split_holdout
 from schemas.training import Provenance, TrainingExample
-from streams.curation import CurationConfig, Curated
-from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, split_holdout
-from streams.processor import BatchStats, Envelope, ProcessorConfig, UserProcessor
+from streams.curation import Curated
+from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples
+from streams.envelope import Envelope
+from streams.processor import BatchStats, ProcessorConfig, UserProcessor
 from streams.state import MemoryUserLog, UserState, apply_event, pending_examples
 from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
 
 pytestmark = pytest.mark.unit
 
-CFG = CurationConfig(paraphrases=2)
+CFG = CurationSettings(paraphrases=2)
 
 
 _LOGS: dict[int, MemoryUserLog] = {}
@@ -36,8 +41,13 @@ def _apply(state, eid, t, curated, **kw):
 
 
 def _ex(n: int) -> TrainingExample:
-    return TrainingExample(prompt=f"Q{n}?", response=f"A{n}.", source="correction", event_id=f"e{n}",
-                           provenance=Provenance(topic="t", partition=n % 2, offset=n))  # fmt: skip
+    return TrainingExample(
+        prompt=f"Q{n}?",
+        response=f"A{n}.",
+        source="correction",
+        event_id=f"e{n}",
+        provenance=Provenance(topic="t", partition=n % 2, offset=n),
+    )
 
 
 def test_duplicate_event_ids_change_nothing():
@@ -68,7 +78,7 @@ def test_positive_rating_boosts_the_pending_conversation_example():
 
 
 def test_threshold_cooldown_and_open_request():
-    cfg = TriggerConfig(schedule="threshold", min_gap_events=3, cooldown_s=100, gap_window_s=1000)
+    cfg = TriggerConfig.from_settings(schedule="threshold", min_gap_events=3, cooldown_s=100, gap_window_s=1000)
     state = _new_state()
     for n in range(2):
         _apply(state, f"e{n}", float(n), Curated(examples=(_ex(n),), gap="correction"))
@@ -82,7 +92,7 @@ def test_threshold_cooldown_and_open_request():
 
 
 def test_accuracy_drop_fires_once_per_dip_and_rearms():
-    cfg = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    cfg = TriggerConfig.from_settings(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
     state = _new_state()
     _apply(state, "x", 0.0, Curated(examples=(_ex(0),)))
     for n in range(4):
@@ -99,10 +109,10 @@ def test_accuracy_drop_fires_once_per_dip_and_rearms():
 
 def test_nightly_needs_new_examples_and_the_nightly_schedule():
     state = _new_state()
-    assert nightly_trigger(state, TriggerConfig(schedule="nightly")) is None
+    assert nightly_trigger(state, TriggerConfig.from_settings(schedule="nightly")) is None
     _apply(state, "e", 0.0, Curated(examples=(_ex(0),)))
-    assert nightly_trigger(state, TriggerConfig(schedule="threshold")) is None
-    assert nightly_trigger(state, TriggerConfig(schedule="nightly")) == "nightly"
+    assert nightly_trigger(state, TriggerConfig.from_settings(schedule="threshold")) is None
+    assert nightly_trigger(state, TriggerConfig.from_settings(schedule="nightly")) == "nightly"
 
 
 def test_holdout_keeps_originals_and_never_trains_on_held_out_prompts():
@@ -123,8 +133,14 @@ def test_build_dataset_mixes_replay_and_global_without_leaking_tests():
     new = augment(new, 1, seed=1)
     replay = [_ex(n) for n in range(10, 20)]
     glob = [TrainingExample(prompt="What is LoRA?", response="Low-rank.", source="global")]
-    train, test = build_dataset(new, replay_pool=replay, global_pool=glob, include_global=True,
-                                cfg=DatasetConfig(replay_max=4, global_max=5, seed=1), user_id="u")  # fmt: skip
+    train, test = build_dataset(
+        new,
+        replay_pool=replay,
+        global_pool=glob,
+        include_global=True,
+        cfg=DatasetConfig.from_settings(replay_max=4, global_max=5, seed=1),
+        user_id="u",
+    )
     sources = [e.source for e in train]
     assert sources.count("replay") == 4 and sources.count("global") == 1 and sources.count("correction") == 3
     assert len(test) == 3
@@ -134,13 +150,26 @@ def test_build_dataset_mixes_replay_and_global_without_leaking_tests():
 
 def test_processor_snapshot_writes_the_seed_layout(tmp_path):
     store = ArtifactStore(str(tmp_path))
-    proc = UserProcessor(ProcessorConfig(triggers=TriggerConfig(min_gap_events=2, cooldown_s=0)), store)
+    proc = UserProcessor(
+        ProcessorConfig.from_settings(triggers=TriggerConfig.from_settings(min_gap_events=2, cooldown_s=0)), store
+    )
     state = _new_state()
     envs = [
-        Envelope(k="event", kind="feedback", body={"event_id": f"f{n}", "user_id": "zoe", "timestamp": "2026-01-01T00:00:00Z",
-                                                    "kind": "correction", "query": f"Q{n}?", "response": "x", "correction": f"A{n}."})
+        Envelope(
+            k="event",
+            kind="feedback",
+            body={
+                "event_id": f"f{n}",
+                "user_id": "zoe",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "kind": "correction",
+                "query": f"Q{n}?",
+                "response": "x",
+                "correction": f"A{n}.",
+            },
+        )
         for n in range(2)
-    ]  # fmt: skip
+    ]
     log = MemoryUserLog()
     (request,) = proc.handle("zoe", state, log, envs, BatchStats())
     assert (tmp_path / "data/adapter_training/user_zoe_finetune.jsonl").is_file()
@@ -154,25 +183,38 @@ def test_processor_snapshot_writes_the_seed_layout(tmp_path):
 
 
 def _rating(user: str, n: int, rating: int, t: float) -> Envelope:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    at = datetime.fromtimestamp(t, timezone.utc).isoformat()
-    return Envelope(k="event", kind="feedback", body={"event_id": f"{user}-r{n}", "user_id": user, "timestamp": at,
-                                                      "kind": "rating", "query": f"Q{n}?", "response": "x", "rating": rating})  # fmt: skip
+    at = datetime.fromtimestamp(t, UTC).isoformat()
+    return Envelope(
+        k="event",
+        kind="feedback",
+        body={
+            "event_id": f"{user}-r{n}",
+            "user_id": user,
+            "timestamp": at,
+            "kind": "rating",
+            "query": f"Q{n}?",
+            "response": "x",
+            "rating": rating,
+        },
+    )
 
 
 def _promoted(user: str, version: int, t: float) -> Envelope:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    at = datetime.fromtimestamp(t, timezone.utc).isoformat()
+    at = datetime.fromtimestamp(t, UTC).isoformat()
     return Envelope(k="lifecycle", body={"type": "promoted", "user_id": user, "version": version, "timestamp": at})
 
 
 def test_an_accuracy_drop_soon_after_a_promotion_rolls_it_back(tmp_path):
     from schemas import RollbackCommand
 
-    triggers = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
-    proc = UserProcessor(ProcessorConfig(triggers=triggers, auto_rollback_window_s=3600), ArtifactStore(str(tmp_path)))
+    triggers = TriggerConfig.from_settings(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    proc = UserProcessor(
+        ProcessorConfig.from_settings(triggers=triggers, auto_rollback_window_s=3600), ArtifactStore(str(tmp_path))
+    )
     state, log, t0 = _new_state(), MemoryUserLog(), 1_780_000_000.0
     # Happy before the promotion; those outcomes do not count for the new version.
     assert proc.handle("pia", state, log, [_rating("pia", n, 1, t0 + n) for n in range(6)], BatchStats()) == []
@@ -186,13 +228,21 @@ def test_an_accuracy_drop_soon_after_a_promotion_rolls_it_back(tmp_path):
     # Deterministic id: a replayed batch asks for the same rollback, which the trainer dedupes.
     again = _new_state()
     proc.handle("pia", again, MemoryUserLog(), [_promoted("pia", 3, t0 + 10)], BatchStats())
-    assert proc.handle("pia", again, MemoryUserLog(), [_rating("pia", 10 + n, -1, t0 + 20 + n) for n in range(4)], BatchStats())[0].command_id == command.command_id
+    assert (
+        proc.handle("pia", again, MemoryUserLog(), [_rating("pia", 10 + n, -1, t0 + 20 + n) for n in range(4)], BatchStats())[
+            0
+        ].command_id
+        == command.command_id
+    )
 
 
 def test_no_rollback_outside_the_window_or_when_disabled(tmp_path):
-    triggers = TriggerConfig(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
+    triggers = TriggerConfig.from_settings(schedule="nightly", accuracy_min_samples=4, accuracy_floor=0.5, cooldown_s=0)
     t0 = 1_780_000_000.0
-    for cfg, late in ((ProcessorConfig(triggers=triggers, auto_rollback_window_s=60), 600), (ProcessorConfig(triggers=triggers, auto_rollback=False), 1)):
+    for cfg, late in (
+        (ProcessorConfig.from_settings(triggers=triggers, auto_rollback_window_s=60), 600),
+        (ProcessorConfig.from_settings(triggers=triggers, auto_rollback=False), 1),
+    ):
         proc = UserProcessor(cfg, ArtifactStore(str(tmp_path)))
         state, log = _new_state(), MemoryUserLog()
         proc.handle("quo", state, log, [_promoted("quo", 2, t0)], BatchStats())
@@ -203,7 +253,7 @@ def test_no_rollback_outside_the_window_or_when_disabled(tmp_path):
 def test_marks_a_crash_lost_after_the_state_landed_are_repaired_by_the_next_run(tmp_path):
     """The state was written, its batch's event-id marks were not: the next run rewrites them before anything else."""
     store = ArtifactStore(str(tmp_path))
-    config = ProcessorConfig(triggers=TriggerConfig(min_gap_events=100))
+    config = ProcessorConfig.from_settings(triggers=TriggerConfig.from_settings(min_gap_events=100))
     crashed, log = UserProcessor(config, store), MemoryUserLog()
     state = UserState()
     batch = [_rating("zed", n, 1, 1_780_000_000.0 + n) for n in range(3)]

@@ -11,8 +11,8 @@ import pytest
 
 from adaptloop.samples import malformed_messages
 from schemas import LifecycleEvent, RetrainCommand
-from streams.dataset import from_jsonl
-from tests.streams.conftest import event
+from schemas.dataset import from_jsonl
+from tests.support.events import event
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -33,8 +33,10 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     carol += [event("feedback", "carol", 3, kind="rating", rating=-1, correction=None)]
     w.publish(alice + bob + carol)
 
-    requests = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] in {"alice", "carol"}] if len(w.requests()) >= 2 else None,
-                          what="two requests")  # fmt: skip
+    w.wait_for(
+        lambda: [r for r in w.requests() if r["user_id"] in {"alice", "carol"}] if len(w.requests()) >= 2 else None,
+        what="two requests",
+    )
     by_user = {r["user_id"]: r for r in w.requests()}
     assert set(by_user) == {"alice", "carol"}, "bob is below the threshold"
     a = by_user["alice"]
@@ -42,8 +44,14 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     # 4 facts x (1 original + 2 paraphrases) = 12 prompts; one paraphrase of each is held out.
     assert a["dataset"]["example_counts"] == {"correction": 8}
     assert a["dataset"]["test_count"] == 4
-    assert a["lineage"] == [{"topic": w.topics["feedback"], "partition": a["lineage"][0]["partition"],
-                             "first_offset": a["lineage"][0]["first_offset"], "last_offset": a["lineage"][0]["last_offset"]}]  # fmt: skip
+    assert a["lineage"] == [
+        {
+            "topic": w.topics["feedback"],
+            "partition": a["lineage"][0]["partition"],
+            "first_offset": a["lineage"][0]["first_offset"],
+            "last_offset": a["lineage"][0]["last_offset"],
+        }
+    ]
     assert a["lineage"][0]["last_offset"] - a["lineage"][0]["first_offset"] >= 3
     train = _dataset(w, a["dataset"]["uri"])
     test = _dataset(w, a["dataset"]["test_uri"])
@@ -61,9 +69,15 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     assert len([r for r in w.requests() if r["user_id"] == "alice"]) == 1
     # The trainer finishes: the 4 gaps gathered meanwhile trigger at once, and the
     # new dataset replays the first one (against forgetting).
-    w.send("lifecycle", "alice", LifecycleEvent(event_id="lc1", type="training_completed", user_id="alice", request_id=a["request_id"], version=1))
-    second = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "alice" and r["request_id"] != a["request_id"]],
-                        what="alice's second request")[0]  # fmt: skip
+    w.send(
+        "lifecycle",
+        "alice",
+        LifecycleEvent(event_id="lc1", type="training_completed", user_id="alice", request_id=a["request_id"], version=1),
+    )
+    second = w.wait_for(
+        lambda: [r for r in w.requests() if r["user_id"] == "alice" and r["request_id"] != a["request_id"]],
+        what="alice's second request",
+    )[0]
     assert second["dataset"]["example_counts"] == {"correction": 8, "replay": 8}
     assert {e.response for e in _dataset(w, second["dataset"]["test_uri"])} == {f"Fact {n} is true." for n in range(10, 14)}
 
@@ -99,10 +113,12 @@ def test_bad_messages_reach_the_dlq_and_good_ones_are_processed(worker_factory):
 def test_events_published_twice_are_counted_once(worker_factory):
     from confluent_kafka import Producer
 
-    from streams.app import partition_of
+    from streams.decoding import partition_of
 
     w = worker_factory(min_gap_events=1000)
-    events = [event("intent_traces", "erin", n) for n in range(10)] + [event("feedback", "erin", n, kind="rating", rating=-1, correction=None) for n in range(5)]
+    events = [event("intent_traces", "erin", n) for n in range(10)] + [
+        event("feedback", "erin", n, kind="rating", rating=-1, correction=None) for n in range(5)
+    ]
     w.publish(events)
     # The second time through another partitioner: every copy lands outside
     # erin's home partition and must be rerouted there, then deduplicated.
@@ -129,12 +145,16 @@ def test_threshold_schedule_fires_only_at_the_threshold(worker_factory):
 
 
 def test_nightly_on_demand_and_accuracy_drop(worker_factory):
-    w = worker_factory(schedule="nightly", min_gap_events=1, streams={"triggers": {"accuracy_min_samples": 10, "accuracy_floor": 0.5}})
+    w = worker_factory(
+        schedule="nightly", min_gap_events=1, streams={"triggers": {"accuracy_min_samples": 10, "accuracy_floor": 0.5}}
+    )
     # gus: gaps and examples, but the nightly schedule waits for the tick.
     w.publish([event("feedback", "gus", n) for n in range(5)])
     # hal: mostly happy -> no accuracy drop. ida: mostly unhappy -> accuracy drop.
     happy = [event("intent_traces", "hal", n, status="satisfied", resolution=None) for n in range(12)]
-    unhappy = [event("conversations", "ida", 0)] + [event("feedback", "ida", n, kind="rating", rating=-1, correction=None) for n in range(1, 12)]
+    unhappy = [event("conversations", "ida", 0)] + [
+        event("feedback", "ida", n, kind="rating", rating=-1, correction=None) for n in range(1, 12)
+    ]
     w.publish(happy + [event("conversations", "hal", 40)] + unhappy)
     reqs = w.wait_for(lambda: w.requests(), what="accuracy-drop request")
     assert [(r["user_id"], r["trigger"]) for r in reqs] == [("ida", "accuracy-drop")]
@@ -143,7 +163,11 @@ def test_nightly_on_demand_and_accuracy_drop(worker_factory):
 
     w.tick(at=1_780_100_000.0)
     reqs = w.wait_for(lambda: (lambda rs: rs if len(rs) >= 3 else None)(w.requests()), what="nightly requests")
-    assert sorted((r["user_id"], r["trigger"]) for r in reqs) == [("gus", "nightly"), ("hal", "nightly"), ("ida", "accuracy-drop")]
+    assert sorted((r["user_id"], r["trigger"]) for r in reqs) == [
+        ("gus", "nightly"),
+        ("hal", "nightly"),
+        ("ida", "accuracy-drop"),
+    ]
 
     # On demand under the nightly schedule: a retrain command for a user with no open request.
     w.send("commands", "jo", RetrainCommand(command_id=f"cmd-{uuid.uuid4().hex[:6]}", user_id="jo", include_global=True))
@@ -157,7 +181,11 @@ def test_continuous_schedule_is_rate_limited(worker_factory):
     w.publish([event("conversations", "kim", 0, rating=1)])
     first = w.wait_for(lambda: w.requests(), what="first continuous request")[0]
     assert first["trigger"] == "continuous"
-    w.send("lifecycle", "kim", LifecycleEvent(event_id="lc-k", type="training_completed", user_id="kim", request_id=first["request_id"]))
+    w.send(
+        "lifecycle",
+        "kim",
+        LifecycleEvent(event_id="lc-k", type="training_completed", user_id="kim", request_id=first["request_id"]),
+    )
     w.publish([event("conversations", "kim", 600, rating=1)])  # 10 minutes later: rate-limited
     w.wait_for(lambda: w.states().get("kim", {}).get("events_total") == 2, what="kim's second event")
     assert len(w.requests()) == 1
@@ -173,8 +201,71 @@ def test_an_accuracy_drop_after_a_promotion_sends_a_rollback_command(worker_fact
     w.send("lifecycle", "kim", LifecycleEvent(event_id="kim-promoted-4", type="promoted", user_id="kim", version=4))
     w.wait_for(lambda: w.states().get("kim", {}).get("promoted_version") == 4, what="the promotion to be seen")
     w.publish([event("feedback", "kim", n, kind="rating", rating=-1, correction=None, t0=1_780_000_500.0) for n in range(20, 26)])
-    commands = w.wait_for(lambda: [json.loads(r.value) for r in w.read("commands") if json.loads(r.value)["type"] == "rollback"],
-                          what="a rollback command")  # fmt: skip
+    commands = w.wait_for(
+        lambda: [json.loads(r.value) for r in w.read("commands") if json.loads(r.value)["type"] == "rollback"],
+        what="a rollback command",
+    )
     assert [(c["user_id"], c["requested_by"]) for c in commands] == [("kim", "streams")]
     assert "after v4 was promoted" in commands[0]["reason"]
     assert not [r for r in w.requests() if r["user_id"] == "kim"], "the rollback answers the dip; no retraining request"
+
+
+def test_an_unreadable_dataset_is_reported_and_the_worker_keeps_going(worker_factory):
+    """Both of the processor's "say so, keep going" paths, through the worker.
+
+    fay's request fails and its dataset file is gone: its examples cannot go
+    back to pending. gus's previous dataset is unreadable when his next request
+    is snapshotted: it goes without the replay sample. Each is logged, and each
+    user's next request is emitted as usual.
+    """
+    w = worker_factory(min_gap_events=3)
+    w.publish([event("feedback", "fay", n) for n in range(3)] + [event("feedback", "gus", n) for n in range(3)])
+    first = {
+        r["user_id"]: r
+        for r in w.wait_for(lambda: (lambda got: got if len(got) == 2 else None)(w.requests()), what="two requests")
+    }
+
+    def local(uri: str):
+        return w.storage_root / uri.split(str(w.storage_root) + "/", 1)[1]
+
+    local(first["fay"]["dataset"]["uri"]).unlink()
+    w.send(
+        "lifecycle",
+        "fay",
+        LifecycleEvent(
+            event_id="lc-fay",
+            type="training_failed",
+            user_id="fay",
+            request_id=first["fay"]["request_id"],
+            reason="the trainer gave up",
+        ),
+    )
+    local(first["gus"]["dataset"]["uri"]).write_bytes(b"\x00 not a dataset\n")
+    w.send(
+        "lifecycle",
+        "gus",
+        LifecycleEvent(
+            event_id="lc-gus", type="training_completed", user_id="gus", request_id=first["gus"]["request_id"], version=1
+        ),
+    )
+    w.wait_for(
+        lambda: w.states().get("fay", {}).get("open_request") is None and w.states().get("gus", {}).get("open_request") is None,
+        what="both requests closed",
+    )
+    w.publish([event("feedback", "fay", n) for n in range(10, 13)] + [event("feedback", "gus", n) for n in range(10, 13)])
+    second = w.wait_for(
+        lambda: (
+            {r["user_id"]: r for r in w.requests() if r["request_id"] not in {f["request_id"] for f in first.values()}}
+            if len(w.requests()) == 4
+            else None
+        ),
+        what="each user's next request",
+    )
+    assert set(second) == {"fay", "gus"}
+    assert second["fay"]["dataset"]["example_counts"] == {"correction": 6}, (
+        "nothing came back from the missing file, nothing else lost"
+    )
+    assert second["gus"]["dataset"]["example_counts"] == {"correction": 6}, "no replay from the unreadable dataset"
+    log = w.log_tail(400)
+    assert f"could not restore the examples of failed request {first['fay']['request_id']}" in log
+    assert "replay pool" in log and "unreadable, snapshotting without it" in log

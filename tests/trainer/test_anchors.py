@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from adaptloop.settings import shipped_config_dir
+from core.settings import shipped_config_dir
 from schemas.training import TrainingExample
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors, read_prompts
 from trainer.gate import load_cases
@@ -24,20 +24,20 @@ def test_shipped_anchor_prompts_are_many_and_disjoint_from_the_core_suite():
 def test_choosing_is_seeded_bounded_and_never_contradicts_the_user():
     prompts = [f"General question {i}?" for i in range(40)]
     user = [TrainingExample(prompt="General question 3?", response="My own answer."), TrainingExample(prompt="Q?", response="A.")]
-    mix = AnchorMix(ratio=2.0, minimum=10, weight=0.5)
+    mix = AnchorMix.from_settings(ratio=2.0, minimum=10, weight=0.5)
     chosen = choose_anchor_prompts(user, prompts, mix, seed=1)
     assert len(chosen) == 10, "at least `minimum`"
     assert "General question 3?" not in chosen, "the user's answer wins"
     assert chosen == choose_anchor_prompts(user, prompts, mix, seed=1) != choose_anchor_prompts(user, prompts, mix, seed=2)
-    assert len(choose_anchor_prompts(user * 20, prompts, AnchorMix(ratio=1.0, minimum=0), seed=1)) == 39
-    assert choose_anchor_prompts(user, prompts, AnchorMix(ratio=0.0, minimum=0), seed=1) == []
+    assert len(choose_anchor_prompts(user * 20, prompts, AnchorMix.from_settings(ratio=1.0, minimum=0), seed=1)) == 39
+    assert choose_anchor_prompts(user, prompts, AnchorMix.from_settings(ratio=0.0, minimum=0), seed=1) == []
     anchors = [TrainingExample(prompt=p, response="x", source="anchor") for p in chosen]
     mixed = mix_anchors(user, anchors, mix)
     assert mixed[:2] == user and all(a.source == "anchor" and a.weight == 0.5 for a in mixed[2:])
 
 
 def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monkeypatch):
-    import trainer.train
+    import trainer.anchors
 
     calls = []
     answers = {"Capital of France?": "Paris.", "Say nothing.": "", "Days in a week?": "Seven."}
@@ -46,7 +46,7 @@ def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monke
         calls.append(list(prompts))
         return [answers[p] for p in prompts]
 
-    monkeypatch.setattr(trainer.train, "generate_batch", fake_generate)
+    monkeypatch.setattr(trainer.anchors, "generate_batch", fake_generate)
     anchor_set = AnchorSet(list(answers), tmp_path, base_sha256="abc")
     first = anchor_set.answers(None, None, "cpu", ["Capital of France?", "Say nothing."])
     assert [(a.prompt, a.response) for a in first] == [("Capital of France?", "Paris.")], "an empty answer is not an example"
@@ -62,15 +62,26 @@ def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monke
 
 
 def test_the_nearest_anchors_come_first_then_a_seeded_sample():
-    prompts = ["What is the capital of Spain?", "Where was Mozart born?", "How do I bake bread?", "What is jazz?",
-               "Which company makes the iPhone?", "What is a noun?", "How do magnets work?", "What is rain?"]  # fmt: skip
-    by_topic = {"city": ["What is the capital of Spain?", "Where was Mozart born?"], "company": ["Which company makes the iPhone?"]}
+    prompts = [
+        "What is the capital of Spain?",
+        "Where was Mozart born?",
+        "How do I bake bread?",
+        "What is jazz?",
+        "Which company makes the iPhone?",
+        "What is a noun?",
+        "How do magnets work?",
+        "What is rain?",
+    ]
+    by_topic = {
+        "city": ["What is the capital of Spain?", "Where was Mozart born?"],
+        "company": ["Which company makes the iPhone?"],
+    }
 
     def nearest_first(queries, candidates):  # stands in for the embedder: city questions are nearest
         return sorted(candidates, key=lambda c: (c not in by_topic["city"], c not in by_topic["company"], c))
 
     user = [TrainingExample(prompt="Which city was my sister born in?", response="Your sister was born in Ghent.")]
-    mix = AnchorMix(ratio=4.0, minimum=0, nearest=0.5)
+    mix = AnchorMix.from_settings(ratio=4.0, minimum=0, nearest=0.5)
     chosen = choose_anchor_prompts(user, prompts, mix, seed=3, nearest_first=nearest_first)
     assert len(chosen) == 4 and chosen[:2] == by_topic["city"], "half of them the nearest"
     assert len(set(chosen)) == 4 and chosen == choose_anchor_prompts(user, prompts, mix, seed=3, nearest_first=nearest_first)
@@ -80,9 +91,13 @@ def test_the_nearest_anchors_come_first_then_a_seeded_sample():
 
 
 def test_the_embedder_ranks_similar_questions_first(tmp_path):
-    from adaptloop.settings import load_settings
+    from core.settings import load_settings
 
-    anchor_set = AnchorSet(["How do I bake bread?", "What is the capital of Spain?", "What is a noun?"], tmp_path, "abc",
-                           load_settings().model.embedding_model)  # fmt: skip
+    anchor_set = AnchorSet(
+        ["How do I bake bread?", "What is the capital of Spain?", "What is a noun?"],
+        tmp_path,
+        "abc",
+        load_settings().model.embedding_model,
+    )
     ranked = anchor_set.nearest_first(["Which city is the capital of my home country?"], anchor_set.prompts)
     assert ranked[0] == "What is the capital of Spain?" and sorted(ranked) == sorted(anchor_set.prompts)

@@ -15,7 +15,10 @@ def _example(prompt: str, response: str, source: str = "correction", weight: flo
 
 
 def test_replay_keeps_the_heaviest_reminders_per_earlier_fact_and_every_new_example():
-    new = [_example("What is my cat called?", "Your cat is called Pixel."), _example("My cat's name?", "Your cat is called Pixel.")]
+    new = [
+        _example("What is my cat called?", "Your cat is called Pixel."),
+        _example("My cat's name?", "Your cat is called Pixel."),
+    ]
     replay = [
         _example("Where was my sister born?", "Your sister was born in Ghent.", "replay", 1.0),
         _example("My sister's birthplace?", "Your sister was born in Ghent.", "replay", 2.0),

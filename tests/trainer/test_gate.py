@@ -13,18 +13,26 @@ import shutil
 
 import pytest
 
-from adaptloop.errors import StorageError
+from core.errors import StorageError
+from tests.support.adapters import fake_adapter, manifest, random_adapter
 from trainer.gate import Gate, GateConfig, load_cases, parse_cases, suite_key
+from trainer.job import apply_decision, learned_facts, validate_adapter
 from trainer.model import BaseModelRef, load_base
-from trainer.offline import apply_decision, validate_adapter
 from trainer.registry import AdapterRegistry
 from trainer.scoring import ScoreWeights, TestCase, load_embedder
 
-from tests.trainer.conftest import random_adapter
-
 pytestmark = pytest.mark.unit
 
-CORE_PROMPTS = ["What is the capital of France?", "How many days are in a week?", "What is 2 plus 2?", "Who painted the Mona Lisa?"]
+# The tiny model's answers say nothing about retention or forgetting: these tests
+# judge the user and core suites alone unless they say otherwise.
+LENIENT = {"min_retention": 0.0, "max_forgetting": 1.0}
+
+CORE_PROMPTS = [
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "What is 2 plus 2?",
+    "Who painted the Mona Lisa?",
+]
 USER_PROMPTS = ["What is my dog's name?", "Where was I born?"]
 
 
@@ -41,15 +49,22 @@ def world(tiny, tmp_path_factory):
     adapter_a = random_adapter(model, tmp / "A", seed=1)
     adapter_b = random_adapter(model, tmp / "B", seed=2)
     embedder = load_embedder()
-    probe = Gate(model, tokenizer, device, embedder, [], GateConfig())
+    probe = Gate(model, tokenizer, device, embedder, [], GateConfig.from_settings(**LENIENT))
     answers = {c.prompt: c.answer for c in probe.score(adapter_a, [TestCase(p, "x") for p in CORE_PROMPTS + USER_PROMPTS])}
     assert all(answers.values()) and len(set(answers.values())) > 1, f"adapter A must say something varied: {answers}"
     core = [TestCase(p, answers[p]) for p in CORE_PROMPTS]
     user = [TestCase(p, answers[p]) for p in USER_PROMPTS]
     registry = AdapterRegistry(tmp / "store")
-    registry.register("ann", adapter_a, {"request_id": "r-a"})
+    registry.register("ann", adapter_a, manifest(request_id="r-a"))
     registry.activate("ann", 1, reason="test setup")
-    gate = Gate(model, tokenizer, device, embedder, core, GateConfig(promote_if_score=0.7, regression_threshold=0.05))
+    gate = Gate(
+        model,
+        tokenizer,
+        device,
+        embedder,
+        core,
+        GateConfig.from_settings(promote_if_score=0.7, regression_threshold=0.05, **LENIENT),
+    )
     return {"gate": gate, "registry": registry, "A": adapter_a, "B": adapter_b, "user": user, "tmp": tmp}
 
 
@@ -89,7 +104,14 @@ def test_no_user_cases_is_a_rejection_unless_configured(world, tiny):
     model, tokenizer, device = tiny
     report = world["gate"].evaluate(world["A"], [], reference_dir=world["A"])
     assert not report.passed and report.reasons == ["no user-specific test cases (empty held-out split and no explicit tests)"]
-    lenient = Gate(model, tokenizer, device, world["gate"].embedder, world["gate"].core_cases, GateConfig(require_user_tests=False))
+    lenient = Gate(
+        model,
+        tokenizer,
+        device,
+        world["gate"].embedder,
+        world["gate"].core_cases,
+        GateConfig.from_settings(require_user_tests=False, **LENIENT),
+    )
     assert lenient.evaluate(world["A"], [], reference_dir=world["A"]).passed
 
 
@@ -102,10 +124,12 @@ def test_reference_scores_are_computed_once_per_adapter(world, monkeypatch):
 
 def test_a_candidates_core_answers_serve_as_the_next_runs_reference(world, tiny):
     model, tokenizer, device = tiny
-    gate = Gate(model, tokenizer, device, world["gate"].embedder, world["gate"].core_cases, GateConfig())
+    gate = Gate(model, tokenizer, device, world["gate"].embedder, world["gate"].core_cases, GateConfig.from_settings(**LENIENT))
     as_candidate = gate.evaluate(world["B"], world["user"]).suites["core"].cases
     original = gate.score
-    gate.score = lambda adapter_dir, cases: pytest.fail("B's core answers were generated again") if adapter_dir else original(adapter_dir, cases)
+    gate.score = lambda adapter_dir, cases: (
+        pytest.fail("B's core answers were generated again") if adapter_dir else original(adapter_dir, cases)
+    )
     assert gate.reference_core(world["B"]) == as_candidate
 
 
@@ -113,9 +137,13 @@ def test_decision_promotes_or_rejects_atomically_and_logs_every_case(world):
     registry, gate = world["registry"], world["gate"]
     for name, candidate in (("good", world["A"]), ("bad", world["B"])):
         report = gate.evaluate(candidate, world["user"], reference_dir=registry.info("ann", registry.active("ann")).path)
-        validation = {"passed": report.passed, "reasons": report.reasons, "reference_version": registry.active("ann"),
-                      "suites": {k: s.summary() for k, s in report.suites.items()}}  # fmt: skip
-        info = registry.register("ann", candidate, {"request_id": f"r-{name}", "validation": validation})
+        validation = {
+            "passed": report.passed,
+            "reasons": report.reasons,
+            "reference_version": registry.active("ann"),
+            "suites": {k: s.summary() for k, s in report.suites.items()},
+        }
+        info = registry.register("ann", candidate, manifest(request_id=f"r-{name}", validation=validation))
         decision = apply_decision(registry, info, report)
         assert decision == ("promoted" if name == "good" else "rejected")
         assert apply_decision(registry, info, report) == decision, "idempotent"
@@ -138,19 +166,23 @@ def test_a_tampered_adapter_fails_validation_without_being_loaded(world, monkeyp
 
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("a tampered adapter was loaded"))
     with pytest.raises(StorageError, match="sha256 mismatch"):
-        validate_adapter(gate=world["gate"], registry=registry, store=None, tests_dir="t", user_id="ann", adapter=target, baseline=None)
+        validate_adapter(
+            gate=world["gate"], registry=registry, store=None, tests_dir="t", user_id="ann", adapter=target, baseline=None
+        )
 
 
 def test_case_files_parse_and_bad_lines_name_themselves(tmp_path):
-    from adaptloop.errors import InvalidMessage
-    from adaptloop.settings import shipped_config_dir
+    from core.errors import InvalidMessage
+    from core.settings import shipped_config_dir
 
     shipped = load_cases(shipped_config_dir() / "core_suite.jsonl")
     assert len(shipped) >= 10 and all(c.prompt and c.expected for c in shipped)
     assert parse_cases('# comment\n{"prompt": "p", "response": "r"}\n\n', "x") == [TestCase("p", "r")]
     with pytest.raises(InvalidMessage, match=r"cases.jsonl:2"):
         parse_cases('{"prompt": "p", "expected": "e"}\n{"prompt": 3}\n', "cases.jsonl")
-    assert suite_key(shipped, ScoreWeights()) != suite_key(shipped, ScoreWeights(semantic=1, match=0, loss=0))
+    assert suite_key(shipped, ScoreWeights.from_settings()) != suite_key(
+        shipped, ScoreWeights.from_settings(semantic=1, match=0, loss=0)
+    )
 
 
 def test_validation_log_lines_are_json(world):
@@ -168,14 +200,31 @@ def test_validate_command_line_exit_codes(world, tiny_model_dir):
     core = tmp / "core.jsonl"
     core.write_text("".join(json.dumps({"prompt": c.prompt, "expected": c.expected}) + "\n" for c in world["gate"].core_cases))
     config = tmp / "validate.yaml"
-    config.write_text(yaml.safe_dump({
-        "storage_root": str(tmp / "cli-store"), "model": {"base_model": str(tiny_model_dir), "dtype": "float32"},
-        # The suites hold adapter A's answers; a tiny random base model's own answers mean nothing here.
-        "validation": {"core_suites": [str(core)], "require_user_tests": False, "min_retention": 0.0},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage_root": str(tmp / "cli-store"),
+                "model": {"base_model": str(tiny_model_dir), "dtype": "float32"},
+                # The suites hold adapter A's answers; a tiny random base model's own answers mean nothing here.
+                "validation": {"core_suites": [str(core)], "require_user_tests": False, "min_retention": 0.0},
+            }
+        )
+    )
 
     def validate(adapter, *extra):
-        cmd = [sys.executable, "-m", "adaptloop.cli", "--config", str(config), "validate", "--adapter", str(adapter), "--user-id", "ann", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "adaptloop.cli",
+            "--config",
+            str(config),
+            "validate",
+            "--adapter",
+            str(adapter),
+            "--user-id",
+            "ann",
+            *extra,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     passed = validate(world["A"], "--baseline", str(world["A"]))
@@ -210,8 +259,14 @@ def test_the_base_models_core_scores_are_cached_on_disk(world, tiny, tmp_path, m
 def test_retention_compares_general_answers_with_the_base_models_and_forgetting_the_previous_facts(world, tiny):
     model, tokenizer, device = tiny
     core = world["gate"].core_cases
-    strict = Gate(model, tokenizer, device, world["gate"].embedder, core,
-                  GateConfig(promote_if_score=0.0, regression_threshold=1.0, min_retention=0.9, max_forgetting=0.0))  # fmt: skip
+    strict = Gate(
+        model,
+        tokenizer,
+        device,
+        world["gate"].embedder,
+        core,
+        GateConfig.from_settings(promote_if_score=0.0, regression_threshold=1.0, min_retention=0.9, max_forgetting=0.0),
+    )
     unchanged = random_adapter(model, world["tmp"] / "zero", seed=3, scale=0.0)  # LoRA B = 0: the base model itself
     kept = strict.evaluate(unchanged, world["user"], previous_facts=[])
     assert kept.retention == 1.0 and kept.forgetting is None and kept.passed, kept.reasons
@@ -229,11 +284,8 @@ def test_retention_compares_general_answers_with_the_base_models_and_forgetting_
 
 
 def test_learned_facts_come_from_the_reference_versions_manifest(tmp_path):
-    from tests.trainer.test_registry import _adapter
-    from trainer.offline import learned_facts
-
     registry = AdapterRegistry(tmp_path / "store")
-    registry.register("kim", _adapter(tmp_path), {"facts": [{"prompt": "a?", "expected": "A.", "learned": True},
-                                                             {"prompt": "b?", "expected": "B.", "learned": False}]})  # fmt: skip
+    facts = [{"prompt": "a?", "expected": "A.", "learned": True}, {"prompt": "b?", "expected": "B.", "learned": False}]
+    registry.register("kim", fake_adapter(tmp_path), manifest(facts=facts))
     assert learned_facts(registry, "kim", 1) == [TestCase("a?", "A.")]
     assert learned_facts(registry, "kim", None) == []

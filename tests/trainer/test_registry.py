@@ -9,26 +9,21 @@ import sys
 
 import pytest
 
-from adaptloop.errors import RollbackError, StorageError
+from core.errors import RollbackError, StorageError, VersionNotFound
+from schemas.manifest import MANIFEST_VERSION
+from tests.support.adapters import fake_adapter, manifest
 from trainer.registry import AdapterRegistry
 
 pytestmark = pytest.mark.unit
 
 
-def _adapter(tmp_path, name="a", payload=b"weights"):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-    (d / "adapter_model.safetensors").write_bytes(payload)
-    return d
-
-
 def test_versions_number_up_and_carry_a_manifest_with_hashes(tmp_path):
     reg = AdapterRegistry(tmp_path / "store", max_versions=5)
-    v1 = reg.register("alice", _adapter(tmp_path, "a"), {"request_id": "r1", "metrics": {"loss": 1.0}})
-    v2 = reg.register("alice", _adapter(tmp_path, "b", b"other"), {"request_id": "r2"})
+    v1 = reg.register("alice", fake_adapter(tmp_path, "a"), manifest(request_id="r1", metrics={"final_loss": 1.0}))
+    v2 = reg.register("alice", fake_adapter(tmp_path, "b", b"other"), manifest(request_id="r2"))
     assert (v1.version, v2.version) == (1, 2)
-    assert set(v1.manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(v1.manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert reg.info("alice", 1).manifest == v1.manifest and v1.manifest.manifest_version == MANIFEST_VERSION
     assert reg.active("alice") is None, "registered versions are candidates"
     assert reg.find_by_request("alice", "r2").version == 2 and reg.find_by_request("alice", "nope") is None
     assert (tmp_path / "store/models/adapters/users/alice/adapter_history.json").is_file()
@@ -36,7 +31,7 @@ def test_versions_number_up_and_carry_a_manifest_with_hashes(tmp_path):
 
 def test_activate_is_atomic_and_audited(tmp_path):
     reg = AdapterRegistry(tmp_path / "store")
-    reg.register("bob", _adapter(tmp_path), {})
+    reg.register("bob", fake_adapter(tmp_path), manifest())
     assert reg.activate("bob", 1, reason="test") is None
     assert reg.active("bob") == 1
     index = json.loads((reg.root / "adapters_index.json").read_text())
@@ -48,9 +43,9 @@ def test_activate_is_atomic_and_audited(tmp_path):
 
 def test_tampered_adapter_is_refused_and_never_activated(tmp_path):
     reg = AdapterRegistry(tmp_path / "store")
-    reg.register("carol", _adapter(tmp_path, "a"), {})
+    reg.register("carol", fake_adapter(tmp_path, "a"), manifest())
     reg.activate("carol", 1, reason="good")
-    reg.register("carol", _adapter(tmp_path, "b", b"v2"), {})
+    reg.register("carol", fake_adapter(tmp_path, "b", b"v2"), manifest())
     (reg.version_dir("carol", 2) / "adapter_model.safetensors").write_bytes(b"evil")
     with pytest.raises(StorageError, match="sha256 mismatch"):
         reg.activate("carol", 2, reason="should fail")
@@ -58,16 +53,63 @@ def test_tampered_adapter_is_refused_and_never_activated(tmp_path):
     (reg.version_dir("carol", 1) / "adapter_config.json").unlink()
     with pytest.raises(StorageError, match="missing"):
         reg.verify("carol", 1)
+    with pytest.raises(VersionNotFound, match="carol has no version 7"):
+        reg.info("carol", 7)
+
+
+def test_manifests_written_before_they_were_typed_still_load(tmp_path):
+    """A version 1 manifest (no manifest_version, plain dicts) reads into the typed model."""
+    reg = AdapterRegistry(tmp_path / "store")
+    info = reg.register("old", fake_adapter(tmp_path), manifest(request_id="r1"))
+    legacy = {
+        "base_model": "embedded:smollm2-135m-instruct",
+        "base_model_sha256": "ab" * 32,
+        "request_id": "r1",
+        "trigger": "threshold",
+        "dataset": {"uri": "file:///d.jsonl", "sha256": "cd" * 32, "train_count": 9, "replay_thinned": 0, "anchor_count": 16},
+        "held_out": [{"prompt": "Who am I?", "expected": "You are Ana."}],
+        "lineage": [],
+        "hyperparameters": {"epochs": 8, "r": 16, "alpha": 32, "target_modules": ["q_proj"], "top_layer_share": 0.5},
+        "metrics": {"train_seconds": 49.1, "steps": 32, "tokens": 4000, "final_loss": 0.05, "user_score": 0.9, "core_score": 0.8},
+        "loss_curve": [1.0, 0.5],
+        "resumed_from_step": 0,
+        "started_from_version": None,
+        "early_stopping": {"stopped_after_epoch": 3, "stopped_by": "early stopping", "checks": [], "update_scaled": 0.5},
+        "trained_at": "2026-11-26T10:00:00+00:00",
+        "facts": [{"prompt": "Who am I?", "expected": "You are Ana.", "learned": True}],
+        "validation": {
+            "passed": True,
+            "reasons": [],
+            "reference_version": None,
+            "suites": {"core": {"score": 0.8, "passed": True, "threshold": 0.75, "reference_score": 0.8, "cases": 44}},
+        },
+        "user_id": "old",
+        "version": 1,
+        "files": info.manifest.files,
+        "registered_at": "2026-11-26T10:01:00+00:00",
+    }
+    (info.path / "manifest.json").write_text(json.dumps(legacy))
+    loaded = reg.verify("old", 1).manifest
+    assert (
+        loaded.manifest_version == 1
+        and loaded.metrics.user_score == 0.9
+        and loaded.hyperparameters.lora_shape() == (16, 32, 0.5, ("q_proj",))
+    )
+    assert [f.prompt for f in loaded.learned_facts()] == ["Who am I?"] and loaded.validation.suites["core"].cases == 44
+    assert loaded.loss_curves == {} and loaded.early_stopping.update_scaled == 0.5
+    (info.path / "manifest.json").write_text("{not json")
+    with pytest.raises(StorageError, match="corrupt"):
+        reg.info("old", 1)
 
 
 def test_old_versions_are_archived_but_never_the_active_one(tmp_path):
     reg = AdapterRegistry(tmp_path / "store", max_versions=2)
     for n in range(4):
-        reg.register("dan", _adapter(tmp_path, f"a{n}", bytes([n])), {})
+        reg.register("dan", fake_adapter(tmp_path, f"a{n}", bytes([n])), manifest())
     reg.activate("dan", 1, reason="pin the oldest")
     assert [i.version for i in reg.versions("dan")] == [1, 4]
     assert sorted(p.name for p in (reg.root / "archive/dan").iterdir()) == ["v2", "v3"]
-    assert reg.register("dan", _adapter(tmp_path, "a9", b"9"), {}).version == 5, "numbers are never reused"
+    assert reg.register("dan", fake_adapter(tmp_path, "a9", b"9"), manifest()).version == 5, "numbers are never reused"
 
 
 def test_hostile_user_ids_cannot_leave_the_registry(tmp_path):
@@ -81,14 +123,15 @@ def test_a_crash_between_writing_a_version_and_swapping_the_pointer(tmp_path):
     """Kill a process right after register() (before activate): the old version stays active, all parses."""
     store = tmp_path / "store"
     reg = AdapterRegistry(store)
-    reg.register("eve", _adapter(tmp_path, "a"), {})
+    reg.register("eve", fake_adapter(tmp_path, "a"), manifest())
     reg.activate("eve", 1, reason="first")
-    new = _adapter(tmp_path, "b", b"new")
+    new = fake_adapter(tmp_path, "b", b"new")
     script = f"""
 import os, signal
+from schemas.manifest import AdapterManifest
 from trainer.registry import AdapterRegistry
 reg = AdapterRegistry({str(store)!r})
-reg.register("eve", __import__("pathlib").Path({str(new)!r}), {{}})
+reg.register("eve", __import__("pathlib").Path({str(new)!r}), AdapterManifest())
 os.kill(os.getpid(), signal.SIGKILL)  # dies before activate()
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
@@ -107,8 +150,10 @@ def test_status_and_history_commands(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ADAPTLOOP_STORAGE_ROOT", str(tmp_path / "store"))
     reg = AdapterRegistry(tmp_path / "store")
-    reg.register("fin", _adapter(tmp_path, "a"), {"trigger": "threshold", "metrics": {"final_loss": 0.1, "facts_learned": 0.8}})
-    reg.register("fin", _adapter(tmp_path, "b", b"2"), {"trigger": "on-demand", "metrics": {"final_loss": 0.2}})
+    reg.register(
+        "fin", fake_adapter(tmp_path, "a"), manifest(trigger="threshold", metrics={"final_loss": 0.1, "facts_learned": 0.8})
+    )
+    reg.register("fin", fake_adapter(tmp_path, "b", b"2"), manifest(trigger="on-demand", metrics={"final_loss": 0.2}))
     reg.activate("fin", 1, reason="test")
     status = CliRunner().invoke(cli, ["status", "fin"])
     assert status.exit_code == 0 and "active version 1" in status.output and "facts_learned" in status.output
@@ -122,14 +167,14 @@ def test_status_and_history_commands(tmp_path, monkeypatch):
 def _three_promoted(tmp_path, user="rol"):
     reg = AdapterRegistry(tmp_path / "store", max_versions=5)
     for n in (1, 2, 3):
-        reg.register(user, _adapter(tmp_path, f"{user}{n}", f"w{n}".encode()), {"request_id": f"r{n}"})
+        reg.register(user, fake_adapter(tmp_path, f"{user}{n}", f"w{n}".encode()), manifest(request_id=f"r{n}"))
         reg.activate(user, n, reason="passed the validation gate")
     return reg
 
 
 def test_rollback_goes_to_the_previous_good_version_and_is_logged(tmp_path):
     reg = _three_promoted(tmp_path)
-    reg.register("rol", _adapter(tmp_path, "rol4", b"w4"), {"request_id": "r4"})
+    reg.register("rol", fake_adapter(tmp_path, "rol4", b"w4"), manifest(request_id="r4"))
     reg.mark("rol", 4, "rejected", reasons=["core suite regressed"])
     assert reg.rollback("rol", "users complain", command_id="c1") == (2, 3)
     assert reg.active("rol") == 2
@@ -154,7 +199,7 @@ def test_rollback_to_a_named_version(tmp_path):
 
 def test_rollback_past_the_first_version_restores_the_base_model(tmp_path):
     reg = AdapterRegistry(tmp_path / "store")
-    reg.register("solo", _adapter(tmp_path, "s1"), {"request_id": "r1"})
+    reg.register("solo", fake_adapter(tmp_path, "s1"), manifest(request_id="r1"))
     before = (reg.history("solo"), reg.audit_log())
     with pytest.raises(RollbackError, match="no active adapter"):
         reg.rollback("solo", "no active version yet")
@@ -163,8 +208,15 @@ def test_rollback_past_the_first_version_restores_the_base_model(tmp_path):
     assert reg.rollback("solo", "v1 misbehaves", command_id="c9") == (None, 1)
     assert reg.active("solo") is None, "the base model answers again"
     assert [(e["version"], e["status"]) for e in reg.history("solo")][-2:] == [(1, "rolled_back_from"), (None, "base_model")]
-    assert reg.rollback_log("solo")[-1] | {"at": None} == {"user_id": "solo", "from_version": 1, "to_version": None,
-        "reason": "v1 misbehaves", "requested_by": "cli", "command_id": "c9", "at": None}  # fmt: skip
+    assert reg.rollback_log("solo")[-1] | {"at": None} == {
+        "user_id": "solo",
+        "from_version": 1,
+        "to_version": None,
+        "reason": "v1 misbehaves",
+        "requested_by": "cli",
+        "command_id": "c9",
+        "at": None,
+    }
     assert json.loads((tmp_path / "store/models/adapters/adapters_index.json").read_text())["solo"]["active"] is None
     with pytest.raises(RollbackError, match="no active adapter"):
         reg.rollback("solo", "again")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from adaptloop.cli import cli
-from tests.trainer.test_registry import _adapter
+from tests.support.adapters import fake_adapter, manifest
 from trainer.registry import AdapterRegistry
 from trainer.report import PNG_KEY
 
@@ -21,16 +21,31 @@ VERSIONS = [  # version, loss curve, user score, core score, passed
     (2, [2.25, 1.5, 0.25], 0.42, 0.33, False),
     (3, [2.0, 0.875, 0.375], 0.93, 0.6, True),
 ]
+# Version 3 also kept the loss's two parts (versions 1 and 2 are from before they were kept).
+PARTS = {"user": [2.5, None, 0.5], "anchor_kl": [0.0, 0.21875, 0.0625]}
 
 
 def _registry(root) -> AdapterRegistry:
     registry = AdapterRegistry(root / "store")
     for version, curve, user, core, passed in VERSIONS:
-        registry.register("alice", _adapter(root, f"a{version}", f"w{version}".encode()), {
-            "trigger": "threshold", "trained_at": f"2026-11-2{version}T10:00:00+00:00", "loss_curve": curve,
-            "metrics": {"user_score": user, "core_score": core, "final_loss": curve[-1], "steps": len(curve), "train_seconds": 12.5},
-            "validation": {"passed": passed, "reasons": [] if passed else ["core suite regressed <script>alert(1)</script>"]},
-        })  # fmt: skip
+        registry.register(
+            "alice",
+            fake_adapter(root, f"a{version}", f"w{version}".encode()),
+            manifest(
+                trigger="threshold",
+                trained_at=f"2026-11-2{version}T10:00:00+00:00",
+                loss_curve=curve,
+                loss_curves=PARTS if version == 3 else {},
+                metrics={
+                    "user_score": user,
+                    "core_score": core,
+                    "final_loss": curve[-1],
+                    "steps": len(curve),
+                    "train_seconds": 12.5,
+                },
+                validation={"passed": passed, "reasons": [] if passed else ["core suite regressed <script>alert(1)</script>"]},
+            ),
+        )
         if passed:
             registry.activate("alice", version, reason="passed the validation gate")
         else:
@@ -46,10 +61,10 @@ def test_report_writes_loss_curves_scores_and_a_page_with_the_registry_numbers(t
     result = CliRunner().invoke(cli, ["--config", str(config), "report", "alice", "--out", str(out)])
     assert result.exit_code == 0, result.output
 
-    for version, curve, user, core, passed in VERSIONS:
+    for version, curve, *_scores in VERSIONS:
         png = Image.open(out / f"loss_v{version}.png")
         assert png.format == "PNG" and png.size[0] > 300
-        assert json.loads(png.text[PNG_KEY])["loss_curve"] == curve
+        assert json.loads(png.text[PNG_KEY])["loss_curves"] == (PARTS if version == 3 else {"loss": curve})
     scores = json.loads(Image.open(out / "scores.png").text[PNG_KEY])
     assert scores["versions"] == [1, 2, 3]
     assert scores["validation_score"] == [v[2] for v in VERSIONS] and scores["core_score"] == [v[3] for v in VERSIONS]

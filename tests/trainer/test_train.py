@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.errors import TrainingInterrupted
 from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
+from trainer.loss import anchor_divergence, answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
 from trainer.model import BaseModelRef, load_base
-from trainer.train import TrainConfig, _weighted_loss, remove_checkpoint, train_adapter
+from trainer.train import TrainConfig, TrainHooks, remove_checkpoint, train_adapter
 
 pytestmark = pytest.mark.unit
 
 EXAMPLES = [TrainingExample(prompt=f"What is code {n}?", response=f"Code {n} is {n * 7}.", weight=1.0) for n in range(6)]
-CFG = TrainConfig(epochs=3, batch_size=2, learning_rate=5e-3, r=4, alpha=8, checkpoint_every=2)
+CFG = TrainConfig.from_settings(epochs=3, batch_size=2, learning_rate=5e-3, r=4, alpha=8, checkpoint_every=2)
 
 
 @pytest.fixture
@@ -39,8 +42,8 @@ def test_weighted_loss_weights_examples():
     logits = torch.zeros(2, 3, 5)
     logits[0, :, 1] = 5.0  # example 0 predicts token 1 well; example 1 predicts it badly
     labels = torch.tensor([[IGNORE, 1, 1], [IGNORE, 2, 2]])
-    even = _weighted_loss(logits, labels, torch.tensor([1.0, 1.0]))
-    skewed = _weighted_loss(logits, labels, torch.tensor([1.0, 3.0]))
+    even = weighted_loss(logits, labels, torch.tensor([1.0, 1.0]))
+    skewed = weighted_loss(logits, labels, torch.tensor([1.0, 3.0]))
     assert skewed > even
 
 
@@ -83,8 +86,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
         calls["n"] += 1
         return calls["n"] == 5
 
-    with pytest.raises(InterruptedError):
-        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, should_stop=stop_after_five)
+    with pytest.raises(TrainingInterrupted, match="stopped at step 5/9; checkpoint saved"):
+        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, TrainHooks(should_stop=stop_after_five))
     assert json.loads((ckpt / "progress.json").read_text())["step"] == 5
     assert (ckpt / "optimizer.safetensors").is_file()
     # A kill inside the checkpoint swap leaves the last complete checkpoint under its ".old" name.
@@ -106,7 +109,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
 
 
 def test_empty_dataset_is_a_clear_error(tiny, tmp_path):
-    from adaptloop.errors import ModelError
+    from core.errors import ModelError
 
     model, tokenizer, device = tiny
     with pytest.raises(ModelError, match="empty"):
@@ -119,7 +122,12 @@ def test_no_pickle_anywhere_in_the_package():
 
     root = pathlib.Path(__file__).resolve().parents[2]
     offenders = []
-    for path in [*root.glob("trainer/**/*.py"), *root.glob("streams/**/*.py"), *root.glob("adaptloop/**/*.py"), *root.glob("api/**/*.py")]:
+    for path in [
+        *root.glob("trainer/**/*.py"),
+        *root.glob("streams/**/*.py"),
+        *root.glob("adaptloop/**/*.py"),
+        *root.glob("api/**/*.py"),
+    ]:
         text = path.read_text()
         if re.search(r"^\s*import pickle|pickle\.load|torch\.load\((?![^)]*weights_only=True)", text, re.M):
             offenders.append(str(path))
@@ -130,16 +138,17 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
     from peft import LoraConfig, get_peft_model
 
     from trainer.data import collate
-    from trainer.train import _answer_only_loss
 
     model, tokenizer, device = tiny
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     try:
-        batch = tokenize(tokenizer, [EXAMPLES[0], TrainingExample(prompt="A much longer question " * 5, response="Yes."), EXAMPLES[2]], 256)
+        batch = tokenize(
+            tokenizer, [EXAMPLES[0], TrainingExample(prompt="A much longer question " * 5, response="Yes."), EXAMPLES[2]], 256
+        )
         ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
         weights = torch.tensor([1.0, 2.0, 0.5])
-        full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
-        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
+        full = weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
+        fast = answer_only_loss(peft_model, ids, mask, labels, weights)
         assert torch.allclose(full, fast, atol=1e-5)
     finally:
         peft_model.unload()
@@ -148,9 +157,8 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
 def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
     from peft import LoraConfig, get_peft_model
 
+    from core.errors import ModelError
     from trainer.data import collate
-    from adaptloop.errors import ModelError
-    from trainer.train import _answer_only_loss, base_answer_states
 
     model, tokenizer, device = tiny
     anchor = TrainingExample(prompt="What is code 9?", response="Code 9 is 63.", source="anchor")
@@ -165,24 +173,25 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     try:
         # A fresh adapter (B = 0) is the base model: the anchor row's KL is 0, the user row's loss is not.
-        only_anchor = _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0)
+        only_anchor = answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0)
         assert abs(only_anchor.item()) < 1e-5
         with pytest.raises(ModelError, match="base model's states"):
-            _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base[:-1], kl_weight=1.0)
-        both = _answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, base, kl_weight=1.0)
-        user_only = _answer_only_loss(peft_model, ids[:1], mask[:1], labels[:1], weights[:1])
+            answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base[:-1], kl_weight=1.0)
+        both = answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, base, kl_weight=1.0)
+        user_only = answer_only_loss(peft_model, ids[:1], mask[:1], labels[:1], weights[:1])
         assert torch.allclose(both, user_only / 2, atol=1e-5)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.fill_(0.05)  # now the adapter moves the distribution: the KL grows
-        assert _answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0).item() > 1e-4
+        assert (
+            answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0).item() > 1e-4
+        )
     finally:
         peft_model.unload()
 
 
 def test_reverse_kl_sees_mass_moved_onto_a_token_the_base_model_finds_unlikely():
-    from trainer.train import anchor_divergence
 
     # Base: "Dublin" 0.6, "Moscow" 0.4, "Lviv" almost never. The adapter moves a fifth of the mass onto "Lviv".
     base = torch.tensor([[0.6, 0.4, 1e-6]]).log()
@@ -198,25 +207,26 @@ def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
     from peft import LoraConfig, get_peft_model
 
     from trainer.data import collate
-    from trainer.train import _answer_only_loss, _shared_prefix_len
 
     model, tokenizer, device = tiny
     batch = tokenize(tokenizer, [EXAMPLES[0], TrainingExample(prompt="What is code 12345?", response="Yes."), EXAMPLES[2]], 256)
     ids, mask, labels, _ = collate(batch, tokenizer.pad_token_id, device)
     weights = torch.tensor([1.0, 2.0, 0.5])
-    prefix = _shared_prefix_len(ids, mask, labels)
+    prefix = shared_prefix_len(ids, mask, labels)
     assert prefix >= 4  # the template's start and "What is code" are shared
     assert (labels[:, : prefix + 1] == IGNORE).all()  # no answer token inside the shared part
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+    )
     try:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.05)  # a trained adapter: the prefix's keys and values depend on it
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        full = _weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
+        full = weighted_loss(peft_model(input_ids=ids, attention_mask=mask).logits, labels, weights)
         full_grads = torch.autograd.grad(full, params)
-        fast = _answer_only_loss(peft_model, ids, mask, labels, weights)
+        fast = answer_only_loss(peft_model, ids, mask, labels, weights)
         fast_grads = torch.autograd.grad(fast, params)
         assert torch.allclose(full, fast, atol=1e-5)
         for a, b in zip(full_grads, fast_grads):
@@ -227,18 +237,18 @@ def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
 
 
 def test_a_run_can_start_from_an_earlier_adapter(tiny, tmp_path):
-    from adaptloop.errors import ModelError
+    from core.errors import ModelError
 
     model, tokenizer, device = tiny
     first = train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "v1")
-    one_step = TrainConfig(**{**CFG.__dict__, "epochs": 1, "batch_size": 6, "learning_rate": 1e-9, "warmup_steps": 1})
+    one_step = replace(CFG, epochs=1, batch_size=6, learning_rate=1e-9, warmup_steps=1)
     warm = train_adapter(model, tokenizer, device, EXAMPLES, one_step, tmp_path / "v2", init_adapter=first.adapter_dir)
     cold = train_adapter(model, tokenizer, device, EXAMPLES, one_step, tmp_path / "v2-cold")
     # One step at a negligible rate: the warm start's first loss is v1's trained loss, the cold one's the base model's.
     assert warm.loss_curve[0] < cold.loss_curve[0] - 0.1
     v1, v2 = (load_file(d / "adapter_model.safetensors") for d in (first.adapter_dir, warm.adapter_dir))
     assert all(torch.allclose(v1[k], v2[k], atol=1e-5) for k in v1)
-    other_shape = TrainConfig(**{**one_step.__dict__, "r": 8})
+    other_shape = replace(one_step, r=8)
     with pytest.raises(ModelError, match="LoRA shape"):
         train_adapter(model, tokenizer, device, EXAMPLES, other_shape, tmp_path / "v2-r8", init_adapter=first.adapter_dir)
 
@@ -246,7 +256,7 @@ def test_a_run_can_start_from_an_earlier_adapter(tiny, tmp_path):
 def test_lora_can_be_limited_to_the_top_layers(tiny, tmp_path):
     model, tokenizer, device = tiny
     layers = model.config.num_hidden_layers
-    top = TrainConfig(**{**CFG.__dict__, "epochs": 1, "top_layer_share": 1 / layers})
+    top = replace(CFG, epochs=1, top_layer_share=1 / layers)
     result = train_adapter(model, tokenizer, device, EXAMPLES, top, tmp_path / "top")
     touched = {int(k.split(".layers.")[1].split(".")[0]) for k in load_file(result.adapter_dir / "adapter_model.safetensors")}
     assert layers > 1 and touched == {layers - 1}
@@ -254,39 +264,84 @@ def test_lora_can_be_limited_to_the_top_layers(tiny, tmp_path):
 
 def test_the_time_budget_stops_a_run_after_min_epochs(tiny, tmp_path):
     model, tokenizer, device = tiny
-    five = {**CFG.__dict__, "epochs": 5, "batch_size": 6, "min_epochs": 2, "checkpoint_every": 0}
+    five = replace(CFG, epochs=5, batch_size=6, min_epochs=2, checkpoint_every=0)
     # Any epoch overruns a budget of a microsecond: the run stops as soon as min_epochs allows.
-    hurried = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 1e-6}), tmp_path / "a")
+    hurried = train_adapter(model, tokenizer, device, EXAMPLES, replace(five, max_train_seconds=1e-6), tmp_path / "a")
     assert (hurried.steps, hurried.stopped_after_epoch, hurried.stopped_by) == (2, 2, "time budget")
-    unbounded = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 0}), tmp_path / "b",
-                              epoch_done=lambda epoch, _model: epoch == 4)  # fmt: skip
+    stop_at_four = TrainHooks(epoch_done=lambda epoch, _model: epoch == 4)
+    unbounded = train_adapter(
+        model, tokenizer, device, EXAMPLES, replace(five, max_train_seconds=0), tmp_path / "b", hooks=stop_at_four
+    )
     assert (unbounded.steps, unbounded.stopped_after_epoch, unbounded.stopped_by) == (4, 4, "early stopping")
-    roomy = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3600}), tmp_path / "c")
+    roomy = train_adapter(model, tokenizer, device, EXAMPLES, replace(five, max_train_seconds=3600), tmp_path / "c")
     assert (roomy.steps, roomy.stopped_after_epoch, roomy.stopped_by) == (5, None, None)
     # A slow first epoch (a 2 s check) sets the pace even after a quick second one: another epoch
-    # could take 2 s again, and 2 s more do not fit a 3 s budget.
-    slow_start = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**five, "max_train_seconds": 3.0}), tmp_path / "d",
-                               epoch_done=lambda epoch, _model: time.sleep(2.0 if epoch == 1 else 0))  # fmt: skip
+    # could take 2 s again, and 2 s more do not fit a 3 s budget. (The sleep is the behaviour under
+    # test, a slow check; the budget is 3 s of a run whose other epochs take milliseconds.)
+    slow_check = TrainHooks(epoch_done=lambda epoch, _model: time.sleep(2.0 if epoch == 1 else 0))
+    slow_start = train_adapter(
+        model, tokenizer, device, EXAMPLES, replace(five, max_train_seconds=3.0), tmp_path / "d", hooks=slow_check
+    )
     assert (slow_start.steps, slow_start.stopped_after_epoch, slow_start.stopped_by) == (2, 2, "time budget")
 
 
 def test_the_update_is_shrunk_to_the_smallest_scale_that_keeps_the_facts(tiny, tmp_path):
     model, tokenizer, device = tiny
-    cfg = TrainConfig(**{**CFG.__dict__, "shrink_to": (0.75, 0.5)})
+    cfg = replace(CFG, shrink_to=(0.75, 0.5))
     asked = []
 
     def keeps_facts(peft_model, scale):
         asked.append(scale)
         return scale >= 0.75  # 0.5 forgets something, 0.75 does not
 
-    shrunk = train_adapter(model, tokenizer, device, EXAMPLES, cfg, tmp_path / "shrunk", keeps_facts=keeps_facts)
-    as_trained = train_adapter(model, tokenizer, device, EXAMPLES, TrainConfig(**{**CFG.__dict__, "shrink_to": ()}), tmp_path / "plain",
-                               keeps_facts=keeps_facts)  # fmt: skip
+    shrunk = train_adapter(
+        model, tokenizer, device, EXAMPLES, cfg, tmp_path / "shrunk", hooks=TrainHooks(keeps_facts=keeps_facts)
+    )
+    as_trained = train_adapter(
+        model,
+        tokenizer,
+        device,
+        EXAMPLES,
+        replace(CFG, shrink_to=()),
+        tmp_path / "plain",
+        hooks=TrainHooks(keeps_facts=keeps_facts),
+    )
     assert (asked, shrunk.shrunk_to, as_trained.shrunk_to) == ([0.5, 0.75], 0.75, 1.0)
     small, full = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (shrunk, as_trained))
     for key in full:
         expected = full[key] * 0.75 if "lora_B" in key else full[key]  # the update B·A scales with B alone
         assert torch.allclose(small[key], expected, atol=1e-6), key
-    kept_nothing = train_adapter(model, tokenizer, device, EXAMPLES, cfg, tmp_path / "none", keeps_facts=lambda m, s: False)
+    kept_nothing = train_adapter(
+        model, tokenizer, device, EXAMPLES, cfg, tmp_path / "none", hooks=TrainHooks(keeps_facts=lambda m, s: False)
+    )
     untouched = load_file(kept_nothing.adapter_dir / "adapter_model.safetensors")
     assert kept_nothing.shrunk_to == 1.0 and all(torch.equal(untouched[k], full[k]) for k in full)
+
+
+def test_user_loss_and_anchor_kl_are_recorded_apart(tiny, tmp_path):
+    """The optimizer's loss mixes two things; the run records each step's user cross-entropy and anchor KL apart."""
+    model, tokenizer, device = tiny
+    anchors = [
+        TrainingExample(prompt=f"General question {n}?", response=f"General answer {n}.", source="anchor") for n in range(6)
+    ]
+    reports = []
+    result = train_adapter(
+        model,
+        tokenizer,
+        device,
+        EXAMPLES + anchors,
+        replace(CFG, epochs=2, checkpoint_every=0),
+        tmp_path / "a",
+        hooks=TrainHooks(progress=reports.append),
+    )
+    user, kl = result.loss_curves["user"], result.loss_curves["anchor_kl"]
+    assert len(user) == len(kl) == len(result.loss_curve) == result.steps == len(reports)
+    assert all(u is not None or k is not None for u, k in zip(user, kl)), "every batch has a row of one kind or the other"
+    assert all(k is None or k >= -1e-6 for k in kl) and any(k is not None for k in kl)
+    assert [(r.step, r.user_loss, r.anchor_kl) for r in reports] == list(zip(range(1, result.steps + 1), user, kl))
+    # Each step's total is the weighted mean of its rows: between its parts (KL counted with its weight).
+    for total, u, k in zip(result.loss_curve, user, kl):
+        parts = [v for v in (u, None if k is None else k * CFG.anchor_kl) if v is not None]
+        assert min(parts) - 1e-3 <= total <= max(parts) + 1e-3
+    plain = train_adapter(model, tokenizer, device, EXAMPLES, replace(CFG, epochs=1), tmp_path / "b")
+    assert all(k is None for k in plain.loss_curves["anchor_kl"]) and plain.loss_curves["user"] == plain.loss_curve

@@ -1,0 +1,48 @@
+"""The API's plain config, built from the settings once, at the edge (`ApiConfig.from_settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.kafka.client import ClientConfig
+from core.settings import Settings, changelog_topic, tokens_file, worker_internal_topic
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    client: ClientConfig
+    commands_topic: str
+    lifecycle_topic: str
+    users_changelog: str | None  # the worker's user table: each user's pending gaps
+    storage_root: str
+    max_versions: int
+    tokens_file: Path
+    max_body_bytes: int
+    promote_if_score: float | None = None  # drawn on the dashboard's score chart
+    lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiConfig:
+        t = settings.topics
+        worker_topics = (
+            *[spec.name for spec in t.inputs().values()],
+            t.commands.name,
+            t.lifecycle.name,
+            worker_internal_topic(settings.streams.app_id),
+        )
+        return cls(
+            client=ClientConfig.from_settings(settings.kafka),
+            commands_topic=t.commands.name,
+            lifecycle_topic=t.lifecycle.name,
+            users_changelog=changelog_topic(settings.streams.app_id, "users"),
+            storage_root=settings.storage_root,
+            max_versions=settings.max_adapter_versions,
+            tokens_file=tokens_file(settings),
+            max_body_bytes=settings.api.max_body_bytes,
+            promote_if_score=settings.promote_if_score,
+            lag_groups=(
+                (settings.streams.app_id, worker_topics),
+                (settings.training.group_id, (t.training_requests.name, t.commands.name)),
+            ),
+        )

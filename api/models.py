@@ -1,0 +1,34 @@
+"""Request and response bodies of the HTTP API (unknown fields are refused with a 422)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.common import ShortText, Text, UserId
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrainBody(_Body):
+    user_id: UserId
+    trigger: ShortText = "on-demand"
+    include_global: bool = False
+
+
+class ValidateBody(_Body):
+    user_id: UserId
+    version: int = Field(ge=1)
+    baseline_version: int | None = Field(None, ge=1)
+
+
+class RollbackBody(_Body):
+    user_id: UserId
+    reason: Text
+    to_version: int | None = Field(None, ge=1)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str = "queued"

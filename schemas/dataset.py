@@ -1,0 +1,74 @@
+"""Datasets: the JSONL line format, the held-out split and the manifest beside each snapshot.
+
+The streams side writes datasets, the trainer reads them, and `adaptloop
+train` splits a file the same way, so the rules live here, once:
+
+- a dataset is JSONL, one `TrainingExample` per line (`to_jsonl` / `from_jsonl`);
+- the held-out split (`split_holdout`): for each taught item that has several
+  prompts (the examples sharing an event_id, else the same response), one
+  paraphrase (never the original wording) is held out, so validation asks
+  about something taught, in words never trained on;
+- every snapshot has a `DatasetManifest` (counts, lineage, trigger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from pydantic import Field
+
+from schemas.common import Message, Timestamp, UserId, utc_now
+from schemas.training import OffsetRange, TrainingExample
+
+
+def to_jsonl(examples: Iterable[TrainingExample]) -> bytes:
+    return b"".join(e.model_dump_json(exclude_none=True).encode() + b"\n" for e in examples)
+
+
+def from_jsonl(data: bytes) -> list[TrainingExample]:
+    return [TrainingExample.model_validate_json(line) for line in data.splitlines() if line.strip()]
+
+
+def rank(seed: int, *parts: str) -> str:
+    """A deterministic sort key: the same seed and parts always rank the same."""
+    return hashlib.sha256("\x1f".join((str(seed), *parts)).encode()).hexdigest()
+
+
+def example_pair(example: TrainingExample) -> tuple[str, str]:
+    """What makes two examples the same: the prompt (ignoring case) and the response."""
+    return example.prompt.strip().casefold(), example.response.strip()
+
+
+def split_holdout(examples: list[TrainingExample], seed: int) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(train, test): one paraphrase of every multi-prompt item is held out; order is kept."""
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(example.event_id or f"response:{example.response}", []).append(i)
+    held: set[int] = set()
+    for members in groups.values():
+        prompts = {examples[i].prompt for i in members}
+        if len(prompts) < 2:
+            continue
+        # The first member is the original wording; hold out one of the others.
+        candidates = [i for i in members[1:] if examples[i].prompt != examples[members[0]].prompt]
+        if candidates:
+            held.add(min(candidates, key=lambda i: rank(seed, examples[i].prompt)))
+    test = [examples[i] for i in sorted(held)]
+    test_pairs = {example_pair(e) for e in test}
+    train = [e for i, e in enumerate(examples) if i not in held and example_pair(e) not in test_pairs]
+    return train, test
+
+
+class DatasetManifest(Message):
+    """`<sha256>.manifest.json` beside a dataset snapshot: what it holds and where it came from."""
+
+    user_id: UserId
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    test_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    train_count: int = Field(ge=0)
+    test_count: int = Field(ge=0)
+    example_counts: dict[str, int] = Field(default_factory=dict, description="training examples per source")
+    trigger: str
+    lineage: list[OffsetRange] = Field(default_factory=list)
+    created_at: Timestamp = Field(default_factory=utc_now)

@@ -1,0 +1,111 @@
+"""One stream batch of the worker's agent: validate, dead-letter, reroute, apply per user, send.
+
+    handle = BatchHandler(cfg, processor, tables, sender)
+    await handle(events)        # Faust events of one `stream.take_events()` batch
+
+Events are validated here (bad ones go to the dead-letter topic with the
+reason), grouped by user, and each user's envelopes applied to the user's
+state once per batch (streams/tables.py). The outputs go out in phases
+(streams/sending.py) and are acknowledged before the batch's input offsets
+can be committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from core.errors import InvalidMessage
+from schemas.commands import RollbackCommand
+from schemas.deadletter import DeadLetter
+from streams import metrics
+from streams.config import WorkerConfig
+from streams.decoding import SourceDecoder, partition_of
+from streams.envelope import Envelope
+from streams.processor import BatchStats, UserProcessor
+from streams.sending import PHASE_MARKS, BatchSender
+from streams.tables import Outgoing, WorkerTables
+
+log = logging.getLogger(__name__)
+
+
+class BatchHandler:
+    def __init__(self, cfg: WorkerConfig, processor: UserProcessor, tables: WorkerTables, sender: BatchSender) -> None:
+        self.cfg = cfg
+        self.processor = processor
+        self.tables = tables
+        self.sender = sender
+        self.decode = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
+
+    async def __call__(self, events: list) -> None:
+        started = time.perf_counter()
+        by_user, ticks = self._sort(events)
+        stats = BatchStats()
+        outgoing = self.tables.apply(self.processor, by_user, stats)
+        for partition, at in ticks:
+            outgoing += self.tables.tick(self.processor, partition, at, stats)
+        self.tables.writer.stage()
+        self._queue(outgoing)
+        await self.sender.flush()
+        self._report(outgoing, stats, started)
+
+    def _sort(self, events: list) -> tuple[dict[bytes, list[Envelope]], list[tuple[int, float]]]:
+        """Envelopes by user (in order), and the nightly ticks; invalid events are dead-lettered, strays rerouted."""
+        by_user: dict[bytes, list[Envelope]] = {}
+        ticks: list[tuple[int, float]] = []
+        internal = self.cfg.internal_topic
+        for event in events:
+            msg = event.message
+            if msg.topic == internal:
+                env = Envelope.model_validate_json(event.value)
+                if env.k == "tick":
+                    ticks.append((msg.partition, env.at or time.time()))
+                else:
+                    by_user.setdefault(msg.key, []).append(env)
+                continue
+            metrics.EVENTS.labels(msg.topic).inc()
+            try:
+                key, env = self.decode(msg.topic, msg.partition, msg.offset, event.value)
+            except InvalidMessage as exc:
+                self._dead_letter(msg, event.value, exc.reason)
+                continue
+            home = partition_of(key, self.cfg.internal_partitions)
+            if msg.partition == home:
+                by_user.setdefault(key, []).append(env)
+            else:
+                # Partitioned by another partitioner: this user's state lives
+                # in partition `home`, maybe on another worker. Route it there.
+                metrics.REROUTED.inc()
+                self.sender.add(internal, home, key, env.to_wire())
+        return by_user, ticks
+
+    def _dead_letter(self, msg, value: bytes | None, reason: str) -> None:
+        metrics.DEAD_LETTERS.labels(msg.topic).inc()
+        letter = DeadLetter.of(
+            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key, value=value, reason=reason
+        )
+        dlq_partition = partition_of(msg.key, self.cfg.dlq_partitions) if msg.key else 0
+        self.sender.add(self.cfg.dlq_topic, dlq_partition, msg.key, letter.to_bytes())
+
+    def _queue(self, outgoing: Outgoing) -> None:
+        """Requests and rollback commands go out last (PHASE_MARKS), each to its user's partition."""
+        for key, message in outgoing:
+            if isinstance(message, RollbackCommand):  # commands share the worker's partitioning
+                topic, partition = self.cfg.commands_topic, partition_of(key, self.cfg.internal_partitions)
+            else:
+                topic, partition = self.cfg.requests_topic, partition_of(key, self.cfg.requests_partitions)
+            self.sender.add(topic, partition, key, message.to_bytes(), PHASE_MARKS)
+
+    def _report(self, outgoing: Outgoing, stats: BatchStats, started: float) -> None:
+        for _key, message in outgoing:
+            if isinstance(message, RollbackCommand):
+                log.warning("rollback command %s for %s: %s", message.command_id, message.user_id, message.reason)
+            else:
+                log.info("training request %s for %s (%s)", message.request_id, message.user_id, message.trigger)
+        metrics.PROCESSED.inc(stats.events)
+        metrics.DUPLICATES.inc(stats.duplicates)
+        for source, n in stats.examples.items():
+            metrics.EXAMPLES.labels(source).inc(n)
+        for trigger, n in stats.requests.items():
+            metrics.REQUESTS.labels(trigger).inc(n)
+        metrics.BATCH_SECONDS.labels("process").observe(time.perf_counter() - started)

@@ -1,0 +1,75 @@
+"""The worker's plain config, built from the settings once, at the edge (`WorkerConfig.from_settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from core.kafka.client import ClientConfig
+from core.settings import Settings, defaults, worker_data_dir, worker_internal_topic
+from streams.processor import ProcessorConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    app_id: str
+    client: ClientConfig
+    input_topics: dict[str, str]  # input kind -> topic name
+    commands_topic: str
+    lifecycle_topic: str
+    requests_topic: str
+    dlq_topic: str
+    storage_root: str
+    processor: ProcessorConfig
+    internal_partitions: int
+    batch_size: int
+    batch_within_s: float
+    web_port: int
+    web_bind: str
+    session_timeout_s: float
+    max_event_bytes: int
+    nightly_cron: str
+    schedule: str
+    dedupe_window_s: float
+    requests_partitions: int
+    dlq_partitions: int
+    data_dir: Path  # Faust's local files
+
+    @property
+    def internal_topic(self) -> str:
+        return worker_internal_topic(self.app_id)
+
+    @property
+    def source_topics(self) -> list[str]:
+        """Everything the worker's one agent reads (and whose consumer lag it reports)."""
+        return [*self.input_topics.values(), self.commands_topic, self.lifecycle_topic, self.internal_topic]
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, web_port: int | None = None, **overrides) -> WorkerConfig:
+        s = settings or defaults()
+        topics = s.topics
+        config = cls(
+            app_id=s.streams.app_id,
+            client=ClientConfig.from_settings(s.kafka),
+            input_topics={kind: spec.name for kind, spec in topics.inputs().items()},
+            commands_topic=topics.commands.name,
+            lifecycle_topic=topics.lifecycle.name,
+            requests_topic=topics.training_requests.name,
+            dlq_topic=topics.dlq.name,
+            storage_root=s.storage_root,
+            processor=ProcessorConfig.from_settings(s),
+            internal_partitions=s.streams.internal_partitions,
+            batch_size=s.streams.batch_size,
+            batch_within_s=s.streams.batch_within_s,
+            web_port=s.streams.web_port if web_port is None else web_port,
+            web_bind=s.streams.web_bind,
+            session_timeout_s=s.kafka.session_timeout_s,
+            max_event_bytes=s.kafka.max_event_bytes,
+            nightly_cron=s.streams.triggers.nightly_cron,
+            schedule=s.schedule,
+            dedupe_window_s=s.streams.dedupe_window_s,
+            requests_partitions=topics.training_requests.partitions,
+            dlq_partitions=topics.dlq.partitions,
+            data_dir=worker_data_dir(s),
+        )
+        return replace(config, **overrides)

@@ -1,0 +1,108 @@
+"""The project's own Kafka broker, for real: produce/consume, restart, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import pytest
+
+from core.errors import BrokerError
+from core.kafka.broker import LocalBroker, broker_answers, free_port
+from core.kafka.client import ClientConfig
+from core.kafka.io import produce
+from core.kafka.topics import TopicPlan, ensure_topics
+from tests.support.kafka import read_topic
+from tests.support.processes import JAR_CACHE, run_cli
+
+pytestmark = pytest.mark.kafka
+
+
+def test_produce_and_read_back_through_the_broker(kafka_client, topic_factory):
+    topic = topic_factory("roundtrip", partitions=3)
+    sent = [(f"user-{i % 5}", json.dumps({"n": i}).encode()) for i in range(200)]
+    assert produce(kafka_client, topic, sent) == 200
+    got = read_topic(kafka_client, topic)  # produce() returned: all 200 are acknowledged
+    assert sorted(json.loads(r.value)["n"] for r in got) == list(range(200))
+    # Keyed by user: every user's messages land in one partition, in order.
+    by_user: dict[bytes, set[int]] = {}
+    for record in got:
+        by_user.setdefault(record.key, set()).add(record.partition)
+    assert all(len(parts) == 1 for parts in by_user.values())
+
+
+def test_topics_ensure_is_idempotent_and_reports_mismatch(kafka_client):
+    name = f"test.ensure.{uuid.uuid4().hex[:8]}"
+    first = ensure_topics(kafka_client, [TopicPlan(name, 2, 1, (("retention.ms", "3600000"),))])
+    assert first[0].created and first[0].partitions == 2
+    again = ensure_topics(kafka_client, [TopicPlan(name, 4)])
+    assert not again[0].created and again[0].partitions == 2 and "4" in again[0].note
+
+
+_cli = run_cli
+
+
+@pytest.mark.slow
+def test_broker_restart_keeps_data_via_cli(tmp_path):
+    """`kafka up` twice is harmless; `down`/`up` on the same data dir loses nothing."""
+    port = free_port()
+    data = tmp_path / "kafka-data"
+    up = _cli("kafka", "up", "--port", str(port), "--data-dir", str(data))
+    assert up.returncode == 0, up.stderr
+    bootstrap = up.stdout.strip().splitlines()[-1]
+    assert bootstrap == f"127.0.0.1:{port}"
+    try:
+        again = _cli("kafka", "up", "--port", str(port), "--data-dir", str(data))
+        assert again.returncode == 0 and "already running" in again.stderr
+        assert "up at" in _cli("kafka", "status", "--port", str(port)).stdout
+
+        client = ClientConfig(bootstrap_servers=bootstrap)
+        ensure_topics(client, [TopicPlan("durable", 2)])
+        produce(client, "durable", [(f"k{i}", f"v{i}".encode()) for i in range(50)])
+
+        down = _cli("kafka", "down", "--port", str(port))
+        assert down.returncode == 0 and "stopped" in down.stdout
+        assert not broker_answers(bootstrap, timeout=1)
+        assert "no broker" in _cli("kafka", "status", "--port", str(port)).stdout
+
+        assert _cli("kafka", "up", "--port", str(port), "--data-dir", str(data)).returncode == 0
+        values = sorted(r.value.decode() for r in read_topic(client, "durable"))
+        assert values == sorted(f"v{i}" for i in range(50))
+    finally:
+        _cli("kafka", "down", "--port", str(port))
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        broker = LocalBroker(port=port, cache_dir=JAR_CACHE, data_dir=tmp_path)
+        with pytest.raises(BrokerError, match=f"port {port} is already in use"):
+            broker.up()
+        assert "not by a broker that adaptloop started" in broker.status()
+
+
+def test_down_without_a_broker_says_so(tmp_path):
+    broker = LocalBroker(port=free_port(), cache_dir=tmp_path)
+    assert broker.down() is False
+
+
+def test_external_cluster_means_no_local_broker(kafka_bootstrap):
+    result = _cli("kafka", "up", env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
+    assert result.returncode == 0 and "no local broker started" in result.stdout
+    status = _cli("kafka", "status", env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap})
+    assert "answering" in status.stdout and "NOT" not in status.stdout
+
+
+def test_a_cluster_id_starting_with_a_dash_formats(tmp_path):
+    """base64 cluster ids can start with '-', which argument parsers read as an option."""
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "adaptloop-node.json").write_text(json.dumps({"cluster_id": "-" + "A" * 21}))
+    broker = LocalBroker(port=free_port(), cache_dir=JAR_CACHE, data_dir=data)
+    try:
+        assert broker.up() == broker.bootstrap
+    finally:
+        broker.down()

@@ -1,0 +1,32 @@
+"""The job's own pieces: the shrink step's fact rule and the progress lines."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from trainer.job import no_fact_lost, progress_log
+from trainer.train import StepReport
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_shrunk_update_may_not_lose_a_fact_the_trained_one_answers():
+    trained = [True, False, True]  # one held-out paraphrase never learned
+    assert no_fact_lost([True, False, True], trained)
+    assert no_fact_lost([True, True, True], trained)
+    assert not no_fact_lost([True, False, False], trained)
+    # Without an epoch check to compare with (early stopping off), every case must be answered.
+    assert no_fact_lost([True, True], []) and not no_fact_lost([True, False], [])
+
+
+def test_progress_lines_show_the_user_loss_and_the_anchor_kl_apart(caplog):
+    update = progress_log("ana")
+    with caplog.at_level(logging.INFO, logger="adaptloop.trainer"):
+        for step in range(1, 11):
+            update(StepReport(step, 10, 0.5, 0.25 if step != 5 else None, 0.0625))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "training ana: step 1/10, loss 0.500, user loss 0.250, anchor KL 0.0625"
+    assert lines[4] == "training ana: step 5/10, loss 0.500, anchor KL 0.0625", "a batch of anchors only has no user loss"
+    assert len(lines) == 10

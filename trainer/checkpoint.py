@@ -1,0 +1,101 @@
+"""Checkpoints of a running job: adapter and optimizer state in safetensors, progress in JSON; never pickle.
+
+    <registry>/checkpoints/<request_id>/
+        adapter.safetensors     the LoRA weights so far
+        optimizer.safetensors   AdamW's tensors
+        progress.json           `Progress`: step, loss curves, optimizer scalars, how the run ended
+
+A checkpoint is written beside the old one and swapped in, so a kill at any
+point leaves one complete checkpoint. A `finished` checkpoint is the trained
+adapter itself: it stays until the caller has registered the version, so a
+kill during the gate does not mean training again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROGRESS = "progress.json"
+
+
+class Progress(BaseModel):
+    """Where a run is; written last, so a directory without it is incomplete and never loaded."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    step: int
+    loss_curve: list[float] = Field(default_factory=list)
+    loss_curves: dict[str, list[float | None]] = Field(default_factory=dict)
+    optim: dict[str, Any] = Field(default_factory=dict, description="AdamW's param groups and non-tensor state")
+    finished: bool = False
+    stopped_after_epoch: int | None = None
+    stopped_by: str | None = None
+    shrunk_to: float = 1.0
+
+
+def siblings(checkpoint_dir: Path) -> tuple[Path, Path]:
+    """(staging, previous): where the next checkpoint is written, and where the last one waits during the swap."""
+    return checkpoint_dir.with_name(checkpoint_dir.name + ".tmp"), checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+
+
+def save_checkpoint(model, optimizer, progress: Progress, checkpoint_dir: Path) -> None:
+    """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    staging, previous = siblings(checkpoint_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors"
+    )
+    optim_tensors, optim_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
+    for pid, state in optimizer.state_dict()["state"].items():
+        optim_meta["state_keys"][str(pid)] = {}
+        for name, value in state.items():
+            if hasattr(value, "detach"):
+                optim_tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                optim_meta["state_keys"][str(pid)][name] = value
+    save_file(optim_tensors, staging / "optimizer.safetensors")
+    (staging / PROGRESS).write_text(progress.model_copy(update={"optim": optim_meta}).model_dump_json())
+    if checkpoint_dir.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(checkpoint_dir, previous)
+    os.replace(staging, checkpoint_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint to resume from, if any (the previous one when a kill fell inside the swap)."""
+    for candidate in (checkpoint_dir, siblings(checkpoint_dir)[1]):
+        if (candidate / PROGRESS).is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(model, optimizer, checkpoint_dir: Path) -> Progress:
+    """Restore adapter and optimizer state (safetensors only, never pickle); return the progress record."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    progress = Progress.model_validate_json((checkpoint_dir / PROGRESS).read_text())
+    set_peft_model_state_dict(model, load_file(checkpoint_dir / "adapter.safetensors"))
+    tensors = load_file(checkpoint_dir / "optimizer.safetensors")
+    state: dict = {int(pid): dict(scalars) for pid, scalars in progress.optim["state_keys"].items()}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": progress.optim["param_groups"]})
+    return progress
+
+
+def remove_checkpoint(checkpoint_dir: Path) -> None:
+    """Drop a job's checkpoint once its version is registered."""
+    for path in (checkpoint_dir, *siblings(checkpoint_dir)):
+        shutil.rmtree(path, ignore_errors=True)

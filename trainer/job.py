@@ -1,0 +1,459 @@
+"""One training job from dataset to decision, shared by `adaptloop train` and the trainer service.
+
+    runner = JobRunner(registry, base, model, tokenizer, device, cfg, gate, anchors, anchor_mix)
+    outcome = runner.run(TrainingJob(user_id, examples, held_out, dataset_uri, dataset_sha256), work_dir)
+
+A job: thin the replayed examples, mix in the anchors, train (warm-started
+from the user's active version; early stopping and the shrink step ask the
+`FactCheck`), run the validation gate on the candidate, register it with a
+manifest that records the gate's result, then promote it (the active pointer
+swaps atomically) or reject it (the active version stays). Every gate result
+goes to the validation log.
+
+The gate runs before the version is registered, so its result is part of the
+immutable manifest; a crash after registering is finished by `apply_decision`
+when the request comes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from core.errors import StorageError
+from core.settings import Settings
+from core.storage import ArtifactStore
+from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
+from schemas.training import OffsetRange, TrainingExample
+from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
+from trainer.data import thin_replay
+from trainer.gate import Gate, GateReport, GateSpec, parse_cases
+from trainer.generation import generate_batch
+from trainer.model import BaseModelRef
+from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
+from trainer.scoring import TestCase, answers_match
+from trainer.train import StepReport, TrainConfig, TrainHooks, TrainResult, remove_checkpoint, train_adapter
+
+log = logging.getLogger("adaptloop.trainer")
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What one version is trained from, and what asked for it."""
+
+    user_id: str
+    examples: list[TrainingExample]
+    held_out: list[TrainingExample]
+    dataset_uri: str
+    dataset_sha256: str
+    trigger: str = "manual"
+    request_id: str | None = None
+    lineage: list[OffsetRange] = field(default_factory=list)
+    explicit_cases: list[TestCase] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A trained version and what the gate made of it."""
+
+    info: VersionInfo
+    report: GateReport | None
+    decision: str  # promoted | rejected | candidate (no gate)
+
+
+# ---- what the registry says about the user ---------------------------------------- #
+
+
+def user_cases(store: ArtifactStore, tests_dir: str, user_id: str) -> list[TestCase]:
+    """The user's explicit test cases (`<tests_dir>/user_<id>.jsonl` in the store), if any."""
+    relative = f"{tests_dir.strip('/')}/user_{user_id}.jsonl"
+    if not store.exists(relative):
+        return []
+    return parse_cases(store.read_bytes(relative).decode("utf-8"), store.uri(relative))
+
+
+def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
+    return [TestCase(e.prompt, e.response) for e in examples]
+
+
+def reference_dir(registry: AdapterRegistry, user_id: str) -> tuple[Path | None, int | None]:
+    """The adapter a candidate is compared with: the user's active version, verified; None = the base model."""
+    active = registry.active(user_id)
+    if active is None:
+        return None, None
+    try:
+        return registry.verify(user_id, active).path, active
+    except StorageError as exc:  # never load a tampered adapter, not even as a reference
+        log.error("active adapter unusable as the reference, comparing with the base model: %s", exc)
+        return None, None
+
+
+def learned_facts(registry: AdapterRegistry, user_id: str, version: int | None) -> list[TestCase]:
+    """The facts `version` answered at its own validation (its manifest's `facts`); forgetting is measured on them."""
+    if version is None:
+        return []
+    return [TestCase(f.prompt, f.expected) for f in registry.info(user_id, version).manifest.learned_facts()]
+
+
+def same_shape(registry: AdapterRegistry, user_id: str, version: int | None, base: BaseModelRef, cfg: TrainConfig) -> bool:
+    """Whether `version` can be a warm start for this run: same base model, same LoRA rank, alpha, modules and layers."""
+    if version is None:
+        return False
+    manifest = registry.info(user_id, version).manifest
+    wanted = (cfg.r, cfg.alpha, cfg.top_layer_share, tuple(sorted(cfg.target_modules)))
+    same = (manifest.base_model, manifest.base_model_sha256) == (
+        base.model_id,
+        base.sha256,
+    ) and manifest.hyperparameters.lora_shape() == wanted
+    if not same:
+        log.info("version %s of %s has another base model or LoRA shape: training from zero", version, user_id)
+    return same
+
+
+def apply_decision(
+    registry: AdapterRegistry, info: VersionInfo, report: GateReport | None = None, *, job_id: str | None = None
+) -> str:
+    """Promote or reject a registered version by its recorded gate result; idempotent (safe to redo after a crash)."""
+    validation = info.manifest.validation
+    if validation is None:
+        return "candidate"
+    user_id, version = info.user_id, info.version
+    done = {e["status"] for e in registry.history(user_id) if e["version"] == version}
+    if not done & {"active", "rejected"}:
+        if not any(r.get("version") == version and r.get("kind") == "gate" for r in registry.validation_results(user_id)):
+            record = report.to_dict() if report is not None else validation.model_dump(mode="json")
+            registry.log_validation(user_id, version, record, kind="gate", request_id=info.manifest.request_id, job_id=job_id)
+        if validation.passed:
+            registry.activate(user_id, version, reason="passed the validation gate")
+        else:
+            registry.mark(user_id, version, "rejected", reasons=validation.reasons)
+    return "promoted" if validation.passed else "rejected"
+
+
+# ---- progress ------------------------------------------------------------------------ #
+
+
+def _describe(report: StepReport) -> str:
+    parts = [f"loss {report.loss:.3f}"]
+    if report.user_loss is not None:
+        parts.append(f"user loss {report.user_loss:.3f}")
+    if report.anchor_kl is not None:
+        parts.append(f"anchor KL {report.anchor_kl:.4f}")
+    return ", ".join(parts)
+
+
+def progress_bar():
+    """Progress on a terminal (`adaptloop train`): a bar with both parts of the loss."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(report: StepReport) -> None:
+        if bar.total != report.total:
+            bar.total = report.total
+        bar.n = report.step
+        bar.set_postfix_str(_describe(report))
+        bar.refresh()
+
+    return bar, update
+
+
+def progress_log(user_id: str):
+    """Progress for a service without a terminal: one log line per tenth of the steps."""
+
+    def update(report: StepReport) -> None:
+        if report.step == report.total or report.step % max(1, report.total // 10) == 0:
+            log.info("training %s: step %d/%d, %s", user_id, report.step, report.total, _describe(report))
+
+    return update
+
+
+# ---- checking the facts during training ---------------------------------------------- #
+
+
+def no_fact_lost(hits: list[bool], trained_hits: list[bool]) -> bool:
+    """Whether a shrunk update answers every case the update as trained answered (every case, when that is unknown)."""
+    if not trained_hits:
+        return all(hits)
+    return all(hit or not trained for hit, trained in zip(hits, trained_hits, strict=True))
+
+
+class FactCheck:
+    """Which held-out paraphrases and earlier facts a model answers: early stopping and the shrink step ask it.
+
+    Every check is logged and kept (`checks`) for the manifest.
+    """
+
+    def __init__(
+        self, tokenizer, device, user_id: str, held_out: list[TrainingExample], previous: list[TestCase], min_epochs: int
+    ) -> None:
+        self.tokenizer, self.device, self.user_id, self.min_epochs = tokenizer, device, user_id, min_epochs
+        self.held_out, self.previous = held_out, previous
+        self.cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous]
+        # An answer that names the fact is a short sentence: no need to let the model ramble on.
+        self.max_new_tokens = min(48, max((len(tokenizer(expected).input_ids) for _, expected in self.cases), default=0) + 16)
+        self.checks: list[dict[str, float]] = []
+        self.trained_hits: list[bool] = []  # what the weights as trained answer: the last epoch's check
+
+    def answered(self, model, when: dict[str, float]) -> list[bool]:
+        answers = generate_batch(model, self.tokenizer, self.device, [prompt for prompt, _ in self.cases], self.max_new_tokens)
+        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, self.cases)]
+        new, kept = sum(hits[: len(self.held_out)]), sum(hits[len(self.held_out) :])
+        check = {**when, "held_out_answered": round(new / len(self.held_out), 4)}
+        if self.previous:
+            check["previous_kept"] = round(kept / len(self.previous), 4)
+        self.checks.append(check)
+        log.info(
+            "training %s: %s, %d/%d held-out paraphrases answered, %d/%d earlier facts kept",
+            self.user_id,
+            ", ".join(f"{k} {v}" for k, v in when.items()),
+            new,
+            len(self.held_out),
+            kept,
+            len(self.previous),
+        )
+        return hits
+
+    def epoch_done(self, epoch: int, model) -> bool:
+        """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
+        if epoch < self.min_epochs:
+            return False  # not allowed to stop yet: spare the generation
+        self.trained_hits = self.answered(model, {"epoch": epoch})
+        return all(self.trained_hits)
+
+    def keeps_facts(self, model, scale: float) -> bool:
+        return no_fact_lost(self.answered(model, {"scale": scale}), self.trained_hits)
+
+
+# ---- the job ------------------------------------------------------------------------- #
+
+
+class JobRunner:
+    """The kept base model and what every job uses with it: the registry, the gate, the anchors."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        base: BaseModelRef,
+        model,
+        tokenizer,
+        device,
+        cfg: TrainConfig,
+        gate: Gate | None,
+        anchors: AnchorSet | None = None,
+        anchor_mix: AnchorMix | None = None,
+    ) -> None:
+        self.registry, self.base, self.cfg, self.gate, self.anchors = registry, base, cfg, gate, anchors
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.anchor_mix = anchor_mix or AnchorMix.from_settings()
+
+    def run(
+        self, job: TrainingJob, work_dir: Path, checkpoint_dir: Path | None = None, progress=None, should_stop=None
+    ) -> Outcome:
+        """Train, run the gate, register the version, promote or reject it."""
+        cfg, registry = self.cfg, self.registry
+        examples = thin_replay(job.examples, cfg.replay_per_fact)
+        mixed = self._with_anchors(examples)
+        reference, reference_version = reference_dir(registry, job.user_id)
+        facts = FactCheck(
+            self.tokenizer,
+            self.device,
+            job.user_id,
+            job.held_out,
+            learned_facts(registry, job.user_id, reference_version),
+            cfg.min_epochs,
+        )
+        warm = cfg.warm_start and same_shape(registry, job.user_id, reference_version, self.base, cfg)
+        hooks = TrainHooks(
+            progress=progress,
+            should_stop=should_stop,
+            epoch_done=facts.epoch_done if cfg.early_stopping and job.held_out else None,
+            keeps_facts=facts.keeps_facts if job.held_out else None,
+        )
+        result = train_adapter(
+            self.model,
+            self.tokenizer,
+            self.device,
+            mixed,
+            cfg,
+            work_dir / "adapter",
+            checkpoint_dir,
+            hooks,
+            init_adapter=reference if warm else None,
+        )
+        report, gate_seconds = None, None
+        if self.gate is not None:
+            gate_started = time.perf_counter()
+            report = self.gate.evaluate(
+                result.adapter_dir,
+                as_cases(job.held_out) + list(job.explicit_cases),
+                reference,
+                previous_facts=facts.previous,
+                taught=as_cases(examples),
+            )
+            gate_seconds = round(time.perf_counter() - gate_started, 2)
+        manifest = self._manifest(
+            job, result, report, facts, examples, mixed, reference_version if warm else None, reference_version, gate_seconds
+        )
+        info = registry.register(job.user_id, result.adapter_dir, manifest)
+        if checkpoint_dir is not None:
+            remove_checkpoint(checkpoint_dir)
+        return Outcome(info, report, apply_decision(registry, info, report, job_id=job.request_id))
+
+    def _with_anchors(self, examples: list[TrainingExample]) -> list[TrainingExample]:
+        if self.anchors is None or not self.anchors.prompts:
+            return examples
+        chosen = choose_anchor_prompts(examples, self.anchors.prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first)
+        return mix_anchors(examples, self.anchors.answers(self.model, self.tokenizer, self.device, chosen), self.anchor_mix)
+
+    def _manifest(
+        self,
+        job: TrainingJob,
+        result: TrainResult,
+        report: GateReport | None,
+        facts: FactCheck,
+        examples: list[TrainingExample],
+        mixed: list[TrainingExample],
+        started_from: int | None,
+        reference_version: int | None,
+        gate_seconds: float | None,
+    ) -> AdapterManifest:
+        metrics = {
+            "train_seconds": round(result.seconds, 2),
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "final_loss": result.loss_curve[-1] if result.loss_curve else None,
+            "gate_seconds": gate_seconds,
+            **(report.metrics() if report is not None else {}),
+        }
+        validation = None
+        if report is not None:
+            suites = {name: suite.summary() for name, suite in report.suites.items()}
+            validation = ValidationRecord(
+                passed=report.passed, reasons=report.reasons, reference_version=reference_version, suites=suites
+            )
+        return AdapterManifest(
+            request_id=job.request_id,
+            trigger=job.trigger,
+            trained_at=datetime.now(UTC),
+            base_model=self.base.model_id,
+            base_model_sha256=self.base.sha256,
+            dataset=DatasetInfo(
+                uri=job.dataset_uri,
+                sha256=job.dataset_sha256,
+                train_count=len(examples),
+                replay_thinned=len(job.examples) - len(examples),
+                anchor_count=len(mixed) - len(examples),
+            ),
+            lineage=job.lineage,
+            hyperparameters=asdict(self.cfg),
+            started_from_version=started_from,
+            resumed_from_step=result.resumed_from_step,
+            metrics=metrics,
+            loss_curve=result.loss_curve,
+            loss_curves=result.loss_curves,
+            early_stopping=EarlyStopping(
+                stopped_after_epoch=result.stopped_after_epoch,
+                stopped_by=result.stopped_by,
+                checks=facts.checks,
+                update_scaled=result.shrunk_to,
+            ),
+            held_out=[Case(prompt=e.prompt, expected=e.response) for e in job.held_out],
+            facts=[Fact(**f) for f in report.facts()] if report is not None else [],
+            validation=validation,
+        )
+
+
+def validate_adapter(
+    *,
+    gate: Gate,
+    registry: AdapterRegistry,
+    store: ArtifactStore | None,
+    tests_dir: str,
+    user_id: str,
+    adapter: Path,
+    baseline: Path | None,
+    job_id: str | None = None,
+    version: int | None = None,
+) -> GateReport:
+    """Run the gate on an existing adapter (offline, or for a validate command) and log the result.
+
+    User cases: the held-out slice in the adapter's manifest plus the user's
+    explicit cases. Baseline: `baseline`, else the user's active version, else
+    the base model. Nothing is promoted.
+    """
+    manifest = verify_adapter_dir(adapter) or AdapterManifest()
+    if baseline is not None:
+        verify_adapter_dir(baseline)
+    else:
+        baseline, _ = reference_dir(registry, user_id)
+    cases = [TestCase(c.prompt, c.expected) for c in manifest.held_out]
+    cases += user_cases(store, tests_dir, user_id) if store is not None else []
+    report = gate.evaluate(Path(adapter), cases, baseline)
+    registry.log_validation(
+        user_id,
+        version if version is not None else (manifest.version or None),
+        report.to_dict(),
+        kind="validate",
+        adapter=str(adapter),
+        baseline=str(baseline) if baseline else None,
+        job_id=job_id,
+    )
+    return report
+
+
+def runner_from_settings(
+    settings: Settings, base: BaseModelRef, model, tokenizer, device, *, with_gate: bool = True, **train_overrides
+) -> JobRunner:
+    """The job runner the settings describe, around an already loaded base model."""
+    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256) if with_gate else None
+    return JobRunner(
+        AdapterRegistry(settings.storage_root, settings.max_adapter_versions),
+        base,
+        model,
+        tokenizer,
+        device,
+        TrainConfig.from_settings(settings, **train_overrides),
+        gate,
+        AnchorSet.from_settings(settings, base.sha256),
+        AnchorMix.from_settings(settings),
+    )
+
+
+def train_file(
+    settings: Settings, user_id: str, data_path: Path, *, epochs: int | None = None, hold_out: bool = True, with_gate: bool = True
+) -> Outcome:
+    """`adaptloop train`: one version from a dataset file, with a progress bar; the held-out split as `schemas.dataset` splits."""
+    import tempfile
+
+    from core.storage import sha256_bytes
+    from schemas.dataset import split_holdout
+    from trainer.data import read_jsonl
+    from trainer.model import load_base, resolve_base_model
+
+    examples = read_jsonl(data_path)
+    train, held_out = split_holdout(examples, settings.training.seed) if hold_out else (examples, [])
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    runner = runner_from_settings(
+        settings, base, model, tokenizer, device, with_gate=with_gate, **({"epochs": epochs} if epochs else {})
+    )
+    explicit = user_cases(ArtifactStore(settings.storage_root), settings.validation.user_tests_dir, user_id) if with_gate else []
+    job = TrainingJob(
+        user_id,
+        train,
+        held_out,
+        Path(data_path).resolve().as_uri(),
+        sha256_bytes(Path(data_path).read_bytes()),
+        explicit_cases=explicit,
+    )
+    bar, update = progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
+            return runner.run(job, Path(tmp), progress=update)
+    finally:
+        bar.close()

@@ -1,0 +1,62 @@
+"""LoRA on the kept base model: which layers, a warm start from an earlier adapter, shrinking the update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from core.errors import ModelError
+from schemas.manifest import ADAPTER_WEIGHTS
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...], top_layer_share: float):
+    """The model wrapped with fresh LoRA weights on the top `top_layer_share` of its decoder layers.
+
+    Below the adapted layers nothing trains, so the backward pass stops there.
+    `peft_model.unload()` gives the base model back as it was.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    layers = model.config.num_hidden_layers
+    adapted = max(1, round(top_layer_share * layers))
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=list(range(layers - adapted, layers)) if adapted < layers else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Start from a saved adapter's weights; every LoRA weight of the new model must be in it."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    expected = get_peft_model_state_dict(peft_model)
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ModelError(f"{adapter_dir}: its LoRA weights do not fit this run's LoRA shape (rank or target modules differ)")
+    set_peft_model_state_dict(peft_model, weights)
+
+
+def shrink_update(peft_model, scales: list[float], keeps_facts: Callable[[object, float], bool]) -> float:
+    """Scale the adapter's update (LoRA's B matrices) by the first of `scales` (smallest first) that `keeps_facts`; return it.
+
+    Early stopping leaves the update just large enough to answer the facts,
+    and the drift of general answers grows with its size; a smaller multiple
+    often answers them all the same. 1.0 (the update as trained) when no
+    smaller one does.
+    """
+    lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+    trained = [p.detach().clone() for p in lora_b]
+    for scale in scales:
+        for param, weights in zip(lora_b, trained):
+            param.copy_(weights * scale)
+        if keeps_facts(peft_model, scale):
+            return scale
+    for param, weights in zip(lora_b, trained):
+        param.copy_(weights)
+    return 1.0
