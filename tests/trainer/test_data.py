@@ -30,3 +30,13 @@ def test_replay_keeps_the_heaviest_reminders_per_earlier_fact_and_every_new_exam
     assert thin_replay(examples, 2) == new + [replay[1], replay[2], replay[3]]
     assert thin_replay(examples, 0) == examples, "0 keeps every replayed example"
     assert thin_replay(new, 1) == new, "new examples are never thinned, paraphrases included"
+
+
+def test_loading_a_model_prints_no_tokenizer_clean_up_warning(tiny_model_dir, capfd, caplog):
+    """The BPE tokenizer is told not to clean up spaces, so transformers has nothing to warn about at each load."""
+    from trainer.model import BaseModelRef, load_base
+
+    _model, tokenizer, _device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    assert tokenizer.decode(tokenizer("Hi , there !").input_ids) == "Hi , there !", "spaces before punctuation stay"
+    out, err = capfd.readouterr()
+    assert "clean_up_tokenization" not in out + err + caplog.text
