@@ -137,7 +137,9 @@ def build_tiny_model(path: Path, tokenizer_from: Path | None = None, layers: int
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from), clean_up_tokenization_spaces=CLEAN_UP_SPACES)
     else:
         directory = _package_dir(_SMOLLM_PACKAGE)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=_SMOLLM_GGUF, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(directory), gguf_file=_SMOLLM_GGUF, clean_up_tokenization_spaces=CLEAN_UP_SPACES
+        )
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -65,7 +65,7 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
             started = time.monotonic()
             done = _cli("--config", str(w.config_path), "publish", str(path), env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
             publishes.append((done.returncode, time.monotonic() - started, done.stderr[-500:]))
-            time.sleep(0.5)
+            time.sleep(0.5)  # the pace of the backfill job (the workload), not a wait for anything
 
     try:
         publisher = threading.Thread(target=publish_steadily, daemon=True)
@@ -73,11 +73,11 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
         w.wait_for(lambda: len(publishes) >= 3, timeout=120, what="publishing under way")
         down_at = time.monotonic()
         assert _cli("kafka", "down", "--port", str(port)).returncode == 0
-        time.sleep(OUTAGE_S / 2)
+        time.sleep(OUTAGE_S / 2)  # the outage is the fault under test: the broker stays down this long
         during = httpx.post(
             f"{url}/api/adapter/rollback", json={"user_id": "bro1", "reason": "during the outage"}, headers=headers, timeout=60
         )
-        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # (the rest of the outage)
         assert _cli("kafka", "up", "--port", str(port), "--data-dir", str(tmp_path / "kafka")).returncode == 0
         outage = time.monotonic() - down_at
         publisher.join(timeout=400)

@@ -113,7 +113,7 @@ def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worke
         w.wait_for(
             lambda before=before: counted() > before or counted() >= EVENTS, timeout=180, what="the restarted worker at work"
         )
-        time.sleep(rng.uniform(0.0, 2.0))
+        time.sleep(rng.uniform(0.0, 2.0))  # a random instant of that work: the fault model
         kill_points.append(round(time.monotonic() - started, 1))
         w.kill()
         w.start()

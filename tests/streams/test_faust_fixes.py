@@ -59,18 +59,22 @@ def test_a_missing_record_at_the_committed_offset_is_never_committed_past():
 
 
 def test_a_hole_that_stays_open_makes_the_consumer_reread_from_the_committed_offset(monkeypatch):
-    monkeypatch.setattr(faust_fixes, "HOLE_PATIENCE_S", 0.3)
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(faust_fixes, "clock", lambda: clock.now)  # the patience is counted on this clock
     consumer = ConsumerBookkeeping(committed=5, acked=[7, 8])
     rereads = metrics.REREADS._value.get()
 
     async def commits() -> None:
         assert faust_fixes._new_offset_never_past_a_hole(consumer, TOPIC) is None
-        await asyncio.sleep(0.1)
+        clock.now += faust_fixes.HOLE_PATIENCE_S / 3
         assert faust_fixes._new_offset_never_past_a_hole(consumer, TOPIC) is None
-        assert not consumer.calls
-        await asyncio.sleep(0.2)
+        assert not consumer.calls, "a young hole may still fill"
+        clock.now += faust_fixes.HOLE_PATIENCE_S
         assert faust_fixes._new_offset_never_past_a_hole(consumer, TOPIC) is None
-        await asyncio.sleep(0.01)  # the re-read runs as a task
+        for _ in range(100):  # the re-read runs as a task: let it run to its end
+            if len(consumer.calls) == 4:
+                break
+            await asyncio.sleep(0)
 
     asyncio.run(commits())
     assert consumer.calls == ["stop_flow", "wait_for_stopped_flow", "perform_seek", "resume_flow"]
