@@ -15,67 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from api.auth import TokenStore
 from api.config import ApiConfig
+from api.errors import install_body_limit, install_error_handlers
 from api.jobs import JobTracker
 from api.metrics import ApiMetrics
 from api.routes import adapters, ops
-from core.errors import AdaptloopError, VersionNotFound
 from trainer.registry import AdapterRegistry
 
 log = logging.getLogger("adaptloop.api")
 
 
-def _error(status: int, message: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON; an AdaptloopError is a 404 when something asked for does not exist, else a 503."""
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError):
-        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
-        return _error(422, "invalid request", problems)
-
-    @app.exception_handler(AdaptloopError)
-    async def adaptloop_error(_request: Request, exc: AdaptloopError):
-        return _error(404 if isinstance(exc, VersionNotFound) else 503, str(exc))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return _error(500, "internal error", type(exc).__name__)
-
-
-def _install_body_limit_and_counts(app: FastAPI, max_body_bytes: int, metrics: ApiMetrics) -> None:
-    @app.middleware("http")
-    async def bound_and_count(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            response = _error(413, f"request body larger than {max_body_bytes} bytes")
-        elif length is None and request.method in ("POST", "PUT", "PATCH") and request.headers.get("transfer-encoding"):
-            response = _error(411, "a Content-Length is required")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
-
 def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
-    tracker = tracker or JobTracker(cfg.client, cfg.commands_topic, cfg.lifecycle_topic, cfg.users_changelog)
+    tracker = tracker or JobTracker(cfg.client, cfg.commands_topic, cfg.lifecycle_topic, cfg.users_changelog, cfg.requests_topic)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -91,8 +46,8 @@ def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
     app.state.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
     app.state.tracker = tracker
     app.state.metrics = ApiMetrics(cfg)
-    _install_error_handlers(app)
-    _install_body_limit_and_counts(app, cfg.max_body_bytes, app.state.metrics)
+    install_error_handlers(app)
+    install_body_limit(app, cfg.max_body_bytes, app.state.metrics.requests)
     app.include_router(ops.router)
     app.include_router(adapters.router)
     app.include_router(adapters.pages)

@@ -14,6 +14,7 @@ class ApiConfig:
     client: ClientConfig
     commands_topic: str
     lifecycle_topic: str
+    requests_topic: str | None  # training requests: each user's latest, for `status`
     users_changelog: str | None  # the worker's user table: each user's pending gaps
     storage_root: str
     max_versions: int
@@ -21,6 +22,7 @@ class ApiConfig:
     max_body_bytes: int
     promote_if_score: float | None = None  # drawn on the dashboard's score chart
     lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
+    command_timeout_s: float = 15.0  # how long a command may wait for Kafka's acknowledgement before the caller gets a 503
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiConfig:
@@ -35,6 +37,7 @@ class ApiConfig:
             client=ClientConfig.from_settings(settings.kafka),
             commands_topic=t.commands.name,
             lifecycle_topic=t.lifecycle.name,
+            requests_topic=t.training_requests.name,
             users_changelog=changelog_topic(settings.streams.app_id, "users"),
             storage_root=settings.storage_root,
             max_versions=settings.max_adapter_versions,

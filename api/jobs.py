@@ -1,15 +1,19 @@
-"""Jobs and per-user counters, materialised from Kafka by the API process.
+"""Jobs and per-user views, materialised from Kafka by the API process (and, for one user, by `adaptloop status`).
 
 A background thread reads, from the beginning and without a consumer group
 (assign(); the API joins no group and commits nothing):
 - `adapter.commands`: every retrain/validate/rollback command is a job, `queued`;
-- `adapter.lifecycle`: events carrying the command's id as `job_id` move it on;
+- `adapter.training-requests`: every training request (from any trigger) is a `RequestView`;
+- `adapter.lifecycle`: events carrying a command's id as `job_id`, or a request's
+  `request_id`, move them on;
 - the worker's `<app_id>-users-changelog`: each user's pending gaps.
 
 Job status by kind:
-- retrain: queued -> training -> validating -> promoted | rejected | failed
+- retrain: queued -> training -> gating -> validating -> promoted | rejected | skipped | failed
 - validate: queued -> validated (with `passed`) | failed
 - rollback: queued -> rolled_back | failed
+A request's state: queued -> training (with step/total/loss) -> gating -> deciding ->
+promoted | rejected | skipped (with the reason) | failed.
 """
 
 from __future__ import annotations
@@ -34,10 +38,21 @@ _STATUS_BY_EVENT = {
     "training_completed": "validating",
     "promoted": "promoted",
     "rejected": "rejected",
+    "training_skipped": "skipped",
     "training_failed": "failed",
     "command_failed": "failed",
     "rolled_back": "rolled_back",
 }
+
+
+def _phase(event: dict[str, Any]) -> str:
+    """The status a `training_progress` event means: training, or gating once the gate runs."""
+    return "gating" if (event.get("details") or {}).get("phase") == "gating" else "training"
+
+
+def _progress(event: dict[str, Any]) -> dict[str, Any] | None:
+    details = event.get("details") or {}
+    return {k: details[k] for k in ("step", "total", "loss") if k in details} or None
 
 
 def _now() -> str:
@@ -58,12 +73,17 @@ class Job:
     reason: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False  # an event that ends this kind of command arrived (schemas.lifecycle.ENDS_COMMAND)
+    progress: dict[str, Any] | None = None  # while training: step, total, loss
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type", "")
         at = event.get("timestamp") or _now()
-        self.events.append({"type": kind, "at": at, "version": event.get("version")})
         self.updated_at = at
+        if kind == "training_progress":
+            if not self.ended:
+                self.status, self.progress = _phase(event), _progress(event) or self.progress
+            return  # progress is a state, not an event worth listing
+        self.events.append({"type": kind, "at": at, "version": event.get("version")})
         if self.ended and kind not in ("promoted", "rejected"):
             return  # a republished earlier step never moves a finished job back
         self.ended = self.ended or kind in ENDS_COMMAND.get(self.kind, ())
@@ -82,6 +102,89 @@ class Job:
             self.reason = event["reason"]
 
 
+OPEN_STATES = ("queued", "training", "gating", "deciding")
+_REQUEST_STATE = {
+    "training_started": "training",
+    "training_completed": "deciding",
+    "validated": "deciding",
+    "promoted": "promoted",
+    "rejected": "rejected",
+    "training_skipped": "skipped",
+    "training_failed": "failed",
+}
+
+
+@dataclass
+class RequestView:
+    """A training request and where it is: what `status` shows while a user's next version is on its way."""
+
+    request_id: str
+    user_id: str
+    trigger: str | None = None
+    requested_at: str | None = None
+    state: str = "queued"
+    progress: dict[str, Any] | None = None  # while training: step, total, loss
+    version: int | None = None
+    reason: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        self.updated_at = event.get("timestamp") or self.updated_at
+        if not self.open:
+            return  # a republished step never reopens a request
+        if kind == "training_progress":
+            self.state, self.progress = _phase(event), _progress(event) or self.progress
+            return
+        self.state = _REQUEST_STATE.get(kind, self.state)
+        self.version = event.get("version") or self.version
+        self.reason = event.get("reason") or self.reason
+
+    def describe(self) -> str:
+        """One line: `training (step 12/40, loss 0.312), trigger threshold, requested 2026-12-01T10:00:03`."""
+        what = self.state
+        if self.progress and self.state == "training":
+            what += f" (step {self.progress.get('step')}/{self.progress.get('total')}, loss {self.progress.get('loss')})"
+        elif self.version is not None and not self.open:
+            what += f" v{self.version}"
+        if self.reason and self.state in ("skipped", "failed"):
+            what += f": {self.reason}"
+        return f"{what}, trigger {self.trigger or '?'}, requested {(self.requested_at or '?')[:19]}"
+
+
+class RequestBook:
+    """Training requests by id and each user's latest, folded from the requests and lifecycle topics (any order)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, RequestView] = {}
+        self.latest: dict[str, RequestView] = {}
+
+    def request(self, body: dict[str, Any]) -> None:
+        """A `TrainingRequest` (JSON) as published on the requests topic."""
+        view = self._view(str(body["request_id"]), str(body["user_id"]), body.get("created_at"))
+        view.trigger, view.requested_at = body.get("trigger"), body.get("created_at") or view.requested_at
+
+    def lifecycle(self, body: dict[str, Any]) -> None:
+        if body.get("request_id") and body.get("user_id"):
+            self._view(str(body["request_id"]), str(body["user_id"]), body.get("timestamp")).apply(body)
+
+    def of(self, user_id: str) -> RequestView | None:
+        return self.latest.get(user_id)
+
+    def _view(self, request_id: str, user_id: str, at: str | None) -> RequestView:
+        view = self.by_id.get(request_id)
+        if view is None:  # a lifecycle event may be read before its request: the request fills in the rest
+            view = self.by_id[request_id] = RequestView(request_id, user_id, requested_at=at)
+        latest = self.latest.get(user_id)
+        if latest is None or _epoch(view.requested_at) >= _epoch(latest.requested_at):
+            self.latest[user_id] = view
+        return view
+
+
 @dataclass
 class Activity:
     """What the API reports across users, from the same topics."""
@@ -93,10 +196,19 @@ class Activity:
 
 
 class JobTracker:
-    def __init__(self, client: ClientConfig, commands_topic: str, lifecycle_topic: str, users_changelog: str | None) -> None:
+    def __init__(
+        self,
+        client: ClientConfig,
+        commands_topic: str,
+        lifecycle_topic: str,
+        users_changelog: str | None,
+        requests_topic: str | None = None,
+    ) -> None:
         self.client = client
-        self.topics = [t for t in (commands_topic, lifecycle_topic, users_changelog) if t]
+        self.topics = [t for t in (commands_topic, lifecycle_topic, requests_topic, users_changelog) if t]
         self.commands_topic, self.lifecycle_topic, self.users_changelog = commands_topic, lifecycle_topic, users_changelog
+        self.requests_topic = requests_topic
+        self.requests = RequestBook()
         self.jobs: dict[str, Job] = {}
         self.activity = Activity()
         self._seen_events: set[str] = set()  # a reconnect re-reads from the start: apply each event once
@@ -201,6 +313,8 @@ class JobTracker:
                 job.created_at = body.get("requested_at") or job.created_at
             elif topic == self.lifecycle_topic:
                 self._lifecycle(body)
+            elif topic == self.requests_topic and body.get("request_id") and body.get("user_id"):
+                self.requests.request(body)
 
     def _lifecycle(self, event: dict[str, Any]) -> None:
         event_id = str(event.get("event_id"))
@@ -217,12 +331,15 @@ class JobTracker:
             }
         elif kind == "rolled_back" and not (event.get("details") or {}).get("republished"):
             self.activity.rollbacks.append(at)
+        self.requests.lifecycle(event)
         job = self.jobs.get(event.get("job_id") or "")
         if job is not None:
             job.apply(event)
 
 
 def _epoch(timestamp: str | None) -> float:
+    if timestamp is None:
+        return 0.0
     try:
         return datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
     except ValueError:

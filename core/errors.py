@@ -51,3 +51,11 @@ class TrainingInterrupted(AdaptloopError):
 
 class VersionNotFound(StorageError):
     """The user has no such adapter version (never registered, or archived)."""
+
+
+class TrainingSkipped(AdaptloopError):
+    """A training request holds nothing new to learn; `reason` says why (`no examples`, `nothing new since v<N>`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,5 +1,10 @@
 """Lifecycle events on `adapter.lifecycle`: what happened to a user's adapter.
 
+A job's events, in order: `training_started`, `training_progress` (about every
+tenth of the steps, then once as the gate starts), `training_completed`,
+`validated`, then `promoted` or `rejected`; or `training_skipped` alone (the
+request held nothing new), or `training_failed`.
+
 Which events end what is part of the contract, so it is stated here once:
 `ENDS_REQUEST` (a training request is answered: the worker closes the user's
 open request), `ENDS_COMMAND` (what a CLI or API caller waits for, per
@@ -16,6 +21,8 @@ from schemas.common import MAX_TEXT_CHARS, EventId, Message, ShortText, Text, Ti
 
 LifecycleType = Literal[
     "training_started",
+    "training_progress",  # while a job runs: details {"phase": "training", "step", "total", "loss"} or {"phase": "gating"}
+    "training_skipped",  # a request with nothing new to learn, ended before any training; `reason` says why
     "training_completed",
     "training_failed",
     "validated",
@@ -25,12 +32,12 @@ LifecycleType = Literal[
     "command_failed",  # a validate or rollback command that could not be carried out; `reason` says why
 ]
 
-# A training request is answered by any of these (the version's verdict, or the failure).
-ENDS_REQUEST: frozenset[str] = frozenset({"training_completed", "training_failed", "promoted", "rejected"})
+# A training request is answered by any of these (the version's verdict, a skip, or the failure).
+ENDS_REQUEST: frozenset[str] = frozenset({"training_completed", "training_skipped", "training_failed", "promoted", "rejected"})
 
 # What ends each kind of command, for whoever waits on it.
 ENDS_COMMAND: dict[str, frozenset[str]] = {
-    "retrain": frozenset({"promoted", "rejected", "training_failed", "command_failed"}),
+    "retrain": frozenset({"promoted", "rejected", "training_skipped", "training_failed", "command_failed"}),
     "validate": frozenset({"validated", "command_failed"}),
     "rollback": frozenset({"rolled_back", "command_failed"}),
 }

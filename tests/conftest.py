@@ -20,7 +20,16 @@ from core.kafka.client import ClientConfig
 from core.kafka.topics import TopicPlan, ensure_topics
 from core.settings import Settings
 from tests.support.adapters import write_facts
-from tests.support.handles import ApiHandle, TrainerHandle, WorkerHandle, make_worker, start_api, unique_topics, write_api_config
+from tests.support.handles import (
+    ApiHandle,
+    LoopHandle,
+    TrainerHandle,
+    WorkerHandle,
+    make_worker,
+    start_api,
+    unique_topics,
+    write_api_config,
+)
 from tests.support.processes import JAR_CACHE
 
 
@@ -166,3 +175,18 @@ def api_server(kafka_bootstrap, tmp_path) -> Iterator[ApiHandle]:
     handle.service, handle.url = start_api(config, kafka_bootstrap, tmp_path / "api.log")
     yield handle
     handle.service.stop()
+
+
+@pytest.fixture
+def loop_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., LoopHandle]]:
+    """`loop_factory(training={...}, min_gap_events=3)` -> a worker, a trainer (tiny model) and an API on one config."""
+    handles: list[LoopHandle] = []
+
+    def make(training: dict | None = None, **top) -> LoopHandle:
+        handle = LoopHandle(kafka_bootstrap, tmp_path_factory.mktemp("loop"), tiny_model_dir, training, **top)
+        handles.append(handle)
+        return handle.start()
+
+    yield make
+    for handle in handles:
+        handle.stop()

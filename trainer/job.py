@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.errors import StorageError
+from core.errors import StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore
 from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
@@ -74,6 +75,23 @@ def user_cases(store: ArtifactStore, tests_dir: str, user_id: str) -> list[TestC
     if not store.exists(relative):
         return []
     return parse_cases(store.read_bytes(relative).decode("utf-8"), store.uri(relative))
+
+
+# Examples that are not the user's own new ones: earlier facts replayed, the global pool, the anchors.
+NOT_NEW = frozenset({"replay", "global", "anchor"})
+
+
+def skip_reason(registry: AdapterRegistry, user_id: str, examples: list[TrainingExample]) -> str | None:
+    """Why a dataset is not worth a version (None: train it): it holds none of the user's own new examples.
+
+    A retrain for a user with no events, or one with nothing new since the
+    last version, would otherwise train on replay, the global pool and anchors
+    alone for a minute and register a version that teaches nothing.
+    """
+    if any(e.source not in NOT_NEW for e in examples):
+        return None
+    latest = registry.active(user_id) or max((i.version for i in registry.versions(user_id)), default=None)
+    return "no examples" if latest is None else f"nothing new since v{latest}"
 
 
 def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
@@ -162,11 +180,16 @@ def progress_bar():
     return bar, update
 
 
+def is_tick(report: StepReport) -> bool:
+    """About every tenth of a run's steps, and its last: when a service reports progress."""
+    return report.step == report.total or report.step % max(1, report.total // 10) == 0
+
+
 def progress_log(user_id: str):
     """Progress for a service without a terminal: one log line per tenth of the steps."""
 
     def update(report: StepReport) -> None:
-        if report.step == report.total or report.step % max(1, report.total // 10) == 0:
+        if is_tick(report):
             log.info("training %s: step %d/%d, %s", user_id, report.step, report.total, _describe(report))
 
     return update
@@ -252,9 +275,18 @@ class JobRunner:
         self.anchor_mix = anchor_mix or AnchorMix.from_settings()
 
     def run(
-        self, job: TrainingJob, work_dir: Path, checkpoint_dir: Path | None = None, progress=None, should_stop=None
+        self,
+        job: TrainingJob,
+        work_dir: Path,
+        checkpoint_dir: Path | None = None,
+        progress: Callable[[StepReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        gating: Callable[[], None] | None = None,
     ) -> Outcome:
-        """Train, run the gate, register the version, promote or reject it."""
+        """Train, run the gate, register the version, promote or reject it.
+
+        `progress(StepReport)` follows the training steps; `gating()` is called as the gate starts.
+        """
         cfg, registry = self.cfg, self.registry
         examples = thin_replay(job.examples, cfg.replay_per_fact)
         mixed = self._with_anchors(examples)
@@ -287,6 +319,8 @@ class JobRunner:
         )
         report, gate_seconds = None, None
         if self.gate is not None:
+            if gating is not None:
+                gating()
             gate_started = time.perf_counter()
             report = self.gate.evaluate(
                 result.adapter_dir,
@@ -436,6 +470,9 @@ def train_file(
     from trainer.model import load_base, resolve_base_model
 
     examples = read_jsonl(data_path)
+    reason = skip_reason(AdapterRegistry(settings.storage_root, settings.max_adapter_versions), user_id, examples)
+    if reason is not None:
+        raise TrainingSkipped(reason)  # before the model is even loaded
     train, held_out = split_holdout(examples, settings.training.seed) if hold_out else (examples, [])
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     model, tokenizer, device = load_base(base, settings.model.dtype)

@@ -35,6 +35,7 @@ import signal
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +58,24 @@ from schemas import (
 )
 from schemas.dataset import from_jsonl
 from schemas.decode import decode
+from schemas.training import TrainingExample
 from trainer import metrics
+from trainer.checkpoint import resumable_checkpoint
 from trainer.gate import GateReport
-from trainer.job import Outcome, TrainingJob, apply_decision, progress_log, runner_from_settings, user_cases, validate_adapter
+from trainer.job import (
+    Outcome,
+    TrainingJob,
+    apply_decision,
+    is_tick,
+    progress_log,
+    runner_from_settings,
+    skip_reason,
+    user_cases,
+    validate_adapter,
+)
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.registry import VersionInfo, version_label
-from trainer.train import remove_checkpoint
+from trainer.train import StepReport, remove_checkpoint
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -139,8 +152,8 @@ class TrainerService:
 
     # ---- lifecycle events -------------------------------------------------- #
 
-    def _emit(self, kind: str, about: TrainingRequest | Command, **fields) -> None:
-        """Publish one lifecycle event and wait for its acknowledgement."""
+    def _emit(self, kind: str, about: TrainingRequest | Command, wait: bool = True, **fields) -> None:
+        """Publish one lifecycle event and wait for its acknowledgement (`wait=False`: progress, sent in the background)."""
         if isinstance(about, TrainingRequest):
             ids = {"request_id": about.request_id, "job_id": about.command_id}
             prefix = about.request_id
@@ -150,9 +163,23 @@ class TrainerService:
             event_id=f"{prefix}-{kind}-{uuid.uuid4().hex[:6]}"[-128:], type=kind, user_id=about.user_id, **ids, **fields
         )
         self.producer.produce(self.cfg.lifecycle_topic, key=about.user_id, value=event.to_bytes())
-        if self.producer.flush(30):
+        if not wait:
+            self.producer.poll(0)
+        elif self.producer.flush(30):
             raise KafkaOperationError(f"lifecycle event {kind} for {prefix} not acknowledged")
         metrics.LIFECYCLE.labels(kind).inc()
+
+    def _progress(self, request: TrainingRequest) -> Callable[[StepReport], None]:
+        """Every tenth of the steps: a log line and a `training_progress` event (what `adaptloop status` shows)."""
+        log_line = progress_log(request.user_id)
+
+        def update(report: StepReport) -> None:
+            log_line(report)
+            if is_tick(report):
+                details = {"phase": "training", "step": report.step, "total": report.total, "loss": report.loss}
+                self._emit("training_progress", request, wait=False, details=details)
+
+        return update
 
     def _announce(self, request: TrainingRequest, info: VersionInfo, decision: str, republished: bool = False) -> None:
         """training_completed, then the gate's verdict: validated + promoted | rejected."""
@@ -251,16 +278,26 @@ class TrainerService:
             if not self._republish_validation(message):
                 self._start(message, next_offset, self._validate)
                 return
-        elif isinstance(message, TrainingRequest):
-            done = self.registry.find_by_request(message.user_id, message.request_id)
-            if done is None:
-                self._emit("training_started", message)
-                self._start(message, next_offset, self._train)
-                return
-            log.info("request %s already produced %s v%d; republishing", message.request_id, message.user_id, done.version)
-            remove_checkpoint(self._checkpoint_dir(message))  # left behind when a kill came right after registering
-            self._announce(message, done, apply_decision(self.registry, done, job_id=message.command_id), republished=True)
+        elif isinstance(message, TrainingRequest) and not self._request(message, next_offset):
+            return  # a job started: its offset is committed when it ends
         self.consumer.commit(offsets=[next_offset], asynchronous=False)
+
+    def _request(self, request: TrainingRequest, next_offset: TopicPartition) -> bool:
+        """Start the request's job (False), or answer it at once (True: commit): a version it already produced, or a skip."""
+        done = self.registry.find_by_request(request.user_id, request.request_id)
+        if done is not None:
+            log.info("request %s already produced %s v%d; republishing", request.request_id, request.user_id, done.version)
+            remove_checkpoint(self._checkpoint_dir(request))  # left behind when a kill came right after registering
+            self._announce(request, done, apply_decision(self.registry, done, job_id=request.command_id), republished=True)
+            return True
+        reason = self._skip_reason(request)
+        if reason is not None:
+            log.info("request %s for %s skipped: %s", request.request_id, request.user_id, reason)
+            self._emit("training_skipped", request, reason=reason)
+            return True
+        self._emit("training_started", request)
+        self._start(request, next_offset, self._train)
+        return False
 
     def _start(self, message, next_offset: TopicPartition, target) -> None:
         """Run one long job in a thread while the main loop keeps polling with every partition paused."""
@@ -353,13 +390,25 @@ class TrainerService:
     def _checkpoint_dir(self, request: TrainingRequest) -> Path:
         return self.registry.root / "checkpoints" / request.request_id
 
+    def _dataset(self, request: TrainingRequest) -> list[TrainingExample]:
+        data = self.store.read_bytes(self.store.relative_from_uri(request.dataset.uri))
+        if sha256_bytes(data) != request.dataset.sha256:
+            raise AdaptloopError(f"dataset {request.dataset.uri} does not match its sha256")
+        return from_jsonl(data)
+
+    def _skip_reason(self, request: TrainingRequest) -> str | None:
+        """Why the request is not worth training (nothing new), found before any training; None: train it."""
+        if resumable_checkpoint(self._checkpoint_dir(request)) is not None:
+            return None  # a job cut short: it had something to learn
+        try:
+            return skip_reason(self.registry, request.user_id, self._dataset(request))
+        except (AdaptloopError, ValueError):
+            return None  # the job itself reports the unreadable dataset as training_failed
+
     def _train(self, job: _Job) -> None:
         request = job.request
         try:
-            data = self.store.read_bytes(self.store.relative_from_uri(request.dataset.uri))
-            if sha256_bytes(data) != request.dataset.sha256:
-                raise AdaptloopError(f"dataset {request.dataset.uri} does not match its sha256")
-            examples = from_jsonl(data)
+            examples = self._dataset(request)
             held_out = []
             if request.dataset.test_uri:
                 held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
@@ -380,8 +429,9 @@ class TrainerService:
                     training,
                     Path(tmp),
                     self._checkpoint_dir(request),
-                    progress_log(request.user_id),
+                    self._progress(request),
                     should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
+                    gating=lambda: self._emit("training_progress", request, wait=False, details={"phase": "gating"}),
                 )
         except BaseException as exc:  # reported by the main loop
             job.error = exc

@@ -33,16 +33,47 @@ def ask_cmd(ctx: CliContext, user_id: str, version: int | None, prompt: str) -> 
 
 @cli.command("status")
 @click.argument("user_id")
+@click.option("--no-job", is_flag=True, help="the registry only: do not ask Kafka for the user's latest training request")
 @pass_ctx
-def status_cmd(ctx: CliContext, user_id: str) -> None:
-    """Show a user's active adapter version and its metrics."""
+def status_cmd(ctx: CliContext, user_id: str, no_job: bool) -> None:
+    """Show a user's active adapter version, its metrics, and the latest training request (queued, training, ...)."""
     registry = _registry(ctx.settings)
     user_id = user_arg(user_id)
     active = registry.active(user_id)
     versions = registry.versions(user_id)
     click.echo(f"user {user_id}: active version {active if active else '(none: base model)'}, {len(versions)} version(s) kept")
+    if not no_job:
+        click.echo(f"job: {_latest_request(ctx.settings, user_id)}")
     if active:
         click.echo(json.dumps(registry.info(user_id, active).manifest.metrics.numbers(), indent=2))
+
+
+def _latest_request(settings: Settings, user_id: str, hours: float = 24.0) -> str:
+    """The user's latest training request and its state, read from the last day of the user's partition of the
+    requests and lifecycle topics (no consumer group)."""
+    import time
+
+    from api.jobs import RequestBook
+    from core.errors import KafkaOperationError
+    from core.kafka.client import ClientConfig
+    from core.kafka.io import offset_ranges, read_ranges
+    from streams.decoding import partition_of
+
+    client, t = ClientConfig.from_settings(settings.kafka), settings.topics
+    topics = [t.training_requests.name, t.lifecycle.name]
+    try:
+        ranges = offset_ranges(client, topics, int((time.time() - hours * 3600) * 1000), timeout=10)
+        counts = {topic: sum(1 for r in ranges if r.topic == topic) for topic in topics}
+        mine = [r for r in ranges if r.partition == partition_of(user_id.encode(), counts[r.topic])]
+        book = RequestBook()
+        for record in read_ranges(client, mine, timeout=10):
+            body = json.loads(record.value or b"null")
+            if isinstance(body, dict) and body.get("user_id") == user_id:
+                (book.request if record.topic == t.training_requests.name else book.lifecycle)(body)
+    except (KafkaOperationError, ValueError) as exc:
+        return f"unknown ({exc})"
+    view = book.of(user_id)
+    return "none in the last day" if view is None else view.describe()
 
 
 @cli.command("history")

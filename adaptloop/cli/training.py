@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from adaptloop.cli.context import CliContext, cli, pass_ctx, user_arg
-from core.errors import StorageError
+from core.errors import StorageError, TrainingSkipped
 
 
 @cli.command("trainer")
@@ -41,14 +41,12 @@ def train_cmd(ctx: CliContext, user_id: str, data_path: str, epochs: int | None,
 
     settings = ctx.settings
     user_id = user_arg(user_id, "--user-id")
-    outcome = train_file(
-        settings,
-        user_id,
-        Path(data_path),
-        epochs=epochs,
-        hold_out=settings.training.hold_out and not no_hold_out,
-        with_gate=not no_gate,
-    )
+    hold_out = settings.training.hold_out and not no_hold_out
+    try:
+        outcome = train_file(settings, user_id, Path(data_path), epochs=epochs, hold_out=hold_out, with_gate=not no_gate)
+    except TrainingSkipped as exc:
+        click.echo(f"{user_id}: skipped, {exc.reason} (nothing was trained, no version registered)")
+        return
     info = outcome.info
     m = info.manifest.metrics
     click.echo(f"{user_id} v{info.version}: {m.steps} steps in {m.train_seconds}s, final loss {m.final_loss}")

@@ -31,9 +31,10 @@ def _job_id() -> str:
 
 
 def _publish(request: Request, command) -> JobAccepted:
+    """Send the command; only once Kafka has it is it a job (a command that never got there leaves no `queued` job)."""
     tracker, cfg = request.app.state.tracker, request.app.state.config
+    produce(cfg.client, cfg.commands_topic, [(command.user_id, command.to_bytes())], timeout=cfg.command_timeout_s)
     tracker.add(command.command_id, command.type, command.user_id)
-    produce(cfg.client, cfg.commands_topic, [(command.user_id, command.to_bytes())], timeout=15)
     request.app.state.metrics.commands.labels(command.type).inc()
     return JobAccepted(job_id=command.command_id)
 
@@ -95,6 +96,8 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
     latest = versions[-1].manifest if versions else None
     with tracker.lock:
         gaps = tracker.activity.pending_gaps.get(user_id, 0)
+        view = tracker.requests.of(user_id)
+        job = None if view is None else asdict(view) | {"open": view.open, "summary": view.describe()}
     return {
         "user_id": user_id,
         "active_version": active,
@@ -109,6 +112,7 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
             "passed": latest.validation.passed if latest.validation else None,
         },
         "pending_gaps": gaps,
+        "job": job,  # the user's latest training request: queued, training (with progress), gating, ... or how it ended
     }
 
 

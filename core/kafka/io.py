@@ -76,6 +76,8 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
         producer.poll(0)
     remaining = producer.flush(timeout)
     if remaining:
+        producer.purge(in_queue=True)  # what never left is not sent later, behind the back of a caller told it failed
+        producer.flush(0)
         raise KafkaOperationError(f"{remaining} message(s) to {topic} not acknowledged within {timeout:.0f}s")
     if errors:
         raise KafkaOperationError(f"{len(errors)} message(s) to {topic} failed, first: {errors[0]}")

@@ -233,3 +233,34 @@ def test_tokens_from_the_command_line(tmp_path):
     assert token_id in run("list").stdout and token not in run("list").stdout
     assert run("create", "--scope", "user:../x").returncode != 0
     assert run("revoke", token_id).returncode == 0 and run("revoke", token_id).returncode == 1
+
+
+@pytest.mark.unit
+def test_a_command_kafka_never_took_leaves_no_job_behind(tmp_path):
+    """A broker that does not answer: the caller gets a 503, and no job is left `queued` forever."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.auth import TokenStore
+    from api.config import ApiConfig
+    from api.jobs import JobTracker
+    from core.kafka.client import ClientConfig
+
+    cfg = ApiConfig(
+        client=ClientConfig(bootstrap_servers="127.0.0.1:9"),  # nothing listens there
+        commands_topic="c",
+        lifecycle_topic="l",
+        requests_topic=None,
+        users_changelog=None,
+        storage_root=str(tmp_path / "store"),
+        max_versions=5,
+        tokens_file=tmp_path / "tokens.json",
+        max_body_bytes=65536,
+        command_timeout_s=1.0,
+    )
+    tracker = JobTracker(cfg.client, "c", "l", None)  # not started: the test reads what the API recorded
+    headers = {"Authorization": f"Bearer {TokenStore(cfg.tokens_file).create(['admin'])[1]}"}
+    client = TestClient(create_app(cfg, tracker))
+    refused = client.post("/api/adapter/rollback", headers=headers, json={"user_id": "ana", "reason": "broker down"})
+    assert refused.status_code == 503 and "not acknowledged" in refused.json()["error"]
+    assert tracker.jobs == {} and tracker.counts() == {}, "no job for a command Kafka never took"

@@ -282,3 +282,95 @@ def write_api_config(base: Path, topics: dict[str, str], **extra) -> Path:
         )
     )
     return config
+
+
+# ---- the whole loop ---------------------------------------------------------------------- #
+
+
+class LoopHandle:
+    """A worker, a trainer on the tiny model and an API on one config: the whole loop, for end-to-end tests."""
+
+    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict | None = None, **top) -> None:
+        from api.auth import TokenStore
+
+        suffix = uuid.uuid4().hex[:8]
+        self.client = ClientConfig(bootstrap_servers=bootstrap)
+        self.topics = unique_topics("loop")
+        self.app_id = f"loop-{suffix}"
+        self.store = base / "store"
+        self.config = base / "adapter_retrain.yaml"
+        settings = {
+            "storage_root": str(self.store),
+            "topics": topic_config(self.topics),
+            "streams": {"app_id": self.app_id, "internal_partitions": 3, "batch_within_s": 0.2, "triggers": {"cooldown_s": 0}},
+            "kafka": {"session_timeout_s": 8},
+            "model": {"base_model": str(tiny), "dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {
+                "group_id": f"loop-{suffix}-trainer",  # not the worker's group (its app_id)
+                "batch_size": 2,
+                "learning_rate": 0.005,
+                "metrics_port": 0,
+                **(training or {}),
+            },
+            **top,
+        }
+        self.config.write_text(yaml.safe_dump(settings))
+        self.token = TokenStore(self.store / "api" / "tokens.json").create(["admin"])[1]
+        self.worker = Service(
+            self.config, ("worker", "--web-port", "0"), base / "worker.log", log_says("Worker ready"), bootstrap
+        )
+        self.trainer = Service(self.config, ("trainer",), base / "trainer.log", log_says("trainer ready"), bootstrap)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = Service(self.config, ("api", "--port", str(self.port)), base / "api.log", api_ready(self.url), bootstrap)
+
+    def start(self) -> LoopHandle:
+        self.worker.start(timeout=90)
+        self.trainer.start(timeout=180)
+        self.api.start(timeout=60)
+        return self
+
+    def stop(self) -> None:
+        for service in (self.api, self.trainer, self.worker):
+            service.stop()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def publish(self, events: list[tuple[str, dict]]) -> None:
+        for kind, event in events:
+            produce(self.client, self.topics[kind], [(event["user_id"], json.dumps(event).encode())])
+
+    def lifecycle(self) -> list[dict]:
+        return [json.loads(r.value) for r in read_topic(self.client, self.topics["lifecycle"])]
+
+    def cli(self, *args: str):
+        """`adaptloop --config <this loop's config> ARGS` against this loop's broker."""
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": self.client.bootstrap_servers}
+        return subprocess.run(
+            [sys.executable, "-m", "adaptloop.cli", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    def wait_for(self, predicate, timeout: float = 180, what: str = "condition", interval: float = 0.5):
+        def alive() -> None:
+            for service in (self.worker, self.trainer, self.api):
+                service.check_alive()
+
+        return wait_until(
+            predicate,
+            timeout,
+            what,
+            interval=interval,
+            check=alive,
+            context=lambda: "\n".join(s.log_tail(15) for s in (self.worker, self.trainer, self.api)),
+        )

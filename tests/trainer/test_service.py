@@ -45,7 +45,12 @@ def test_a_request_becomes_a_version_with_lifecycle_events_and_redelivery_trains
     request = t.request("ana", _examples(6), test=_examples(1))
     t.publish(request)
     t.wait_for(lambda: _decided(t.lifecycle(), request.request_id), what="the gate's decision")
-    events = [e for e in t.lifecycle() if e["request_id"] == request.request_id]
+    everything = [e for e in t.lifecycle() if e["request_id"] == request.request_id]
+    progress = [e["details"] for e in everything if e["type"] == "training_progress"]
+    assert progress[-1] == {"phase": "gating"} and [p["step"] for p in progress[:-1]] == [1, 2, 3, 4, 5, 6], (
+        "a tenth of 6 steps: each"
+    )
+    events = [e for e in everything if e["type"] != "training_progress"]
     assert [e["type"] for e in events] == ["training_started", "training_completed", "validated", "rejected"]
     done = _completed(t.lifecycle(), request.request_id)[0]
     assert done["version"] == 1 and done["metrics"]["steps"] == 6
@@ -192,3 +197,24 @@ def test_rollback_and_validate_commands_through_kafka(trainer_factory, tiny_mode
     (registry.version_dir("rho", 1) / "adapter_model.safetensors").write_bytes(b"tampered")
     tampered = send(ValidateCommand(command_id="va-2", user_id="rho", version=1))
     assert tampered["details"]["passed"] is False and "sha256 mismatch" in tampered["reason"]
+
+
+def test_a_request_with_nothing_new_is_skipped_before_any_training(trainer_factory):
+    t = trainer_factory(epochs=2)
+
+    def answers(request) -> list[dict]:
+        return [e for e in t.lifecycle() if e["request_id"] == request.request_id]
+
+    nothing = t.request("nel", [TrainingExample(prompt="What is LoRA?", response="Low-rank adaptation.", source="global")])
+    t.publish(nothing)
+    (skip,) = t.wait_for(lambda: answers(nothing), what="the answer to a request with no examples")
+    assert (skip["type"], skip["reason"]) == ("training_skipped", "no examples")
+    real = t.request("nel", _examples(4), test=_examples(1))
+    t.publish(real)
+    t.wait_for(lambda: _decided(t.lifecycle(), real.request_id), what="the real request's verdict")
+    replayed = t.request("nel", [e.model_copy(update={"source": "replay"}) for e in _examples(4)])
+    t.publish(replayed)
+    (again,) = t.wait_for(lambda: answers(replayed), what="the answer to a request with nothing new")
+    assert (again["type"], again["reason"]) == ("training_skipped", "nothing new since v1")
+    assert [i.version for i in AdapterRegistry(t.store).versions("nel")] == [1], "no version registered, no number used"
+    assert [e["type"] for e in answers(real)][:2] == ["training_started", "training_progress"], "only the real one trained"
