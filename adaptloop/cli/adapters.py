@@ -36,7 +36,12 @@ def ask_cmd(ctx: CliContext, user_id: str, version: int | None, prompt: str) -> 
 @click.option("--no-job", is_flag=True, help="the registry only: do not ask Kafka for the user's latest training request")
 @pass_ctx
 def status_cmd(ctx: CliContext, user_id: str, no_job: bool) -> None:
-    """Show a user's active adapter version, its metrics, and the latest training request (queued, training, ...)."""
+    """Show a user's active version, its metrics, and their latest training job.
+
+    The job (queued, training with its progress, gating, then how it ended)
+    comes from the last day of the user's partition of the requests and
+    lifecycle topics; --no-job reads the registry only.
+    """
     registry = _registry(ctx.settings)
     user_id = user_arg(user_id)
     active = registry.active(user_id)
