@@ -3,21 +3,23 @@
     make demo            # or: adaptloop demo
 
 1. Starts the local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), the demo
-   topics and a stack of its own (worker, trainer, API; logs in a temp dir).
-2. Asks the base model (SmolLM2-135M-Instruct) a user's personal questions:
-   it cannot know the answers.
-3. Publishes a scripted stream of that user's interactions (corrections of
-   those answers, some satisfied turns) with malformed messages among them;
-   the worker dead-letters the bad ones with their reasons, counts the
-   user's gaps, and at the threshold sends a training request.
+   topics and a stack of its own (worker, trainer, API, serve; logs in a temp dir).
+2. Asks a user's personal questions the way a chat app would: over HTTP, from
+   `adaptloop serve` (OpenAI's chat completions, `user` set). The base model
+   (SmolLM2-135M-Instruct) cannot know the answers; each answer says what
+   answered it (`system_fingerprint`).
+3. The user corrects those answers through `POST /v1/feedback`; some
+   satisfied turns and malformed messages go to the input topics too. The
+   worker dead-letters the bad ones with their reasons, counts the user's
+   gaps, and at the threshold sends a training request.
 4. The trainer trains an adapter (progress shown), the validation gate
-   (core suite + the user's held-out paraphrases) promotes it, and the user's
-   questions are asked again: before and after side by side, plus a general
-   question that must not change.
+   (core suite + the user's held-out paraphrases) promotes it, and the same
+   server, not restarted, answers the user's questions with it: before and
+   after side by side, plus a general question that must not change.
 5. Poisoned corrections (wrong answers to general questions) cross the
-   threshold again; the gate rejects that version and v1 stays active.
-6. A rollback through the API takes v1 back out: the user is on the state
-   before it (the base model) again.
+   threshold again; the gate rejects that version and v1 stays served.
+6. A rollback through the API takes v1 back out: the server answers the user
+   with the base model again.
 
 Prints what happens as it happens, writes `adaptloop report` pages for the
 user, stops everything it started, and exits non-zero if any step fails.
@@ -84,6 +86,7 @@ def demo_settings(settings: Settings, workdir: Path, bootstrap: str) -> Settings
             ),
             "training": settings.training.model_copy(update={"group_id": "adaptloop-demo-trainer", "metrics_port": free_port()}),
             "api": settings.api.model_copy(update={"host": "127.0.0.1", "port": free_port(), "tokens_file": None}),
+            "serving": settings.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
         }
     )
 
@@ -160,27 +163,42 @@ class Watcher:
         self.consumer.close()
 
 
-class Asker:
-    """The base model, loaded once in this process; answers with or without one of the user's adapters."""
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    fingerprint: str  # what answered: adaptloop:<user>@v<N>:<sha> or adaptloop:base:<sha>
+    completion_id: str
 
-    def __init__(self, s: Settings) -> None:
-        from trainer.model import load_base, resolve_base_model
 
-        base = resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir)
-        self.model, self.tokenizer, self.device = load_base(base, s.model.dtype)
+class Chat:
+    """The user's chat app: OpenAI's chat completions against `adaptloop serve`, greedy, as `adaptloop ask` answers."""
 
-    def answers(self, prompts: list[str], adapter: Path | None = None) -> list[str]:
-        from trainer.generation import generate_batch
+    def __init__(self, url: str, token: str, user: str) -> None:
+        self.url, self.user = url, user
+        self.http = httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"})
 
-        if adapter is None:
-            return generate_batch(self.model, self.tokenizer, self.device, prompts)
-        from peft import PeftModel
+    def ask(self, question: str) -> Answer:
+        body = {
+            "model": self.user,
+            "user": self.user,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 48,
+        }
+        reply = self.http.post(f"{self.url}/v1/chat/completions", json=body)
+        if reply.status_code != 200:
+            raise AdaptloopError(f"demo failed: serve answered {reply.status_code}: {reply.text[:300]}")
+        data = reply.json()
+        return Answer(data["choices"][0]["message"]["content"], data["system_fingerprint"], data["id"])
 
-        adapted = PeftModel.from_pretrained(self.model, str(adapter))
-        try:
-            return generate_batch(adapted, self.tokenizer, self.device, prompts)
-        finally:
-            adapted.unload()  # the base model stays as it was
+    def answers(self, questions: list[str]) -> list[Answer]:
+        return [self.ask(q) for q in questions]
+
+    def correct(self, answer: Answer, correction: str) -> None:
+        body = {"completion_id": answer.completion_id, "correction": correction}
+        reply = self.http.post(f"{self.url}/v1/feedback", json=body)
+        if reply.status_code != 202:
+            raise AdaptloopError(f"demo failed: feedback answered {reply.status_code}: {reply.text[:300]}")
 
 
 def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -> None:
@@ -200,14 +218,7 @@ def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -
     stack = Stack(workdir)
     click.echo(f"Kafka at {bootstrap}; demo files and logs in {workdir}")
     try:
-        stack.up(
-            config,
-            bootstrap,
-            services(s.api.host, s.api.port, s.streams.web_port, s.training.metrics_port),
-            None,
-            say=lambda text: click.echo(f"    {text}"),
-            timeout_s=timeout_s,
-        )
+        stack.up(config, bootstrap, services(s), None, say=lambda text: click.echo(f"    {text}"), timeout_s=timeout_s)
         user = f"demo-uma-{uuid.uuid4().hex[:6]}"
         topics = {
             "dlq": s.topics.dlq.name,
@@ -229,14 +240,14 @@ def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -
 
 @dataclass
 class Scene:
-    """What every step of the story uses: the settings, the watcher, the base model, the registry, the API."""
+    """What every step of the story uses: the settings, the watcher, the user's chat app, the registry, the API."""
 
     s: Settings
     client: ClientConfig
     w: Watcher
     workdir: Path
     timeout_s: float
-    asker: Asker
+    chat: Chat
     api: str
     headers: dict[str, str]
 
@@ -255,34 +266,39 @@ def _story(s: Settings, client: ClientConfig, w: Watcher, workdir: Path, timeout
     from api.auth import TokenStore
 
     token = TokenStore(tokens_file(s)).create(["admin"], note="demo")[1]
-    w.say("loading the base model to ask the user's questions", bold=True)
+    chat = Chat(f"http://{s.serving.host}:{s.serving.port}", token, w.user)
     scene = Scene(
-        s, client, w, workdir, timeout_s, Asker(s), f"http://{s.api.host}:{s.api.port}", {"Authorization": f"Bearer {token}"}
+        s, client, w, workdir, timeout_s, chat, f"http://{s.api.host}:{s.api.port}", {"Authorization": f"Bearer {token}"}
     )
+    w.say(f"asking {w.user}'s questions through adaptloop serve (OpenAI's chat completions, user={w.user})", bold=True)
     before = _ask_the_base_model(scene)
-    _publish_the_stream(scene)
-    v1, adapter = _train_and_promote_v1(scene, before)
-    _reject_the_poison(scene, v1, adapter)
+    _publish_the_stream(scene, before)
+    v1 = _train_and_promote_v1(scene, before)
+    _reject_the_poison(scene, v1)
     _roll_back_through_the_api(scene, v1)
     _write_the_report(scene)
 
 
-def _ask_the_base_model(scene: Scene) -> list[str]:
+def _ask_the_base_model(scene: Scene) -> list[Answer]:
     questions = [q for q, *_ in FACTS] + [GENERAL[0]]
-    before = scene.asker.answers(questions)
+    before = scene.chat.answers(questions)
     for q, a in zip(questions, before):
-        scene.w.say(f"    base model | {q} -> {_short(a)}")
+        scene.w.say(f"    base model | {q} -> {_short(a.text)}")
+    scene.w.say(f"    served by {before[0].fingerprint}")
     return before
 
 
-def _publish_the_stream(scene: Scene) -> None:
-    """The user's corrections, satisfied turns and malformed messages; wait for the dead letters and the request."""
+def _publish_the_stream(scene: Scene, before: list[Answer]) -> None:
+    """The user's corrections (through serve's feedback), satisfied turns and malformed messages; wait for the request."""
     s, w, client, user = scene.s, scene.w, scene.client, scene.user
     bad = malformed_messages()
     w.say(
-        f"publishing {user}'s interactions: {len(FACTS)} corrections, 2 satisfied turns, {len(bad)} malformed messages", bold=True
+        f"{user} corrects {len(FACTS)} answers (POST /v1/feedback); 2 satisfied turns and {len(bad)} malformed messages "
+        "go to the input topics",
+        bold=True,
     )
-    _publish_corrections(client, s, user, [(q, a) for q, a, *_ in FACTS], first=0)
+    for answer, (_q, correction, *_) in zip(before, FACTS):
+        scene.chat.correct(answer, correction)
     ok = [
         {
             "event_id": f"{user}-ok-{n}",
@@ -308,8 +324,9 @@ def _publish_the_stream(scene: Scene) -> None:
     )
 
 
-def _train_and_promote_v1(scene: Scene, before: list[str]) -> tuple[dict, Path]:
-    """Training, the gate's verdict, and the user's questions again: before and after, and a general one that must not change."""
+def _train_and_promote_v1(scene: Scene, before: list[Answer]) -> dict:
+    """Training, the gate's verdict, and the user's questions again from the same server: before and after, and a
+    general one that must not change."""
     w = scene.w
     v1 = _decision(w, scene.timeout_s)
     if v1["type"] != "promoted":
@@ -322,33 +339,36 @@ def _train_and_promote_v1(scene: Scene, before: list[str]) -> tuple[dict, Path]:
         f"(trained {m.get('train_seconds', 0):.0f}s, gate {m.get('gate_seconds', 0):.0f}s)",
         bold=True,
     )
-    adapter = scene.registry.verify(scene.user, v1["version"]).path
-    after = scene.asker.answers([p for *_, p in FACTS] + [GENERAL[0]], adapter)
+    after = scene.chat.answers([p for *_, p in FACTS] + [GENERAL[0]])
     learned = 0
     for (_q, _a, key, p), old, new in zip(FACTS, before, after):
-        hit = key.lower() in new.lower()
+        hit = key.lower() in new.text.lower()
         learned += hit
         w.say(
-            f"    {'LEARNED' if hit else 'missed '} | {p}\n               before: {_short(old)}\n               after:  {_short(new)}"
+            f"    {'LEARNED' if hit else 'missed '} | {p}\n               before: {_short(old.text)}\n               after:  {_short(new.text)}"
         )
-    kept = GENERAL[1] in after[-1]
-    w.say(f"    {'kept   ' if kept else 'CHANGED'} | {GENERAL[0]} -> {after[-1]}")
+    kept = GENERAL[1] in after[-1].text
+    w.say(f"    {'kept   ' if kept else 'CHANGED'} | {GENERAL[0]} -> {after[-1].text}")
+    w.say(f"    served by {after[0].fingerprint} (the same server, not restarted)")
+    if not after[0].fingerprint.startswith(f"adaptloop:{scene.user}@v{v1['version']}:"):
+        raise AdaptloopError(f"demo failed: after the promotion the server answered with {after[0].fingerprint}")
     if learned < len(FACTS) - 1 or not kept:
         raise AdaptloopError(f"demo failed: v1 answers {learned}/{len(FACTS)} facts, general answer kept: {kept}")
-    return v1, adapter
+    return v1
 
 
-def _reject_the_poison(scene: Scene, v1: dict, adapter: Path) -> None:
+def _reject_the_poison(scene: Scene, v1: dict) -> None:
     """Wrong answers to general questions cross the threshold again: the gate rejects that version, v1 stays."""
     w, user, registry = scene.w, scene.user, scene.registry
-    w.say(f"publishing {len(POISON)} poisoned corrections (wrong answers to general questions)", bold=True)
-    _publish_corrections(scene.client, scene.s, user, POISON, first=100)
+    w.say(f"{user} 'corrects' {len(POISON)} answers to general questions with wrong ones (POST /v1/feedback)", bold=True)
+    for question, poison in POISON:
+        scene.chat.correct(scene.chat.ask(question), poison)
     v2 = _decision(w, scene.timeout_s, after_version=v1["version"])
     if v2["type"] != "rejected" or registry.active(user) != v1["version"]:
         raise AdaptloopError(f"demo failed: the poisoned v{v2.get('version')} was {v2['type']}; active: {registry.active(user)}")
     w.say(f"v{v2['version']} REJECTED by the gate: {v2.get('reason', '')[:160]}", bold=True)
-    still = scene.asker.answers([GENERAL[0]], adapter)[0]
-    w.say(f"    v{v1['version']} still active | {GENERAL[0]} -> {still}")
+    still = scene.chat.ask(GENERAL[0])
+    w.say(f"    v{v1['version']} still served | {GENERAL[0]} -> {still.text} ({still.fingerprint})")
 
 
 def _roll_back_through_the_api(scene: Scene, v1: dict) -> None:
@@ -363,7 +383,11 @@ def _roll_back_through_the_api(scene: Scene, v1: dict) -> None:
     if state.get("status") != "rolled_back" or status.get("active_version") is not None:
         raise AdaptloopError(f"demo failed: rollback job {state}; status {status}")
     w.say(f"ROLLED BACK: v{v1['version']} -> base model, the state before v{v1['version']}", bold=True)
-    w.say(f"    base model again | {FACTS[0][3]} -> {scene.asker.answers([FACTS[0][3]])[0]}")
+    again = scene.chat.ask(FACTS[0][3])
+    w.say(f"    base model again | {FACTS[0][3]} -> {again.text}")
+    w.say(f"    served by {again.fingerprint} (the same server, not restarted)")
+    if not again.fingerprint.startswith("adaptloop:base:"):
+        raise AdaptloopError(f"demo failed: after the rollback the server answered with {again.fingerprint}")
 
 
 def _write_the_report(scene: Scene) -> None:
@@ -388,22 +412,6 @@ def _decision(w: Watcher, timeout_s: float, after_version: int = 0) -> dict:
         return found[0] if found else None
 
     return w.wait("training outcome", verdict, timeout_s)
-
-
-def _publish_corrections(client: ClientConfig, s: Settings, user: str, pairs, first: int) -> None:
-    events = [
-        {
-            "event_id": f"{user}-fb-{first + n}",
-            "user_id": user,
-            "timestamp": _now(),
-            "kind": "correction",
-            "query": q,
-            "response": "I do not know.",
-            "correction": a,
-        }
-        for n, (q, a) in enumerate(pairs)
-    ]
-    produce(client, s.topics.feedback.name, [(user, json.dumps(e).encode()) for e in events])
 
 
 def _short(answer: str, limit: int = 100) -> str:

@@ -1,6 +1,6 @@
 """`adaptloop up` / `adaptloop down`: the whole stack on this machine, without Docker.
 
-    adaptloop up      # broker (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, worker, trainer, API
+    adaptloop up      # broker (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, worker, trainer, API, serve
     adaptloop down    # stops what `up` started (the trainer checkpoints first); data is kept
 
 Each service runs as its own detached process with the same settings file
@@ -25,6 +25,7 @@ import httpx
 
 from core.errors import AdaptloopError
 from core.kafka.broker import pid_alive, terminate
+from core.settings import Settings
 from core.storage import atomic_write_json
 
 
@@ -50,9 +51,11 @@ def _answers(url: str) -> Callable[[str], bool]:
     return check
 
 
-def services(api_host: str, api_port: int, worker_port: int, trainer_port: int) -> list[Service]:
-    """The stack, in start order (stopped in reverse)."""
-    api = f"http://{api_host}:{api_port}"
+def services(settings: Settings) -> list[Service]:
+    """The stack, in start order (stopped in reverse): worker, trainer, API, serve."""
+    api, serve = settings.api, settings.serving
+    worker_port, trainer_port = settings.streams.web_port, settings.training.metrics_port
+    api_url, serve_url = f"http://{api.host}:{api.port}", f"http://{serve.host}:{serve.port}"
     return [
         Service(
             "worker",
@@ -66,7 +69,13 @@ def services(api_host: str, api_port: int, worker_port: int, trainer_port: int) 
             _log_says("trainer ready"),
             f"http://127.0.0.1:{trainer_port}/metrics" if trainer_port else "",
         ),
-        Service("api", ("api", "--host", api_host, "--port", str(api_port)), _answers(f"{api}/healthz"), f"{api}/docs"),
+        Service("api", ("api", "--host", api.host, "--port", str(api.port)), _answers(f"{api_url}/healthz"), f"{api_url}/docs"),
+        Service(
+            "serve",
+            ("serve", "--host", serve.host, "--port", str(serve.port)),
+            _answers(f"{serve_url}/healthz"),
+            f"{serve_url}/v1",
+        ),
     ]
 
 

@@ -320,6 +320,34 @@ class ApiSettings(_Section):
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger request bodies get 413")
 
 
+class ServingSettings(_Section):
+    """The OpenAI-compatible server (`adaptloop serve`) and the hand-off to inference servers (`adaptloop serving sync`)."""
+
+    host: str = Field("127.0.0.1", description="address `adaptloop serve` listens on")
+    port: int = Field(8100, ge=1, le=65535, description="port of `adaptloop serve`")
+    max_resident_adapters: int = Field(32, ge=1, le=4096, description="adapters kept loaded (LRU); each is a few MB")
+    max_batch_size: int = Field(16, ge=1, le=512, description="rows one generation step serves at most")
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a step waits for more requests to join before it runs"
+    )
+    max_tokens: int = Field(
+        512, ge=1, le=32_768, description="the most tokens one answer may have (a request asking more gets a 422)"
+    )
+    default_max_tokens: int = Field(256, ge=1, le=32_768, description="an answer's length when the request names none")
+    feedback_window: int = Field(10_000, ge=1, description="recent completions kept (question and answer) for /v1/feedback")
+    publish_conversations: bool = Field(
+        False, description="publish every completion as a conversation turn (the loop learns from use)"
+    )
+    on_bad_adapter: Literal["base", "error"] = Field(
+        "base", description="a user's active version fails its sha256 check: answer with the base model, or a 503"
+    )
+    sync_grace_s: float = Field(30.0, ge=0, description="`serving sync`: a version no longer active is unloaded this long after")
+    sync_retry_max_s: float = Field(60.0, gt=0, description="`serving sync`: the longest backoff between retries of an endpoint")
+    sync_rescan_s: float = Field(
+        30.0, gt=0, description="`serving sync`: how often the registry is read again (changes made without an event)"
+    )
+
+
 # --------------------------------------------------------------------------- #
 # The root
 # --------------------------------------------------------------------------- #
@@ -368,6 +396,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     validation: ValidationSettings = ValidationSettings()
     api: ApiSettings = ApiSettings()
+    serving: ServingSettings = ServingSettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> Settings:

@@ -23,6 +23,7 @@ from tests.support.adapters import write_facts
 from tests.support.handles import (
     ApiHandle,
     LoopHandle,
+    ServeHandle,
     TrainerHandle,
     WorkerHandle,
     make_worker,
@@ -186,6 +187,21 @@ def loop_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[
         handle = LoopHandle(kafka_bootstrap, tmp_path_factory.mktemp("loop"), tiny_model_dir, training, **top)
         handles.append(handle)
         return handle.start()
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def serve_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., ServeHandle]]:
+    """`serve_factory(serving={...}, topics=..., store=...)` -> a started `adaptloop serve` on the tiny model."""
+    handles: list[ServeHandle] = []
+
+    def make(start: bool = True, **kwargs) -> ServeHandle:
+        handle = ServeHandle(kafka_bootstrap, tmp_path_factory.mktemp("serve"), tiny_model_dir, **kwargs)
+        handles.append(handle)
+        return handle.start() if start else handle
 
     yield make
     for handle in handles:

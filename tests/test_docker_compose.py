@@ -20,12 +20,21 @@ def test_compose_file_defines_a_kraft_broker_and_our_services():
     assert services["kafka"]["image"].startswith("apache/kafka:4.")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     ours = [name for name, svc in services.items() if svc.get("image") == "adaptloop:local"]
-    assert ours, "no adaptloop service"
+    assert {"worker", "trainer", "api", "serve"} <= set(ours), ours
     for name in ours:
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert (REPO / "Dockerfile").is_file()
     assert services["kafka-ui"]["environment"]["KAFKA_CLUSTERS_0_BOOTSTRAPSERVERS"] == "kafka:9092"
     assert "./config/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert services["serve"]["ports"] == ["8100:8100"] and "--port" in services["serve"]["command"]
+
+
+def test_the_image_holds_every_package_the_wheel_ships():
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    copied = {line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    assert set(packages) <= copied, f"the Dockerfile misses {sorted(set(packages) - copied)}"
 
 
 def test_prometheus_scrapes_every_service_on_its_configured_port():
@@ -38,6 +47,7 @@ def test_prometheus_scrapes_every_service_on_its_configured_port():
         "adaptloop-worker": [f"worker:{settings.streams.web_port}"],
         "adaptloop-trainer": [f"trainer:{settings.training.metrics_port}"],
         "adaptloop-api": [f"api:{8000}"],
+        "adaptloop-serve": [f"serve:{settings.serving.port}"],
     }
 
 

@@ -11,7 +11,8 @@ default). Errors adaptloop expects print one clear message and exit 2.
     events.py     worker, generate-data, publish, replay
     training.py   trainer, train, validate
     adapters.py   ask, status, history, report, rollback
-    api.py        api (serve), api token create/list/revoke
+    api.py        api (the HTTP API), api token create/list/revoke
+    serving.py    serve (the OpenAI-compatible server), serving sync
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 
 import click
 
-from adaptloop.cli import adapters, api, broker, events, settings_and_schemas, stack, training  # noqa: F401  (each registers its commands)
+from adaptloop.cli import adapters, api, broker, events, serving, settings_and_schemas, stack, training  # noqa: F401  (each registers its commands)
 from adaptloop.cli.context import cli
 from core.errors import AdaptloopError
 

@@ -12,7 +12,7 @@ from core.kafka.client import ClientConfig
 from core.kafka.topics import ensure_topics, plans_from_specs
 from core.settings import stack_dir, write_settings
 
-STACK_SERVICES = ("worker", "trainer", "api")
+STACK_SERVICES = ("worker", "trainer", "api", "serve")
 
 
 @cli.command("up")
@@ -28,7 +28,10 @@ STACK_SERVICES = ("worker", "trainer", "api")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="logs and pids (default <cache_dir>/stack)")
 @pass_ctx
 def up_cmd(ctx: CliContext, services: str, timeout_s: float, run_dir: str | None) -> None:
-    """Start the local stack: broker (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, worker, trainer, API."""
+    """Start the local stack: broker, topics, worker, trainer, API and serve.
+
+    The broker only when KAFKA_BOOTSTRAP_SERVERS is not set.
+    """
     from adaptloop.stack import Stack
     from adaptloop.stack import services as stack_services
 
@@ -53,14 +56,12 @@ def up_cmd(ctx: CliContext, services: str, timeout_s: float, run_dir: str | None
         if outcome.created:
             click.echo(f"created topic {outcome.name}")
     config_file = Path(ctx.config_path).resolve() if ctx.config_path else write_settings(s, stack.run_dir / "settings.yaml")
-    wanted = [
-        svc for svc in stack_services(s.api.host, s.api.port, s.streams.web_port, s.training.metrics_port) if svc.name in names
-    ]
+    wanted = [svc for svc in stack_services(s) if svc.name in names]
     click.echo(f"logs: {stack.run_dir / 'logs'}")
     running = stack.up(config_file, bootstrap, wanted, broker_port, say=click.echo, timeout_s=timeout_s)
     click.echo(f"up: {', '.join(sorted(running))}. Stop with `adaptloop down`.")
-    if "api" in names:
-        click.echo("API token: adaptloop api token create --scope admin")
+    if {"api", "serve"} & set(names):
+        click.echo("a token for the API and serve: adaptloop api token create --scope admin")
 
 
 @cli.command("down")

@@ -34,6 +34,7 @@ def test_the_demo_learns_rejects_poison_and_rolls_back(kafka_bootstrap):
         "worker ready",
         "trainer ready",
         "api ready",
+        "serve ready",
         "gap threshold (3) crossed",
         "lifecycle: training_started",
         "trainer: step",
@@ -49,7 +50,10 @@ def test_the_demo_learns_rejects_poison_and_rolls_back(kafka_bootstrap):
     assert out.index("v1 PROMOTED") < out.index("v2 REJECTED") < out.index("ROLLED BACK")
 
     workdir = Path(re.search(r"demo files and logs in (\S+)", out).group(1))
-    user = re.search(r"publishing (demo-uma-\w+)'s interactions", out).group(1)
+    user = re.search(r"asking (demo-uma-\w+)'s questions through adaptloop serve", out).group(1)
+    # One server, never restarted, answered with the base model, then v1, then the base model after the rollback.
+    served = re.findall(r"served by (adaptloop:[^:\s]+)", out)
+    assert served == ["adaptloop:base", f"adaptloop:{user}@v1", "adaptloop:base"], served
     registry = AdapterRegistry(workdir / "store")
     assert [i.version for i in registry.versions(user)] == [1, 2]
     assert [(r["version"], r["passed"]) for r in registry.validation_results(user)] == [(1, True), (2, False)]

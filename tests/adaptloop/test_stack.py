@@ -31,11 +31,11 @@ def _adaptloop(config, env, *args, timeout=600, cwd=None) -> subprocess.Complete
     )
 
 
-def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, tmp_path):
+def test_up_starts_worker_trainer_api_and_serve_and_down_stops_them(kafka_bootstrap, tmp_path):
     from trainer.model import build_tiny_model
 
     suffix = uuid.uuid4().hex[:8]
-    ports = {"api": free_port(), "worker": free_port(), "trainer": free_port()}
+    ports = {"api": free_port(), "worker": free_port(), "trainer": free_port(), "serve": free_port()}
     config = tmp_path / "adapter_retrain.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -47,6 +47,7 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
                 "model": {"base_model": str(build_tiny_model(tmp_path / "tiny")), "dtype": "float32"},
                 "training": {"group_id": f"up-{suffix}", "metrics_port": ports["trainer"]},
                 "api": {"port": ports["api"]},
+                "serving": {"port": ports["serve"]},
             }
         )
     )
@@ -56,13 +57,14 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
     try:
         up = _adaptloop(config, env, "up", "--run-dir", str(run_dir), cwd=working_dir)
         assert up.returncode == 0, up.stdout + up.stderr
-        assert f"logs: {run_dir / 'logs'}" in up.stdout and "up: api, trainer, worker" in up.stdout
-        for name in ("worker", "trainer", "api"):
+        assert f"logs: {run_dir / 'logs'}" in up.stdout and "up: api, serve, trainer, worker" in up.stdout
+        for name in ("worker", "trainer", "api", "serve"):
             assert f"{name} ready" in up.stdout and (run_dir / "logs" / f"{name}.log").is_file()
         state = json.loads((run_dir / "stack.json").read_text())
         pids = {name: s["pid"] for name, s in state["services"].items()}
         assert all(pid_alive(pid) for pid in pids.values())
         assert httpx.get(f"http://127.0.0.1:{ports['api']}/healthz").json()["status"] == "ok"
+        assert httpx.get(f"http://127.0.0.1:{ports['serve']}/healthz").json()["status"] == "ok"
         assert "adaptloop_worker_events_consumed_total" in httpx.get(f"http://127.0.0.1:{ports['worker']}/metrics").text
         assert "adaptloop_trainer_busy" in httpx.get(f"http://127.0.0.1:{ports['trainer']}/metrics").text
 
@@ -73,9 +75,12 @@ def test_up_starts_worker_trainer_and_api_and_down_stops_them(kafka_bootstrap, t
         assert bad.returncode == 2 and "unknown service(s) db" in bad.stderr
     finally:
         down = _adaptloop(config, env, "down", "--run-dir", str(run_dir))
-    assert down.returncode == 0 and "stopping api" in down.stdout and down.stdout.strip().endswith("down"), (
-        down.stdout + down.stderr
-    )
+    assert (
+        down.returncode == 0
+        and "stopping serve" in down.stdout
+        and "stopping api" in down.stdout
+        and down.stdout.strip().endswith("down")
+    ), down.stdout + down.stderr
     assert not any(pid_alive(pid) for pid in pids.values())
     assert "signal 15: checkpointing and leaving the group" in (run_dir / "logs" / "trainer.log").read_text()
     assert json.loads((run_dir / "stack.json").read_text())["services"] == {}

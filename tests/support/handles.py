@@ -374,3 +374,110 @@ class LoopHandle:
             check=alive,
             context=lambda: "\n".join(s.log_tail(15) for s in (self.worker, self.trainer, self.api)),
         )
+
+
+# ---- adaptloop serve --------------------------------------------------------------------- #
+
+
+def serve_ready(url: str) -> Callable[[str], bool]:
+    """Ready when /healthz answers and the server follows the lifecycle topic from its end."""
+
+    def check(_log: str) -> bool:
+        try:
+            return bool(httpx.get(f"{url}/healthz", timeout=2).json().get("following_lifecycle"))
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+class ServeHandle:
+    """A live `adaptloop serve` (tiny model) with admin and `user:alice` tokens; `start_worker()` adds a worker on its topics."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        base: Path,
+        tiny: Path,
+        serving: dict | None = None,
+        topics: dict[str, str] | None = None,
+        store: Path | None = None,
+    ) -> None:
+        from api.auth import TokenStore
+
+        self.client = ClientConfig(bootstrap_servers=bootstrap)
+        self.base_name = str(tiny)  # the base model's name (its id in the settings), first in /v1/models
+        self.topics = topics or unique_topics("serve")
+        self.store = store or base / "store"
+        self.app_id = f"serve-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = base / "adapter_retrain.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "storage_root": str(self.store),
+                    "topics": topic_config(self.topics),
+                    "streams": {
+                        "app_id": self.app_id,
+                        "internal_partitions": 3,
+                        "batch_within_s": 0.2,
+                        "triggers": {"cooldown_s": 0},
+                    },
+                    "min_gap_events": 1000,
+                    "model": {"base_model": str(tiny), "dtype": "float32"},
+                    "serving": {"port": self.port, "sync_grace_s": 0.5, "sync_retry_max_s": 2, **(serving or {})},
+                }
+            )
+        )
+        tokens = TokenStore(self.store / "api" / "tokens.json")
+        self.tokens = {"admin": tokens.create(["admin"])[1], "alice": tokens.create(["user:alice"])[1]}
+        self.service = Service(
+            self.config, ("serve", "--port", str(self.port)), base / "serve.log", serve_ready(self.url), bootstrap
+        )
+        self.worker = Service(
+            self.config, ("worker", "--web-port", "0"), base / "worker.log", log_says("Worker ready"), bootstrap
+        )
+
+    def start(self) -> ServeHandle:
+        self.service.start(timeout=120)
+        return self
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.worker.stop()
+
+    def headers(self, who: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    def openai(self, who: str = "admin"):
+        """The standard OpenAI client, pointed at this server as a chat app would point it."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.tokens[who], max_retries=0, timeout=120)
+
+    def chat(self, question: str, who: str = "admin", **fields) -> httpx.Response:
+        body = {
+            "model": self.base_name,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 24,
+            **fields,
+        }
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers(who), timeout=120)
+
+    def metric(self, name: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers()).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+    def lifecycle(self, **event) -> None:
+        """Publish a lifecycle event as a trainer would."""
+        message = LifecycleEvent(event_id=f"ev-{uuid.uuid4().hex[:8]}", **event)
+        produce(self.client, self.topics["lifecycle"], [(message.user_id, message.to_bytes())])
+
+    def wait_for(self, predicate, timeout: float = 60, what: str = "condition", interval: float = 0.1):
+        return wait_until(
+            predicate, timeout, what, interval=interval, check=self.service.check_alive, context=self.service.log_tail
+        )

@@ -1,0 +1,83 @@
+"""The adapter cache: loaded once under an immutable name, verified, held while in use, LRU-bounded."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from core.errors import StorageError
+from serving.adapters import AdapterCache, CacheFull
+from tests.support.adapters import manifest, random_adapter
+from trainer.model import BaseModelRef, load_base
+from trainer.registry import AdapterRegistry
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_model_dir, tmp_path_factory):
+    """Six users, each with an active v1 (tiny random adapters)."""
+    model, _tokenizer, _device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    tmp = tmp_path_factory.mktemp("cache")
+    registry = AdapterRegistry(tmp / "store")
+    for n in range(6):
+        registry.register(f"u{n}", random_adapter(model, tmp / f"a{n}", seed=n), manifest(request_id=f"r{n}"))
+        registry.activate(f"u{n}", 1, reason="test")
+    return registry
+
+
+def test_three_times_more_users_than_slots_stay_within_the_bound(registry):
+    evicted = []
+    cache = AdapterCache(registry, capacity=2, on_evict=lambda w: evicted.append(w.name))
+    for _round in range(2):
+        for n in range(6):
+            weights = cache.acquire(f"u{n}", 1)
+            assert weights.name == f"u{n}@v1" and weights.sha256 == registry.info(f"u{n}", 1).manifest.weights_sha256
+            cache.release(weights)
+            assert len(cache.resident()) <= 2
+    assert cache.stats.loads == 12 and cache.stats.evictions == 10 and evicted[:4] == ["u0@v1", "u1@v1", "u2@v1", "u3@v1"]
+    again = cache.acquire("u5", 1)
+    assert cache.stats.hits == 1, "the most recent one is still resident"
+    cache.release(again)
+
+
+def test_an_adapter_in_use_is_never_evicted(registry):
+    cache = AdapterCache(registry, capacity=2, wait_s=0.5)
+    held = [cache.acquire("u0", 1), cache.acquire("u1", 1)]
+    with pytest.raises(CacheFull, match="all 2 resident adapters are in use"):
+        cache.acquire("u2", 1)
+    assert sorted(cache.resident()) == ["u0@v1", "u1@v1"]
+    cache.wait_s = 60  # a request that waits for a slot gets it as soon as another request ends
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(cache.acquire("u2", 1)))
+    waiting.start()
+    cache.release(held[0])
+    waiting.join(60)
+    assert [w.name for w in got] == ["u2@v1"] and sorted(cache.resident()) == ["u1@v1", "u2@v1"]
+
+
+def test_a_tampered_version_is_refused_and_counted(registry, tmp_path):
+    cache = AdapterCache(registry, capacity=4)
+    path = registry.version_dir("u4", 1) / "adapter_model.safetensors"
+    original = path.read_bytes()
+    path.write_bytes(original[:-8] + b"tampered")
+    try:
+        with pytest.raises(StorageError, match="sha256 mismatch"):
+            cache.acquire("u4", 1)
+        assert cache.stats.refused == 1 and "u4@v1" not in cache.resident()
+    finally:
+        path.write_bytes(original)
+
+
+def test_an_operators_adapter_stays_until_unloaded(registry):
+    cache = AdapterCache(registry, capacity=2)
+    assert cache.pin("u3@v1", registry.version_dir("u3", 1)) is True
+    assert cache.pin("u3@v1", registry.version_dir("u3", 1)) is False, "never reloaded under the same name"
+    for n in (0, 1, 2):
+        cache.release(cache.acquire(f"u{n}", 1))
+    assert "u3@v1" in cache.resident() and len(cache.resident()) == 2
+    assert cache.unpin("u3@v1") and "u3@v1" not in cache.resident() and not cache.unpin("u3@v1")
+    with pytest.raises(StorageError, match="not u3@v1 in the registry"):
+        cache.pin("u3@v1", registry.version_dir("u4", 1))  # other weights behind a user's version name
+    assert cache.pin("ops@v1", registry.version_dir("u4", 1)), "an operator's own adapter, not in the registry"

@@ -1,0 +1,153 @@
+"""The generation engine on the tiny model: answers as `adaptloop ask` gives them, batched rows as alone, streaming."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serving.engine import Engine, Job, Sampling, TextStream
+from serving.lora import read_adapter
+from tests.support.adapters import random_adapter
+from trainer.data import chat_ids
+from trainer.generation import generate
+from trainer.model import BaseModelRef, load_base
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = ["What is my dog's name?", "Where was I born?", "Tell me something about the sea, please.", "Hi"]
+
+
+class Collect:
+    """A sink that keeps what the engine sends and says when the answer is done."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.pieces: list[str] = []
+        self.result: tuple | None = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self.order: list[str] = []
+
+    def text(self, delta: str) -> None:
+        self.pieces.append(delta)
+
+    def done(self, content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.result = (content, finish_reason, prompt_tokens, completion_tokens)
+        self.finished.set()
+
+    def failed(self, error: BaseException) -> None:
+        self.error = error
+        self.finished.set()
+
+    def wait(self, timeout: float = 120) -> tuple:
+        assert self.finished.wait(timeout), "the engine never finished the answer"
+        assert self.error is None, self.error
+        return self.result
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_dir, tmp_path_factory):
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    tmp = tmp_path_factory.mktemp("engine")
+    adapters = [random_adapter(model, tmp / f"a{seed}", seed=seed, scale=0.3) for seed in (1, 2)]
+    engine = Engine(model, tokenizer, device, max_batch_size=8, window_s=0.05).start()
+    yield {
+        "model": model,
+        "tokenizer": tokenizer,
+        "device": device,
+        "engine": engine,
+        "adapters": adapters,
+        "weights": [read_adapter(a, f"u{i}@v1") for i, a in enumerate(adapters)],
+    }
+    engine.stop()
+
+
+def _ask(world, prompt: str, adapter_dir=None) -> str:
+    """What `adaptloop ask` answers: `generate` on the base model, or on it with the adapter through PEFT."""
+    from peft import PeftModel
+
+    model = world["model"] if adapter_dir is None else PeftModel.from_pretrained(world["model"], str(adapter_dir))
+    try:
+        return generate(model, world["tokenizer"], world["device"], prompt, max_new_tokens=24)
+    finally:
+        if adapter_dir is not None:
+            model.unload()
+
+
+def _serve(world, prompt: str, weights=None, **sampling) -> Collect:
+    sink = Collect()
+    ids = chat_ids(world["tokenizer"], prompt)
+    world["engine"].submit(Job(ids, weights, Sampling(**{"max_tokens": 24, **sampling}), sink))
+    return sink
+
+
+def test_a_greedy_answer_is_what_ask_gives_with_and_without_an_adapter(world):
+    for prompt in PROMPTS:
+        assert _serve(world, prompt).wait()[0] == _ask(world, prompt), prompt
+        for adapter, weights in zip(world["adapters"], world["weights"]):
+            assert _serve(world, prompt, weights).wait()[0] == _ask(world, prompt, adapter), (prompt, adapter)
+
+
+def test_rows_batched_together_answer_as_each_would_alone(world):
+    cases = [(p, w) for p in PROMPTS for w in (None, *world["weights"])]
+    alone = [_serve(world, p, w).wait()[0] for p, w in cases]
+    sinks = [_serve(world, p, w) for p, w in cases]  # submitted at once: they share steps
+    together = [s.wait()[0] for s in sinks]
+    assert together == alone
+    assert len(set(alone)) > 3, "the adapters change the answers (else this test would prove little)"
+
+
+def test_the_pieces_sent_add_up_to_the_answer_and_limits_hold(world):
+    sink = _serve(world, PROMPTS[2], world["weights"][0], max_tokens=12)
+    content, finish, prompt_tokens, completion_tokens = sink.wait()
+    assert "".join(sink.pieces) == content and finish == "length" and completion_tokens == 12
+    assert prompt_tokens == len(chat_ids(world["tokenizer"], PROMPTS[2]))
+    sampled = [_serve(world, PROMPTS[2], temperature=1.0, top_p=0.9, seed=7, max_tokens=16).wait()[0] for _ in range(2)]
+    assert sampled[0] == sampled[1], "a seed makes sampling repeatable"
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(world):
+    full = _serve(world, PROMPTS[1], world["weights"][1], max_tokens=24).wait()[0]
+    words = full.split()
+    assert len(words) > 2, full
+    stop = words[2]
+    sink = _serve(world, PROMPTS[1], world["weights"][1], max_tokens=24, stops=(stop,))
+    content, finish, *_ = sink.wait()
+    assert finish == "stop" and content == full[: full.index(stop)].strip() and stop not in content
+    assert "".join(sink.pieces) == content
+
+
+def test_a_long_answer_does_not_hold_back_a_short_one(world):
+    long = _serve(world, PROMPTS[2], max_tokens=400, ignore_eos=True)
+    while not long.pieces and not long.finished.is_set():
+        time.sleep(0.01)  # the long answer is generating (its first piece is out) before the short one arrives
+    short = _serve(world, PROMPTS[0], max_tokens=3)
+    short.wait()
+    assert not long.finished.is_set(), "the short answer joined between steps and left first"
+    _content, finish, _prompt_tokens, completion_tokens = long.wait()
+    assert (finish, completion_tokens) == ("length", 400), "ignore_eos: all of max_tokens"
+
+
+def test_a_cancelled_row_leaves_the_batch(world):
+    engine = world["engine"]
+    sink = _serve(world, PROMPTS[2], max_tokens=400, ignore_eos=True)
+    while not sink.pieces:
+        time.sleep(0.01)
+    sink.cancelled = True
+    deadline = time.monotonic() + 60
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and not sink.finished.is_set(), "dropped, nothing more sent to a client that left"
+
+
+def test_text_stream_holds_back_what_a_later_token_could_change(world):
+    tokenizer = world["tokenizer"]
+    stream = TextStream(tokenizer, stops=("STOP",))
+    ids = tokenizer("Hello there ST", add_special_tokens=False)["input_ids"]
+    sent = "".join(stream.push(i) for i in ids)
+    assert sent.endswith("there") and not sent.endswith("ST"), "a possible start of the stop sequence waits"
+    for i in tokenizer("OP and more", add_special_tokens=False)["input_ids"]:
+        stream.push(i)
+    assert stream.stopped and stream.final()[0] == "Hello there"
