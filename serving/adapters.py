@@ -61,8 +61,11 @@ class AdapterCache:
         capacity: int,
         on_evict: Callable[[LoraWeights], None] | None = None,
         wait_s: float = 30.0,
+        device: str = "cpu",
+        dtype=None,
     ) -> None:
         self.registry, self.capacity, self.on_evict, self.wait_s = registry, capacity, on_evict, wait_s
+        self.device, self.dtype = device, dtype  # the base model's: adapters are read onto its device, in its dtype
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._loading: dict[str, threading.Event] = {}
         self._lock = threading.Condition()
@@ -122,7 +125,7 @@ class AdapterCache:
             if entry is not None:
                 entry.pinned = True
                 return False
-        weights = read_adapter(path, name, sha)
+        weights = read_adapter(path, name, sha, self.device, self.dtype)
         with self._lock:
             self._make_room()
             self._entries[name] = _Entry(weights, pinned=True)
@@ -175,7 +178,7 @@ class AdapterCache:
             with self._lock:
                 self.stats.refused += 1
             raise
-        return read_adapter(info.path, name, info.manifest.weights_sha256 or "")
+        return read_adapter(info.path, name, info.manifest.weights_sha256 or "", self.device, self.dtype)
 
     def _make_room(self) -> None:
         """Evict least recently used, unheld entries until one more fits (waiting while every one is held)."""

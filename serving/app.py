@@ -61,7 +61,13 @@ class Server:
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
         self.router = Router(self.registry, base.model_id, base.sha256, cfg.on_bad_adapter)
         self.engine = Engine(model, tokenizer, device, cfg.max_batch_size, cfg.batch_window_s)
-        self.cache = AdapterCache(self.registry, cfg.max_resident_adapters, on_evict=self.engine.lora.forget)
+        self.cache = AdapterCache(
+            self.registry,
+            cfg.max_resident_adapters,
+            on_evict=self.engine.lora.forget,
+            device=str(device),
+            dtype=next(model.parameters()).dtype,
+        )
         self.metrics = ServeMetrics(self.cache, self.router)
         self.engine.on_step = self.metrics.batch_rows.observe
         self.completions = RecentCompletions(cfg.feedback_window)

@@ -5,14 +5,15 @@
     with rows.use([weights, None, weights2]):             # row 0: alice@v3, row 1: the base model, row 2: ...
         logits = model(input_ids, ...).logits
 
-The base model is never changed: a forward hook on each linear layer adds,
-for the rows of each adapter that targets that layer, exactly what PEFT adds
-(`result + lora_B(lora_A(x)) * scaling`, with the same operations), so a row
-gets the answer `adaptloop ask` gives with that adapter. Loading an adapter is
-reading its file into tensors of its own; nothing the running batch uses is
-touched, so a load never has to wait for a generation step, nor a step for a
-load. Rows are grouped by adapter, so a batch of one user's rows costs two
-small matrix products per layer, and a batch of 16 users' rows 16 of them.
+The base model is never changed: a forward hook on each linear layer adds
+each row's LoRA update. When every row has the same adapter, the hook does
+exactly what PEFT does (`result + lora_B(lora_A(x)) * scaling`, the same
+operations), so an answer is the one `adaptloop ask` gives with that adapter.
+When rows differ, the batch's adapters are stacked side by side and each
+layer costs two matrix products whatever their number (see RowLora). Loading
+an adapter is reading its file into tensors of its own (on the model's
+device, in its dtype); nothing the running batch uses is touched, so a load
+never waits for a generation step, nor a step for a load.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class LoraWeights:
     nbytes: int = field(default=0)
 
 
-def read_adapter(path: Path, name: str, sha256: str = "", device: str = "cpu") -> LoraWeights:
+def read_adapter(path: Path, name: str, sha256: str = "", device: str = "cpu", dtype=None) -> LoraWeights:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) read into memory."""
     from safetensors.torch import load_file
 
@@ -53,6 +54,8 @@ def read_adapter(path: Path, name: str, sha256: str = "", device: str = "cpu") -
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
     tensors = load_file(Path(path) / ADAPTER_WEIGHTS, device=device)
+    if dtype is not None:
+        tensors = {key: t.to(dtype) for key, t in tensors.items()}
     modules = {}
     for key, a in tensors.items():
         if key.endswith(_SUFFIX_A):
@@ -67,22 +70,42 @@ def read_adapter(path: Path, name: str, sha256: str = "", device: str = "cpu") -
     return LoraWeights(name, modules, scaling, sha256, nbytes)
 
 
-@dataclass
-class _Group:
-    rows: object | None  # a LongTensor of row indices, or None for every row of the batch
+@dataclass(frozen=True)
+class _Stacked:
+    """One layer's LoRA for a set of adapters, side by side: A's stacked (R x in), B's (out x R, scaling folded in)."""
+
     a: object
     b: object
-    scaling: float
+    blocks: tuple  # per adapter of the set: its (start, stop) in R, or None when it does not target this layer
+
+
+@dataclass(frozen=True)
+class _SetPlan:
+    """A set of adapters laid out for one forward pass each: every layer's stacked weights."""
+
+    keys: tuple  # (name, sha256) of each adapter, in block order
+    layers: dict[str, _Stacked]
 
 
 class RowLora:
-    """Forward hooks on every linear layer of the base model's decoder that add each row's adapter."""
+    """Forward hooks on every linear layer of the base model's decoder that add each row's adapter.
 
-    def __init__(self, model, plans_kept: int = 64) -> None:
-        self._plan: dict[str, list[_Group]] | None = None
-        self._plans: OrderedDict[tuple, dict[str, list[_Group]]] = OrderedDict()  # by the rows' adapters
-        self._plans_kept = plans_kept
-        self._plans_lock = threading.Lock()  # the generation thread uses plans; a request thread may evict an adapter
+    One adapter for every row: PEFT's own operations (`lora_B(lora_A(x)) *
+    scaling`). Rows of different adapters (or none): the adapters of the batch
+    stacked side by side, so each layer costs two matrix products whatever the
+    number of adapters: `x @ A_all` gives every adapter's projection, a mask keeps
+    each row's own block (zero for a base-model row), and `@ B_all` maps it back.
+    A stacked set is kept while its adapters stay in the batch (a batch that
+    lost rows reuses it), and rebuilt when an adapter joins.
+    """
+
+    def __init__(self, model, sets_kept: int = 2) -> None:
+        self._single: LoraWeights | None = None
+        self._stacked: _SetPlan | None = None
+        self._masks: dict[tuple, object] = {}
+        self._sets: OrderedDict[tuple, _SetPlan] = OrderedDict()
+        self._sets_kept = sets_kept
+        self._sets_lock = threading.Lock()  # the generation thread builds sets; a request thread may evict an adapter
         self.handles = [
             module.register_forward_hook(self._hook(name))
             for name, module in model.named_modules()
@@ -95,62 +118,97 @@ class RowLora:
         import torch.nn.functional as F
 
         def add_rows_adapters(_module, inputs, output):
-            plan = self._plan
-            groups = plan.get(name) if plan is not None else None
-            if not groups:
+            single = self._single
+            if single is not None:  # every row the same adapter: exactly PEFT's `result + lora_B(lora_A(x)) * scaling`
+                weights = single.modules.get(name)
+                if weights is None:
+                    return None
+                return output + F.linear(F.linear(inputs[0], weights[0]), weights[1]) * single.scaling
+            stacked = self._stacked.layers.get(name) if self._stacked is not None else None
+            if stacked is None:
                 return None
-            x = inputs[0]
-            for group in groups:
-                if group.rows is None:  # every row: exactly PEFT's `result + lora_B(lora_A(x)) * scaling`
-                    output = output + F.linear(F.linear(x, group.a), group.b) * group.scaling
-                else:
-                    delta = F.linear(F.linear(x.index_select(0, group.rows), group.a), group.b) * group.scaling
-                    output = output.index_add(0, group.rows, delta)
-            return output
+            mask = self._masks[stacked.blocks]
+            return output + F.linear(F.linear(inputs[0], stacked.a) * mask, stacked.b)
 
         return add_rows_adapters
 
     @contextmanager
     def use(self, adapters: list[LoraWeights | None]) -> Iterator[None]:
         """Within it, row i of every forward pass goes through `adapters[i]` (None: the base model alone)."""
-        key = tuple((a.name, a.sha256) if a is not None else None for a in adapters)
-        if all(a is None for a in adapters):
-            self._plan = None
-        else:
-            with self._plans_lock:
-                self._plan = self._plans.get(key) or self._make_plan(key, adapters)
-                self._plans.move_to_end(key)
+        present = {(a.name, a.sha256): a for a in adapters if a is not None}
+        if len(present) == 1 and all(a is not None for a in adapters):
+            self._single = next(iter(present.values()))
+        elif present:
+            plan = self._set_for(present)
+            self._masks = self._row_masks(plan, [None if a is None else (a.name, a.sha256) for a in adapters])
+            self._stacked = plan
         try:
             yield
         finally:
-            self._plan = None
+            self._single, self._stacked, self._masks = None, None, {}
 
-    def _make_plan(self, key: tuple, adapters: list[LoraWeights | None]) -> dict[str, list[_Group]]:
+    # ---- stacked sets ------------------------------------------------------------------ #
+
+    def _set_for(self, present: dict[tuple, LoraWeights]) -> _SetPlan:
+        """A kept set holding every adapter present and not more than twice as many; else a new one."""
+        wanted = set(present)
+        with self._sets_lock:
+            for key, plan in self._sets.items():
+                if wanted <= set(key) and len(key) <= 2 * len(wanted):
+                    self._sets.move_to_end(key)
+                    return plan
+            plan = _stack(list(present.values()))
+            self._sets[plan.keys] = plan
+            while len(self._sets) > self._sets_kept:
+                self._sets.popitem(last=False)
+            return plan
+
+    @staticmethod
+    def _row_masks(plan: _SetPlan, rows: list[tuple | None]) -> dict[tuple, object]:
+        """Per block layout: a (rows x 1 x R) mask of ones over each row's own adapter block."""
         import torch
 
-        rows_of: dict[str, list[int]] = {}
-        by_name: dict[str, LoraWeights] = {}
-        for row, adapter in enumerate(adapters):
-            if adapter is not None:
-                rows_of.setdefault(adapter.name, []).append(row)
-                by_name[adapter.name] = adapter
-        plan: dict[str, list[_Group]] = {}
-        for name, rows in rows_of.items():
-            adapter = by_name[name]
-            index = None if len(rows) == len(adapters) else torch.tensor(rows, dtype=torch.long)
-            for module, (a, b) in adapter.modules.items():
-                plan.setdefault(module, []).append(_Group(index, a, b, adapter.scaling))
-        self._plans[key] = plan
-        while len(self._plans) > self._plans_kept:
-            self._plans.popitem(last=False)
-        return plan
+        position = {key: i for i, key in enumerate(plan.keys)}
+        masks: dict[tuple, object] = {}
+        for layer in plan.layers.values():
+            if layer.blocks in masks:
+                continue
+            width = layer.a.shape[0]
+            mask = torch.zeros((len(rows), 1, width), dtype=layer.a.dtype, device=layer.a.device)
+            for row, key in enumerate(rows):
+                block = layer.blocks[position[key]] if key is not None else None
+                if block is not None:
+                    mask[row, 0, block[0] : block[1]] = 1
+            masks[layer.blocks] = mask
+        return masks
 
     def forget(self, adapter: LoraWeights) -> None:
-        """Drop the cached plans that hold `adapter` (it was evicted: its tensors go with it)."""
-        with self._plans_lock:
-            for key in [k for k in self._plans if (adapter.name, adapter.sha256) in k]:
-                del self._plans[key]
+        """Drop the kept sets that hold `adapter` (it was evicted: its tensors go with it)."""
+        with self._sets_lock:
+            for key in [k for k in self._sets if (adapter.name, adapter.sha256) in k]:
+                del self._sets[key]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _stack(adapters: list[LoraWeights]) -> _SetPlan:
+    """Every layer's A's stacked (R x in) and B's side by side (out x R), each B scaled by its adapter's scaling."""
+    import torch
+
+    layers: dict[str, _Stacked] = {}
+    for module in sorted({m for a in adapters for m in a.modules}):
+        a_parts, b_parts, blocks, start = [], [], [], 0
+        for adapter in adapters:
+            weights = adapter.modules.get(module)
+            if weights is None:
+                blocks.append(None)
+                continue
+            a, b = weights
+            a_parts.append(a)
+            b_parts.append(b * adapter.scaling)
+            blocks.append((start, start + a.shape[0]))
+            start += a.shape[0]
+        layers[module] = _Stacked(torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1), tuple(blocks))
+    return _SetPlan(tuple((a.name, a.sha256) for a in adapters), layers)

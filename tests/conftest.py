@@ -26,6 +26,7 @@ from tests.support.handles import (
     ServeHandle,
     TrainerHandle,
     WorkerHandle,
+    handle_factory,
     make_worker,
     start_api,
     unique_topics,
@@ -135,31 +136,23 @@ def facts_file(tmp_path) -> Path:
 @pytest.fixture
 def worker_factory(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerHandle]]:
     """`worker_factory(schedule="nightly", min_gap_events=3, streams={...})` -> a started worker."""
-    handles: list[WorkerHandle] = []
 
-    def make(start: bool = True, bootstrap: str | None = None, **settings) -> WorkerHandle:
-        handle = make_worker(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("worker"), **settings)
-        handles.append(handle)
-        return handle.start() if start else handle
+    def build(bootstrap: str | None = None, **settings) -> WorkerHandle:
+        return make_worker(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("worker"), **settings)
 
-    yield make
-    for handle in handles:
-        handle.stop()
+    with handle_factory(build) as make:
+        yield make
 
 
 @pytest.fixture
 def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., TrainerHandle]]:
     """`trainer_factory(epochs=2, checkpoint_every=5)` -> a started trainer on the tiny model (training.* overrides)."""
-    handles: list[TrainerHandle] = []
 
-    def make(start: bool = True, bootstrap: str | None = None, **training) -> TrainerHandle:
-        handle = TrainerHandle(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("trainer"), tiny_model_dir, training)
-        handles.append(handle)
-        return handle.start() if start else handle
+    def build(bootstrap: str | None = None, **training) -> TrainerHandle:
+        return TrainerHandle(bootstrap or kafka_bootstrap, tmp_path_factory.mktemp("trainer"), tiny_model_dir, training)
 
-    yield make
-    for handle in handles:
-        handle.stop()
+    with handle_factory(build) as make:
+        yield make
 
 
 @pytest.fixture
@@ -181,28 +174,20 @@ def api_server(kafka_bootstrap, tmp_path) -> Iterator[ApiHandle]:
 @pytest.fixture
 def loop_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., LoopHandle]]:
     """`loop_factory(training={...}, min_gap_events=3)` -> a worker, a trainer (tiny model) and an API on one config."""
-    handles: list[LoopHandle] = []
 
-    def make(training: dict | None = None, **top) -> LoopHandle:
-        handle = LoopHandle(kafka_bootstrap, tmp_path_factory.mktemp("loop"), tiny_model_dir, training, **top)
-        handles.append(handle)
-        return handle.start()
+    def build(training: dict | None = None, **top) -> LoopHandle:
+        return LoopHandle(kafka_bootstrap, tmp_path_factory.mktemp("loop"), tiny_model_dir, training, **top)
 
-    yield make
-    for handle in handles:
-        handle.stop()
+    with handle_factory(build) as make:
+        yield make
 
 
 @pytest.fixture
 def serve_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., ServeHandle]]:
     """`serve_factory(serving={...}, topics=..., store=...)` -> a started `adaptloop serve` on the tiny model."""
-    handles: list[ServeHandle] = []
 
-    def make(start: bool = True, **kwargs) -> ServeHandle:
-        handle = ServeHandle(kafka_bootstrap, tmp_path_factory.mktemp("serve"), tiny_model_dir, **kwargs)
-        handles.append(handle)
-        return handle.start() if start else handle
+    def build(**kwargs) -> ServeHandle:
+        return ServeHandle(kafka_bootstrap, tmp_path_factory.mktemp("serve"), tiny_model_dir, **kwargs)
 
-    yield make
-    for handle in handles:
-        handle.stop()
+    with handle_factory(build) as make:
+        yield make

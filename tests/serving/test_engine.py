@@ -151,3 +151,42 @@ def test_text_stream_holds_back_what_a_later_token_could_change(world):
     for i in tokenizer("OP and more", add_special_tokens=False)["input_ids"]:
         stream.push(i)
     assert stream.stopped and stream.final()[0] == "Hello there"
+
+
+def test_stacked_adapters_of_different_shapes_give_each_row_its_own_update(world, tmp_path):
+    """Rows of adapters with different ranks and layers, and a base row, in one forward pass: each as PEFT gives it alone."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from serving.lora import RowLora
+
+    model, tokenizer = world["model"], world["tokenizer"]
+    shapes = [(4, ["q_proj", "v_proj", "down_proj"]), (8, ["q_proj", "o_proj", "up_proj"])]
+    paths = []
+    for seed, (rank, modules) in enumerate(shapes):
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules))
+        generator = torch.Generator().manual_seed(seed + 10)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        peft_model.save_pretrained(tmp_path / f"s{seed}", safe_serialization=True)
+        peft_model.unload()
+        paths.append(tmp_path / f"s{seed}")
+    ids = torch.tensor([chat_ids(tokenizer, PROMPTS[0])] * 3)
+    with torch.inference_mode():
+        alone = []
+        for path in paths:
+            peft_model = PeftModel.from_pretrained(model, str(path))
+            alone.append(peft_model(input_ids=ids[:1]).logits[0])
+            peft_model.unload()
+        alone.append(model(input_ids=ids[:1]).logits[0])
+        rows = RowLora(model)
+        try:
+            with rows.use([read_adapter(paths[0], "a@v1"), read_adapter(paths[1], "b@v1"), None]):
+                together = model(input_ids=ids).logits
+        finally:
+            rows.remove()
+    for row in range(3):
+        torch.testing.assert_close(together[row], alone[row], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-2), "the adapters differ (else this test would prove little)"

@@ -1,6 +1,6 @@
-"""Live `adaptloop worker`, `trainer` and `api` processes, each with the topics and helpers its tests use.
+"""Live `adaptloop worker`, `trainer`, `api` and `serve` processes (and the whole loop), with the helpers their tests use.
 
-All three stand on `Service` (tests/support/processes.py): started with a
+All stand on `Service` (tests/support/processes.py): started with a
 config of the test's own (uniquely named topics, groups and stores), waited
 for until ready, stopped by their fixtures.
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -28,6 +30,23 @@ from streams.envelope import Envelope
 from tests.support.events import TOPIC_KEYS
 from tests.support.kafka import read_topic
 from tests.support.processes import Service, log_says, wait_until
+
+
+@contextmanager
+def handle_factory(build: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """`make(start=True, **kwargs)`: a handle built by `build(**kwargs)`, started unless asked not to; all stopped at the end."""
+    handles: list[Any] = []
+
+    def make(start: bool = True, **kwargs):
+        handle = build(**kwargs)
+        handles.append(handle)
+        return handle.start() if start else handle
+
+    try:
+        yield make
+    finally:
+        for handle in handles:
+            handle.stop()
 
 
 def unique_topics(prefix: str) -> dict[str, str]:
@@ -223,16 +242,21 @@ class TrainerHandle:
 # ---- the API ------------------------------------------------------------------------- #
 
 
-def api_ready(url: str) -> Callable[[str], bool]:
-    """Ready when /healthz answers and the job tracker has read the lifecycle topic to its end."""
+def health_says(url: str, field: str) -> Callable[[str], bool]:
+    """Ready when `url`/healthz answers with `field` true (the API: `lifecycle_caught_up`; serve: `following_lifecycle`)."""
 
     def check(_log: str) -> bool:
         try:
-            return bool(httpx.get(f"{url}/healthz", timeout=2).json().get("lifecycle_caught_up"))
+            return bool(httpx.get(f"{url}/healthz", timeout=2).json().get(field))
         except httpx.HTTPError:
             return False
 
     return check
+
+
+def api_ready(url: str) -> Callable[[str], bool]:
+    """Ready when /healthz answers and the job tracker has read the lifecycle topic to its end."""
+    return health_says(url, "lifecycle_caught_up")
 
 
 def start_api(config: Path, bootstrap: str, log_path: Path) -> tuple[Service, str]:
@@ -381,14 +405,7 @@ class LoopHandle:
 
 def serve_ready(url: str) -> Callable[[str], bool]:
     """Ready when /healthz answers and the server follows the lifecycle topic from its end."""
-
-    def check(_log: str) -> bool:
-        try:
-            return bool(httpx.get(f"{url}/healthz", timeout=2).json().get("following_lifecycle"))
-        except httpx.HTTPError:
-            return False
-
-    return check
+    return health_says(url, "following_lifecycle")
 
 
 class ServeHandle:
