@@ -124,8 +124,12 @@ class EventPublisher:
         deadline = time.monotonic() + timeout
         while self.producer.flush(0.1) and time.monotonic() < deadline:
             pass
-        if len(self.producer) or errors:
-            raise KafkaOperationError(f"event to {topic} not acknowledged: {errors[0] if errors else 'timed out'}")
+        if len(self.producer):
+            self.producer.purge(in_queue=True)  # what never left is not sent later, behind the back of a caller told it failed
+            self.producer.flush(0)
+            raise KafkaOperationError(f"event to {topic} not acknowledged within {timeout:.0f}s")
+        if errors:
+            raise KafkaOperationError(f"event to {topic} not acknowledged: {errors[0]}")
 
     def close(self) -> None:
         self.producer.flush(10)

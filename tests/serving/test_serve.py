@@ -99,6 +99,28 @@ def test_swaps_follow_the_registry_and_the_lifecycle_topic_without_a_restart(wor
     assert serve.service.proc.pid == pid and serve.service.proc.poll() is None, "no restart"
 
 
+def test_a_request_in_flight_finishes_on_the_version_it_started_with(world):
+    serve, add_version = world["serve"], world["add_version"]
+    v1 = add_version("ivy", 31)
+    client = serve.openai()
+    stream = client.chat.completions.create(
+        model="ivy",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=300,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    started = [next(stream) for _ in range(3)]  # the role, then answer pieces: it is generating
+    v2 = add_version("ivy", 32)
+    serve.lifecycle(type="promoted", user_id="ivy", version=v2, previous_version=v1)
+    swapped = client.chat.completions.create(model="ivy", messages=[{"role": "user", "content": QUESTION}], max_tokens=4)
+    assert swapped.system_fingerprint.startswith(f"adaptloop:ivy@v{v2}:"), "the next request: the new version"
+    rest = list(stream)
+    assert {c.system_fingerprint for c in started + rest} == {started[0].system_fingerprint}
+    assert started[0].system_fingerprint.startswith(f"adaptloop:ivy@v{v1}:")
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length", "finished whole, on v1"
+
+
 def test_a_tampered_version_is_never_served(world):
     serve, registry, add_version = world["serve"], world["registry"], world["add_version"]
     version = add_version("tom", 7, activate=True)
