@@ -7,6 +7,8 @@ with its progress, and how it ended.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import httpx
 import pytest
 
@@ -32,6 +34,15 @@ def _retrain(loop, user: str) -> str:
 def _ended(loop, job_id: str) -> dict | None:
     job = _job(loop, job_id)
     return job if job["status"] not in ("queued", "training", "gating", "validating") else None
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def _took(job: dict) -> float:
+    """From the command to the event that ended its job (timestamps of the API and the trainer, one machine)."""
+    return _seconds(job["created_at"], job["events"][-1]["at"])
 
 
 def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_factory):
@@ -63,6 +74,7 @@ def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_facto
     )
     assert done["state"] in ("promoted", "rejected") and done["version"] == 1, done
     assert f"job: {done['state']} v1, trigger threshold" in loop.cli("status", "sam").stdout
+    trained_lines = loop.trainer.log().count("training sam:")
 
     # Nothing new since v1: a retrain is skipped and the history stays as it was.
     history = httpx.get(f"{loop.url}/api/adapter/history/sam", headers=loop.headers).json()
@@ -70,3 +82,9 @@ def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_facto
     again = loop.wait_for(lambda: _ended(loop, job_id), what="sam's retrain to end")
     assert (again["status"], again["reason"]) == ("skipped", "nothing new since v1"), again
     assert httpx.get(f"{loop.url}/api/adapter/history/sam", headers=loop.headers).json() == history
+    assert loop.trainer.log().count("training sam:") == trained_lines, "no step of training for the skipped retrain"
+
+    # Fast: a skip ends well within the time sam's one training run took (this machine's pace, whatever it is).
+    sam = {e["type"]: e["timestamp"] for e in reversed(loop.lifecycle()) if e["user_id"] == "sam"}  # the first of each
+    training = _seconds(sam["training_started"], sam["training_completed"])
+    assert _took(nobody) < training / 2 and _took(again) < training / 2, (_took(nobody), _took(again), training)

@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.auth import TokenStore
 from core.kafka.broker import free_port
@@ -97,6 +98,12 @@ def test_broker_down_and_up_mid_stream_loses_nothing_and_everyone_recovers(own_b
         w.wait_for(
             lambda: any(json.loads(r.value).get("command_id") == job for r in w.read("commands")), what="command after the outage"
         )
+        # No trainer runs here, so every command the API took stays queued: only those count, never one Kafka refused.
+        metrics = httpx.get(f"{url}/metrics", headers=headers).text
+        queued = sum(
+            s.value for f in text_string_to_metric_families(metrics) for s in f.samples if s.labels.get("status") == "queued"
+        )
+        assert queued == (2 if during.status_code == 202 else 1), metrics
         states = w.states()
     finally:
         api.stop()
