@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -29,11 +30,9 @@ class TopicOutcome:
 
 def ensure_topics(client: ClientConfig, plans: list[TopicPlan], timeout: float = 30.0) -> list[TopicOutcome]:
     """Create every missing topic; report existing ones (and a partition-count mismatch)."""
-    admin = AdminClient(client.librdkafka())
-    try:
-        existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise KafkaOperationError(f"cannot reach Kafka at {client.bootstrap_servers}: {exc}") from None
+    refused: list[str] = []  # credentials the broker refused: no point in waiting out the timeout
+    admin = AdminClient(client.librdkafka(error_cb=lambda err: _note_refusal(err, refused)))
+    existing = _list_topics(admin, client, timeout, refused)
     outcomes: list[TopicOutcome] = []
     missing = [p for p in plans if p.name not in existing]
     for plan in plans:
@@ -59,6 +58,29 @@ def ensure_topics(client: ClientConfig, plans: list[TopicPlan], timeout: float =
                     raise KafkaOperationError(f"creating topic {plan.name} failed: {exc}") from None
     order = {p.name: i for i, p in enumerate(plans)}
     return sorted(outcomes, key=lambda o: order[o.name])
+
+
+_REFUSALS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL}
+
+
+def _note_refusal(err: KafkaError, refused: list[str]) -> None:
+    if err.code() in _REFUSALS:
+        refused.append(err.str())
+
+
+def _list_topics(admin: AdminClient, client: ClientConfig, timeout: float, refused: list[str]) -> dict:
+    """The cluster's topics; a refused login fails at once, with the broker's reason (never the secret)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return admin.list_topics(timeout=max(0.1, min(1.0, remaining))).topics
+        except KafkaException as exc:
+            admin.poll(0)  # serve the error callback
+            if refused:
+                raise KafkaOperationError(f"Kafka at {client.bootstrap_servers} refused this client: {refused[0]}") from None
+            if remaining <= 1.0:
+                raise KafkaOperationError(f"cannot reach Kafka at {client.bootstrap_servers}: {exc}") from None
 
 
 def plans_from_specs(specs: list) -> list[TopicPlan]:

@@ -236,4 +236,5 @@ def test_a_wrong_password_is_refused_clearly_without_showing_it(secure_env, work
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "authentication" in output.lower() or "SASL" in output, output[-2000:]
+    assert "refused this client" in output, "the refusal is reported as such at once, not after waiting out the timeout"
     assert wrong not in output and PASSWORD not in output
