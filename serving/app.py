@@ -132,6 +132,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         resident = [
             ModelCard(id=name, created=server.started, root=server.base.model_id, parent=server.base.model_id)
             for name in server.cache.resident()
+            if who.may_act_for(name.rpartition("@v")[0])  # a user's token sees only that user's versions
         ]
         return ModelList(data=[base, *resident])
 

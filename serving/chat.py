@@ -120,6 +120,9 @@ class ChatService:
             return StreamingResponse(self._stream(served, include_usage), media_type="text/event-stream", headers=headers)
         try:
             content, finish, prompt_tokens, completion_tokens = await self._collect(served)
+        except BaseException:  # the client left (the request was cancelled) or generation failed: drop the row
+            served.sink.cancelled = True
+            raise
         finally:
             self._release(weights)
         answer = ChatCompletion(

@@ -85,7 +85,7 @@ class Sync:
         self.active: dict[str, str] = {}  # user -> the name every endpoint should hold
         self.refused = 0  # versions that failed their sha256 check and were handed to no endpoint
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = client_factory() if client_factory else httpx.Client(timeout=30, headers=headers)
+        self.http = client_factory() if client_factory else httpx.Client(timeout=httpx.Timeout(30, connect=5), headers=headers)
         self._lock = threading.Lock()
 
     # ---- what should be held ------------------------------------------------------------ #

@@ -168,6 +168,10 @@ def test_tokens_scope_who_is_answered_and_errors_are_json(world):
     ):
         with pytest.raises(error):
             alice.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], **named)
+    seen = {m.id for m in alice.models.list().data} - {serve.base_name}
+    assert "alice@v1" in seen and all(name.startswith("alice@v") for name in seen), f"other users' names stay hidden: {seen}"
+    everyone = {m.id for m in serve.openai().models.list().data}
+    assert everyone - seen - {serve.base_name}, "an admin sees the other users' resident versions (else this proves little)"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{serve.url}/v1", api_key="al_nope_nope", max_retries=0).models.list()
     cases = {
