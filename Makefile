@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate reliability clean
 
 install: $(STAMP)
 
@@ -75,6 +75,9 @@ bench-learning: install
 
 bench-serve: install
 	$(BIN)/python benchmarks/serving.py
+
+bench-gate: install
+	$(BIN)/python benchmarks/gate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

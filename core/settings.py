@@ -307,6 +307,9 @@ class ValidationSettings(_Section):
     max_forgetting: float = Field(
         0.34, ge=0, le=1, description="most share of the previous version's learned facts a candidate may miss"
     )
+    batch_size: int = Field(
+        64, ge=1, le=1024, description="cases the gate answers and scores together (one batch for the default suites)"
+    )
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 

@@ -46,6 +46,8 @@ class GateConfig:
     min_retention: float
     # Forgetting: the share of the reference version's learned facts the candidate no longer answers.
     max_forgetting: float
+    # Cases answered together: generation steps cost little more for more rows, so one batch is fastest.
+    batch_size: int
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:
@@ -59,6 +61,7 @@ class GateConfig:
             retention_similarity=v.retention_similarity,
             min_retention=v.min_retention,
             max_forgetting=v.max_forgetting,
+            batch_size=v.batch_size,
         )
         return replace(config, **overrides)
 
@@ -229,15 +232,27 @@ class Gate:
         if not cases:
             return []
         if adapter_dir is None:
-            return score_cases(self.model, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights)
+            return self._score_with(self.model, cases)
         from peft import PeftModel
 
         adapted = PeftModel.from_pretrained(self.model, str(adapter_dir))
         try:
             adapted.eval()
-            return score_cases(adapted, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights)
+            return self._score_with(adapted, cases)
         finally:
             adapted.unload()  # leave the kept base model as it was
+
+    def _score_with(self, model, cases: list[TestCase]) -> list[CaseScore]:
+        return score_cases(model, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights, self.cfg.batch_size)
+
+    def score_suites(self, adapter_dir: Path | None, suites: list[list[TestCase]]) -> list[list[CaseScore]]:
+        """`score` for several suites at once: the adapter loads once and their cases share batches."""
+        scores = self.score(adapter_dir, [case for suite in suites for case in suite])
+        out, start = [], 0
+        for suite in suites:
+            out.append(scores[start : start + len(suite)])
+            start += len(suite)
+        return out
 
     def reference_core(self, reference_dir: Path | None) -> list[CaseScore]:
         """The reference's core scores, cached by the adapter file's hash (or 'base')."""
@@ -285,9 +300,9 @@ class Gate:
         suites: dict[str, SuiteReport] = {}
         retention = forgetting = None
 
+        reference = mean_score(self.reference_core(reference_dir)) if self.core_cases else 0.0
+        candidate, scored, again = self.score_suites(candidate_dir, [self.core_cases, list(user_cases), list(previous_facts)])
         if self.core_cases:
-            reference = mean_score(self.reference_core(reference_dir))
-            candidate = self.score(candidate_dir, self.core_cases)
             # Kept: a promoted candidate is the next run's reference, and its core answers do not change.
             self._reference[_adapter_key(candidate_dir)] = candidate
             while len(self._reference) > _KEPT_REFERENCES:  # a long-running trainer sees many candidates
@@ -309,7 +324,6 @@ class Gate:
                 )
             suites["core"] = core
 
-        scored = self.score(candidate_dir, user_cases)
         user = SuiteReport("user", mean_score(scored), bool(scored), cfg.promote_if_score, None, scored)
         if scored:
             user.passed = user.score >= cfg.promote_if_score
@@ -322,7 +336,6 @@ class Gate:
         suites["user"] = user
 
         if previous_facts:
-            again = self.score(candidate_dir, list(previous_facts))
             forgetting = round(sum(1 - c.match for c in again) / len(again), 4)
             suites["previous"] = SuiteReport(
                 "previous", mean_score(again), forgetting <= cfg.max_forgetting, cfg.max_forgetting, None, again

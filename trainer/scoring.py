@@ -180,32 +180,49 @@ def load_embedder(name: str = EMBEDDED_MINILM) -> Embedder:
 # ---- scoring -------------------------------------------------------------------- #
 
 
-def answer_nll(model, tokenizer, device, case: TestCase, max_len: int = 512) -> float:
-    """Mean negative log-likelihood of the expected answer's tokens given the prompt."""
+def answer_nlls(model, tokenizer, device, cases: list[TestCase], max_len: int = 512, batch_size: int = 16) -> list[float]:
+    """Per case, the mean negative log-likelihood of the expected answer's tokens given the prompt.
+
+    Rows are right-padded and batched: a causal model's logits at a real token
+    do not see the padding after it, so each row's value is the one it has alone.
+    """
     import torch
     import torch.nn.functional as F
 
     from schemas.training import TrainingExample
+    from trainer.generation import pad_id
 
-    item = tokenize(tokenizer, [TrainingExample(prompt=case.prompt, response=case.expected)], max_len)[0]
-    ids = torch.tensor([item.input_ids], device=device)
-    labels = torch.tensor([item.labels], device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1, :].float()
-    return float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE))
+    items = tokenize(tokenizer, [TrainingExample(prompt=c.prompt, response=c.expected) for c in cases], max_len)
+    pad = pad_id(tokenizer)
+    out: list[float] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        width = max(len(item.input_ids) for item in chunk)
+        ids = torch.tensor([item.input_ids + [pad] * (width - len(item.input_ids)) for item in chunk], device=device)
+        mask = torch.tensor([[1] * len(item.input_ids) + [0] * (width - len(item.input_ids)) for item in chunk], device=device)
+        labels = torch.tensor([item.labels + [IGNORE] * (width - len(item.labels)) for item in chunk], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
+        targets = labels[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        counted = (targets != IGNORE).sum(dim=1)
+        out += [float(v) for v in losses.sum(dim=1) / counted]
+    return out
 
 
-def score_cases(model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights) -> list[CaseScore]:
-    """Answer every case with `model` (greedy) and score it."""
+def score_cases(
+    model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights, batch_size: int = 16
+) -> list[CaseScore]:
+    """Answer every case with `model` (greedy), `batch_size` at a time, and score it."""
     from trainer.generation import generate_batch
 
-    answers = generate_batch(model, tokenizer, device, [case.prompt for case in cases])
+    answers = generate_batch(model, tokenizer, device, [case.prompt for case in cases], batch_size=batch_size)
     semantic = embedder.similarity(answers, [c.expected for c in cases])
+    nlls = answer_nlls(model, tokenizer, device, cases, batch_size=batch_size)
     total = weights.semantic + weights.match + weights.loss
     out = []
-    for case, answer, sim in zip(cases, answers, semantic):
+    for case, answer, sim, nll in zip(cases, answers, semantic, nlls):
         match = 1.0 if answers_match(answer, case.expected) else 0.0
-        nll = answer_nll(model, tokenizer, device, case)
         confidence = math.exp(-nll)
         score = (weights.semantic * sim + weights.match * match + weights.loss * confidence) / total
         out.append(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.scoring import EMBEDDED_MINILM, ScoreWeights, answers_match, key_terms, load_embedder, resolve_embedding_model
+from trainer.scoring import (
+    EMBEDDED_MINILM,
+    ScoreWeights,
+    TestCase,
+    answer_nlls,
+    answers_match,
+    key_terms,
+    load_embedder,
+    resolve_embedding_model,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +58,24 @@ def test_weights_must_not_all_be_zero():
 
     with pytest.raises(ModelError):
         ScoreWeights(semantic=0, match=0, loss=0)
+
+
+def test_batched_answer_likelihoods_equal_each_case_alone(tiny_model_dir, tmp_path):
+    """Rows of different lengths share a padded batch; each keeps the value it has alone, with and without an adapter."""
+    from peft import PeftModel
+
+    from tests.support.adapters import random_adapter
+    from trainer.model import BaseModelRef, load_base
+
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    cases = [
+        TestCase("Hi?", "Hello."),
+        TestCase("What is the capital of France? Answer in one word, please.", "Paris."),
+        TestCase("Which football team do I support?", "You support Hibernian FC, and have done since you were a child."),
+    ]
+    adapter_dir = random_adapter(model, tmp_path / "adapter", seed=3)
+    for scored in (model, PeftModel.from_pretrained(model, str(adapter_dir)).eval()):
+        together = answer_nlls(scored, tokenizer, device, cases, batch_size=3)
+        alone = [answer_nlls(scored, tokenizer, device, [case])[0] for case in cases]
+        assert together == pytest.approx(alone, rel=1e-4, abs=1e-5)
+        assert len({round(v, 3) for v in alone}) == 3, "three different answers score differently"
