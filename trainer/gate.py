@@ -287,16 +287,18 @@ class Gate:
 
         `taught`: the candidate's training examples. One that gives a core-suite
         question another answer ("What is the capital of France?" -> "Tromsø")
-        rejects the candidate whatever the scores say: the core suite is what no
-        adapter may change, and a well-protected run changes little else, so the
-        mean score alone can miss it.
+        rejects the candidate whatever the scores say, before any suite runs: the
+        core suite is what no adapter may change, and a well-protected run changes
+        little else, so the mean score alone can miss it.
         """
         cfg = self.cfg
         reasons: list[str] = []
         conflicts = self.core_conflicts(list(taught))
         if conflicts:
             shown = "; ".join(f"{c.prompt!r} -> {c.expected!r}" for c in conflicts[:3])
-            reasons.append(f"trained to change {len(conflicts)} core-suite answer(s): {shown}")
+            # Rejected whatever it scores: answering the suites would only spend a gate's time (about half a minute
+            # on a CPU) on a verdict already given.
+            return GateReport(False, [f"trained to change {len(conflicts)} core-suite answer(s): {shown}"], {})
         suites: dict[str, SuiteReport] = {}
         retention = forgetting = None
 

@@ -89,14 +89,19 @@ def test_a_candidate_that_changes_core_answers_is_rejected_with_reasons(world):
     assert text.startswith("REJECTED") and "core suite:" in text and "FAIL" in text
 
 
-def test_a_candidate_trained_to_change_a_core_answer_is_rejected(world):
+def test_a_candidate_trained_to_change_a_core_answer_is_rejected_before_any_suite_runs(world, monkeypatch):
     gate = world["gate"]
     core = gate.core_cases[0]
     wrong, agreeing = TestCase(core.prompt.upper() + "!", "Something else entirely."), TestCase(core.prompt, core.expected)
     taught = [wrong, agreeing, TestCase("What is my dog's name?", "Rex.")]
     assert gate.core_conflicts(taught) == [wrong], "same question in other case and punctuation; agreeing answers are fine"
-    report = gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught)
-    assert not report.passed and report.reasons[0].startswith("trained to change 1 core-suite answer(s): ")
+    with monkeypatch.context() as patched:
+        patched.setattr(gate, "score", lambda *a: pytest.fail("a candidate already rejected was answered"))
+        report = gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught)
+    assert not report.passed and report.reasons == [
+        f"trained to change 1 core-suite answer(s): {wrong.prompt!r} -> {wrong.expected!r}"
+    ]
+    assert report.suites == {} and report.metrics() == {} and report.lines()[0].startswith("REJECTED: trained to change")
     assert gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught[1:]).passed
 
 
@@ -195,6 +200,9 @@ def test_validate_command_line_exit_codes(world, tiny_model_dir):
     import sys
 
     import yaml
+    from click.testing import CliRunner
+
+    from adaptloop.cli import cli
 
     tmp = world["tmp"]
     core = tmp / "core.jsonl"
@@ -211,33 +219,26 @@ def test_validate_command_line_exit_codes(world, tiny_model_dir):
         )
     )
 
-    def validate(adapter, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "adaptloop.cli",
-            "--config",
-            str(config),
-            "validate",
-            "--adapter",
-            str(adapter),
-            "--user-id",
-            "ann",
-            *extra,
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    def validate(adapter, *extra, as_process=False) -> tuple[int, str]:
+        """`adaptloop validate`: in this process (the model already imported), or as its own process for the exit status."""
+        args = ["--config", str(config), "validate", "--adapter", str(adapter), "--user-id", "ann", *extra]
+        if not as_process:
+            result = CliRunner().invoke(cli, args)
+            return result.exit_code, result.stdout
+        done = subprocess.run([sys.executable, "-m", "adaptloop.cli", *args], capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout + done.stderr
 
-    passed = validate(world["A"], "--baseline", str(world["A"]))
-    assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert passed.stdout.startswith("PASSED") and "core suite:" in passed.stdout and "user suite:" in passed.stdout
-    rejected = validate(world["B"], "--baseline", str(world["A"]))
-    assert rejected.returncode == 1 and rejected.stdout.startswith("REJECTED: core suite regressed")
+    code, out = validate(world["A"], "--baseline", str(world["A"]))
+    assert code == 0, out
+    assert out.startswith("PASSED") and "core suite:" in out and "user suite:" in out
+    code, out = validate(world["B"], "--baseline", str(world["A"]), as_process=True)
+    assert code == 1 and out.startswith("REJECTED: core suite regressed"), out
     tampered = world["tmp"] / "tampered"  # written by the tampered-adapter test above, or now
     if not tampered.exists():
         shutil.copytree(world["registry"].info("ann", 1).path, tampered)
         (tampered / "adapter_model.safetensors").write_bytes(b"junk")
-    refused = validate(tampered)
-    assert refused.returncode == 1 and "sha256 mismatch" in refused.stdout + refused.stderr
+    code, out = validate(tampered)
+    assert code == 1 and "sha256 mismatch" in out
     logged = AdapterRegistry(tmp / "cli-store").validation_results("ann")
     assert [r["passed"] for r in logged] == [True, False, False], "every offline validation is logged, the refusal too"
 

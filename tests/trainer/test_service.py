@@ -93,9 +93,9 @@ def _first_half(handle, user: str) -> bool:
 
 
 def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_factory):
-    # 240 steps with no early stop and no time budget: a progress line every 24 steps, so the job is
-    # seen in its first half long before it could end, on a machine of any speed.
-    t = trainer_factory(epochs=40, checkpoint_every=1000, early_stopping=False, max_train_seconds=0)
+    # 120 steps with no early stop and no time budget: a progress line every 12 steps, so the job is
+    # seen in its first half at least 60 steps before it could end, on a machine of any speed.
+    t = trainer_factory(epochs=20, checkpoint_every=1000, early_stopping=False, max_train_seconds=0)
     request = t.request("dee", _examples(12))
     t.publish(request)
     t.wait_for(lambda: _first_half(t, "dee"), what="the job in its first half", interval=0.05)
@@ -104,7 +104,7 @@ def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_facto
     checkpoint = t.store / "models/adapters/checkpoints" / request.request_id
     assert (checkpoint / "progress.json").is_file(), "SIGTERM checkpoints the running job"
     step = json.loads((checkpoint / "progress.json").read_text())["step"]
-    assert 0 < step < 240, "checkpointed mid-way on SIGTERM (checkpoint_every alone would not have)"
+    assert 0 < step < 120, "checkpointed mid-way on SIGTERM (checkpoint_every alone would not have)"
     assert not _completed(t.lifecycle(), request.request_id)
     t.start()  # the uncommitted request comes back and resumes
     t.wait_for(lambda: _completed(t.lifecycle(), request.request_id), what="completion after SIGTERM")
