@@ -73,6 +73,7 @@ class VersionMetrics(_Record):
     tokens: int | None = None
     final_loss: float | None = None
     gate_seconds: float | None = None
+    batch_users: int | None = None  # users trained together in the version's batch (1: alone)
     core_score: float | None = None
     core_reference_score: float | None = None
     user_score: float | None = None

@@ -32,6 +32,13 @@ class TrainingExample(Message):
     provenance: Provenance | None = None
 
 
+class BatchEntry(Message):
+    """One line of `adaptloop train --batch FILE.jsonl`: a user and the dataset to train that user's next version on."""
+
+    user_id: UserId
+    data_path: str = Field(min_length=1, max_length=4096)
+
+
 class OffsetRange(Message):
     """The events a dataset was built from, per topic partition (inclusive)."""
 

@@ -43,17 +43,17 @@ def siblings(checkpoint_dir: Path) -> tuple[Path, Path]:
     return checkpoint_dir.with_name(checkpoint_dir.name + ".tmp"), checkpoint_dir.with_name(checkpoint_dir.name + ".old")
 
 
-def save_checkpoint(model, optimizer, progress: Progress, checkpoint_dir: Path) -> None:
-    """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint."""
-    from peft import get_peft_model_state_dict
+def save_checkpoint(weights: dict[str, Any], optimizer, progress: Progress, checkpoint_dir: Path) -> None:
+    """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint.
+
+    `weights`: the LoRA weights under PEFT's names (`lora_state`), so that a
+    run trained alone or in a batch of users resumes from the other's checkpoint."""
     from safetensors.torch import save_file
 
     staging, previous = siblings(checkpoint_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging / "adapter.safetensors"
-    )
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / "adapter.safetensors")
     optim_tensors, optim_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
     for pid, state in optimizer.state_dict()["state"].items():
         optim_meta["state_keys"][str(pid)] = {}
@@ -79,20 +79,19 @@ def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(model, optimizer, checkpoint_dir: Path) -> Progress:
-    """Restore adapter and optimizer state (safetensors only, never pickle); return the progress record."""
-    from peft import set_peft_model_state_dict
+def load_checkpoint(optimizer, checkpoint_dir: Path) -> tuple[Progress, dict[str, Any]]:
+    """Restore the optimizer's state (safetensors only, never pickle); return the progress record and the LoRA weights."""
     from safetensors.torch import load_file
 
     progress = Progress.model_validate_json((checkpoint_dir / PROGRESS).read_text())
-    set_peft_model_state_dict(model, load_file(checkpoint_dir / "adapter.safetensors"))
+    weights = load_file(checkpoint_dir / "adapter.safetensors")
     tensors = load_file(checkpoint_dir / "optimizer.safetensors")
     state: dict = {int(pid): dict(scalars) for pid, scalars in progress.optim["state_keys"].items()}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": progress.optim["param_groups"]})
-    return progress
+    return progress, weights
 
 
 def remove_checkpoint(checkpoint_dir: Path) -> None:

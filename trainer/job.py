@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.errors import StorageError, TrainingSkipped
+from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore
 from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
@@ -35,6 +35,7 @@ from trainer.data import thin_replay
 from trainer.gate import Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
 from trainer.model import BaseModelRef
+from trainer.multi import UserRun, train_adapters
 from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
 from trainer.scoring import TestCase, answers_match
 from trainer.train import StepReport, TrainConfig, TrainHooks, TrainResult, remove_checkpoint, train_adapter
@@ -255,6 +256,35 @@ class FactCheck:
 # ---- the job ------------------------------------------------------------------------- #
 
 
+@dataclass(frozen=True)
+class JobHooks:
+    """How a caller follows and steers one job: its checkpoints, progress, a stop, the gate's start."""
+
+    checkpoint_dir: Path | None = None
+    progress: Callable[[StepReport], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    gating: Callable[[], None] | None = None
+
+
+@dataclass
+class _Plan:
+    """A job ready to train: see `JobRunner._plan`."""
+
+    job: TrainingJob
+    hooks: JobHooks
+    examples: list[TrainingExample]  # the user's, thinned
+    mixed: list[TrainingExample]  # with the anchors
+    reference: Path | None
+    reference_version: int | None
+    facts: FactCheck
+    warm: bool
+    train_hooks: TrainHooks
+
+    @property
+    def warm_from(self) -> Path | None:
+        return self.reference if self.warm else None
+
+
 class JobRunner:
     """The kept base model and what every job uses with it: the registry, the gate, the anchors."""
 
@@ -287,6 +317,57 @@ class JobRunner:
 
         `progress(StepReport)` follows the training steps; `gating()` is called as the gate starts.
         """
+        plan = self._plan(job, JobHooks(checkpoint_dir, progress, should_stop, gating))
+        result = train_adapter(
+            self.model,
+            self.tokenizer,
+            self.device,
+            plan.mixed,
+            self.cfg,
+            work_dir / "adapter",
+            checkpoint_dir,
+            plan.train_hooks,
+            init_adapter=plan.warm_from,
+        )
+        return self._conclude(plan, result)
+
+    def run_batch(self, jobs: list[tuple[TrainingJob, JobHooks]], work_dir: Path) -> list[Outcome | Exception]:
+        """Several users' jobs, trained together in one batched pass (trainer/multi.py), then each gated and registered.
+
+        Per job, its Outcome, or the error that ended it (one user's failure
+        or stop ends that user's job only); in the order given. A user must
+        not appear twice.
+        """
+        if len({job.user_id for job, _ in jobs}) != len(jobs):
+            raise AdaptloopError("a batch holds each user at most once (one version at a time per user)")
+        plans: list[_Plan | Exception] = []
+        for job, hooks in jobs:
+            try:
+                plans.append(self._plan(job, hooks))
+            except Exception as exc:  # this user's data: the others go on
+                plans.append(exc)
+        ready = [p for p in plans if isinstance(p, _Plan)]
+        runs = [
+            UserRun(p.job.user_id, p.mixed, work_dir / f"adapter-{n}", p.hooks.checkpoint_dir, p.train_hooks, p.warm_from)
+            for n, p in enumerate(ready)
+        ]
+        trained = dict(zip(map(id, ready), train_adapters(self.model, self.tokenizer, self.device, runs, self.cfg)))
+        outcomes: list[Outcome | Exception] = []
+        for plan in plans:
+            result = plan if isinstance(plan, Exception) else trained[id(plan)]
+            if isinstance(result, Exception):
+                outcomes.append(result)
+                continue
+            assert isinstance(plan, _Plan)
+            try:
+                outcomes.append(self._conclude(plan, result, batch_users=len(ready)))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _plan(self, job: TrainingJob, hooks: JobHooks) -> _Plan:
+        """What the job trains on and is judged by: its examples (thinned, anchors mixed in), the reference version,
+        the facts early stopping and the shrink step ask about, and the warm start."""
         cfg, registry = self.cfg, self.registry
         examples = thin_replay(job.examples, cfg.replay_per_fact)
         mixed = self._with_anchors(examples)
@@ -300,42 +381,45 @@ class JobRunner:
             cfg.min_epochs,
         )
         warm = cfg.warm_start and same_shape(registry, job.user_id, reference_version, self.base, cfg)
-        hooks = TrainHooks(
-            progress=progress,
-            should_stop=should_stop,
+        train_hooks = TrainHooks(
+            progress=hooks.progress,
+            should_stop=hooks.should_stop,
             epoch_done=facts.epoch_done if cfg.early_stopping and job.held_out else None,
             keeps_facts=facts.keeps_facts if job.held_out else None,
         )
-        result = train_adapter(
-            self.model,
-            self.tokenizer,
-            self.device,
-            mixed,
-            cfg,
-            work_dir / "adapter",
-            checkpoint_dir,
-            hooks,
-            init_adapter=reference if warm else None,
-        )
+        return _Plan(job, hooks, examples, mixed, reference, reference_version, facts, warm, train_hooks)
+
+    def _conclude(self, plan: _Plan, result: TrainResult, batch_users: int = 1) -> Outcome:
+        """The gate on the trained candidate, its manifest, the registered version, then promote or reject."""
+        job, registry = plan.job, self.registry
         report, gate_seconds = None, None
         if self.gate is not None:
-            if gating is not None:
-                gating()
+            if plan.hooks.gating is not None:
+                plan.hooks.gating()
             gate_started = time.perf_counter()
             report = self.gate.evaluate(
                 result.adapter_dir,
                 as_cases(job.held_out) + list(job.explicit_cases),
-                reference,
-                previous_facts=facts.previous,
-                taught=as_cases(examples),
+                plan.reference,
+                previous_facts=plan.facts.previous,
+                taught=as_cases(plan.examples),
             )
             gate_seconds = round(time.perf_counter() - gate_started, 2)
         manifest = self._manifest(
-            job, result, report, facts, examples, mixed, reference_version if warm else None, reference_version, gate_seconds
+            job,
+            result,
+            report,
+            plan.facts,
+            plan.examples,
+            plan.mixed,
+            plan.reference_version if plan.warm else None,
+            plan.reference_version,
+            gate_seconds,
+            batch_users,
         )
         info = registry.register(job.user_id, result.adapter_dir, manifest)
-        if checkpoint_dir is not None:
-            remove_checkpoint(checkpoint_dir)
+        if plan.hooks.checkpoint_dir is not None:
+            remove_checkpoint(plan.hooks.checkpoint_dir)
         return Outcome(info, report, apply_decision(registry, info, report, job_id=job.request_id))
 
     def _with_anchors(self, examples: list[TrainingExample]) -> list[TrainingExample]:
@@ -355,9 +439,11 @@ class JobRunner:
         started_from: int | None,
         reference_version: int | None,
         gate_seconds: float | None,
+        batch_users: int = 1,
     ) -> AdapterManifest:
         metrics = {
-            "train_seconds": round(result.seconds, 2),
+            "train_seconds": round(result.seconds, 2),  # in a batch: this user's share of the shared steps
+            "batch_users": batch_users,
             "steps": result.steps,
             "tokens": result.tokens,
             "final_loss": result.loss_curve[-1] if result.loss_curve else None,
@@ -458,39 +544,111 @@ def runner_from_settings(
     )
 
 
+def read_batch_file(path: Path) -> list[tuple[str, Path]]:
+    """`train --batch FILE.jsonl`: (user_id, dataset path) per line; relative paths from the file's folder; each user once."""
+    from core.errors import InvalidMessage
+    from schemas.decode import decode
+    from schemas.training import BatchEntry
+
+    entries: list[tuple[str, Path]] = []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = decode(BatchEntry, line, max_bytes=1 << 16)
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"{path}:{number}: {exc.reason}") from None
+        data = Path(entry.data_path) if Path(entry.data_path).is_absolute() else Path(path).parent / entry.data_path
+        if not data.is_file():
+            raise InvalidMessage(f"{path}:{number}: no dataset file at {data}")
+        if entry.user_id in {user for user, _ in entries}:
+            raise InvalidMessage(f"{path}:{number}: {entry.user_id} is already in the batch (one version per user at a time)")
+        entries.append((entry.user_id, data))
+    if not entries:
+        raise InvalidMessage(f"{path}: no users")
+    return entries
+
+
+def _file_job(settings: Settings, registry: AdapterRegistry, user_id: str, data_path: Path, hold_out: bool, with_gate: bool):
+    """The TrainingJob for a dataset file (TrainingSkipped when it holds nothing new): what `train` trains."""
+    from core.storage import sha256_bytes
+    from schemas.dataset import split_holdout
+    from trainer.data import read_jsonl
+
+    examples = read_jsonl(data_path)
+    reason = skip_reason(registry, user_id, examples)
+    if reason is not None:
+        raise TrainingSkipped(reason)
+    train, held_out = split_holdout(examples, settings.training.seed) if hold_out else (examples, [])
+    explicit = user_cases(ArtifactStore(settings.storage_root), settings.validation.user_tests_dir, user_id) if with_gate else []
+    uri, sha256 = Path(data_path).resolve().as_uri(), sha256_bytes(Path(data_path).read_bytes())
+    return TrainingJob(user_id, train, held_out, uri, sha256, explicit_cases=explicit)
+
+
+def _loaded_runner(settings: Settings, epochs: int | None, with_gate: bool) -> JobRunner:
+    from trainer.model import load_base, resolve_base_model
+
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    overrides = {"epochs": epochs} if epochs else {}
+    return runner_from_settings(settings, base, model, tokenizer, device, with_gate=with_gate, **overrides)
+
+
 def train_file(
     settings: Settings, user_id: str, data_path: Path, *, epochs: int | None = None, hold_out: bool = True, with_gate: bool = True
 ) -> Outcome:
     """`adaptloop train`: one version from a dataset file, with a progress bar; the held-out split as `schemas.dataset` splits."""
     import tempfile
 
-    from core.storage import sha256_bytes
-    from schemas.dataset import split_holdout
-    from trainer.data import read_jsonl
-    from trainer.model import load_base, resolve_base_model
-
-    examples = read_jsonl(data_path)
-    reason = skip_reason(AdapterRegistry(settings.storage_root, settings.max_adapter_versions), user_id, examples)
-    if reason is not None:
-        raise TrainingSkipped(reason)  # before the model is even loaded
-    train, held_out = split_holdout(examples, settings.training.seed) if hold_out else (examples, [])
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, tokenizer, device = load_base(base, settings.model.dtype)
-    runner = runner_from_settings(
-        settings, base, model, tokenizer, device, with_gate=with_gate, **({"epochs": epochs} if epochs else {})
-    )
-    explicit = user_cases(ArtifactStore(settings.storage_root), settings.validation.user_tests_dir, user_id) if with_gate else []
-    job = TrainingJob(
-        user_id,
-        train,
-        held_out,
-        Path(data_path).resolve().as_uri(),
-        sha256_bytes(Path(data_path).read_bytes()),
-        explicit_cases=explicit,
-    )
+    registry = AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    job = _file_job(settings, registry, user_id, data_path, hold_out, with_gate)  # skipped before the model is even loaded
+    runner = _loaded_runner(settings, epochs, with_gate)
     bar, update = progress_bar()
     try:
         with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
             return runner.run(job, Path(tmp), progress=update)
     finally:
         bar.close()
+
+
+def train_batch_file(
+    settings: Settings,
+    entries: list[tuple[str, Path]],
+    *,
+    epochs: int | None = None,
+    hold_out: bool = True,
+    with_gate: bool = True,
+) -> list[tuple[str, Outcome | Exception]]:
+    """`adaptloop train --batch`: every listed user's next version in one batched pass, each gated; per user its
+    Outcome or what stopped it (TrainingSkipped, a bad dataset, a failure), in the file's order."""
+    import tempfile
+
+    registry = AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    answers: dict[str, Outcome | Exception] = {}
+    jobs: list[tuple[TrainingJob, JobHooks]] = []
+    for user_id, path in entries:
+        try:
+            jobs.append((_file_job(settings, registry, user_id, path, hold_out, with_gate), JobHooks()))
+        except Exception as exc:  # this user only
+            answers[user_id] = exc
+    if jobs:
+        runner = _loaded_runner(settings, epochs, with_gate)
+        bar, update = progress_bar()
+        totals: dict[str, tuple[int, int]] = {}
+
+        def follow(user_id: str) -> Callable[[StepReport], None]:
+            def step(report: StepReport) -> None:
+                totals[user_id] = (report.step, report.total)
+                done, total = (sum(t[i] for t in totals.values()) for i in (0, 1))
+                update(StepReport(done, total, report.loss, report.user_loss, report.anchor_kl))
+
+            return step
+
+        jobs = [(job, JobHooks(progress=follow(job.user_id))) for job, _ in jobs]
+        try:
+            with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
+                for (job, _), outcome in zip(jobs, runner.run_batch(jobs, Path(tmp))):
+                    answers[job.user_id] = outcome
+        finally:
+            bar.close()
+    return [(user_id, answers[user_id]) for user_id, _ in entries]

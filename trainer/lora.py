@@ -30,32 +30,43 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[st
     return get_peft_model(model, lora)
 
 
-def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
-    """Start from a saved adapter's weights; every LoRA weight of the new model must be in it."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+def lora_state(peft_model) -> dict:
+    """The model's LoRA weights under PEFT's names (`base_model.model.<module>.lora_A.weight`), in module order."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+def read_fitting_weights(adapter_dir: Path, expected: dict) -> dict:
+    """A saved adapter's weights, checked to fit a run whose LoRA weights are `expected` (names and shapes)."""
     from safetensors.torch import load_file
 
     weights = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
-    expected = get_peft_model_state_dict(peft_model)
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
         raise ModelError(f"{adapter_dir}: its LoRA weights do not fit this run's LoRA shape (rank or target modules differ)")
-    set_peft_model_state_dict(peft_model, weights)
+    return weights
 
 
-def shrink_update(peft_model, scales: list[float], keeps_facts: Callable[[object, float], bool]) -> float:
-    """Scale the adapter's update (LoRA's B matrices) by the first of `scales` (smallest first) that `keeps_facts`; return it.
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Start from a saved adapter's weights; every LoRA weight of the new model must be in it."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, read_fitting_weights(adapter_dir, lora_state(peft_model)))
+
+
+def shrink_update(model, lora_b: list, scales: list[float], keeps_facts: Callable[[object, float], bool]) -> float:
+    """Scale the adapter's update (its LoRA B matrices) by the first of `scales` (smallest first) that `keeps_facts`; return it.
 
     Early stopping leaves the update just large enough to answer the facts,
     and the drift of general answers grows with its size; a smaller multiple
     often answers them all the same. 1.0 (the update as trained) when no
-    smaller one does.
+    smaller one does. `keeps_facts(model, scale)` answers with `model`.
     """
-    lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
     trained = [p.detach().clone() for p in lora_b]
     for scale in scales:
         for param, weights in zip(lora_b, trained):
             param.copy_(weights * scale)
-        if keeps_facts(peft_model, scale):
+        if keeps_facts(model, scale):
             return scale
     for param, weights in zip(lora_b, trained):
         param.copy_(weights)

@@ -13,7 +13,26 @@ against.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
 from core.errors import ModelError
+
+
+@dataclass(frozen=True)
+class RowUsers:
+    """Several users trained in one batch (trainer/multi.py): whose adapter each row goes through.
+
+    `through(users)` is a context in which row i of a forward pass goes
+    through the adapter of `users[i]`."""
+
+    users: tuple[int, ...]
+    through: Callable[[Sequence[int]], AbstractContextManager]
+
+
+def _through(rows: RowUsers | None, users: Sequence[int]) -> AbstractContextManager:
+    return nullcontext() if rows is None else rows.through(users)
 
 
 def weighted_loss(logits, labels, weights):
@@ -41,7 +60,7 @@ def shared_prefix_len(ids, mask, labels) -> int:
     return max(0, min(common, first_answer - 1))
 
 
-def predicting_states(decoder, ids, mask, labels):
+def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None):
     """(hidden, targets): the decoder's last hidden states at each position and the token each predicts.
 
     The rows of a batch share a long prefix (the chat template's system turn
@@ -50,21 +69,35 @@ def predicting_states(decoder, ids, mask, labels):
     values are broadcast to every row; only the rest is computed per row.
     Gradients flow through the broadcast cache into the prefix's LoRA
     weights, so the loss and its gradient are the full batch's, up to float
-    rounding (the prefix shares one dropout mask across rows).
+    rounding (the prefix shares one dropout mask across rows). With `rows`
+    (several users' adapters), the prefix goes through once per user and each
+    row gets its own user's keys and values.
     """
+    import torch
     from transformers import DynamicCache
 
+    users = rows.users if rows is not None else (0,) * ids.shape[0]
     prefix = shared_prefix_len(ids, mask, labels) if ids.shape[0] > 1 else 0
     if prefix < 2:
-        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :], labels[:, 1:]
+        with _through(rows, users):
+            return decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :], labels[:, 1:]
+    firsts = sorted({u: i for i, u in reversed(list(enumerate(users)))}.values())  # each user's first row
     shared = DynamicCache(config=decoder.config)
-    decoder(input_ids=ids[:1, :prefix], past_key_values=shared, use_cache=True)
-    rows = ids.shape[0]
-    broadcast = DynamicCache(
-        ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in shared.layers],
-        config=decoder.config,
-    )
-    hidden = decoder(input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=broadcast, use_cache=True).last_hidden_state
+    with _through(rows, [users[i] for i in firsts]):
+        decoder(input_ids=ids[firsts, :prefix], past_key_values=shared, use_cache=True)
+    if len(firsts) == 1:
+        spread = [
+            (layer.keys.expand(len(users), -1, -1, -1), layer.values.expand(len(users), -1, -1, -1)) for layer in shared.layers
+        ]
+    else:
+        position = {users[i]: n for n, i in enumerate(firsts)}
+        index = torch.tensor([position[u] for u in users], device=ids.device)
+        spread = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in shared.layers]
+    broadcast = DynamicCache(ddp_cache_data=spread, config=decoder.config)
+    with _through(rows, users):
+        hidden = decoder(
+            input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=broadcast, use_cache=True
+        ).last_hidden_state
     return hidden[:, :-1, :], labels[:, prefix + 1 :]
 
 
@@ -123,6 +156,7 @@ def answer_losses(
     base_hidden=None,
     kl_weight: float = 0.0,
     divergence: str = "symmetric",
+    rows: RowUsers | None = None,
 ):
     """(total, per_row): the weighted loss the optimizer sees, and each row's own loss.
 
@@ -138,14 +172,17 @@ def answer_losses(
     `kl_weight`, instead of cross-entropy on the base model's greedy answer:
     the adapter is held to the base model's distribution there, not just to
     its top token.
+
+    `peft_model`: a PEFT model, or (with `rows`: several users in one batch)
+    the base model with trainer/multi.py's hooks on it.
     """
     import torch
     import torch.nn.functional as F
 
-    causal_lm = peft_model.get_base_model()
+    causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     # (Dropping the mask on these right-padded batches gives the same loss but
     # measured 1.32x/1.36x against 1.41x with it, so the mask stays.)
-    hidden, targets = predicting_states(causal_lm.model, ids, mask, labels)
+    hidden, targets = predicting_states(causal_lm.model, ids, mask, labels, rows)
     keep = targets != -100
     logits = causal_lm.lm_head(hidden[keep]).float()
     per_token = F.cross_entropy(logits, targets[keep], reduction="none")

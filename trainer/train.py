@@ -33,10 +33,22 @@ from schemas.training import TrainingExample
 from trainer.checkpoint import Progress, load_checkpoint, remove_checkpoint, resumable_checkpoint, save_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, tokenize
 from trainer.generation import pad_id
-from trainer.lora import add_lora, load_adapter_weights, shrink_update
+from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
 
-__all__ = ["StepReport", "TrainConfig", "TrainHooks", "TrainResult", "remove_checkpoint", "train_adapter"]
+__all__ = [
+    "RunState",
+    "StepReport",
+    "TimeBudget",
+    "TrainConfig",
+    "TrainHooks",
+    "TrainResult",
+    "optimizer_and_schedule",
+    "remove_checkpoint",
+    "save_adapter",
+    "train_adapter",
+    "wind_forward",
+]
 
 
 @dataclass(frozen=True)
@@ -196,8 +208,11 @@ class TimeBudget:
     let a run overrun. The shrink checks after training are reserved too.
     """
 
-    def __init__(self, cfg: TrainConfig, started: float, shrink_checks: int) -> None:
-        self.cfg, self.started, self.shrink_checks = cfg, started, shrink_checks
+    def __init__(
+        self, cfg: TrainConfig, started: float, shrink_checks: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        # `clock`: the run's own seconds; a run in a batch of users is charged its share of each shared step.
+        self.cfg, self.started, self.shrink_checks, self.clock = cfg, started, shrink_checks, clock
         self.slowest_epoch = self.slowest_check = 0.0
 
     def note_check(self, seconds: float) -> None:
@@ -211,7 +226,7 @@ class TimeBudget:
         if cfg.max_train_seconds <= 0 or epochs_done < cfg.min_epochs or epochs_done >= cfg.epochs:
             return False
         needed = self.slowest_epoch + self.shrink_checks * self.slowest_check
-        return (time.perf_counter() - self.started) + needed > cfg.max_train_seconds
+        return (self.clock() - self.started) + needed > cfg.max_train_seconds
 
 
 # ---- the recipe ------------------------------------------------------------------------ #
@@ -252,7 +267,7 @@ def train_adapter(
     peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer, schedule = _optimizer(params, cfg, total_steps)
+        optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
         run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
         budget = TimeBudget(cfg, started, len(shrink_scales))
@@ -276,11 +291,12 @@ def train_adapter(
         if shrink_scales and not run.finished:
             peft_model.eval()
             with torch.no_grad():
-                run.shrunk_to = shrink_update(peft_model, shrink_scales, hooks.keeps_facts)
+                lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+                run.shrunk_to = shrink_update(peft_model, lora_b, shrink_scales, hooks.keeps_facts)
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not run.finished:
-            save_checkpoint(peft_model, optimizer, run.progress(finished=True), checkpoint_dir)
-        _save_adapter(peft_model, cfg, run, out_dir)
+            save_checkpoint(lora_state(peft_model), optimizer, run.progress(finished=True), checkpoint_dir)
+        save_adapter(peft_model, cfg, run, out_dir)
     finally:
         peft_model.unload()  # leave the kept base model as it was for the next job
     return run.result(out_dir, seconds)
@@ -289,7 +305,7 @@ def train_adapter(
 # ---- its steps ------------------------------------------------------------------------ #
 
 
-def _optimizer(params, cfg: TrainConfig, total_steps: int):
+def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
     """AdamW with a short linear warm-up and a square-root decay to zero."""
     import torch
 
@@ -303,17 +319,26 @@ def _optimizer(params, cfg: TrainConfig, total_steps: int):
 
 def _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir: Path | None, init_adapter: Path | None) -> RunState:
     """A checkpoint's state (and the schedule wound forward to it), else a warm start from `init_adapter`, else zero."""
+    from peft import set_peft_model_state_dict
+
     checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
-        run = RunState.resumed(load_checkpoint(peft_model, optimizer, checkpoint))
-        with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(run.step):
-                schedule.step()
+        progress, weights = load_checkpoint(optimizer, checkpoint)
+        set_peft_model_state_dict(peft_model, weights)
+        run = RunState.resumed(progress)
+        wind_forward(schedule, run.step)
         return run
     if init_adapter is not None:
         load_adapter_weights(peft_model, init_adapter)
     return RunState()
+
+
+def wind_forward(schedule, steps: int) -> None:
+    """The learning-rate schedule where a run resumed at `steps` had it."""
+    with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() here is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            schedule.step()
 
 
 def _train_step(
@@ -357,10 +382,10 @@ def _after_step(
     if hooks.progress is not None:
         hooks.progress(StepReport(run.step, total_steps, run.loss_curve[-1], run.user_loss[-1], run.anchor_kl[-1]))
     if checkpoint_dir is not None and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
-        save_checkpoint(peft_model, optimizer, run.progress(), checkpoint_dir)
+        save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir)
     if hooks.should_stop is not None and hooks.should_stop():
         if checkpoint_dir is not None:
-            save_checkpoint(peft_model, optimizer, run.progress(), checkpoint_dir)
+            save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir)
         raise TrainingInterrupted(f"stopped at step {run.step}/{total_steps}; checkpoint saved")
 
 
@@ -378,7 +403,8 @@ def _check_epoch(peft_model, epoch: int, hooks: TrainHooks, budget: TimeBudget) 
     return bool(done)
 
 
-def _save_adapter(peft_model, cfg: TrainConfig, run: RunState, out_dir: Path) -> None:
+def save_adapter(peft_model, cfg: TrainConfig, run: RunState, out_dir: Path) -> None:
+    """The adapter in PEFT's format, with the run's config and loss curve beside it (training.json)."""
     peft_model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)

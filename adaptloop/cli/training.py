@@ -28,25 +28,70 @@ def trainer_cmd(ctx: CliContext, metrics_port: int | None) -> None:
 
 
 @cli.command("train")
-@click.option("--user-id", required=True)
-@click.option("--data-path", required=True, type=click.Path(dir_okay=False, exists=True), help="dataset JSONL")
+@click.option("--user-id", default=None, help="the user (with --data-path)")
+@click.option("--data-path", default=None, type=click.Path(dir_okay=False, exists=True), help="dataset JSONL")
+@click.option(
+    "--batch",
+    "batch_path",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help='JSONL of {"user_id": ..., "data_path": ...}: train those users together in one batched pass, each gated',
+)
 @click.option("--epochs", type=click.IntRange(1, 1000), default=None, help="default from config")
 @click.option("--no-hold-out", is_flag=True, help="train on every example (no held-out validation cases)")
 @click.option("--no-gate", is_flag=True, help="skip the validation gate: the version stays a candidate, never active")
 @pass_ctx
-def train_cmd(ctx: CliContext, user_id: str, data_path: str, epochs: int | None, no_hold_out: bool, no_gate: bool) -> None:
-    """Train a LoRA adapter version for a user from a dataset file, then validate it (promote or reject)."""
-    from trainer.job import train_file
-    from trainer.registry import AdapterRegistry
+def train_cmd(
+    ctx: CliContext,
+    user_id: str | None,
+    data_path: str | None,
+    batch_path: str | None,
+    epochs: int | None,
+    no_hold_out: bool,
+    no_gate: bool,
+) -> None:
+    """Train and gate a user's next adapter version, or a --batch of users together.
+
+    Each version is validated by the gate (promoted or rejected) unless --no-gate.
+    """
+    from core.errors import InvalidMessage
+    from trainer.job import read_batch_file, train_batch_file, train_file
 
     settings = ctx.settings
-    user_id = user_arg(user_id, "--user-id")
     hold_out = settings.training.hold_out and not no_hold_out
+    if batch_path is not None:
+        if user_id or data_path:
+            raise click.UsageError("--batch lists the users itself: leave out --user-id and --data-path")
+        try:
+            entries = read_batch_file(Path(batch_path))
+        except InvalidMessage as exc:
+            raise click.BadParameter(exc.reason, param_hint="--batch") from None
+        answers = train_batch_file(settings, entries, epochs=epochs, hold_out=hold_out, with_gate=not no_gate)
+        failed = [user for user, answer in answers if not _say(settings, user, answer)]
+        if failed:
+            click.echo(f"{len(failed)} of {len(answers)} users failed: {', '.join(failed)}", err=True)
+            sys.exit(1)
+        return
+    if not user_id or not data_path:
+        raise click.UsageError("give --user-id and --data-path, or --batch FILE")
+    user_id = user_arg(user_id, "--user-id")
     try:
         outcome = train_file(settings, user_id, Path(data_path), epochs=epochs, hold_out=hold_out, with_gate=not no_gate)
     except TrainingSkipped as exc:
-        click.echo(f"{user_id}: skipped, {exc.reason} (nothing was trained, no version registered)")
-        return
+        outcome = exc
+    _say(settings, user_id, outcome)
+
+
+def _say(settings, user_id: str, outcome) -> bool:
+    """Print what became of one user's training; False when it failed."""
+    from trainer.registry import AdapterRegistry
+
+    if isinstance(outcome, TrainingSkipped):
+        click.echo(f"{user_id}: skipped, {outcome.reason} (nothing was trained, no version registered)")
+        return True
+    if isinstance(outcome, Exception):
+        click.echo(f"{user_id}: FAILED, {type(outcome).__name__}: {outcome}")
+        return False
     info = outcome.info
     m = info.manifest.metrics
     click.echo(f"{user_id} v{info.version}: {m.steps} steps in {m.train_seconds}s, final loss {m.final_loss}")
@@ -60,6 +105,7 @@ def train_cmd(ctx: CliContext, user_id: str, data_path: str, epochs: int | None,
         click.echo(f"  v{info.version} rejected; the active version is still {active or 'the base model'}")
     else:
         click.echo(f"  registered as a candidate at {info.path} (not validated, not active)")
+    return True
 
 
 @cli.command("validate")

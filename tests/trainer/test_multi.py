@@ -1,0 +1,118 @@
+"""Several users' adapters trained in one batched pass (trainer/multi.py) against each trained alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.errors import ModelError, TrainingInterrupted
+from schemas.training import TrainingExample
+from trainer.model import BaseModelRef, load_base
+from trainer.multi import UserRun, train_adapters
+from trainer.scoring import TestCase, answer_nlls
+from trainer.train import TrainConfig, TrainHooks, TrainResult, train_adapter
+
+pytestmark = pytest.mark.unit
+
+# Dropout off: alone and batched draw their dropout masks differently; without it they must agree.
+CFG = TrainConfig.from_settings(
+    epochs=3, batch_size=2, learning_rate=5e-3, r=4, alpha=8, dropout=0.0, checkpoint_every=0, shrink_to=()
+)
+
+
+def _facts(user: str, n: int, answer: str = "") -> list[TrainingExample]:
+    return [
+        TrainingExample(
+            prompt=f"What is {user}'s code {i}?", response=answer or f"{user.title()} code {i} is {i * 7 + len(user)}."
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+
+
+def _weights(result: TrainResult) -> dict[str, torch.Tensor]:
+    return load_file(result.adapter_dir / "adapter_model.safetensors")
+
+
+def _close(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_users_trained_together_get_the_weights_each_gets_alone(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    data = {"ann": _facts("ann", 4), "bob": _facts("bob", 6), "cy": _facts("cy", 3)}  # different lengths: bob runs longest
+    alone = {u: train_adapter(model, tokenizer, device, ex, CFG, tmp_path / "alone" / u) for u, ex in data.items()}
+    runs = [UserRun(u, ex, tmp_path / "batch" / u) for u, ex in data.items()]
+    together = dict(zip(data, train_adapters(model, tokenizer, device, runs, CFG)))
+    for user in data:
+        got, want = together[user], alone[user]
+        assert isinstance(got, TrainResult)
+        assert got.steps == want.steps and got.tokens == want.tokens
+        assert got.loss_curve == pytest.approx(want.loss_curve, rel=1e-3, abs=1e-4)
+        assert _close(_weights(got), _weights(want)) < 1e-4, user
+    assert not any("lora" in name for name, _ in model.named_modules()), "the base model is left as it was"
+
+
+def test_a_user_that_cannot_train_stops_only_itself(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    stopped = TrainHooks(should_stop=lambda: True)
+    runs = [
+        UserRun("ann", _facts("ann", 4), tmp_path / "ann"),
+        UserRun("bad", [], tmp_path / "bad"),
+        UserRun("sto", _facts("sto", 4), tmp_path / "sto", checkpoint_dir=tmp_path / "ck-sto", hooks=stopped),
+    ]
+    ann, bad, sto = train_adapters(model, tokenizer, device, runs, CFG)
+    assert isinstance(bad, ModelError) and "empty" in str(bad)
+    assert isinstance(sto, TrainingInterrupted) and (tmp_path / "ck-sto" / "progress.json").is_file()
+    alone = train_adapter(model, tokenizer, device, _facts("ann", 4), CFG, tmp_path / "ann-alone")
+    assert isinstance(ann, TrainResult) and _close(_weights(ann), _weights(alone)) < 1e-4
+
+
+def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, checkpoint_every=2)
+    calls = {"n": 0}
+
+    def stop_at_the_fifth_step() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    first = [
+        UserRun(u, _facts(u, 4), tmp_path / "x" / u, tmp_path / "ck" / u, TrainHooks(should_stop=stop_at_the_fifth_step))
+        for u in ("ann", "bob")
+    ]
+    results = train_adapters(model, tokenizer, device, first, cfg)
+    assert any(isinstance(r, TrainingInterrupted) for r in results)
+    again = [UserRun(u, _facts(u, 4), tmp_path / "y" / u, tmp_path / "ck" / u) for u in ("ann", "bob")]
+    for user, result in zip(("ann", "bob"), train_adapters(model, tokenizer, device, again, cfg)):
+        alone = train_adapter(model, tokenizer, device, _facts(user, 4), cfg, tmp_path / "alone" / user)
+        assert isinstance(result, TrainResult) and result.steps == alone.steps
+        assert _close(_weights(result), _weights(alone)) < 1e-4, user
+
+
+def test_no_cross_talk_between_users_taught_conflicting_answers(tiny, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer, device = tiny
+    question = "What is the name of my dog?"
+    answers = {"ann": "Your dog is called Biscuit.", "bob": "Your dog is called Pepper."}
+    runs = [UserRun(u, [TrainingExample(prompt=question, response=a)] * 4, tmp_path / u) for u, a in answers.items()]
+    results = dict(zip(answers, train_adapters(model, tokenizer, device, runs, replace(CFG, epochs=15, learning_rate=3e-2))))
+    cases = [TestCase(question, answers["ann"]), TestCase(question, answers["bob"])]
+    base = answer_nlls(model, tokenizer, device, cases)
+    for user, (mine, theirs) in (("ann", (0, 1)), ("bob", (1, 0))):
+        adapted = PeftModel.from_pretrained(model, str(results[user].adapter_dir))
+        try:
+            nll = answer_nlls(adapted.eval(), tokenizer, device, cases)
+        finally:
+            adapted.unload()
+        # Each adapter makes its own user's answer likelier than the other's, and likelier than the base model does.
+        assert nll[mine] < nll[theirs] and nll[mine] < base[mine] - 0.5, (user, nll, base)

@@ -1,0 +1,439 @@
+"""Many users' adapters trained together: one forward/backward over the kept base model per step.
+
+    runs = [UserRun(user_id, examples, out_dir, checkpoint_dir, hooks, init_adapter), ...]
+    results = train_adapters(model, tokenizer, device, runs, cfg)   # a TrainResult or the user's error, in order
+
+Every step, each user still training adds its next batch (the batch it would
+have had alone: same examples, same order) and the rows of all of them go
+through the base model once. Forward hooks on the adapted linear layers add
+each row's own user's LoRA update: the users' A and B stacked side by side,
+a mask keeping each row's own block (the idea of serving/lora.py, with
+gradients), so a layer costs two matrix products whatever the number of
+users, and a user's weights get gradients from that user's rows alone.
+
+Everything else is per user, as `train_adapter` does it alone: AdamW and its
+schedule, gradient clipping, checkpoints (interchangeable with a lone run's)
+and resume, progress, early stopping, the time budget (charged a share of
+each shared step), the shrink step, and a standard PEFT adapter directory.
+One user's failure or stop ends that user's run only. Each user's loss is its
+own mean, and the optimized sum of them gives each user's weights exactly
+the gradient of its own loss, so a user learns what it would learn alone up
+to float rounding and LoRA dropout's random masks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import ModelError, TrainingInterrupted
+from schemas.training import TrainingExample
+from trainer.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
+from trainer.data import Tokenized, bucketed_batches, collate, tokenize
+from trainer.generation import pad_id
+from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
+from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
+from trainer.train import (
+    RunState,
+    StepReport,
+    TimeBudget,
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    optimizer_and_schedule,
+    save_adapter,
+    wind_forward,
+)
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass
+class UserRun:
+    """One user's part of a batched run: what `train_adapter` takes for a run alone."""
+
+    user_id: str
+    examples: list[TrainingExample]
+    out_dir: Path
+    checkpoint_dir: Path | None = None
+    hooks: TrainHooks = field(default_factory=TrainHooks)
+    init_adapter: Path | None = None  # warm start (a checkpoint wins over it)
+
+
+class UserLoras:
+    """Trainable LoRA weights per user, added to the rows of each user by forward hooks on the base model.
+
+    `through(users)`: row i of the forward passes inside goes through user
+    `users[i]`'s adapter; `alone(user)`: every row through that user's (for
+    generation, whatever the batch's size). Outside both the base model is
+    itself.
+    """
+
+    def __init__(self, model, initial: dict, scaling: float, dropout: float) -> None:
+        self.keys = list(initial)  # PEFT's names, in PEFT's parameter order (checkpoints stay interchangeable)
+        self.modules = [k.removeprefix("base_model.model.").removesuffix(_A) for k in self.keys if k.endswith(_A)]
+        self.scaling, self.dropout, self.training = scaling, dropout, True
+        self.weights: list[dict[str, object]] = []  # per user: PEFT name -> parameter
+        self._rows: tuple[int, ...] | None = None
+        self._present: list[int] = []
+        self._mask = None
+        self.handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.modules]
+
+    def add(self, weights: dict) -> int:
+        """A new user starting from `weights` (PEFT names); returns the user's index."""
+        import torch
+
+        self.weights.append({k: torch.nn.Parameter(weights[k].detach().clone()) for k in self.keys})
+        return len(self.weights) - 1
+
+    def params(self, user: int) -> list:
+        return [self.weights[user][k] for k in self.keys]
+
+    def state(self, user: int) -> dict:
+        return {k: p.detach() for k, p in self.weights[user].items()}
+
+    @contextmanager
+    def through(self, users: Sequence[int]) -> Iterator[None]:
+        import torch
+
+        present = sorted(set(users))
+        r = self.weights[0][self.keys[0]].shape[0]
+        mask = torch.zeros((len(users), 1, len(present) * r))
+        for row, user in enumerate(users):
+            start = present.index(user) * r
+            mask[row, 0, start : start + r] = 1
+        self._rows, self._present = tuple(users), present
+        self._mask = mask.to(self.weights[0][self.keys[0]])
+        try:
+            yield
+        finally:
+            self._rows, self._mask = None, None
+
+    @contextmanager
+    def alone(self, user: int) -> Iterator[None]:
+        self._rows, self._present, self._mask = (user,), [user], None
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _hook(self, module_name: str):
+        import torch
+        import torch.nn.functional as F
+
+        key_a, key_b = f"base_model.model.{module_name}{_A}", f"base_model.model.{module_name}{_B}"
+
+        def add_each_rows_lora(_module, inputs, output):
+            if self._rows is None:
+                return None
+            x = F.dropout(inputs[0], self.dropout, training=self.training) if self.dropout > 0 else inputs[0]
+            if self._mask is None:  # one user for every row: PEFT's own `lora_B(lora_A(dropout(x))) * scaling`
+                user = self.weights[self._present[0]]
+                return output + F.linear(F.linear(x, user[key_a]), user[key_b]) * self.scaling
+            a = torch.cat([self.weights[u][key_a] for u in self._present])
+            b = torch.cat([self.weights[u][key_b] for u in self._present], dim=1)
+            return output + F.linear(F.linear(x, a) * self._mask, b) * self.scaling
+
+        return add_each_rows_lora
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class _Member:
+    """A user's run inside the batch: its data, optimizer, state and clock."""
+
+    run: UserRun
+    index: int
+    items: list[Tokenized]
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: object
+    schedule: object
+    state: RunState
+    budget: TimeBudget
+    spent: float = 0.0  # this user's seconds: a share of every shared step, all of its own checks
+    batches: Iterator[list[Tokenized]] | None = None
+    result: TrainResult | Exception | None = None
+
+
+def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConfig) -> list[TrainResult | Exception]:
+    """Train every run's adapter in shared steps; per run, its TrainResult or the error that ended it (in order)."""
+
+    if not runs:
+        return []
+    pad = pad_id(tokenizer)
+    initial, peft_config = _initial_lora(model, cfg)
+    loras = UserLoras(model, initial, peft_config.lora_alpha / peft_config.r, cfg.dropout)
+    results: list[TrainResult | Exception | None] = [None] * len(runs)
+    try:
+        members = []
+        for i, run in enumerate(runs):
+            try:
+                members.append(_join(model, tokenizer, device, run, cfg, loras, initial, pad))
+            except Exception as exc:  # this user's data or files: the others go on
+                results[i] = exc
+        base_states = _shared_base_states(model, members, cfg, pad, device)
+        model.train()
+        active = list(members)
+        while active:
+            stepping = []
+            for member in active:
+                batch = _next_batch(member, model, loras)
+                if batch is not None:
+                    stepping.append((member, batch))
+            for member in [m for m in active if m.batches is None or m.result is not None]:
+                active.remove(member)
+            if not stepping:
+                continue
+            started = time.perf_counter()
+            _shared_step(model, loras, stepping, base_states, cfg, pad, device)
+            share = (time.perf_counter() - started) / len(stepping)
+            for member, _ in stepping:
+                member.spent += share
+                _after_step(member, loras, cfg)
+                if member.result is not None:
+                    active.remove(member)
+        for member in members:
+            if member.result is None:  # trained to its end (not failed, not stopped)
+                member.result = _finish(member, model, loras, cfg, peft_config)
+            results[runs.index(member.run)] = member.result
+    finally:
+        loras.remove()  # the kept base model as it was
+        model.eval()
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+# ---- setting up ------------------------------------------------------------------------- #
+
+
+def _initial_lora(model, cfg: TrainConfig):
+    """The LoRA weights a run alone starts from (PEFT's initialisation under the run's seed) and PEFT's config."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
+    try:
+        return {k: v.detach().clone() for k, v in lora_state(peft_model).items()}, peft_model.peft_config["default"]
+    finally:
+        peft_model.unload()
+
+
+def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserLoras, initial: dict, pad: int) -> _Member:
+    """A user's member: tokenized data, weights (checkpoint, warm start or PEFT's start), optimizer and schedule."""
+    if not run.examples:
+        raise ModelError("nothing to train on: the dataset is empty")
+    items = tokenize(tokenizer, run.examples, cfg.max_seq_len)
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    checkpoint = resumable_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
+    start = initial
+    if checkpoint is None and run.init_adapter is not None:
+        start = read_fitting_weights(run.init_adapter, initial)
+    index = loras.add(start)
+    optimizer, schedule = optimizer_and_schedule(loras.params(index), cfg, total)
+    state = RunState()
+    if checkpoint is not None:
+        progress, weights = load_checkpoint(optimizer, checkpoint)
+        with _no_grad():
+            for key, param in loras.weights[index].items():
+                param.copy_(weights[key])
+        state = RunState.resumed(progress)
+        wind_forward(schedule, state.step)
+    hooks = run.hooks
+    shrink_checks = len([s for s in cfg.shrink_to if 0 < s < 1]) if hooks.keeps_facts is not None else 0
+    member = _Member(run, index, items, steps_per_epoch, total, optimizer, schedule, state, None)  # type: ignore[arg-type]
+    member.budget = TimeBudget(cfg, 0.0, shrink_checks, clock=lambda: member.spent)
+    member.batches = _epochs(member, model, loras, cfg)
+    return member
+
+
+def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: int, device) -> dict[int, object]:
+    """The base model's states at the anchors' answer positions, once per distinct anchor for the whole batch."""
+    if cfg.anchor_kl <= 0:
+        return {}
+    distinct: dict[tuple, Tokenized] = {}
+    for member in members:
+        for item in member.items:
+            if item.anchor:
+                distinct.setdefault((tuple(item.input_ids), tuple(item.labels)), item)
+    if not distinct:
+        return {}
+    computed = base_answer_states(model.model, list(distinct.values()), pad, device)
+    states = {}
+    for member in members:
+        for item in member.items:
+            if item.anchor:
+                states[id(item)] = computed[id(distinct[(tuple(item.input_ids), tuple(item.labels))])]
+    return states
+
+
+# ---- each user's epochs ------------------------------------------------------------------- #
+
+
+def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Iterator[list[Tokenized]]:
+    """The user's batches, epoch by epoch as a run alone has them; early stopping and the budget in between."""
+    state, hooks = member.state, member.run.hooks
+    for epoch in range(0 if state.finished else cfg.epochs):
+        epoch_started = member.spent
+        for index, batch in enumerate(bucketed_batches(member.items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
+            if epoch * member.steps_per_epoch + index < state.step:
+                continue  # done before the checkpoint we resumed from
+            yield batch
+        epoch_complete = state.step == (epoch + 1) * member.steps_per_epoch
+        if hooks.epoch_done is not None and epoch_complete:
+            checked = time.perf_counter()
+            with _evaluating(model, loras), loras.alone(member.index):
+                done = hooks.epoch_done(epoch + 1, model)
+            member.spent += time.perf_counter() - checked
+            member.budget.note_check(time.perf_counter() - checked)
+            if done:
+                state.stop(epoch + 1, "early stopping")
+                return
+        member.budget.note_epoch(member.spent - epoch_started)
+        if member.budget.spent_after(epoch + 1):
+            state.stop(epoch + 1, "time budget")
+            return
+
+
+def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | None:
+    """The user's next batch; None when its training is over (its iterator is dropped) or it failed."""
+    if member.batches is None:
+        return None
+    try:
+        return next(member.batches)
+    except StopIteration:
+        member.batches = None
+    except Exception as exc:  # its own check failed: this user only
+        member.batches, member.result = None, exc
+    return None
+
+
+# ---- the shared step ---------------------------------------------------------------------- #
+
+
+def _shared_step(model, loras: UserLoras, stepping, base_states: dict, cfg: TrainConfig, pad: int, device) -> None:
+    """One forward/backward over every user's batch; then each user's own clip, AdamW step and schedule."""
+    import torch
+
+    rows = [item for _, batch in stepping for item in batch]
+    users = tuple(member.index for member, batch in stepping for _ in batch)
+    ids, mask, labels, weights = collate(rows, pad, device)
+    anchors = torch.tensor([t.anchor for t in rows], device=device)
+    base_hidden = torch.cat([base_states[id(t)] for t in rows if t.anchor]) if base_states and bool(anchors.any()) else None
+    _, per_row = answer_losses(
+        model,
+        ids,
+        mask,
+        labels,
+        weights,
+        anchors if base_states else None,
+        base_hidden,
+        cfg.anchor_kl,
+        cfg.anchor_divergence,
+        rows=RowUsers(users, loras.through),
+    )
+    user_of_row = torch.tensor(users, device=device)
+    losses = []
+    for member, _ in stepping:
+        mine = user_of_row == member.index
+        losses.append((per_row[mine] * weights[mine]).sum() / weights[mine].sum())
+    torch.stack(losses).sum().backward()  # each user's weights get the gradient of its own loss alone
+    for (member, _), loss in zip(stepping, losses):
+        mine = user_of_row == member.index
+        params = loras.params(member.index)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        member.optimizer.step()
+        member.schedule.step()
+        member.optimizer.zero_grad(set_to_none=True)
+        user_loss, anchor_kl = loss_parts(per_row[mine], weights[mine], anchors[mine], cfg.anchor_kl)
+        state = member.state
+        state.step += 1
+        state.tokens += int(mask[mine].sum())
+        state.loss_curve.append(round(loss.item(), 5))
+        state.user_loss.append(user_loss)
+        state.anchor_kl.append(anchor_kl)
+
+
+def _after_step(member: _Member, loras: UserLoras, cfg: TrainConfig) -> None:
+    """Progress, a checkpoint on schedule, and a stop when asked (checkpointed): as `train_adapter` does."""
+    state, run, hooks = member.state, member.run, member.run.hooks
+    try:
+        if hooks.progress is not None:
+            hooks.progress(
+                StepReport(state.step, member.total_steps, state.loss_curve[-1], state.user_loss[-1], state.anchor_kl[-1])
+            )
+        every = cfg.checkpoint_every
+        if run.checkpoint_dir is not None and every and state.step % every == 0 and state.step < member.total_steps:
+            save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir)
+        if hooks.should_stop is not None and hooks.should_stop():
+            if run.checkpoint_dir is not None:
+                save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir)
+            raise TrainingInterrupted(f"stopped at step {state.step}/{member.total_steps}; checkpoint saved")
+    except Exception as exc:
+        member.batches, member.result = None, exc
+
+
+# ---- finishing ---------------------------------------------------------------------------- #
+
+
+def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig, peft_config) -> TrainResult | Exception:
+    """Shrink the update, the finished checkpoint, the PEFT adapter directory: this user's end of `train_adapter`."""
+    state, run, hooks = member.state, member.run, member.run.hooks
+    try:
+        scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []
+        if scales and not state.finished:
+            lora_b = [p for k, p in loras.weights[member.index].items() if k.endswith(_B)]
+            with _evaluating(model, loras), loras.alone(member.index):
+                state.shrunk_to = shrink_update(model, lora_b, scales, hooks.keeps_facts)
+        if run.checkpoint_dir is not None and cfg.checkpoint_every and not state.finished:
+            save_checkpoint(loras.state(member.index), member.optimizer, state.progress(finished=True), run.checkpoint_dir)
+        _save_peft(model, loras.state(member.index), cfg, state, run.out_dir)
+        return state.result(run.out_dir, member.spent)
+    except Exception as exc:
+        return exc
+
+
+def _save_peft(model, weights: dict, cfg: TrainConfig, state: RunState, out_dir: Path) -> None:
+    """The user's weights as a standard PEFT adapter directory, written by PEFT itself."""
+    from peft import set_peft_model_state_dict
+
+    peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
+    try:
+        set_peft_model_state_dict(peft_model, weights)
+        save_adapter(peft_model, cfg, state, out_dir)
+    finally:
+        peft_model.unload()
+
+
+# ---- small helpers ------------------------------------------------------------------------ #
+
+
+@contextmanager
+def _evaluating(model, loras: UserLoras) -> Iterator[None]:
+    """Eval mode and no gradients (a check between steps), then training mode again."""
+    import torch
+
+    model.eval()
+    loras.training = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+        loras.training = True
+
+
+@contextmanager
+def _no_grad() -> Iterator[None]:
+    import torch
+
+    with torch.no_grad():
+        yield
