@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.kafka.client import ClientConfig
-from core.settings import Settings, changelog_topic, tokens_file, worker_internal_topic
+from core.settings import Settings, changelog_topic, tokens_file, trainer_commands_group, worker_internal_topic
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class ApiConfig:
             promote_if_score=settings.promote_if_score,
             lag_groups=(
                 (settings.streams.app_id, worker_topics),
-                (settings.training.group_id, (t.training_requests.name, t.commands.name)),
+                (settings.training.group_id, (t.training_requests.name,)),
+                (trainer_commands_group(settings.training.group_id), (t.commands.name,)),
             ),
         )

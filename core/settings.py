@@ -270,7 +270,20 @@ class TrainingSettings(_Section):
         default_factory=lambda: [0.5, 0.75],
         description="after training, the update is scaled to the smallest of these that still answers every fact ([] = off)",
     )
-    group_id: str = Field("adaptloop-trainer", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="the trainers' consumer group")
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: the trainer's base model in 4 bits (QLoRA, bitsandbytes; CUDA only), LoRA in bf16"
+    )
+    batch_users: int = Field(
+        1, ge=1, le=256, description="a trainer trains up to this many waiting users' requests together in one batched pass"
+    )
+    batch_wait_s: float = Field(
+        2.0, ge=0, le=600, description="once a trainer holds one request, how long it waits for more to fill a batch"
+    )
+    group_id: str = Field(
+        "adaptloop-trainer",
+        pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description="the trainers' consumer group on the requests topic (commands: `<group_id>.commands`)",
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus endpoint of a trainer (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="address the trainer's metrics endpoint binds")
 
@@ -570,6 +583,15 @@ def worker_internal_topic(app_id: str) -> str:
 def changelog_topic(app_id: str, table: str) -> str:
     """Faust's name for a table's changelog topic."""
     return f"{app_id}-{table}-changelog"
+
+
+def trainer_commands_group(group_id: str) -> str:
+    """The trainers' second consumer group, on the commands topic alone.
+
+    A group subscribed to both topics balances their partition count together,
+    so one trainer could hold every request partition; one group per topic
+    balances each topic over the trainers."""
+    return f"{group_id}.commands"
 
 
 def worker_data_dir(settings: Settings) -> Path:

@@ -304,20 +304,9 @@ class JobRunner:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.anchor_mix = anchor_mix or AnchorMix.from_settings()
 
-    def run(
-        self,
-        job: TrainingJob,
-        work_dir: Path,
-        checkpoint_dir: Path | None = None,
-        progress: Callable[[StepReport], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        gating: Callable[[], None] | None = None,
-    ) -> Outcome:
-        """Train, run the gate, register the version, promote or reject it.
-
-        `progress(StepReport)` follows the training steps; `gating()` is called as the gate starts.
-        """
-        plan = self._plan(job, JobHooks(checkpoint_dir, progress, should_stop, gating))
+    def run(self, job: TrainingJob, work_dir: Path, hooks: JobHooks = JobHooks()) -> Outcome:
+        """Train, run the gate, register the version, promote or reject it (`hooks`: checkpoints, progress, a stop)."""
+        plan = self._plan(job, hooks)
         result = train_adapter(
             self.model,
             self.tokenizer,
@@ -325,7 +314,7 @@ class JobRunner:
             plan.mixed,
             self.cfg,
             work_dir / "adapter",
-            checkpoint_dir,
+            hooks.checkpoint_dir,
             plan.train_hooks,
             init_adapter=plan.warm_from,
         )
@@ -589,7 +578,7 @@ def _loaded_runner(settings: Settings, epochs: int | None, with_gate: bool) -> J
     from trainer.model import load_base, resolve_base_model
 
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, tokenizer, device = load_base(base, settings.model.dtype)
+    model, tokenizer, device = load_base(base, settings.model.dtype, settings.training.quantization)
     overrides = {"epochs": epochs} if epochs else {}
     return runner_from_settings(settings, base, model, tokenizer, device, with_gate=with_gate, **overrides)
 
@@ -606,7 +595,7 @@ def train_file(
     bar, update = progress_bar()
     try:
         with tempfile.TemporaryDirectory(prefix="adaptloop-train-") as tmp:
-            return runner.run(job, Path(tmp), progress=update)
+            return runner.run(job, Path(tmp), JobHooks(progress=update))
     finally:
         bar.close()
 

@@ -109,20 +109,42 @@ def pick_device_and_dtype(dtype: str = "auto"):
     return device, torch.float32
 
 
-def load_base(ref: BaseModelRef, dtype: str = "auto"):
-    """(model, tokenizer, device) with the model in eval mode; load once and keep it."""
+def quantized_4bit(device: str):
+    """QLoRA's base model: 4-bit NF4 weights (bitsandbytes) computing in bf16; CUDA only, with a clear error elsewhere."""
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if device != "cuda":
+        raise ModelError(
+            "training.quantization: 4bit needs a CUDA GPU (bitsandbytes); on this machine use training.quantization: none"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("training.quantization: 4bit needs the bitsandbytes package (pip install bitsandbytes)")
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+    )
+
+
+def load_base(ref: BaseModelRef, dtype: str = "auto", quantization: str = "none"):
+    """(model, tokenizer, device) with the model in eval mode; load once and keep it.
+
+    `quantization="4bit"` (the trainer's `training.quantization`): the base model in 4 bits on a CUDA GPU (QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, torch_dtype = pick_device_and_dtype(dtype)
+    extra = {"quantization_config": quantized_4bit(device), "device_map": {"": 0}} if quantization == "4bit" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, **extra)
     except OSError as exc:
         raise ModelError(f"cannot load base model {ref.model_id}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if not extra:
+        model.to(device)  # (a 4-bit model is placed by device_map)
     model.eval()
     torch.manual_seed(0)
     return model, tokenizer, device

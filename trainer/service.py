@@ -2,10 +2,12 @@
 
     adaptloop trainer [--config PATH]
 
-A confluent-kafka consumer group on `adapter.training-requests` and
-`adapter.commands` (cooperative-sticky assignment). Kafka spreads users over
-the trainers; a user's requests sit in one partition, so one trainer handles
-them at a time.
+Two confluent-kafka consumer groups (cooperative-sticky assignment):
+`training.group_id` on `adapter.training-requests` and `<group_id>.commands`
+on `adapter.commands`, so that each topic's partitions are spread evenly over
+the trainers (one group on both topics balances their sum: one trainer could
+hold every request partition). A user's requests sit in one partition, so one
+trainer handles them at a time.
 
 Per request: train -> validation gate -> register -> promote or reject, with
 lifecycle events `training_started`, `training_completed`, `validated`, then
@@ -14,18 +16,29 @@ version (report only), `rollback` swaps the active pointer back; `retrain` is
 the streams worker's. Commands are idempotent by `command_id` (the
 validation and rollback logs record it).
 
+Batches: with `training.batch_users` K > 1, a trainer holding one request
+keeps reading requests for up to `training.batch_wait_s` (until it holds K,
+or a user comes twice: that request is read again after the batch) and trains
+those users together in one batched pass (trainer/multi.py), then gates and
+registers each. K = 1 (the default) trains each request as it comes.
+
 Delivery:
-- One job at a time. Training runs in a worker thread while the main loop
-  keeps polling with every assigned partition paused, so a long job never gets
-  the consumer thrown out of its group.
-- The offset is committed only after the outcome (a registered version, or a
-  failure) is recorded and its lifecycle event acknowledged: at-least-once.
+- One job at a time (a batch is one job). Training runs in a worker thread
+  while the main loop keeps polling both consumers with every assigned
+  partition paused, so a long job never gets a consumer thrown out of its group.
+- Offsets are committed only after the outcomes (a registered version, or a
+  failure) are recorded and their lifecycle events acknowledged:
+  at-least-once. While a batch is gathered or trained, the offsets of requests
+  answered at once (skips, republished versions) wait for it, so no commit
+  ever passes a request still in training.
 - Idempotent by `request_id`: a redelivered request whose version exists
   republishes `training_completed` and trains nothing.
 - Checkpoints every N steps under `models/adapters/checkpoints/<request_id>/`;
   a request redelivered after a crash resumes from its last checkpoint.
 - SIGTERM/SIGINT: the running job checkpoints, nothing is committed, the
   consumer leaves the group cleanly; the request is picked up again later.
+  A batch interrupted because one of its partitions moved away reads its
+  other requests again from their offsets (each resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -34,9 +47,10 @@ import logging
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -44,7 +58,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from core.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError, TrainingInterrupted
 from core.kafka.client import ClientConfig
 from core.kafka.lag import ConsumerLagCollector
-from core.settings import Settings
+from core.settings import Settings, trainer_commands_group
 from core.storage import ArtifactStore, sha256_bytes
 from schemas import (
     COMMAND_ADAPTER,
@@ -63,6 +77,7 @@ from trainer import metrics
 from trainer.checkpoint import resumable_checkpoint
 from trainer.gate import GateReport
 from trainer.job import (
+    JobHooks,
     Outcome,
     TrainingJob,
     apply_decision,
@@ -85,7 +100,7 @@ class TrainerConfig:
     """The service's own plain values; the training job itself is built from the settings (`runner_from_settings`)."""
 
     client: ClientConfig
-    group_id: str
+    group_id: str  # on the requests topic; the commands topic's group is trainer_commands_group(group_id)
     requests_topic: str
     commands_topic: str
     lifecycle_topic: str
@@ -95,6 +110,8 @@ class TrainerConfig:
     metrics_port: int  # 0: no metrics endpoint
     metrics_host: str
     session_timeout_s: float
+    batch_users: int = 1
+    batch_wait_s: float = 0.0
     max_message_bytes: int = 1 << 20
 
     @classmethod
@@ -112,43 +129,72 @@ class TrainerConfig:
             metrics_port=settings.training.metrics_port if metrics_port is None else metrics_port,
             metrics_host=settings.training.metrics_host,
             session_timeout_s=settings.kafka.session_timeout_s,
+            batch_users=settings.training.batch_users,
+            batch_wait_s=settings.training.batch_wait_s,
         )
+
+
+Position = TopicPartition  # a message's topic, partition and the offset after it (what a commit of it says)
 
 
 @dataclass
 class _Job:
-    request: TrainingRequest | ValidateCommand
-    partition: TopicPartition  # with the offset to commit when done
+    """What the job thread works on: one validate command, or one or more users' training requests."""
+
+    messages: list[tuple[TrainingRequest | ValidateCommand, Position]]
     thread: threading.Thread
-    result: Outcome | GateReport | None = None
-    error: BaseException | None = None
+    results: list[Outcome | GateReport | Exception | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.messages)
+
+    def holds(self, partitions) -> bool:
+        return any((p.topic, p.partition) == (m.topic, m.partition) for _, m in self.messages for p in partitions)
 
 
 class TrainerService:
     def __init__(self, settings: Settings, cfg: TrainerConfig, base: BaseModelRef) -> None:
         self.cfg = cfg
         self.base = base
-        self.model, self.tokenizer, self.device = load_base(base, settings.model.dtype)  # once per process
+        self.model, self.tokenizer, self.device = load_base(base, settings.model.dtype, settings.training.quantization)  # once
         self.runner = runner_from_settings(settings, base, self.model, self.tokenizer, self.device)
         self.registry, self.gate = self.runner.registry, self.runner.gate
         self.store = ArtifactStore(cfg.storage_root)
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None
-        self.consumer = Consumer(
-            cfg.client.librdkafka(
+        self.pending: list[tuple[TrainingRequest, Position]] = []  # a batch being gathered
+        self.pending_since = 0.0
+        self.deferred: list[Position] = []  # answered at once while a batch is gathered: committed after it
+        self.requests = self._consumer(cfg.group_id)
+        self.commands = self._consumer(trainer_commands_group(cfg.group_id))
+        self.producer = Producer(cfg.client.librdkafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
+
+    def _consumer(self, group_id: str) -> Consumer:
+        return Consumer(
+            self.cfg.client.librdkafka(
                 **{
-                    "group.id": cfg.group_id,
+                    "group.id": group_id,
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
                     "partition.assignment.strategy": "cooperative-sticky",
                     "max.poll.interval.ms": 300_000,
-                    "session.timeout.ms": int(cfg.session_timeout_s * 1000),
-                    "heartbeat.interval.ms": int(min(3.0, cfg.session_timeout_s / 3) * 1000),
+                    "session.timeout.ms": int(self.cfg.session_timeout_s * 1000),
+                    "heartbeat.interval.ms": int(min(3.0, self.cfg.session_timeout_s / 3) * 1000),
                 }
             )
         )
-        self.producer = Producer(cfg.client.librdkafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
+
+    def _consumer_of(self, topic: str) -> Consumer:
+        return self.commands if topic == self.cfg.commands_topic else self.requests
+
+    def _pause_all(self) -> None:
+        for consumer in (self.requests, self.commands):
+            consumer.pause(consumer.assignment())
+
+    def _resume_all(self) -> None:
+        for consumer in (self.requests, self.commands):
+            consumer.resume(consumer.assignment())
 
     # ---- lifecycle events -------------------------------------------------- #
 
@@ -224,14 +270,16 @@ class TrainerService:
 
         def on_revoke(consumer, partitions):
             job = self.job
-            if job is not None and any(
-                p.topic == job.partition.topic and p.partition == job.partition.partition for p in partitions
-            ):
+            if job is not None and job.holds(partitions):
                 log.warning("partition of the running job was revoked; checkpointing and handing it over")
                 self.abort.set()
+            # Whoever gets these partitions reads their uncommitted requests: not ours to train or commit.
+            gone = {(p.topic, p.partition) for p in partitions}
+            self.pending = [(r, m) for r, m in self.pending if (m.topic, m.partition) not in gone]
+            self.deferred = [m for m in self.deferred if (m.topic, m.partition) not in gone]
 
-        topics = [self.cfg.requests_topic, self.cfg.commands_topic]
-        self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
+        self.requests.subscribe([self.cfg.requests_topic], on_assign=on_assign, on_revoke=on_revoke)
+        self.commands.subscribe([self.cfg.commands_topic], on_assign=on_assign, on_revoke=on_revoke)
         log.info(
             "trainer ready: group %s, topic %s, base model %s", self.cfg.group_id, self.cfg.requests_topic, self.base.model_id
         )
@@ -240,17 +288,24 @@ class TrainerService:
                 if self.job is not None and not self.job.thread.is_alive():
                     self._finish_job()
                 if self.stop.is_set() and self.job is None:
-                    break
-                msg = self.consumer.poll(0.5)
-                if msg is None or self.stop.is_set():
-                    continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.error("consumer error: %s", msg.error())
-                    continue
-                self._handle(msg)
+                    break  # a batch being gathered is left uncommitted: read again later
+                if self.job is None and self._batch_ready():
+                    self._start_batch()
+                if self.job is None and not self.pending and self.deferred:  # the batch they waited for went elsewhere
+                    self._commit(self.deferred, [])
+                    self.deferred = []
+                for consumer in (self.commands, self.requests):  # both polled every turn: their groups' deadlines
+                    msg = consumer.poll(0.25)
+                    if msg is None or self.stop.is_set():
+                        continue
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.error("consumer error: %s", msg.error())
+                        continue
+                    self._handle(msg)
         finally:
-            self.consumer.close()  # leaves the group cleanly
+            for consumer in (self.requests, self.commands):
+                consumer.close()  # leaves the group cleanly
             self.producer.flush(30)
 
     def _handle(self, msg) -> None:
@@ -270,20 +325,59 @@ class TrainerService:
                 )
                 self.producer.produce(self.cfg.dlq_topic, key=msg.key(), value=letter.to_bytes())
                 self.producer.flush(30)
-            self.consumer.commit(offsets=[next_offset], asynchronous=False)
+            self._done(next_offset)
             return
         if isinstance(message, RollbackCommand):
             self._rollback(message)
         elif isinstance(message, ValidateCommand):
             if not self._republish_validation(message):
-                self._start(message, next_offset, self._validate)
+                self._start([(message, next_offset)], self._validate)
                 return
         elif isinstance(message, TrainingRequest) and not self._request(message, next_offset):
-            return  # a job started: its offset is committed when it ends
-        self.consumer.commit(offsets=[next_offset], asynchronous=False)
+            return  # gathered into a batch: its offset is committed when the batch ends
+        self._done(next_offset)
+
+    def _done(self, position: Position) -> None:
+        """Commit a message answered at once; a request's waits while a batch is gathered (a commit passes earlier offsets)."""
+        if position.topic == self.cfg.requests_topic and self.pending:
+            self.deferred.append(position)
+        else:
+            self._consumer_of(position.topic).commit(offsets=[position], asynchronous=False)
+
+    # ---- batches ------------------------------------------------------------------- #
+
+    def _gather(self, request: TrainingRequest, next_offset: Position) -> None:
+        """Add a request to the batch being gathered; a user already in it closes the batch, and this request is read again."""
+        if any(r.user_id == request.user_id for r, _ in self.pending):
+            self._consumer_of(next_offset.topic).seek(
+                TopicPartition(next_offset.topic, next_offset.partition, next_offset.offset - 1)
+            )
+            self._start_batch()
+            return
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append((request, next_offset))
+        if len(self.pending) >= self.cfg.batch_users:
+            self._start_batch()
+
+    def _batch_ready(self) -> bool:
+        """A batch is gathered: full, or the first request has waited `batch_wait_s` (never while stopping)."""
+        if not self.pending or self.stop.is_set():
+            return False
+        return len(self.pending) >= self.cfg.batch_users or time.monotonic() - self.pending_since >= self.cfg.batch_wait_s
+
+    def _start_batch(self) -> None:
+        if self.job is not None:
+            return  # a validate command runs: the batch starts after it
+        batch, self.pending = self.pending, []
+        for request, _ in batch:
+            self._emit("training_started", request)
+        if len(batch) > 1:
+            log.info("training %d users together: %s", len(batch), ", ".join(r.user_id for r, _ in batch))
+        self._start(list(batch), self._train)
 
     def _request(self, request: TrainingRequest, next_offset: TopicPartition) -> bool:
-        """Start the request's job (False), or answer it at once (True: commit): a version it already produced, or a skip."""
+        """Gather the request into a batch (False), or answer it at once (True: commit): a version it already produced, or a skip."""
         done = self.registry.find_by_request(request.user_id, request.request_id)
         if done is not None:
             log.info("request %s already produced %s v%d; republishing", request.request_id, request.user_id, done.version)
@@ -295,18 +389,16 @@ class TrainerService:
             log.info("request %s for %s skipped: %s", request.request_id, request.user_id, reason)
             self._emit("training_skipped", request, reason=reason)
             return True
-        self._emit("training_started", request)
-        self._start(request, next_offset, self._train)
+        self._gather(request, next_offset)
         return False
 
-    def _start(self, message, next_offset: TopicPartition, target) -> None:
+    def _start(self, messages: list, target) -> None:
         """Run one long job in a thread while the main loop keeps polling with every partition paused."""
-        self.consumer.pause(self.consumer.assignment())
+        self._pause_all()
         metrics.BUSY.set(1)
-        job = _Job(message, next_offset, threading.Thread(target=lambda: None))
-        job.thread = threading.Thread(
-            target=target, args=(job,), name=f"job-{next_offset.topic}-{next_offset.offset}", daemon=True
-        )
+        job = _Job(messages, threading.Thread(target=lambda: None))
+        first = messages[0][1]
+        job.thread = threading.Thread(target=target, args=(job,), name=f"job-{first.topic}-{first.offset}", daemon=True)
         self.job = job
         job.thread.start()
 
@@ -364,7 +456,7 @@ class TrainerService:
         )
 
     def _validate(self, job: _Job) -> None:
-        command = job.request
+        ((command, _),) = job.messages
         assert isinstance(command, ValidateCommand)
         try:
             if self.gate is None:
@@ -373,7 +465,7 @@ class TrainerService:
             baseline = None
             if command.baseline_version is not None:
                 baseline = self.registry.verify(command.user_id, command.baseline_version).path
-            job.result = validate_adapter(
+            job.results[0] = validate_adapter(
                 gate=self.gate,
                 registry=self.registry,
                 store=self.store,
@@ -384,8 +476,8 @@ class TrainerService:
                 job_id=command.command_id,
                 version=command.version,
             )
-        except BaseException as exc:  # reported by the main loop
-            job.error = exc
+        except Exception as exc:  # reported by the main loop
+            job.results[0] = exc
 
     def _checkpoint_dir(self, request: TrainingRequest) -> Path:
         return self.registry.root / "checkpoints" / request.request_id
@@ -405,69 +497,123 @@ class TrainerService:
         except (AdaptloopError, ValueError):
             return None  # the job itself reports the unreadable dataset as training_failed
 
+    def _training_job(self, request: TrainingRequest) -> TrainingJob:
+        examples = self._dataset(request)
+        held_out = []
+        if request.dataset.test_uri:
+            held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
+        explicit = user_cases(self.store, self.cfg.user_tests_dir, request.user_id) if self.gate is not None else []
+        return TrainingJob(
+            request.user_id,
+            examples,
+            held_out,
+            request.dataset.uri,
+            request.dataset.sha256,
+            request.trigger,
+            request.request_id,
+            list(request.lineage),
+            explicit,
+        )
+
+    def _job_hooks(self, request: TrainingRequest) -> JobHooks:
+        return JobHooks(
+            self._checkpoint_dir(request),
+            self._progress(request),
+            should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
+            gating=lambda: self._emit("training_progress", request, wait=False, details={"phase": "gating"}),
+        )
+
     def _train(self, job: _Job) -> None:
-        request = job.request
-        try:
-            examples = self._dataset(request)
-            held_out = []
-            if request.dataset.test_uri:
-                held_out = from_jsonl(self.store.read_bytes(self.store.relative_from_uri(request.dataset.test_uri)))
-            explicit = user_cases(self.store, self.cfg.user_tests_dir, request.user_id) if self.gate is not None else []
-            training = TrainingJob(
-                request.user_id,
-                examples,
-                held_out,
-                request.dataset.uri,
-                request.dataset.sha256,
-                request.trigger,
-                request.request_id,
-                list(request.lineage),
-                explicit,
-            )
-            with tempfile.TemporaryDirectory(prefix="adaptloop-job-") as tmp:
-                job.result = self.runner.run(
-                    training,
-                    Path(tmp),
-                    self._checkpoint_dir(request),
-                    self._progress(request),
-                    should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
-                    gating=lambda: self._emit("training_progress", request, wait=False, details={"phase": "gating"}),
-                )
-        except BaseException as exc:  # reported by the main loop
-            job.error = exc
+        """One request alone (`JobRunner.run`), or several users together (`JobRunner.run_batch`)."""
+        requests = [request for request, _ in job.messages]
+        with tempfile.TemporaryDirectory(prefix="adaptloop-job-") as tmp:
+            if len(requests) == 1:
+                try:
+                    job.results[0] = self.runner.run(self._training_job(requests[0]), Path(tmp), self._job_hooks(requests[0]))
+                except Exception as exc:  # reported by the main loop
+                    job.results[0] = exc
+                return
+            jobs, places = [], []
+            for place, request in enumerate(requests):
+                try:
+                    jobs.append((self._training_job(request), self._job_hooks(request)))
+                    places.append(place)
+                except Exception as exc:  # this user's dataset: the others go on
+                    job.results[place] = exc
+            try:
+                for place, outcome in zip(places, self.runner.run_batch(jobs, Path(tmp))):
+                    job.results[place] = outcome
+            except Exception as exc:  # the batch as a whole
+                for place in places:
+                    job.results[place] = exc
 
     def _finish_job(self) -> None:
+        """Say what became of each message of the job, then commit (see `_commit`) and read on."""
         job, self.job = self.job, None
         assert job is not None
         metrics.BUSY.set(0)
-        request = job.request
         self.abort.clear()
-        if isinstance(request, ValidateCommand):
-            if job.error is not None:
-                log.warning("validate %s failed: %s", request.command_id, job.error)
-                failed = {"passed": False, "reasons": [f"{type(job.error).__name__}: {job.error}"], "metrics": {}}
-                self.registry.log_validation(request.user_id, request.version, failed, kind="validate", job_id=request.command_id)
-                self._validated(request, failed)
+        done: list[Position] = []
+        again: list[Position] = []
+        for (message, position), result in zip(job.messages, job.results):
+            if result is None:
+                result = AdaptloopError("the job ended without a result")
+            if isinstance(message, ValidateCommand):
+                self._validate_finished(message, result)
+            elif isinstance(result, TrainingInterrupted):
+                log.warning("request %s interrupted and checkpointed; it will resume", message.request_id)
+                again.append(position)
+                continue
+            elif isinstance(result, Exception):
+                log.error("request %s failed: %s", message.request_id, result)
+                remove_checkpoint(self._checkpoint_dir(message))  # a retry of the same request starts afresh
+                self._emit("training_failed", message, reason=reason_text(f"{type(result).__name__}: {result}"))
             else:
-                assert isinstance(job.result, GateReport)
-                self._validated(request, job.result.to_dict())
-            self.consumer.commit(offsets=[job.partition], asynchronous=False)
-        elif isinstance(job.error, TrainingInterrupted):
-            # Not committed: whoever owns the partition next gets the request again and resumes.
-            log.warning("request %s interrupted and checkpointed; it will resume", request.request_id)
-        elif job.error is not None:
-            log.error("request %s failed: %s", request.request_id, job.error)
-            remove_checkpoint(self._checkpoint_dir(request))  # a retry of the same request starts afresh
-            self._emit("training_failed", request, reason=reason_text(f"{type(job.error).__name__}: {job.error}"))
-            self.consumer.commit(offsets=[job.partition], asynchronous=False)
-        else:
-            assert isinstance(job.result, Outcome)
-            info = job.result.info
-            log.info("request %s -> %s v%d: %s", request.request_id, request.user_id, info.version, job.result.decision)
-            self._announce(request, info, job.result.decision)
-            self.consumer.commit(offsets=[job.partition], asynchronous=False)
+                assert isinstance(result, Outcome)
+                info = result.info
+                log.info("request %s -> %s v%d: %s", message.request_id, message.user_id, info.version, result.decision)
+                self._announce(message, info, result.decision)
+            done.append(position)
+        if not self.pending:
+            done, self.deferred = done + self.deferred, []
+        self._commit(done, again)
         if not self.stop.is_set():
-            self.consumer.resume(self.consumer.assignment())
+            self._resume_all()
+
+    def _validate_finished(self, command: ValidateCommand, result) -> None:
+        if isinstance(result, Exception):
+            log.warning("validate %s failed: %s", command.command_id, result)
+            failed = {"passed": False, "reasons": [f"{type(result).__name__}: {result}"], "metrics": {}}
+            self.registry.log_validation(command.user_id, command.version, failed, kind="validate", job_id=command.command_id)
+            self._validated(command, failed)
+        else:
+            assert isinstance(result, GateReport)
+            self._validated(command, result.to_dict())
+
+    def _commit(self, done: list[Position], again: list[Position]) -> None:
+        """Per partition: past the last message done, or up to the first request to do again.
+
+        Messages are read in order, so everything before an interrupted
+        request is done and committing up to it is safe; it is read again
+        from there (by whoever owns the partition next, or by this trainer,
+        which seeks back when it still owns it: a batch stopped because
+        another partition moved) and resumes from its checkpoint.
+        """
+        target: dict[tuple[str, int], int] = {}
+        for p in done:
+            target[(p.topic, p.partition)] = max(target.get((p.topic, p.partition), 0), p.offset)
+        first_again: dict[tuple[str, int], int] = {}
+        for p in again:
+            first_again[(p.topic, p.partition)] = min(first_again.get((p.topic, p.partition), p.offset), p.offset - 1)
+        target.update(first_again)
+        for (topic, partition), offset in target.items():
+            consumer = self._consumer_of(topic)
+            if (topic, partition) not in {(p.topic, p.partition) for p in consumer.assignment()}:
+                continue  # moved away: its new owner reads on from the last commit
+            position = TopicPartition(topic, partition, offset)
+            if (topic, partition) in first_again and not self.stop.is_set():
+                consumer.seek(position)
+            consumer.commit(offsets=[position], asynchronous=False)
 
 
 def run_trainer(settings: Settings, metrics_port: int | None = None) -> None:
@@ -476,7 +622,9 @@ def run_trainer(settings: Settings, metrics_port: int | None = None) -> None:
     cfg = TrainerConfig.from_settings(settings, metrics_port)
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     service = TrainerService(settings, cfg, base)
-    lag = ConsumerLagCollector(cfg.client, {cfg.group_id: [cfg.requests_topic, cfg.commands_topic]})
+    lag = ConsumerLagCollector(
+        cfg.client, {cfg.group_id: [cfg.requests_topic], trainer_commands_group(cfg.group_id): [cfg.commands_topic]}
+    )
     metrics.serve(cfg.metrics_port, cfg.metrics_host, [lag])
 
     def stop(signum, _frame) -> None:

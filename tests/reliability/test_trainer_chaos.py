@@ -98,6 +98,36 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
     assert sum(resumable_steps) > 0 and any(i.manifest.resumed_from_step > 0 for i in infos)
 
 
+def test_a_batch_sigkilled_mid_training_resumes_every_user_exactly_once(trainer_factory, figures):
+    t = trainer_factory(epochs=30, checkpoint_every=5, batch_users=3, batch_wait_s=120)  # 180 steps a user
+    requests = [t.request(f"bat{i}", _examples(12)) for i in range(3)]
+    for request in requests:
+        t.publish(request)
+    t.wait_for(lambda: "training 3 users together" in t.service.log(), what="the batch of three")
+    # Killed once every user's job is a third done (by its progress, not by the clock).
+    t.wait_for(lambda: _job_at_least(t.service.log(), 0.34), what="the batch a third done", interval=0.05)
+    t.procs[-1].kill()
+    t.procs[-1].wait(10)
+    t.start()
+    t.wait_for(lambda: _all_completed(t, requests), timeout=600, what="every request completed")
+    wrong, extra_completions, per_request = _outcome(t, requests)
+    registry = AdapterRegistry(t.store)
+    infos = [registry.find_by_request(r.user_id, r.request_id) for r in requests]
+    resumed = [i.manifest.resumed_from_step for i in infos if i is not None]
+    figures(
+        "Faults",
+        "A trainer SIGKILLed while it trained a batch of three users together, then restarted",
+        "1 SIGKILL a third into a batch of 3 users (180 steps each, checkpoint every 5)",
+        lost=wrong,
+        duplicated=extra_completions,
+        result=f"each user ended with exactly one version, every one resumed from its own checkpoint (steps {resumed})",
+        resumed_from_steps=resumed,
+        versions_per_request=list(per_request.values()),
+    )
+    assert wrong == 0 and extra_completions == 0
+    assert len(resumed) == 3 and all(step > 0 for step in resumed), "each user resumed from its checkpoint, none started over"
+
+
 def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factory, figures, tmp_path, request):
     a = trainer_factory(epochs=20, checkpoint_every=5)
     b = a.another(tmp_path / "trainer-b.log")
@@ -123,9 +153,6 @@ def test_two_trainers_one_killed_its_users_move_and_complete_once(trainer_factor
         user, step, total = steps[-1] if steps else (None, 0, 0)
         return user if int(step) <= int(total) // 2 else None
 
-    # (Both subscribe to the requests and commands topics, and cooperative-sticky
-    # balances partitions over both topics, so one trainer may hold every
-    # request partition: see the README's note. The one training is killed.)
     a.wait_for(lambda: training_now(a) or training_now(b), what="a trainer training")
     # Killed in the first half of a job, so that a job is surely cut short: a
     # trainer caught between jobs, or about to finish one, leaves nothing to move.

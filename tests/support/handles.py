@@ -166,23 +166,25 @@ def make_worker(bootstrap: str, base: Path, internal_partitions: int = 3, stream
 
 
 class TrainerHandle:
-    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict) -> None:
-        suffix = uuid.uuid4().hex[:8]
+    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict, request_partitions: int = 3) -> None:
+        self.group_id = f"tr-{uuid.uuid4().hex[:8]}"
         self.client = ClientConfig(bootstrap_servers=bootstrap)
         self.topics = unique_topics("tr")
         self.store = base / "store"
         self.config = base / "adapter_retrain.yaml"
+        topics = topic_config(self.topics)
+        topics["training_requests"]["partitions"] = request_partitions
         self.config.write_text(
             yaml.safe_dump(
                 {
                     "storage_root": str(self.store),
-                    "topics": topic_config(self.topics),
+                    "topics": topics,
                     "streams": {"internal_partitions": 3},
                     "kafka": {"session_timeout_s": 8},  # a killed trainer's partitions move in seconds
                     "model": {"base_model": str(tiny), "dtype": "float32"},
                     "lora": {"r": 4, "alpha": 8},
                     "training": {
-                        "group_id": f"tr-{suffix}",
+                        "group_id": self.group_id,
                         "batch_size": 2,
                         "learning_rate": 0.005,
                         "metrics_port": 0,

@@ -14,8 +14,9 @@ import pytest
 
 from core.kafka.broker import free_port
 from schemas.training import TrainingExample
+from streams.decoding import partition_of
 from tests.support.adapters import manifest, random_adapter
-from tests.support.kafka import read_topic
+from tests.support.kafka import partitions_per_member, read_topic
 from tests.support.prometheus import check_metric_names
 from trainer.registry import AdapterRegistry
 
@@ -111,6 +112,64 @@ def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_facto
     (info,) = AdapterRegistry(t.store).versions("dee")
     assert info.manifest.resumed_from_step == step
     assert not checkpoint.exists(), "the checkpoint goes once its version is registered"
+
+
+def test_two_trainers_split_eight_requests_evenly(trainer_factory, tmp_path, request):
+    a = trainer_factory(epochs=1, request_partitions=4)
+    b = a.another(tmp_path / "trainer-b.log")
+    request.addfinalizer(b.stop)  # the factory stops only the trainers it made
+    b.start()
+    # Each group balances its own topic: two request partitions each (one group on both topics
+    # balanced their sum, so one trainer could hold every request partition).
+    a.wait_for(
+        lambda: partitions_per_member(a.client, a.group_id, a.topics["training_requests"]) == [2, 2],
+        what="two request partitions for each trainer",
+    )
+    users: list[str] = []  # two users per partition
+    for n in range(100):
+        name = f"eve{n}"
+        if sum(1 for u in users if partition_of(u.encode(), 4) == partition_of(name.encode(), 4)) < 2:
+            users.append(name)
+    requests = [a.request(user, _examples(2)) for user in users[:8]]
+    for r in requests:
+        a.publish(r)
+    a.wait_for(
+        lambda: (
+            {e["request_id"] for e in a.lifecycle() if e["type"] in ("promoted", "rejected")} >= {r.request_id for r in requests}
+        ),
+        timeout=600,
+        what="a verdict for all eight requests",
+    )
+    trained = [re.findall(r"request \S+ -> (\S+) v\d+", t.log_path.read_text(errors="replace")) for t in (a, b)]
+    assert sorted(trained[0] + trained[1]) == sorted(users[:8]), "each request trained once"
+    assert min(len(trained[0]), len(trained[1])) >= 3, f"each trainer takes its share: {trained}"
+
+
+def test_waiting_users_are_trained_together_in_one_batch(trainer_factory):
+    t = trainer_factory(epochs=2, batch_users=3, batch_wait_s=120)  # the batch starts when full, however slow the machine
+    requests = [t.request(user, _examples(4), test=_examples(1)) for user in ("una", "uno", "ute")]
+    for r in requests:
+        t.publish(r)
+    t.wait_for(lambda: all(_decided(t.lifecycle(), r.request_id) for r in requests), what="a verdict for each user")
+    assert "training 3 users together" in t.service.log()
+    registry = AdapterRegistry(t.store)
+    for r in requests:
+        (info,) = registry.versions(r.user_id)
+        assert info.manifest.request_id == r.request_id and info.manifest.metrics.batch_users == 3
+        kinds = [e["type"] for e in t.lifecycle() if e["request_id"] == r.request_id and e["type"] != "training_progress"]
+        assert kinds[:3] == ["training_started", "training_completed", "validated"] and len(kinds) == 4
+
+
+def test_a_user_never_comes_twice_into_one_batch(trainer_factory):
+    t = trainer_factory(epochs=1, batch_users=3, batch_wait_s=1)
+    first = t.request("una", _examples(2))
+    second = t.request("una", _examples(3))  # same user, same partition: read after the first
+    other = t.request("uno", _examples(2))
+    for r in (first, other, second):
+        t.publish(r)
+    t.wait_for(lambda: all(_completed(t.lifecycle(), r.request_id) for r in (first, second, other)), what="three versions")
+    versions = AdapterRegistry(t.store).versions("una")
+    assert [(v.version, v.manifest.request_id) for v in versions] == [(1, first.request_id), (2, second.request_id)]
 
 
 def test_bad_requests_are_dead_lettered_and_a_tampered_dataset_fails_clearly(trainer_factory):
