@@ -99,7 +99,7 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
 
 
 def test_a_batch_sigkilled_mid_training_resumes_every_user_exactly_once(trainer_factory, figures):
-    t = trainer_factory(epochs=30, checkpoint_every=5, batch_users=3, batch_wait_s=120)  # 180 steps a user
+    t = trainer_factory(epochs=15, checkpoint_every=5, batch_users=3, batch_wait_s=120)  # 90 steps a user
     requests = [t.request(f"bat{i}", _examples(12)) for i in range(3)]
     for request in requests:
         t.publish(request)
@@ -117,7 +117,7 @@ def test_a_batch_sigkilled_mid_training_resumes_every_user_exactly_once(trainer_
     figures(
         "Faults",
         "A trainer SIGKILLed while it trained a batch of three users together, then restarted",
-        "1 SIGKILL a third into a batch of 3 users (180 steps each, checkpoint every 5)",
+        "1 SIGKILL a third into a batch of 3 users (90 steps each, checkpoint every 5)",
         lost=wrong,
         duplicated=extra_completions,
         result=f"each user ended with exactly one version, every one resumed from its own checkpoint (steps {resumed})",

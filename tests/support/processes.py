@@ -78,6 +78,12 @@ class Service:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self, timeout: float = 180) -> subprocess.Popen:
+        since = self.launch()
+        self.wait_ready(since, timeout)
+        return self.proc
+
+    def launch(self) -> int:
+        """Start a process without waiting for it; returns where its log begins (for `wait_ready`)."""
         since = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, **self.env}
         with open(self.log_path, "ab") as log:
@@ -89,6 +95,9 @@ class Service:
                 cwd=self.config.parent,
             )
         self.procs.append(proc)
+        return since
+
+    def wait_ready(self, since: int, timeout: float = 180) -> None:
         wait_until(
             lambda: self.ready(self.log_since(since)),
             timeout,
@@ -97,7 +106,6 @@ class Service:
             check=self.check_alive,
             context=self.log_tail,
         )
-        return proc
 
     @property
     def proc(self) -> subprocess.Popen:

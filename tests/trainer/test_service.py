@@ -115,10 +115,12 @@ def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_facto
 
 
 def test_two_trainers_split_eight_requests_evenly(trainer_factory, tmp_path, request):
-    a = trainer_factory(epochs=1, request_partitions=4)
+    a = trainer_factory(start=False, epochs=1, request_partitions=4)
     b = a.another(tmp_path / "trainer-b.log")
     request.addfinalizer(b.stop)  # the factory stops only the trainers it made
-    b.start()
+    starts = [(t, t.service.launch()) for t in (a, b)]  # side by side: a start is mostly imports, one core each
+    for t, since in starts:
+        t.service.wait_ready(since)
     # Each group balances its own topic: two request partitions each (one group on both topics
     # balanced their sum, so one trainer could hold every request partition).
     a.wait_for(
