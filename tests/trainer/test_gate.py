@@ -290,3 +290,30 @@ def test_learned_facts_come_from_the_reference_versions_manifest(tmp_path):
     registry.register("kim", fake_adapter(tmp_path), manifest(facts=facts))
     assert learned_facts(registry, "kim", 1) == [TestCase("a?", "A.")]
     assert learned_facts(registry, "kim", None) == []
+
+
+def test_candidates_gated_together_get_the_verdicts_each_gets_alone(world, tiny, monkeypatch):
+    """A's copy passes and B is rejected, together as alone: same answers, scores and reasons, row by row."""
+    from trainer.gate import Candidate
+
+    gate, registry = world["gate"], world["registry"]
+    shared = []
+    score_together = gate._score_together
+    monkeypatch.setattr(gate, "_score_together", lambda *a: shared.append(len(a[0])) or score_together(*a))
+    copy = world["tmp"] / "A-copy-batch"
+    shutil.copytree(world["A"], copy, dirs_exist_ok=True)
+    reference = registry.info("ann", 1).path
+    candidates = [
+        Candidate(copy, world["user"], reference),
+        Candidate(world["B"], world["user"], reference, previous_facts=world["user"][:1]),
+        Candidate(world["B"], world["user"], None, taught=[TestCase(CORE_PROMPTS[0], "Tromsø")]),  # refused unscored
+    ]
+    together = gate.evaluate_batch(candidates)
+    assert shared == [2], "the two candidates that reach the suites share their batches"
+    alone = [gate.evaluate(**c.arguments()) for c in candidates]
+    assert [r.passed for r in together] == [True, False, False]
+    for batched, single in zip(together, alone):
+        assert batched.reasons == single.reasons and batched.suites.keys() == single.suites.keys()
+        for name, suite in batched.suites.items():
+            assert [c.answer for c in suite.cases] == [c.answer for c in single.suites[name].cases], name
+            assert [c.score for c in suite.cases] == pytest.approx([c.score for c in single.suites[name].cases], abs=2e-3)

@@ -53,6 +53,18 @@ def test_the_embedded_model_loads_offline_from_site_packages():
     assert close > 0.8 and far < 0.3
 
 
+def test_each_text_is_encoded_once_and_gives_the_same_vector(monkeypatch):
+    embedder = load_embedder()
+    texts = ["A cached sentence about Biscuit.", "Another one, about Tromsø."]
+    first = embedder.encode(texts)
+    encoded = []
+    model_encode = embedder.model.encode
+    monkeypatch.setattr(embedder.model, "encode", lambda batch, **kw: encoded.extend(batch) or model_encode(batch, **kw))
+    again = embedder.encode([texts[1], "A new sentence.", texts[0]])
+    assert encoded == ["A new sentence."], "only the text not seen before is encoded"
+    assert (again[0] == first[1]).all() and (again[2] == first[0]).all()
+
+
 def test_weights_must_not_all_be_zero():
     from core.errors import ModelError
 

@@ -1,0 +1,171 @@
+"""Scale benchmark: user-versions per hour with one trainer, users trained one at a time (K = 1) or K together.
+
+    .venv/bin/python benchmarks/scale.py                     # 24 users x 5 facts, K = 1 and K = 8, default model
+    .venv/bin/python benchmarks/scale.py --users 8 --batch 4
+    (or: make bench-scale)
+
+Synthetic users (benchmarks/learning.py's facts and the worker's dataset
+builder), one version each, through the trainer's own code: `JobRunner.run`
+one user at a time, then `JobRunner.run_batch` K users at a time (trained in
+one batched pass, gated together), each from a fresh registry, in the same
+run on the same loaded model. Per K: wall seconds, user-versions per hour,
+trainer seconds per user-version, the gate's seconds per candidate, and the
+quality of what was learned (facts learned, retention, forgetting: their
+means over the users, K's within 0.02 of K = 1 is the goal). Results go to
+stdout (a Markdown table) and to --out as JSON; record them in
+benchmarks/README.md with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.learning import make_facts  # noqa: E402
+
+
+def user_jobs(ctx: dict, users: int, facts: int) -> list:
+    """One version's job per synthetic user: its facts augmented, one paraphrase each held out."""
+    from core.storage import sha256_bytes
+    from schemas.dataset import to_jsonl
+    from schemas.training import TrainingExample
+    from streams.curation import augment
+    from streams.dataset import DatasetConfig, build_dataset
+    from trainer.job import TrainingJob
+
+    jobs = []
+    for u in range(users):
+        user = f"user{u}"
+        taught = [
+            TrainingExample(prompt=q, response=a, event_id=f"{user}-{i}", source="correction", weight=2.0)
+            for i, (q, a) in enumerate(make_facts(u, facts))
+        ]
+        new = augment(taught, ctx["paraphrases"], seed=1)
+        train, test = build_dataset(
+            new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
+        )
+        jobs.append(TrainingJob(user, train, test, f"bench://{user}", sha256_bytes(to_jsonl(train)), trigger="benchmark"))
+    return jobs
+
+
+def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
+    """Every job once, `batch` users at a time, from a fresh registry; the round's figures."""
+    from trainer.job import JobHooks, JobRunner
+    from trainer.registry import AdapterRegistry
+
+    runner = JobRunner(
+        AdapterRegistry(Path(tempfile.mkdtemp(prefix=f"adaptloop-scale-k{batch}-"))),
+        ctx["base"],
+        ctx["model"],
+        ctx["tokenizer"],
+        ctx["device"],
+        ctx["train_cfg"],
+        ctx["gate"],
+        ctx["anchors"],
+        ctx["anchor_mix"],
+    )
+    started = time.perf_counter()
+    outcomes = []
+    for start in range(0, len(jobs), batch):
+        group = jobs[start : start + batch]
+        with tempfile.TemporaryDirectory() as tmp:
+            if batch == 1:
+                outcomes.append(runner.run(group[0], Path(tmp)))
+            else:
+                outcomes += runner.run_batch([(job, JobHooks()) for job in group], Path(tmp))
+        say(f"  K={batch}: {min(start + batch, len(jobs))}/{len(jobs)} users in {time.perf_counter() - started:.0f} s")
+    wall = time.perf_counter() - started
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    metrics = [o.info.manifest.metrics for o in outcomes if not isinstance(o, Exception)]
+
+    def mean(name: str) -> float | None:
+        values = [getattr(m, name) for m in metrics if getattr(m, name) is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "batch_users": batch,
+        "users": len(jobs),
+        "failed": [f"{type(e).__name__}: {e}" for e in failed],
+        "wall_seconds": round(wall, 1),
+        "user_versions_per_hour": round(len(metrics) * 3600 / wall, 1),
+        "trainer_seconds_per_user_version": round(wall / max(1, len(metrics)), 1),
+        "train_seconds_per_user": mean("train_seconds"),
+        "gate_seconds_per_candidate": mean("gate_seconds"),
+        "facts_learned": mean("facts_learned"),
+        "retention": mean("retention"),
+        "forgetting": mean("forgetting"),
+        "promoted": sum(o.decision == "promoted" for o in outcomes if not isinstance(o, Exception)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=24)
+    parser.add_argument("--facts", type=int, default=5, help="facts per user")
+    parser.add_argument("--batch", type=int, default=8, help="K: users trained together (compared with K = 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"scale-{datetime.now(UTC):%Y-%m-%d}.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    from core.settings import load_settings
+    from trainer.anchors import AnchorMix, AnchorSet
+    from trainer.gate import GateSpec
+    from trainer.model import load_base, resolve_base_model
+    from trainer.train import TrainConfig
+
+    settings = load_settings()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    ctx = {
+        "base": base,
+        "model": model,
+        "tokenizer": tokenizer,
+        "device": device,
+        "train_cfg": TrainConfig.from_settings(settings),
+        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
+        "anchor_mix": AnchorMix.from_settings(settings),
+        "anchors": AnchorSet.from_settings(settings, base.sha256),
+        "paraphrases": settings.streams.curation.paraphrases,
+    }
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    jobs = user_jobs(ctx, args.users, args.facts)
+    rounds = [run_round(ctx, jobs, k, say) for k in (1, args.batch)]
+    one = rounds[0]
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": str(device),
+        "base_model": base.model_id,
+        "users": args.users,
+        "facts_per_user": args.facts,
+        "rounds": rounds,
+        "speedup": round(rounds[1]["user_versions_per_hour"] / one["user_versions_per_hour"], 2),
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    say(f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} users x {args.facts} facts")
+    say(
+        "| K | user-versions/h | trainer s per user-version | train s per user | gate s per candidate | facts | retention | forgetting |"
+    )
+    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rounds:
+        say(
+            f"| {r['batch_users']} | {r['user_versions_per_hour']} | {r['trainer_seconds_per_user_version']} | "
+            f"{r['train_seconds_per_user']} | {r['gate_seconds_per_candidate']} | {r['facts_learned']} | {r['retention']} | "
+            f"{r['forgetting']} |"
+        )
+    say(f"K={args.batch} vs K=1: {report['speedup']}x user-versions per hour")
+
+
+if __name__ == "__main__":
+    main()
