@@ -84,7 +84,11 @@ def demo_settings(settings: Settings, workdir: Path, bootstrap: str) -> Settings
             "streams": settings.streams.model_copy(
                 update={"app_id": "adaptloop-demo", "web_port": free_port(), "triggers": triggers}
             ),
-            "training": settings.training.model_copy(update={"group_id": "adaptloop-demo-trainer", "metrics_port": free_port()}),
+            # No time budget: on a slow or busy machine the budget would stop training before the facts are
+            # learned and the demo would fail by the clock (a stress run found it); epochs and early stopping bound it.
+            "training": settings.training.model_copy(
+                update={"group_id": "adaptloop-demo-trainer", "metrics_port": free_port(), "max_train_seconds": 0}
+            ),
             "api": settings.api.model_copy(update={"host": "127.0.0.1", "port": free_port(), "tokens_file": None}),
             "serving": settings.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()}),
         }
