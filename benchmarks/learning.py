@@ -174,6 +174,30 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def loaded_context() -> dict:
+    """The settings' base model loaded once, with the training config, gate and anchors the trainer would build."""
+    from core.settings import load_settings
+    from trainer.anchors import AnchorMix, AnchorSet
+    from trainer.gate import GateSpec
+    from trainer.model import load_base, resolve_base_model
+    from trainer.train import TrainConfig
+
+    settings = load_settings()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    return {
+        "base": base,
+        "model": model,
+        "tokenizer": tokenizer,
+        "device": device,
+        "train_cfg": TrainConfig.from_settings(settings),
+        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
+        "anchor_mix": AnchorMix.from_settings(settings),
+        "anchors": AnchorSet.from_settings(settings, base.sha256),
+        "paraphrases": settings.streams.curation.paraphrases,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=5)
@@ -188,27 +212,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
 
-    from core.settings import load_settings
-    from trainer.anchors import AnchorMix, AnchorSet
-    from trainer.gate import GateSpec
-    from trainer.model import load_base, resolve_base_model
-    from trainer.train import TrainConfig
-
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, tokenizer, device = load_base(base, settings.model.dtype)
-    ctx = {
-        "base": base,
-        "model": model,
-        "tokenizer": tokenizer,
-        "device": device,
-        "train_cfg": TrainConfig.from_settings(settings),
-        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
-        "anchor_mix": AnchorMix.from_settings(settings),
-        "anchors": AnchorSet.from_settings(settings, base.sha256),
-        "paraphrases": settings.streams.curation.paraphrases,
-        "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-")),
-    }
+    ctx = {**loaded_context(), "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))}
+    base, device = ctx["base"], ctx["device"]
     say = lambda text: print(text, flush=True)  # noqa: E731
     plans = {
         f"user{u}": [

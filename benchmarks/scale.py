@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.learning import make_facts  # noqa: E402
+from benchmarks.learning import loaded_context, make_facts  # noqa: E402
 
 
 def user_jobs(ctx: dict, users: int, facts: int) -> list:
@@ -118,26 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    from core.settings import load_settings
-    from trainer.anchors import AnchorMix, AnchorSet
-    from trainer.gate import GateSpec
-    from trainer.model import load_base, resolve_base_model
-    from trainer.train import TrainConfig
-
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, tokenizer, device = load_base(base, settings.model.dtype)
-    ctx = {
-        "base": base,
-        "model": model,
-        "tokenizer": tokenizer,
-        "device": device,
-        "train_cfg": TrainConfig.from_settings(settings),
-        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
-        "anchor_mix": AnchorMix.from_settings(settings),
-        "anchors": AnchorSet.from_settings(settings, base.sha256),
-        "paraphrases": settings.streams.curation.paraphrases,
-    }
+    ctx = loaded_context()
+    base, device = ctx["base"], ctx["device"]
     say = lambda text: print(text, flush=True)  # noqa: E731
     jobs = user_jobs(ctx, args.users, args.facts)
     rounds = [run_round(ctx, jobs, k, say) for k in (1, args.batch)]

@@ -268,7 +268,9 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     state = RunState()
     if checkpoint is not None:
         progress, weights = load_checkpoint(optimizer, checkpoint)
-        with _no_grad():
+        import torch
+
+        with torch.no_grad():
             for key, param in loras.weights[index].items():
                 param.copy_(weights[key])
         state = RunState.resumed(progress)
@@ -455,11 +457,3 @@ def _evaluating(model, loras: UserLoras) -> Iterator[None]:
     finally:
         model.train()
         loras.training = True
-
-
-@contextmanager
-def _no_grad() -> Iterator[None]:
-    import torch
-
-    with torch.no_grad():
-        yield
