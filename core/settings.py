@@ -194,6 +194,50 @@ class StreamsSettings(_Section):
 
 
 # --------------------------------------------------------------------------- #
+# Privacy
+# --------------------------------------------------------------------------- #
+
+RedactionType = Literal["CARD", "IBAN", "EMAIL", "IP", "PHONE"]
+
+
+class PrivacySettings(_Section):
+    """Personal data kept out of what adaptloop stores (see core/redaction.py)."""
+
+    redact: bool = Field(True, description="replace detected personal data by typed placeholders before anything is stored")
+    detect: tuple[RedactionType, ...] = Field(
+        ("CARD", "IBAN", "EMAIL", "IP", "PHONE"), description="the built-in detectors in use (leave one out to switch it off)"
+    )
+    custom: dict[str, str] = Field(
+        default_factory=dict, description="more detectors: placeholder name -> regular expression, e.g. {EMPLOYEE: 'EMP-\\d{6}'}"
+    )
+    phone_region: str | None = Field(
+        "US", description="region whose national phone format is recognised (international format always is)"
+    )
+    dlq_raw: bool = Field(
+        False, description="dead letters keep the raw bytes (else only a redacted preview; the raw stay at their source offset)"
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_detectors(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, regex in value.items():
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,31}", name):
+                raise ValueError(f"placeholder name {name!r}: upper-case letters, digits and _ only")
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"{name}: not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Z]{2}", value):
+            raise ValueError("a two-letter region code, e.g. US or DE")
+        return value
+
+
+# --------------------------------------------------------------------------- #
 # Model and LoRA
 # --------------------------------------------------------------------------- #
 
@@ -413,6 +457,7 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> Settings:

@@ -82,7 +82,14 @@ class BatchHandler:
     def _dead_letter(self, msg, value: bytes | None, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(msg.topic).inc()
         letter = DeadLetter.of(
-            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key, value=value, reason=reason
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=value,
+            reason=reason,
+            redactor=self.processor.cfg.redactor,
+            keep_raw=self.cfg.dlq_raw,
         )
         dlq_partition = partition_of(msg.key, self.cfg.dlq_partitions) if msg.key else 0
         self.sender.add(self.cfg.dlq_topic, dlq_partition, msg.key, letter.to_bytes())
@@ -108,4 +115,6 @@ class BatchHandler:
             metrics.EXAMPLES.labels(source).inc(n)
         for trigger, n in stats.requests.items():
             metrics.REQUESTS.labels(trigger).inc(n)
+        for kind, n in stats.redacted.items():
+            metrics.REDACTED.labels(kind).inc(n)
         metrics.BATCH_SECONDS.labels("process").observe(time.perf_counter() - started)

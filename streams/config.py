@@ -33,6 +33,7 @@ class WorkerConfig:
     dedupe_window_s: float
     requests_partitions: int
     dlq_partitions: int
+    dlq_raw: bool  # dead letters keep the raw bytes (privacy.dlq_raw)
     data_dir: Path  # Faust's local files
 
     @property
@@ -70,6 +71,7 @@ class WorkerConfig:
             dedupe_window_s=s.streams.dedupe_window_s,
             requests_partitions=topics.training_requests.partitions,
             dlq_partitions=topics.dlq.partitions,
+            dlq_raw=s.privacy.dlq_raw,
             data_dir=worker_data_dir(s),
         )
         return replace(config, **overrides)

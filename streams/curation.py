@@ -16,15 +16,20 @@ Rules (the seed's synthetic data generation):
   each related Y; a gap for the user, or the global pool for user `global`.
 - augmentation: `paraphrases` extra prompts per example from seeded templates
   (deterministic: the same prompt always gets the same paraphrases).
+- redaction (`redact_curated`): personal data in an example's prompt and
+  response (and a thumbs-up's prompt, matched against redacted prompts)
+  becomes a typed placeholder before anything is stored (core/redaction.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from core.redaction import Redactor
 from core.settings import CurationSettings
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
 from schemas.training import Provenance, TrainingExample
@@ -121,6 +126,22 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
             )
         return Curated(examples=tuple(examples), gap=None if is_global else "concept_gap", to_global=is_global)
     raise TypeError(f"no curation rule for {type(event).__name__}")
+
+
+def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Counter[str]]:
+    """`curated` with personal data in its texts replaced by placeholders, and how many of each type."""
+    found: Counter[str] = Counter()
+
+    def clean(text: str) -> str:
+        text, counts = redactor.redact(text)
+        found.update(counts)
+        return text
+
+    if not redactor.enabled or (not curated.examples and curated.boost_prompt is None):
+        return curated, found
+    examples = tuple(e.model_copy(update={"prompt": clean(e.prompt), "response": clean(e.response)}) for e in curated.examples)
+    boost = None if curated.boost_prompt is None else clean(curated.boost_prompt)
+    return replace(curated, examples=examples, boost_prompt=boost), found
 
 
 def _stable_seed(*parts: object) -> int:

@@ -17,6 +17,9 @@ REREADS = Counter(
     registry=REGISTRY,
 )
 EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
+REDACTED = Counter(
+    "adaptloop_worker_redactions_total", "Personal data items replaced by placeholders", ["type"], registry=REGISTRY
+)
 REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)
 BATCH_SECONDS = Histogram(
     "adaptloop_worker_batch_seconds",

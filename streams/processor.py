@@ -17,12 +17,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from core.redaction import Redactor
 from core.settings import CurationSettings, Settings, defaults
 from core.storage import ArtifactStore
 from schemas.commands import RollbackCommand
 from schemas.lifecycle import ENDS_REQUEST
 from schemas.training import OffsetRange, TrainingExample, TrainingRequest, request_id_for
-from streams.curation import GLOBAL_USER, augment, curate, dedupe
+from streams.curation import GLOBAL_USER, augment, curate, dedupe, redact_curated
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
 from streams.envelope import Envelope
 from streams.state import (
@@ -59,6 +60,7 @@ class ProcessorConfig:
     accuracy_window: int
     auto_rollback: bool  # an accuracy drop soon after a promotion rolls the promotion back
     auto_rollback_window_s: float
+    redactor: Redactor  # personal data out of examples before they are stored
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> ProcessorConfig:
@@ -72,6 +74,7 @@ class ProcessorConfig:
             accuracy_window=s.streams.triggers.accuracy_window,
             auto_rollback=s.validation.auto_rollback,
             auto_rollback_window_s=s.validation.auto_rollback_window_s,
+            redactor=Redactor.from_settings(s),
         )
         return replace(config, **overrides)
 
@@ -82,6 +85,7 @@ class BatchStats:
     duplicates: int = 0
     examples: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
+    redacted: dict[str, int] = field(default_factory=dict)  # placeholder type -> items replaced
 
 
 class UserProcessor:
@@ -104,7 +108,7 @@ class UserProcessor:
             if env.k == "event":
                 event = env.event()
                 now = max(now, event.timestamp.timestamp())
-                curated = curate(event, env.prov, self.cfg.curation)
+                curated, found = redact_curated(curate(event, env.prov, self.cfg.curation), self.cfg.redactor)
                 fresh = apply_event(
                     state,
                     user_log,
@@ -117,6 +121,8 @@ class UserProcessor:
                 )
                 if fresh:
                     stats.events += 1
+                    for kind, n in found.items():
+                        stats.redacted[kind] = stats.redacted.get(kind, 0) + n
                     for example in curated.examples:
                         stats.examples[example.source] = stats.examples.get(example.source, 0) + 1
                     if curated.to_global:

@@ -58,6 +58,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from core.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError, TrainingInterrupted
 from core.kafka.client import ClientConfig
 from core.kafka.lag import ConsumerLagCollector
+from core.redaction import Redactor
 from core.settings import Settings, trainer_commands_group
 from core.storage import ArtifactStore, sha256_bytes
 from schemas import (
@@ -113,6 +114,8 @@ class TrainerConfig:
     batch_users: int = 1
     batch_wait_s: float = 0.0
     max_message_bytes: int = 1 << 20
+    redactor: Redactor = field(default_factory=Redactor)  # dead letters' previews and reasons
+    dlq_raw: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
@@ -131,6 +134,8 @@ class TrainerConfig:
             session_timeout_s=settings.kafka.session_timeout_s,
             batch_users=settings.training.batch_users,
             batch_wait_s=settings.training.batch_wait_s,
+            redactor=Redactor.from_settings(settings),
+            dlq_raw=settings.privacy.dlq_raw,
         )
 
 
@@ -322,6 +327,8 @@ class TrainerService:
                     key=msg.key(),
                     value=msg.value(),
                     reason=exc.reason,
+                    redactor=self.cfg.redactor,
+                    keep_raw=self.cfg.dlq_raw,
                 )
                 self.producer.produce(self.cfg.dlq_topic, key=msg.key(), value=letter.to_bytes())
                 self.producer.flush(30)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import click
 
+from core.redaction import Redactor, redact_logs
 from core.settings import Settings, load_settings
 from schemas import check_user_id
 
@@ -21,6 +22,7 @@ class CliContext:
     def settings(self) -> Settings:
         if self._settings is None:
             self._settings = load_settings(self.config_path)
+            redact_logs(Redactor.from_settings(self._settings))  # every command's logs, from here on
         return self._settings
 
 

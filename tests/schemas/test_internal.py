@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from core.errors import InvalidMessage
+from core.redaction import DISABLED, Redactor
 from schemas import (
     COMMAND_ADAPTER,
     MESSAGE_TYPES,
@@ -57,9 +58,24 @@ def test_training_request_round_trip_and_deterministic_id():
 def test_lifecycle_and_dead_letter_round_trip():
     event = LifecycleEvent(event_id="ev1", type="promoted", user_id="alice", version=2, metrics={"score": 0.9})
     assert decode(LifecycleEvent, event.to_bytes()) == event
-    letter = DeadLetter.of(topic="t", partition=1, offset=5, key=b"k", value=b"\xff\x00raw", reason="not UTF-8")
+    letter = DeadLetter.of(
+        topic="t", partition=1, offset=5, key=b"k", value=b"\xff\x00raw", reason="not UTF-8", redactor=DISABLED, keep_raw=True
+    )
     again = decode(DeadLetter, letter.to_bytes())
     assert again.original_value() == b"\xff\x00raw" and again.reason == "not UTF-8"
+
+
+def test_a_dead_letter_keeps_a_redacted_preview_and_no_raw_bytes_unless_asked():
+    raw = b'{"query": "mail ana@example.org", "card": "4111 1111 1111 1111"}'
+    reason = "bad field: input_value='ana@example.org'"
+    letter = DeadLetter.of(
+        topic="t", partition=0, offset=3, key=b"k", value=raw, reason=reason, redactor=Redactor(), keep_raw=False
+    )
+    again = decode(DeadLetter, letter.to_bytes())
+    assert again.value_b64 is None and again.original_value() is None
+    assert again.preview == '{"query": "mail <EMAIL>", "card": "<CARD>"}' and again.reason == "bad field: input_value='<EMAIL>'"
+    assert again.value_sha256 == hashlib.sha256(raw).hexdigest() and again.value_bytes == len(raw)
+    assert b"ana@example.org" not in letter.to_bytes() and b"4111" not in letter.to_bytes()
 
 
 def test_training_example_defaults_and_bounds():
@@ -96,10 +112,11 @@ def test_a_dead_letter_of_a_huge_message_still_fits_on_the_topic():
     from schemas.deadletter import MAX_KEPT_BYTES
 
     junk = b"\xfe" * 900_000  # just under the broker's 1 MB limit
-    letter = DeadLetter.of(topic="t", partition=0, offset=7, key=b"k" * 5000, value=junk, reason="too large")
+    kept = {"redactor": DISABLED, "keep_raw": True}
+    letter = DeadLetter.of(topic="t", partition=0, offset=7, key=b"k" * 5000, value=junk, reason="too large", **kept)
     assert len(letter.to_bytes()) < 500_000
     again = decode(DeadLetter, letter.to_bytes(), max_bytes=1_000_000)
     assert again.value_truncated and again.value_bytes == 900_000 and again.original_value() == junk[:MAX_KEPT_BYTES]
     assert again.value_sha256 == hashlib.sha256(junk).hexdigest()
-    small = DeadLetter.of(topic="t", partition=0, offset=8, key=None, value=b"{", reason="not JSON")
+    small = DeadLetter.of(topic="t", partition=0, offset=8, key=None, value=b"{", reason="not JSON", **kept)
     assert not small.value_truncated and small.original_value() == b"{" and small.value_bytes == 1

@@ -78,3 +78,17 @@ def test_augment_then_dedupe():
     assert len(out) == 6
     kept = dedupe(out)
     assert len(kept) == 3 and all(e.weight == 3.0 for e in kept)
+
+
+def test_redaction_cleans_examples_and_the_thumbs_up_prompt_alike():
+    from core.redaction import DISABLED, Redactor
+    from streams.curation import redact_curated
+
+    query = "Is my card 4111 1111 1111 1111 on file for ana@example.org?"
+    corr = curate(Feedback(**BASE, kind="correction", query=query, response="no", correction="Call +1 650-253-0000."), PROV, CFG)
+    clean, found = redact_curated(corr, Redactor())
+    assert clean.examples[0].prompt == "Is my card <CARD> on file for <EMAIL>?"
+    assert clean.examples[0].response == "Call <PHONE>." and found == {"CARD": 1, "EMAIL": 1, "PHONE": 1}
+    thumbs_up = curate(Feedback(**BASE, kind="rating", query=query, response="ok", rating=5), PROV, CFG)
+    assert redact_curated(thumbs_up, Redactor())[0].boost_prompt == clean.examples[0].prompt, "boosts find the redacted prompt"
+    assert redact_curated(corr, DISABLED) == (corr, {})

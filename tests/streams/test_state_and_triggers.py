@@ -266,3 +266,13 @@ def test_marks_a_crash_lost_after_the_state_landed_are_repaired_by_the_next_run(
     assert state.events_total == 4, "nothing counted twice"
     assert set(log.seen_ids) == {"zed-r0", "zed-r1", "zed-r2", "zed-r9"}
     assert state.batch_ids == [], "this run's own last write: its marks were sent, nothing is carried"
+
+
+def test_the_processor_stores_redacted_examples_and_counts_them(tmp_path):
+    proc = UserProcessor(ProcessorConfig.from_settings(), ArtifactStore(str(tmp_path)))
+    body = {"event_id": "p1", "user_id": "yan", "timestamp": "2026-01-01T00:00:00Z", "kind": "correction"}
+    body |= {"query": "Where do I send it?", "response": "x", "correction": "To yan@example.org or 192.168.0.12."}
+    state, log, stats = _new_state(), MemoryUserLog(), BatchStats()
+    proc.handle("yan", state, log, [Envelope(k="event", kind="feedback", body=body)], stats)
+    assert {e.response for e in log.examples.values()} == {"To <EMAIL> or <IP>."}
+    assert stats.redacted == {"EMAIL": 1, "IP": 1}
