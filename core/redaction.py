@@ -45,7 +45,8 @@ _EMAIL = re.compile(
 _IPV4 = re.compile(r"(?<!\d)(?<!\d\.)(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
 _DIGITS = re.compile(r"\d")
-_PHONE_MIN_DIGITS = 7
+_PHONE_HINT = re.compile(r"\d(?:[\s().\-/]{0,3}\d){6}")  # seven digits close together
+_IPV4_HINT = re.compile(r"\d\.\d")
 
 # ISO 13616: each country's IBAN length (a plausible IBAN of another length is left alone).
 _IBAN_LENGTHS = {
@@ -139,16 +140,18 @@ class Redactor:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        builtin: list[tuple[str, Callable[[str], list[Span]]]] = [
-            ("IBAN", _ibans),
-            ("CARD", _cards),
-            ("EMAIL", _matches(_EMAIL)),
-            ("IP", _matches(_IPV4, _is_ip)),
-            ("IP", _matches(_IPV6, _is_ipv6)),
-            ("PHONE", self._phones),
+        # (name, find spans, worth trying): the cheap test skips a detector on
+        # the many texts that cannot hold its kind (most hold no long number).
+        builtin: list[tuple[str, Callable[[str], list[Span]], Callable[[str], bool]]] = [
+            ("IBAN", _ibans, _DIGITS.search),
+            ("CARD", _cards, lambda text: len(_DIGITS.findall(text)) >= 13),
+            ("EMAIL", _matches(_EMAIL), lambda text: "@" in text),
+            ("IP", _matches(_IPV4, _is_ip), _IPV4_HINT.search),
+            ("IP", _matches(_IPV6, _is_ipv6), lambda text: text.count(":") >= 2),
+            ("PHONE", self._phones, _PHONE_HINT.search),
         ]
-        self._detectors = [(name, find) for name, find in builtin if name in self.types]
-        self._detectors += [(name, _matches(re.compile(regex))) for name, regex in self.custom.items()]
+        self._detectors = [(name, find, worth) for name, find, worth in builtin if name in self.types]
+        self._detectors += [(name, _matches(re.compile(regex)), bool) for name, regex in self.custom.items()]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
@@ -160,7 +163,9 @@ class Redactor:
         found: Counter[str] = Counter()
         if not self.enabled or not text:
             return text, found
-        for name, find in self._detectors:
+        for name, find, worth in self._detectors:
+            if not worth(text):
+                continue
             spans = find(text)
             for start, end in reversed(spans):
                 text = f"{text[:start]}<{name}>{text[end:]}"
@@ -173,8 +178,6 @@ class Redactor:
         return self.redact(text)[0]
 
     def _phones(self, text: str) -> list[Span]:
-        if len(_DIGITS.findall(text)) < _PHONE_MIN_DIGITS:
-            return []  # the matcher is the slow part: most texts hold no number that long
         matcher = phonenumbers.PhoneNumberMatcher(text, self.phone_region, leniency=phonenumbers.Leniency.VALID)
         return [(m.start, m.end) for m in matcher]
 
