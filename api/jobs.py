@@ -192,6 +192,7 @@ class Activity:
     trainings: list[float] = field(default_factory=list)  # training_completed times (epoch s)
     rollbacks: list[float] = field(default_factory=list)
     pending_gaps: dict[str, int] = field(default_factory=dict)
+    opted_out: set[str] = field(default_factory=set)  # users who opted out of training, as the worker applied it
     last_training: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -306,9 +307,15 @@ class JobTracker:
                 if key is not None:
                     user = key.decode(errors="replace")
                     self.activity.pending_gaps[user] = len(body.get("gaps", [])) if isinstance(body, dict) else 0
+                    if isinstance(body, dict) and body.get("training_consent") is False:
+                        self.activity.opted_out.add(user)
+                    else:
+                        self.activity.opted_out.discard(user)
             elif not isinstance(body, dict):
                 return
-            elif topic == self.commands_topic and body.get("command_id") and body.get("user_id"):
+            elif (
+                topic == self.commands_topic and body.get("command_id") and body.get("user_id") and body.get("type") != "consent"
+            ):
                 job = self.jobs.setdefault(body["command_id"], Job(body["command_id"], str(body.get("type")), body["user_id"]))
                 job.created_at = body.get("requested_at") or job.created_at
             elif topic == self.lifecycle_topic:

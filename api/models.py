@@ -29,6 +29,17 @@ class RollbackBody(_Body):
     to_version: int | None = Field(None, ge=1)
 
 
+class ConsentBody(_Body):
+    train: bool
+
+
+class ConsentAccepted(BaseModel):
+    user_id: str
+    train: bool
+    command_id: str
+    status: str = "sent"  # the worker applies it; GET status/{user_id} shows `training_consent` once it has
+
+
 class JobAccepted(BaseModel):
     job_id: str
     status: str = "queued"

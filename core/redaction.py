@@ -143,12 +143,12 @@ class Redactor:
         # (name, find spans, worth trying): the cheap test skips a detector on
         # the many texts that cannot hold its kind (most hold no long number).
         builtin: list[tuple[str, Callable[[str], list[Span]], Callable[[str], bool]]] = [
-            ("IBAN", _ibans, _DIGITS.search),
+            ("IBAN", _ibans, lambda text: _DIGITS.search(text) is not None),
             ("CARD", _cards, lambda text: len(_DIGITS.findall(text)) >= 13),
             ("EMAIL", _matches(_EMAIL), lambda text: "@" in text),
-            ("IP", _matches(_IPV4, _is_ip), _IPV4_HINT.search),
+            ("IP", _matches(_IPV4, _is_ip), lambda text: _IPV4_HINT.search(text) is not None),
             ("IP", _matches(_IPV6, _is_ipv6), lambda text: text.count(":") >= 2),
-            ("PHONE", self._phones, _PHONE_HINT.search),
+            ("PHONE", self._phones, lambda text: _PHONE_HINT.search(text) is not None),
         ]
         self._detectors = [(name, find, worth) for name, find, worth in builtin if name in self.types]
         self._detectors += [(name, _matches(re.compile(regex)), bool) for name, regex in self.custom.items()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
-from schemas.commands import Command, RetrainCommand, RollbackCommand, ValidateCommand
+from schemas.commands import Command, ConsentCommand, RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.common import SCHEMA_VERSION, check_user_id, model_json_schema
 from schemas.deadletter import DeadLetter
 from schemas.decode import decode
@@ -33,6 +33,7 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     "retrain_command": RetrainCommand,
     "validate_command": ValidateCommand,
     "rollback_command": RollbackCommand,
+    "consent_command": ConsentCommand,
     "training_request": TrainingRequest,
     "training_example": TrainingExample,
     "lifecycle_event": LifecycleEvent,
@@ -70,6 +71,7 @@ __all__ = [
     "InputEvent",
     "IntentTrace",
     "LifecycleEvent",
+    "ConsentCommand",
     "RetrainCommand",
     "RollbackCommand",
     "TrainingExample",

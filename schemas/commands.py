@@ -39,4 +39,11 @@ class RollbackCommand(_Command):
     to_version: int | None = Field(None, ge=1, description="default: the previous good version")
 
 
-Command = Annotated[RetrainCommand | ValidateCommand | RollbackCommand, Field(discriminator="type")]
+class ConsentCommand(_Command):
+    """A user's standing choice: `train` false opts out of training (pending examples dropped) until true again."""
+
+    type: Literal["consent"] = "consent"
+    train: bool
+
+
+Command = Annotated[RetrainCommand | ValidateCommand | RollbackCommand | ConsentCommand, Field(discriminator="type")]

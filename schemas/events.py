@@ -24,6 +24,7 @@ from schemas.common import (
 )
 
 RatingScale = Literal["unit", "stars"]
+Consent = Literal["train", "no-train"]
 IntentStatus = Literal["open", "missed", "satisfied", "abandoned"]
 FeedbackKind = Literal["correction", "rating"]
 
@@ -33,6 +34,9 @@ class InputEvent(Message):
     user_id: UserId
     timestamp: Timestamp
     schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    consent: Consent | None = Field(
+        None, description="'no-train': validated and counted, never trained on (absent: the user's standing choice)"
+    )
 
 
 class _Rated(InputEvent):

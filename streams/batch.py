@@ -18,6 +18,7 @@ import time
 from core.errors import InvalidMessage
 from schemas.commands import RollbackCommand
 from schemas.deadletter import DeadLetter
+from schemas.lifecycle import LifecycleEvent
 from streams import metrics
 from streams.config import WorkerConfig
 from streams.decoding import SourceDecoder, partition_of
@@ -95,10 +96,12 @@ class BatchHandler:
         self.sender.add(self.cfg.dlq_topic, dlq_partition, msg.key, letter.to_bytes())
 
     def _queue(self, outgoing: Outgoing) -> None:
-        """Requests and rollback commands go out last (PHASE_MARKS), each to its user's partition."""
+        """Requests, rollback commands and skips go out last (PHASE_MARKS), each to its user's partition."""
         for key, message in outgoing:
             if isinstance(message, RollbackCommand):  # commands share the worker's partitioning
                 topic, partition = self.cfg.commands_topic, partition_of(key, self.cfg.internal_partitions)
+            elif isinstance(message, LifecycleEvent):  # so does the lifecycle topic
+                topic, partition = self.cfg.lifecycle_topic, partition_of(key, self.cfg.internal_partitions)
             else:
                 topic, partition = self.cfg.requests_topic, partition_of(key, self.cfg.requests_partitions)
             self.sender.add(topic, partition, key, message.to_bytes(), PHASE_MARKS)
@@ -107,10 +110,13 @@ class BatchHandler:
         for _key, message in outgoing:
             if isinstance(message, RollbackCommand):
                 log.warning("rollback command %s for %s: %s", message.command_id, message.user_id, message.reason)
+            elif isinstance(message, LifecycleEvent):
+                log.info("%s for %s (job %s): %s", message.type, message.user_id, message.job_id, message.reason)
             else:
                 log.info("training request %s for %s (%s)", message.request_id, message.user_id, message.trigger)
         metrics.PROCESSED.inc(stats.events)
         metrics.DUPLICATES.inc(stats.duplicates)
+        metrics.NOT_TRAINED.inc(stats.not_trained)
         for source, n in stats.examples.items():
             metrics.EXAMPLES.labels(source).inc(n)
         for trigger, n in stats.requests.items():

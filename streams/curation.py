@@ -16,6 +16,9 @@ Rules (the seed's synthetic data generation):
   each related Y; a gap for the user, or the global pool for user `global`.
 - augmentation: `paraphrases` extra prompts per example from seeded templates
   (deterministic: the same prompt always gets the same paraphrases).
+- consent: an event marked `"consent": "no-train"` (or any event of a user
+  who opted out, streams/processor.py) is counted and may still say how the
+  user was served, but gives no example, no gap and no boost (`without_training`).
 - redaction (`redact_curated`): personal data in an example's prompt and
   response (and a thumbs-up's prompt, matched against redacted prompts)
   becomes a typed placeholder before anything is stored (core/redaction.py).
@@ -126,6 +129,11 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
             )
         return Curated(examples=tuple(examples), gap=None if is_global else "concept_gap", to_global=is_global)
     raise TypeError(f"no curation rule for {type(event).__name__}")
+
+
+def without_training(curated: Curated) -> Curated:
+    """What an event gives when it may not be trained on: only its outcome (for metrics and rollback)."""
+    return Curated(outcome=curated.outcome)
 
 
 def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Counter[str]]:

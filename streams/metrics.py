@@ -17,6 +17,9 @@ REREADS = Counter(
     registry=REGISTRY,
 )
 EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated", ["source"], registry=REGISTRY)
+NOT_TRAINED = Counter(
+    "adaptloop_worker_not_trained_events_total", "Events counted but not trained on (consent)", registry=REGISTRY
+)
 REDACTED = Counter(
     "adaptloop_worker_redactions_total", "Personal data items replaced by placeholders", ["type"], registry=REGISTRY
 )

@@ -21,9 +21,9 @@ from core.redaction import Redactor
 from core.settings import CurationSettings, Settings, defaults
 from core.storage import ArtifactStore
 from schemas.commands import RollbackCommand
-from schemas.lifecycle import ENDS_REQUEST
+from schemas.lifecycle import ENDS_REQUEST, LifecycleEvent
 from schemas.training import OffsetRange, TrainingExample, TrainingRequest, request_id_for
-from streams.curation import GLOBAL_USER, augment, curate, dedupe, redact_curated
+from streams.curation import GLOBAL_USER, augment, curate, dedupe, redact_curated, without_training
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
 from streams.envelope import Envelope
 from streams.state import (
@@ -79,6 +79,20 @@ class ProcessorConfig:
         return replace(config, **overrides)
 
 
+Output = TrainingRequest | RollbackCommand | LifecycleEvent  # what the processor gives the worker to send
+
+
+def _skipped(user_id: str, command_id: str, reason: str) -> LifecycleEvent:
+    """The answer to a retrain command the worker will not carry out (same id on redelivery)."""
+    return LifecycleEvent(
+        event_id=f"skip-{hashlib.sha256(command_id.encode()).hexdigest()[:32]}",
+        type="training_skipped",
+        user_id=user_id,
+        job_id=command_id,
+        reason=reason,
+    )
+
+
 @dataclass
 class BatchStats:
     events: int = 0
@@ -86,6 +100,7 @@ class BatchStats:
     examples: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
     redacted: dict[str, int] = field(default_factory=dict)  # placeholder type -> items replaced
+    not_trained: int = 0  # events counted but not trained on (consent)
 
 
 class UserProcessor:
@@ -98,9 +113,9 @@ class UserProcessor:
 
     def handle(
         self, user_id: str, state: UserState, user_log: UserLog, envelopes: list[Envelope], stats: BatchStats
-    ) -> list[TrainingRequest | RollbackCommand]:
-        """Apply a batch of one user's envelopes to `state`; return the training requests and commands to emit."""
-        requests: list[TrainingRequest | RollbackCommand] = []
+    ) -> list[Output]:
+        """Apply a batch of one user's envelopes to `state`; return the training requests, commands and events to emit."""
+        requests: list[Output] = []
         global_examples: list[TrainingExample] = []
         now = state.last_event_at
         requests.extend(self._repair_after_crash(state, user_log, now))
@@ -109,6 +124,9 @@ class UserProcessor:
                 event = env.event()
                 now = max(now, event.timestamp.timestamp())
                 curated, found = redact_curated(curate(event, env.prov, self.cfg.curation), self.cfg.redactor)
+                trainable = state.training_consent and event.consent != "no-train"
+                if not trainable:
+                    curated = without_training(curated)
                 fresh = apply_event(
                     state,
                     user_log,
@@ -121,6 +139,7 @@ class UserProcessor:
                 )
                 if fresh:
                     stats.events += 1
+                    stats.not_trained += not trainable
                     for kind, n in found.items():
                         stats.redacted[kind] = stats.redacted.get(kind, 0) + n
                     for example in curated.examples:
@@ -147,7 +166,7 @@ class UserProcessor:
         for r in requests:
             if isinstance(r, TrainingRequest):
                 stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
-            else:
+            elif isinstance(r, RollbackCommand):
                 stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
         return requests
 
@@ -175,16 +194,14 @@ class UserProcessor:
         state.batch_ids, state.written_by, state.request_unsent = list(carried), self.run_id, False
         return resend
 
-    def _after_envelope(
-        self, user_id: str, state: UserState, user_log: UserLog, now: float
-    ) -> list[TrainingRequest | RollbackCommand]:
+    def _after_envelope(self, user_id: str, state: UserState, user_log: UserLog, now: float) -> list[Output]:
         """Windows pruned, a stale open request expired, then an automatic rollback or training request, if due."""
         prune_gaps(state, now, self.cfg.triggers.gap_window_s)
         self._expire_open_request(state, now)
         rollback = self._auto_rollback(user_id, state, now)
         if rollback is not None:
             return [rollback]
-        trigger = automatic_trigger(state, now, self.cfg.triggers)
+        trigger = automatic_trigger(state, now, self.cfg.triggers) if state.training_consent else None
         if trigger is None:
             return []
         return [self._snapshot(user_id, state, user_log, trigger, now, self.cfg.include_global)]
@@ -217,17 +234,19 @@ class UserProcessor:
 
     def on_tick(self, user_id: str, state: UserState, user_log: UserLog, at: float, stats: BatchStats) -> list[TrainingRequest]:
         """The nightly schedule's tick for one user."""
-        if user_id == GLOBAL_USER or nightly_trigger(state, self.cfg.triggers) is None:
+        if user_id == GLOBAL_USER or not state.training_consent or nightly_trigger(state, self.cfg.triggers) is None:
             return []
         stats.requests["nightly"] = stats.requests.get("nightly", 0) + 1
         return [self._snapshot(user_id, state, user_log, "nightly", at, self.cfg.include_global)]
 
-    def _on_command(
-        self, user_id: str, state: UserState, user_log: UserLog, body: dict[str, Any], at: float
-    ) -> list[TrainingRequest]:
+    def _on_command(self, user_id: str, state: UserState, user_log: UserLog, body: dict[str, Any], at: float) -> list[Output]:
+        if body.get("type") == "consent":
+            return self._on_consent(user_id, state, user_log, bool(body.get("train")))
         if body.get("type") != "retrain":
             return []  # validate and rollback are the trainer's
         command_id = str(body["command_id"])
+        if not state.training_consent:
+            return [_skipped(user_id, command_id, "the user has opted out of training")]
         include_global = bool(body.get("include_global", False))
         if state.open_request is not None:
             if state.open_request.command_id != command_id:
@@ -246,7 +265,7 @@ class UserProcessor:
         if open_ is None or body.get("request_id") != open_.request_id or body.get("type") not in ENDS_REQUEST:
             return []
         state.open_request = None
-        if body.get("type") == "training_failed" and open_.dataset_uri:
+        if body.get("type") == "training_failed" and open_.dataset_uri and state.training_consent:
             # Nothing is lost: the failed dataset's new examples go back to pending.
             try:
                 back = [e for e in read_examples(self.store, open_.dataset_uri) if e.source not in ("replay", "global")]
@@ -261,6 +280,18 @@ class UserProcessor:
                 )
             ]
         return []
+
+    def _on_consent(self, user_id: str, state: UserState, user_log: UserLog, train: bool) -> list[Output]:
+        """Opting out drops the pending examples and a deferred retrain; opting in counts from here on."""
+        if train or not state.training_consent:
+            state.training_consent = train
+            return []
+        state.training_consent = False
+        clear_pending(state, user_log)
+        state.gaps = []
+        log.info("%s opted out of training", user_id)
+        deferred, state.deferred = state.deferred, None
+        return [] if deferred is None else [_skipped(user_id, deferred.command_id, "the user has opted out of training")]
 
     def _expire_open_request(self, state: UserState, now: float) -> None:
         """Forget a request nobody answered within the timeout; the next trigger starts anew."""

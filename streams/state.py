@@ -65,6 +65,7 @@ class UserState(BaseModel):
     last_dataset_uri: str | None = None
     promoted_version: int | None = Field(None, description="the last promoted version, while a drop may still roll it back")
     promoted_at: float | None = None
+    training_consent: bool = Field(True, description="False while the user has opted out of training (a consent command)")
 
     @property
     def pending_count(self) -> int:

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.settings import WORKER_TABLES
-from schemas.commands import RollbackCommand
-from schemas.training import TrainingExample, TrainingRequest
+from schemas.training import TrainingExample
 from streams.decoding import partition_of
 from streams.envelope import Envelope
-from streams.processor import BatchStats, UserProcessor
+from streams.processor import BatchStats, Output, UserProcessor
 from streams.sending import PHASE_MARKS, PHASE_STATE, ChangelogWriter
 from streams.state import UserState
 
-Outgoing = list[tuple[bytes, TrainingRequest | RollbackCommand]]
+Outgoing = list[tuple[bytes, Output]]
 
 
 class Table(Protocol):

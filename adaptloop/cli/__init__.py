@@ -13,6 +13,7 @@ default). Errors adaptloop expects print one clear message and exit 2.
     adapters.py   ask, status, history, report, rollback
     api.py        api (the HTTP API), api token create/list/revoke
     serving.py    serve (the OpenAI-compatible server), serving sync
+    privacy.py    consent
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ import sys
 
 import click
 
-from adaptloop.cli import adapters, api, broker, events, serving, settings_and_schemas, stack, training  # noqa: F401  (each registers its commands)
+from adaptloop.cli import (  # noqa: F401  (each registers its commands)
+    adapters,
+    api,
+    broker,
+    events,
+    privacy,
+    serving,
+    settings_and_schemas,
+    stack,
+    training,
+)
 from adaptloop.cli.context import cli
 from core.errors import AdaptloopError
 

@@ -15,9 +15,9 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse
 
 from api.deps import Auth, Config, Registry, Tracker, UserIdPath, allowed
-from api.models import JobAccepted, RetrainBody, RollbackBody, ValidateBody
+from api.models import ConsentAccepted, ConsentBody, JobAccepted, RetrainBody, RollbackBody, ValidateBody
 from core.kafka.io import produce
-from schemas import RetrainCommand, RollbackCommand, ValidateCommand
+from schemas import ConsentCommand, RetrainCommand, RollbackCommand, ValidateCommand
 from trainer.report import build_report, version_rows
 
 router = APIRouter(prefix="/api/adapter", tags=["adapter"])
@@ -78,6 +78,17 @@ def rollback(body: RollbackBody, who: Auth, request: Request) -> JobAccepted:
     return _publish(request, command)
 
 
+@router.put("/users/{user_id}/consent", status_code=202, response_model=ConsentAccepted)
+def consent(user_id: UserIdPath, body: ConsentBody, who: Auth, request: Request) -> ConsentAccepted:
+    """Opt a user out of training (`train: false`: pending examples dropped, no requests) or back in."""
+    allowed(who, user_id)
+    command = ConsentCommand(command_id=_job_id(), user_id=user_id, train=body.train, requested_by=f"api:{who.token_id}")
+    cfg = request.app.state.config
+    produce(cfg.client, cfg.commands_topic, [(user_id, command.to_bytes())], timeout=cfg.command_timeout_s)
+    request.app.state.metrics.commands.labels("consent").inc()
+    return ConsentAccepted(user_id=user_id, train=body.train, command_id=command.command_id)
+
+
 @router.get("/job/{job_id}")
 def job(job_id: JobId, who: Auth, tracker: Tracker) -> dict:
     found = tracker.get(job_id)
@@ -96,6 +107,7 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
     latest = versions[-1].manifest if versions else None
     with tracker.lock:
         gaps = tracker.activity.pending_gaps.get(user_id, 0)
+        consenting = user_id not in tracker.activity.opted_out
         view = tracker.requests.of(user_id)
         job = None if view is None else asdict(view) | {"open": view.open, "summary": view.describe()}
     return {
@@ -112,6 +124,7 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
             "passed": latest.validation.passed if latest.validation else None,
         },
         "pending_gaps": gaps,
+        "training_consent": consenting,
         "job": job,  # the user's latest training request: queued, training (with progress), gating, ... or how it ended
     }
 

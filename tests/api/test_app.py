@@ -145,6 +145,20 @@ def test_commands_become_jobs_that_follow_the_lifecycle(api_server: ApiHandle):
     )
     assert failed["reason"] == "alice has no kept version 1"
 
+    # Consent: the user's own token (or admin) sends the choice to the worker; no job, no other user's choice.
+    r = httpx.put(f"{api_server.url}/api/adapter/users/alice/consent", headers=api_server.headers("alice"), json={"train": False})
+    assert r.status_code == 202 and r.json()["train"] is False
+    (sent,) = [c for c in api_server.commands() if c["command_id"] == r.json()["command_id"]]
+    assert sent["type"] == "consent" and sent["user_id"] == "alice" and sent["train"] is False
+    assert httpx.get(f"{api_server.url}/api/adapter/job/{sent['command_id']}", headers=admin).status_code == 404
+    assert (
+        httpx.put(
+            f"{api_server.url}/api/adapter/users/bob/consent", headers=api_server.headers("alice"), json={"train": True}
+        ).status_code
+        == 403
+    )
+    assert httpx.put(f"{api_server.url}/api/adapter/users/alice/consent", headers=admin, json={"train": "no"}).status_code == 422
+
 
 def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle, tmp_path):
     _seed_registry(api_server, tmp_path)

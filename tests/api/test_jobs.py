@@ -58,3 +58,13 @@ def test_finished_jobs_do_not_move_back_and_bad_messages_are_skipped():
     assert t.activity.pending_gaps == {"ann": 2}
     t._apply("app-users-changelog", b"ann", None)  # a deleted key
     assert t.activity.pending_gaps == {"ann": 0}
+
+
+def test_consent_commands_are_no_jobs_and_the_worker_state_says_who_opted_out():
+    t = _tracker()
+    t._apply("cmd", b"ann", json.dumps({"command_id": "c1", "type": "consent", "user_id": "ann", "train": False}).encode())
+    assert t.get("c1") is None, "nothing ends a consent command: it would stay queued forever"
+    t._apply("app-users-changelog", b"ann", json.dumps({"gaps": [], "training_consent": False}).encode())
+    assert t.activity.opted_out == {"ann"}
+    t._apply("app-users-changelog", b"ann", json.dumps({"gaps": [], "training_consent": True}).encode())
+    assert t.activity.opted_out == set()

@@ -276,3 +276,37 @@ def test_the_processor_stores_redacted_examples_and_counts_them(tmp_path):
     proc.handle("yan", state, log, [Envelope(k="event", kind="feedback", body=body)], stats)
     assert {e.response for e in log.examples.values()} == {"To <EMAIL> or <IP>."}
     assert stats.redacted == {"EMAIL": 1, "IP": 1}
+
+
+def _correction(user: str, n: int, **fields) -> Envelope:
+    body = {"event_id": f"{user}-c{n}", "user_id": user, "timestamp": f"2026-01-01T00:00:{n:02d}Z", "kind": "correction"}
+    return Envelope(k="event", kind="feedback", body=body | {"query": f"Q{n}?", "response": "x", "correction": f"A{n}."} | fields)
+
+
+def _consent(user: str, n: int, train: bool) -> Envelope:
+    return Envelope(k="command", body={"type": "consent", "command_id": f"{user}-k{n}", "user_id": user, "train": train})
+
+
+def test_no_train_events_and_an_opted_out_user_are_counted_but_never_trained_on(tmp_path):
+    cfg = ProcessorConfig.from_settings(triggers=TriggerConfig.from_settings(min_gap_events=2, cooldown_s=0))
+    proc, state, log = UserProcessor(cfg, ArtifactStore(str(tmp_path))), _new_state(), MemoryUserLog()
+    stats = BatchStats()
+    assert proc.handle("kim", state, log, [_correction("kim", n, consent="no-train") for n in range(3)], stats) == []
+    assert state.events_total == 3 and state.pending_count == 0 and sum(state.gap_totals.values()) == 0
+    assert stats.not_trained == 3
+    # One trainable correction waits; opting out drops it, and what follows is counted only.
+    assert proc.handle("kim", state, log, [_correction("kim", 3)], BatchStats()) == []
+    assert state.pending_count == 1
+    assert proc.handle("kim", state, log, [_consent("kim", 1, False)], BatchStats()) == []
+    assert state.pending_count == 0 and log.examples == {} and state.training_consent is False
+    assert proc.handle("kim", state, log, [_correction("kim", n) for n in range(4, 8)], BatchStats()) == []
+    assert state.events_total == 8 and state.pending_count == 0
+    # A retrain meanwhile is answered at once, so whoever waits on it learns why.
+    retrain = Envelope(k="command", body={"type": "retrain", "command_id": "kim-r1", "user_id": "kim"})
+    (skipped,) = proc.handle("kim", state, log, [retrain], BatchStats())
+    assert skipped.type == "training_skipped" and skipped.job_id == "kim-r1" and "opted out" in skipped.reason
+    assert proc.handle("kim", state, log, [retrain], BatchStats())[0].event_id == skipped.event_id, "same id on redelivery"
+    # Back in: new events train again, and only they.
+    assert proc.handle("kim", state, log, [_consent("kim", 2, True)], BatchStats()) == []
+    (request,) = proc.handle("kim", state, log, [_correction("kim", n) for n in (8, 9)], BatchStats())
+    assert {e.response for e in read_examples(proc.store, request.dataset.uri)} == {"A8.", "A9."}

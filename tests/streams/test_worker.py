@@ -316,3 +316,29 @@ def test_personal_data_never_reaches_storage_changelogs_or_logs(worker_factory):
     assert all(f"<{kind}>".encode() in datasets for kind in ("EMAIL", "PHONE", "CARD", "IBAN", "IP"))
     letter = json.loads(w.read("dlq")[0].value)
     assert re.search(r"<(EMAIL|PHONE|CARD|IBAN|IP)>", letter["preview"]) and letter.get("value_b64") is None
+
+
+def test_consent_from_events_and_the_command_line_keeps_a_user_out_of_training(worker_factory):
+    """`"consent": "no-train"` events and `adaptloop consent U --no-train` are counted, never trained on; --train undoes it."""
+    from tests.support.processes import run_cli
+
+    w = worker_factory(min_gap_events=3)
+    bootstrap = {"KAFKA_BOOTSTRAP_SERVERS": w.client.bootstrap_servers}
+    w.publish([event("feedback", "noa", n, consent="no-train") for n in range(3)])
+    w.wait_for(lambda: w.states().get("noa", {}).get("events_total") == 3, what="three no-train events counted")
+    out = run_cli("--config", str(w.config_path), "consent", "noa", "--no-train", env=bootstrap)
+    assert out.returncode == 0 and "opted out" in out.stdout, out.stderr
+    w.wait_for(lambda: w.states()["noa"].get("training_consent") is False, what="the opt-out applied")
+    w.publish([event("feedback", "noa", n) for n in range(3, 6)])
+    w.send("commands", "noa", RetrainCommand(command_id="noa-retrain", user_id="noa"))
+    skipped = w.wait_for(lambda: [json.loads(r.value) for r in w.read("lifecycle")], what="the retrain answered")
+    assert [(e["type"], e["job_id"]) for e in skipped] == [("training_skipped", "noa-retrain")]
+    w.wait_for(lambda: w.states()["noa"]["events_total"] == 6, what="the opted-out events counted")
+    assert w.requests() == [] and w.states()["noa"]["pending_next"] == w.states()["noa"]["pending_first"]
+
+    out = run_cli("--config", str(w.config_path), "consent", "noa", "--train", env=bootstrap)
+    assert out.returncode == 0, out.stderr
+    w.wait_for(lambda: w.states()["noa"].get("training_consent") is True, what="the opt-in applied")
+    w.publish([event("feedback", "noa", n) for n in range(6, 9)])
+    (request,) = w.wait_for(lambda: w.requests(), what="a request once opted in")
+    assert {e.response for e in _dataset(w, request["dataset"]["uri"])} == {f"Fact {n} is true." for n in range(6, 9)}
