@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from schemas.common import ShortText, Text, UserId
 
@@ -30,7 +30,7 @@ class RollbackBody(_Body):
 
 
 class ConsentBody(_Body):
-    train: bool
+    train: StrictBool  # "no" or 0 is a mistake to report, not a choice to guess
 
 
 class ConsentAccepted(BaseModel):

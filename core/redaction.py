@@ -10,7 +10,7 @@ digits or '@', so a later one never sees a half-replaced number):
     IBAN   a country code, two check digits and the account, mod-97 checked (ISO 13616)
     CARD   13-19 digits (spaces or dashes between them allowed) that pass the Luhn check
     EMAIL  local@domain.tld
-    IP     IPv4 and IPv6 addresses that `ipaddress` accepts
+    IP     IPv4 and IPv6 addresses that `ipaddress` accepts (not loopback or unspecified ones)
     PHONE  numbers the `phonenumbers` package finds valid (international
            format anywhere, national format for `privacy.phone_region`)
     custom `privacy.custom`: a placeholder name -> a regular expression
@@ -119,10 +119,10 @@ def _matches(regex: re.Pattern[str], accept: Callable[[str], bool] | None = None
 
 def _is_ip(match: str) -> bool:
     try:
-        ipaddress.ip_address(match)
+        address = ipaddress.ip_address(match)
     except ValueError:
         return False
-    return True
+    return not (address.is_loopback or address.is_unspecified)  # 127.0.0.1 or 0.0.0.0 point at no one
 
 
 def _is_ipv6(match: str) -> bool:
@@ -187,6 +187,15 @@ DISABLED = Redactor(enabled=False)
 _plain_record_factory = logging.getLogRecordFactory()
 
 
+def _clean_arg(redactor: Redactor, arg: Any) -> Any:
+    """A log argument redacted; numbers stay numbers (for %d), anything else that held data becomes its clean text."""
+    if arg is None or isinstance(arg, int | float):
+        return arg
+    text = arg if isinstance(arg, str) else str(arg)
+    clean = redactor.clean(text)
+    return arg if clean == text and not isinstance(arg, str) else clean
+
+
 def redact_logs(redactor: Redactor) -> None:
     """Every log record of this process made with its message redacted (a second call replaces the first).
 
@@ -199,13 +208,14 @@ def redact_logs(redactor: Redactor) -> None:
 
     def make_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = _plain_record_factory(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string: logging reports it itself, later
-            return record
-        clean = redactor.clean(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        # The message and each argument apart, so formatters that read
+        # `record.args` themselves (uvicorn's access log) still find them.
+        if isinstance(record.msg, str):
+            record.msg = redactor.clean(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_clean_arg(redactor, a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _clean_arg(redactor, v) for k, v in record.args.items()}
         return record
 
     logging.setLogRecordFactory(make_record)

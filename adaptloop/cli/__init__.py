@@ -13,7 +13,7 @@ default). Errors adaptloop expects print one clear message and exit 2.
     adapters.py   ask, status, history, report, rollback
     api.py        api (the HTTP API), api token create/list/revoke
     serving.py    serve (the OpenAI-compatible server), serving sync
-    privacy.py    consent
+    privacy.py    consent, export
 """
 
 from __future__ import annotations

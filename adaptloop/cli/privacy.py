@@ -1,4 +1,4 @@
-"""`adaptloop consent`: a user's standing choice about training on their data.
+"""`adaptloop consent` and `adaptloop export`: a user's choice about training, and a copy of what is held.
 
     adaptloop consent USER --no-train      # opt out: pending examples dropped, no training requests
     adaptloop consent USER --train         # opt back in: new events count from here on
@@ -8,9 +8,17 @@ applied by the worker that owns the user (the API's
 `PUT /api/adapter/users/{user_id}/consent` sends the same command).
 Events marked `"consent": "no-train"` are never trained on, whatever the
 standing choice.
+
+    adaptloop export USER --out DIR [--no-worker-state]
+
+writes everything held about USER into DIR (privacy/export.py: datasets,
+pending examples, every kept adapter with its manifest, history, validation
+results, rollbacks, lineage), with a README.md saying what each part is.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -33,3 +41,19 @@ def consent_cmd(ctx: CliContext, user_id: str, train: bool) -> None:
     produce(ClientConfig.from_settings(s.kafka), s.topics.commands.name, [(user_id, command.to_bytes())])
     choice = "may be trained on" if train else "opted out of training"
     click.echo(f"{user_id}: {choice} (command {command.command_id} sent; the worker applies it)")
+
+
+@cli.command("export")
+@click.argument("user_id")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="a new, empty directory")
+@click.option("--no-worker-state", is_flag=True, help="skip the worker's state and pending examples (read from Kafka otherwise)")
+@pass_ctx
+def export_cmd(ctx: CliContext, user_id: str, out: Path, no_worker_state: bool) -> None:
+    """Write everything adaptloop holds about USER_ID into a directory (machine-readable, with a README)."""
+    from privacy.export import ExportConfig, export_user, read_worker_holdings
+
+    cfg = ExportConfig.from_settings(ctx.settings)
+    user_id = user_arg(user_id, "USER_ID")
+    held = None if no_worker_state else read_worker_holdings(cfg, user_id)
+    index = export_user(cfg, user_id, out, held)
+    click.echo(f"{user_id}: {len(index.parts)} parts written to {out} (see {out / 'README.md'})")

@@ -15,9 +15,9 @@ from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse
 
 from api.deps import Auth, Config, Registry, Tracker, UserIdPath, allowed
-from api.models import ConsentAccepted, ConsentBody, JobAccepted, RetrainBody, RollbackBody, ValidateBody
+from api.models import JobAccepted, RetrainBody, RollbackBody, ValidateBody
 from core.kafka.io import produce
-from schemas import ConsentCommand, RetrainCommand, RollbackCommand, ValidateCommand
+from schemas import RetrainCommand, RollbackCommand, ValidateCommand
 from trainer.report import build_report, version_rows
 
 router = APIRouter(prefix="/api/adapter", tags=["adapter"])
@@ -26,7 +26,7 @@ pages = APIRouter(tags=["adapter"])
 JobId = Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
-def _job_id() -> str:
+def job_id() -> str:
     return f"job-{uuid.uuid4().hex}"
 
 
@@ -43,7 +43,7 @@ def _publish(request: Request, command) -> JobAccepted:
 def retrain(body: RetrainBody, who: Auth, request: Request) -> JobAccepted:
     allowed(who, body.user_id)
     command = RetrainCommand(
-        command_id=_job_id(),
+        command_id=job_id(),
         user_id=body.user_id,
         trigger=body.trigger,
         include_global=body.include_global,
@@ -56,7 +56,7 @@ def retrain(body: RetrainBody, who: Auth, request: Request) -> JobAccepted:
 def validate(body: ValidateBody, who: Auth, request: Request) -> JobAccepted:
     allowed(who, body.user_id)
     command = ValidateCommand(
-        command_id=_job_id(),
+        command_id=job_id(),
         user_id=body.user_id,
         version=body.version,
         baseline_version=body.baseline_version,
@@ -69,24 +69,13 @@ def validate(body: ValidateBody, who: Auth, request: Request) -> JobAccepted:
 def rollback(body: RollbackBody, who: Auth, request: Request) -> JobAccepted:
     allowed(who, body.user_id)
     command = RollbackCommand(
-        command_id=_job_id(),
+        command_id=job_id(),
         user_id=body.user_id,
         reason=body.reason,
         to_version=body.to_version,
         requested_by=f"api:{who.token_id}",
     )
     return _publish(request, command)
-
-
-@router.put("/users/{user_id}/consent", status_code=202, response_model=ConsentAccepted)
-def consent(user_id: UserIdPath, body: ConsentBody, who: Auth, request: Request) -> ConsentAccepted:
-    """Opt a user out of training (`train: false`: pending examples dropped, no requests) or back in."""
-    allowed(who, user_id)
-    command = ConsentCommand(command_id=_job_id(), user_id=user_id, train=body.train, requested_by=f"api:{who.token_id}")
-    cfg = request.app.state.config
-    produce(cfg.client, cfg.commands_topic, [(user_id, command.to_bytes())], timeout=cfg.command_timeout_s)
-    request.app.state.metrics.commands.labels("consent").inc()
-    return ConsentAccepted(user_id=user_id, train=body.train, command_id=command.command_id)
 
 
 @router.get("/job/{job_id}")

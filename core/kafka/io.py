@@ -99,12 +99,18 @@ class OffsetRange:
 
 
 def offset_ranges(
-    client: ClientConfig, topics: list[str], since_ms: int = 0, until_ms: int | None = None, timeout: float = 60.0
+    client: ClientConfig,
+    topics: list[str],
+    since_ms: int = 0,
+    until_ms: int | None = None,
+    timeout: float = 60.0,
+    missing_ok: bool = False,
 ) -> list[OffsetRange]:
     """For every partition of `topics`: the offsets of the records with broker timestamps in [since_ms, until_ms).
 
     offsets_for_times gives the first offset at or after a time; a missing
-    `until_ms` means the end of the partition as of now.
+    `until_ms` means the end of the partition as of now. A topic that does
+    not exist is an error, or holds nothing with `missing_ok`.
     """
     from confluent_kafka import TopicPartition
 
@@ -114,8 +120,12 @@ def offset_ranges(
         partitions: list[tuple[str, int]] = []
         for topic in topics:
             if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                if missing_ok:
+                    continue
                 raise KafkaOperationError(f"topic {topic} does not exist")
             partitions += [(topic, p) for p in sorted(metadata.topics[topic].partitions)]
+        if not partitions:
+            return []
 
         def first_at(ms: int) -> list[int]:
             found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t, p in partitions], timeout=timeout)
@@ -165,10 +175,12 @@ def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float 
         consumer.close()
 
 
-def read_since(client: ClientConfig, topics: list[str], since_ms: int = 0, timeout: float = 60.0) -> Iterator[Record]:
+def read_since(
+    client: ClientConfig, topics: list[str], since_ms: int = 0, timeout: float = 60.0, missing_ok: bool = False
+) -> Iterator[Record]:
     """Every record of `topics` from `since_ms` (broker timestamp) up to the end as of now.
 
     Uses offsets_for_times and assign(): no consumer group, nothing committed,
-    the live groups are untouched.
+    the live groups are untouched. `missing_ok`: a topic that does not exist (yet) holds nothing.
     """
-    yield from read_ranges(client, offset_ranges(client, topics, since_ms, timeout=timeout), timeout)
+    yield from read_ranges(client, offset_ranges(client, topics, since_ms, timeout=timeout, missing_ok=missing_ok), timeout)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import httpx
 import pytest
@@ -174,6 +176,12 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
     assert "<td>0.800</td>" in page.text and "<td>0.900</td>" in page.text and "active: v2" in page.text
     assert httpx.get(f"{api_server.url}/dashboard/alice").status_code == 401
     assert httpx.get(f"{api_server.url}/dashboard/bob", headers=api_server.headers("alice")).status_code == 403
+    export = httpx.get(f"{api_server.url}/api/adapter/users/alice/export", headers=api_server.headers("alice"), timeout=60)
+    assert export.status_code == 200 and export.headers["content-type"] == "application/zip", export.text
+    names = set(zipfile.ZipFile(io.BytesIO(export.content)).namelist())
+    assert {"alice/README.md", "alice/export.json", "alice/adapters/v2/adapter_model.safetensors", "alice/history.json"} <= names
+    assert "alice/worker_state.json" in names, "no worker ran: its (empty) state is exported all the same"
+    assert httpx.get(f"{api_server.url}/api/adapter/users/bob/export", headers=api_server.headers("alice")).status_code == 403
     api_server.lifecycle(type="rolled_back", user_id="alice", job_id="job-rb", version=1, previous_version=2)
     api_server.lifecycle(type="training_completed", user_id="alice", version=2)
     metrics = api_server.wait_for(

@@ -44,6 +44,7 @@ def test_each_type_and_several_in_one_text():
         "Room 404, 12 items, ratio 3:2, the year 1999",
         "Paris is the capital of France.",
         "a@b is no address and neither is @home",
+        "listening on 127.0.0.1:8000 and 0.0.0.0, also ::1",  # loopback and unspecified point at no one
     ],
 )
 def test_look_alikes_and_ordinary_text_stay_as_written(text):
@@ -76,7 +77,14 @@ def test_log_records_are_redacted_once_installed(caplog):
         redact_logs(REDACTOR)
         with caplog.at_level(logging.INFO):
             log.info("user wrote %s and %s", "ana@example.org", MAKERS["CARD"](random.Random(2)))
-        assert caplog.messages[-1] == "user wrote <EMAIL> and <CARD>"
+            log.info("%d failed: %s", 3, ValueError("bad input 'bo@example.org'"))
+            log.info('%s - "%s %s" %d', "10.1.2.3:5000", "GET", "/x", 200)  # uvicorn's access log reads record.args
+        assert caplog.messages[-3:] == [
+            "user wrote <EMAIL> and <CARD>",
+            "3 failed: bad input '<EMAIL>'",
+            '<IP>:5000 - "GET /x" 200',
+        ]
+        assert caplog.records[-1].args == ("<IP>:5000", "GET", "/x", 200)
     finally:
         redact_logs(DISABLED)
     with caplog.at_level(logging.INFO):

@@ -79,8 +79,8 @@ def make_email(rng: random.Random) -> str:
 
 
 def make_ip(rng: random.Random) -> str:
-    if rng.random() < 0.5:
-        return str(ipaddress.IPv4Address(rng.getrandbits(32)))
+    if rng.random() < 0.5:  # not 0.x or 127.x: unspecified and loopback addresses point at no one
+        return str(ipaddress.IPv4Address((rng.choice([*range(1, 127), *range(128, 224)]) << 24) | rng.getrandbits(24)))
     return str(ipaddress.IPv6Address((1 << 125) | rng.getrandbits(125)))  # global unicast, 2000::/3
 
 

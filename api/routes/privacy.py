@@ -1,0 +1,55 @@
+"""A person's rights over their data: consent to training, and a copy of everything held (privacy/export.py).
+
+    PUT /api/adapter/users/{user_id}/consent   {"train": false}   opt out of training (or back in)
+    GET /api/adapter/users/{user_id}/export                        a zip of everything held about the user
+
+Both take the user's own token or an admin's.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+
+from api.deps import Auth, Config, UserIdPath, allowed
+from api.models import ConsentAccepted, ConsentBody
+from api.routes.adapters import job_id
+from core.kafka.io import produce
+from privacy.export import export_user, read_worker_holdings
+from schemas import ConsentCommand
+
+router = APIRouter(prefix="/api/adapter/users", tags=["privacy"])
+
+
+@router.put("/{user_id}/consent", status_code=202, response_model=ConsentAccepted)
+def consent(user_id: UserIdPath, body: ConsentBody, who: Auth, request: Request) -> ConsentAccepted:
+    """Opt a user out of training (`train: false`: pending examples dropped, no requests) or back in."""
+    allowed(who, user_id)
+    command = ConsentCommand(command_id=job_id(), user_id=user_id, train=body.train, requested_by=f"api:{who.token_id}")
+    cfg = request.app.state.config
+    produce(cfg.client, cfg.commands_topic, [(user_id, command.to_bytes())], timeout=cfg.command_timeout_s)
+    request.app.state.metrics.commands.labels("consent").inc()
+    return ConsentAccepted(user_id=user_id, train=body.train, command_id=command.command_id)
+
+
+@router.get("/{user_id}/export", response_class=Response)
+def export(user_id: UserIdPath, who: Auth, cfg: Config) -> Response:
+    """Everything held about the user (`adaptloop export`'s directory), as a zip with a README.md inside."""
+    allowed(who, user_id)
+    if cfg.export is None:
+        raise HTTPException(503, "exports are not configured on this server")
+    held = read_worker_holdings(cfg.export, user_id, timeout=cfg.command_timeout_s)
+    with tempfile.TemporaryDirectory(prefix="adaptloop-export-") as tmp:
+        out = Path(tmp) / user_id
+        export_user(cfg.export, user_id, out, held)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                archive.write(path, str(path.relative_to(out.parent)))
+    headers = {"Content-Disposition": f'attachment; filename="adaptloop-export-{user_id}.zip"'}
+    return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
