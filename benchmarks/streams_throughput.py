@@ -13,6 +13,10 @@ Same broker, same topic, same payloads, same run:
                 with every user crossing the threshold once.
 Uses KAFKA_BOOTSTRAP_SERVERS, else starts the local jar broker on a free port.
 Prints a Markdown table and writes benchmarks/results/streams-<date>.json.
+
+`--profile FILE` runs the worker under cProfile (slower: compare shares, not
+rates), writes its stats to FILE and prints where the worker's time goes,
+by package and by function.
 """
 
 from __future__ import annotations
@@ -122,7 +126,9 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: str, port: int, **top) -> subprocess.Popen:
+def start_worker(
+    bootstrap: str, workdir: Path, topics: dict[str, str], app_id: str, port: int, profile: Path | None = None, **top
+) -> subprocess.Popen:
     config = {
         "storage_root": str(workdir / "store"),
         "topics": {k: {"name": v, "partitions": PARTITIONS if k != "dlq" else 1} for k, v in topics.items()},
@@ -138,8 +144,9 @@ def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: 
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
     log = open(workdir / f"{app_id}.log", "wb")
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adaptloop.cli", "--config", str(path), "worker", "--loglevel", "warning"],
+        [sys.executable, *profiler, "-m", "adaptloop.cli", "--config", str(path), "worker", "--loglevel", "warning"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -154,7 +161,7 @@ def start_worker(bootstrap: str, workdir: Path, topics: dict[str, str], app_id: 
     raise RuntimeError("worker did not start")
 
 
-def worker_rate(bootstrap: str, workdir: Path, n: int, users: int) -> tuple[float, float, float]:
+def worker_rate(bootstrap: str, workdir: Path, n: int, users: int, profile: Path | None = None) -> tuple[float, float, float]:
     suffix = uuid.uuid4().hex[:6]
     topics = {
         k: f"bench.{k}.{suffix}"
@@ -175,7 +182,7 @@ def worker_rate(bootstrap: str, workdir: Path, n: int, users: int) -> tuple[floa
     raw = consume_rate(bootstrap, topics["feedback"], n, validate=False)
     validated = consume_rate(bootstrap, topics["feedback"], n, validate=True)
     port = free_port()
-    proc = start_worker(bootstrap, workdir, topics, f"bench-{suffix}", port, min_gap_events=10**6)
+    proc = start_worker(bootstrap, workdir, topics, f"bench-{suffix}", port, profile, min_gap_events=10**6)
     try:
         first = None
         while True:
@@ -268,7 +275,11 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=500)
     parser.add_argument("--latency-users", type=int, default=400)
     parser.add_argument("--latency-rate", type=float, default=500.0, help="events/s during the latency run")
+    parser.add_argument("--profile", type=Path, default=None, help="profile the worker's run into this file (no latency run)")
     args = parser.parse_args()
+    if args.profile:
+        profile_worker(args)
+        return
 
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -308,6 +319,49 @@ def main() -> None:
     print(
         f"\nproduce -> training request at {lat['rate_events_s']:.0f} events/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms ({lat['requests']:.0f} requests)"
     )
+
+
+def profile_worker(args: argparse.Namespace) -> None:
+    """The worker's run under cProfile: where its time goes, by package and by function."""
+    import pstats
+
+    workdir = Path(tempfile.mkdtemp(prefix="adaptloop-profile-"))
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None
+    if not bootstrap:
+        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka")
+        bootstrap = broker.up()
+    try:
+        _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, args.profile.resolve())
+    finally:
+        if broker:
+            broker.down()
+    stats = pstats.Stats(str(args.profile))
+    by_package: Counter[str] = Counter()
+    rows = []
+    for (filename, line, name), (_cc, _nc, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        by_package[_package(filename)] += tottime
+        rows.append((tottime, cumtime, f"{_package(filename)}:{Path(filename).name}:{line}({name})"))
+    total = sum(by_package.values())
+    print(f"worker under cProfile: {rate:,.0f} events/s; {total:.1f} s of own time, by package:")
+    for package, seconds in by_package.most_common(15):
+        print(f"  {100 * seconds / total:5.1f}%  {package}")
+    print("functions by own time:")
+    for tottime, cumtime, where in sorted(rows, reverse=True)[:25]:
+        print(f"  {100 * tottime / total:5.1f}%  (cumulative {100 * cumtime / total:5.1f}%)  {where}")
+
+
+def _package(filename: str) -> str:
+    """The top-level package a profiled function lives in (`~` builtins, the standard library as `stdlib:<module>`)."""
+    if filename.startswith("~") or filename.startswith("<"):
+        return "builtins"
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        return parts[parts.index("site-packages") + 1]
+    for root in ("streams", "schemas", "core", "adaptloop"):
+        if root in parts:
+            return root
+    return f"stdlib:{Path(filename).stem}"
 
 
 if __name__ == "__main__":

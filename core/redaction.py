@@ -45,6 +45,7 @@ _EMAIL = re.compile(
 _IPV4 = re.compile(r"(?<!\d)(?<!\d\.)(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
 _DIGITS = re.compile(r"\d")
+_ANY_HINT = re.compile(r"[\d@:]")  # every built-in kind holds a digit, an @ or a colon
 _PHONE_HINT = re.compile(r"\d(?:[\s().\-/]{0,3}\d){6}")  # seven digits close together
 _IPV4_HINT = re.compile(r"\d\.\d")
 
@@ -130,6 +131,10 @@ def _is_ipv6(match: str) -> bool:
     return sum(c.isalnum() for c in match) >= 3 and _is_ip(match)
 
 
+def _always(_text: str, _digits: int) -> bool:
+    return True
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity: frozen configs hold one
 class Redactor:
     """Replaces detected personal data by `<TYPE>` placeholders; `enabled=False` returns text unchanged."""
@@ -142,16 +147,18 @@ class Redactor:
     def __post_init__(self) -> None:
         # (name, find spans, worth trying): the cheap test skips a detector on
         # the many texts that cannot hold its kind (most hold no long number).
-        builtin: list[tuple[str, Callable[[str], list[Span]], Callable[[str], bool]]] = [
-            ("IBAN", _ibans, lambda text: _DIGITS.search(text) is not None),
-            ("CARD", _cards, lambda text: len(_DIGITS.findall(text)) >= 13),
-            ("EMAIL", _matches(_EMAIL), lambda text: "@" in text),
-            ("IP", _matches(_IPV4, _is_ip), lambda text: _IPV4_HINT.search(text) is not None),
-            ("IP", _matches(_IPV6, _is_ipv6), lambda text: text.count(":") >= 2),
-            ("PHONE", self._phones, lambda text: _PHONE_HINT.search(text) is not None),
+        # The worth test gets the text and its number of digits (counted once).
+        builtin: list[tuple[str, Callable[[str], list[Span]], Callable[[str, int], bool]]] = [
+            ("IBAN", _ibans, lambda _text, digits: digits >= 2),
+            ("CARD", _cards, lambda _text, digits: digits >= 13),
+            ("EMAIL", _matches(_EMAIL), lambda text, _digits: "@" in text),
+            ("IP", _matches(_IPV4, _is_ip), lambda text, digits: digits >= 4 and _IPV4_HINT.search(text) is not None),
+            ("IP", _matches(_IPV6, _is_ipv6), lambda text, _digits: text.count(":") >= 2),
+            ("PHONE", self._phones, lambda text, digits: digits >= 7 and _PHONE_HINT.search(text) is not None),
         ]
         self._detectors = [(name, find, worth) for name, find, worth in builtin if name in self.types]
-        self._detectors += [(name, _matches(re.compile(regex)), bool) for name, regex in self.custom.items()]
+        self._detectors += [(name, _matches(re.compile(regex)), _always) for name, regex in self.custom.items()]
+        self._builtin_only = not self.custom
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
@@ -161,10 +168,11 @@ class Redactor:
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with each detected item replaced by its placeholder, and how many of each type."""
         found: Counter[str] = Counter()
-        if not self.enabled or not text:
+        if not self.enabled or not text or (self._builtin_only and _ANY_HINT.search(text) is None):
             return text, found
+        digits = len(_DIGITS.findall(text))
         for name, find, worth in self._detectors:
-            if not worth(text):
+            if not worth(text, digits):
                 continue
             spans = find(text)
             for start, end in reversed(spans):
