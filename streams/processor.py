@@ -123,10 +123,12 @@ class UserProcessor:
             if env.k == "event":
                 event = env.event()
                 now = max(now, event.timestamp.timestamp())
-                curated, found = redact_curated(curate(event, env.prov, self.cfg.curation), self.cfg.redactor)
+                curated = curate(event, env.prov, self.cfg.curation)
                 trainable = state.training_consent and event.consent != "no-train"
-                if not trainable:
-                    curated = without_training(curated)
+                if trainable:
+                    curated, found = redact_curated(curated, self.cfg.redactor)
+                else:
+                    curated, found = without_training(curated), {}
                 fresh = apply_event(
                     state,
                     user_log,
