@@ -14,6 +14,10 @@ Same broker, same topic, same payloads, same run:
 Uses KAFKA_BOOTSTRAP_SERVERS, else starts the local jar broker on a free port.
 Prints a Markdown table and writes benchmarks/results/streams-<date>.json.
 
+`--footprint` (with `--users 10000`, say) also reports what the worker holds
+once every event is applied: its resident memory, and the records, distinct
+keys and bytes of each table's changelog, per user.
+
 `--profile FILE` runs the worker under cProfile (slower: compare shares, not
 rates), writes its stats to FILE and prints where the worker's time goes,
 by package and by function.
@@ -161,7 +165,9 @@ def start_worker(
     raise RuntimeError("worker did not start")
 
 
-def worker_rate(bootstrap: str, workdir: Path, n: int, users: int, profile: Path | None = None) -> tuple[float, float, float]:
+def worker_rate(
+    bootstrap: str, workdir: Path, n: int, users: int, profile: Path | None = None, footprint: dict | None = None
+) -> tuple[float, float, float]:
     suffix = uuid.uuid4().hex[:6]
     topics = {
         k: f"bench.{k}.{suffix}"
@@ -193,10 +199,38 @@ def worker_rate(bootstrap: str, workdir: Path, n: int, users: int, profile: Path
                 done = time.perf_counter()
                 break
             time.sleep(0.1)
+        if footprint is not None:
+            footprint.update(measure_footprint(client, proc.pid, f"bench-{suffix}", users))
     finally:
         proc.terminate()
         proc.wait(30)
     return raw, validated, n / (done - first)
+
+
+def measure_footprint(client: ClientConfig, pid: int, app_id: str, users: int) -> dict:
+    """The worker's resident memory and its tables' changelogs (records, distinct keys, bytes), also per user."""
+    from core.kafka.io import read_since
+    from core.settings import changelog_topic
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    memory = {
+        k: int(line.split()[1]) / 1024 for line in status.splitlines() for k in ("VmRSS", "VmHWM") if line.startswith(k + ":")
+    }
+    out: dict = {"users": users, "rss_mib": round(memory.get("VmRSS", 0), 1), "peak_rss_mib": round(memory.get("VmHWM", 0), 1)}
+    for table in ("users", "seen", "examples"):
+        records = size = 0
+        seen_keys = set()
+        for record in read_since(client, [changelog_topic(app_id, table)]):
+            records += 1
+            size += len(record.key or b"") + len(record.value or b"")
+            seen_keys.add(record.key)
+        out[table] = {
+            "records": records,
+            "keys": len(seen_keys),
+            "mib": round(size / 2**20, 2),
+            "bytes_per_user": round(size / users),
+        }
+    return out
 
 
 def latency(bootstrap: str, workdir: Path, users: int, rate: float, gaps: int = 5) -> dict[str, float]:
@@ -276,9 +310,13 @@ def main() -> None:
     parser.add_argument("--latency-users", type=int, default=400)
     parser.add_argument("--latency-rate", type=float, default=500.0, help="events/s during the latency run")
     parser.add_argument("--profile", type=Path, default=None, help="profile the worker's run into this file (no latency run)")
+    parser.add_argument("--footprint", action="store_true", help="also measure the worker's memory and changelog sizes")
     args = parser.parse_args()
     if args.profile:
         profile_worker(args)
+        return
+    if args.footprint:
+        footprint_run(args)
         return
 
     broker = None
@@ -319,6 +357,28 @@ def main() -> None:
     print(
         f"\nproduce -> training request at {lat['rate_events_s']:.0f} events/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms ({lat['requests']:.0f} requests)"
     )
+
+
+def footprint_run(args: argparse.Namespace) -> None:
+    """The worker's rate and what it holds afterwards, for `--users` users (no latency run)."""
+    workdir = Path(tempfile.mkdtemp(prefix="adaptloop-footprint-"))
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None
+    if not bootstrap:
+        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka")
+        bootstrap = broker.up()
+    footprint: dict = {}
+    try:
+        _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, footprint=footprint)
+    finally:
+        if broker:
+            broker.down()
+    footprint["worker_events_s"] = round(rate)
+    footprint["events"] = args.events
+    footprint["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out = REPO / "benchmarks" / "results" / f"footprint-{footprint['date'][:10]}.json"
+    out.write_text(json.dumps(footprint, indent=2) + "\n")
+    print(json.dumps(footprint, indent=2))
 
 
 def profile_worker(args: argparse.Namespace) -> None:
