@@ -8,6 +8,7 @@ COPY core core
 COPY schemas schemas
 COPY streams streams
 COPY trainer trainer
+COPY privacy privacy
 COPY api api
 COPY serving serving
 COPY adaptloop adaptloop
