@@ -26,6 +26,7 @@ by package and by function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -303,6 +305,20 @@ def latency(bootstrap: str, workdir: Path, users: int, rate: float, gaps: int = 
     }
 
 
+@contextlib.contextmanager
+def kafka(workdir: Path) -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS when set, else the local jar broker on a free port for the run."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka", heap="1g")
+    try:
+        yield broker.up()
+    finally:
+        broker.down()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
@@ -319,20 +335,10 @@ def main() -> None:
         footprint_run(args)
         return
 
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))
-    if not bootstrap:
-        broker = LocalBroker(
-            port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka", heap="1g"
-        )
-        bootstrap = broker.up()
-    try:
+    with kafka(workdir) as bootstrap:
         raw, validated, worker = worker_rate(bootstrap, workdir, args.events, args.users)
         lat = latency(bootstrap, workdir, args.latency_users, args.latency_rate)
-    finally:
-        if broker:
-            broker.down()
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -362,17 +368,9 @@ def main() -> None:
 def footprint_run(args: argparse.Namespace) -> None:
     """The worker's rate and what it holds afterwards, for `--users` users (no latency run)."""
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-footprint-"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
-    if not bootstrap:
-        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka")
-        bootstrap = broker.up()
     footprint: dict = {}
-    try:
+    with kafka(workdir) as bootstrap:
         _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, footprint=footprint)
-    finally:
-        if broker:
-            broker.down()
     footprint["worker_events_s"] = round(rate)
     footprint["events"] = args.events
     footprint["date"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -386,16 +384,8 @@ def profile_worker(args: argparse.Namespace) -> None:
     import pstats
 
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-profile-"))
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
-    if not bootstrap:
-        broker = LocalBroker(port=free_port(), cache_dir=Path.home() / ".cache" / "adaptloop", data_dir=workdir / "kafka")
-        bootstrap = broker.up()
-    try:
+    with kafka(workdir) as bootstrap:
         _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, args.profile.resolve())
-    finally:
-        if broker:
-            broker.down()
     stats = pstats.Stats(str(args.profile))
     by_package: Counter[str] = Counter()
     rows = []
