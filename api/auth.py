@@ -90,6 +90,19 @@ class TokenStore:
         self._save(tokens)
         return True
 
+    def forget_user(self, user_id: str) -> int:
+        """Drop the scope `user:<user_id>` everywhere (a token left with no scope is revoked); how many tokens changed."""
+        scope = parse_scope(f"user:{user_id}")
+        tokens = self._load()
+        changed = [token_id for token_id, entry in tokens.items() if scope in entry.get("scopes", [])]
+        for token_id in changed:
+            tokens[token_id]["scopes"] = [s for s in tokens[token_id]["scopes"] if s != scope]
+            if not tokens[token_id]["scopes"]:
+                del tokens[token_id]
+        if changed:
+            self._save(tokens)
+        return len(changed)
+
     def list(self) -> dict[str, dict]:
         return {k: {n: v for n, v in entry.items() if n != "sha256"} for k, entry in self._load().items()}
 

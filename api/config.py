@@ -8,6 +8,7 @@ from pathlib import Path
 from core.kafka.client import ClientConfig
 from core.settings import Settings, changelog_topic, tokens_file, trainer_commands_group, worker_internal_topic
 from privacy.export import ExportConfig
+from privacy.forget import ForgetConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ApiConfig:
     lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
     command_timeout_s: float = 15.0  # how long a command may wait for Kafka's acknowledgement before the caller gets a 503
     export: ExportConfig | None = None  # what a user's export reads
+    forget: ForgetConfig | None = None  # where a user's forget erases
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiConfig:
@@ -47,6 +49,7 @@ class ApiConfig:
             max_body_bytes=settings.api.max_body_bytes,
             promote_if_score=settings.promote_if_score,
             export=ExportConfig.from_settings(settings),
+            forget=ForgetConfig.from_settings(settings),
             lag_groups=(
                 (settings.streams.app_id, worker_topics),
                 (settings.training.group_id, (t.training_requests.name,)),

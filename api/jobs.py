@@ -175,6 +175,10 @@ class RequestBook:
     def of(self, user_id: str) -> RequestView | None:
         return self.latest.get(user_id)
 
+    def forget(self, user_id: str) -> None:
+        self.latest.pop(user_id, None)
+        self.by_id = {rid: view for rid, view in self.by_id.items() if view.user_id != user_id}
+
     def _view(self, request_id: str, user_id: str, at: str | None) -> RequestView:
         view = self.by_id.get(request_id)
         if view is None:  # a lifecycle event may be read before its request: the request fills in the rest
@@ -195,6 +199,11 @@ class Activity:
     opted_out: set[str] = field(default_factory=set)  # users who opted out of training, as the worker applied it
     last_training: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def forget(self, user_id: str) -> None:
+        self.pending_gaps.pop(user_id, None)
+        self.opted_out.discard(user_id)
+        self.last_training.pop(user_id, None)
+
 
 class JobTracker:
     def __init__(
@@ -213,6 +222,8 @@ class JobTracker:
         self.jobs: dict[str, Job] = {}
         self.activity = Activity()
         self._seen_events: set[str] = set()  # a reconnect re-reads from the start: apply each event once
+        # user -> forget time (epoch s): their older messages, read later from another topic, are not views again
+        self._forgotten: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.caught_up = threading.Event()
@@ -303,6 +314,8 @@ class JobTracker:
         except ValueError:
             return  # not ours to judge: the worker dead-letters bad commands
         with self.lock:
+            if self._about_forgotten(topic, key, body):
+                return
             if topic == self.users_changelog:
                 if key is not None:
                     user = key.decode(errors="replace")
@@ -313,8 +326,13 @@ class JobTracker:
                         self.activity.opted_out.discard(user)
             elif not isinstance(body, dict):
                 return
+            elif topic == self.commands_topic and body.get("type") == "forget" and isinstance(body.get("user_id"), str):
+                self._forget(body["user_id"], _epoch(body.get("requested_at")))
             elif (
-                topic == self.commands_topic and body.get("command_id") and body.get("user_id") and body.get("type") != "consent"
+                topic == self.commands_topic
+                and body.get("command_id")
+                and body.get("user_id")
+                and body.get("type") not in ("consent", "forget")
             ):
                 job = self.jobs.setdefault(body["command_id"], Job(body["command_id"], str(body.get("type")), body["user_id"]))
                 job.created_at = body.get("requested_at") or job.created_at
@@ -322,6 +340,22 @@ class JobTracker:
                 self._lifecycle(body)
             elif topic == self.requests_topic and body.get("request_id") and body.get("user_id"):
                 self.requests.request(body)
+
+    def _forget(self, user_id: str, at: float) -> None:
+        """A forget command: nothing of the user stays in this process's views."""
+        self._forgotten[user_id] = max(at, self._forgotten.get(user_id, 0.0))
+        self.activity.forget(user_id)
+        self.requests.forget(user_id)
+        self.jobs = {job_id: job for job_id, job in self.jobs.items() if job.user_id != user_id}
+
+    def _about_forgotten(self, topic: str, key: bytes | None, body: Any) -> bool:
+        """A message about a forgotten user from before the forget (or a worker's marker key): skip it."""
+        if topic == self.users_changelog:
+            return key is not None and key.startswith(b"\x00")  # the worker's forget markers, keyed by salted hash
+        if not isinstance(body, dict) or body.get("user_id") not in self._forgotten or body.get("type") == "forget":
+            return False
+        at = body.get("timestamp") or body.get("requested_at") or body.get("created_at")
+        return _epoch(at) <= self._forgotten[body["user_id"]]
 
     def _lifecycle(self, event: dict[str, Any]) -> None:
         event_id = str(event.get("event_id"))

@@ -124,6 +124,8 @@ class TopicsSettings(_Section):
     training_requests: TopicSpec = TopicSpec(name="adapter.training-requests")
     lifecycle: TopicSpec = TopicSpec(name="adapter.lifecycle")
     dlq: TopicSpec = TopicSpec(name="adapter.dlq", partitions=1, config={"retention.ms": "1209600000"})  # two weeks
+    # salted hashes of forgotten users and when (schemas.privacy); compacted, kept forever
+    forgotten: TopicSpec = TopicSpec(name="adapter.forgotten", partitions=1, config={"cleanup.policy": "compact"})
 
     def inputs(self) -> dict[InputKind, TopicSpec]:
         return {kind: getattr(self, kind) for kind in INPUT_KINDS}
@@ -618,6 +620,11 @@ def defaults() -> Settings:
 # --------------------------------------------------------------------------- #
 
 WORKER_TABLES = ("users", "seen", "examples")  # the worker's Faust tables; "users" holds each user's state
+
+# Compacted, and "delete" with infinite retention only so that a forget may
+# drop a partition's old records (Kafka refuses DeleteRecords on a topic that
+# is only compacted): nothing expires by time or size.
+CHANGELOG_TOPIC_CONFIG = {"cleanup.policy": "compact,delete", "retention.ms": "-1"}
 
 
 def worker_internal_topic(app_id: str) -> str:

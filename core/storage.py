@@ -170,3 +170,39 @@ class ArtifactStore:
             if name and not name.startswith(".tmp-"):
                 out.append(f"{relative_dir.rstrip('/')}/{name}")
         return sorted(out)
+
+    def create_once(self, relative: str, data: bytes) -> bytes:
+        """Write `data` unless the file exists; return what the file holds (the first writer wins).
+
+        Local roots create the file exclusively (O_EXCL), so two processes
+        racing get the same content; object stores check, then write.
+        """
+        full = self.path(relative)
+        if not self.local:
+            if not self.fs.exists(full):
+                self.write_bytes(relative, data)
+            return self.read_bytes(relative)
+        Path(full).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return self.read_bytes(relative)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(Path(full).parent)
+        return data
+
+    def remove(self, relative: str) -> bool:
+        """Delete a file or a whole directory; False when there was nothing."""
+        full = self.path(relative)
+        try:
+            if not self.fs.exists(full):
+                return False
+            self.fs.rm(full, recursive=True)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot delete {full}: {exc}") from exc
+        return True

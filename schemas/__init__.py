@@ -15,13 +15,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
-from schemas.commands import Command, ConsentCommand, RetrainCommand, RollbackCommand, ValidateCommand
+from schemas.commands import Command, ConsentCommand, ForgetCommand, RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.common import SCHEMA_VERSION, check_user_id, model_json_schema
 from schemas.deadletter import DeadLetter
 from schemas.decode import decode
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
 from schemas.lifecycle import ENDS_COMMAND, ENDS_REQUEST, LifecycleEvent, reason_text
 from schemas.manifest import AdapterManifest
+from schemas.privacy import ForgottenRecord
 from schemas.training import DatasetRef, TrainingExample, TrainingRequest
 
 # Every message type, by the name its JSON Schema file carries.
@@ -34,6 +35,8 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     "validate_command": ValidateCommand,
     "rollback_command": RollbackCommand,
     "consent_command": ConsentCommand,
+    "forget_command": ForgetCommand,
+    "forgotten_record": ForgottenRecord,
     "training_request": TrainingRequest,
     "training_example": TrainingExample,
     "lifecycle_event": LifecycleEvent,
@@ -72,6 +75,8 @@ __all__ = [
     "IntentTrace",
     "LifecycleEvent",
     "ConsentCommand",
+    "ForgetCommand",
+    "ForgottenRecord",
     "RetrainCommand",
     "RollbackCommand",
     "TrainingExample",

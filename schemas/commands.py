@@ -1,4 +1,4 @@
-"""Commands on `adapter.commands`: retrain, validate and roll back requests.
+"""Commands on `adapter.commands`: retrain, validate, roll back, consent and forget.
 
 Published by the API and the CLI, keyed by `user_id`; `type` tells them apart.
 """
@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
+from schemas.privacy import USER_HASH_PATTERN
 
 CommandType = Literal["retrain", "validate", "rollback"]
 
@@ -46,4 +47,18 @@ class ConsentCommand(_Command):
     train: bool
 
 
-Command = Annotated[RetrainCommand | ValidateCommand | RollbackCommand | ConsentCommand, Field(discriminator="type")]
+class ForgetCommand(_Command):
+    """Erase the user from the worker's state (privacy/forget.py sends it after the store is cleaned).
+
+    `requested_at` is the forget time: the user's events, commands and
+    lifecycle events stamped at or before it are ignored from now on, also
+    when they are replayed; later ones start a new history from nothing.
+    """
+
+    type: Literal["forget"] = "forget"
+    user_hash: str = Field(pattern=USER_HASH_PATTERN, description="the salted hash the worker keeps instead of the id")
+
+
+Command = Annotated[
+    RetrainCommand | ValidateCommand | RollbackCommand | ConsentCommand | ForgetCommand, Field(discriminator="type")
+]

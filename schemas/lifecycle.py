@@ -30,6 +30,7 @@ LifecycleType = Literal[
     "rejected",
     "rolled_back",
     "command_failed",  # a validate or rollback command that could not be carried out; `reason` says why
+    "forgotten",  # a user erased: `user_id` is the salted hash (schemas.privacy), never the id
 ]
 
 # A training request is answered by any of these (the version's verdict, a skip, or the failure).

@@ -43,6 +43,7 @@ class _Entry:
     weights: LoraWeights
     users: int = 0  # requests holding it
     pinned: bool = False  # loaded by an operator: stays until unloaded
+    doomed: bool = False  # its user was forgotten: evicted when the last request holding it ends
 
 
 @dataclass
@@ -106,6 +107,8 @@ class AdapterCache:
             entry = self._entries.get(weights.name)
             if entry is not None and entry.weights is weights:
                 entry.users -= 1
+                if entry.doomed and entry.users == 0:
+                    self._evict(weights.name)
                 self._lock.notify_all()
 
     # ---- operators (vLLM's runtime LoRA API) --------------------------------------------- #
@@ -168,6 +171,18 @@ class AdapterCache:
                 entry = self._entries[name]
                 if entry.users == 0 and not entry.pinned:
                     self._evict(name)
+
+    def forget_users(self, is_forgotten: Callable[[str], bool]) -> list[str]:
+        """Evict every version of the users `is_forgotten` picks, pinned ones too (held ones when released); the names."""
+        with self._lock:
+            names = [n for n in self._entries if is_forgotten(n.rsplit("@v", 1)[0])]
+            for name in names:
+                entry = self._entries[name]
+                if entry.users == 0:
+                    self._evict(name)
+                else:
+                    entry.doomed = True
+            return names
 
     # ---- inside ------------------------------------------------------------------------ #
 

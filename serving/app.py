@@ -29,7 +29,9 @@ from api.auth import TokenStore
 from api.deps import Auth
 from api.errors import install_body_limit, install_error_handlers
 from core.errors import StorageError
+from core.forgotten import UserHasher
 from core.settings import Settings
+from core.storage import ArtifactStore
 from serving.adapters import AdapterCache
 from serving.chat import ChatService
 from serving.config import ServeConfig
@@ -59,6 +61,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, model, tokenizer, device, base: BaseModelRef, follow: bool = True) -> None:
         self.cfg, self.base, self.started = cfg, base, int(time.time())
         self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
+        self.hasher = UserHasher.for_store(ArtifactStore(cfg.storage_root))
         self.router = Router(self.registry, base.model_id, base.sha256, cfg.on_bad_adapter)
         self.engine = Engine(model, tokenizer, device, cfg.max_batch_size, cfg.batch_window_s)
         self.cache = AdapterCache(
@@ -86,7 +89,15 @@ class Server:
         self.follower = LifecycleFollower(cfg.client, cfg.lifecycle_topic, self.on_swap) if follow else None
 
     def on_swap(self, user_id: str, version: int | None, event: dict) -> None:
-        """A promotion or rollback announced on the lifecycle topic: drop the user's other versions, load the new one."""
+        """A promotion or rollback announced on the lifecycle topic: drop the user's other versions, load the new one.
+
+        A forget names the user by salted hash only: whatever is resident of
+        the user whose hash it is goes (the registry no longer has them either).
+        """
+        if event.get("type") == "forgotten":
+            dropped = self.cache.forget_users(lambda resident: self.hasher(resident) == user_id)
+            log.info("a forgotten user's %d resident version(s) dropped", len(dropped))
+            return
         self.metrics.swaps.inc()
         self.cache.drop_user_versions(user_id, keep=version)
         if version is not None and self.registry.active(user_id) == version:

@@ -3,8 +3,8 @@
 What answers a user is read from the registry at every request, so a
 promotion or rollback counts from the next request on whether or not it was
 announced. Following `adapter.lifecycle` (from its end, no consumer group)
-lets the server load a promoted version ahead of its first request and drop a
-user's versions that are no longer active, and it counts the swaps.
+lets the server load a promoted version ahead of its first request, drop a
+user's versions that are no longer active (or a forgotten user's, by salted hash), and it counts the swaps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from core.kafka.client import ClientConfig
 
 log = logging.getLogger("adaptloop.serving")
 
-SWAPS = ("promoted", "rolled_back")
+SWAPS = ("promoted", "rolled_back", "forgotten")  # forgotten: `user_id` is the salted hash
 
 
 class LifecycleFollower:

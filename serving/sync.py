@@ -76,11 +76,14 @@ class Sync:
         token: str | None = None,
         client_factory: Callable[[], httpx.Client] | None = None,
         base_model_name: str | None = None,
+        hasher: Callable[[str], str] | None = None,
     ) -> None:
+        """`hasher`: the store's salted user hash, to recognise the user a `forgotten` event names."""
         self.registry, self.export_dir, self.grace_s, self.retry_max_s = registry, export_dir, grace_s, retry_max_s
         # vLLM's filesystem resolver loads an adapter only when its config names the served model:
         # the exported copies say this name (the registry's files are never changed).
         self.base_model_name = base_model_name
+        self.hasher = hasher
         self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
         self.active: dict[str, str] = {}  # user -> the name every endpoint should hold
         self.refused = 0  # versions that failed their sha256 check and were handed to no endpoint
@@ -103,8 +106,11 @@ class Sync:
                     self._queue(endpoint, _Op("unload", name, due=time.monotonic() + self.grace_s))
             self._write_aliases()
 
-    def on_swap(self, user_id: str, version: int | None, _event: dict | None = None) -> None:
+    def on_swap(self, user_id: str, version: int | None, event: dict | None = None) -> None:
         """A promotion or a rollback: load the version now active, unload the one before after the grace period."""
+        if event is not None and event.get("type") == "forgotten":
+            self.forget(user_id)
+            return
         with self._lock:
             before = self.active.pop(user_id, None)
             if version is not None:
@@ -112,6 +118,26 @@ class Sync:
             if before is not None and before != self.active.get(user_id):
                 for endpoint in self.endpoints:
                     self._queue(endpoint, _Op("unload", before, due=time.monotonic() + self.grace_s))
+            self._write_aliases()
+
+    def forget(self, user_hash: str) -> None:
+        """A forgotten user (named by salted hash): unloaded from every endpoint at once, exported copies deleted."""
+        if self.hasher is None:
+            log.warning("a forgotten user cannot be recognised: this sync has no user hasher")
+            return
+        with self._lock:
+            names = {n for e in self.endpoints for n in e.held | {op.name for op in e.pending}} | set(self.active.values())
+            if self.export_dir is not None and self.export_dir.is_dir():
+                names |= {p.name for p in self.export_dir.iterdir() if "@v" in p.name and not p.name.startswith(".")}
+            gone = {n for n in names if self.hasher(n.rsplit("@v", 1)[0]) == user_hash}
+            self.active = {u: n for u, n in self.active.items() if n not in gone}
+            for endpoint in self.endpoints:
+                endpoint.pending = [op for op in endpoint.pending if op.name not in gone]
+                for name in gone & endpoint.held:
+                    self._queue(endpoint, _Op("unload", name))  # no grace: nobody may be answered with it any more
+            for name in gone:
+                if self.export_dir is not None:
+                    shutil.rmtree(self.export_dir / name, ignore_errors=True)
             self._write_aliases()
 
     def _want(self, user_id: str, version: int) -> None:

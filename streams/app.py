@@ -27,14 +27,16 @@ import time
 
 import faust
 
+from core.forgotten import UserHasher
 from core.kafka.client import ClientConfig
-from core.settings import WORKER_TABLES
+from core.settings import CHANGELOG_TOPIC_CONFIG, WORKER_TABLES
 from core.storage import ArtifactStore
 from streams import faust_fixes, metrics
 from streams.batch import BatchHandler
 from streams.config import WorkerConfig
 from streams.envelope import Envelope
 from streams.processor import UserProcessor
+from streams.purge import ChangelogPurger
 from streams.sending import BatchSender, ChangelogWriter
 from streams.tables import FaustTable, WorkerTables
 
@@ -92,12 +94,21 @@ def create_app(cfg: WorkerConfig) -> faust.App:
     # topic (and of the tables' changelogs) to the same worker.
     sources = app.topic(*cfg.source_topics, key_type=bytes, value_type=bytes)
     tables = {
-        name: FaustTable(app.Table(name, default=None, partitions=cfg.internal_partitions, key_type=bytes))
+        name: FaustTable(
+            app.Table(
+                name,
+                default=None,
+                partitions=cfg.internal_partitions,
+                key_type=bytes,
+                extra_topic_configs=CHANGELOG_TOPIC_CONFIG,  # a forget purges old records (streams/purge.py)
+            )
+        )
         for name in WORKER_TABLES
     }
+    store = ArtifactStore(cfg.storage_root)
     sender = BatchSender(lambda: app.producer._ensure_producer())  # the aiokafka producer Faust runs
-    worker_tables = WorkerTables(tables, ChangelogWriter(sender), cfg.internal_partitions)
-    handle_batch = BatchHandler(cfg, UserProcessor(cfg.processor, ArtifactStore(cfg.storage_root)), worker_tables, sender)
+    worker_tables = WorkerTables(tables, ChangelogWriter(sender), cfg.internal_partitions, UserHasher.for_store(store))
+    handle_batch = BatchHandler(cfg, UserProcessor(cfg.processor, store), worker_tables, sender, ChangelogPurger(cfg.client))
 
     @app.agent(sources, concurrency=1)
     async def process(stream):

@@ -24,6 +24,7 @@ from streams.config import WorkerConfig
 from streams.decoding import SourceDecoder, partition_of
 from streams.envelope import Envelope
 from streams.processor import BatchStats, UserProcessor
+from streams.purge import ChangelogPurger
 from streams.sending import PHASE_MARKS, BatchSender
 from streams.tables import Outgoing, WorkerTables
 
@@ -31,8 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class BatchHandler:
-    def __init__(self, cfg: WorkerConfig, processor: UserProcessor, tables: WorkerTables, sender: BatchSender) -> None:
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        processor: UserProcessor,
+        tables: WorkerTables,
+        sender: BatchSender,
+        purger: ChangelogPurger | None = None,
+    ) -> None:
+        """`purger` None: a forget drops the user's keys and tombstones them, but old changelog records stay."""
         self.cfg = cfg
+        self.purger = purger
         self.processor = processor
         self.tables = tables
         self.sender = sender
@@ -48,6 +58,8 @@ class BatchHandler:
         self.tables.writer.stage()
         self._queue(outgoing)
         await self.sender.flush()
+        if self.tables.to_purge and self.purger is not None:
+            await self.purger.purge(self.tables, self.sender)
         self._report(outgoing, stats, started)
 
     def _sort(self, events: list) -> tuple[dict[bytes, list[Envelope]], list[tuple[int, float]]]:
@@ -70,6 +82,8 @@ class BatchHandler:
             except InvalidMessage as exc:
                 self._dead_letter(msg, event.value, exc.reason)
                 continue
+            if env.k == "lifecycle" and env.body.get("type") == "forgotten":
+                continue  # keyed by a salted hash, about nobody the worker still holds
             home = partition_of(key, self.cfg.internal_partitions)
             if msg.partition == home:
                 by_user.setdefault(key, []).append(env)
@@ -117,6 +131,7 @@ class BatchHandler:
         metrics.PROCESSED.inc(stats.events)
         metrics.DUPLICATES.inc(stats.duplicates)
         metrics.NOT_TRAINED.inc(stats.not_trained)
+        metrics.FORGOTTEN.inc(stats.forgotten)
         for source, n in stats.examples.items():
             metrics.EXAMPLES.labels(source).inc(n)
         for trigger, n in stats.requests.items():

@@ -17,6 +17,7 @@ class WorkerConfig:
     input_topics: dict[str, str]  # input kind -> topic name
     commands_topic: str
     lifecycle_topic: str
+    forgotten_topic: str  # read by `adaptloop replay` (the live worker keeps its forgets in its table)
     requests_topic: str
     dlq_topic: str
     storage_root: str
@@ -55,6 +56,7 @@ class WorkerConfig:
             input_topics={kind: spec.name for kind, spec in topics.inputs().items()},
             commands_topic=topics.commands.name,
             lifecycle_topic=topics.lifecycle.name,
+            forgotten_topic=topics.forgotten.name,
             requests_topic=topics.training_requests.name,
             dlq_topic=topics.dlq.name,
             storage_root=s.storage_root,

@@ -20,6 +20,11 @@ EXAMPLES = Counter("adaptloop_worker_examples_total", "Training examples curated
 NOT_TRAINED = Counter(
     "adaptloop_worker_not_trained_events_total", "Events counted but not trained on (consent)", registry=REGISTRY
 )
+FORGOTTEN = Counter(
+    "adaptloop_worker_forgotten_envelopes_total",
+    "Events, commands and lifecycle events of forgotten users, from before their forget (ignored)",
+    registry=REGISTRY,
+)
 REDACTED = Counter(
     "adaptloop_worker_redactions_total", "Personal data items replaced by placeholders", ["type"], registry=REGISTRY
 )

@@ -101,6 +101,7 @@ class BatchStats:
     requests: dict[str, int] = field(default_factory=dict)
     redacted: dict[str, int] = field(default_factory=dict)  # placeholder type -> items replaced
     not_trained: int = 0  # events counted but not trained on (consent)
+    forgotten: int = 0  # envelopes of a forgotten user from before the forget (ignored)
 
 
 class UserProcessor:

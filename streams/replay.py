@@ -38,17 +38,18 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from core.errors import InvalidMessage, KafkaOperationError
+from core.forgotten import UserHasher
 from core.kafka.client import ClientConfig
-from core.kafka.io import OffsetRange, Record, offset_ranges, produce, read_ranges
+from core.kafka.io import OffsetRange, Record, offset_ranges, produce, read_ranges, read_since
 from core.kafka.topics import TopicPlan, ensure_topics
-from core.settings import WORKER_TABLES, changelog_topic
+from core.settings import CHANGELOG_TOPIC_CONFIG, WORKER_TABLES, changelog_topic
 from core.storage import ArtifactStore
-from schemas import RollbackCommand, TrainingRequest
+from schemas import ForgottenRecord, RollbackCommand, TrainingRequest
 from streams.config import WorkerConfig
-from streams.decoding import SourceDecoder, partition_of
+from streams.decoding import SourceDecoder
 from streams.processor import BatchStats, UserProcessor
 from streams.sending import ChangelogWriter
-from streams.tables import MemoryTable, Outgoing, WorkerTables
+from streams.tables import MemoryTable, Outgoing, WorkerTables, key_partition
 
 
 def default_app_id(live_app_id: str, now: datetime | None = None) -> str:
@@ -126,9 +127,19 @@ def merged_by_time(records: list[Record]) -> list[Record]:
     return list(heapq.merge(*by_partition.values(), key=lambda r: r.timestamp_ms))
 
 
-def memory_tables(partitions: int) -> WorkerTables:
+def memory_tables(partitions: int, hasher: UserHasher | None = None) -> WorkerTables:
     """The worker's tables in dicts, filled by the worker's own code (nothing is sent while they fill)."""
-    return WorkerTables({name: MemoryTable(name) for name in WORKER_TABLES}, ChangelogWriter(None), partitions)
+    return WorkerTables({name: MemoryTable(name) for name in WORKER_TABLES}, ChangelogWriter(None), partitions, hasher)
+
+
+def read_forgotten(client: ClientConfig, topic: str, timeout: float = 60.0) -> dict[str, float]:
+    """Every forgotten user's salted hash and latest forget time (epoch seconds), from `adapter.forgotten`."""
+    forgotten: dict[str, float] = {}
+    for record in read_since(client, [topic], 0, timeout, missing_ok=True):
+        if record.value is not None:
+            parsed = ForgottenRecord.model_validate_json(record.value)
+            forgotten[parsed.user_hash] = max(forgotten.get(parsed.user_hash, 0.0), parsed.forgotten_at.timestamp())
+    return forgotten
 
 
 def apply_records(
@@ -170,11 +181,13 @@ def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_reque
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
     processor = UserProcessor(cfg.processor, ArtifactStore(str(out_dir)))
-    tables = memory_tables(cfg.internal_partitions)
+    tables = memory_tables(cfg.internal_partitions, UserHasher.for_store(ArtifactStore(cfg.storage_root)))
+    # Users forgotten since (or before) these events: their older events build nothing.
+    tables.forgotten_elsewhere = read_forgotten(cfg.client, cfg.forgotten_topic)
     records = merged_by_time(list(read_ranges(cfg.client, list(plan.ranges))))
     only = {plan.user_id.encode()} if plan.user_id else None
     outgoing, stats, result.dead_letters, result.other_users = apply_records(records, decoder, processor, tables, only, progress)
-    result.records, result.events, result.users = len(records), stats.events, len(tables.users.data)
+    result.records, result.events, result.users = len(records), stats.events, tables.user_count()
     result.requests = [m for _, m in outgoing if isinstance(m, TrainingRequest)]
     result.commands = [m for _, m in outgoing if isinstance(m, RollbackCommand)]
     with open(out_dir / "requests.jsonl", "wb") as fh:
@@ -204,15 +217,15 @@ def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_reque
 
 def _hand_over(plan: ReplayPlan, cfg: WorkerConfig, tables: WorkerTables) -> dict[str, int]:
     """Write the rebuilt tables to the new app version's changelogs and commit its offsets at the plan's end."""
-    compacted = (("cleanup.policy", "compact"),)
+    compacted = tuple(CHANGELOG_TOPIC_CONFIG.items())
     ensure_topics(
         cfg.client, [TopicPlan(changelog_topic(plan.app_id, n), cfg.internal_partitions, 1, compacted) for n in WORKER_TABLES]
     )
     written = {}
     for name, table in zip(WORKER_TABLES, (tables.users, tables.seen, tables.examples)):
-        # Each key goes to its user's partition (seen/examples keys start with the user's key), as the worker writes them.
+        # Each key goes to its user's partition, as the worker writes them.
         messages = [
-            (key, json.dumps(value).encode(), None, partition_of(key.split(b"\x00", 1)[0], cfg.internal_partitions))
+            (key, json.dumps(value).encode(), None, key_partition(key, cfg.internal_partitions))
             for key, value in table.data.items()
         ]
         written[name] = produce(cfg.client, changelog_topic(plan.app_id, name), messages)

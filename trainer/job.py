@@ -18,6 +18,7 @@ when the request comes again.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -264,6 +265,7 @@ class JobHooks:
     progress: Callable[[StepReport], None] | None = None
     should_stop: Callable[[], bool] | None = None
     gating: Callable[[], None] | None = None
+    cancelled: Callable[[], str | None] | None = None  # asked just before registering: a reason drops the version
 
 
 @dataclass
@@ -430,6 +432,12 @@ class JobRunner:
             gate_seconds,
             batch_users,
         )
+        cancelled = plan.hooks.cancelled() if plan.hooks.cancelled is not None else None
+        if cancelled is not None:
+            shutil.rmtree(result.adapter_dir, ignore_errors=True)
+            if plan.hooks.checkpoint_dir is not None:
+                remove_checkpoint(plan.hooks.checkpoint_dir)
+            raise TrainingSkipped(cancelled)
         info = registry.register(job.user_id, result.adapter_dir, manifest)
         if plan.hooks.checkpoint_dir is not None:
             remove_checkpoint(plan.hooks.checkpoint_dir)

@@ -21,6 +21,7 @@ Loading verifies every file's sha256 and refuses a mismatch.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import RollbackError, StorageError, VersionNotFound
-from core.storage import atomic_write_json, file_sha256, fsync_dir, local_path
+from core.storage import atomic_write, atomic_write_json, file_sha256, fsync_dir, local_path
 from schemas.common import check_user_id
 from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_VERSION, AdapterManifest
 
@@ -53,6 +54,39 @@ def version_label(version: int | None) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _open_log_for_append(path: Path) -> int:
+    """An O_APPEND descriptor of the log, share-locked, that is still the file at `path`.
+
+    A forget rewrites a log under an exclusive lock and renames the new file
+    over it; an appender that opened the old file waits for the lock, sees
+    the old file gone, and opens the new one, so its line is never lost.
+    """
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _is_users_line(line: bytes, user_id: str) -> bool:
+    try:
+        return json.loads(line).get("user_id") == user_id
+    except ValueError:
+        return False
+
+
+def _is_tombstone(line: bytes, tombstone: dict[str, Any]) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return all(record.get(k) == v for k, v in tombstone.items() if k != "reason")
 
 
 def read_manifest(path: Path) -> AdapterManifest:
@@ -128,7 +162,7 @@ class AdapterRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         line = (json.dumps({"at": _now(), **record}, sort_keys=True) + "\n").encode()
         path = self.root / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = _open_log_for_append(path)
         try:
             size = os.fstat(fd).st_size
             try:
@@ -171,6 +205,51 @@ class AdapterRegistry:
 
     def rollback_log(self, user_id: str | None = None) -> list[dict]:
         return self._read_log(ROLLBACK_LOG, user_id)
+
+    # ---- forget ----------------------------------------------------------- #
+
+    def forget(self, user_id: str, user_hash: str, at: str, reason: str) -> list[str]:
+        """Delete every version, archive and pointer of the user; their log lines become one tombstone per log.
+
+        A tombstone says only that someone was forgotten: the salted hash, the
+        time and the reason. Idempotent: a second run finds nothing more to
+        delete and keeps the one tombstone. Returns what it removed.
+        """
+        removed = []
+        for path in (self.user_dir(user_id), self.root / "archive" / check_user_id(user_id)):
+            if path.exists():
+                shutil.rmtree(path)
+                removed.append(str(path.relative_to(self.root)))
+        tombstone = {"event": "forgotten", "user_hash": user_hash, "at": at, "reason": reason}
+        for name in ("audit.jsonl", VALIDATION_LOG, ROLLBACK_LOG):
+            if self._drop_user_lines(name, user_id, tombstone):
+                removed.append(f"{name}: the user's lines")
+        index = self.root / "adapters_index.json"
+        if index.exists():
+            entries = json.loads(index.read_text(encoding="utf-8"))
+            if entries.pop(user_id, None) is not None:
+                atomic_write_json(index, entries)
+                removed.append("adapters_index.json: the user's entry")
+        return removed
+
+    def _drop_user_lines(self, name: str, user_id: str, tombstone: dict[str, Any]) -> bool:
+        path = self.root / name
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # appends wait; the rename below replaces the file they would write to
+            lines = path.read_bytes().splitlines(keepends=True)
+            kept = [line for line in lines if not _is_users_line(line, user_id)]
+            marked = any(_is_tombstone(line, tombstone) for line in kept)
+            if len(kept) == len(lines):
+                return False
+            if not marked:
+                kept.append((json.dumps(tombstone, sort_keys=True) + "\n").encode())
+            atomic_write(path, b"".join(kept), mode=0o644)
+            return True
+        finally:
+            os.close(fd)
 
     # ---- register --------------------------------------------------------- #
 

@@ -55,7 +55,16 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from core.errors import AdaptloopError, InvalidMessage, KafkaOperationError, RollbackError, StorageError, TrainingInterrupted
+from core.errors import (
+    AdaptloopError,
+    InvalidMessage,
+    KafkaOperationError,
+    RollbackError,
+    StorageError,
+    TrainingInterrupted,
+    TrainingSkipped,
+)
+from core.forgotten import ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.kafka.lag import ConsumerLagCollector
 from core.redaction import Redactor
@@ -165,6 +174,7 @@ class TrainerService:
         self.runner = runner_from_settings(settings, base, self.model, self.tokenizer, self.device)
         self.registry, self.gate = self.runner.registry, self.runner.gate
         self.store = ArtifactStore(cfg.storage_root)
+        self.hasher, self.forgets = UserHasher.for_store(self.store), ForgetMarkers(self.store)
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked
         self.job: _Job | None = None
@@ -391,8 +401,9 @@ class TrainerService:
             remove_checkpoint(self._checkpoint_dir(request))  # left behind when a kill came right after registering
             self._announce(request, done, apply_decision(self.registry, done, job_id=request.command_id), republished=True)
             return True
-        reason = self._skip_reason(request)
+        reason = self._forgotten(request) or self._skip_reason(request)
         if reason is not None:
+            remove_checkpoint(self._checkpoint_dir(request))
             log.info("request %s for %s skipped: %s", request.request_id, request.user_id, reason)
             self._emit("training_skipped", request, reason=reason)
             return True
@@ -487,7 +498,15 @@ class TrainerService:
             job.results[0] = exc
 
     def _checkpoint_dir(self, request: TrainingRequest) -> Path:
-        return self.registry.root / "checkpoints" / request.request_id
+        # Under the user's salted hash: a forget removes the user's checkpoints by it.
+        return self.registry.root / "checkpoints" / self.hasher(request.user_id) / request.request_id
+
+    def _forgotten(self, request: TrainingRequest) -> str | None:
+        """Why the request must not become a version: its user was forgotten after it was made; else None."""
+        since = self.forgets.since(self.hasher(request.user_id))
+        if since is not None and since >= request.created_at.timestamp():
+            return "the user was forgotten"
+        return None
 
     def _dataset(self, request: TrainingRequest) -> list[TrainingExample]:
         data = self.store.read_bytes(self.store.relative_from_uri(request.dataset.uri))
@@ -528,6 +547,7 @@ class TrainerService:
             self._progress(request),
             should_stop=lambda: self.stop.is_set() or self.abort.is_set(),
             gating=lambda: self._emit("training_progress", request, wait=False, details={"phase": "gating"}),
+            cancelled=lambda: self._forgotten(request),
         )
 
     def _train(self, job: _Job) -> None:
@@ -567,6 +587,10 @@ class TrainerService:
                 result = AdaptloopError("the job ended without a result")
             if isinstance(message, ValidateCommand):
                 self._validate_finished(message, result)
+            elif isinstance(result, TrainingSkipped):  # its user was forgotten while it trained
+                log.info("request %s dropped: %s", message.request_id, result)
+                remove_checkpoint(self._checkpoint_dir(message))
+                self._emit("training_skipped", message, reason=reason_text(str(result)))
             elif isinstance(result, TrainingInterrupted):
                 log.warning("request %s interrupted and checkpointed; it will resume", message.request_id)
                 again.append(position)

@@ -53,8 +53,10 @@ def serving_sync(
     """Load each user's active version on the endpoints, follow promotions and rollbacks; token in ADAPTLOOP_SYNC_TOKEN."""
     import logging
 
+    from core.forgotten import UserHasher
     from core.kafka.client import ClientConfig
     from core.kafka.topics import ensure_topics, plans_from_specs
+    from core.storage import ArtifactStore
     from serving.follower import LifecycleFollower
     from serving.sync import Sync, run_sync
     from trainer.registry import AdapterRegistry
@@ -73,6 +75,7 @@ def serving_sync(
         s.serving.sync_retry_max_s,
         os.environ.get("ADAPTLOOP_SYNC_TOKEN"),
         base_model_name=base_model_name,
+        hasher=UserHasher.for_store(ArtifactStore(s.storage_root)),
     )
     follower = LifecycleFollower(ClientConfig.from_settings(s.kafka), s.topics.lifecycle.name, sync.on_swap)
     stop = threading.Event()

@@ -1,7 +1,8 @@
-"""A person's rights over their data: consent to training, and a copy of everything held (privacy/export.py).
+"""A person's rights over their data: consent, a copy of everything held, erasure (privacy/).
 
-    PUT /api/adapter/users/{user_id}/consent   {"train": false}   opt out of training (or back in)
-    GET /api/adapter/users/{user_id}/export                        a zip of everything held about the user
+    PUT    /api/adapter/users/{user_id}/consent   {"train": false}   opt out of training (or back in)
+    GET    /api/adapter/users/{user_id}/export                        a zip of everything held about the user
+    DELETE /api/adapter/users/{user_id}?reason=...                    forget the user everywhere
 
 Both take the user's own token or an admin's.
 """
@@ -13,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from api.deps import Auth, Config, UserIdPath, allowed
@@ -21,6 +22,7 @@ from api.models import ConsentAccepted, ConsentBody
 from api.routes.adapters import job_id
 from core.kafka.io import produce
 from privacy.export import export_user, read_worker_holdings
+from privacy.forget import ForgetResult, forget_user
 from schemas import ConsentCommand
 
 router = APIRouter(prefix="/api/adapter/users", tags=["privacy"])
@@ -53,3 +55,22 @@ def export(user_id: UserIdPath, who: Auth, cfg: Config) -> Response:
                 archive.write(path, str(path.relative_to(out.parent)))
     headers = {"Content-Disposition": f'attachment; filename="adaptloop-export-{user_id}.zip"'}
     return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
+
+
+@router.delete("/{user_id}", response_model=ForgetResult)
+def forget(
+    user_id: UserIdPath,
+    who: Auth,
+    cfg: Config,
+    request: Request,
+    reason: str = Query("erasure requested through the API", min_length=1, max_length=500),
+) -> ForgetResult:
+    """Erase the user: datasets, adapters, logs (tombstoned), the worker's state; `adaptloop forget`'s steps."""
+    allowed(who, user_id)
+    if cfg.forget is None:
+        raise HTTPException(503, "forgetting is not configured on this server")
+    result = forget_user(cfg.forget, user_id, reason, requested_by=f"api:{who.token_id}")
+    # The user's tokens name them: revoked too (the caller's own, if it was theirs, ends with this answer).
+    revoked = request.app.state.tokens.forget_user(user_id)
+    request.app.state.metrics.commands.labels("forget").inc()
+    return result.model_copy(update={"removed": [*result.removed, f"api tokens of the user: {revoked}"]} if revoked else {})

@@ -198,6 +198,23 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
     assert 'adaptloop_consumer_lag_messages{group="' in text, "the worker's and the trainers' lag"
     check_metric_names(text)
 
+    # Erasure: the user's own token (or admin's); nothing of alice left in the store, her token revoked with it.
+    assert httpx.delete(f"{api_server.url}/api/adapter/users/bob", headers=api_server.headers("alice")).status_code == 403
+    gone = httpx.delete(
+        f"{api_server.url}/api/adapter/users/alice",
+        headers=api_server.headers("alice"),
+        params={"reason": "my right to erasure"},
+        timeout=60,
+    )
+    assert gone.status_code == 200 and len(gone.json()["user_hash"]) == 32, gone.text
+    assert "api tokens of the user: 1" in gone.json()["removed"]
+    held = [str(p) for p in api_server.store.rglob("*") if p.is_file() and b"alice" in p.read_bytes()]
+    assert held == [], "files that still name alice"
+    assert httpx.get(f"{api_server.url}/api/adapter/history/alice", headers=admin).json() == []
+    assert httpx.get(f"{api_server.url}/api/adapter/status/alice", headers=api_server.headers("alice")).status_code == 401
+    (sent,) = [c for c in api_server.commands() if c.get("type") == "forget"]
+    assert sent["user_id"] == "alice" and sent["user_hash"] == gone.json()["user_hash"]
+
 
 def test_the_seed_client_snippet_works_as_written(api_server: ApiHandle, tmp_path):
     _seed_registry(api_server, tmp_path)

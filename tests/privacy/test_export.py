@@ -8,47 +8,20 @@ import pytest
 
 from core.errors import AdaptloopError
 from core.settings import Settings
-from core.storage import ArtifactStore, file_sha256
+from core.storage import file_sha256
 from privacy.export import ExportConfig, WorkerHoldings, export_user
-from schemas.training import OffsetRange, TrainingExample
-from streams.dataset import write_dataset
-from tests.support.adapters import fake_adapter, manifest
-from trainer.registry import AdapterRegistry
+from tests.support.stores import seed_user, user_example
 
 pytestmark = pytest.mark.unit
-
-
-def _example(n: int, user: str) -> TrainingExample:
-    return TrainingExample(
-        prompt=f"{user} question {n}?", response=f"{user} answer {n}.", source="correction", event_id=f"{user}-{n}"
-    )
-
-
-def _seed(tmp_path, user: str, versions: int) -> None:
-    store = ArtifactStore(str(tmp_path / "store"))
-    registry = AdapterRegistry(tmp_path / "store", max_versions=2)
-    for v in range(1, versions + 1):
-        lineage = [OffsetRange(topic="interactions.feedback", partition=0, first_offset=10 * v, last_offset=10 * v + 4)]
-        write_dataset(store, user, [_example(v, user)], [_example(100 + v, user)], trigger="threshold", lineage_ranges=lineage)
-        lineage_json = [r.model_dump() for r in lineage]
-        registry.register(
-            user,
-            fake_adapter(tmp_path, f"{user}{v}", f"{user}-w{v}".encode()),
-            manifest(request_id=f"{user}-r{v}", trigger="threshold", metrics={"user_score": 0.9}, lineage=lineage_json),
-        )
-        registry.activate(user, v, reason="passed the validation gate")
-        registry.log_validation(user, v, {"passed": True, "user_score": 0.9})
-    registry.rollback(user, "complaints", requested_by="test")
-    store.write_bytes(f"data/adapter_tests/user_{user}.jsonl", (_example(7, user).model_dump_json() + "\n").encode())
 
 
 def test_an_export_holds_every_part_of_one_user_and_nothing_of_another(tmp_path):
     settings = ExportConfig.from_settings(
         Settings.model_validate({"storage_root": str(tmp_path / "store"), "max_adapter_versions": 2})
     )
-    _seed(tmp_path, "ana", versions=3)
-    _seed(tmp_path, "ben", versions=1)
-    held = WorkerHoldings(state={"events_total": 12, "training_consent": True}, pending=[_example(50, "ana")])
+    seed_user(tmp_path, "ana", versions=3)
+    seed_user(tmp_path, "ben", versions=1)
+    held = WorkerHoldings(state={"events_total": 12, "training_consent": True}, pending=[user_example(50, "ana")])
     out = tmp_path / "export"
     index = export_user(settings, "ana", out, held)
 
@@ -75,7 +48,7 @@ def test_an_export_holds_every_part_of_one_user_and_nothing_of_another(tmp_path)
 
 def test_an_export_needs_an_empty_directory_and_says_what_it_left_out(tmp_path):
     settings = ExportConfig.from_settings(Settings.model_validate({"storage_root": str(tmp_path / "store")}))
-    _seed(tmp_path, "ana", versions=1)
+    seed_user(tmp_path, "ana", versions=1)
     index = export_user(settings, "ana", tmp_path / "out", None)
     assert index.not_included and "worker" in (tmp_path / "out" / "README.md").read_text().split("Not included:")[1]
     with pytest.raises(AdaptloopError, match="not empty"):
@@ -87,7 +60,7 @@ def test_the_command_line_writes_the_export_and_refuses_a_used_directory(tmp_pat
 
     from tests.support.processes import run_cli
 
-    _seed(tmp_path, "ana", versions=1)
+    seed_user(tmp_path, "ana", versions=1)
     config = tmp_path / "adapter_retrain.yaml"
     config.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "store")}))
     done = run_cli("--config", str(config), "export", "ana", "--out", str(tmp_path / "out"), "--no-worker-state")

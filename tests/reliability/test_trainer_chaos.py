@@ -52,7 +52,7 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
     requests = [t.request(f"kay{i}", _examples(12)) for i in range(3)]
     for request in requests:
         t.publish(request)
-    checkpoints = t.store / "models/adapters/checkpoints"
+    checkpoints = t.store / "models/adapters/checkpoints"  # <user hash>/<request_id>/
     rng = random.Random(5)
     resumable_steps = []
     for _ in range(5):
@@ -67,7 +67,7 @@ def test_trainer_sigkilled_five_times_yields_exactly_one_version_per_request(tra
         t.procs[-1].kill()
         t.procs[-1].wait(10)
         resumable_steps.append(
-            sum(json.loads(p.read_text())["step"] for p in checkpoints.glob("*/progress.json") if "." not in p.parent.name)
+            sum(json.loads(p.read_text())["step"] for p in checkpoints.glob("*/*/progress.json") if "." not in p.parent.name)
         )  # not a checkpoint being swapped in
         t.start()
     t.wait_for(lambda: _all_completed(t, requests), timeout=600, what="every request completed")

@@ -81,3 +81,17 @@ def test_an_operators_adapter_stays_until_unloaded(registry):
     with pytest.raises(StorageError, match="not u3@v1 in the registry"):
         cache.pin("u3@v1", registry.version_dir("u4", 1))  # other weights behind a user's version name
     assert cache.pin("ops@v1", registry.version_dir("u4", 1)), "an operator's own adapter, not in the registry"
+
+
+def test_a_forgotten_users_versions_leave_the_cache_pinned_or_held(registry):
+    """A `forgotten` event names a salted hash: every resident version of that user goes, an operator's pin too;
+    one a request still holds goes when the request ends. Other users stay."""
+    evicted = []
+    cache = AdapterCache(registry, capacity=4, on_evict=lambda w: evicted.append(w.name))
+    held = cache.acquire("u0", 1)
+    cache.pin("u1@v1", registry.info("u1", 1).path)
+    cache.release(cache.acquire("u2", 1))
+    assert sorted(cache.forget_users(lambda user: user in ("u0", "u1"))) == ["u0@v1", "u1@v1"]
+    assert sorted(cache.resident()) == ["u0@v1", "u2@v1"] and evicted == ["u1@v1"], "the pinned one at once"
+    cache.release(held)
+    assert cache.resident() == ["u2@v1"] and evicted == ["u1@v1", "u0@v1"], "the held one once released"

@@ -9,6 +9,7 @@ answered, streaming matches, feedback reaches the worker.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 
 import httpx
@@ -97,6 +98,34 @@ def test_swaps_follow_the_registry_and_the_lifecycle_topic_without_a_restart(wor
     serve.lifecycle(type="rolled_back", user_id="alice", version=1, previous_version=v3)
     assert _fingerprint(serve, "alice").startswith("adaptloop:alice@v1:"), "a rolled-back version is never served as alice"
     assert serve.service.proc.pid == pid and serve.service.proc.poll() is None, "no restart"
+
+
+def test_a_forgotten_user_is_no_longer_answered_with_an_adapter_of_theirs(world):
+    """After `forget`, the server holds nothing of the user: the resident version (an operator's pin too) goes,
+    and the user is answered by the base model."""
+    from privacy.forget import ForgetConfig, forget_user
+
+    serve, registry, add_version = world["serve"], world["registry"], world["add_version"]
+    version = add_version("quinn", 7)
+    name = f"quinn@v{version}"
+    assert _fingerprint(serve, "quinn").startswith(f"adaptloop:{name}:")
+    pinned = httpx.post(
+        f"{serve.url}/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(registry.info("quinn", version).path)},
+        headers=serve.headers(),
+    )
+    assert pinned.status_code == 200, pinned.text
+
+    def resident() -> list[str]:
+        return [m["id"] for m in httpx.get(f"{serve.url}/v1/models", headers=serve.headers()).json()["data"]]
+
+    assert name in resident()
+    cfg = dataclasses.replace(ForgetConfig.from_settings(world["settings"]), client=serve.client)
+    forget_user(cfg, "quinn", "erasure request")
+    serve.wait_for(lambda: name not in resident(), what="the forgotten user's version dropped")
+    assert _fingerprint(serve, "quinn").startswith("adaptloop:base:")
+    assert serve.chat(QUESTION, model=name).status_code in (403, 404), "nor by name"
+    assert "alice@v1" in resident() or registry.active("alice") is not None, "other users untouched"
 
 
 def test_a_request_in_flight_finishes_on_the_version_it_started_with(world):

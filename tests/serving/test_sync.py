@@ -8,7 +8,9 @@ import httpx
 import pytest
 import yaml
 
+from core.forgotten import UserHasher
 from core.kafka.io import produce
+from core.storage import ArtifactStore
 from schemas import LifecycleEvent
 from tests.support.adapters import manifest, random_adapter
 from tests.support.handles import topic_config, unique_topics
@@ -80,6 +82,12 @@ def test_sync_follows_a_promotion_a_rollback_and_its_own_restart(serve_factory, 
         sync.start(timeout=60)
         target.wait_for(lambda: held() == {f"sia@v{v3}"}, what="the restarted sync catching up")
         assert json.loads((export / "active.json").read_text()) == {"sia": f"sia@v{v3}"}
+        # A forget names only the salted hash: the user is unloaded at once, the exported copies deleted.
+        user_hash = UserHasher.for_store(ArtifactStore(str(target.store)))("sia")
+        forgotten = LifecycleEvent(event_id="ev-forgotten", type="forgotten", user_id=user_hash, details={"user_hash": user_hash})
+        produce(target.client, topics["lifecycle"], [(user_hash, forgotten.to_bytes())])
+        target.wait_for(lambda: held() == set(), what="the forgotten user unloaded from the endpoint")
+        assert [p.name for p in export.iterdir() if p.is_dir()] == [] and json.loads((export / "active.json").read_text()) == {}
     finally:
         sync.stop()
     assert "sync ready" in sync.log() and "Traceback" not in sync.log()

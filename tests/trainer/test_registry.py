@@ -231,3 +231,28 @@ def test_rollback_refuses_a_tampered_target(tmp_path):
     with pytest.raises(RollbackError, match="sha256 mismatch"):
         reg.rollback("rol", "try")
     assert reg.active("rol") == 3
+
+
+def test_a_forget_rewrites_the_logs_without_losing_a_line_another_process_appends_meanwhile(tmp_path):
+    """Appends take a shared lock and check they still write to the live file; a forget's rewrite takes it exclusively."""
+    import threading
+
+    registry = AdapterRegistry(tmp_path / "store")
+    stop, appended = threading.Event(), []
+
+    def append() -> None:
+        while not stop.is_set():
+            registry.audit("noted", "ben", n=len(appended))
+            appended.append(len(appended))
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    for round_ in range(30):
+        registry.audit("noted", "zed", n=round_)
+        registry.forget("zed", "0" * 32, f"2026-12-01T00:00:{round_:02d}+00:00", "test")
+    stop.set()
+    writer.join()
+    log = registry.audit_log()
+    assert [r["n"] for r in log if r.get("user_id") == "ben"] == appended and len(appended) > 30
+    assert not any(r.get("user_id") == "zed" for r in log)
+    assert len([r for r in log if r.get("event") == "forgotten"]) == 30, "one tombstone per forget that removed lines"

@@ -12,7 +12,9 @@ import sys
 import httpx
 import pytest
 
+from core.forgotten import UserHasher
 from core.kafka.broker import free_port
+from core.storage import ArtifactStore
 from schemas.training import TrainingExample
 from streams.decoding import partition_of
 from tests.support.adapters import manifest, random_adapter
@@ -93,6 +95,35 @@ def _first_half(handle, user: str) -> bool:
     return bool(steps) and int(steps[-1][0]) <= int(steps[-1][1]) // 2
 
 
+def test_a_job_whose_user_is_forgotten_meanwhile_leaves_nothing_behind(trainer_factory):
+    """`adaptloop forget` marks the user before it deletes anything: the job in flight ends as a skip at its
+    registration, with no version, no checkpoint; the same request delivered again is skipped at once."""
+    import time
+
+    from core.forgotten import ForgetMarker, ForgetMarkers
+
+    t = trainer_factory(epochs=20, checkpoint_every=5, early_stopping=False, max_train_seconds=0)
+    request = t.request("fay", _examples(12))
+    t.publish(request)
+    t.wait_for(lambda: _first_half(t, "fay"), what="the job in its first half", interval=0.05)
+    store = ArtifactStore(str(t.store))
+    user_hash = UserHasher.for_store(store)("fay")
+    ForgetMarkers(store).write(ForgetMarker(user_hash=user_hash, at=time.time(), reason="erasure request"))
+
+    def skipped() -> list[dict]:
+        return [e for e in t.lifecycle() if e["type"] == "training_skipped" and e["request_id"] == request.request_id]
+
+    (event,) = t.wait_for(skipped, what="the job dropped")
+    assert "forgotten" in event["reason"]
+    assert AdapterRegistry(t.store).versions("fay") == [] and not _completed(t.lifecycle(), request.request_id)
+    assert not (t.store / "models/adapters/checkpoints" / user_hash).exists() or not any(
+        (t.store / "models/adapters/checkpoints" / user_hash).iterdir()
+    ), "no checkpoint"
+    t.publish(request)  # delivered again
+    t.wait_for(lambda: len(skipped()) == 2, what="the redelivered request skipped at once")
+    assert AdapterRegistry(t.store).versions("fay") == []
+
+
 def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_factory):
     # 120 steps with no early stop and no time budget: a progress line every 12 steps, so the job is
     # seen in its first half at least 60 steps before it could end, on a machine of any speed.
@@ -102,7 +133,9 @@ def test_sigterm_checkpoints_the_job_and_leaves_without_committing(trainer_facto
     t.wait_for(lambda: _first_half(t, "dee"), what="the job in its first half", interval=0.05)
     t.procs[-1].send_signal(signal.SIGTERM)
     assert t.procs[-1].wait(60) == 0
-    checkpoint = t.store / "models/adapters/checkpoints" / request.request_id
+    checkpoint = (
+        t.store / "models/adapters/checkpoints" / UserHasher.for_store(ArtifactStore(str(t.store)))("dee") / request.request_id
+    )
     assert (checkpoint / "progress.json").is_file(), "SIGTERM checkpoints the running job"
     step = json.loads((checkpoint / "progress.json").read_text())["step"]
     assert 0 < step < 120, "checkpointed mid-way on SIGTERM (checkpoint_every alone would not have)"
