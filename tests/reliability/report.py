@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "RELIABILITY.md"
-AREAS = ("Faults", "Bad input", "Security")
+AREAS = ("Faults", "Bad input", "Security", "Privacy")
 
 INTRO = """# Reliability
 
@@ -47,8 +47,8 @@ PENDING = """## Not covered yet
 Faults in more than one place at once (say, the broker restarting while a
 worker is killed), a slow or flaky disk rather than a full one, and network
 partitions between a client and the broker (only whole-broker outages are
-injected). The security points are listed with their tests in
-docs/SECURITY.md.
+injected). The security and privacy points are listed with their tests in
+docs/SECURITY.md; encryption at rest is not built yet.
 """
 
 
