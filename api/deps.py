@@ -6,6 +6,7 @@ puts the shared objects on `app.state` once, in `create_app`.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
@@ -17,6 +18,11 @@ from schemas.common import USER_ID_PATTERN, check_user_id
 from trainer.registry import AdapterRegistry
 
 UserIdPath = Annotated[str, Path(pattern=USER_ID_PATTERN, max_length=128, description="the user's id")]
+
+
+def job_id() -> str:
+    """A new command id: what a caller follows its job by (`GET /api/adapter/job/{job_id}`)."""
+    return f"job-{uuid.uuid4().hex}"
 
 
 def principal(request: Request) -> Principal:

@@ -39,7 +39,8 @@ from core.storage import ArtifactStore, atomic_write
 from schemas.common import check_user_id
 from schemas.dataset import from_jsonl, to_jsonl
 from schemas.training import TrainingExample
-from streams.dataset import TRAINING_DIR
+from streams.dataset import user_versions_dir
+from trainer.job import user_tests_file
 from trainer.registry import AdapterRegistry, read_manifest
 
 
@@ -147,7 +148,7 @@ def export_user(cfg: ExportConfig, user_id: str, out: Path, held: WorkerHoldings
 
 
 def _datasets(writer: _Writer, store: ArtifactStore, user_id: str, tests_dir: str) -> None:
-    for relative in store.list(f"{TRAINING_DIR}/versions/user_{user_id}"):
+    for relative in store.list(user_versions_dir(user_id)):
         name = relative.rsplit("/", 1)[1]
         data = store.read_bytes(relative)
         if name.endswith(".manifest.json"):
@@ -155,7 +156,7 @@ def _datasets(writer: _Writer, store: ArtifactStore, user_id: str, tests_dir: st
         else:
             what = "held-out examples (the gate's user suite)" if name.endswith(".test.jsonl") else "training examples"
             writer.write(f"datasets/{name}", data, what, len(from_jsonl(data)))
-    tests = f"{tests_dir.rstrip('/')}/user_{user_id}.jsonl"
+    tests = user_tests_file(tests_dir, user_id)
     if store.exists(tests):
         data = store.read_bytes(tests)
         writer.write("user_tests.jsonl", data, "explicit test cases the gate asks every version", len(from_jsonl(data)))

@@ -43,7 +43,8 @@ from core.kafka.topics import TopicPlan, ensure_topics
 from core.settings import Settings
 from core.storage import ArtifactStore
 from schemas import ForgetCommand, ForgottenRecord, LifecycleEvent, check_user_id
-from streams.dataset import TRAINING_DIR
+from streams.dataset import latest_split_file, user_versions_dir
+from trainer.job import user_tests_file
 from trainer.registry import AdapterRegistry
 
 
@@ -123,9 +124,9 @@ def _announce_forgotten(cfg: ForgetConfig, marker: ForgetMarker) -> None:
 
 def _remove_from_store(cfg: ForgetConfig, store: ArtifactStore, user_id: str, marker: ForgetMarker) -> list[str]:
     files = [
-        f"{TRAINING_DIR}/versions/user_{user_id}",
-        f"{TRAINING_DIR}/user_{user_id}_finetune.jsonl",
-        f"{cfg.user_tests_dir.rstrip('/')}/user_{user_id}.jsonl",
+        user_versions_dir(user_id),
+        latest_split_file(user_id),
+        user_tests_file(cfg.user_tests_dir, user_id),
         f"models/adapters/checkpoints/{marker.user_hash}",
     ]
     removed = [relative for relative in files if store.remove(relative)]

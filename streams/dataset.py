@@ -26,6 +26,16 @@ from streams.curation import dedupe
 TRAINING_DIR = "data/adapter_training"
 
 
+def user_versions_dir(user_id: str) -> str:
+    """Where a user's immutable datasets (with their held-out splits and manifests) live in the store."""
+    return f"{TRAINING_DIR}/versions/user_{user_id}"
+
+
+def latest_split_file(user_id: str) -> str:
+    """The user's latest training split (the seed's `user_<id>_finetune.jsonl`)."""
+    return f"{TRAINING_DIR}/user_{user_id}_finetune.jsonl"
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     replay_max: int
@@ -98,7 +108,7 @@ def write_dataset(
     body = to_jsonl(train)
     test_body = to_jsonl(test)
     sha = sha256_bytes(body)
-    base = f"{TRAINING_DIR}/versions/user_{user_id}/{sha}"
+    base = f"{user_versions_dir(user_id)}/{sha}"
     uri = store.write_bytes(f"{base}.jsonl", body)
     test_uri = store.write_bytes(f"{base}.test.jsonl", test_body)
     manifest = DatasetManifest(
@@ -112,7 +122,7 @@ def write_dataset(
         lineage=lineage_ranges,
     )
     store.write_bytes(f"{base}.manifest.json", manifest.model_dump_json(indent=2).encode())
-    store.write_bytes(f"{TRAINING_DIR}/user_{user_id}_finetune.jsonl", body)
+    store.write_bytes(latest_split_file(user_id), body)
     return DatasetRef(
         uri=uri,
         sha256=sha,

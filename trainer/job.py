@@ -71,9 +71,14 @@ class Outcome:
 # ---- what the registry says about the user ---------------------------------------- #
 
 
+def user_tests_file(tests_dir: str, user_id: str) -> str:
+    """Where the user's explicit test cases live in the store: `<tests_dir>/user_<id>.jsonl`."""
+    return f"{tests_dir.strip('/')}/user_{user_id}.jsonl"
+
+
 def user_cases(store: ArtifactStore, tests_dir: str, user_id: str) -> list[TestCase]:
     """The user's explicit test cases (`<tests_dir>/user_<id>.jsonl` in the store), if any."""
-    relative = f"{tests_dir.strip('/')}/user_{user_id}.jsonl"
+    relative = user_tests_file(tests_dir, user_id)
     if not store.exists(relative):
         return []
     return parse_cases(store.read_bytes(relative).decode("utf-8"), store.uri(relative))

@@ -7,14 +7,13 @@ out by the worker and the trainers; job state comes from the lifecycle topic
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse
 
-from api.deps import Auth, Config, Registry, Tracker, UserIdPath, allowed
+from api.deps import Auth, Config, Registry, Tracker, UserIdPath, allowed, job_id
 from api.models import JobAccepted, RetrainBody, RollbackBody, ValidateBody
 from core.kafka.io import produce
 from schemas import RetrainCommand, RollbackCommand, ValidateCommand
@@ -24,10 +23,6 @@ router = APIRouter(prefix="/api/adapter", tags=["adapter"])
 pages = APIRouter(tags=["adapter"])
 
 JobId = Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-
-
-def job_id() -> str:
-    return f"job-{uuid.uuid4().hex}"
 
 
 def _publish(request: Request, command) -> JobAccepted:

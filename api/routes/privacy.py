@@ -17,9 +17,8 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from api.deps import Auth, Config, UserIdPath, allowed
+from api.deps import Auth, Config, UserIdPath, allowed, job_id
 from api.models import ConsentAccepted, ConsentBody
-from api.routes.adapters import job_id
 from core.kafka.io import produce
 from privacy.export import export_user, read_worker_holdings
 from privacy.forget import ForgetResult, forget_user
