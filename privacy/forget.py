@@ -34,8 +34,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from core.errors import AdaptloopError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.kafka.io import produce
@@ -43,9 +44,12 @@ from core.kafka.topics import TopicPlan, ensure_topics
 from core.settings import Settings
 from core.storage import ArtifactStore
 from schemas import ForgetCommand, ForgottenRecord, LifecycleEvent, check_user_id
+from schemas.common import Text
 from streams.dataset import latest_split_file, user_versions_dir
 from trainer.job import user_tests_file
 from trainer.registry import AdapterRegistry
+
+_REASON: TypeAdapter = TypeAdapter(Text)  # it goes into events and tombstones: their text rules
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,10 @@ class ForgetResult(BaseModel):
 def forget_user(cfg: ForgetConfig, user_id: str, reason: str, requested_by: str = "cli") -> ForgetResult:
     """Erase `user_id` from the store and the worker; see the module docstring for the steps."""
     check_user_id(user_id)
+    try:
+        reason = _REASON.validate_python(reason)
+    except ValidationError as exc:
+        raise AdaptloopError(f"reason: {exc.errors()[0]['msg']}") from None
     store = ArtifactStore(cfg.storage_root)
     user_hash = UserHasher.for_store(store)(user_id)
     markers = ForgetMarkers(store)

@@ -13,6 +13,7 @@ import io
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
@@ -23,6 +24,7 @@ from core.kafka.io import produce
 from privacy.export import export_user, read_worker_holdings
 from privacy.forget import ForgetResult, forget_user
 from schemas import ConsentCommand
+from schemas.common import Text
 
 router = APIRouter(prefix="/api/adapter/users", tags=["privacy"])
 
@@ -62,7 +64,7 @@ def forget(
     who: Auth,
     cfg: Config,
     request: Request,
-    reason: str = Query("erasure requested through the API", min_length=1, max_length=500),
+    reason: Annotated[Text, Query(max_length=500)] = "erasure requested through the API",
 ) -> ForgetResult:
     """Erase the user: datasets, adapters, logs (tombstoned), the worker's state; `adaptloop forget`'s steps."""
     allowed(who, user_id)

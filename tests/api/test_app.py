@@ -200,6 +200,8 @@ def test_status_history_and_metrics_come_from_the_registry(api_server: ApiHandle
 
     # Erasure: the user's own token (or admin's); nothing of alice left in the store, her token revoked with it.
     assert httpx.delete(f"{api_server.url}/api/adapter/users/bob", headers=api_server.headers("alice")).status_code == 403
+    bad_reason = httpx.delete(f"{api_server.url}/api/adapter/users/alice", headers=admin, params={"reason": "a\x01b"})
+    assert bad_reason.status_code == 422 and "reason" in bad_reason.text, "a control character is refused, nothing done"
     gone = httpx.delete(
         f"{api_server.url}/api/adapter/users/alice",
         headers=api_server.headers("alice"),

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from core.errors import AdaptloopError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.storage import ArtifactStore
@@ -89,6 +90,8 @@ def test_forget_leaves_nothing_of_the_user_in_the_store_and_nothing_of_another_u
     assert record.user_hash == user_hash and record.forgotten_at.isoformat() == result.forgotten_at
     assert ForgetMarkers(ArtifactStore(str(root))).read(user_hash).state == "done"
 
+    with pytest.raises(AdaptloopError, match="reason"):
+        forget_user(cfg, USER, "a\x00b")
     again = forget_user(cfg, USER, "erasure request #1")
     assert again.removed == [], "a second forget finds nothing more"
     assert all(len(_tombstones(root, n)) == 1 for n in ("audit.jsonl", VALIDATION_LOG, ROLLBACK_LOG))
