@@ -45,25 +45,6 @@ def _docker_answers() -> bool:
         return False
 
 
-# Dealt first to the two xdist workers of `make test` (--dist loadfile
-# --no-loadscope-reorder keeps this order): the longest files, so that the
-# suite does not end with one of them running alone. From the clean-clone CI
-# of 2026-12-01 (seconds, two workers): the demo 453, the trainer chaos
-# tests 445, the worker chaos test 157, the trainer service tests ~330 in all.
-LONGEST_FIRST = (
-    "tests/adaptloop/test_demo.py",
-    "tests/reliability/test_trainer_chaos.py",
-    "tests/trainer/test_service.py",
-    "tests/reliability/test_worker_chaos.py",
-    "tests/adaptloop/test_loop.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    order = {path: n for n, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.nodeid.split("::", 1)[0], len(order)))  # stable: the rest as collected
-
-
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
