@@ -263,7 +263,7 @@ class Scene:
     def registry(self):
         from trainer.registry import AdapterRegistry
 
-        return AdapterRegistry(self.s.storage_root)
+        return AdapterRegistry.from_settings(self.s)
 
 
 def _story(s: Settings, client: ClientConfig, w: Watcher, workdir: Path, timeout_s: float) -> None:

@@ -24,6 +24,7 @@ from api.errors import install_body_limit, install_error_handlers
 from api.jobs import JobTracker
 from api.metrics import ApiMetrics
 from api.routes import adapters, ops, privacy
+from core.encryption import sealer_for
 from trainer.registry import AdapterRegistry
 
 log = logging.getLogger("adaptloop.api")
@@ -43,7 +44,7 @@ def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
     app = FastAPI(title="adaptloop API", version="1", description=__doc__, lifespan=lifespan)
     app.state.config = cfg
     app.state.tokens = TokenStore(cfg.tokens_file)
-    app.state.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
+    app.state.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions, sealer_for(cfg.storage_root, cfg.encryption))
     app.state.tracker = tracker
     app.state.metrics = ApiMetrics(cfg)
     install_error_handlers(app)

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.kafka.client import ClientConfig
-from core.settings import Settings, changelog_topic, tokens_file, trainer_commands_group, worker_internal_topic
+from core.settings import (
+    EncryptionSettings,
+    Settings,
+    changelog_topic,
+    tokens_file,
+    trainer_commands_group,
+    worker_internal_topic,
+)
 from privacy.export import ExportConfig
 from privacy.forget import ForgetConfig
 
@@ -27,6 +34,7 @@ class ApiConfig:
     command_timeout_s: float = 15.0  # how long a command may wait for Kafka's acknowledgement before the caller gets a 503
     export: ExportConfig | None = None  # what a user's export reads
     forget: ForgetConfig | None = None  # where a user's forget erases
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiConfig:
@@ -44,6 +52,7 @@ class ApiConfig:
             requests_topic=t.training_requests.name,
             users_changelog=changelog_topic(settings.streams.app_id, "users"),
             storage_root=settings.storage_root,
+            encryption=settings.storage.encryption,
             max_versions=settings.max_adapter_versions,
             tokens_file=tokens_file(settings),
             max_body_bytes=settings.api.max_body_bytes,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from core.errors import ConfigError
-from core.storage import atomic_write, is_local, local_path
+from core.storage import atomic_write, inside_root, is_local, local_path
 
 CONFIG_ENV = "ADAPTLOOP_CONFIG"
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
@@ -237,6 +237,30 @@ class PrivacySettings(_Section):
         if value is not None and not re.fullmatch(r"[A-Z]{2}", value):
             raise ValueError("a two-letter region code, e.g. US or DE")
         return value
+
+
+class EncryptionSettings(_Section):
+    """Encryption at rest (core/encryption.py): off by default; on in the docker-compose example."""
+
+    enabled: bool = Field(False, description="seal datasets, adapters, checkpoints and user test files with AES-GCM")
+    keyring: Path | None = Field(
+        None, description="the key-encryption keys: a file outside the storage root (`adaptloop keys init --keyring PATH`)"
+    )
+
+    @model_validator(mode="after")
+    def _keyring_when_enabled(self) -> EncryptionSettings:
+        if self.enabled and self.keyring is None:
+            raise ValueError("storage.encryption.keyring must be set when storage.encryption.enabled is true")
+        return self
+
+    @field_validator("keyring")
+    @classmethod
+    def _expand_keyring(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+
+class StorageSettings(_Section):
+    encryption: EncryptionSettings = EncryptionSettings()
 
 
 # --------------------------------------------------------------------------- #
@@ -460,6 +484,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
+    storage: StorageSettings = StorageSettings()
 
     @model_validator(mode="after")
     def _worker_topics_copartitioned(self) -> Settings:
@@ -476,6 +501,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the worker's source topics need streams.internal_partitions={n} partitions each; got {', '.join(bad)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _keyring_outside_root(self) -> Settings:
+        # A copy of the root (a backup) must not carry the keys that open it.
+        keyring = self.storage.encryption.keyring
+        if keyring is not None and inside_root(self.storage_root, keyring):
+            raise ValueError(f"storage.encryption.keyring {keyring} is inside the storage root; keep it elsewhere")
         return self
 
     @field_validator("storage_root")

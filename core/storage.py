@@ -18,13 +18,17 @@ import os
 import posixpath
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from core.errors import StorageError
 
+if TYPE_CHECKING:
+    from core.encryption import Sealer
+
 FILE_URL = "file://"
+SEALED_MAGIC = b"ALSEAL1\n"  # the first bytes of a sealed file (core/encryption.py)
 
 
 # ---- local paths ------------------------------------------------------------ #
@@ -40,6 +44,14 @@ def local_path(root: str) -> Path:
     if not is_local(root):
         raise StorageError(f"{root} is not a local directory")
     return Path(root.removeprefix(FILE_URL))
+
+
+def inside_root(root: str, path: Path) -> bool:
+    """True when `path` is the local storage root or lies under it (False for a remote root)."""
+    if not is_local(root):
+        return False
+    base, where = os.path.realpath(local_path(root)), os.path.realpath(path)
+    return where == base or where.startswith(base + os.sep)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -92,14 +104,27 @@ def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> Path:
     return atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"), mode)
 
 
+def open_sealed(data: bytes, sealer: Sealer | None, where: str | Path) -> bytes:
+    """`data` as it was written: sealed files opened, plain files as they are."""
+    if not data.startswith(SEALED_MAGIC):
+        return data
+    if sealer is None:
+        raise StorageError(f"{where} is encrypted: set storage.encryption.enabled and storage.encryption.keyring to read it")
+    return sealer.open(data, str(where))
+
+
 # ---- the store -------------------------------------------------------------- #
 
 
 class ArtifactStore:
-    def __init__(self, root: str) -> None:
+    """Files under one root. With a `sealer` (core/encryption.py, `open_store`) personal files are encrypted:
+    `write_personal` seals, `read_bytes` opens whatever was sealed."""
+
+    def __init__(self, root: str, sealer: Sealer | None = None) -> None:
         self.local = is_local(root)
         self.root = str(local_path(root).resolve()) if self.local else root.rstrip("/")
         self.fs = fsspec.filesystem("file") if self.local else fsspec.core.url_to_fs(self.root)[0]
+        self.sealer = sealer
 
     # ---- paths ----------------------------------------------------------- #
 
@@ -142,15 +167,21 @@ class ArtifactStore:
             raise StorageError(f"cannot write {full}: {exc}") from exc
         return self.uri(relative)
 
+    def write_personal(self, relative: str, data: bytes, user_id: str | None) -> str:
+        """`write_bytes` of data about `user_id` (None: several users), sealed for them when encryption is on."""
+        return self.write_bytes(relative, self.sealer.seal(user_id, data) if self.sealer is not None else data)
+
     def read_bytes(self, relative: str) -> bytes:
+        """The file's content; a sealed file is opened (and refused when it was changed)."""
         full = self.path(relative)
         try:
             with self.fs.open(full, "rb") as fh:
-                return fh.read()
+                data = fh.read()
         except FileNotFoundError:
             raise StorageError(f"artifact not found: {full}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {full}: {exc}") from exc
+        return open_sealed(data, self.sealer, full)
 
     def exists(self, relative: str) -> bool:
         return bool(self.fs.exists(self.path(relative)))

@@ -31,17 +31,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core.encryption import open_store
 from core.errors import AdaptloopError
 from core.kafka.client import ClientConfig
 from core.kafka.io import read_since
-from core.settings import Settings, changelog_topic
+from core.settings import EncryptionSettings, Settings, changelog_topic
 from core.storage import ArtifactStore, atomic_write
 from schemas.common import check_user_id
 from schemas.dataset import from_jsonl, to_jsonl
 from schemas.training import TrainingExample
 from streams.dataset import user_versions_dir
 from trainer.job import user_tests_file
-from trainer.registry import AdapterRegistry, read_manifest
+from trainer.registry import AdapterRegistry, adapter_files, read_manifest
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,14 @@ class ExportConfig:
     client: ClientConfig
     users_changelog: str  # the worker's tables, where its state and pending examples live
     examples_changelog: str
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExportConfig:
         app_id = settings.streams.app_id
         return cls(
             storage_root=settings.storage_root,
+            encryption=settings.storage.encryption,
             max_versions=settings.max_adapter_versions,
             user_tests_dir=settings.validation.user_tests_dir,
             client=ClientConfig.from_settings(settings.kafka),
@@ -119,8 +122,11 @@ class _Writer:
     def lines(self, relative: str, rows: list[dict], what: str) -> None:
         self.write(relative, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows), what, len(rows))
 
-    def tree(self, relative: str, source: Path, what: str) -> None:
+    def tree(self, relative: str, source: Path, what: str, opened: dict[str, bytes] | None = None) -> None:
+        """Copy the directory `source`; `opened`: files written as given instead (sealed at rest, opened for the user)."""
         shutil.copytree(source, self.out / relative, dirs_exist_ok=True)
+        for name, data in (opened or {}).items():
+            atomic_write(self.out / relative / name, data, mode=0o600)
         self.parts.append(ExportPart(path=relative + "/", what=what))
 
 
@@ -131,8 +137,8 @@ def export_user(cfg: ExportConfig, user_id: str, out: Path, held: WorkerHoldings
         raise AdaptloopError(f"{out} is not empty: an export goes into a new directory")
     out.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out)
-    store = ArtifactStore(cfg.storage_root)
-    registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
+    store = open_store(cfg.storage_root, cfg.encryption)
+    registry = AdapterRegistry(cfg.storage_root, cfg.max_versions, store.sealer)
     _datasets(writer, store, user_id, cfg.user_tests_dir)
     _adapters(writer, registry, user_id)
     _logs(writer, registry, user_id)
@@ -169,7 +175,8 @@ def _adapters(writer: _Writer, registry: AdapterRegistry, user_id: str) -> None:
     if archive.is_dir():
         kept += [(f"adapters/archive/{p.name}", p) for p in sorted(archive.iterdir()) if p.is_dir()]
     for relative, path in kept:
-        writer.tree(relative, path, "an adapter version: LoRA weights (safetensors), config, manifest with metrics")
+        what = "an adapter version: LoRA weights (safetensors), config, manifest with metrics"
+        writer.tree(relative, path, what, adapter_files(path, registry.sealer))
         manifest = read_manifest(path)
         lineage[relative.rsplit("/", 1)[1]] = manifest.model_dump(mode="json").get("lineage")
     writer.json("lineage.json", lineage, "per version: the topic, partition and offset ranges its data came from", len(lineage))

@@ -36,12 +36,13 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from core.encryption import key_file, open_store
 from core.errors import AdaptloopError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.kafka.io import produce
 from core.kafka.topics import TopicPlan, ensure_topics
-from core.settings import Settings
+from core.settings import EncryptionSettings, Settings
 from core.storage import ArtifactStore
 from schemas import ForgetCommand, ForgottenRecord, LifecycleEvent, check_user_id
 from schemas.common import Text
@@ -61,12 +62,14 @@ class ForgetConfig:
     lifecycle_topic: str
     forgotten_topic: str
     forgotten_partitions: int
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ForgetConfig:
         t = settings.topics
         return cls(
             storage_root=settings.storage_root,
+            encryption=settings.storage.encryption,
             user_tests_dir=settings.validation.user_tests_dir,
             client=ClientConfig.from_settings(settings.kafka),
             commands_topic=t.commands.name,
@@ -91,7 +94,7 @@ def forget_user(cfg: ForgetConfig, user_id: str, reason: str, requested_by: str 
         reason = _REASON.validate_python(reason)
     except ValidationError as exc:
         raise AdaptloopError(f"reason: {exc.errors()[0]['msg']}") from None
-    store = ArtifactStore(cfg.storage_root)
+    store = open_store(cfg.storage_root, cfg.encryption)
     user_hash = UserHasher.for_store(store)(user_id)
     markers = ForgetMarkers(store)
     marker = markers.read(user_hash)
@@ -132,12 +135,15 @@ def _announce_forgotten(cfg: ForgetConfig, marker: ForgetMarker) -> None:
 
 def _remove_from_store(cfg: ForgetConfig, store: ArtifactStore, user_id: str, marker: ForgetMarker) -> list[str]:
     files = [
+        key_file(marker.user_hash),  # first: every sealed copy of their files, backups too, is unreadable from here on
         user_versions_dir(user_id),
         latest_split_file(user_id),
         user_tests_file(cfg.user_tests_dir, user_id),
         f"models/adapters/checkpoints/{marker.user_hash}",
     ]
     removed = [relative for relative in files if store.remove(relative)]
+    if store.sealer is not None:
+        store.sealer.forget(marker.user_hash)
     at = datetime.fromtimestamp(marker.at, UTC).isoformat()
     registry = AdapterRegistry(cfg.storage_root)
     removed += [f"models/adapters/{path}" for path in registry.forget(user_id, marker.user_hash, at, marker.reason)]

@@ -117,6 +117,9 @@ class AdapterManifest(_Record):
     user_id: str = ""
     version: int = 0
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every adapter file")
+    sealed_files: dict[str, str] = Field(
+        default_factory=dict, description="sha256 of every adapter file as stored, when encrypted at rest (integrity on disk)"
+    )
     registered_at: datetime | None = None
     # The job.
     request_id: str | None = None

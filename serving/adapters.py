@@ -27,7 +27,7 @@ from core.errors import AdaptloopError, StorageError, VersionNotFound
 from core.storage import file_sha256
 from schemas.manifest import ADAPTER_WEIGHTS
 from serving.lora import LoraWeights, read_adapter
-from trainer.registry import AdapterRegistry, verify_adapter_dir
+from trainer.registry import AdapterRegistry, adapter_files, verify_adapter_dir
 
 
 class CacheFull(AdaptloopError):
@@ -128,7 +128,7 @@ class AdapterCache:
             if entry is not None:
                 entry.pinned = True
                 return False
-        weights = read_adapter(path, name, sha, self.device, self.dtype)
+        weights = read_adapter(path, name, sha, self.device, self.dtype, adapter_files(path, self.registry.sealer))
         with self._lock:
             self._make_room()
             self._entries[name] = _Entry(weights, pinned=True)
@@ -193,7 +193,8 @@ class AdapterCache:
             with self._lock:
                 self.stats.refused += 1
             raise
-        return read_adapter(info.path, name, info.manifest.weights_sha256 or "", self.device, self.dtype)
+        sha = info.manifest.weights_sha256 or ""
+        return read_adapter(info.path, name, sha, self.device, self.dtype, self.registry.files(info))
 
     def _make_room(self) -> None:
         """Evict least recently used, unheld entries until one more fits (waiting while every one is held)."""

@@ -28,6 +28,7 @@ from fastapi.responses import PlainTextResponse
 from api.auth import TokenStore
 from api.deps import Auth
 from api.errors import install_body_limit, install_error_handlers
+from core.encryption import sealer_for
 from core.errors import StorageError
 from core.forgotten import UserHasher
 from core.settings import Settings
@@ -60,7 +61,7 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, model, tokenizer, device, base: BaseModelRef, follow: bool = True) -> None:
         self.cfg, self.base, self.started = cfg, base, int(time.time())
-        self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions)
+        self.registry = AdapterRegistry(cfg.storage_root, cfg.max_versions, sealer_for(cfg.storage_root, cfg.encryption))
         self.hasher = UserHasher.for_store(ArtifactStore(cfg.storage_root))
         self.router = Router(self.registry, base.model_id, base.sha256, cfg.on_bad_adapter)
         self.engine = Engine(model, tokenizer, device, cfg.max_batch_size, cfg.batch_window_s)

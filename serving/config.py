@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.kafka.client import ClientConfig
-from core.settings import Settings, defaults, tokens_file
+from core.settings import EncryptionSettings, Settings, defaults, tokens_file
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ServeConfig:
     feedback_window: int
     publish_conversations: bool
     on_bad_adapter: str  # "base" | "error"
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> ServeConfig:
@@ -38,6 +39,7 @@ class ServeConfig:
             feedback_topic=s.topics.feedback.name,
             conversations_topic=s.topics.conversations.name,
             storage_root=s.storage_root,
+            encryption=s.storage.encryption,
             max_versions=s.max_adapter_versions,
             tokens_file=tokens_file(s),
             max_body_bytes=s.api.max_body_bytes,

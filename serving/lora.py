@@ -44,16 +44,23 @@ class LoraWeights:
     nbytes: int = field(default=0)
 
 
-def read_adapter(path: Path, name: str, sha256: str = "", device: str = "cpu", dtype=None) -> LoraWeights:
-    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) read into memory."""
-    from safetensors.torch import load_file
+def read_adapter(
+    path: Path, name: str, sha256: str = "", device: str = "cpu", dtype=None, files: dict[str, bytes] | None = None
+) -> LoraWeights:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) read into memory.
 
-    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    `files`: the two files' content when the caller has read them already
+    (a registry version sealed at rest, opened by `AdapterRegistry.files`)."""
+    from safetensors.torch import load
+
+    if files is None:
+        files = {file: (Path(path) / file).read_bytes() for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    config = json.loads(files[ADAPTER_CONFIG].decode("utf-8"))
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("lora_bias"):
         raise ModelError(f"{path}: only plain LoRA adapters can be served")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-    tensors = load_file(Path(path) / ADAPTER_WEIGHTS, device=device)
+    tensors = {key: t.to(device) for key, t in load(files[ADAPTER_WEIGHTS]).items()}
     if dtype is not None:
         tensors = {key: t.to(dtype) for key, t in tensors.items()}
     modules = {}

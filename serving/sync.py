@@ -34,11 +34,11 @@ from pathlib import Path
 
 import httpx
 
-from core.errors import StorageError
+from core.errors import ConfigError, StorageError
 from core.storage import atomic_write_json
 from schemas.manifest import ADAPTER_CONFIG
 from serving.adapters import adapter_name
-from trainer.registry import ADAPTER_FILES, AdapterRegistry
+from trainer.registry import AdapterRegistry
 
 log = logging.getLogger("adaptloop.sync")
 
@@ -79,6 +79,8 @@ class Sync:
         hasher: Callable[[str], str] | None = None,
     ) -> None:
         """`hasher`: the store's salted user hash, to recognise the user a `forgotten` event names."""
+        if export_dir is None and registry.sealer is not None:
+            raise ConfigError("the registry is encrypted at rest: engines load plain files, so sync needs an export dir")
         self.registry, self.export_dir, self.grace_s, self.retry_max_s = registry, export_dir, grace_s, retry_max_s
         # vLLM's filesystem resolver loads an adapter only when its config names the served model:
         # the exported copies say this name (the registry's files are never changed).
@@ -225,8 +227,8 @@ class Sync:
             staging = self.export_dir / f".{name}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            for file in ADAPTER_FILES:
-                shutil.copyfile(info.path / file, staging / file)
+            for file, data in self.registry.files(info).items():  # opened, when sealed at rest: engines load plain files
+                (staging / file).write_bytes(data)
             if self.base_model_name:
                 config_file = staging / ADAPTER_CONFIG
                 config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -27,10 +27,10 @@ import time
 
 import faust
 
+from core.encryption import open_store
 from core.forgotten import UserHasher
 from core.kafka.client import ClientConfig
 from core.settings import CHANGELOG_TOPIC_CONFIG, WORKER_TABLES
-from core.storage import ArtifactStore
 from streams import faust_fixes, metrics
 from streams.batch import BatchHandler
 from streams.config import WorkerConfig
@@ -105,7 +105,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
         )
         for name in WORKER_TABLES
     }
-    store = ArtifactStore(cfg.storage_root)
+    store = open_store(cfg.storage_root, cfg.encryption)
     sender = BatchSender(lambda: app.producer._ensure_producer())  # the aiokafka producer Faust runs
     worker_tables = WorkerTables(tables, ChangelogWriter(sender), cfg.internal_partitions, UserHasher.for_store(store))
     handle_batch = BatchHandler(cfg, UserProcessor(cfg.processor, store), worker_tables, sender, ChangelogPurger(cfg.client))

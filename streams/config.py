@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.kafka.client import ClientConfig
-from core.settings import Settings, defaults, worker_data_dir, worker_internal_topic
+from core.settings import EncryptionSettings, Settings, defaults, worker_data_dir, worker_internal_topic
 from streams.processor import ProcessorConfig
 
 
@@ -36,6 +36,7 @@ class WorkerConfig:
     dlq_partitions: int
     dlq_raw: bool  # dead letters keep the raw bytes (privacy.dlq_raw)
     data_dir: Path  # Faust's local files
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @property
     def internal_topic(self) -> str:
@@ -60,6 +61,7 @@ class WorkerConfig:
             requests_topic=topics.training_requests.name,
             dlq_topic=topics.dlq.name,
             storage_root=s.storage_root,
+            encryption=s.storage.encryption,
             processor=ProcessorConfig.from_settings(s),
             internal_partitions=s.streams.internal_partitions,
             batch_size=s.streams.batch_size,

@@ -109,8 +109,8 @@ def write_dataset(
     test_body = to_jsonl(test)
     sha = sha256_bytes(body)
     base = f"{user_versions_dir(user_id)}/{sha}"
-    uri = store.write_bytes(f"{base}.jsonl", body)
-    test_uri = store.write_bytes(f"{base}.test.jsonl", test_body)
+    uri = store.write_personal(f"{base}.jsonl", body, user_id)
+    test_uri = store.write_personal(f"{base}.test.jsonl", test_body, user_id)
     manifest = DatasetManifest(
         user_id=user_id,
         sha256=sha,
@@ -122,7 +122,7 @@ def write_dataset(
         lineage=lineage_ranges,
     )
     store.write_bytes(f"{base}.manifest.json", manifest.model_dump_json(indent=2).encode())
-    store.write_bytes(latest_split_file(user_id), body)
+    store.write_personal(latest_split_file(user_id), body, user_id)
     return DatasetRef(
         uri=uri,
         sha256=sha,
@@ -140,7 +140,7 @@ def read_examples(store: ArtifactStore, uri: str) -> list[TrainingExample]:
 def write_global(store: ArtifactStore, examples: list[TrainingExample]) -> str:
     """Add examples to the global pool; content-addressed, so a retry writes the same file."""
     body = to_jsonl(examples)
-    return store.write_bytes(f"{TRAINING_DIR}/global/{sha256_bytes(body)}.jsonl", body)
+    return store.write_personal(f"{TRAINING_DIR}/global/{sha256_bytes(body)}.jsonl", body, None)  # several users'
 
 
 def read_global(store: ArtifactStore) -> list[TrainingExample]:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from core.encryption import sealer_for
 from core.errors import InvalidMessage, KafkaOperationError
 from core.forgotten import UserHasher
 from core.kafka.client import ClientConfig
@@ -180,7 +181,7 @@ def run_replay(plan: ReplayPlan, cfg: WorkerConfig, out_dir: Path, *, emit_reque
     result = ReplayResult()
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
-    processor = UserProcessor(cfg.processor, ArtifactStore(str(out_dir)))
+    processor = UserProcessor(cfg.processor, ArtifactStore(str(out_dir), sealer_for(cfg.storage_root, cfg.encryption)))
     tables = memory_tables(cfg.internal_partitions, UserHasher.for_store(ArtifactStore(cfg.storage_root)))
     # Users forgotten since (or before) these events: their older events build nothing.
     tables.forgotten_elsewhere = read_forgotten(cfg.client, cfg.forgotten_topic)

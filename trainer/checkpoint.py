@@ -8,7 +8,8 @@
 A checkpoint is written beside the old one and swapped in, so a kill at any
 point leaves one complete checkpoint. A `finished` checkpoint is the trained
 adapter itself: it stays until the caller has registered the version, so a
-kill during the gate does not mean training again.
+kill during the gate does not mean training again. With encryption at rest
+every file is sealed for the job's user (`seal`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.encryption import UserSeal
+from core.storage import open_sealed
 
 PROGRESS = "progress.json"
 
@@ -43,17 +47,28 @@ def siblings(checkpoint_dir: Path) -> tuple[Path, Path]:
     return checkpoint_dir.with_name(checkpoint_dir.name + ".tmp"), checkpoint_dir.with_name(checkpoint_dir.name + ".old")
 
 
-def save_checkpoint(weights: dict[str, Any], optimizer, progress: Progress, checkpoint_dir: Path) -> None:
+def _write(path: Path, data: bytes, seal: UserSeal | None) -> None:
+    path.write_bytes(seal.seal(data) if seal is not None else data)
+
+
+def _read(path: Path, seal: UserSeal | None) -> bytes:
+    return seal.open(path.read_bytes(), path) if seal is not None else open_sealed(path.read_bytes(), None, path)
+
+
+def save_checkpoint(
+    weights: dict[str, Any], optimizer, progress: Progress, checkpoint_dir: Path, seal: UserSeal | None = None
+) -> None:
     """Write the checkpoint beside the old one, then swap: a kill at any point leaves one complete checkpoint.
 
     `weights`: the LoRA weights under PEFT's names (`lora_state`), so that a
-    run trained alone or in a batch of users resumes from the other's checkpoint."""
-    from safetensors.torch import save_file
+    run trained alone or in a batch of users resumes from the other's checkpoint.
+    `seal`: encryption at rest, every file sealed for the job's user."""
+    from safetensors.torch import save
 
     staging, previous = siblings(checkpoint_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / "adapter.safetensors")
+    _write(staging / "adapter.safetensors", save({k: v.detach().cpu().contiguous() for k, v in weights.items()}), seal)
     optim_tensors, optim_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
     for pid, state in optimizer.state_dict()["state"].items():
         optim_meta["state_keys"][str(pid)] = {}
@@ -62,8 +77,8 @@ def save_checkpoint(weights: dict[str, Any], optimizer, progress: Progress, chec
                 optim_tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
             else:
                 optim_meta["state_keys"][str(pid)][name] = value
-    save_file(optim_tensors, staging / "optimizer.safetensors")
-    (staging / PROGRESS).write_text(progress.model_copy(update={"optim": optim_meta}).model_dump_json())
+    _write(staging / "optimizer.safetensors", save(optim_tensors), seal)
+    _write(staging / PROGRESS, progress.model_copy(update={"optim": optim_meta}).model_dump_json().encode(), seal)
     if checkpoint_dir.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(checkpoint_dir, previous)
@@ -79,13 +94,13 @@ def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(optimizer, checkpoint_dir: Path) -> tuple[Progress, dict[str, Any]]:
+def load_checkpoint(optimizer, checkpoint_dir: Path, seal: UserSeal | None = None) -> tuple[Progress, dict[str, Any]]:
     """Restore the optimizer's state (safetensors only, never pickle); return the progress record and the LoRA weights."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    progress = Progress.model_validate_json((checkpoint_dir / PROGRESS).read_text())
-    weights = load_file(checkpoint_dir / "adapter.safetensors")
-    tensors = load_file(checkpoint_dir / "optimizer.safetensors")
+    progress = Progress.model_validate_json(_read(checkpoint_dir / PROGRESS, seal))
+    weights = load(_read(checkpoint_dir / "adapter.safetensors", seal))
+    tensors = load(_read(checkpoint_dir / "optimizer.safetensors", seal))
     state: dict = {int(pid): dict(scalars) for pid, scalars in progress.optim["state_keys"].items()}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)

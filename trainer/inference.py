@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from core.settings import Settings
 from trainer.generation import generate
 from trainer.model import load_base, resolve_base_model
@@ -10,7 +13,7 @@ from trainer.registry import AdapterRegistry
 
 def ask(settings: Settings, user_id: str, prompt: str, version: int | None = None) -> tuple[str, int | None]:
     """(answer, the version that answered; None for the base model). A tampered adapter is refused before it is loaded."""
-    registry = AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    registry = AdapterRegistry.from_settings(settings)
     chosen = version if version is not None else registry.active(user_id)
     info = registry.verify(user_id, chosen) if chosen is not None else None
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
@@ -19,5 +22,6 @@ def ask(settings: Settings, user_id: str, prompt: str, version: int | None = Non
         return generate(model, tokenizer, device, prompt), None
     from peft import PeftModel
 
-    adapted = PeftModel.from_pretrained(model, str(info.path))
+    with tempfile.TemporaryDirectory(prefix="adaptloop-ask-") as tmp:  # the opened files, when sealed at rest
+        adapted = PeftModel.from_pretrained(model, str(registry.plain_dir(info.path, Path(tmp))))
     return generate(adapted, tokenizer, device, prompt), chosen

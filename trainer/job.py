@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.encryption import open_store, user_seal
 from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore
@@ -105,13 +107,15 @@ def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
     return [TestCase(e.prompt, e.response) for e in examples]
 
 
-def reference_dir(registry: AdapterRegistry, user_id: str) -> tuple[Path | None, int | None]:
-    """The adapter a candidate is compared with: the user's active version, verified; None = the base model."""
+def reference_dir(registry: AdapterRegistry, user_id: str, target: Path) -> tuple[Path | None, int | None]:
+    """The adapter a candidate is compared with: the user's active version, verified; None = the base model.
+
+    Sealed at rest, the version's opened files are written to `target` (in the job's work dir) for PEFT to load."""
     active = registry.active(user_id)
     if active is None:
         return None, None
     try:
-        return registry.verify(user_id, active).path, active
+        return registry.plain_dir(registry.verify(user_id, active).path, target), active
     except StorageError as exc:  # never load a tampered adapter, not even as a reference
         log.error("active adapter unusable as the reference, comparing with the base model: %s", exc)
         return None, None
@@ -313,7 +317,7 @@ class JobRunner:
 
     def run(self, job: TrainingJob, work_dir: Path, hooks: JobHooks = JobHooks()) -> Outcome:
         """Train, run the gate, register the version, promote or reject it (`hooks`: checkpoints, progress, a stop)."""
-        plan = self._plan(job, hooks)
+        plan = self._plan(job, hooks, work_dir / "reference")
         result = train_adapter(
             self.model,
             self.tokenizer,
@@ -337,9 +341,9 @@ class JobRunner:
         if len({job.user_id for job, _ in jobs}) != len(jobs):
             raise AdaptloopError("a batch holds each user at most once (one version at a time per user)")
         plans: list[_Plan | Exception] = []
-        for job, hooks in jobs:
+        for n, (job, hooks) in enumerate(jobs):
             try:
-                plans.append(self._plan(job, hooks))
+                plans.append(self._plan(job, hooks, work_dir / f"reference-{n}"))
             except Exception as exc:  # this user's data: the others go on
                 plans.append(exc)
         ready = [p for p in plans if isinstance(p, _Plan)]
@@ -385,13 +389,14 @@ class JobRunner:
             as_cases(plan.examples),
         )
 
-    def _plan(self, job: TrainingJob, hooks: JobHooks) -> _Plan:
-        """What the job trains on and is judged by: its examples (thinned, anchors mixed in), the reference version,
-        the facts early stopping and the shrink step ask about, and the warm start."""
+    def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:
+        """What the job trains on and is judged by: its examples (thinned, anchors mixed in), the reference version
+        (opened into `reference_target` when sealed), the facts early stopping and the shrink step ask about, and the
+        warm start."""
         cfg, registry = self.cfg, self.registry
         examples = thin_replay(job.examples, cfg.replay_per_fact)
         mixed = self._with_anchors(examples)
-        reference, reference_version = reference_dir(registry, job.user_id)
+        reference, reference_version = reference_dir(registry, job.user_id, reference_target)
         facts = FactCheck(
             self.tokenizer,
             self.device,
@@ -406,6 +411,7 @@ class JobRunner:
             should_stop=hooks.should_stop,
             epoch_done=facts.epoch_done if cfg.early_stopping and job.held_out else None,
             keeps_facts=facts.keeps_facts if job.held_out else None,
+            seal=user_seal(registry.sealer, job.user_id),
         )
         return _Plan(job, hooks, examples, mixed, reference, reference_version, facts, warm, train_hooks)
 
@@ -533,13 +539,15 @@ def validate_adapter(
     the base model. Nothing is promoted.
     """
     manifest = verify_adapter_dir(adapter) or AdapterManifest()
-    if baseline is not None:
-        verify_adapter_dir(baseline)
-    else:
-        baseline, _ = reference_dir(registry, user_id)
     cases = [TestCase(c.prompt, c.expected) for c in manifest.held_out]
     cases += user_cases(store, tests_dir, user_id) if store is not None else []
-    report = gate.evaluate(Path(adapter), cases, baseline)
+    with tempfile.TemporaryDirectory(prefix="adaptloop-validate-") as tmp:  # opened files, when sealed at rest
+        if baseline is not None:
+            compared_with: Path | None = registry.plain_dir(baseline, Path(tmp) / "baseline")
+        else:
+            compared_with, active = reference_dir(registry, user_id, Path(tmp) / "baseline")
+            baseline = registry.version_dir(user_id, active) if active is not None else None
+        report = gate.evaluate(registry.plain_dir(Path(adapter), Path(tmp) / "candidate"), cases, compared_with)
     registry.log_validation(
         user_id,
         version if version is not None else (manifest.version or None),
@@ -558,7 +566,7 @@ def runner_from_settings(
     """The job runner the settings describe, around an already loaded base model."""
     gate = GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256) if with_gate else None
     return JobRunner(
-        AdapterRegistry(settings.storage_root, settings.max_adapter_versions),
+        AdapterRegistry.from_settings(settings),
         base,
         model,
         tokenizer,
@@ -606,7 +614,11 @@ def _file_job(settings: Settings, registry: AdapterRegistry, user_id: str, data_
     if reason is not None:
         raise TrainingSkipped(reason)
     train, held_out = split_holdout(examples, settings.training.seed) if hold_out else (examples, [])
-    explicit = user_cases(ArtifactStore(settings.storage_root), settings.validation.user_tests_dir, user_id) if with_gate else []
+    explicit = (
+        user_cases(open_store(settings.storage_root, settings.storage.encryption), settings.validation.user_tests_dir, user_id)
+        if with_gate
+        else []
+    )
     uri, sha256 = Path(data_path).resolve().as_uri(), sha256_bytes(Path(data_path).read_bytes())
     return TrainingJob(user_id, train, held_out, uri, sha256, explicit_cases=explicit)
 
@@ -624,9 +636,7 @@ def train_file(
     settings: Settings, user_id: str, data_path: Path, *, epochs: int | None = None, hold_out: bool = True, with_gate: bool = True
 ) -> Outcome:
     """`adaptloop train`: one version from a dataset file, with a progress bar; the held-out split as `schemas.dataset` splits."""
-    import tempfile
-
-    registry = AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    registry = AdapterRegistry.from_settings(settings)
     job = _file_job(settings, registry, user_id, data_path, hold_out, with_gate)  # skipped before the model is even loaded
     runner = _loaded_runner(settings, epochs, with_gate)
     bar, update = progress_bar()
@@ -647,9 +657,7 @@ def train_batch_file(
 ) -> list[tuple[str, Outcome | Exception]]:
     """`adaptloop train --batch`: every listed user's next version in one batched pass, each gated; per user its
     Outcome or what stopped it (TrainingSkipped, a bad dataset, a failure), in the file's order."""
-    import tempfile
-
-    registry = AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    registry = AdapterRegistry.from_settings(settings)
     answers: dict[str, Outcome | Exception] = {}
     jobs: list[tuple[TrainingJob, JobHooks]] = []
     for user_id, path in entries:

@@ -267,7 +267,7 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     optimizer, schedule = optimizer_and_schedule(loras.params(index), cfg, total)
     state = RunState()
     if checkpoint is not None:
-        progress, weights = load_checkpoint(optimizer, checkpoint)
+        progress, weights = load_checkpoint(optimizer, checkpoint, run.hooks.seal)
         import torch
 
         with torch.no_grad():
@@ -400,10 +400,10 @@ def _after_step(member: _Member, loras: UserLoras, cfg: TrainConfig) -> None:
             )
         every = cfg.checkpoint_every
         if run.checkpoint_dir is not None and every and state.step % every == 0 and state.step < member.total_steps:
-            save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir)
+            save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir, hooks.seal)
         if hooks.should_stop is not None and hooks.should_stop():
             if run.checkpoint_dir is not None:
-                save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir)
+                save_checkpoint(loras.state(member.index), member.optimizer, state.progress(), run.checkpoint_dir, hooks.seal)
             raise TrainingInterrupted(f"stopped at step {state.step}/{member.total_steps}; checkpoint saved")
     except Exception as exc:
         member.batches, member.result = None, exc
@@ -422,7 +422,9 @@ def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig, peft_con
             with _evaluating(model, loras), loras.alone(member.index):
                 state.shrunk_to = shrink_update(model, lora_b, scales, hooks.keeps_facts)
         if run.checkpoint_dir is not None and cfg.checkpoint_every and not state.finished:
-            save_checkpoint(loras.state(member.index), member.optimizer, state.progress(finished=True), run.checkpoint_dir)
+            save_checkpoint(
+                loras.state(member.index), member.optimizer, state.progress(finished=True), run.checkpoint_dir, run.hooks.seal
+            )
         _save_peft(model, loras.state(member.index), cfg, state, run.out_dir)
         return state.result(run.out_dir, member.spent)
     except Exception as exc:

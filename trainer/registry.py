@@ -16,6 +16,12 @@ A version directory is written under a temporary name, fsynced and renamed,
 so it exists whole or not at all; the pointer is swapped the same way, so a
 crash at any instant leaves the old or the new version active, never half.
 Loading verifies every file's sha256 and refuses a mismatch.
+
+With encryption at rest (a `sealer`, core/encryption.py) the two adapter
+files are sealed for their user; the manifest keeps the sha256 of the
+plaintext (the version's identity, as without encryption) and of what is on
+disk (`sealed_files`), and both are checked. Whatever loads a version gets
+its plaintext from `adapter_files` or `plain_dir`, never from the files.
 """
 
 from __future__ import annotations
@@ -30,14 +36,18 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from core.encryption import Sealer, sealer_for
 from core.errors import RollbackError, StorageError, VersionNotFound
-from core.storage import atomic_write, atomic_write_json, file_sha256, fsync_dir, local_path
+from core.storage import atomic_write, atomic_write_json, file_sha256, fsync_dir, local_path, open_sealed, sha256_bytes
 from schemas.common import check_user_id
 from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_VERSION, AdapterManifest
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 log = logging.getLogger("adaptloop.registry")
 
@@ -103,7 +113,8 @@ def verify_adapter_dir(path: Path) -> AdapterManifest | None:
     """Check an adapter directory before anything loads it; its manifest, or None for a bare PEFT adapter.
 
     Both PEFT files must be there; a directory with a manifest (a registry
-    version) must match every sha256 it lists: a mismatch is refused.
+    version) must match every sha256 it lists for the files as stored (the
+    sealed files' when encrypted): a mismatch is refused.
     """
     path = Path(path)
     for name in ADAPTER_FILES:
@@ -112,13 +123,35 @@ def verify_adapter_dir(path: Path) -> AdapterManifest | None:
     if not (path / MANIFEST).is_file():
         return None
     manifest = read_manifest(path)
-    for name, expected in manifest.files.items():
-        actual = file_sha256(path / name) if (path / name).is_file() else "missing"
-        if actual != expected:
-            raise StorageError(
-                f"{path / name}: sha256 mismatch (manifest {expected[:12]}, file {actual[:12]}); refusing to load it"
-            )
+    for name, expected in (manifest.sealed_files or manifest.files).items():
+        _check_sha(path / name, file_sha256(path / name) if (path / name).is_file() else "missing", expected)
     return manifest
+
+
+def _check_sha(path: Path, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise StorageError(f"{path}: sha256 mismatch (manifest {expected[:12]}, file {actual[:12]}); refusing to load it")
+
+
+def adapter_files(path: Path, sealer: Sealer | None) -> dict[str, bytes]:
+    """The adapter's two files as trained (opened when sealed), every sha256 checked: what loading reads."""
+    manifest = verify_adapter_dir(path)
+    files = {name: open_sealed((Path(path) / name).read_bytes(), sealer, Path(path) / name) for name in ADAPTER_FILES}
+    if manifest is not None and manifest.sealed_files:
+        for name, data in files.items():
+            _check_sha(Path(path) / name, sha256_bytes(data), manifest.files.get(name, ""))
+    return files
+
+
+def plain_dir(path: Path, sealer: Sealer | None, target: Path) -> Path:
+    """A directory PEFT can load the adapter from: `path` itself, or its opened files written to `target` when sealed."""
+    manifest = verify_adapter_dir(path)
+    if manifest is None or not manifest.sealed_files:
+        return Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in adapter_files(path, sealer).items():
+        atomic_write(target / name, data)
+    return target
 
 
 @dataclass(frozen=True)
@@ -130,7 +163,7 @@ class VersionInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, storage_root: str | Path, max_versions: int = 5) -> None:
+    def __init__(self, storage_root: str | Path, max_versions: int = 5, sealer: Sealer | None = None) -> None:
         try:
             root = local_path(str(storage_root))
         except StorageError:
@@ -139,6 +172,13 @@ class AdapterRegistry:
             ) from None
         self.root = (root / "models" / "adapters").resolve()
         self.max_versions = max_versions
+        self.sealer = sealer  # encryption at rest: versions are sealed for their user
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdapterRegistry:
+        """The registry the settings describe, encryption at rest included."""
+        root = settings.storage_root
+        return cls(root, settings.max_adapter_versions, sealer_for(root, settings.storage.encryption))
 
     # ---- paths ------------------------------------------------------------ #
 
@@ -259,13 +299,7 @@ class AdapterRegistry:
         user.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=user, prefix=".staging-"))
         try:
-            files = {}
-            for name in ADAPTER_FILES:
-                src = Path(adapter_dir) / name
-                if not src.is_file():
-                    raise StorageError(f"{src} is missing: not a PEFT adapter directory")
-                shutil.copyfile(src, staging / name)
-                files[name] = file_sha256(staging / name)
+            files, sealed = self._store_files(user_id, Path(adapter_dir), staging)
             version = self._next_version(user_id)
             full = manifest.model_copy(
                 update={
@@ -273,6 +307,7 @@ class AdapterRegistry:
                     "user_id": user_id,
                     "version": version,
                     "files": files,
+                    "sealed_files": sealed,
                     "registered_at": datetime.now(UTC),
                 }
             )
@@ -301,6 +336,31 @@ class AdapterRegistry:
         )
         self.audit("registered", user_id, version=version, request_id=manifest.request_id, files=files)
         return VersionInfo(user_id, version, target, full)
+
+    def _store_files(self, user_id: str, adapter_dir: Path, staging: Path) -> tuple[dict[str, str], dict[str, str]]:
+        """Copy the PEFT files into `staging` (sealed for the user when encrypting); their sha256, plain and as stored."""
+        files, sealed = {}, {}
+        for name in ADAPTER_FILES:
+            src = adapter_dir / name
+            if not src.is_file():
+                raise StorageError(f"{src} is missing: not a PEFT adapter directory")
+            if self.sealer is None:
+                shutil.copyfile(src, staging / name)
+                files[name] = file_sha256(staging / name)
+                continue
+            data = src.read_bytes()
+            stored = self.sealer.seal(user_id, data)
+            (staging / name).write_bytes(stored)
+            files[name], sealed[name] = sha256_bytes(data), sha256_bytes(stored)
+        return files, sealed
+
+    def files(self, info: VersionInfo) -> dict[str, bytes]:
+        """A version's adapter files as trained (`adapter_files` with this registry's keys)."""
+        return adapter_files(info.path, self.sealer)
+
+    def plain_dir(self, path: Path, target: Path) -> Path:
+        """`plain_dir` with this registry's keys: where PEFT loads the version in `path` from."""
+        return plain_dir(path, self.sealer, target)
 
     def _next_version(self, user_id: str) -> int:
         numbers = [v for v in self._version_numbers(user_id)]

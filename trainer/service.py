@@ -55,6 +55,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from core.encryption import open_store
 from core.errors import (
     AdaptloopError,
     InvalidMessage,
@@ -68,8 +69,8 @@ from core.forgotten import ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.kafka.lag import ConsumerLagCollector
 from core.redaction import Redactor
-from core.settings import Settings, trainer_commands_group
-from core.storage import ArtifactStore, sha256_bytes
+from core.settings import EncryptionSettings, Settings, trainer_commands_group
+from core.storage import sha256_bytes
 from schemas import (
     COMMAND_ADAPTER,
     Command,
@@ -125,6 +126,7 @@ class TrainerConfig:
     max_message_bytes: int = 1 << 20
     redactor: Redactor = field(default_factory=Redactor)  # dead letters' previews and reasons
     dlq_raw: bool = False
+    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
@@ -137,6 +139,7 @@ class TrainerConfig:
             lifecycle_topic=t.lifecycle.name,
             dlq_topic=t.dlq.name,
             storage_root=settings.storage_root,
+            encryption=settings.storage.encryption,
             user_tests_dir=settings.validation.user_tests_dir,
             metrics_port=settings.training.metrics_port if metrics_port is None else metrics_port,
             metrics_host=settings.training.metrics_host,
@@ -173,7 +176,7 @@ class TrainerService:
         self.model, self.tokenizer, self.device = load_base(base, settings.model.dtype, settings.training.quantization)  # once
         self.runner = runner_from_settings(settings, base, self.model, self.tokenizer, self.device)
         self.registry, self.gate = self.runner.registry, self.runner.gate
-        self.store = ArtifactStore(cfg.storage_root)
+        self.store = open_store(cfg.storage_root, cfg.encryption)
         self.hasher, self.forgets = UserHasher.for_store(self.store), ForgetMarkers(self.store)
         self.stop = threading.Event()  # the process is stopping
         self.abort = threading.Event()  # the running job's partition was revoked

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from core.encryption import UserSeal
 from core.errors import ModelError, TrainingInterrupted
 from core.settings import Settings, defaults
 from schemas.training import TrainingExample
@@ -124,6 +125,7 @@ class TrainHooks:
     should_stop: Callable[[], bool] | None = None  # after every step: True checkpoints and raises TrainingInterrupted
     epoch_done: Callable[[int, object], bool] | None = None  # after every epoch, model in eval mode: True stops (early stopping)
     keeps_facts: Callable[[object, float], bool] | None = None  # does the model, update scaled so, answer what was taught?
+    seal: UserSeal | None = None  # encryption at rest: the checkpoints are sealed for the job's user
 
 
 @dataclass
@@ -268,7 +270,7 @@ def train_adapter(
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
-        run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter)
+        run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter, hooks.seal)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
         budget = TimeBudget(cfg, started, len(shrink_scales))
         peft_model.train()
@@ -295,7 +297,7 @@ def train_adapter(
                 run.shrunk_to = shrink_update(peft_model, lora_b, shrink_scales, hooks.keeps_facts)
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not run.finished:
-            save_checkpoint(lora_state(peft_model), optimizer, run.progress(finished=True), checkpoint_dir)
+            save_checkpoint(lora_state(peft_model), optimizer, run.progress(finished=True), checkpoint_dir, hooks.seal)
         save_adapter(peft_model, cfg, run, out_dir)
     finally:
         peft_model.unload()  # leave the kept base model as it was for the next job
@@ -317,13 +319,15 @@ def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
     return optimizer, schedule
 
 
-def _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir: Path | None, init_adapter: Path | None) -> RunState:
+def _resume_or_start(
+    peft_model, optimizer, schedule, checkpoint_dir: Path | None, init_adapter: Path | None, seal: UserSeal | None
+) -> RunState:
     """A checkpoint's state (and the schedule wound forward to it), else a warm start from `init_adapter`, else zero."""
     from peft import set_peft_model_state_dict
 
     checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
-        progress, weights = load_checkpoint(optimizer, checkpoint)
+        progress, weights = load_checkpoint(optimizer, checkpoint, seal)
         set_peft_model_state_dict(peft_model, weights)
         run = RunState.resumed(progress)
         wind_forward(schedule, run.step)
@@ -382,10 +386,10 @@ def _after_step(
     if hooks.progress is not None:
         hooks.progress(StepReport(run.step, total_steps, run.loss_curve[-1], run.user_loss[-1], run.anchor_kl[-1]))
     if checkpoint_dir is not None and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
-        save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir)
+        save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir, hooks.seal)
     if hooks.should_stop is not None and hooks.should_stop():
         if checkpoint_dir is not None:
-            save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir)
+            save_checkpoint(lora_state(peft_model), optimizer, run.progress(), checkpoint_dir, hooks.seal)
         raise TrainingInterrupted(f"stopped at step {run.step}/{total_steps}; checkpoint saved")
 
 

@@ -13,7 +13,8 @@ default). Errors adaptloop expects print one clear message and exit 2.
     adapters.py   ask, status, history, report, rollback
     api.py        api (the HTTP API), api token create/list/revoke
     serving.py    serve (the OpenAI-compatible server), serving sync
-    privacy.py    consent, export
+    privacy.py    consent, export, forget
+    keys.py       keys init/rotate/retire/list (encryption at rest)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from adaptloop.cli import (  # noqa: F401  (each registers its commands)
     api,
     broker,
     events,
+    keys,
     privacy,
     serving,
     settings_and_schemas,

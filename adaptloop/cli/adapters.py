@@ -15,7 +15,7 @@ from core.settings import Settings
 def _registry(settings: Settings):
     from trainer.registry import AdapterRegistry
 
-    return AdapterRegistry(settings.storage_root, settings.max_adapter_versions)
+    return AdapterRegistry.from_settings(settings)
 
 
 @cli.command("ask")

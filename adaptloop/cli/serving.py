@@ -68,7 +68,7 @@ def serving_sync(
     if exported is not None:
         exported.mkdir(parents=True, exist_ok=True)
     sync = Sync(
-        AdapterRegistry(s.storage_root, s.max_adapter_versions),
+        AdapterRegistry.from_settings(s),
         list(endpoints),
         exported,
         s.serving.sync_grace_s,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from adaptloop.cli.context import CliContext, cli, pass_ctx, user_arg
+from core.encryption import open_store
 from core.errors import StorageError, TrainingSkipped
 
 
@@ -101,7 +102,7 @@ def _say(settings, user_id: str, outcome) -> bool:
     if outcome.decision == "promoted":
         click.echo(f"  v{info.version} promoted: it is now active")
     elif outcome.decision == "rejected":
-        active = AdapterRegistry(settings.storage_root, settings.max_adapter_versions).active(user_id)
+        active = AdapterRegistry.from_settings(settings).active(user_id)
         click.echo(f"  v{info.version} rejected; the active version is still {active or 'the base model'}")
     else:
         click.echo(f"  registered as a candidate at {info.path} (not validated, not active)")
@@ -120,7 +121,6 @@ def _say(settings, user_id: str, outcome) -> bool:
 @pass_ctx
 def validate_cmd(ctx: CliContext, adapter: str, user_id: str, baseline: str | None) -> None:
     """Run the validation gate on an adapter offline; exit 0 if it passes, 1 if rejected."""
-    from core.storage import ArtifactStore
     from trainer.gate import GateSpec
     from trainer.job import validate_adapter
     from trainer.model import load_base, resolve_base_model
@@ -128,7 +128,7 @@ def validate_cmd(ctx: CliContext, adapter: str, user_id: str, baseline: str | No
 
     s = ctx.settings
     user_id = user_arg(user_id, "--user-id")
-    registry = AdapterRegistry(s.storage_root, s.max_adapter_versions)
+    registry = AdapterRegistry.from_settings(s)
     try:
         verify_adapter_dir(Path(adapter))  # a tampered adapter fails here, before the model is even loaded
     except StorageError as exc:
@@ -143,7 +143,7 @@ def validate_cmd(ctx: CliContext, adapter: str, user_id: str, baseline: str | No
     report = validate_adapter(
         gate=spec.build(model, tokenizer, device, base.sha256),
         registry=registry,
-        store=ArtifactStore(s.storage_root),
+        store=open_store(s.storage_root, s.storage.encryption),
         tests_dir=spec.user_tests_dir,
         user_id=user_id,
         adapter=Path(adapter),
