@@ -95,3 +95,17 @@ def test_a_forgotten_users_versions_leave_the_cache_pinned_or_held(registry):
     assert sorted(cache.resident()) == ["u0@v1", "u2@v1"] and evicted == ["u1@v1"], "the pinned one at once"
     cache.release(held)
     assert cache.resident() == ["u2@v1"] and evicted == ["u1@v1", "u0@v1"], "the held one once released"
+
+
+def test_a_version_sealed_at_rest_serves_the_same_weights(registry, tmp_path):
+    from tests.support.stores import sealed_store
+
+    user = registry.info("u0", 1)
+    sealed = AdapterRegistry(tmp_path / "store", sealer=sealed_store(tmp_path).sealer)
+    sealed.register("u0", sealed.plain_dir(user.path, tmp_path / "plain"), manifest(request_id="r0"))
+    plain_weights = AdapterCache(registry, capacity=1).acquire("u0", 1)
+    sealed_weights = AdapterCache(sealed, capacity=1).acquire("u0", 1)
+    assert sealed_weights.sha256 == plain_weights.sha256, "the version's identity is its plaintext's sha256"
+    assert sealed_weights.modules.keys() == plain_weights.modules.keys()
+    for module, (a, b) in plain_weights.modules.items():
+        assert (sealed_weights.modules[module][0] == a).all() and (sealed_weights.modules[module][1] == b).all(), module

@@ -38,3 +38,20 @@ def seed_user(tmp_path: Path, user: str, versions: int, max_versions: int = 2) -
     registry.rollback(user, "complaints", requested_by="test")
     store.write_bytes(f"data/adapter_tests/user_{user}.jsonl", (user_example(7, user).model_dump_json() + "\n").encode())
     return root
+
+
+def sealed_store(tmp_path: Path) -> ArtifactStore:
+    """A storage root under `tmp_path/store` with encryption at rest on, its keyring beside it (outside the root)."""
+    from core.encryption import Keyring, open_store
+    from core.settings import EncryptionSettings
+
+    keyring = tmp_path / "keys" / "keyring.json"
+    if not keyring.exists():
+        Keyring.create(keyring)
+    return open_store(str(tmp_path / "store"), EncryptionSettings(enabled=True, keyring=keyring))
+
+
+def has_plain_magic(data: bytes) -> bool:
+    """True when `data` starts like JSON, JSON lines or safetensors (an 8-byte header length, then '{')."""
+    stripped = data.lstrip()
+    return stripped[:1] in (b"{", b"[") or data[8:9] == b"{"

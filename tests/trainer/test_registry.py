@@ -256,3 +256,38 @@ def test_a_forget_rewrites_the_logs_without_losing_a_line_another_process_append
     assert [r["n"] for r in log if r.get("user_id") == "ben"] == appended and len(appended) > 30
     assert not any(r.get("user_id") == "zed" for r in log)
     assert len([r for r in log if r.get("event") == "forgotten"]) == 30, "one tombstone per forget that removed lines"
+
+
+def test_an_encrypted_registry_seals_both_files_and_checks_both_hashes(tmp_path):
+    from core.encryption import MAGIC
+    from core.storage import sha256_bytes
+    from schemas.manifest import ADAPTER_WEIGHTS
+    from tests.support.stores import has_plain_magic, sealed_store
+    from trainer.registry import ADAPTER_FILES, MANIFEST
+
+    reg = AdapterRegistry(tmp_path / "store", sealer=sealed_store(tmp_path).sealer)
+    source = fake_adapter(tmp_path, "a", b"weights-bytes")
+    info = reg.register("ana", source, manifest())
+    stored = {name: (info.path / name).read_bytes() for name in ADAPTER_FILES}
+    assert all(data.startswith(MAGIC) and not has_plain_magic(data) for data in stored.values())
+    assert info.manifest.weights_sha256 == sha256_bytes(b"weights-bytes"), "identity: the plaintext, as without encryption"
+    assert info.manifest.sealed_files == {name: sha256_bytes(data) for name, data in stored.items()}
+    assert reg.files(reg.verify("ana", 1)) == {name: (source / name).read_bytes() for name in ADAPTER_FILES}
+    opened = reg.plain_dir(info.path, tmp_path / "opened")
+    assert (opened / ADAPTER_WEIGHTS).read_bytes() == b"weights-bytes"
+    with pytest.raises(StorageError, match="is encrypted: set storage.encryption"):
+        AdapterRegistry(tmp_path / "store").files(info)
+
+    # A flipped byte on disk: the sealed hash refuses it; with the manifest forged to match, AES-GCM does.
+    weights = info.path / ADAPTER_WEIGHTS
+    flipped = bytearray(stored[ADAPTER_WEIGHTS])
+    flipped[-1] ^= 1
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(StorageError, match="sha256 mismatch"):
+        reg.verify("ana", 1)
+    forged = info.manifest.model_copy(
+        update={"sealed_files": {**info.manifest.sealed_files, ADAPTER_WEIGHTS: sha256_bytes(bytes(flipped))}}
+    )
+    (info.path / MANIFEST).write_bytes(forged.to_json())
+    with pytest.raises(StorageError, match="integrity check"):
+        reg.files(reg.verify("ana", 1))
