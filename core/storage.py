@@ -54,6 +54,12 @@ def inside_root(root: str, path: Path) -> bool:
     return where == base or where.startswith(base + os.sep)
 
 
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A private (0700) temporary directory for files opened for one load: in memory (/dev/shm) where there is one."""
+    shm = Path("/dev/shm")
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -188,13 +188,13 @@ class AdapterCache:
 
     def _read(self, user_id: str, version: int, name: str) -> LoraWeights:
         try:
-            info = self.registry.verify(user_id, version)  # a tampered or missing version is never loaded
+            info = self.registry.info(user_id, version)
+            files = self.registry.files(info)  # every sha256 checked: a tampered or missing version is never loaded
         except StorageError:
             with self._lock:
                 self.stats.refused += 1
             raise
-        sha = info.manifest.weights_sha256 or ""
-        return read_adapter(info.path, name, sha, self.device, self.dtype, self.registry.files(info))
+        return read_adapter(info.path, name, info.manifest.weights_sha256 or "", self.device, self.dtype, files)
 
     def _make_room(self) -> None:
         """Evict least recently used, unheld entries until one more fits (waiting while every one is held)."""

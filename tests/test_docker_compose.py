@@ -63,3 +63,15 @@ def test_docker_compose_config_passes():
         ["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_example_encrypts_at_rest_with_its_keyring_outside_the_data_volume():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("worker", "trainer", "api", "serve"):
+        env = services[name]["environment"]
+        assert env["ADAPTLOOP_STORAGE__ENCRYPTION__ENABLED"] == "true"
+        keyring = env["ADAPTLOOP_STORAGE__ENCRYPTION__KEYRING"]
+        assert not keyring.startswith(env["ADAPTLOOP_STORAGE_ROOT"] + "/"), "a backup of the data must not carry its keys"
+        assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+    assert services["keys"]["command"] == ["keys", "init", "--if-missing"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from core.settings import Settings
+from core.storage import scratch_dir
 from trainer.generation import generate
 from trainer.model import load_base, resolve_base_model
 from trainer.registry import AdapterRegistry
@@ -22,6 +22,6 @@ def ask(settings: Settings, user_id: str, prompt: str, version: int | None = Non
         return generate(model, tokenizer, device, prompt), None
     from peft import PeftModel
 
-    with tempfile.TemporaryDirectory(prefix="adaptloop-ask-") as tmp:  # the opened files, when sealed at rest
+    with scratch_dir("adaptloop-ask-") as tmp:  # the opened files, when sealed at rest
         adapted = PeftModel.from_pretrained(model, str(registry.plain_dir(info.path, Path(tmp))))
     return generate(adapted, tokenizer, device, prompt), chosen

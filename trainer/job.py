@@ -30,7 +30,7 @@ from pathlib import Path
 from core.encryption import open_store, user_seal
 from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
-from core.storage import ArtifactStore
+from core.storage import ArtifactStore, scratch_dir
 from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
 from schemas.training import OffsetRange, TrainingExample
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
@@ -541,7 +541,7 @@ def validate_adapter(
     manifest = verify_adapter_dir(adapter) or AdapterManifest()
     cases = [TestCase(c.prompt, c.expected) for c in manifest.held_out]
     cases += user_cases(store, tests_dir, user_id) if store is not None else []
-    with tempfile.TemporaryDirectory(prefix="adaptloop-validate-") as tmp:  # opened files, when sealed at rest
+    with scratch_dir("adaptloop-validate-") as tmp:  # opened files, when sealed at rest
         if baseline is not None:
             compared_with: Path | None = registry.plain_dir(baseline, Path(tmp) / "baseline")
         else:

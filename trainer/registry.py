@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     from core.settings import Settings
 
 log = logging.getLogger("adaptloop.registry")
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
@@ -116,16 +121,20 @@ def verify_adapter_dir(path: Path) -> AdapterManifest | None:
     version) must match every sha256 it lists for the files as stored (the
     sealed files' when encrypted): a mismatch is refused.
     """
-    path = Path(path)
+    manifest = _manifest_of(Path(path))
+    if manifest is not None:
+        for name, expected in (manifest.sealed_files or manifest.files).items():
+            _check_sha(
+                Path(path) / name, file_sha256(Path(path) / name) if (Path(path) / name).is_file() else "missing", expected
+            )
+    return manifest
+
+
+def _manifest_of(path: Path) -> AdapterManifest | None:
     for name in ADAPTER_FILES:
         if not (path / name).is_file():
             raise StorageError(f"{path} is not a PEFT adapter directory: {name} is missing")
-    if not (path / MANIFEST).is_file():
-        return None
-    manifest = read_manifest(path)
-    for name, expected in (manifest.sealed_files or manifest.files).items():
-        _check_sha(path / name, file_sha256(path / name) if (path / name).is_file() else "missing", expected)
-    return manifest
+    return read_manifest(path) if (path / MANIFEST).is_file() else None
 
 
 def _check_sha(path: Path, actual: str, expected: str) -> None:
@@ -134,23 +143,73 @@ def _check_sha(path: Path, actual: str, expected: str) -> None:
 
 
 def adapter_files(path: Path, sealer: Sealer | None) -> dict[str, bytes]:
-    """The adapter's two files as trained (opened when sealed), every sha256 checked: what loading reads."""
-    manifest = verify_adapter_dir(path)
-    files = {name: open_sealed((Path(path) / name).read_bytes(), sealer, Path(path) / name) for name in ADAPTER_FILES}
-    if manifest is not None and manifest.sealed_files:
-        for name, data in files.items():
-            _check_sha(Path(path) / name, sha256_bytes(data), manifest.files.get(name, ""))
+    """The adapter's two files as trained, each read once: what loading reads.
+
+    Every sha256 the manifest lists is checked against the bytes read; a
+    sealed file is also opened (AES-GCM refuses any changed byte) and its
+    plaintext's sha256, sealed in its authenticated header, must be the
+    version's identity (the manifest's `files`)."""
+    path = Path(path)
+    manifest = _manifest_of(path)
+    stored = {name: (path / name).read_bytes() for name in ADAPTER_FILES}
+    if manifest is None:
+        return {name: open_sealed(data, sealer, path / name) for name, data in stored.items()}
+    if not manifest.sealed_files:
+        return _stored_sha_checked(path, manifest, stored, lambda: stored)
+    if sealer is None:
+        raise StorageError(f"{path} is encrypted: set storage.encryption.enabled and storage.encryption.keyring to read it")
+    return _stored_sha_checked(path, manifest, stored, lambda: _opened(path, manifest, stored, sealer))
+
+
+def _opened(path: Path, manifest: AdapterManifest, stored: dict[str, bytes], sealer: Sealer) -> dict[str, bytes]:
+    files = {}
+    for name, data in stored.items():
+        files[name], digest = sealer.open_with_digest(data, str(path / name))
+        _check_sha(path / name, digest, manifest.files.get(name, ""))
     return files
+
+
+def _stored_sha_checked(path: Path, manifest: AdapterManifest, stored: dict[str, bytes], then: Callable[[], T]) -> T:
+    """Check every sha256 the manifest lists for the files as stored while `then()` runs; `then()`'s result.
+
+    hashlib lets go of the GIL while it hashes and AES-GCM does not, so
+    hashing in a thread that has begun before the decryption starts runs
+    on the other core: a sealed version loads in max(hash, decrypt), not
+    their sum. The check is complete before anything is returned."""
+    started = threading.Event()
+
+    def check() -> None:
+        started.set()
+        for name, expected in (manifest.sealed_files or manifest.files).items():
+            data = stored[name] if name in stored else (path / name).read_bytes() if (path / name).is_file() else None
+            _check_sha(path / name, sha256_bytes(data) if data is not None else "missing", expected)
+
+    pending = _hasher().submit(check)
+    started.wait()
+    try:
+        result = then()
+    finally:
+        pending.result()  # a sha256 mismatch wins over whatever `then` raised or returned
+    return result
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="adaptloop-sha256")
 
 
 def plain_dir(path: Path, sealer: Sealer | None, target: Path) -> Path:
     """A directory PEFT can load the adapter from: `path` itself, or its opened files written to `target` when sealed."""
-    manifest = verify_adapter_dir(path)
+    manifest = _manifest_of(Path(path))
     if manifest is None or not manifest.sealed_files:
+        verify_adapter_dir(path)
         return Path(path)
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, data in adapter_files(path, sealer).items():
-        atomic_write(target / name, data)
+        # A scratch copy for one load, removed after it: private, no fsync (a crash loses nothing kept).
+        fd = os.open(target / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
     return target
 
 
@@ -349,14 +408,18 @@ class AdapterRegistry:
                 files[name] = file_sha256(staging / name)
                 continue
             data = src.read_bytes()
-            stored = self.sealer.seal(user_id, data)
+            files[name] = sha256_bytes(data)
+            stored = self.sealer.seal(user_id, data, files[name])
             (staging / name).write_bytes(stored)
-            files[name], sealed[name] = sha256_bytes(data), sha256_bytes(stored)
+            sealed[name] = sha256_bytes(stored)
         return files, sealed
 
     def files(self, info: VersionInfo) -> dict[str, bytes]:
-        """A version's adapter files as trained (`adapter_files` with this registry's keys)."""
-        return adapter_files(info.path, self.sealer)
+        """A version's adapter files as trained, every sha256 checked (`adapter_files` with this registry's keys)."""
+        try:
+            return adapter_files(info.path, self.sealer)
+        except StorageError as exc:
+            raise StorageError(f"{info.user_id} v{info.version}: {exc}") from None
 
     def plain_dir(self, path: Path, target: Path) -> Path:
         """`plain_dir` with this registry's keys: where PEFT loads the version in `path` from."""

@@ -1,6 +1,7 @@
 """`adaptloop keys`: the keyring of encryption at rest (core/encryption.py).
 
     adaptloop keys init --keyring PATH       # a new keyring, one key, mode 0600 (outside the storage root)
+    adaptloop keys init --if-missing         # the same, unless it exists (docker-compose's `keys` service)
     adaptloop keys rotate                    # a new current key; every data key re-wrapped under it
     adaptloop keys retire KEY_ID             # remove an old key (refused while any data key needs it)
     adaptloop keys list                      # each key: current or not, how many data keys it wraps
@@ -54,12 +55,17 @@ def _opened(ctx: CliContext, keyring: Path | None):
 
 @keys.command("init")
 @KEYRING
+@click.option("--if-missing", is_flag=True, help="keep an existing keyring (for start-up scripts) instead of refusing")
 @pass_ctx
-def keys_init(ctx: CliContext, keyring: Path | None) -> None:
+def keys_init(ctx: CliContext, keyring: Path | None, if_missing: bool) -> None:
     """Create a keyring with one key (mode 0600); refuses to overwrite one."""
     from core.encryption import Keyring
 
-    created = Keyring.create(_keyring_path(ctx, keyring))
+    path = _keyring_path(ctx, keyring)
+    if if_missing and path.exists():
+        click.echo(f"keyring {path} exists: kept (current key {Keyring(path).current})")
+        return
+    created = Keyring.create(path)
     click.echo(f"keyring {created.path} created with key {created.current} (mode 0600; keep a copy outside the storage root)")
 
 

@@ -3,6 +3,12 @@
 A retrain with nothing to learn ends at once as `skipped`, with the reason,
 and registers nothing; `status` (API and CLI) shows a job while it runs,
 with its progress, and how it ended.
+
+The loop runs with encryption at rest on, as the docker-compose example
+does (every other test runs it off): worker -> trainer -> gate -> register
+-> ask work unchanged, no dataset, adapter or checkpoint lies on disk as
+JSON or safetensors, and after a key rotation and the old key's retirement
+everything still loads.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from datetime import datetime
 import httpx
 import pytest
 
+from core.encryption import Keyring
 from tests.support.events import event
+from tests.support.stores import has_plain_magic
+from trainer.registry import ADAPTER_FILES
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -45,10 +54,13 @@ def _took(job: dict) -> float:
     return _seconds(job["created_at"], job["events"][-1]["at"])
 
 
-def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_factory):
+def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_factory, tmp_path):
     # A long job by construction (no early stop, no time budget): status can be read while it runs.
+    keyring = Keyring.create(tmp_path / "keyring.json").path
     loop = loop_factory(
-        training={"epochs": 150, "early_stopping": False, "max_train_seconds": 0, "checkpoint_every": 0}, min_gap_events=3
+        training={"epochs": 150, "early_stopping": False, "max_train_seconds": 0, "checkpoint_every": 20},
+        min_gap_events=3,
+        storage={"encryption": {"enabled": True, "keyring": str(keyring)}},
     )
 
     # A user with no events at all: skipped, with the reason, before any training; nothing registered.
@@ -65,6 +77,8 @@ def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_facto
     loop.publish([event("feedback", "sam", n) for n in range(3)])
     running = loop.wait_for(lambda: (_status(loop, "sam")["job"] or {}).get("progress"), what="sam's job training", interval=0.2)
     assert running["step"] < running["total"]
+    checkpoint = loop.wait_for(lambda: _checkpoint_bytes(loop), what="sam's first checkpoint", interval=0.2)
+    assert not has_plain_magic(checkpoint), "checkpoints are sealed too"
     shown = loop.cli("status", "sam").stdout
     assert "job: training (step" in shown and "trigger threshold" in shown, shown
     done = loop.wait_for(
@@ -88,3 +102,36 @@ def test_nothing_to_learn_is_skipped_and_status_follows_a_running_job(loop_facto
     sam = {e["type"]: e["timestamp"] for e in reversed(loop.lifecycle()) if e["user_id"] == "sam"}  # the first of each
     training = _seconds(sam["training_started"], sam["training_completed"])
     assert _took(nobody) < training / 2 and _took(again) < training / 2, (_took(nobody), _took(again), training)
+
+    _sealed_at_rest_through_a_key_rotation(loop, keyring)
+
+
+def _checkpoint_bytes(loop) -> bytes | None:
+    for path in (loop.store / "models/adapters/checkpoints").rglob("adapter.safetensors"):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:  # swapped for the next one meanwhile
+            pass
+    return None
+
+
+def _is_personal(path) -> bool:
+    """Datasets (not their manifests: counts and hashes) and adapters' files; the logs carry ids and numbers only."""
+    return ("/adapter_training/" in str(path) and path.suffix == ".jsonl") or path.name in ADAPTER_FILES
+
+
+def _sealed_at_rest_through_a_key_rotation(loop, keyring) -> None:
+    personal = [p for p in loop.store.rglob("*") if p.is_file() and _is_personal(p)]
+    assert any(p.name.endswith(".safetensors") for p in personal) and any("user_sam" in p.name for p in personal)
+    opened = [p for p in personal if has_plain_magic(p.read_bytes())]
+    assert not opened, f"files in the clear: {opened}"
+    answered = loop.cli("ask", "--user-id", "sam", "--version", "1", "What is my dog's name?")
+    assert answered.returncode == 0 and "[sam v1]" in answered.stdout, answered.stderr
+
+    old = Keyring(keyring).current
+    rotated = loop.cli("keys", "rotate")
+    assert rotated.returncode == 0 and "re-wrapped" in rotated.stdout, rotated.stderr
+    retired = loop.cli("keys", "retire", old)
+    assert retired.returncode == 0 and Keyring(keyring).ids() == [Keyring(keyring).current] != [old], retired.stderr
+    again = loop.cli("ask", "--user-id", "sam", "--version", "1", "What is my dog's name?")
+    assert again.returncode == 0 and again.stdout == answered.stdout, again.stderr
