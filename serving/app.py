@@ -97,6 +97,8 @@ class Server:
         """
         if event.get("type") == "forgotten":
             dropped = self.cache.forget_users(lambda resident: self.hasher(resident) == user_id)
+            if self.registry.sealer is not None:
+                self.registry.sealer.forget(user_id)  # their data key, held in memory, goes too
             log.info("a forgotten user's %d resident version(s) dropped", len(dropped))
             return
         self.metrics.swaps.inc()

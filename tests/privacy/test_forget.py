@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from core.errors import AdaptloopError
+from core.errors import AdaptloopError, StorageError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.storage import ArtifactStore
@@ -95,6 +95,31 @@ def test_forget_leaves_nothing_of_the_user_in_the_store_and_nothing_of_another_u
     again = forget_user(cfg, USER, "erasure request #1")
     assert again.removed == [], "a second forget finds nothing more"
     assert all(len(_tombstones(root, n)) == 1 for n in ("audit.jsonl", VALIDATION_LOG, ROLLBACK_LOG))
+
+
+def test_with_encryption_at_rest_a_forget_destroys_the_users_key_so_backups_cannot_be_opened(
+    tmp_path, kafka_client, topic_factory
+):
+    from dataclasses import replace
+
+    from core.encryption import open_store
+    from tests.support.stores import sealed_settings
+
+    cfg = replace(_config(tmp_path, kafka_client, topic_factory), encryption=sealed_settings(tmp_path))
+    root = seed_user(tmp_path, USER, versions=2, sealed=True)
+    seed_user(tmp_path, "ben", versions=1, sealed=True)
+    backup = {p: d for p, d in _files(root).items() if p.endswith(".jsonl") and f"user_{USER}" in p}
+    assert backup and not any(b"prompt" in d for d in backup.values()), "the datasets are sealed"
+
+    result = forget_user(cfg, USER, "erasure request #2")
+
+    store = open_store(str(root), cfg.encryption)
+    assert f"privacy/keys/{result.user_hash}.json" in result.removed
+    for path, data in backup.items():  # a copy of the root taken before the forget
+        with pytest.raises(StorageError, match="data key is gone"):
+            store.sealer.open(data, path)
+    ben = ArtifactStore(str(root)).list("data/adapter_training/versions/user_ben")
+    assert all(b"prompt" in store.read_bytes(p) for p in ben if p.endswith(".jsonl")), "ben's files still open"
 
 
 def test_an_interrupted_forget_finishes_with_the_first_runs_time(tmp_path, kafka_client, topic_factory):

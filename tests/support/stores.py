@@ -17,11 +17,13 @@ def user_example(n: int, user: str) -> TrainingExample:
     )
 
 
-def seed_user(tmp_path: Path, user: str, versions: int, max_versions: int = 2) -> Path:
-    """`versions` datasets and adapter versions of `user` (beyond `max_versions` archived), a rollback, test cases; the root."""
+def seed_user(tmp_path: Path, user: str, versions: int, max_versions: int = 2, sealed: bool = False) -> Path:
+    """`versions` datasets and adapter versions of `user` (beyond `max_versions` archived), a rollback, test cases; the root.
+
+    `sealed`: encryption at rest on (`sealed_store`)."""
     root = tmp_path / "store"
-    store = ArtifactStore(str(root))
-    registry = AdapterRegistry(root, max_versions=max_versions)
+    store = sealed_store(tmp_path) if sealed else ArtifactStore(str(root))
+    registry = AdapterRegistry(root, max_versions=max_versions, sealer=store.sealer)
     for v in range(1, versions + 1):
         lineage = [OffsetRange(topic="interactions.feedback", partition=0, first_offset=10 * v, last_offset=10 * v + 4)]
         write_dataset(
@@ -36,19 +38,26 @@ def seed_user(tmp_path: Path, user: str, versions: int, max_versions: int = 2) -
         registry.activate(user, v, reason="passed the validation gate")
         registry.log_validation(user, v, {"passed": True, "user_score": 0.9})
     registry.rollback(user, "complaints", requested_by="test")
-    store.write_bytes(f"data/adapter_tests/user_{user}.jsonl", (user_example(7, user).model_dump_json() + "\n").encode())
+    store.write_personal(f"data/adapter_tests/user_{user}.jsonl", (user_example(7, user).model_dump_json() + "\n").encode(), user)
     return root
 
 
 def sealed_store(tmp_path: Path) -> ArtifactStore:
     """A storage root under `tmp_path/store` with encryption at rest on, its keyring beside it (outside the root)."""
-    from core.encryption import Keyring, open_store
+    from core.encryption import open_store
+
+    return open_store(str(tmp_path / "store"), sealed_settings(tmp_path))
+
+
+def sealed_settings(tmp_path: Path):
+    """`storage.encryption` on, with a keyring at `tmp_path/keys/keyring.json` (created once)."""
+    from core.encryption import Keyring
     from core.settings import EncryptionSettings
 
     keyring = tmp_path / "keys" / "keyring.json"
     if not keyring.exists():
         Keyring.create(keyring)
-    return open_store(str(tmp_path / "store"), EncryptionSettings(enabled=True, keyring=keyring))
+    return EncryptionSettings(enabled=True, keyring=keyring)
 
 
 def has_plain_magic(data: bytes) -> bool:
