@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption reliability clean
 
 install: $(STAMP)
 
@@ -84,6 +84,9 @@ bench-gate: install
 
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py
+
+bench-encryption: install
+	$(BIN)/python benchmarks/encryption.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -175,7 +175,11 @@ class ArtifactStore:
 
     def write_personal(self, relative: str, data: bytes, user_id: str | None) -> str:
         """`write_bytes` of data about `user_id` (None: several users), sealed for them when encryption is on."""
-        return self.write_bytes(relative, self.sealer.seal(user_id, data) if self.sealer is not None else data)
+        return self.write_bytes(relative, self.personal_bytes(data, user_id))
+
+    def personal_bytes(self, data: bytes, user_id: str | None, sha256: str | None = None) -> bytes:
+        """What `write_personal` would write (sealed when encryption is on), to write to several files at once."""
+        return self.sealer.seal(user_id, data, sha256) if self.sealer is not None else data
 
     def read_bytes(self, relative: str) -> bytes:
         """The file's content; a sealed file is opened (and refused when it was changed)."""

@@ -109,7 +109,8 @@ def write_dataset(
     test_body = to_jsonl(test)
     sha = sha256_bytes(body)
     base = f"{user_versions_dir(user_id)}/{sha}"
-    uri = store.write_personal(f"{base}.jsonl", body, user_id)
+    stored = store.personal_bytes(body, user_id, sha)  # sealed once for both files that hold it
+    uri = store.write_bytes(f"{base}.jsonl", stored)
     test_uri = store.write_personal(f"{base}.test.jsonl", test_body, user_id)
     manifest = DatasetManifest(
         user_id=user_id,
@@ -122,7 +123,7 @@ def write_dataset(
         lineage=lineage_ranges,
     )
     store.write_bytes(f"{base}.manifest.json", manifest.model_dump_json(indent=2).encode())
-    store.write_personal(latest_split_file(user_id), body, user_id)
+    store.write_bytes(latest_split_file(user_id), stored)
     return DatasetRef(
         uri=uri,
         sha256=sha,
