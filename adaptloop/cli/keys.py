@@ -77,7 +77,7 @@ def keys_rotate(ctx: CliContext, keyring: Path | None) -> None:
     from core.encryption import rotate
 
     store, ring = _opened(ctx, keyring)
-    before = [k for k in ring.ids()]
+    before = ring.ids()
 
     def progress(done: int, total: int) -> None:
         if done % 1000 == 0 or done == total:
