@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from core.kafka.client import ClientConfig
 from schemas.lifecycle import ENDS_COMMAND
+from schemas.privacy import FORGOTTEN_PREFIX
 
 log = logging.getLogger("adaptloop.api")
 
@@ -351,7 +352,7 @@ class JobTracker:
     def _about_forgotten(self, topic: str, key: bytes | None, body: Any) -> bool:
         """A message about a forgotten user from before the forget (or a worker's marker key): skip it."""
         if topic == self.users_changelog:
-            return key is not None and key.startswith(b"\x00")  # the worker's forget markers, keyed by salted hash
+            return key is not None and key.startswith(FORGOTTEN_PREFIX)  # the worker's forget markers, keyed by salted hash
         if not isinstance(body, dict) or body.get("user_id") not in self._forgotten or body.get("type") == "forget":
             return False
         at = body.get("timestamp") or body.get("requested_at") or body.get("created_at")

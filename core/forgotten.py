@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
@@ -52,6 +53,11 @@ class ForgetMarker(BaseModel):
     at: float  # the forget time, epoch seconds
     reason: str
     state: str = "started"  # started | done
+
+    @property
+    def when(self) -> datetime:
+        """The forget time as a datetime (UTC)."""
+        return datetime.fromtimestamp(self.at, UTC)
 
 
 class ForgetMarkers:

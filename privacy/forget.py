@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -41,14 +40,14 @@ from core.errors import AdaptloopError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
 from core.kafka.io import produce
-from core.kafka.topics import TopicPlan, ensure_topics
+from core.kafka.topics import TopicPlan, ensure_topics, plans_from_specs
 from core.settings import EncryptionSettings, Settings
 from core.storage import ArtifactStore
 from schemas import ForgetCommand, ForgottenRecord, LifecycleEvent, check_user_id
 from schemas.common import Text
 from streams.dataset import latest_split_file, user_versions_dir
 from trainer.job import user_tests_file
-from trainer.registry import AdapterRegistry
+from trainer.registry import REGISTRY_DIR, AdapterRegistry, user_checkpoints
 
 _REASON: TypeAdapter = TypeAdapter(Text)  # it goes into events and tombstones: their text rules
 
@@ -60,8 +59,7 @@ class ForgetConfig:
     client: ClientConfig
     commands_topic: str
     lifecycle_topic: str
-    forgotten_topic: str
-    forgotten_partitions: int
+    forgotten: TopicPlan  # `topics.forgotten`: forget creates it when it is missing
     encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @classmethod
@@ -74,8 +72,7 @@ class ForgetConfig:
             client=ClientConfig.from_settings(settings.kafka),
             commands_topic=t.commands.name,
             lifecycle_topic=t.lifecycle.name,
-            forgotten_topic=t.forgotten.name,
-            forgotten_partitions=t.forgotten.partitions,
+            forgotten=plans_from_specs([t.forgotten])[0],
         )
 
 
@@ -103,7 +100,7 @@ def forget_user(cfg: ForgetConfig, user_id: str, reason: str, requested_by: str 
         marker = ForgetMarker(user_hash=user_hash, at=time.time(), reason=reason)
         markers.write(marker)
     assert marker is not None
-    at = datetime.fromtimestamp(marker.at, UTC)
+    at = marker.when
     command_id = f"forget-{user_hash[:16]}-{int(marker.at * 1000)}"
     _announce_forgotten(cfg, marker)
     command = ForgetCommand(
@@ -126,11 +123,9 @@ def forget_user(cfg: ForgetConfig, user_id: str, reason: str, requested_by: str 
 
 
 def _announce_forgotten(cfg: ForgetConfig, marker: ForgetMarker) -> None:
-    ensure_topics(cfg.client, [TopicPlan(cfg.forgotten_topic, cfg.forgotten_partitions, 1, (("cleanup.policy", "compact"),))])
-    record = ForgottenRecord(
-        user_hash=marker.user_hash, forgotten_at=datetime.fromtimestamp(marker.at, UTC), reason=marker.reason
-    )
-    produce(cfg.client, cfg.forgotten_topic, [(marker.user_hash, record.to_bytes())])
+    ensure_topics(cfg.client, [cfg.forgotten])
+    record = ForgottenRecord(user_hash=marker.user_hash, forgotten_at=marker.when, reason=marker.reason)
+    produce(cfg.client, cfg.forgotten.name, [(marker.user_hash, record.to_bytes())])
 
 
 def _remove_from_store(cfg: ForgetConfig, store: ArtifactStore, user_id: str, marker: ForgetMarker) -> list[str]:
@@ -139,12 +134,12 @@ def _remove_from_store(cfg: ForgetConfig, store: ArtifactStore, user_id: str, ma
         user_versions_dir(user_id),
         latest_split_file(user_id),
         user_tests_file(cfg.user_tests_dir, user_id),
-        f"models/adapters/checkpoints/{marker.user_hash}",
+        user_checkpoints(marker.user_hash),
     ]
     removed = [relative for relative in files if store.remove(relative)]
     if store.sealer is not None:
         store.sealer.forget(marker.user_hash)
-    at = datetime.fromtimestamp(marker.at, UTC).isoformat()
+    at = marker.when.isoformat()
     registry = AdapterRegistry(cfg.storage_root)
-    removed += [f"models/adapters/{path}" for path in registry.forget(user_id, marker.user_hash, at, marker.reason)]
+    removed += [f"{REGISTRY_DIR}/{path}" for path in registry.forget(user_id, marker.user_hash, at, marker.reason)]
     return removed

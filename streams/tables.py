@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from core.forgotten import UserHasher
 from core.settings import WORKER_TABLES
 from schemas.lifecycle import LifecycleEvent
+from schemas.privacy import FORGOTTEN_PREFIX
 from schemas.training import TrainingExample
 from streams.decoding import partition_of
 from streams.envelope import Envelope
@@ -38,8 +39,6 @@ from streams.sending import PHASE_MARKS, PHASE_STATE, ChangelogWriter
 from streams.state import UserState
 
 Outgoing = list[tuple[bytes, Output]]
-
-FORGOTTEN_PREFIX = b"\x00forgotten\x00"
 
 
 def forgotten_key(partition: int, user_hash: str) -> bytes:

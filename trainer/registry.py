@@ -60,6 +60,12 @@ MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
 ROLLBACK_LOG = "rollback_log.jsonl"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+REGISTRY_DIR = "models/adapters"  # the registry's root, under the storage root
+
+
+def user_checkpoints(user_hash: str) -> str:
+    """Where a user's running jobs keep their checkpoints, under the storage root: by salted hash, so a forget finds them."""
+    return f"{REGISTRY_DIR}/checkpoints/{user_hash}"
 
 
 def version_label(version: int | None) -> str:
@@ -229,7 +235,8 @@ class AdapterRegistry:
             raise StorageError(
                 f"the adapter registry needs a local storage_root (an atomic rename); got {storage_root}"
             ) from None
-        self.root = (root / "models" / "adapters").resolve()
+        self.storage_root = root.resolve()
+        self.root = (root / REGISTRY_DIR).resolve()
         self.max_versions = max_versions
         self.sealer = sealer  # encryption at rest: versions are sealed for their user
 
@@ -246,6 +253,10 @@ class AdapterRegistry:
         if path.parent != (self.root / "users").resolve():
             raise StorageError(f"user_id {user_id!r} resolves outside the registry")
         return path
+
+    def checkpoint_dir(self, user_hash: str, request_id: str) -> Path:
+        """The checkpoint of one request's job (`trainer/checkpoint.py`)."""
+        return self.storage_root / user_checkpoints(user_hash) / request_id
 
     def version_dir(self, user_id: str, version: int) -> Path:
         return self.user_dir(user_id) / f"v{int(version)}"

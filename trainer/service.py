@@ -501,8 +501,7 @@ class TrainerService:
             job.results[0] = exc
 
     def _checkpoint_dir(self, request: TrainingRequest) -> Path:
-        # Under the user's salted hash: a forget removes the user's checkpoints by it.
-        return self.registry.root / "checkpoints" / self.hasher(request.user_id) / request.request_id
+        return self.registry.checkpoint_dir(self.hasher(request.user_id), request.request_id)
 
     def _forgotten(self, request: TrainingRequest) -> str | None:
         """Why the request must not become a version: its user was forgotten after it was made; else None."""

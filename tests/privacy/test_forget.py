@@ -14,6 +14,7 @@ import pytest
 from core.errors import AdaptloopError, StorageError
 from core.forgotten import ForgetMarker, ForgetMarkers, UserHasher
 from core.kafka.client import ClientConfig
+from core.kafka.topics import TopicPlan
 from core.storage import ArtifactStore
 from privacy.forget import ForgetConfig, forget_user
 from schemas import ForgottenRecord, LifecycleEvent
@@ -36,8 +37,9 @@ def _config(tmp_path, client: ClientConfig, topic_factory) -> ForgetConfig:
         client=client,
         commands_topic=topic_factory("commands", partitions=6),  # the settings' default partitions
         lifecycle_topic=topic_factory("lifecycle", partitions=6),
-        forgotten_topic=f"test.forgotten.{uuid.uuid4().hex[:10]}",  # forget creates it (compacted)
-        forgotten_partitions=1,
+        forgotten=TopicPlan(
+            f"test.forgotten.{uuid.uuid4().hex[:10]}", 1, config=(("cleanup.policy", "compact"),)
+        ),  # forget creates it
     )
 
 
@@ -86,7 +88,7 @@ def test_forget_leaves_nothing_of_the_user_in_the_store_and_nothing_of_another_u
     assert command.user_id == USER and command.user_hash == user_hash and command.command_id == result.command_id
     (event,) = [LifecycleEvent.model_validate_json(r.value) for r in read_topic(kafka_client, cfg.lifecycle_topic)]
     assert event.type == "forgotten" and event.user_id == user_hash and USER not in event.model_dump_json()
-    (record,) = [ForgottenRecord.model_validate_json(r.value) for r in read_topic(kafka_client, cfg.forgotten_topic)]
+    (record,) = [ForgottenRecord.model_validate_json(r.value) for r in read_topic(kafka_client, cfg.forgotten.name)]
     assert record.user_hash == user_hash and record.forgotten_at.isoformat() == result.forgotten_at
     assert ForgetMarkers(ArtifactStore(str(root))).read(user_hash).state == "done"
 
@@ -145,7 +147,7 @@ def test_a_forget_killed_once_it_has_begun_finishes_when_run_again(tmp_path, kaf
     cfg = _config(tmp_path, kafka_client, topic_factory)
     root = seed_user(tmp_path, USER, versions=3)
     config = tmp_path / "adapter_retrain.yaml"
-    topics = {"commands": cfg.commands_topic, "lifecycle": cfg.lifecycle_topic, "forgotten": cfg.forgotten_topic}
+    topics = {"commands": cfg.commands_topic, "lifecycle": cfg.lifecycle_topic, "forgotten": cfg.forgotten.name}
     config.write_text(
         yaml.safe_dump(
             {

@@ -8,11 +8,12 @@ import pytest
 
 from core.forgotten import UserHasher
 from core.storage import ArtifactStore
+from schemas.privacy import FORGOTTEN_PREFIX
 from streams.decoding import partition_of
 from streams.envelope import Envelope
 from streams.processor import BatchStats, ProcessorConfig, UserProcessor
 from streams.replay import memory_tables
-from streams.tables import FORGOTTEN_PREFIX, key_partition
+from streams.tables import key_partition
 from streams.triggers import TriggerConfig
 
 pytestmark = pytest.mark.unit
