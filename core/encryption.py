@@ -35,6 +35,7 @@ import secrets
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -399,9 +400,9 @@ def rotate(store: ArtifactStore, keyring: Keyring, progress: Callable[[int, int]
     return Rotation(new_key, rewrapped, already, round(time.perf_counter() - started, 3))
 
 
-def users_of_key(store: ArtifactStore, key_id: str) -> int:
-    """How many data keys are still wrapped by `key_id`."""
-    return sum(WrappedKey.model_validate_json(store.read_bytes(p)).kek_id == key_id for p in key_files(store))
+def data_keys_per_kek(store: ArtifactStore) -> Counter[str]:
+    """How many data keys each key-encryption key wraps (one read of every key file)."""
+    return Counter(WrappedKey.model_validate_json(store.read_bytes(p)).kek_id for p in key_files(store))
 
 
 def retire(store: ArtifactStore, keyring: Keyring, key_id: str) -> None:
@@ -410,7 +411,7 @@ def retire(store: ArtifactStore, keyring: Keyring, key_id: str) -> None:
         raise ConfigError(f"{key_id!r} is not a key id (k- and 12 hex digits; `adaptloop keys list` shows them)")
     if key_id == keyring.current:
         raise ConfigError(f"{key_id} is the current key; rotate first, then retire it")
-    still = users_of_key(store, key_id)
+    still = data_keys_per_kek(store)[key_id]
     if still:
         raise ConfigError(f"{key_id} still wraps {still} data key(s); run `adaptloop keys rotate` to finish re-wrapping them")
     keyring.remove(key_id)
@@ -424,8 +425,5 @@ def keyring_outside(root: str, keyring: Path) -> None:
 
 def keyring_summary(store: ArtifactStore, keyring: Keyring) -> list[dict]:
     """Per key: id, current or not, how many data keys it wraps (`adaptloop keys list`)."""
-    counts: dict[str, int] = {}
-    for p in key_files(store):
-        kek = WrappedKey.model_validate_json(store.read_bytes(p)).kek_id
-        counts[kek] = counts.get(kek, 0) + 1
-    return [{"id": k, "current": k == keyring.current, "data_keys": counts.get(k, 0)} for k in keyring.ids()]
+    counts = data_keys_per_kek(store)
+    return [{"id": k, "current": k == keyring.current, "data_keys": counts[k]} for k in keyring.ids()]
