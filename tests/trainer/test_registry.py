@@ -258,7 +258,7 @@ def test_a_forget_rewrites_the_logs_without_losing_a_line_another_process_append
     assert len([r for r in log if r.get("event") == "forgotten"]) == 30, "one tombstone per forget that removed lines"
 
 
-def test_an_encrypted_registry_seals_both_files_and_checks_both_hashes(tmp_path):
+def test_an_encrypted_registry_seals_both_files_and_refuses_any_change(tmp_path):
     from core.encryption import MAGIC
     from core.storage import sha256_bytes
     from schemas.manifest import ADAPTER_WEIGHTS
@@ -278,13 +278,24 @@ def test_an_encrypted_registry_seals_both_files_and_checks_both_hashes(tmp_path)
     with pytest.raises(StorageError, match="is encrypted: set storage.encryption"):
         AdapterRegistry(tmp_path / "store").files(info)
 
-    # A flipped byte on disk: the sealed hash refuses it; with the manifest forged to match, AES-GCM does.
+    # Another version's sealed weights (they open under ana's key) put behind v1: their sealed digest is not v1's.
     weights = info.path / ADAPTER_WEIGHTS
+    other = reg.register("ana", fake_adapter(tmp_path, "b", b"other-weights"), manifest())
+    weights.write_bytes((other.path / ADAPTER_WEIGHTS).read_bytes())
+    with pytest.raises(StorageError, match="sha256 mismatch"):
+        reg.files(info)
+    with pytest.raises(StorageError, match="sha256 mismatch"):
+        reg.plain_dir(info.path, tmp_path / "opened-again")
+
+    # A flipped byte on disk: the sealed hash refuses it (verify, no keys), AES-GCM when loading, also with the
+    # manifest forged to match.
     flipped = bytearray(stored[ADAPTER_WEIGHTS])
     flipped[-1] ^= 1
     weights.write_bytes(bytes(flipped))
     with pytest.raises(StorageError, match="sha256 mismatch"):
         reg.verify("ana", 1)
+    with pytest.raises(StorageError, match="integrity check"):
+        reg.files(info)
     forged = info.manifest.model_copy(
         update={"sealed_files": {**info.manifest.sealed_files, ADAPTER_WEIGHTS: sha256_bytes(bytes(flipped))}}
     )
