@@ -36,13 +36,10 @@ demo: install
 # Two xdist workers, a test file each at a time, each with its own broker:
 # most Kafka tests wait on group joins and services, so two overlap well on
 # 2 cores (the kafka and slow tiers took 17 minutes pinned to ONE core, 18.5
-# on two). The longest files go first (tests/durations.json, see
-# tests/support/durations.py), so the short ones fill in around them rather
-# than one worker finishing an eight-minute file alone at the end.
-# TEST_WORKERS=0 runs them in one process.
+# on two). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: unit tests and the quick Kafka tests (no training, no chaos).
 test-fast: install

@@ -20,7 +20,6 @@ from core.kafka.client import ClientConfig
 from core.kafka.topics import TopicPlan, ensure_topics
 from core.settings import Settings
 from tests.support.adapters import write_facts
-from tests.support.durations import file_seconds, longest_files_first
 from tests.support.handles import (
     ApiHandle,
     LoopHandle,
@@ -34,11 +33,6 @@ from tests.support.handles import (
     write_api_config,
 )
 from tests.support.processes import JAR_CACHE
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest test files first (tests/support/durations.py): the order `make test`'s xdist workers take them in."""
-    items[:] = longest_files_first(items, file_seconds())
 
 
 def _docker_answers() -> bool:
