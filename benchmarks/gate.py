@@ -12,6 +12,14 @@ shipped value, in alternating order, on one kept model; the base model's core
 scores are computed once, before the rounds, as a running trainer keeps them.
 Reports seconds per evaluation (median of the rounds), the ratio, and whether
 both sides gave every case the same answer and the same decision.
+
+Then the gate's likelihood step alone (the expected answers' NLL, one third
+of the loss signal): `answer_nlls` as shipped (the shared chat-template
+prefix run once, the output projection only where an answer token is
+predicted) against the named baseline `full_logits_nlls` below (what the gate
+ran before: every position's logits, then cross-entropy), the candidate
+loaded, the 51 cases in one batch, alternating, medians; and the largest
+difference between the two.
 """
 
 from __future__ import annotations
@@ -56,6 +64,54 @@ def random_candidate(model, path: Path) -> Path:
     return path
 
 
+def full_logits_nlls(model, tokenizer, device, cases) -> list[float]:
+    """The baseline: every position's logits over the 49,152-token vocabulary, cross-entropy on the answer's tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from schemas.training import TrainingExample
+    from trainer.data import IGNORE, collate, tokenize
+    from trainer.generation import pad_id
+
+    items = tokenize(tokenizer, [TrainingExample(prompt=c.prompt, response=c.expected) for c in cases], 512)
+    ids, mask, labels, _ = collate(items, pad_id(tokenizer), device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    return [float(v) for v in losses.sum(dim=1) / (targets != IGNORE).sum(dim=1)]
+
+
+def bench_likelihoods(gate, candidate: Path, cases, rounds: int) -> dict:
+    from peft import PeftModel
+
+    from trainer.scoring import answer_nlls
+
+    adapted = PeftModel.from_pretrained(gate.model, str(candidate)).eval()
+    sides = {
+        "full logits (baseline)": lambda: full_logits_nlls(adapted, gate.tokenizer, gate.device, cases),
+        "answer positions (shipped)": lambda: answer_nlls(adapted, gate.tokenizer, gate.device, cases, batch_size=len(cases)),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    values = {}
+    try:
+        for n in range(rounds):
+            for name in list(sides) if n % 2 == 0 else list(sides)[::-1]:
+                started = time.perf_counter()
+                values[name] = sides[name]()
+                seconds[name].append(round(time.perf_counter() - started, 2))
+    finally:
+        adapted.unload()
+    baseline, shipped = (statistics.median(v) for v in seconds.values())
+    first, second = values.values()
+    return {
+        "cases": len(cases),
+        "seconds": seconds,
+        "speedup": round(baseline / shipped, 2),
+        "max_abs_difference": max(abs(a - b) for a, b in zip(first, second)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -98,6 +154,9 @@ def main() -> None:
         "same_answers": answers[BASELINE_BATCH] == answers[shipped],
         "same_decision": reports[BASELINE_BATCH].passed == reports[shipped].passed,
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = gate.core_cases + user + earlier
+        result["likelihoods"] = bench_likelihoods(gate, random_candidate(model, Path(tmp) / "candidate"), cases, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))

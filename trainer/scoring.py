@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.errors import ModelError
 from core.settings import Settings, defaults
-from trainer.data import IGNORE, collate, tokenize
+from trainer.data import collate, tokenize
 from trainer.loss import RowUsers
 
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
@@ -199,29 +199,34 @@ def load_embedder(name: str = EMBEDDED_MINILM) -> Embedder:
 # ---- scoring -------------------------------------------------------------------- #
 
 
-def answer_nlls(model, tokenizer, device, cases: list[TestCase], max_len: int = 512, batch_size: int = 16) -> list[float]:
+def answer_nlls(
+    model, tokenizer, device, cases: list[TestCase], max_len: int = 512, batch_size: int = 16, rows: RowUsers | None = None
+) -> list[float]:
     """Per case, the mean negative log-likelihood of the expected answer's tokens given the prompt.
 
-    Rows are right-padded and batched: a causal model's logits at a real token
-    do not see the padding after it, so each row's value is the one it has alone.
+    Computed as the training loss is (trainer/loss.py `answer_losses`): the
+    chat template's shared prefix runs once per batch, and the output
+    projection (hidden x a 49,152-token vocabulary) only where an answer
+    token is predicted, not at every position of every row. Rows are
+    right-padded: a causal model's states at a real token do not see the
+    padding after it, so each row's value is the one it has alone.
+    `rows`: case i is answered through adapter `rows.users[i]`.
     """
     import torch
-    import torch.nn.functional as F
 
     from schemas.training import TrainingExample
     from trainer.generation import pad_id
+    from trainer.loss import answer_losses
 
     items = tokenize(tokenizer, [TrainingExample(prompt=c.prompt, response=c.expected) for c in cases], max_len)
     pad = pad_id(tokenizer)
     out: list[float] = []
     for start in range(0, len(items), batch_size):
-        ids, mask, labels, _weights = collate(items[start : start + batch_size], pad, device)
+        ids, mask, labels, weights = collate(items[start : start + batch_size], pad, device)
+        chunk = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :].float()
-        targets = labels[:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-        counted = (targets != IGNORE).sum(dim=1)
-        out += [float(v) for v in losses.sum(dim=1) / counted]
+            _total, per_row = answer_losses(model, ids, mask, labels, weights, rows=chunk)
+        out += [float(v) for v in per_row]
     return out
 
 
@@ -247,7 +252,8 @@ def score_cases(
         chunk = cases[start : start + batch_size]
         with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]):
             answers += generate_batch(model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size)
-            nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size)
+        users = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
+        nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users)
     semantic = embedder.similarity(answers, [c.expected for c in cases])
     total = weights.semantic + weights.match + weights.loss
     out = []

@@ -91,3 +91,20 @@ def test_batched_answer_likelihoods_equal_each_case_alone(tiny_model_dir, tmp_pa
         alone = [answer_nlls(scored, tokenizer, device, [case])[0] for case in cases]
         assert together == pytest.approx(alone, rel=1e-4, abs=1e-5)
         assert len({round(v, 3) for v in alone}) == 3, "three different answers score differently"
+        assert alone == pytest.approx([_full_logits_nll(scored, tokenizer, device, case) for case in cases], rel=1e-5)
+
+
+def _full_logits_nll(model, tokenizer, device, case: TestCase) -> float:
+    """The definition: every position's logits, cross-entropy on the answer's tokens (trainer/loss.py's reference)."""
+    import torch
+
+    from schemas.training import TrainingExample
+    from trainer.data import collate, tokenize
+    from trainer.generation import pad_id
+    from trainer.loss import weighted_loss
+
+    ids, mask, labels, weights = collate(
+        tokenize(tokenizer, [TrainingExample(prompt=case.prompt, response=case.expected)], 512), pad_id(tokenizer), device
+    )
+    with torch.no_grad():
+        return float(weighted_loss(model(input_ids=ids, attention_mask=mask).logits, labels, weights))
