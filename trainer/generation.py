@@ -14,8 +14,14 @@ def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) ->
     return generate_batch(model, tokenizer, device, [prompt], max_new_tokens)[0]
 
 
-def generate_batch(model, tokenizer, device, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy answers to many prompts, `batch_size` at a time (left-padded, so every answer starts at the same column)."""
+def generate_batch(
+    model, tokenizer, device, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16, shrink: bool = True
+) -> list[str]:
+    """Greedy answers to many prompts, `batch_size` at a time (left-padded, so every answer starts at the same column).
+
+    `shrink`: rows that have answered leave the batch (`greedy_shrinking`);
+    False keeps every row to the end, as transformers' `generate` does (what
+    a forward hook that routes rows by their index needs, trainer/multi.py)."""
     import torch
 
     pad = pad_id(tokenizer)
@@ -26,6 +32,57 @@ def generate_batch(model, tokenizer, device, prompts: list[str], max_new_tokens:
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            if shrink:
+                rows = greedy_shrinking(model, ids, mask, max_new_tokens, stop_ids(model, tokenizer))
+            else:
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                rows = [row[width:].tolist() for row in out]
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return answers
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the generation config's end-of-sequence id(s) and the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+def greedy_shrinking(model, ids, mask, max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Each row's greedy answer tokens (its stop token included), rows leaving the batch as they finish.
+
+    transformers' `generate` runs every row until the longest answer ends: in
+    the gate, half the core suite's answers end within a dozen tokens and the
+    rest run to the limit, and on a CPU a step of 51 rows costs 1.4x one of
+    25. Here a finished row's keys and values leave the cache, so later steps
+    compute only the rows still answering. The same greedy choice, positions
+    and mask as `generate`; each row's answer is the one it has in any batch
+    up to float rounding."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+    ).logits
+    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    alive = torch.arange(ids.shape[0], device=ids.device)
+    last = positions[:, -1:]
+    for step in range(max_new_tokens):
+        chosen = logits[:, -1, :].float().argmax(dim=-1)
+        for row, token in zip(alive.tolist(), chosen.tolist()):
+            answers[row].append(token)
+        going = torch.tensor([token not in stops for token in chosen.tolist()], device=ids.device)
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, chosen, mask, last = alive[keep], chosen[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        last = last + 1
+        logits = model(
+            input_ids=chosen[:, None], attention_mask=mask, position_ids=last, past_key_values=cache, use_cache=True
+        ).logits
     return answers

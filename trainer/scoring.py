@@ -251,7 +251,9 @@ def score_cases(
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]):
-            answers += generate_batch(model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size)
+            answers += generate_batch(
+                model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, shrink=rows is None
+            )
         users = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
         nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users)
     semantic = embedder.similarity(answers, [c.expected for c in cases])

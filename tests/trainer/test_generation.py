@@ -1,0 +1,54 @@
+"""Greedy generation: rows leave the batch as they finish, and each answers as transformers' `generate` does."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = [
+    "Hi?",
+    "What is the capital of France? Answer in one word, please.",
+    "Which football team do I support?",
+    "Tell me my locker number.",
+    "Name three colours of the rainbow, and say which one you like best.",
+    "Where was I born?",
+]
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for n, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: n + 1]
+    return tokens
+
+
+def test_rows_leave_the_batch_as_they_finish_and_answer_as_generate_does(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from tests.support.adapters import random_adapter
+    from trainer.data import chat_ids
+    from trainer.generation import greedy_shrinking, pad_id
+    from trainer.model import BaseModelRef, load_base
+
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    pad = pad_id(tokenizer)
+    encoded = [chat_ids(tokenizer, p) for p in PROMPTS]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    adapted = PeftModel.from_pretrained(model, str(random_adapter(model, tmp_path / "adapter", seed=5))).eval()
+    for scored in (model, adapted):
+        with torch.no_grad():
+            free = scored.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad)
+        free_rows = [row[width:].tolist() for row in free]
+        # Stop tokens taken from what rows 0-2 say at steps 2-4, so that rows end at different steps (or never).
+        stops = {free_rows[row][2 + row] for row in range(3)}
+        with torch.no_grad():
+            expected = scored.generate(
+                ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=pad, eos_token_id=sorted(stops)
+            )
+            got = greedy_shrinking(scored, ids, mask, 12, stops)
+        assert got == [_until_stop(row[width:].tolist(), stops) for row in expected]
+        assert min(len(a) for a in got) < 12, "some rows finished early and left the batch"
