@@ -54,7 +54,7 @@ def greedy_shrinking(model, ids, mask, max_new_tokens: int, stops: set[int]) -> 
     transformers' `generate` runs every row until the longest answer ends: in
     the gate, half the core suite's answers end within a dozen tokens and the
     rest run to the limit, and on a CPU a step of 51 rows costs 1.4x one of
-    25. Here a finished row's keys and values leave the cache, so later steps
+    32 (benchmarks/README.md). Here a finished row's keys and values leave the cache, so later steps
     compute only the rows still answering. The same greedy choice, positions
     and mask as `generate`; each row's answer is the one it has in any batch
     up to float rounding."""
