@@ -168,7 +168,13 @@ def start_worker(
 
 
 def worker_rate(
-    bootstrap: str, workdir: Path, n: int, users: int, profile: Path | None = None, footprint: dict | None = None
+    bootstrap: str,
+    workdir: Path,
+    n: int,
+    users: int,
+    profile: Path | None = None,
+    footprint: dict | None = None,
+    schedule: str = "nightly",
 ) -> tuple[float, float, float]:
     suffix = uuid.uuid4().hex[:6]
     topics = {
@@ -190,7 +196,11 @@ def worker_rate(
     raw = consume_rate(bootstrap, topics["feedback"], n, validate=False)
     validated = consume_rate(bootstrap, topics["feedback"], n, validate=True)
     port = free_port()
-    proc = start_worker(bootstrap, workdir, topics, f"bench-{suffix}", port, profile, min_gap_events=10**6)
+    # Nothing may trigger training during the run: the nightly schedule (no
+    # tick comes), or the threshold schedule with an unreachable threshold
+    # (the runs before 2026-12-02; every gap then stays in the users' states).
+    triggers = {"schedule": "nightly"} if schedule == "nightly" else {"min_gap_events": 10**6}
+    proc = start_worker(bootstrap, workdir, topics, f"bench-{suffix}", port, profile, **triggers)
     try:
         first = None
         while True:
@@ -327,6 +337,12 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=500.0, help="events/s during the latency run")
     parser.add_argument("--profile", type=Path, default=None, help="profile the worker's run into this file (no latency run)")
     parser.add_argument("--footprint", action="store_true", help="also measure the worker's memory and changelog sizes")
+    parser.add_argument(
+        "--schedule",
+        choices=("nightly", "threshold"),
+        default="nightly",
+        help="how the worker is kept from triggering training during the run (threshold: as before 2026-12-02)",
+    )
     args = parser.parse_args()
     if args.profile:
         profile_worker(args)
@@ -337,13 +353,14 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))
     with kafka(workdir) as bootstrap:
-        raw, validated, worker = worker_rate(bootstrap, workdir, args.events, args.users)
+        raw, validated, worker = worker_rate(bootstrap, workdir, args.events, args.users, schedule=args.schedule)
         lat = latency(bootstrap, workdir, args.latency_users, args.latency_rate)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "events": args.events,
         "users": args.users,
+        "schedule": args.schedule,
         "raw_consumer_events_s": round(raw),
         "validating_consumer_events_s": round(validated),
         "worker_events_s": round(worker),
@@ -370,7 +387,9 @@ def footprint_run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-footprint-"))
     footprint: dict = {}
     with kafka(workdir) as bootstrap:
-        _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, footprint=footprint)
+        _raw, _validated, rate = worker_rate(
+            bootstrap, workdir, args.events, args.users, footprint=footprint, schedule=args.schedule
+        )
     footprint["worker_events_s"] = round(rate)
     footprint["events"] = args.events
     footprint["date"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -385,7 +404,9 @@ def profile_worker(args: argparse.Namespace) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-profile-"))
     with kafka(workdir) as bootstrap:
-        _raw, _validated, rate = worker_rate(bootstrap, workdir, args.events, args.users, args.profile.resolve())
+        _raw, _validated, rate = worker_rate(
+            bootstrap, workdir, args.events, args.users, args.profile.resolve(), schedule=args.schedule
+        )
     stats = pstats.Stats(str(args.profile))
     by_package: Counter[str] = Counter()
     rows = []

@@ -172,12 +172,9 @@ class Redactor:
             return text, found
         digits = len(_DIGITS.findall(text))
         for name, find, worth in self._detectors:
-            if not worth(text, digits):
-                continue
-            spans = find(text)
-            for start, end in reversed(spans):
-                text = f"{text[:start]}<{name}>{text[end:]}"
-            if spans:
+            if worth(text, digits) and (spans := find(text)):
+                for start, end in reversed(spans):
+                    text = f"{text[:start]}<{name}>{text[end:]}"
                 found[name] += len(spans)
         return text, found
 

@@ -1,6 +1,6 @@
-"""The one Faust app of the worker: topics, three tables, one agent, a timer and a crontab.
+"""The one Faust app of the worker: topics, three tables, one batch drain, a timer and a crontab.
 
-Topology (aiokafka driver, agent concurrency 1, batches via take_events):
+Topology (aiokafka driver; the consumer's fetches go to one batch handler, streams/fetch.py):
 
     interactions.* + adapter.commands + adapter.lifecycle + <app_id>-users
         --process-->  validate raw bytes; bad -> adapter.dlq (with the reason)
@@ -16,8 +16,9 @@ internal topic `<app_id>-users` to its home partition, so each user is handled
 by exactly one worker whatever the producers do, and well-partitioned events
 pay for no extra hop.
 
-This module only wires: what a batch does is streams/batch.py, the tables
-streams/tables.py, the sends streams/sending.py.
+This module only wires: how batches are fetched is streams/fetch.py, what a
+batch does streams/batch.py, the tables streams/tables.py, the sends
+streams/sending.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from core.encryption import open_store
 from core.forgotten import UserHasher
 from core.kafka.client import ClientConfig
 from core.settings import CHANGELOG_TOPIC_CONFIG, WORKER_TABLES
-from streams import faust_fixes, metrics
+from streams import faust_fixes, fetch, metrics
 from streams.batch import BatchHandler
 from streams.config import WorkerConfig
 from streams.envelope import Envelope
@@ -90,7 +91,7 @@ def create_app(cfg: WorkerConfig) -> faust.App:
     faust_fixes.apply()
     app = _faust_app(cfg)
     internal = app.topic(cfg.internal_topic, partitions=cfg.internal_partitions, internal=True, key_type=bytes, value_type=bytes)
-    # One agent reads everything: Faust assigns partition p of every source
+    # One consumer reads everything: Faust assigns partition p of every source
     # topic (and of the tables' changelogs) to the same worker.
     sources = app.topic(*cfg.source_topics, key_type=bytes, value_type=bytes)
     tables = {
@@ -110,11 +111,10 @@ def create_app(cfg: WorkerConfig) -> faust.App:
     worker_tables = WorkerTables(tables, ChangelogWriter(sender), cfg.internal_partitions, UserHasher.for_store(store))
     handle_batch = BatchHandler(cfg, UserProcessor(cfg.processor, store), worker_tables, sender, ChangelogPurger(cfg.client))
 
-    @app.agent(sources, concurrency=1)
-    async def process(stream):
-        """Validate, dead-letter, count, curate and trigger; one state write per user per batch."""
-        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            await handle_batch(events)
+    # No agent: each fetch of the sources goes to the batch handler at once
+    # (streams/fetch.py); the conductor only needs to know what to subscribe to.
+    app.topics.add(sources)
+    fetch.install(app, cfg.source_topics, handle_batch, cfg.batch_size, cfg.batch_within_s)
 
     if cfg.schedule == "nightly":
 

@@ -1,7 +1,7 @@
 """One stream batch of the worker's agent: validate, dead-letter, reroute, apply per user, send.
 
     handle = BatchHandler(cfg, processor, tables, sender)
-    await handle(events)        # Faust events of one `stream.take_events()` batch
+    await handle(messages)      # the source messages of one fetch (streams/fetch.py)
 
 Events are validated here (bad ones go to the dead-letter topic with the
 reason), grouped by user, and each user's envelopes applied to the user's
@@ -48,9 +48,9 @@ class BatchHandler:
         self.sender = sender
         self.decode = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
 
-    async def __call__(self, events: list) -> None:
+    async def __call__(self, messages: list) -> None:
         started = time.perf_counter()
-        by_user, ticks = self._sort(events)
+        by_user, ticks = self._sort(messages)
         stats = BatchStats()
         outgoing = self.tables.apply(self.processor, by_user, stats)
         for partition, at in ticks:
@@ -62,15 +62,14 @@ class BatchHandler:
             await self.purger.purge(self.tables, self.sender)
         self._report(outgoing, stats, started)
 
-    def _sort(self, events: list) -> tuple[dict[bytes, list[Envelope]], list[tuple[int, float]]]:
+    def _sort(self, messages: list) -> tuple[dict[bytes, list[Envelope]], list[tuple[int, float]]]:
         """Envelopes by user (in order), and the nightly ticks; invalid events are dead-lettered, strays rerouted."""
         by_user: dict[bytes, list[Envelope]] = {}
         ticks: list[tuple[int, float]] = []
         internal = self.cfg.internal_topic
-        for event in events:
-            msg = event.message
+        for msg in messages:
             if msg.topic == internal:
-                env = Envelope.model_validate_json(event.value)
+                env = Envelope.model_validate_json(msg.value)
                 if env.k == "tick":
                     ticks.append((msg.partition, env.at or time.time()))
                 else:
@@ -78,9 +77,9 @@ class BatchHandler:
                 continue
             metrics.EVENTS.labels(msg.topic).inc()
             try:
-                key, env = self.decode(msg.topic, msg.partition, msg.offset, event.value)
+                key, env = self.decode(msg.topic, msg.partition, msg.offset, msg.value)
             except InvalidMessage as exc:
-                self._dead_letter(msg, event.value, exc.reason)
+                self._dead_letter(msg, msg.value, exc.reason)
                 continue
             if env.k == "lifecycle" and env.body.get("type") == "forgotten":
                 continue  # keyed by a salted hash, about nobody the worker still holds

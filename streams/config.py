@@ -44,7 +44,7 @@ class WorkerConfig:
 
     @property
     def source_topics(self) -> list[str]:
-        """Everything the worker's one agent reads (and whose consumer lag it reports)."""
+        """Everything the worker reads (and whose consumer lag it reports)."""
         return [*self.input_topics.values(), self.commands_topic, self.lifecycle_topic, self.internal_topic]
 
     @classmethod

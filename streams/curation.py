@@ -147,9 +147,17 @@ def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Count
 
     if not redactor.enabled or (not curated.examples and curated.boost_prompt is None):
         return curated, found
-    examples = tuple(e.model_copy(update={"prompt": clean(e.prompt), "response": clean(e.response)}) for e in curated.examples)
+    examples = tuple(_with_texts(e, clean(e.prompt), clean(e.response)) for e in curated.examples)
     boost = None if curated.boost_prompt is None else clean(curated.boost_prompt)
+    if boost == curated.boost_prompt and all(a is b for a, b in zip(examples, curated.examples, strict=True)):
+        return curated, found  # nothing personal found (most texts): no copies
     return replace(curated, examples=examples, boost_prompt=boost), found
+
+
+def _with_texts(example: TrainingExample, prompt: str, response: str) -> TrainingExample:
+    if prompt == example.prompt and response == example.response:
+        return example
+    return example.model_copy(update={"prompt": prompt, "response": response})
 
 
 def _stable_seed(*parts: object) -> int:

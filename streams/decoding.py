@@ -6,6 +6,8 @@ topic as it is. Shared by the Faust agent and `adaptloop replay`.
 
 from __future__ import annotations
 
+import functools
+
 from aiokafka.partitioner import murmur2
 
 from schemas import COMMAND_ADAPTER, LifecycleEvent
@@ -15,6 +17,7 @@ from schemas.training import Provenance
 from streams.envelope import Envelope
 
 
+@functools.lru_cache(maxsize=1 << 16)  # aiokafka's murmur2 is pure Python; a batch asks for each user's several times
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2: Java clients, aiokafka, Faust) gives `key`."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions

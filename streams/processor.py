@@ -199,7 +199,7 @@ class UserProcessor:
 
     def _after_envelope(self, user_id: str, state: UserState, user_log: UserLog, now: float) -> list[Output]:
         """Windows pruned, a stale open request expired, then an automatic rollback or training request, if due."""
-        prune_gaps(state, now, self.cfg.triggers.gap_window_s)
+        prune_gaps(state, now, self.cfg.triggers.gap_window_s, keep=self.cfg.triggers.min_gap_events)
         self._expire_open_request(state, now)
         rollback = self._auto_rollback(user_id, state, now)
         if rollback is not None:

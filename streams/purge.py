@@ -18,7 +18,6 @@ delivered again, and its second application purges again.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -27,7 +26,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from core.errors import KafkaOperationError
 from core.kafka.client import ClientConfig
 from core.settings import CHANGELOG_TOPIC_CONFIG
-from streams.sending import BatchSender
+from streams.sending import BatchSender, table_value
 from streams.tables import WorkerTables
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class ChangelogPurger:
             ends = await loop.run_in_executor(None, self._ends, topics, partition)
             for topic, records in tables.live_records(partition).items():
                 for key, value in records.items():
-                    sender.add(topic, partition, key, json.dumps(value).encode())
+                    sender.add(topic, partition, key, table_value(value))
             await sender.flush()
             deleted += await loop.run_in_executor(None, self._delete_before, ends, partition)
         return deleted

@@ -49,7 +49,7 @@ from schemas import ForgottenRecord, RollbackCommand, TrainingRequest
 from streams.config import WorkerConfig
 from streams.decoding import SourceDecoder
 from streams.processor import BatchStats, UserProcessor
-from streams.sending import ChangelogWriter
+from streams.sending import ChangelogWriter, table_value
 from streams.tables import MemoryTable, Outgoing, WorkerTables, key_partition
 
 
@@ -226,8 +226,7 @@ def _hand_over(plan: ReplayPlan, cfg: WorkerConfig, tables: WorkerTables) -> dic
     for name, table in zip(WORKER_TABLES, (tables.users, tables.seen, tables.examples)):
         # Each key goes to its user's partition, as the worker writes them.
         messages = [
-            (key, json.dumps(value).encode(), None, key_partition(key, cfg.internal_partitions))
-            for key, value in table.data.items()
+            (key, table_value(value), None, key_partition(key, cfg.internal_partitions)) for key, value in table.data.items()
         ]
         written[name] = produce(cfg.client, changelog_topic(plan.app_id, name), messages)
     consumer = Consumer(cfg.client.librdkafka(**{"group.id": plan.app_id, "enable.auto.commit": False}))

@@ -15,9 +15,10 @@ republished event is counted once.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from core.settings import CurationSettings
 from schemas.training import TrainingExample
@@ -44,7 +45,9 @@ class UserState(BaseModel):
     """Everything fixed-size the worker knows about one user (JSON in the table)."""
 
     gap_totals: dict[str, int] = Field(default_factory=lambda: {k: 0 for k in GAP_KINDS})
-    gaps: list[tuple[float, str]] = Field(default_factory=list, description="gaps since the last request, in the window")
+    gaps: list[tuple[float, str]] = Field(
+        default_factory=list, description="gaps since the last request, in the window (the newest min_gap_events of them)"
+    )
     events_total: int = 0
     batch_ids: list[str] = Field(
         default_factory=list,
@@ -66,6 +69,11 @@ class UserState(BaseModel):
     promoted_version: int | None = Field(None, description="the last promoted version, while a drop may still roll it back")
     promoted_at: float | None = None
     training_consent: bool = Field(True, description="False while the user has opted out of training (a consent command)")
+
+    @field_validator("gaps")
+    @classmethod
+    def _in_time_order(cls, gaps: list[tuple[float, str]]) -> list[tuple[float, str]]:
+        return sorted(gaps)  # states written before gaps were kept in order
 
     @property
     def pending_count(self) -> int:
@@ -112,8 +120,16 @@ class MemoryUserLog:
         self.examples.pop(seq, None)
 
 
+_AFTER_EVERY_KIND = "\U0010ffff"  # sorts after every gap kind: (t, it) comes after each (t, kind)
+
+
+def _first_in_window(state: UserState, now: float, window_s: float) -> int:
+    """Index of the first gap inside the window (`state.gaps` is kept in time order)."""
+    return bisect.bisect_right(state.gaps, (now - window_s, _AFTER_EVERY_KIND))
+
+
 def gaps_in_window(state: UserState, now: float, window_s: float) -> int:
-    return sum(1 for ts, _ in state.gaps if ts > now - window_s)
+    return len(state.gaps) - _first_in_window(state, now, window_s)
 
 
 def accuracy(state: UserState) -> float | None:
@@ -160,7 +176,7 @@ def apply_event(
     state.last_event_at = max(state.last_event_at, event_time)
     if curated.gap is not None:
         state.gap_totals[curated.gap] = state.gap_totals.get(curated.gap, 0) + 1
-        state.gaps.append((event_time, curated.gap))
+        bisect.insort(state.gaps, (event_time, curated.gap))  # in time order, whatever order events come in
     if curated.outcome is not None:
         state.outcomes.append(1 if curated.outcome else 0)
         del state.outcomes[:-accuracy_window]
@@ -177,5 +193,13 @@ def apply_event(
     return True
 
 
-def prune_gaps(state: UserState, now: float, window_s: float) -> None:
-    state.gaps = [(ts, kind) for ts, kind in state.gaps if ts > now - window_s]
+def prune_gaps(state: UserState, now: float, window_s: float, keep: int) -> None:
+    """Gaps outside the window dropped, and all but the newest `keep` (`min_gap_events`).
+
+    The newest `min_gap_events` gaps alone decide the threshold trigger (it
+    fires when all of them lie in the window), so the state stays the same
+    size however many gaps a user has while a request is out.
+    """
+    first = max(_first_in_window(state, now, window_s), len(state.gaps) - keep)
+    if first > 0:
+        del state.gaps[:first]

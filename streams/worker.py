@@ -9,9 +9,13 @@ Prometheus metrics are served on http://<streams.web_bind>:<web_port>/metrics.
 
 from __future__ import annotations
 
+import gc
+
 from core.kafka.topics import TopicPlan, ensure_topics, plans_from_specs
 from core.settings import Settings
 from streams.config import WorkerConfig
+
+GC_THRESHOLDS = (50_000, 20, 100)  # Python's default: (700, 10, 10)
 
 
 def run_worker(settings: Settings, web_port: int | None = None, loglevel: str = "warning") -> None:
@@ -28,4 +32,8 @@ def run_worker(settings: Settings, web_port: int | None = None, loglevel: str = 
     # every record; every debug call in aiokafka's send path then builds a log
     # record. Without it the worker ran ~10x faster here.
     worker.spinner = None
+    # The tables hold millions of small objects that live as long as the worker;
+    # at Python's default thresholds its collector walked them so often that a
+    # batch took ~1.4x as long once 100,000 events were held (measured offline).
+    gc.set_threshold(*GC_THRESHOLDS)
     worker.execute_from_commandline()

@@ -89,3 +89,15 @@ def test_a_hole_found_during_a_rebalance_leaves_the_seek_to_the_rebalance():
     consumer.flow_active = False
     asyncio.run(faust_fixes._reread_instead_of_skipping(consumer, TOPIC, 5, 7))
     assert consumer.calls == []
+
+
+def test_the_worker_consumer_waits_briefly_for_empty_fetches(monkeypatch):
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    monkeypatch.setattr(
+        AIOKafkaConsumerThread, "_create_worker_consumer", lambda self, transport: SimpleNamespace(_fetch_max_wait_ms=1500)
+    )
+    faust_fixes._fetch_without_long_waits()
+    faust_fixes._fetch_without_long_waits()  # idempotent: wrapped once
+    consumer = AIOKafkaConsumerThread._create_worker_consumer(object(), None)
+    assert consumer._fetch_max_wait_ms == faust_fixes.FETCH_MAX_WAIT_MS == 100

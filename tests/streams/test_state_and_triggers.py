@@ -14,7 +14,7 @@ from streams.curation import Curated
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples
 from streams.envelope import Envelope
 from streams.processor import BatchStats, ProcessorConfig, UserProcessor
-from streams.state import MemoryUserLog, UserState, apply_event, pending_examples
+from streams.state import MemoryUserLog, OpenRequest, UserState, apply_event, gaps_in_window, pending_examples, prune_gaps
 from streams.triggers import TriggerConfig, automatic_trigger, nightly_trigger
 
 pytestmark = pytest.mark.unit
@@ -89,6 +89,25 @@ def test_threshold_cooldown_and_open_request():
     assert automatic_trigger(state, 50.0, cfg) is None, "cooldown"
     assert automatic_trigger(state, 150.0, cfg) == "threshold"
     assert automatic_trigger(state, 5000.0, cfg) is None, "gaps outside the window"
+
+
+def test_a_state_keeps_only_the_gaps_that_can_still_decide_the_threshold():
+    """Gaps out of order are kept in time order; the newest min_gap_events decide alone, so the rest go."""
+    cfg = TriggerConfig.from_settings(schedule="threshold", min_gap_events=3, cooldown_s=0, gap_window_s=100)
+    state = _new_state()
+    state.open_request = OpenRequest(request_id="r", at=0.0, trigger="threshold")  # nothing fires while it is out
+    for n, t in enumerate([50.0, 10.0, 40.0, 20.0, 60.0, 30.0]):
+        _apply(state, f"e{n}", t, Curated(examples=(_ex(n),), gap="correction"))
+    assert [t for t, _ in state.gaps] == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert gaps_in_window(state, 135.0, 100) == 3, "35 < t"
+    prune_gaps(state, 60.0, 100, keep=3)
+    assert [t for t, _ in state.gaps] == [40.0, 50.0, 60.0], "bounded, whatever a user sends while a request is out"
+    state.open_request = None
+    assert automatic_trigger(state, 60.0, cfg) == "threshold"
+    prune_gaps(state, 145.0, 100, keep=3)
+    assert [t for t, _ in state.gaps] == [50.0, 60.0] and automatic_trigger(state, 145.0, cfg) is None
+    reloaded = UserState.load({"gaps": [[30.0, "correction"], [10.0, "correction"]]})
+    assert reloaded.gaps == [(10.0, "correction"), (30.0, "correction")], "a state written before is put in order"
 
 
 def test_accuracy_drop_fires_once_per_dip_and_rearms():
