@@ -104,7 +104,6 @@ def apply() -> None:
     _fetch_without_long_waits()
 
 
-
 FETCH_MAX_WAIT_MS = 100  # Faust's aiokafka consumer waits up to 1,500 ms
 
 
