@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from core.errors import InvalidMessage
 from schemas.commands import RollbackCommand
@@ -67,6 +68,7 @@ class BatchHandler:
         by_user: dict[bytes, list[Envelope]] = {}
         ticks: list[tuple[int, float]] = []
         internal = self.cfg.internal_topic
+        consumed: Counter[str] = Counter()
         for msg in messages:
             if msg.topic == internal:
                 env = Envelope.model_validate_json(msg.value)
@@ -75,7 +77,7 @@ class BatchHandler:
                 else:
                     by_user.setdefault(msg.key, []).append(env)
                 continue
-            metrics.EVENTS.labels(msg.topic).inc()
+            consumed[msg.topic] += 1
             try:
                 key, env = self.decode(msg.topic, msg.partition, msg.offset, msg.value)
             except InvalidMessage as exc:
@@ -91,6 +93,8 @@ class BatchHandler:
                 # in partition `home`, maybe on another worker. Route it there.
                 metrics.REROUTED.inc()
                 self.sender.add(internal, home, key, env.to_wire())
+        for topic, n in consumed.items():
+            metrics.EVENTS.labels(topic).inc(n)
         return by_user, ticks
 
     def _dead_letter(self, msg, value: bytes | None, reason: str) -> None:
