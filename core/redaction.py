@@ -168,15 +168,19 @@ class Redactor:
     def redact(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with each detected item replaced by its placeholder, and how many of each type."""
         found: Counter[str] = Counter()
+        return self.redact_into(text, found), found
+
+    def redact_into(self, text: str, found: Counter[str]) -> str:
+        """`redact`, counting into `found` (no counter per text: the worker redacts two texts per event)."""
         if not self.enabled or not text or (self._builtin_only and _ANY_HINT.search(text) is None):
-            return text, found
+            return text
         digits = len(_DIGITS.findall(text))
         for name, find, worth in self._detectors:
             if worth(text, digits) and (spans := find(text)):
                 for start, end in reversed(spans):
                     text = f"{text[:start]}<{name}>{text[end:]}"
                 found[name] += len(spans)
-        return text, found
+        return text
 
     def clean(self, text: str) -> str:
         """Just the redacted text."""

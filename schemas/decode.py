@@ -47,6 +47,19 @@ def decode_json(raw: bytes | None, max_bytes: int) -> object:
 
 def decode(model: type[M] | TypeAdapter, raw: bytes | None, max_bytes: int = 64 * 1024) -> M:
     """Decode `raw` (UTF-8 JSON object) into `model`; raise InvalidMessage with the reason."""
+    if raw is not None and len(raw) <= max_bytes:
+        # pydantic parses and validates a good message in one pass (~2x json.loads
+        # + validation); anything it refuses takes the path below, which names the reason.
+        try:
+            if isinstance(model, TypeAdapter):
+                return model.validate_json(raw)
+            return model.model_validate_json(raw)  # type: ignore[union-attr]
+        except (ValidationError, RecursionError):
+            pass
+    return _decode_explained(model, raw, max_bytes)
+
+
+def _decode_explained(model: type[M] | TypeAdapter, raw: bytes | None, max_bytes: int) -> M:
     data = decode_json(raw, max_bytes)
     if not isinstance(data, dict):
         raise InvalidMessage(f"not a JSON object: got {type(data).__name__}")

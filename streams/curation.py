@@ -141,9 +141,7 @@ def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Count
     found: Counter[str] = Counter()
 
     def clean(text: str) -> str:
-        text, counts = redactor.redact(text)
-        found.update(counts)
-        return text
+        return redactor.redact_into(text, found)
 
     if not redactor.enabled or (not curated.examples and curated.boost_prompt is None):
         return curated, found
