@@ -53,7 +53,8 @@ def decode(model: type[M] | TypeAdapter, raw: bytes | None, max_bytes: int = 64 
         try:
             if isinstance(model, TypeAdapter):
                 return model.validate_json(raw)
-            return model.model_validate_json(raw)  # type: ignore[union-attr]
+            assert issubclass(model, BaseModel)
+            return model.model_validate_json(raw)
         except (ValidationError, RecursionError):
             pass
     return _decode_explained(model, raw, max_bytes)
