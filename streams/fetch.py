@@ -58,7 +58,7 @@ def _drainer(topics: frozenset[str], handle: Handle, batch_size: int, within_s: 
                 generation = consumer.app.consumer_generation_id
                 fetched = await _fill(consumer, batch_size, within_s)
                 if fetched and not consumer.should_stop:
-                    await _deliver(consumer, fetched, generation, topics, lambda run: _in_batches(run, batch_size, handle))
+                    await _deliver(consumer, fetched, generation, topics, _Batches(handle, batch_size))
         except consumer.consumer_stopped_errors:
             if not consumer.transport.app.should_stop:
                 raise
@@ -84,16 +84,14 @@ async def _fill(consumer: Any, batch_size: int, within_s: float) -> list[Any]:
     return fetched
 
 
-async def _in_batches(run: list[Any], batch_size: int, handle: Handle) -> None:
-    # Not one fetch at once: a batch's work holds the event loop (heartbeats,
-    # the metrics page) until its sends; aiokafka's fetches are not capped
-    # (`max_poll_records` would leave partitions half drained, and the next
-    # fetch then waits out fetch_max_wait_ms on the others).
-    for start in range(0, len(run), batch_size):
-        await handle(run[start : start + batch_size])
+class _Batches:
+    """The handler, and the most messages it gets at once."""
+
+    def __init__(self, handle: Handle, size: int) -> None:
+        self.handle, self.size = handle, size
 
 
-async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: Handle) -> None:
+async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: _Batches) -> None:
     """The worker's messages to `handle` in runs, the rest to Faust's conductor; offsets marked read and acked."""
     run: list[Any] = []
     for message in await _new_messages(consumer, fetched):
@@ -124,16 +122,24 @@ async def _new_messages(consumer: Any, fetched: list[Any]) -> list[Any]:
     return fresh
 
 
-async def _handle_run(consumer: Any, run: list[Any], generation: int, handle: Handle) -> None:
-    if not run:
-        return
-    if consumer.app.consumer_generation_id != generation:
-        return  # a rebalance came between fetch and now: these partitions are read again by their owner
-    for message in run:
+async def _handle_run(consumer: Any, run: list[Any], generation: int, batches: _Batches) -> None:
+    # In batches, not a whole fetch at once: a batch's work holds the event loop
+    # (the metrics page) until its sends, and aiokafka's fetches are not capped
+    # (`max_poll_records` would leave partitions half drained, and the next
+    # fetch then waits out fetch_max_wait_ms on the others). Each batch is acked
+    # as soon as it is handled, and none is handled after a rebalance.
+    for start in range(0, len(run), batches.size):
+        if consumer.app.consumer_generation_id != generation:
+            return  # a rebalance came between fetch and now: these partitions are read again by their owner
+        await _handle_batch(consumer, run[start : start + batches.size], batches.handle)
+
+
+async def _handle_batch(consumer: Any, batch: list[Any], handle: Handle) -> None:
+    for message in batch:
         consumer._unacked_messages.add(message)  # a graceful stop waits for them (Consumer.wait_empty)
-    await handle(run)
+    await handle(batch)
     read, ack = consumer._read_offset, consumer.ack
-    for message in run:
+    for message in batch:
         read[message.tp] = message.offset
         ack(message)
     commit_every = consumer._commit_every

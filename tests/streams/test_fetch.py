@@ -61,9 +61,7 @@ def drain_once(consumer: ConsumerStandIn, handle, batch_size: int = 3, within_s:
     async def run() -> None:
         generation = consumer.app.consumer_generation_id
         fetched = await fetch._fill(consumer, batch_size, within_s)
-        await fetch._deliver(
-            consumer, fetched, generation, frozenset({SOURCE}), lambda r: fetch._in_batches(r, batch_size, handle)
-        )
+        await fetch._deliver(consumer, fetched, generation, frozenset({SOURCE}), fetch._Batches(handle, batch_size))
 
     asyncio.run(run())
 
@@ -104,7 +102,7 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_unacknowledged():
     async def run() -> None:
         fetched = await fetch._fill(consumer, 10, 0.0)
         consumer.app.consumer_generation_id = 2  # the partitions moved while the fetch waited
-        await fetch._deliver(consumer, fetched, 1, frozenset({SOURCE}), handle)
+        await fetch._deliver(consumer, fetched, 1, frozenset({SOURCE}), fetch._Batches(handle, 10))
 
     asyncio.run(run())
     assert handled == [] and consumer.acked == [], "their new owner reads them from the committed offset"
@@ -134,7 +132,7 @@ def test_changelog_records_take_faust_path_in_order():
 
     async def run() -> None:
         got = await fetch._fill(consumer, 10, 0.0)
-        await fetch._deliver(consumer, got, 1, frozenset({SOURCE}), handle)
+        await fetch._deliver(consumer, got, 1, frozenset({SOURCE}), fetch._Batches(handle, 10))
 
     asyncio.run(run())
     assert order == [("batch", [0]), ("batch", [1])] and consumer.conductor == [(CHANGELOG, 0)]
