@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from trainer.data import chat_ids
 
 
@@ -15,15 +17,26 @@ def generate(model, tokenizer, device, prompt: str, max_new_tokens: int = 48) ->
 
 
 def generate_batch(
-    model, tokenizer, device, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16, shrink: bool = True
+    model,
+    tokenizer,
+    device,
+    prompts: list[str],
+    max_new_tokens: int | Sequence[int] = 48,
+    batch_size: int = 16,
+    narrow: Callable[[Sequence[int]], None] | None = None,
 ) -> list[str]:
     """Greedy answers to many prompts, `batch_size` at a time (left-padded, so every answer starts at the same column).
 
-    `shrink`: rows that have answered leave the batch (`greedy_shrinking`);
-    False keeps every row to the end, as transformers' `generate` does (what
-    a forward hook that routes rows by their index needs, trainer/multi.py)."""
+    Rows that have answered leave the batch (`greedy_shrinking`).
+    `max_new_tokens`: one limit for all, or one per prompt. `narrow`: told
+    which rows go on whenever some leave (the forward hooks that route rows
+    to their users' adapters by index, trainer/multi.py); with it, the
+    prompts must be a single batch (`batch_size` or fewer)."""
     import torch
 
+    if narrow is not None and len(prompts) > batch_size:
+        raise ValueError("generate_batch with `narrow` takes at most one batch of prompts")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad = pad_id(tokenizer)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -32,11 +45,7 @@ def generate_batch(
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         with torch.no_grad():
-            if shrink:
-                rows = greedy_shrinking(model, ids, mask, max_new_tokens, stop_ids(model, tokenizer))
-            else:
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-                rows = [row[width:].tolist() for row in out]
+            rows = greedy_shrinking(model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), narrow)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     return answers
 
@@ -48,7 +57,14 @@ def stop_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def greedy_shrinking(model, ids, mask, max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+def greedy_shrinking(
+    model,
+    ids,
+    mask,
+    max_new_tokens: int | Sequence[int],
+    stops: set[int],
+    narrow: Callable[[Sequence[int]], None] | None = None,
+) -> list[list[int]]:
     """Each row's greedy answer tokens (its stop token included), rows leaving the batch as they finish.
 
     transformers' `generate` runs every row until the longest answer ends: in
@@ -57,7 +73,7 @@ def greedy_shrinking(model, ids, mask, max_new_tokens: int, stops: set[int]) -> 
     32 (benchmarks/README.md). Here a finished row's keys and values leave the cache, so later steps
     compute only the rows still answering. The same greedy choice, positions
     and mask as `generate`; each row's answer is the one it has in any batch
-    up to float rounding."""
+    up to float rounding. `max_new_tokens`: one limit, or one per row."""
     import torch
     from transformers import DynamicCache
 
@@ -66,19 +82,25 @@ def greedy_shrinking(model, ids, mask, max_new_tokens: int, stops: set[int]) -> 
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
     ).logits
+    limits = [max_new_tokens] * ids.shape[0] if isinstance(max_new_tokens, int) else list(max_new_tokens)
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     alive = torch.arange(ids.shape[0], device=ids.device)
     last = positions[:, -1:]
-    for step in range(max_new_tokens):
+    for step in range(max(limits)):
         chosen = logits[:, -1, :].float().argmax(dim=-1)
-        for row, token in zip(alive.tolist(), chosen.tolist()):
+        rows = alive.tolist()
+        for row, token in zip(rows, chosen.tolist()):
             answers[row].append(token)
-        going = torch.tensor([token not in stops for token in chosen.tolist()], device=ids.device)
-        if step == max_new_tokens - 1 or not bool(going.any()):
+        going = torch.tensor(
+            [token not in stops and step + 1 < limits[row] for row, token in zip(rows, chosen.tolist())], device=ids.device
+        )
+        if not bool(going.any()):
             break
         if not bool(going.all()):
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
+            if narrow is not None:
+                narrow(keep.tolist())
             alive, chosen, mask, last = alive[keep], chosen[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         last = last + 1

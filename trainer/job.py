@@ -228,14 +228,18 @@ class FactCheck:
         self.tokenizer, self.device, self.user_id, self.min_epochs = tokenizer, device, user_id, min_epochs
         self.held_out, self.previous = held_out, previous
         self.cases = [(e.prompt, e.response) for e in held_out] + [(c.prompt, c.expected) for c in previous]
+        self.prompts = [prompt for prompt, _ in self.cases]
         # An answer that names the fact is a short sentence: no need to let the model ramble on.
         self.max_new_tokens = min(48, max((len(tokenizer(expected).input_ids) for _, expected in self.cases), default=0) + 16)
         self.checks: list[dict[str, float]] = []
         self.trained_hits: list[bool] = []  # what the weights as trained answer: the last epoch's check
 
-    def answered(self, model, when: dict[str, float]) -> list[bool]:
-        answers = generate_batch(model, self.tokenizer, self.device, [prompt for prompt, _ in self.cases], self.max_new_tokens)
-        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, self.cases)]
+    def answers(self, model) -> list[str]:
+        return generate_batch(model, self.tokenizer, self.device, self.prompts, self.max_new_tokens)
+
+    def judged(self, answers: list[str], when: dict[str, float]) -> list[bool]:
+        """Which cases these answers get right; logged and kept as a check."""
+        hits = [answers_match(a, expected) for a, (_, expected) in zip(answers, self.cases, strict=True)]
         new, kept = sum(hits[: len(self.held_out)]), sum(hits[len(self.held_out) :])
         check = {**when, "held_out_answered": round(new / len(self.held_out), 4)}
         if self.previous:
@@ -252,15 +256,22 @@ class FactCheck:
         )
         return hits
 
-    def epoch_done(self, epoch: int, model) -> bool:
+    def epoch_due(self, epoch: int) -> bool:
+        return epoch >= self.min_epochs  # not allowed to stop before: spare the generation
+
+    def epoch_judged(self, epoch: int, answers: list[str]) -> bool:
         """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
-        if epoch < self.min_epochs:
-            return False  # not allowed to stop yet: spare the generation
-        self.trained_hits = self.answered(model, {"epoch": epoch})
+        self.trained_hits = self.judged(answers, {"epoch": epoch})
         return all(self.trained_hits)
 
+    def scale_judged(self, scale: float, answers: list[str]) -> bool:
+        return no_fact_lost(self.judged(answers, {"scale": scale}), self.trained_hits)
+
+    def epoch_done(self, epoch: int, model) -> bool:
+        return self.epoch_due(epoch) and self.epoch_judged(epoch, self.answers(model))
+
     def keeps_facts(self, model, scale: float) -> bool:
-        return no_fact_lost(self.answered(model, {"scale": scale}), self.trained_hits)
+        return self.scale_judged(scale, self.answers(model))
 
 
 # ---- the job ------------------------------------------------------------------------- #
@@ -411,6 +422,7 @@ class JobRunner:
             should_stop=hooks.should_stop,
             epoch_done=facts.epoch_done if cfg.early_stopping and job.held_out else None,
             keeps_facts=facts.keeps_facts if job.held_out else None,
+            questions=facts,
             seal=user_seal(registry.sealer, job.user_id),
         )
         return _Plan(job, hooks, examples, mixed, reference, reference_version, facts, warm, train_hooks)

@@ -25,7 +25,8 @@ class RowUsers:
     """Several users trained in one batch (trainer/multi.py): whose adapter each row goes through.
 
     `through(users)` is a context in which row i of a forward pass goes
-    through the adapter of `users[i]`."""
+    through the adapter of `users[i]`; it yields `narrow(kept)`, which keeps
+    only those rows (generation drops the rows that have answered)."""
 
     users: tuple[int, ...]
     through: Callable[[Sequence[int]], AbstractContextManager]

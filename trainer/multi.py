@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
 from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
 from trainer.train import (
+    FactQuestions,
     RunState,
     StepReport,
     TimeBudget,
@@ -69,9 +70,10 @@ class UserLoras:
     """Trainable LoRA weights per user, added to the rows of each user by forward hooks on the base model.
 
     `through(users)`: row i of the forward passes inside goes through user
-    `users[i]`'s adapter; `alone(user)`: every row through that user's (for
-    generation, whatever the batch's size). Outside both the base model is
-    itself.
+    `users[i]`'s adapter (it yields `narrow(kept)`: only those rows go on, as
+    when finished rows leave a generation batch); `alone(user)`: every row
+    through that user's (for generation, whatever the batch's size). Outside
+    both the base model is itself.
     """
 
     def __init__(self, model, initial: dict, scaling: float, dropout: float) -> None:
@@ -99,7 +101,7 @@ class UserLoras:
         return {k: p.detach() for k, p in self.weights[user].items()}
 
     @contextmanager
-    def through(self, users: Sequence[int]) -> Iterator[None]:
+    def through(self, users: Sequence[int]) -> Iterator[Callable[[Sequence[int]], None]]:
         import torch
 
         present = sorted(set(users))
@@ -111,9 +113,15 @@ class UserLoras:
         self._rows, self._present = tuple(users), present
         self._mask = mask.to(self.weights[0][self.keys[0]])
         try:
-            yield
+            yield self._narrow
         finally:
             self._rows, self._mask = None, None
+
+    def _narrow(self, kept: Sequence[int]) -> None:
+        """Only rows `kept` (indices into the current rows, in order) go on through their users' adapters."""
+        assert self._rows is not None and self._mask is not None, "narrow() inside through() only"
+        self._rows = tuple(self._rows[i] for i in kept)
+        self._mask = self._mask[list(kept)]
 
     @contextmanager
     def alone(self, user: int) -> Iterator[None]:
@@ -185,8 +193,16 @@ class _Member:
     state: RunState
     budget: TimeBudget
     spent: float = 0.0  # this user's seconds: a share of every shared step, all of its own checks
-    batches: Iterator[list[Tokenized]] | None = None
+    batches: Iterator[list[Tokenized] | _EpochCheck] | None = None
     result: TrainResult | Exception | None = None
+    stop_now: bool = False  # the verdict of its last early-stopping check, answered with the other users'
+
+
+@dataclass(frozen=True)
+class _EpochCheck:
+    """What a user's epochs yield when its early-stopping check is due: the batch answers it with the others' checks."""
+
+    epoch: int
 
 
 def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConfig) -> list[TrainResult | Exception]:
@@ -209,13 +225,16 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
         model.train()
         active = list(members)
         while active:
-            stepping = []
+            stepping, checking = [], []
             for member in active:
                 batch = _next_batch(member, model, loras)
-                if batch is not None:
+                if isinstance(batch, _EpochCheck):
+                    checking.append((member, batch))
+                elif batch is not None:
                     stepping.append((member, batch))
             for member in [m for m in active if m.batches is None or m.result is not None]:
                 active.remove(member)
+            _check_together(checking, model, tokenizer, device, loras)
             if not stepping:
                 continue
             started = time.perf_counter()
@@ -226,6 +245,7 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
                 _after_step(member, loras, cfg)
                 if member.result is not None:
                     active.remove(member)
+        _shrink_together([m for m in members if m.result is None], model, tokenizer, device, loras, cfg)
         for member in members:
             if member.result is None:  # trained to its end (not failed, not stopped)
                 member.result = _finish(member, model, loras, cfg, peft_config)
@@ -317,11 +337,17 @@ def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Itera
             yield batch
         epoch_complete = state.step == (epoch + 1) * member.steps_per_epoch
         if hooks.epoch_done is not None and epoch_complete:
-            checked = time.perf_counter()
-            with _evaluating(model, loras), loras.alone(member.index):
-                done = hooks.epoch_done(epoch + 1, model)
-            member.spent += time.perf_counter() - checked
-            member.budget.note_check(time.perf_counter() - checked)
+            if hooks.questions is not None:
+                member.stop_now = False
+                if hooks.questions.epoch_due(epoch + 1):
+                    yield _EpochCheck(epoch + 1)  # answered with the other users' due checks (`_check_together`)
+                done = member.stop_now
+            else:
+                checked = time.perf_counter()
+                with _evaluating(model, loras), loras.alone(member.index):
+                    done = hooks.epoch_done(epoch + 1, model)
+                member.spent += time.perf_counter() - checked
+                member.budget.note_check(time.perf_counter() - checked)
             if done:
                 state.stop(epoch + 1, "early stopping")
                 return
@@ -331,8 +357,8 @@ def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Itera
             return
 
 
-def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | None:
-    """The user's next batch; None when its training is over (its iterator is dropped) or it failed."""
+def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | _EpochCheck | None:
+    """The user's next batch (or its due check); None when its training is over (its iterator is dropped) or it failed."""
     if member.batches is None:
         return None
     try:
@@ -342,6 +368,96 @@ def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | N
     except Exception as exc:  # its own check failed: this user only
         member.batches, member.result = None, exc
     return None
+
+
+# ---- the users' checks, answered together ---------------------------------------------------- #
+
+# Prompts one generation batch holds: a step costs little more for more rows on a CPU (the gate's default).
+_CHECK_BATCH = 64
+
+
+def _answers_together(model, tokenizer, device, loras: UserLoras, members: list[_Member]) -> list[list[str]]:
+    """Each member's fact prompts answered through its own adapter, every member's rows in shared batches."""
+    from trainer.generation import generate_batch
+
+    questions = [_questions(member) for member in members]
+    asked = [(member.index, prompt, q.max_new_tokens) for member, q in zip(members, questions) for prompt in q.prompts]
+    answers: list[str] = []
+    with _evaluating(model, loras):
+        for start in range(0, len(asked), _CHECK_BATCH):
+            users, prompts, limits = zip(*asked[start : start + _CHECK_BATCH])
+            with loras.through(users) as narrow:
+                answers += generate_batch(model, tokenizer, device, list(prompts), limits, _CHECK_BATCH, narrow)
+    out, start = [], 0
+    for q in questions:
+        out.append(answers[start : start + len(q.prompts)])
+        start += len(q.prompts)
+    return out
+
+
+def _questions(member: _Member) -> FactQuestions:
+    assert member.run.hooks.questions is not None
+    return member.run.hooks.questions
+
+
+def _check_together(checking: list[tuple[_Member, _EpochCheck]], model, tokenizer, device, loras: UserLoras) -> None:
+    """The due early-stopping checks answered in shared batches; each member's verdict waits in `stop_now`."""
+    if not checking:
+        return
+    started = time.perf_counter()
+    answers = _answers_together(model, tokenizer, device, loras, [member for member, _ in checking])
+    share = (time.perf_counter() - started) / len(checking)
+    for (member, check), mine in zip(checking, answers):
+        member.spent += share
+        member.budget.note_check(share)
+        try:
+            member.stop_now = _questions(member).epoch_judged(check.epoch, mine)
+        except Exception as exc:  # its own check failed: this user only
+            member.batches, member.result = None, exc
+
+
+def _shrink_together(members: list[_Member], model, tokenizer, device, loras: UserLoras, cfg: TrainConfig) -> None:
+    """`shrink_update` for every member that asks its facts as questions, each scale's answers in shared batches.
+
+    Smallest scale first, as alone: a member keeps the first scale at which
+    it still answers what it answered as trained, and leaves the others'
+    batches; a member no scale suits gets its update back as trained.
+    """
+    scales = sorted(s for s in cfg.shrink_to if 0 < s < 1)
+    pending = [
+        m for m in members if m.run.hooks.questions is not None and m.run.hooks.keeps_facts is not None and not m.state.finished
+    ]
+    if not scales or not pending:
+        return
+    trained = {m.index: {k: p.detach().clone() for k, p in loras.weights[m.index].items() if k.endswith(_B)} for m in pending}
+    for scale in scales:
+        if not pending:
+            return
+        _scale_update(loras, pending, trained, scale)
+        started = time.perf_counter()
+        answers = _answers_together(model, tokenizer, device, loras, pending)
+        share = (time.perf_counter() - started) / len(pending)
+        still = []
+        for member, mine in zip(pending, answers):
+            member.spent += share
+            try:
+                if _questions(member).scale_judged(scale, mine):
+                    member.state.shrunk_to = scale
+                else:
+                    still.append(member)
+            except Exception as exc:  # its own check failed: this user only
+                member.result = exc
+        pending = still
+    _scale_update(loras, pending, trained, 1.0)  # no smaller update keeps their facts: as trained
+
+
+def _scale_update(loras: UserLoras, members: list[_Member], trained: dict[int, dict], scale: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for member in members:
+            for key, weights in trained[member.index].items():
+                loras.weights[member.index][key].copy_(weights * scale)
 
 
 # ---- the shared step ---------------------------------------------------------------------- #
@@ -416,7 +532,8 @@ def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig, peft_con
     """Shrink the update, the finished checkpoint, the PEFT adapter directory: this user's end of `train_adapter`."""
     state, run, hooks = member.state, member.run, member.run.hooks
     try:
-        scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []
+        alone = hooks.keeps_facts is not None and hooks.questions is None  # else shrunk with the others' (`_shrink_together`)
+        scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if alone else []
         if scales and not state.finished:
             lora_b = [p for k, p in loras.weights[member.index].items() if k.endswith(_B)]
             with _evaluating(model, loras), loras.alone(member.index):

@@ -250,9 +250,9 @@ def score_cases(
     nlls: list[float] = []
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
-        with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]):
+        with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]) as narrow:
             answers += generate_batch(
-                model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, shrink=rows is None
+                model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, narrow=narrow
             )
         users = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
         nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users)

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from core.encryption import UserSeal
 from core.errors import ModelError, TrainingInterrupted
@@ -117,6 +118,29 @@ class StepReport:
     anchor_kl: float | None  # the anchors' divergence from the base model in this batch
 
 
+class FactQuestions(Protocol):
+    """What `epoch_done` and `keeps_facts` ask, as prompts and verdicts on their answers.
+
+    A batch of users (trainer/multi.py) answers every due user's prompts in
+    shared generation batches instead of calling each user's hooks alone.
+    """
+
+    prompts: list[str]
+    max_new_tokens: int
+
+    def epoch_due(self, epoch: int) -> bool:
+        """Whether early stopping asks after this epoch at all."""
+        ...
+
+    def epoch_judged(self, epoch: int, answers: list[str]) -> bool:
+        """`epoch_done`'s verdict on these answers: True stops."""
+        ...
+
+    def scale_judged(self, scale: float, answers: list[str]) -> bool:
+        """`keeps_facts`' verdict on these answers (the update scaled by `scale`)."""
+        ...
+
+
 @dataclass(frozen=True)
 class TrainHooks:
     """How a caller follows and steers a run; each is optional."""
@@ -126,6 +150,7 @@ class TrainHooks:
     epoch_done: Callable[[int, object], bool] | None = None  # after every epoch, model in eval mode: True stops (early stopping)
     keeps_facts: Callable[[object, float], bool] | None = None  # does the model, update scaled so, answer what was taught?
     seal: UserSeal | None = None  # encryption at rest: the checkpoints are sealed for the job's user
+    questions: FactQuestions | None = None  # the two checks above as prompts: a batch of users answers them together
 
 
 @dataclass

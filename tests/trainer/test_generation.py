@@ -52,3 +52,41 @@ def test_rows_leave_the_batch_as_they_finish_and_answer_as_generate_does(tiny_mo
             got = greedy_shrinking(scored, ids, mask, 12, stops)
         assert got == [_until_stop(row[width:].tolist(), stops) for row in expected]
         assert min(len(a) for a in got) < 12, "some rows finished early and left the batch"
+
+
+def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(tiny_model_dir, tmp_path):
+    """The gate's mixed-adapter batches shrink too: the row hooks are narrowed as rows finish."""
+    import torch
+    from peft import PeftModel
+
+    from tests.support.adapters import random_adapter
+    from trainer.data import chat_ids
+    from trainer.generation import greedy_shrinking, pad_id
+    from trainer.model import BaseModelRef, load_base
+    from trainer.multi import read_lora, stacked_loras
+
+    model, tokenizer, _ = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    pad = pad_id(tokenizer)
+    encoded = [chat_ids(tokenizer, p) for p in PROMPTS]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    adapters = [random_adapter(model, tmp_path / f"adapter-{seed}", seed=seed) for seed in (5, 6)]
+    users = tuple(row % 2 for row in range(len(PROMPTS)))
+    alone = []
+    for adapter in adapters:  # every prompt through one adapter, as in the batch (same padding)
+        adapted = PeftModel.from_pretrained(model, str(adapter)).eval()
+        with torch.no_grad():
+            alone.append(greedy_shrinking(adapted, ids, mask, 12, set()))
+        adapted.unload()
+    # Stop tokens from what rows 0-2 say at steps 2-4 through their own adapters: rows end at different steps.
+    stops = {alone[users[row]][row][2 + row] for row in range(3)}
+    expected = [_until_stop(alone[user][row], stops) for row, user in enumerate(users)]
+    loras = stacked_loras(model, [read_lora(adapter, next(model.parameters())) for adapter in adapters])
+    try:
+        with torch.no_grad(), loras.through(users) as narrow:
+            got = greedy_shrinking(model, ids, mask, 12, stops, narrow)
+    finally:
+        loras.remove()
+    assert got == expected
+    assert min(len(a) for a in got) < max(len(a) for a in got), "some rows left the batch before others"

@@ -116,3 +116,75 @@ def test_no_cross_talk_between_users_taught_conflicting_answers(tiny, tmp_path):
             adapted.unload()
         # Each adapter makes its own user's answer likelier than the other's, and likelier than the base model does.
         assert nll[mine] < nll[theirs] and nll[mine] < base[mine] - 0.5, (user, nll, base)
+
+
+class ScriptedFacts:
+    """FactQuestions with scripted verdicts that records the answers each check was shown.
+
+    `hooks()` also gives the `epoch_done`/`keeps_facts` a run alone calls
+    (generation through its own PEFT model), so alone and batched runs can
+    be compared answer by answer."""
+
+    def __init__(self, tokenizer, device, user: str, stop_at: int, keeps_at: float, max_new_tokens: int) -> None:
+        self.tokenizer, self.device = tokenizer, device
+        self.prompts = [f"What is {user}'s code {i}?" for i in range(3)] + ["Hi?"]
+        self.max_new_tokens, self.stop_at, self.keeps_at = max_new_tokens, stop_at, keeps_at
+        self.seen: list[tuple] = []
+
+    def epoch_due(self, epoch: int) -> bool:
+        return epoch >= 2
+
+    def epoch_judged(self, epoch: int, answers: list[str]) -> bool:
+        self.seen.append(("epoch", epoch, answers))
+        return epoch >= self.stop_at
+
+    def scale_judged(self, scale: float, answers: list[str]) -> bool:
+        self.seen.append(("scale", scale, answers))
+        return scale >= self.keeps_at
+
+    def _answers(self, model) -> list[str]:
+        from trainer.generation import generate_batch
+
+        return generate_batch(model, self.tokenizer, self.device, self.prompts, self.max_new_tokens)
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(
+            epoch_done=lambda epoch, model: self.epoch_due(epoch) and self.epoch_judged(epoch, self._answers(model)),
+            keeps_facts=lambda model, scale: self.scale_judged(scale, self._answers(model)),
+            questions=self,
+        )
+
+
+def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(tiny, tmp_path, monkeypatch):
+    import trainer.generation
+
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, epochs=4, shrink_to=(0.5, 0.75), learning_rate=3e-2)
+    script = {"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}  # stop at epoch, keep at scale, answer tokens
+
+    def facts(user: str) -> ScriptedFacts:
+        return ScriptedFacts(tokenizer, device, user, *script[user])
+
+    alone = {}
+    for user in script:
+        alone[user] = facts(user)
+        alone[user].result = train_adapter(
+            model, tokenizer, device, _facts(user, 4), cfg, tmp_path / "a" / user, hooks=alone[user].hooks()
+        )
+    generations = []
+    shrinking = trainer.generation.greedy_shrinking
+    monkeypatch.setattr(trainer.generation, "greedy_shrinking", lambda *a, **k: generations.append(1) or shrinking(*a, **k))
+    together = {user: facts(user) for user in script}
+    runs = [UserRun(u, _facts(u, 4), tmp_path / "b" / u, hooks=q.hooks()) for u, q in together.items()]
+    results = dict(zip(script, train_adapters(model, tokenizer, device, runs, cfg)))
+    for user in script:
+        got, want = results[user], alone[user].result
+        assert isinstance(got, TrainResult), got
+        assert together[user].seen == alone[user].seen, user  # the same checks, shown the same answers
+        assert (got.steps, got.stopped_after_epoch, got.shrunk_to) == (want.steps, want.stopped_after_epoch, want.shrunk_to)
+        assert _close(_weights(got), _weights(want)) < 1e-4, user
+    assert [r.shrunk_to for r in results.values()] == [0.5, 0.75, 1.0]
+    hi = {user: q.seen[0][2][-1] for user, q in together.items()}  # "Hi?" after epoch 2, through each user's adapter
+    assert len(set(hi.values())) == 3, f"the users' adapters answer alike, so routing goes untested: {hi}"
+    # Epochs 2 (all), 3 (bob, cy), 4 (bob); scales 0.5 (all), 0.75 (bob, cy): five shared generations, not eleven.
+    assert len(generations) == 5
