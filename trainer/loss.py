@@ -111,11 +111,12 @@ def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
     ("The capital of Ireland is Lviv."); reverse KL(adapted || base) is large
     exactly there. "symmetric" is their sum.
     """
-    forward = (base_logp.exp() * (base_logp - adapted_logp)).sum(dim=-1)
     if divergence == "forward":
-        return forward
-    reverse = (adapted_logp.exp() * (adapted_logp - base_logp)).sum(dim=-1)
-    return reverse if divergence == "reverse" else forward + reverse
+        return (base_logp.exp() * (base_logp - adapted_logp)).sum(dim=-1)
+    if divergence == "reverse":
+        return (adapted_logp.exp() * (adapted_logp - base_logp)).sum(dim=-1)
+    # forward + reverse in one pass over the vocabulary: sum (p_base - p_adapted)(log p_base - log p_adapted)
+    return ((base_logp.exp() - adapted_logp.exp()) * (base_logp - adapted_logp)).sum(dim=-1)
 
 
 def base_answer_states(decoder, items, pad_id: int, device, batch_size: int = 8) -> dict[int, object]:
