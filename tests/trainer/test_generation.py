@@ -23,21 +23,32 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
-def test_rows_leave_the_batch_as_they_finish_and_answer_as_generate_does(tiny_model_dir, tmp_path):
+def _tiny_and_prompts(tiny_model_dir):
+    """The tiny model, its tokenizer, and PROMPTS left-padded into one batch: (model, tokenizer, ids, mask, width)."""
     import torch
-    from peft import PeftModel
 
-    from tests.support.adapters import random_adapter
     from trainer.data import chat_ids
-    from trainer.generation import greedy_shrinking, pad_id
+    from trainer.generation import pad_id
     from trainer.model import BaseModelRef, load_base
 
-    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    model, tokenizer, _ = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
     pad = pad_id(tokenizer)
     encoded = [chat_ids(tokenizer, p) for p in PROMPTS]
     width = max(len(e) for e in encoded)
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    return model, tokenizer, ids, mask, width
+
+
+def test_rows_leave_the_batch_as_they_finish_and_answer_as_generate_does(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from tests.support.adapters import random_adapter
+    from trainer.generation import greedy_shrinking, pad_id
+
+    model, tokenizer, ids, mask, width = _tiny_and_prompts(tiny_model_dir)
+    pad = pad_id(tokenizer)
     adapted = PeftModel.from_pretrained(model, str(random_adapter(model, tmp_path / "adapter", seed=5))).eval()
     for scored in (model, adapted):
         with torch.no_grad():
@@ -60,17 +71,10 @@ def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(t
     from peft import PeftModel
 
     from tests.support.adapters import random_adapter
-    from trainer.data import chat_ids
-    from trainer.generation import greedy_shrinking, pad_id
-    from trainer.model import BaseModelRef, load_base
+    from trainer.generation import greedy_shrinking
     from trainer.multi import read_lora, stacked_loras
 
-    model, tokenizer, _ = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
-    pad = pad_id(tokenizer)
-    encoded = [chat_ids(tokenizer, p) for p in PROMPTS]
-    width = max(len(e) for e in encoded)
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    model, _, ids, mask, _ = _tiny_and_prompts(tiny_model_dir)
     adapters = [random_adapter(model, tmp_path / f"adapter-{seed}", seed=seed) for seed in (5, 6)]
     users = tuple(row % 2 for row in range(len(PROMPTS)))
     alone = []
