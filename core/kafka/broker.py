@@ -15,6 +15,7 @@ port alone. The data directory survives down/up: a restart loses nothing.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -124,6 +125,18 @@ def ensure_kafka_jars(cache_dir: Path, kafka_version: str) -> Path:
     if shutil.which("mvn") is None:
         raise BrokerError("Maven ('mvn') is needed once to fetch the Kafka jars; install Maven or set KAFKA_BOOTSTRAP_SERVERS")
     dist.mkdir(parents=True, exist_ok=True)
+    # Several processes may start brokers at once on a fresh machine (the test suite's xdist workers):
+    # one fetches, the others wait for it and use its jars (two Mavens in one directory break each other).
+    with open(dist / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file():
+            return libs
+        _fetch_kafka_jars(dist, libs, kafka_version)
+        stamp.write_text(kafka_version, encoding="utf-8")
+    return libs
+
+
+def _fetch_kafka_jars(dist: Path, libs: Path, kafka_version: str) -> None:
     (dist / "pom.xml").write_text(_POM.format(version=kafka_version), encoding="utf-8")
     _log(f"fetching Apache Kafka {kafka_version} jars from Maven Central into {libs} (once) ...")
     tmp_libs = dist / "libs.partial"
@@ -144,8 +157,6 @@ def ensure_kafka_jars(cache_dir: Path, kafka_version: str) -> Path:
         raise BrokerError(f"fetching the Kafka {kafka_version} jars with Maven failed:\n{tail}")
     shutil.rmtree(libs, ignore_errors=True)
     tmp_libs.rename(libs)
-    stamp.write_text(kafka_version, encoding="utf-8")
-    return libs
 
 
 def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
