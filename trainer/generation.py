@@ -36,7 +36,7 @@ def generate_batch(
 
     if narrow is not None and len(prompts) > batch_size:
         raise ValueError("generate_batch with `narrow` takes at most one batch of prompts")
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    limits = per_row(max_new_tokens, len(prompts))
     pad = pad_id(tokenizer)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -48,6 +48,14 @@ def generate_batch(
             rows = greedy_shrinking(model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), narrow)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     return answers
+
+
+def per_row(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
+    """Each row's answer limit: one for all, or one per row (as many as there are rows)."""
+    limits = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != rows:
+        raise ValueError(f"{len(limits)} answer limits for {rows} prompts")
+    return limits
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -82,7 +90,7 @@ def greedy_shrinking(
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
     ).logits
-    limits = [max_new_tokens] * ids.shape[0] if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    limits = per_row(max_new_tokens, ids.shape[0])
     answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
     alive = torch.arange(ids.shape[0], device=ids.device)
     last = positions[:, -1:]
