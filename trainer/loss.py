@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from core.errors import ModelError
+from trainer.frozen import FrozenBelow
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def shared_prefix_len(ids, mask, labels) -> int:
     return max(0, min(common, first_answer - 1))
 
 
-def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None):
+def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None, below: FrozenBelow | None = None):
     """(hidden, targets): the decoder's last hidden states at each position and the token each predicts.
 
     The rows of a batch share a long prefix (the chat template's system turn
@@ -72,34 +73,47 @@ def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None):
     weights, so the loss and its gradient are the full batch's, up to float
     rounding (the prefix shares one dropout mask across rows). With `rows`
     (several users' adapters), the prefix goes through once per user and each
-    row gets its own user's keys and values.
+    row gets its own user's keys and values. With `below` (trainer/frozen.py),
+    the layers under the adapters are not run again for a row they have seen:
+    the pass starts at the first adapted layer.
     """
     import torch
     from transformers import DynamicCache
 
+    if below is None:
+        inputs = ids
+
+        def through_layers(x, m, past):
+            return decoder(input_ids=x, attention_mask=m, past_key_values=past, use_cache=past is not None).last_hidden_state
+
+    else:
+        inputs, through_layers = below.inputs(ids, mask), below.above
     users = rows.users if rows is not None else (0,) * ids.shape[0]
     prefix = shared_prefix_len(ids, mask, labels) if ids.shape[0] > 1 else 0
     if prefix < 2:
         with _through(rows, users):
-            return decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :], labels[:, 1:]
+            return through_layers(inputs, mask, None)[:, :-1, :], labels[:, 1:]
     firsts = sorted({u: i for i, u in reversed(list(enumerate(users)))}.values())  # each user's first row
     shared = DynamicCache(config=decoder.config)
     with _through(rows, [users[i] for i in firsts]):
-        decoder(input_ids=ids[firsts, :prefix], past_key_values=shared, use_cache=True)
-    if len(firsts) == 1:
-        spread = [
-            (layer.keys.expand(len(users), -1, -1, -1), layer.values.expand(len(users), -1, -1, -1)) for layer in shared.layers
-        ]
-    else:
-        position = {users[i]: n for n, i in enumerate(firsts)}
-        index = torch.tensor([position[u] for u in users], device=ids.device)
-        spread = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in shared.layers]
+        through_layers(inputs[firsts, :prefix], None, shared)
+    position = {users[i]: n for n, i in enumerate(firsts)}
+    index = None if len(firsts) == 1 else torch.tensor([position[u] for u in users], device=ids.device)
+    spread = [_spread(layer, len(users), index) for layer in shared.layers]
     broadcast = DynamicCache(ddp_cache_data=spread, config=decoder.config)
     with _through(rows, users):
-        hidden = decoder(
-            input_ids=ids[:, prefix:], attention_mask=mask, past_key_values=broadcast, use_cache=True
-        ).last_hidden_state
+        hidden = through_layers(inputs[:, prefix:], mask, broadcast)
     return hidden[:, :-1, :], labels[:, prefix + 1 :]
+
+
+def _spread(layer, rows: int, index):
+    """A cache layer's prefix keys and values for every row: the one prefix expanded, or each row's user's picked
+    by `index`; (None, None) for a layer the pass did not reach (below the adapters, see `FrozenBelow`)."""
+    if not layer.is_initialized:
+        return None, None
+    if index is None:
+        return layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+    return layer.keys.index_select(0, index), layer.values.index_select(0, index)
 
 
 def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
@@ -119,7 +133,9 @@ def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
     return ((base_logp.exp() - adapted_logp.exp()) * (base_logp - adapted_logp)).sum(dim=-1)
 
 
-def base_answer_states(decoder, items, pad_id: int, device, batch_size: int = 8) -> dict[int, object]:
+def base_answer_states(
+    decoder, items, pad_id: int, device, batch_size: int = 8, below: FrozenBelow | None = None
+) -> dict[int, object]:
     """The base model's last hidden states at each answer-predicting position of `items`, keyed by id(item).
 
     Anchors are held to the base model's next-token distribution at these
@@ -127,7 +143,8 @@ def base_answer_states(decoder, items, pad_id: int, device, batch_size: int = 8)
     computed once here instead of in a second forward pass at every step
     (a fifth of a step's time); the loss projects them to the vocabulary
     when it needs them. A few KB per anchor, where the distributions
-    themselves would be 200 KB per position.
+    themselves would be 200 KB per position. With `below`, the anchors'
+    lower layers are computed here once for the training steps too.
     """
     import torch
 
@@ -141,7 +158,7 @@ def base_answer_states(decoder, items, pad_id: int, device, batch_size: int = 8)
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
             ids, mask, labels, _ = collate(batch, pad_id, device)
-            hidden, targets = predicting_states(decoder, ids, mask, labels)
+            hidden, targets = predicting_states(decoder, ids, mask, labels, below=below)
             for row, item in enumerate(batch):
                 states[id(item)] = hidden[row][targets[row] != -100]
     decoder.train(was_training)
@@ -159,6 +176,7 @@ def answer_losses(
     kl_weight: float = 0.0,
     divergence: str = "symmetric",
     rows: RowUsers | None = None,
+    below: FrozenBelow | None = None,
 ):
     """(total, per_row): the weighted loss the optimizer sees, and each row's own loss.
 
@@ -176,7 +194,8 @@ def answer_losses(
     its top token.
 
     `peft_model`: a PEFT model, or (with `rows`: several users in one batch)
-    the base model with trainer/multi.py's hooks on it.
+    the base model with trainer/multi.py's hooks on it. `below`: see
+    `predicting_states`.
     """
     import torch
     import torch.nn.functional as F
@@ -184,7 +203,7 @@ def answer_losses(
     causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     # (Dropping the mask on these right-padded batches gives the same loss but
     # measured 1.32x/1.36x against 1.41x with it, so the mask stays.)
-    hidden, targets = predicting_states(causal_lm.model, ids, mask, labels, rows)
+    hidden, targets = predicting_states(causal_lm.model, ids, mask, labels, rows, below)
     keep = targets != -100
     logits = causal_lm.lm_head(hidden[keep]).float()
     per_token = F.cross_entropy(logits, targets[keep], reduction="none")

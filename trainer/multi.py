@@ -39,6 +39,7 @@ from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from schemas.training import TrainingExample
 from trainer.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, tokenize
+from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
 from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
@@ -228,7 +229,8 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
                 members.append(_join(model, tokenizer, device, run, cfg, loras, initial, pad))
             except Exception as exc:  # this user's data or files: the others go on
                 results[i] = exc
-        base_states = _shared_base_states(model, members, cfg, pad, device)
+        below = frozen_below(model.model, first_adapted_layer(loras.modules))
+        base_states = _shared_base_states(model, members, cfg, pad, device, below)
         model.train()
         active = list(members)
         while active:
@@ -245,7 +247,7 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
             if not stepping:
                 continue
             started = time.perf_counter()
-            _shared_step(model, loras, stepping, base_states, cfg, pad, device)
+            _shared_step(model, loras, stepping, (base_states, below), cfg, pad, device)
             share = (time.perf_counter() - started) / len(stepping)
             for member, _ in stepping:
                 member.spent += share
@@ -310,8 +312,9 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     return member
 
 
-def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: int, device) -> dict[int, object]:
-    """The base model's states at the anchors' answer positions, once per distinct anchor for the whole batch."""
+def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: int, device, below) -> dict[int, object]:
+    """The base model's states at the anchors' answer positions, once per distinct anchor for the whole batch
+    (and the frozen layers' outputs for them, `below`, once for every user's steps)."""
     if cfg.anchor_kl <= 0:
         return {}
     distinct: dict[tuple, Tokenized] = {}
@@ -321,7 +324,7 @@ def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: in
                 distinct.setdefault((tuple(item.input_ids), tuple(item.labels)), item)
     if not distinct:
         return {}
-    computed = base_answer_states(model.model, list(distinct.values()), pad, device)
+    computed = base_answer_states(model.model, list(distinct.values()), pad, device, below=below)
     states = {}
     for member in members:
         for item in member.items:
@@ -470,9 +473,11 @@ def _scale_update(loras: UserLoras, members: list[_Member], trained: dict[int, d
 # ---- the shared step ---------------------------------------------------------------------- #
 
 
-def _shared_step(model, loras: UserLoras, stepping, base_states: dict, cfg: TrainConfig, pad: int, device) -> None:
+def _shared_step(model, loras: UserLoras, stepping, known: tuple, cfg: TrainConfig, pad: int, device) -> None:
     """One forward/backward over every user's batch; then each user's own clip, AdamW step and schedule."""
     import torch
+
+    base_states, below = known  # what the batch computed once: the anchors' base states, the frozen layers' outputs
 
     rows = [item for _, batch in stepping for item in batch]
     users = tuple(member.index for member, batch in stepping for _ in batch)
@@ -490,6 +495,7 @@ def _shared_step(model, loras: UserLoras, stepping, base_states: dict, cfg: Trai
         cfg.anchor_kl,
         cfg.anchor_divergence,
         rows=RowUsers(users, loras.through),
+        below=below,
     )
     user_of_row = torch.tensor(users, device=device)
     losses = []

@@ -34,6 +34,7 @@ from core.settings import Settings, defaults
 from schemas.training import TrainingExample
 from trainer.checkpoint import Progress, load_checkpoint, remove_checkpoint, resumable_checkpoint, save_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, tokenize
+from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
@@ -293,7 +294,9 @@ def train_adapter(
 
     peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
     try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        trained = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+        params = [p for _, p in trained]
+        below = frozen_below(model.model, first_adapted_layer(name for name, _ in trained))
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
         run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter, hooks.seal)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
@@ -304,7 +307,7 @@ def train_adapter(
             for index, batch in enumerate(bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
                 if epoch * steps_per_epoch + index < run.step:
                     continue  # done before the checkpoint we resumed from
-                _train_step(peft_model, optimizer, schedule, params, batch, base_states, cfg, pad, device, run)
+                _train_step(peft_model, optimizer, schedule, params, batch, (base_states, below), cfg, pad, device, run)
                 _after_step(peft_model, optimizer, run, total_steps, cfg, checkpoint_dir, hooks)
             epoch_complete = run.step == (epoch + 1) * steps_per_epoch  # (not when resumed past its end)
             if hooks.epoch_done is not None and epoch_complete and _check_epoch(peft_model, epoch + 1, hooks, budget):
@@ -376,7 +379,7 @@ def _train_step(
     schedule,
     params,
     batch: list[Tokenized],
-    base_states: dict,
+    known: tuple[dict, FrozenBelow | None],
     cfg: TrainConfig,
     pad: int,
     device,
@@ -384,11 +387,12 @@ def _train_step(
 ) -> None:
     import torch
 
+    base_states, below = known  # what the run computed once: the anchors' base states, the frozen layers' outputs
     ids, mask, labels, weights = collate(batch, pad, device)
     anchors = torch.tensor([t.anchor for t in batch], device=device) if base_states else None
     base_hidden = torch.cat([base_states[id(t)] for t in batch if t.anchor]) if anchors is not None and anchors.any() else None
     loss, per_row = answer_losses(
-        peft_model, ids, mask, labels, weights, anchors, base_hidden, cfg.anchor_kl, cfg.anchor_divergence
+        peft_model, ids, mask, labels, weights, anchors, base_hidden, cfg.anchor_kl, cfg.anchor_divergence, below=below
     )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
