@@ -192,7 +192,7 @@ def test_case_files_parse_and_bad_lines_name_themselves(tmp_path):
 
 def test_validation_log_lines_are_json(world):
     registry = world["registry"]
-    registry.log_validation("ann", 1, {"passed": True, "reasons": ["a \"quoted\" reason\nover two lines"]}, kind="gate")
+    registry.log_validation("ann", 1, {"passed": True, "reasons": ['a "quoted" reason\nover two lines']}, kind="gate")
     lines = (registry.root / "adapter_validation_results.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["user_id"] == "ann" for line in lines)
 
