@@ -56,15 +56,15 @@ class FrozenBelow:
     def __init__(self, decoder, first_adapted: int) -> None:
         self.decoder, self.first = decoder, first_adapted
         self.layers = len(decoder.layers)
-        self._states: dict[tuple[int, ...], object] = {}  # a row's real tokens -> (its length, width)
+        self._states: dict[tuple[int, ...], object] = {}  # a row's real tokens -> its states (length x width)
 
     def inputs(self, ids, mask):
         """(rows, positions, width): the first adapted layer's input for each row of a right-padded batch."""
         import torch
 
-        lengths = [int(n) for n in mask.sum(dim=1)]
-        if any(not bool(mask[r, :n].all()) for r, n in enumerate(lengths)):
+        if not bool((mask.cumprod(dim=1).sum(dim=1) == mask.sum(dim=1)).all()):
             raise ModelError("FrozenBelow needs right-padded rows")
+        lengths = [int(n) for n in mask.sum(dim=1)]
         keys = [tuple(ids[r, :n].tolist()) for r, n in enumerate(lengths)]
         missing = list({key: r for r, key in enumerate(keys) if key not in self._states}.values())
         if missing:
@@ -72,8 +72,8 @@ class FrozenBelow:
                 hidden = self._run(self.decoder.embed_tokens(ids[missing]), mask[missing], range(0, self.first), None)
             for row, r in enumerate(missing):
                 self._states[keys[r]] = hidden[row, : lengths[r]].clone()
-        out = torch.zeros(ids.shape[0], ids.shape[1], self.decoder.config.hidden_size, dtype=hidden_dtype(self.decoder))
-        out = out.to(ids.device)
+        width, dtype = self.decoder.config.hidden_size, self.decoder.embed_tokens.weight.dtype
+        out = torch.zeros(ids.shape[0], ids.shape[1], width, dtype=dtype, device=ids.device)
         for r, key in enumerate(keys):
             out[r, : lengths[r]] = self._states[key]
         return out
@@ -108,7 +108,3 @@ class FrozenBelow:
                 use_cache=past is not None,
             )
         return hidden
-
-
-def hidden_dtype(decoder):
-    return decoder.embed_tokens.weight.dtype

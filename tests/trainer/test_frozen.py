@@ -123,3 +123,15 @@ def test_it_applies_only_where_the_lower_layers_are_frozen_and_plain(tiny):
     finally:
         config.attention_dropout = 0.0
     assert frozen_below(model.model, 1) is not None
+
+
+def test_left_padded_rows_are_a_clear_error(tiny):
+    from core.errors import ModelError
+
+    model, _, _ = tiny
+    below = frozen_below(model.model, 1)
+    assert below is not None
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    with pytest.raises(ModelError, match="right-padded"):
+        below.inputs(ids, torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert below.inputs(ids, torch.tensor([[1, 1, 1], [1, 1, 0]])).shape == (2, 3, model.config.hidden_size)
