@@ -45,6 +45,10 @@ class RollbackError(AdaptloopError):
     """A rollback cannot be carried out (nothing earlier to go back to, no such version); nothing changed."""
 
 
+class ReviewError(AdaptloopError):
+    """A review cannot be decided (no such review, already decided, its version unusable); nothing changed."""
+
+
 class TrainingInterrupted(AdaptloopError):
     """A training run was asked to stop (SIGTERM, a revoked partition); its checkpoint is saved and it resumes later."""
 

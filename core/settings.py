@@ -397,6 +397,24 @@ class ValidationSettings(_Section):
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 
 
+class PromotionSettings(_Section):
+    """How a candidate that passed the gate becomes active (trainer/review.py)."""
+
+    mode: Literal["auto", "review"] = Field(
+        "auto",
+        description="auto: promoted at once; review: awaits a person's approval (`adaptloop review`); "
+        "a user's own mode (`adaptloop review mode`) wins",
+    )
+
+
+class ReviewSettings(_Section):
+    """Pending reviews (promotion.mode: review)."""
+
+    timeout_h: float = Field(72.0, gt=0, description="hours a review may wait; then `on_timeout` decides it")
+    on_timeout: Literal["deny", "approve"] = Field("deny", description="what an overdue review becomes")
+    check_every_s: float = Field(30.0, gt=0, le=3600, description="how often a trainer looks for overdue reviews")
+
+
 class ApiSettings(_Section):
     """The HTTP API (`adaptloop api`)."""
 
@@ -481,6 +499,8 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     validation: ValidationSettings = ValidationSettings()
+    promotion: PromotionSettings = PromotionSettings()
+    review: ReviewSettings = ReviewSettings()
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
-from schemas.commands import Command, ConsentCommand, ForgetCommand, RetrainCommand, RollbackCommand, ValidateCommand
+from schemas.commands import (
+    ApproveCommand,
+    Command,
+    ConsentCommand,
+    DenyCommand,
+    ForgetCommand,
+    RetrainCommand,
+    RollbackCommand,
+    ValidateCommand,
+)
 from schemas.common import SCHEMA_VERSION, check_user_id, model_json_schema
 from schemas.deadletter import DeadLetter
 from schemas.decode import decode
@@ -23,6 +32,7 @@ from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, I
 from schemas.lifecycle import ENDS_COMMAND, ENDS_REQUEST, LifecycleEvent, reason_text
 from schemas.manifest import AdapterManifest
 from schemas.privacy import ForgottenRecord
+from schemas.review import Review
 from schemas.training import DatasetRef, TrainingExample, TrainingRequest
 
 # Every message type, by the name its JSON Schema file carries.
@@ -34,12 +44,15 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     "retrain_command": RetrainCommand,
     "validate_command": ValidateCommand,
     "rollback_command": RollbackCommand,
+    "approve_command": ApproveCommand,
+    "deny_command": DenyCommand,
     "consent_command": ConsentCommand,
     "forget_command": ForgetCommand,
     "forgotten_record": ForgottenRecord,
     "training_request": TrainingRequest,
     "training_example": TrainingExample,
     "lifecycle_event": LifecycleEvent,
+    "review": Review,
     "dead_letter": DeadLetter,
 }
 
@@ -61,6 +74,9 @@ def export_json_schemas(directory: Path) -> list[Path]:
 
 __all__ = [
     "COMMAND_ADAPTER",
+    "ApproveCommand",
+    "DenyCommand",
+    "Review",
     "ENDS_COMMAND",
     "ENDS_REQUEST",
     "AdapterManifest",

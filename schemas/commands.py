@@ -1,4 +1,4 @@
-"""Commands on `adapter.commands`: retrain, validate, roll back, consent and forget.
+"""Commands on `adapter.commands`: retrain, validate, roll back, approve or deny a review, consent and forget.
 
 Published by the API and the CLI, keyed by `user_id`; `type` tells them apart.
 """
@@ -11,8 +11,9 @@ from pydantic import Field
 
 from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
 from schemas.privacy import USER_HASH_PATTERN
+from schemas.review import ReviewId
 
-CommandType = Literal["retrain", "validate", "rollback"]
+CommandType = Literal["retrain", "validate", "rollback", "approve", "deny"]
 
 
 class _Command(Message):
@@ -40,6 +41,22 @@ class RollbackCommand(_Command):
     to_version: int | None = Field(None, ge=1, description="default: the previous good version")
 
 
+class ApproveCommand(_Command):
+    """Approve a pending review (schemas/review.py): its version becomes active; `user_id` is the review's user."""
+
+    type: Literal["approve"] = "approve"
+    review_id: ReviewId
+    reason: Text | None = None
+
+
+class DenyCommand(_Command):
+    """Deny a pending review: its version never becomes active."""
+
+    type: Literal["deny"] = "deny"
+    review_id: ReviewId
+    reason: Text
+
+
 class ConsentCommand(_Command):
     """A user's standing choice: `train` false opts out of training (pending examples dropped) until true again."""
 
@@ -60,5 +77,6 @@ class ForgetCommand(_Command):
 
 
 Command = Annotated[
-    RetrainCommand | ValidateCommand | RollbackCommand | ConsentCommand | ForgetCommand, Field(discriminator="type")
+    RetrainCommand | ValidateCommand | RollbackCommand | ApproveCommand | DenyCommand | ConsentCommand | ForgetCommand,
+    Field(discriminator="type"),
 ]

@@ -3,7 +3,11 @@
 A job's events, in order: `training_started`, `training_progress` (about every
 tenth of the steps, then once as the gate starts), `training_completed`,
 `validated`, then `promoted` or `rejected`; or `training_skipped` alone (the
-request held nothing new), or `training_failed`.
+request held nothing new), or `training_failed`. In review mode
+(`promotion.mode: review`) a candidate that passed the gate is
+`awaiting_review` instead of `promoted`; later `approved` then `promoted`
+(a person, or `review.on_timeout`), or `denied` (a person, the timeout, or a
+newer candidate that superseded it).
 
 Which events end what is part of the contract, so it is stated here once:
 `ENDS_REQUEST` (a training request is answered: the worker closes the user's
@@ -29,18 +33,25 @@ LifecycleType = Literal[
     "promoted",
     "rejected",
     "rolled_back",
+    "awaiting_review",  # passed the gate, waits for a person: details {"review_id"}
+    "approved",  # a review approved: `promoted` follows; details {"review_id", "decided_by"}
+    "denied",  # a review denied: `reason` says why; details {"review_id", "decided_by", "superseded_by"?}
     "command_failed",  # a validate or rollback command that could not be carried out; `reason` says why
     "forgotten",  # a user erased: `user_id` is the salted hash (schemas.privacy), never the id
 ]
 
 # A training request is answered by any of these (the version's verdict, a skip, or the failure).
-ENDS_REQUEST: frozenset[str] = frozenset({"training_completed", "training_skipped", "training_failed", "promoted", "rejected"})
+ENDS_REQUEST: frozenset[str] = frozenset(
+    {"training_completed", "training_skipped", "training_failed", "promoted", "rejected", "awaiting_review"}
+)
 
 # What ends each kind of command, for whoever waits on it.
 ENDS_COMMAND: dict[str, frozenset[str]] = {
-    "retrain": frozenset({"promoted", "rejected", "training_skipped", "training_failed", "command_failed"}),
+    "retrain": frozenset({"promoted", "rejected", "awaiting_review", "training_skipped", "training_failed", "command_failed"}),
     "validate": frozenset({"validated", "command_failed"}),
     "rollback": frozenset({"rolled_back", "command_failed"}),
+    "approve": frozenset({"promoted", "command_failed"}),
+    "deny": frozenset({"denied", "command_failed"}),
 }
 
 

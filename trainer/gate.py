@@ -74,6 +74,15 @@ class SuiteReport:
     threshold: float  # the score needed
     reference_score: float | None = None  # core: the active adapter's (or the base model's) score
     cases: list[CaseScore] = field(default_factory=list)
+    before: list[CaseScore] = field(default_factory=list)  # the reference's answers to the same cases, when known
+
+    def case_scores(self) -> list[dict[str, Any]]:
+        """Every case's scores (with the reference's answer and score as `before`, when known): the validation log's."""
+        rows = [asdict(c) for c in self.cases]
+        if len(self.before) == len(rows):
+            for row, before in zip(rows, self.before):
+                row.update(before=before.answer, before_score=before.score)
+        return rows
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -123,7 +132,7 @@ class GateReport:
             "passed": self.passed,
             "reasons": self.reasons,
             "metrics": self.metrics(),
-            "suites": {name: {**s.summary(), "case_scores": [asdict(c) for c in s.cases]} for name, s in self.suites.items()},
+            "suites": {name: {**s.summary(), "case_scores": s.case_scores()} for name, s in self.suites.items()},
         }
 
     def lines(self) -> list[str]:
@@ -296,6 +305,12 @@ class Gate:
                     atomic_write(self._base_file, json.dumps([asdict(c) for c in self._reference[key]]).encode("utf-8"))
         return self._reference[key]
 
+    def add_user_before(self, report: GateReport, reference_dir: Path | None) -> None:
+        """The reference's answers to the user suite, next to the candidate's (what a reviewer compares)."""
+        user = report.suites.get("user")
+        if user is not None and user.cases:
+            user.before = self.score(reference_dir, [TestCase(c.prompt, c.expected) for c in user.cases])
+
     def core_conflicts(self, taught: list[TestCase]) -> list[TestCase]:
         """Training examples that ask a core-suite question and teach an answer other than the core suite's."""
         return [
@@ -403,7 +418,8 @@ class Gate:
         reasons: list[str] = []
         suites: dict[str, SuiteReport] = {}
         retention = forgetting = None
-        reference = mean_score(self.reference_core(c.reference_dir)) if self.core_cases else 0.0
+        before = self.reference_core(c.reference_dir) if self.core_cases else []
+        reference = mean_score(before) if before else 0.0
         if self.core_cases:
             # Kept: a promoted candidate is the next run's reference, and its core answers do not change.
             self._reference[_adapter_key(c.candidate_dir)] = candidate
@@ -415,7 +431,7 @@ class Gate:
                     f"retention {retention:.3f} below {cfg.min_retention}: general answers drifted from the base model's"
                 )
             core = SuiteReport(
-                "core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate
+                "core", mean_score(candidate), True, round(reference - cfg.regression_threshold, 4), reference, candidate, before
             )
             core.passed = core.score >= core.threshold
             if not core.passed:

@@ -7,7 +7,8 @@ A job: thin the replayed examples, mix in the anchors, train (warm-started
 from the user's active version; early stopping and the shrink step ask the
 `FactCheck`), run the validation gate on the candidate, register it with a
 manifest that records the gate's result, then promote it (the active pointer
-swaps atomically) or reject it (the active version stays). Every gate result
+swaps atomically), or put it up for a person's review (review mode,
+trainer/review.py), or reject it (the active version stays). Every gate result
 goes to the validation log.
 
 The gate runs before the version is registered, so its result is part of the
@@ -40,6 +41,7 @@ from trainer.generation import generate_batch
 from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
 from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
+from trainer.review import open_review, promotion_mode, supersede_older
 from trainer.scoring import TestCase, answers_match
 from trainer.train import StepReport, TrainConfig, TrainHooks, TrainResult, remove_checkpoint, train_adapter
 
@@ -67,7 +69,7 @@ class Outcome:
 
     info: VersionInfo
     report: GateReport | None
-    decision: str  # promoted | rejected | candidate (no gate)
+    decision: str  # promoted | awaiting_review | rejected | candidate (no gate)
 
 
 # ---- what the registry says about the user ---------------------------------------- #
@@ -144,23 +146,41 @@ def same_shape(registry: AdapterRegistry, user_id: str, version: int | None, bas
 
 
 def apply_decision(
-    registry: AdapterRegistry, info: VersionInfo, report: GateReport | None = None, *, job_id: str | None = None
+    registry: AdapterRegistry,
+    info: VersionInfo,
+    report: GateReport | None = None,
+    *,
+    job_id: str | None = None,
+    mode: str = "auto",
 ) -> str:
-    """Promote or reject a registered version by its recorded gate result; idempotent (safe to redo after a crash)."""
+    """Carry out a registered version's recorded gate verdict; idempotent (safe to redo after a crash).
+
+    Passed: promoted (`mode` auto), or put up for review (`mode` review,
+    trainer/review.py); failed: rejected. Returns the decision: promoted,
+    awaiting_review, rejected, or candidate (no gate ran). A version that went
+    to review stays `awaiting_review` here until a person's approval made it
+    active (then `promoted`)."""
     validation = info.manifest.validation
     if validation is None:
         return "candidate"
     user_id, version = info.user_id, info.version
     done = {e["status"] for e in registry.history(user_id) if e["version"] == version}
-    if not done & {"active", "rejected"}:
+    if not done & {"active", "rejected", "awaiting_review"}:
         if not any(r.get("version") == version and r.get("kind") == "gate" for r in registry.validation_results(user_id)):
             record = report.to_dict() if report is not None else validation.model_dump(mode="json")
             registry.log_validation(user_id, version, record, kind="gate", request_id=info.manifest.request_id, job_id=job_id)
-        if validation.passed:
+        if validation.passed and mode == "review":
+            open_review(registry, info)
+            done.add("awaiting_review")
+        elif validation.passed:
             registry.activate(user_id, version, reason="passed the validation gate")
+            supersede_older(registry, user_id, version)
+            done.add("active")
         else:
             registry.mark(user_id, version, "rejected", reasons=validation.reasons)
-    return "promoted" if validation.passed else "rejected"
+    if not validation.passed:
+        return "rejected"
+    return "promoted" if "active" in done else "awaiting_review"
 
 
 # ---- progress ------------------------------------------------------------------------ #
@@ -321,10 +341,16 @@ class JobRunner:
         gate: Gate | None,
         anchors: AnchorSet | None = None,
         anchor_mix: AnchorMix | None = None,
+        promotion: str = "auto",
     ) -> None:
         self.registry, self.base, self.cfg, self.gate, self.anchors = registry, base, cfg, gate, anchors
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.anchor_mix = anchor_mix or AnchorMix.from_settings()
+        self.promotion = promotion  # the configured mode; a user's own (trainer/review.py) wins
+
+    def mode_of(self, user_id: str) -> str:
+        """How a version of this user that passes the gate becomes active: auto or review."""
+        return promotion_mode(self.registry, user_id, self.promotion)
 
     def run(self, job: TrainingJob, work_dir: Path, hooks: JobHooks = JobHooks()) -> Outcome:
         """Train, run the gate, register the version, promote or reject it (`hooks`: checkpoints, progress, a stop)."""
@@ -461,10 +487,13 @@ class JobRunner:
             if plan.hooks.checkpoint_dir is not None:
                 remove_checkpoint(plan.hooks.checkpoint_dir)
             raise TrainingSkipped(cancelled)
+        mode = self.mode_of(job.user_id)
+        if mode == "review" and report is not None and report.passed and self.gate is not None:
+            self.gate.add_user_before(report, plan.reference)  # the reviewer sees the user's cases before and after
         info = registry.register(job.user_id, result.adapter_dir, manifest)
         if plan.hooks.checkpoint_dir is not None:
             remove_checkpoint(plan.hooks.checkpoint_dir)
-        return Outcome(info, report, apply_decision(registry, info, report, job_id=job.request_id))
+        return Outcome(info, report, apply_decision(registry, info, report, job_id=job.request_id, mode=mode))
 
     def _with_anchors(self, examples: list[TrainingExample]) -> list[TrainingExample]:
         if self.anchors is None or not self.anchors.prompts:
@@ -587,6 +616,7 @@ def runner_from_settings(
         gate,
         AnchorSet.from_settings(settings, base.sha256),
         AnchorMix.from_settings(settings),
+        settings.promotion.mode,
     )
 
 

@@ -6,8 +6,10 @@ Layout under `<storage_root>/models/adapters/` (the seed's file names):
     audit.jsonl                         append-only: every registry event
     adapter_validation_results.jsonl    append-only: every validation gate result
     rollback_log.jsonl                  append-only: every rollback
+    reviews.jsonl                       append-only: every change of a review (schemas/review.py)
     users/<user_id>/active.json         THE active pointer (write, fsync, rename)
     users/<user_id>/adapter_history.json
+    users/<user_id>/promotion.json      the user's own promotion mode, when set (trainer/review.py)
     users/<user_id>/v<N>/               adapter_config.json, adapter_model.safetensors,
                                         manifest.json (sha256 of every file, lineage, ...)
     archive/<user_id>/v<N>/             versions beyond max_adapter_versions
@@ -36,6 +38,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +48,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from core.encryption import Sealer, sealer_for
-from core.errors import RollbackError, StorageError, VersionNotFound
+from core.errors import ReviewError, RollbackError, StorageError, VersionNotFound
 from core.storage import atomic_write, atomic_write_json, file_sha256, fsync_dir, local_path, open_sealed, sha256_bytes
 from schemas.common import check_user_id
 from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_VERSION, AdapterManifest
+from schemas.review import Review
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -57,6 +62,7 @@ log = logging.getLogger("adaptloop.registry")
 MANIFEST = "manifest.json"
 VALIDATION_LOG = "adapter_validation_results.jsonl"
 ROLLBACK_LOG = "rollback_log.jsonl"
+REVIEWS_LOG = "reviews.jsonl"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 REGISTRY_DIR = "models/adapters"  # the registry's root, under the storage root
 
@@ -303,6 +309,62 @@ class AdapterRegistry:
     def rollback_log(self, user_id: str | None = None) -> list[dict]:
         return self._read_log(ROLLBACK_LOG, user_id)
 
+    # ---- reviews ---------------------------------------------------------- #
+
+    def record_review(self, review: Review) -> None:
+        """Append a review's new state to the reviews log (the newest line of a review is its state)."""
+        self._append(REVIEWS_LOG, review.model_dump(mode="json", exclude_none=True))
+
+    def reviews(self, user_id: str | None = None) -> list[Review]:
+        """Every review (or the user's), in its newest state, oldest first."""
+        latest: dict[str, Review] = {}
+        for record in self._read_log(REVIEWS_LOG, user_id):
+            record.pop("at", None)
+            try:
+                review = Review.model_validate(record)
+            except ValidationError:
+                log.warning("%s holds a line that is not a review; skipped", self.root / REVIEWS_LOG)
+                continue
+            latest[review.review_id] = review
+        return sorted(latest.values(), key=lambda r: r.opened_at)
+
+    def review(self, review_id: str) -> Review:
+        """One review in its newest state; ReviewError when there is none by that ID."""
+        for review in self.reviews():
+            if review.review_id == review_id:
+                return review
+        raise ReviewError(f"no review {review_id} (`adaptloop review list` shows the pending ones)")
+
+    @contextmanager
+    def reviews_locked(self) -> Iterator[None]:
+        """Hold the registry's review lock: a review is decided once, whoever tries (two trainers, the API, the CLI)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".reviews.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def user_promotion_mode(self, user_id: str) -> str | None:
+        """The user's own promotion mode (`auto` or `review`), or None: the configured one applies."""
+        try:
+            return json.loads((self.user_dir(user_id) / "promotion.json").read_text(encoding="utf-8"))["mode"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as exc:
+            raise StorageError(f"promotion mode of {user_id} is corrupt: {exc}") from None
+
+    def set_user_promotion_mode(self, user_id: str, mode: str | None, by: str) -> None:
+        """Set the user's own promotion mode; None removes it (the configured one applies again). Audited."""
+        path = self.user_dir(user_id) / "promotion.json"
+        if mode is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"mode": mode, "at": _now(), "by": by})
+        self.audit("promotion_mode", user_id, mode=mode, by=by)
+
     # ---- forget ----------------------------------------------------------- #
 
     def forget(self, user_id: str, user_hash: str, at: str, reason: str) -> list[str]:
@@ -318,7 +380,7 @@ class AdapterRegistry:
                 shutil.rmtree(path)
                 removed.append(str(path.relative_to(self.root)))
         tombstone = {"event": "forgotten", "user_hash": user_hash, "at": at, "reason": reason}
-        for name in ("audit.jsonl", VALIDATION_LOG, ROLLBACK_LOG):
+        for name in ("audit.jsonl", VALIDATION_LOG, ROLLBACK_LOG, REVIEWS_LOG):
             if self._drop_user_lines(name, user_id, tombstone):
                 removed.append(f"{name}: the user's lines")
         index = self.root / "adapters_index.json"

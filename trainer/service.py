@@ -11,10 +11,13 @@ trainer handles them at a time.
 
 Per request: train -> validation gate -> register -> promote or reject, with
 lifecycle events `training_started`, `training_completed`, `validated`, then
-`promoted` or `rejected`. Commands: `validate` runs the gate on a registered
-version (report only), `rollback` swaps the active pointer back; `retrain` is
-the streams worker's. Commands are idempotent by `command_id` (the
-validation and rollback logs record it).
+`promoted` or `rejected` (in review mode `awaiting_review`, trainer/review.py).
+Commands: `validate` runs the gate on a registered version (report only),
+`rollback` swaps the active pointer back, `approve` and `deny` decide a
+review (`approved` + `promoted`, or `denied`); `retrain` is the streams
+worker's. Commands are idempotent by `command_id` (the validation, rollback
+and reviews logs record it). Every `review.check_every_s` a trainer decides
+the reviews pending longer than `review.timeout_h` as `review.on_timeout` says.
 
 Batches: with `training.batch_users` K > 1, a trainer holding one request
 keeps reading requests for up to `training.batch_wait_s` (until it holds K,
@@ -60,6 +63,7 @@ from core.errors import (
     AdaptloopError,
     InvalidMessage,
     KafkaOperationError,
+    ReviewError,
     RollbackError,
     StorageError,
     TrainingInterrupted,
@@ -73,9 +77,12 @@ from core.settings import EncryptionSettings, Settings, trainer_commands_group
 from core.storage import sha256_bytes
 from schemas import (
     COMMAND_ADAPTER,
+    ApproveCommand,
     Command,
     DeadLetter,
+    DenyCommand,
     LifecycleEvent,
+    Review,
     RollbackCommand,
     TrainingRequest,
     ValidateCommand,
@@ -101,6 +108,7 @@ from trainer.job import (
 )
 from trainer.model import BaseModelRef, load_base, resolve_base_model
 from trainer.registry import VersionInfo, version_label
+from trainer.review import Decision, decide, settle_overdue
 from trainer.train import StepReport, remove_checkpoint
 
 log = logging.getLogger("adaptloop.trainer")
@@ -127,6 +135,9 @@ class TrainerConfig:
     redactor: Redactor = field(default_factory=Redactor)  # dead letters' previews and reasons
     dlq_raw: bool = False
     encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
+    review_timeout_h: float = 72.0
+    review_on_timeout: str = "deny"
+    review_check_s: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
@@ -148,6 +159,9 @@ class TrainerConfig:
             batch_wait_s=settings.training.batch_wait_s,
             redactor=Redactor.from_settings(settings),
             dlq_raw=settings.privacy.dlq_raw,
+            review_timeout_h=settings.review.timeout_h,
+            review_on_timeout=settings.review.on_timeout,
+            review_check_s=settings.review.check_every_s,
         )
 
 
@@ -184,6 +198,7 @@ class TrainerService:
         self.pending: list[tuple[TrainingRequest, Position]] = []  # a batch being gathered
         self.pending_since = 0.0
         self.deferred: list[Position] = []  # answered at once while a batch is gathered: committed after it
+        self.reviews_due = 0.0  # when to look for overdue reviews next (time.monotonic)
         self.requests = self._consumer(cfg.group_id)
         self.commands = self._consumer(trainer_commands_group(cfg.group_id))
         self.producer = Producer(cfg.client.librdkafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
@@ -216,11 +231,15 @@ class TrainerService:
 
     # ---- lifecycle events -------------------------------------------------- #
 
-    def _emit(self, kind: str, about: TrainingRequest | Command, wait: bool = True, **fields) -> None:
-        """Publish one lifecycle event and wait for its acknowledgement (`wait=False`: progress, sent in the background)."""
+    def _emit(self, kind: str, about: TrainingRequest | Command | Review, wait: bool = True, **fields) -> None:
+        """Publish one lifecycle event and wait for its acknowledgement (`wait=False`: progress, sent in the background).
+
+        A review's events carry the command that decided it as `job_id` (none for a timeout or a supersede)."""
         if isinstance(about, TrainingRequest):
             ids = {"request_id": about.request_id, "job_id": about.command_id}
             prefix = about.request_id
+        elif isinstance(about, Review):
+            ids, prefix = {"job_id": about.command_id}, about.command_id or about.review_id
         else:
             ids, prefix = {"job_id": about.command_id}, about.command_id
         event = LifecycleEvent(
@@ -260,7 +279,15 @@ class TrainerService:
         suites = {name: suite.model_dump() for name, suite in validation.suites.items()}
         details = {**details, "passed": validation.passed, "suites": suites}
         self._emit("validated", request, version=info.version, metrics=metrics_of, details=details)
-        if decision == "promoted":
+        for review in self.registry.reviews(info.user_id):
+            if review.superseded_by == info.version:  # this version replaced an older one awaiting review
+                self._announce_review(Decision(review))
+        if decision == "awaiting_review":
+            review_id = next(r.review_id for r in self.registry.reviews(info.user_id) if r.version == info.version)
+            self._emit(
+                "awaiting_review", request, version=info.version, metrics=metrics_of, details=details | {"review_id": review_id}
+            )
+        elif decision == "promoted":
             self._emit(
                 "promoted",
                 request,
@@ -278,6 +305,18 @@ class TrainerService:
                 details=details,
                 reason=reason_text("; ".join(validation.reasons)),
             )
+
+    def _announce_review(self, decision: Decision, republished: bool = False) -> None:
+        """A decided review: `approved` then `promoted` (what servers follow), or `denied`."""
+        review = decision.review
+        details = {"review_id": review.review_id, "decided_by": review.decided_by, "republished": republished}
+        if review.status == "approved":
+            for kind in ("approved", "promoted"):
+                self._emit(kind, review, version=review.version, previous_version=decision.previous, details=details)
+            return
+        if review.superseded_by is not None:
+            details["superseded_by"] = review.superseded_by
+        self._emit("denied", review, version=review.version, reason=reason_text(review.reason or "denied"), details=details)
 
     # ---- the loop ------------------------------------------------------------ #
 
@@ -307,6 +346,8 @@ class TrainerService:
                     self._finish_job()
                 if self.stop.is_set() and self.job is None:
                     break  # a batch being gathered is left uncommitted: read again later
+                if time.monotonic() >= self.reviews_due:
+                    self._settle_reviews()
                 if self.job is None and self._batch_ready():
                     self._start_batch()
                 if self.job is None and not self.pending and self.deferred:  # the batch they waited for went elsewhere
@@ -349,6 +390,8 @@ class TrainerService:
             return
         if isinstance(message, RollbackCommand):
             self._rollback(message)
+        elif isinstance(message, (ApproveCommand, DenyCommand)):
+            self._review(message)
         elif isinstance(message, ValidateCommand):
             if not self._republish_validation(message):
                 self._start([(message, next_offset)], self._validate)
@@ -402,7 +445,8 @@ class TrainerService:
         if done is not None:
             log.info("request %s already produced %s v%d; republishing", request.request_id, request.user_id, done.version)
             remove_checkpoint(self._checkpoint_dir(request))  # left behind when a kill came right after registering
-            self._announce(request, done, apply_decision(self.registry, done, job_id=request.command_id), republished=True)
+            decision = apply_decision(self.registry, done, job_id=request.command_id, mode=self.runner.mode_of(request.user_id))
+            self._announce(request, done, decision, republished=True)
             return True
         reason = self._forgotten(request) or self._skip_reason(request)
         if reason is not None:
@@ -451,6 +495,34 @@ class TrainerService:
             return
         log.info("rolled %s back from %s to %s: %s", command.user_id, version_label(previous), version_label(new), command.reason)
         self._emit("rolled_back", command, version=new, previous_version=previous, reason=command.reason)
+
+    def _review(self, command: ApproveCommand | DenyCommand) -> None:
+        """Approve or deny a pending review; a redelivered command says again what it did."""
+        try:
+            review = self.registry.review(command.review_id)
+            if review.command_id == command.command_id:
+                self._announce_review(Decision(review), republished=True)
+                return
+            if review.user_id != command.user_id:
+                raise ReviewError(f"review {review.review_id} is {review.user_id}'s, not {command.user_id}'s")
+            approve = isinstance(command, ApproveCommand)
+            decision = decide(self.registry, command.review_id, approve, command.requested_by, command.reason, command.command_id)
+        except (ReviewError, StorageError) as exc:
+            log.warning("%s %s not done: %s", command.type, command.command_id, exc)
+            self._emit("command_failed", command, reason=reason_text(str(exc)), details={"command": command.type})
+            return
+        self._announce_review(decision)
+
+    def _settle_reviews(self) -> None:
+        """Decide the reviews past `review.timeout_h` (every trainer looks; the registry's lock lets one decide each)."""
+        self.reviews_due = time.monotonic() + self.cfg.review_check_s
+        try:
+            decided = settle_overdue(self.registry, self.cfg.review_timeout_h, self.cfg.review_on_timeout)
+        except StorageError as exc:
+            log.error("overdue reviews not settled: %s", exc)
+            return
+        for decision in decided:
+            self._announce_review(decision)
 
     def _republish_validation(self, command: ValidateCommand) -> bool:
         done = [r for r in self.registry.validation_results(command.user_id) if r.get("job_id") == command.command_id]
