@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from core.errors import InvalidMessage, KafkaOperationError
 from core.kafka.client import ClientConfig
 from core.kafka.io import next_message, produce
-from schemas import ENDS_COMMAND, LifecycleEvent, RetrainCommand, RollbackCommand, ValidateCommand
+from schemas import ENDS_COMMAND, ApproveCommand, DenyCommand, LifecycleEvent, RetrainCommand, RollbackCommand, ValidateCommand
 from schemas.decode import decode
 
 
@@ -25,7 +25,7 @@ def send_command(
     client: ClientConfig,
     commands_topic: str,
     lifecycle_topic: str,
-    command: RetrainCommand | ValidateCommand | RollbackCommand,
+    command: RetrainCommand | ValidateCommand | RollbackCommand | ApproveCommand | DenyCommand,
     timeout: float = 120.0,
 ) -> LifecycleEvent | None:
     consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-command-waiter", "enable.auto.commit": False}))

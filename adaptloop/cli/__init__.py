@@ -11,6 +11,7 @@ default). Errors adaptloop expects print one clear message and exit 2.
     events.py     worker, generate-data, publish, replay
     training.py   trainer, train, validate
     adapters.py   ask, status, history, report, rollback
+    review.py     review list/show/approve/deny/mode (promotion.mode: review)
     api.py        api (the HTTP API), api token create/list/revoke
     serving.py    serve (the OpenAI-compatible server), serving sync
     privacy.py    consent, export, forget
@@ -30,6 +31,7 @@ from adaptloop.cli import (  # noqa: F401  (each registers its commands)
     events,
     keys,
     privacy,
+    review,
     serving,
     settings_and_schemas,
     stack,

@@ -101,6 +101,9 @@ def _say(settings, user_id: str, outcome) -> bool:
             click.echo("  " + line)
     if outcome.decision == "promoted":
         click.echo(f"  v{info.version} promoted: it is now active")
+    elif outcome.decision == "awaiting_review":
+        review = next(r for r in AdapterRegistry.from_settings(settings).reviews(user_id) if r.version == info.version)
+        click.echo(f"  v{info.version} passed and awaits review {review.review_id}: adaptloop review show {review.review_id}")
     elif outcome.decision == "rejected":
         active = AdapterRegistry.from_settings(settings).active(user_id)
         click.echo(f"  v{info.version} rejected; the active version is still {active or 'the base model'}")
