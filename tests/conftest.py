@@ -147,11 +147,13 @@ def worker_factory(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture
 def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterator[Callable[..., TrainerHandle]]:
     """`trainer_factory(epochs=2, checkpoint_every=5)` -> a started trainer on the tiny model (training.* overrides;
-    `request_partitions=N`: the requests topic's partitions, 3 by default)."""
+    `request_partitions=N`: the requests topic's partitions, 3 by default; `settings={...}`: other top-level keys)."""
 
-    def build(bootstrap: str | None = None, request_partitions: int = 3, **training) -> TrainerHandle:
+    def build(
+        bootstrap: str | None = None, request_partitions: int = 3, settings: dict | None = None, **training
+    ) -> TrainerHandle:
         base = tmp_path_factory.mktemp("trainer")
-        return TrainerHandle(bootstrap or kafka_bootstrap, base, tiny_model_dir, training, request_partitions)
+        return TrainerHandle(bootstrap or kafka_bootstrap, base, tiny_model_dir, training, request_partitions, settings)
 
     with handle_factory(build) as make:
         yield make

@@ -166,7 +166,9 @@ def make_worker(bootstrap: str, base: Path, internal_partitions: int = 3, stream
 
 
 class TrainerHandle:
-    def __init__(self, bootstrap: str, base: Path, tiny: Path, training: dict, request_partitions: int = 3) -> None:
+    def __init__(
+        self, bootstrap: str, base: Path, tiny: Path, training: dict, request_partitions: int = 3, settings: dict | None = None
+    ) -> None:
         self.group_id = f"tr-{uuid.uuid4().hex[:8]}"
         self.client = ClientConfig(bootstrap_servers=bootstrap)
         self.topics = unique_topics("tr")
@@ -190,6 +192,7 @@ class TrainerHandle:
                         "metrics_port": 0,
                         **training,
                     },
+                    **(settings or {}),
                 }
             )
         )
