@@ -23,7 +23,7 @@ from api.config import ApiConfig
 from api.errors import install_body_limit, install_error_handlers
 from api.jobs import JobTracker
 from api.metrics import ApiMetrics
-from api.routes import adapters, ops, privacy
+from api.routes import adapters, ops, privacy, reviews
 from core.encryption import sealer_for
 from trainer.registry import AdapterRegistry
 
@@ -53,6 +53,7 @@ def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(adapters.pages)
     app.include_router(privacy.router)
+    app.include_router(reviews.router)
     return app
 
 

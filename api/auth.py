@@ -7,7 +7,8 @@
 
 A token is `al_<id>_<secret>`; the store keeps the id, the sha256 of the
 whole token and its scopes (a JSON file, mode 0600, replaced atomically).
-Scope `admin` may act for every user; `user:<id>` for that user only.
+Scope `admin` may act for every user; `user:<id>` for that user only;
+`reviewer` may see and decide reviews (promotion.mode: review), nothing else.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from core.storage import atomic_write_json
 from schemas.common import check_user_id
 
 ADMIN = "admin"
+REVIEWER = "reviewer"
 
 
 def parse_scope(scope: str) -> str:
-    """`admin` or `user:<user_id>` (the user id checked with the shared pattern)."""
-    if scope == ADMIN:
+    """`admin`, `reviewer` or `user:<user_id>` (the user id checked with the shared pattern)."""
+    if scope in (ADMIN, REVIEWER):
         return scope
     if scope.startswith("user:"):
         try:
             return "user:" + check_user_id(scope[5:])
         except ValueError as exc:
             raise ConfigError(f"scope {scope!r}: {exc}") from None
-    raise ConfigError(f"scope {scope!r} is neither 'admin' nor 'user:<user_id>'")
+    raise ConfigError(f"scope {scope!r} is none of 'admin', 'reviewer' or 'user:<user_id>'")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return ADMIN in self.scopes
+
+    @property
+    def may_review(self) -> bool:
+        return self.is_admin or REVIEWER in self.scopes
 
     def may_act_for(self, user_id: str) -> bool:
         return self.is_admin or f"user:{user_id}" in self.scopes

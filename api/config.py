@@ -30,6 +30,9 @@ class ApiConfig:
     tokens_file: Path
     max_body_bytes: int
     promote_if_score: float | None = None  # drawn on the dashboard's score chart
+    promotion_mode: str = "auto"  # promotion.mode: a user's own mode wins
+    review_timeout_h: float = 72.0
+    review_on_timeout: str = "deny"
     lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
     command_timeout_s: float = 15.0  # how long a command may wait for Kafka's acknowledgement before the caller gets a 503
     export: ExportConfig | None = None  # what a user's export reads
@@ -57,6 +60,9 @@ class ApiConfig:
             tokens_file=tokens_file(settings),
             max_body_bytes=settings.api.max_body_bytes,
             promote_if_score=settings.promote_if_score,
+            promotion_mode=settings.promotion.mode,
+            review_timeout_h=settings.review.timeout_h,
+            review_on_timeout=settings.review.on_timeout,
             export=ExportConfig.from_settings(settings),
             forget=ForgetConfig.from_settings(settings),
             lag_groups=(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from schemas.common import ShortText, Text, UserId
@@ -27,6 +29,24 @@ class RollbackBody(_Body):
     user_id: UserId
     reason: Text
     to_version: int | None = Field(None, ge=1)
+
+
+class ApproveBody(_Body):
+    reason: Text | None = None
+
+
+class DenyBody(_Body):
+    reason: Text
+
+
+class PromotionModeBody(_Body):
+    mode: Literal["auto", "review"] | None = Field(description="null: the configured promotion.mode applies again")
+
+
+class PromotionMode(BaseModel):
+    user_id: str
+    mode: str = Field(description="the mode that applies to the user now")
+    own: str | None = Field(description="the user's own mode, when set (it wins over the configured one)")
 
 
 class ConsentBody(_Body):

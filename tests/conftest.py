@@ -161,7 +161,7 @@ def trainer_factory(kafka_bootstrap, tiny_model_dir, tmp_path_factory) -> Iterat
 
 @pytest.fixture
 def api_server(kafka_bootstrap, tmp_path) -> Iterator[ApiHandle]:
-    """A live `adaptloop api` with an admin token and a `user:alice` token."""
+    """A live `adaptloop api` with an admin token, a `user:alice` token and a `reviewer` token."""
     from api.auth import TokenStore
 
     topics = unique_topics("api")
@@ -169,7 +169,11 @@ def api_server(kafka_bootstrap, tmp_path) -> Iterator[ApiHandle]:
     store = tmp_path / "store"
     tokens = TokenStore(store / "api" / "tokens.json")
     handle = ApiHandle("", ClientConfig(bootstrap_servers=kafka_bootstrap), topics, store, config)
-    handle.tokens = {"admin": tokens.create(["admin"])[1], "alice": tokens.create(["user:alice"])[1]}
+    handle.tokens = {
+        "admin": tokens.create(["admin"])[1],
+        "alice": tokens.create(["user:alice"])[1],
+        "reviewer": tokens.create(["reviewer"])[1],
+    }
     handle.service, handle.url = start_api(config, kafka_bootstrap, tmp_path / "api.log")
     yield handle
     handle.service.stop()

@@ -25,7 +25,7 @@ pages = APIRouter(tags=["adapter"])
 JobId = Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
-def _publish(request: Request, command) -> JobAccepted:
+def publish(request: Request, command) -> JobAccepted:
     """Send the command; only once Kafka has it is it a job (a command that never got there leaves no `queued` job)."""
     tracker, cfg = request.app.state.tracker, request.app.state.config
     produce(cfg.client, cfg.commands_topic, [(command.user_id, command.to_bytes())], timeout=cfg.command_timeout_s)
@@ -44,7 +44,7 @@ def retrain(body: RetrainBody, who: Auth, request: Request) -> JobAccepted:
         include_global=body.include_global,
         requested_by=f"api:{who.token_id}",
     )
-    return _publish(request, command)
+    return publish(request, command)
 
 
 @router.post("/validate", status_code=202, response_model=JobAccepted)
@@ -57,7 +57,7 @@ def validate(body: ValidateBody, who: Auth, request: Request) -> JobAccepted:
         baseline_version=body.baseline_version,
         requested_by=f"api:{who.token_id}",
     )
-    return _publish(request, command)
+    return publish(request, command)
 
 
 @router.post("/rollback", status_code=202, response_model=JobAccepted)
@@ -70,7 +70,7 @@ def rollback(body: RollbackBody, who: Auth, request: Request) -> JobAccepted:
         to_version=body.to_version,
         requested_by=f"api:{who.token_id}",
     )
-    return _publish(request, command)
+    return publish(request, command)
 
 
 @router.get("/job/{job_id}")
