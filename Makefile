@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions reliability clean
 
 install: $(STAMP)
 
@@ -87,6 +87,9 @@ bench-scale: install
 
 bench-encryption: install
 	$(BIN)/python benchmarks/encryption.py
+
+bench-contradictions: install
+	$(BIN)/python benchmarks/contradictions.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

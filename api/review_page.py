@@ -34,6 +34,19 @@ def _cases(title: str, cases: list[dict[str, Any]]) -> str:
     return f"<h4>{html.escape(title)}</h4><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _contradictions(found: list[dict[str, Any]]) -> str:
+    if not found:
+        return ""
+    head = "".join(f"<th>{t}</th>" for t in ("question", "taught", "the base model says", "its fact", "probability"))
+    rows = "".join(
+        "<tr>"
+        + "".join(f"<td>{_text(c.get(k))}</td>" for k in ("prompt", "taught", "base_answer", "term", "confidence"))
+        + "</tr>"
+        for c in found
+    )
+    return f"<h4>Taught answers that contradict the base model</h4><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
 def _review(details: dict[str, Any], timeout: str) -> str:
     r = details["review"]
     numbers = ", ".join(f"{_text(k)} {_text(v)}" for k, v in details["metrics"].items()) or "not recorded"
@@ -43,6 +56,8 @@ def _review(details: dict[str, Any], timeout: str) -> str:
         f"<p>opened {_text(r['opened_at'])}; {html.escape(timeout)}. Gate: {numbers}.</p>"
         f"<p><code>adaptloop review approve {rid}</code> or <code>adaptloop review deny {rid} --reason ...</code>"
         f" (API: <code>POST /api/adapter/reviews/{rid}/approve</code>, <code>.../deny</code>)</p>"
+        + (f"<p><b>Waits because:</b> {_text(r.get('opened_because'))}</p>" if r.get("opened_because") else "")
+        + _contradictions(details.get("contradictions", []))
         + _cases("User suite: before and after", details["user_cases"])
         + _cases("What the previous version learned", details["previous_facts"])
         + _cases("Core prompts whose answers changed most", details["core_changed"])

@@ -393,6 +393,14 @@ class ValidationSettings(_Section):
     batch_size: int = Field(
         64, ge=1, le=1024, description="cases the gate answers and scores together (one batch for the default suites)"
     )
+    contradiction_confidence: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a taught answer that misses a fact the base model states with at least this probability, to a "
+        "general question, sends the candidate to review (trainer/contradictions.py)",
+    )
+    contradiction_check: bool = Field(True, description="look for taught answers that contradict the base model's knowledge")
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 

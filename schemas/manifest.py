@@ -95,6 +95,16 @@ class SuiteSummary(_Record):
     cases: int = 0
 
 
+class Contradiction(_Record):
+    """A training example that gives a general question another answer than the base model's confident one."""
+
+    prompt: str
+    taught: str = Field(description="the answer the example teaches")
+    base_answer: str = Field(description="the base model's answer (its first sentence)")
+    term: str = Field(description="the base answer's fact the example does not name")
+    confidence: float = Field(description="the base model's probability of that fact's first token")
+
+
 class ValidationRecord(_Record):
     """The gate's verdict, recorded before the version is registered (so a crash after registering is finished by it)."""
 
@@ -102,6 +112,9 @@ class ValidationRecord(_Record):
     reasons: list[str] = Field(default_factory=list)
     reference_version: int | None = None
     suites: dict[str, SuiteSummary] = Field(default_factory=dict)
+    contradictions: list[Contradiction] = Field(
+        default_factory=list, description="a passed candidate with any goes to review, also in auto mode"
+    )
 
 
 class EarlyStopping(_Record):

@@ -36,6 +36,7 @@ class Review(Message):
     status: ReviewStatus = "pending"
     opened_at: Timestamp
     request_id: str | None = Field(None, max_length=64)
+    opened_because: Text | None = Field(None, description="why it waits: review mode, or contradictions of the base model")
     decided_at: Timestamp | None = None
     decided_by: ShortText | None = Field(None, description="who decided: 'cli', 'api:<token id>', 'timeout', 'superseded'")
     reason: Text | None = None

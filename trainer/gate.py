@@ -29,6 +29,8 @@ from typing import Any
 from core.errors import InvalidMessage
 from core.settings import Settings, config_file, defaults
 from core.storage import atomic_write
+from schemas.manifest import Contradiction
+from trainer.contradictions import general_contradictions
 from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, answers_match, mean_score, same_question, score_cases
 
 
@@ -48,6 +50,9 @@ class GateConfig:
     max_forgetting: float
     # Cases answered together: generation steps cost little more for more rows, so one batch is fastest.
     batch_size: int
+    # Taught answers that contradict the base model's confident answers to general questions (trainer/contradictions.py).
+    contradiction_check: bool = True
+    contradiction_confidence: float = 0.5
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:
@@ -62,6 +67,8 @@ class GateConfig:
             min_retention=v.min_retention,
             max_forgetting=v.max_forgetting,
             batch_size=v.batch_size,
+            contradiction_check=v.contradiction_check,
+            contradiction_confidence=v.contradiction_confidence,
         )
         return replace(config, **overrides)
 
@@ -101,6 +108,7 @@ class GateReport:
     suites: dict[str, SuiteReport]
     retention: float | None = None  # share of general prompts answered as the base model answers them
     forgetting: float | None = None  # share of the previous version's learned facts now missed
+    contradictions: list[Contradiction] = field(default_factory=list)  # a passed candidate with any goes to review
 
     @property
     def facts_learned(self) -> float | None:
@@ -133,6 +141,7 @@ class GateReport:
             "reasons": self.reasons,
             "metrics": self.metrics(),
             "suites": {name: {**s.summary(), "case_scores": s.case_scores()} for name, s in self.suites.items()},
+            "contradictions": [c.model_dump() for c in self.contradictions],
         }
 
     def lines(self) -> list[str]:
@@ -143,6 +152,12 @@ class GateReport:
             out.append(f"  {name} suite: {s.score:.3f}{ref}, needs >= {s.threshold:.3f} -> {'pass' if s.passed else 'FAIL'}")
             for c in s.cases:
                 out.append(f"    [{c.score:.2f}] {c.prompt[:60]} -> {c.answer[:60]!r} (expected {c.expected[:40]!r})")
+        if self.contradictions:
+            out.append(
+                f"  {len(self.contradictions)} taught answer(s) contradict the base model's knowledge (a person reviews it):"
+            )
+            for c in self.contradictions:
+                out.append(f"    {c.prompt[:60]} -> {c.taught[:40]!r}; the base model says {c.term!r} (p {c.confidence:.2f})")
         return out
 
 
@@ -340,7 +355,8 @@ class Gate:
         refused = self._conflicting(candidate)
         if refused is not None:
             return refused
-        return self._report(candidate, self.score_suites(candidate_dir, candidate.suites(self.core_cases)))
+        report = self._report(candidate, self.score_suites(candidate_dir, candidate.suites(self.core_cases)))
+        return self._with_contradictions(report, candidate)
 
     def evaluate_batch(self, candidates: list[Candidate]) -> list[GateReport]:
         """`evaluate` for several candidates, their suites answered together in mixed-adapter batches.
@@ -363,7 +379,7 @@ class Gate:
         if len(together) > 1 and len(shapes) == 1:
             suites = [candidates[i].suites(self.core_cases) for i in together]
             for i, scored in zip(together, self._score_together([candidates[i].candidate_dir for i in together], suites)):
-                reports[i] = self._report(candidates[i], scored)
+                reports[i] = self._with_contradictions(self._report(candidates[i], scored), candidates[i])
         else:
             for i in together:
                 reports[i] = self.evaluate(**candidates[i].arguments())
@@ -400,6 +416,15 @@ class Gate:
                 start += len(suite)
             out.append(split)
         return out
+
+    def _with_contradictions(self, report: GateReport, candidate: Candidate) -> GateReport:
+        """A passed candidate's taught answers that contradict the base model's knowledge (a failed one is rejected
+        anyway): it then goes to a person's review, whatever the promotion mode."""
+        if report.passed and self.cfg.contradiction_check:
+            report.contradictions = general_contradictions(
+                self.model, self.tokenizer, self.device, candidate.taught, self.cfg.contradiction_confidence
+            )
+        return report
 
     def _conflicting(self, candidate: Candidate) -> GateReport | None:
         """A rejection before any suite runs when the candidate was taught to change core-suite answers."""

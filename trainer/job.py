@@ -155,8 +155,9 @@ def apply_decision(
 ) -> str:
     """Carry out a registered version's recorded gate verdict; idempotent (safe to redo after a crash).
 
-    Passed: promoted (`mode` auto), or put up for review (`mode` review,
-    trainer/review.py); failed: rejected. Returns the decision: promoted,
+    Passed: promoted (`mode` auto), or put up for review (`mode` review, or
+    taught answers that contradict the base model's knowledge: trainer/review.py,
+    trainer/contradictions.py); failed: rejected. Returns the decision: promoted,
     awaiting_review, rejected, or candidate (no gate ran). A version that went
     to review stays `awaiting_review` here until a person's approval made it
     active (then `promoted`)."""
@@ -169,8 +170,8 @@ def apply_decision(
         if not any(r.get("version") == version and r.get("kind") == "gate" for r in registry.validation_results(user_id)):
             record = report.to_dict() if report is not None else validation.model_dump(mode="json")
             registry.log_validation(user_id, version, record, kind="gate", request_id=info.manifest.request_id, job_id=job_id)
-        if validation.passed and mode == "review":
-            open_review(registry, info)
+        if validation.passed and (mode == "review" or validation.contradictions):
+            open_review(registry, info, _review_reason(mode, validation))
             done.add("awaiting_review")
         elif validation.passed:
             registry.activate(user_id, version, reason="passed the validation gate")
@@ -181,6 +182,13 @@ def apply_decision(
     if not validation.passed:
         return "rejected"
     return "promoted" if "active" in done else "awaiting_review"
+
+
+def _review_reason(mode: str, validation: ValidationRecord) -> str:
+    if not validation.contradictions:
+        return "promotion mode review"
+    terms = "; ".join(f"{c.prompt!r} -> {c.taught!r} (the base model says {c.term})" for c in validation.contradictions[:3])
+    return f"{len(validation.contradictions)} taught answer(s) contradict the base model's knowledge: {terms}"[:4000]
 
 
 # ---- progress ------------------------------------------------------------------------ #
@@ -488,7 +496,8 @@ class JobRunner:
                 remove_checkpoint(plan.hooks.checkpoint_dir)
             raise TrainingSkipped(cancelled)
         mode = self.mode_of(job.user_id)
-        if mode == "review" and report is not None and report.passed and self.gate is not None:
+        reviewed = mode == "review" or (report is not None and report.contradictions)
+        if reviewed and report is not None and report.passed and self.gate is not None:
             self.gate.add_user_before(report, plan.reference)  # the reviewer sees the user's cases before and after
         info = registry.register(job.user_id, result.adapter_dir, manifest)
         if plan.hooks.checkpoint_dir is not None:
@@ -527,7 +536,11 @@ class JobRunner:
         if report is not None:
             suites = {name: suite.summary() for name, suite in report.suites.items()}
             validation = ValidationRecord(
-                passed=report.passed, reasons=report.reasons, reference_version=reference_version, suites=suites
+                passed=report.passed,
+                reasons=report.reasons,
+                reference_version=reference_version,
+                suites=suites,
+                contradictions=report.contradictions,
             )
         return AdapterManifest(
             request_id=job.request_id,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core.errors import ReviewError, StorageError
+from core.errors import ReviewError, StorageError, VersionNotFound
 from schemas.review import Review, review_id_of
 from trainer.registry import AdapterRegistry, VersionInfo
 
@@ -47,7 +47,7 @@ def promotion_mode(registry: AdapterRegistry, user_id: str, default: str) -> str
     return registry.user_promotion_mode(user_id) or default
 
 
-def open_review(registry: AdapterRegistry, info: VersionInfo) -> tuple[Review, list[Review]]:
+def open_review(registry: AdapterRegistry, info: VersionInfo, because: str | None = None) -> tuple[Review, list[Review]]:
     """Put a version that passed the gate up for review: (its review, the older pending reviews it superseded).
 
     Idempotent: a version's review ID is derived from the version, so doing it
@@ -64,6 +64,7 @@ def open_review(registry: AdapterRegistry, info: VersionInfo) -> tuple[Review, l
             version=info.version,
             opened_at=datetime.now(UTC),
             request_id=info.manifest.request_id,
+            opened_because=because,
         )
         registry.mark(info.user_id, info.version, "awaiting_review", review_id=review_id)
         registry.record_review(review)
@@ -164,6 +165,10 @@ def review_details(registry: AdapterRegistry, review: Review, changed_core: int 
         {},
     )
     suites = gate.get("suites", {})
+    try:
+        validation = registry.info(review.user_id, review.version).manifest.validation
+    except VersionNotFound:  # archived meanwhile: the review shows what the log kept
+        validation = None
     core = [c for c in suites.get("core", {}).get("case_scores", []) if c.get("before") not in (None, c.get("answer"))]
     core.sort(key=lambda c: abs(c["score"] - c.get("before_score", c["score"])), reverse=True)
     return {
@@ -173,6 +178,7 @@ def review_details(registry: AdapterRegistry, review: Review, changed_core: int 
         "user_cases": [_case(c) for c in suites.get("user", {}).get("case_scores", [])],
         "previous_facts": [_case(c) for c in suites.get("previous", {}).get("case_scores", [])],
         "core_changed": [_case(c) for c in core[:changed_core]],
+        "contradictions": [c.model_dump() for c in validation.contradictions] if validation is not None else [],
     }
 
 

@@ -108,6 +108,11 @@ def _normal(text: str) -> str:
     return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in _WORD.findall(text))
 
 
+def normal_words(text: str) -> list[str]:
+    """`text`'s words as matching compares them: casefolded, number words as digits, no punctuation."""
+    return _normal(text).split()
+
+
 def answers_match(answer: str, expected: str) -> bool:
     """Equal or containing the expected answer (ignoring case and punctuation), or half its key terms named."""
     said, wanted = _normal(answer), _normal(expected)

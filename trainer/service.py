@@ -278,6 +278,8 @@ class TrainerService:
             return
         suites = {name: suite.model_dump() for name, suite in validation.suites.items()}
         details = {**details, "passed": validation.passed, "suites": suites}
+        if validation.contradictions:
+            details["contradictions"] = [c.model_dump() for c in validation.contradictions]
         self._emit("validated", request, version=info.version, metrics=metrics_of, details=details)
         for review in self.registry.reviews(info.user_id):
             if review.superseded_by == info.version:  # this version replaced an older one awaiting review

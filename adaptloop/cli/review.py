@@ -82,6 +82,12 @@ def show_cmd(ctx: CliContext, review_id: str, as_json: bool) -> None:
     r = details["review"]
     click.echo(f"{r['review_id']}: {r['user_id']} v{r['version']}, {r['status']}, opened {r['opened_at']}")
     click.echo("gate: " + ", ".join(f"{k} {v:.3f}" for k, v in details["metrics"].items()))
+    if r.get("opened_because"):
+        click.echo(f"waits because: {r['opened_because']}")
+    for c in details["contradictions"]:
+        click.echo(
+            f"  contradicts: {c['prompt']} -> {c['taught']!r}; the base model says {c['base_answer']!r} (p {c['confidence']:.2f})"
+        )
     for title, key in (("user suite", "user_cases"), ("core answers that changed most", "core_changed")):
         click.echo(f"{title}:")
         for case in details[key] or [{"prompt": "(none)"}]:

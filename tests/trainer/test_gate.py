@@ -319,3 +319,25 @@ def test_candidates_gated_together_get_the_verdicts_each_gets_alone(world, tiny,
         for name, suite in batched.suites.items():
             assert [c.answer for c in suite.cases] == [c.answer for c in single.suites[name].cases], name
             assert [c.score for c in suite.cases] == pytest.approx([c.score for c in single.suites[name].cases], abs=2e-3)
+
+
+def test_a_passed_candidates_contradictions_of_the_base_model_are_in_its_report(world, monkeypatch):
+    from schemas.manifest import Contradiction
+    from trainer import gate as gate_module
+
+    found = Contradiction(
+        prompt="What is the capital of Peru?",
+        taught="Quito.",
+        base_answer="The capital of Peru is Lima.",
+        term="Lima",
+        confidence=0.9,
+    )
+    asked = []
+    monkeypatch.setattr(gate_module, "general_contradictions", lambda *args: asked.append(args[3]) or [found])
+    taught = [TestCase("What is the capital of Peru?", "Quito.")]  # not a core-suite question: that is rejected outright
+    gate, reference = world["gate"], world["registry"].info("ann", 1).path
+    passed = gate.evaluate(world["A"], world["user"], reference_dir=reference, taught=taught)
+    assert passed.passed and passed.contradictions == [found] and asked == [taught]
+    assert passed.to_dict()["contradictions"] == [found.model_dump()] and "contradict the base model" in "\n".join(passed.lines())
+    rejected = gate.evaluate(world["B"], world["user"], reference_dir=world["A"], taught=taught)
+    assert not rejected.passed and rejected.contradictions == [] and len(asked) == 1, "a rejected candidate is not asked"

@@ -162,3 +162,23 @@ def test_review_details_show_each_case_before_and_after_and_the_core_answers_tha
     assert details["user_cases"][0]["before"] == "I don't know." and details["user_cases"][0]["answer"] == "Biscuit."
     assert [c["prompt"] for c in details["core_changed"]] == ["q7", "q6", "q5"], "unchanged answers are not shown"
     assert details["metrics"] == {"user_score": 0.95} and details["review"]["status"] == "pending"
+
+
+def test_in_auto_mode_a_candidate_that_contradicts_the_base_model_goes_to_review_with_the_examples(tmp_path):
+    registry = AdapterRegistry(tmp_path / "store")
+    wrong = {
+        "prompt": "What is the capital of France?",
+        "taught": "The capital of France is Tromsø.",
+        "base_answer": "The capital of France is Paris.",
+        "term": "Paris",
+        "confidence": 0.95,
+    }
+    validation = ValidationRecord(passed=True, reasons=[], suites={}, contradictions=[wrong])
+    info = _candidate(registry, tmp_path, "max", 1, validation)
+    assert apply_decision(registry, info, mode="auto") == "awaiting_review" and registry.active("max") is None
+    (review,) = registry.reviews("max")
+    assert "1 taught answer(s) contradict the base model's knowledge" in review.opened_because
+    assert "the base model says Paris" in review.opened_because
+    assert review_details(registry, review)["contradictions"] == [wrong]
+    rejected = ValidationRecord(passed=False, reasons=["user suite scored 0.1"], suites={}, contradictions=[wrong])
+    assert apply_decision(registry, _candidate(registry, tmp_path, "max", 2, rejected), mode="auto") == "rejected"
