@@ -31,7 +31,9 @@ log = logging.getLogger("adaptloop.api")
 
 
 def create_app(cfg: ApiConfig, tracker: JobTracker | None = None) -> FastAPI:
-    tracker = tracker or JobTracker(cfg.client, cfg.commands_topic, cfg.lifecycle_topic, cfg.users_changelog, cfg.requests_topic)
+    tracker = tracker or JobTracker(
+        cfg.client, cfg.commands_topic, cfg.lifecycle_topic, cfg.users_changelog, cfg.requests_topic, cfg.review_requests_topic
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -31,6 +31,7 @@ class ApiConfig:
     max_body_bytes: int
     promote_if_score: float | None = None  # drawn on the dashboard's score chart
     promotion_mode: str = "auto"  # promotion.mode: a user's own mode wins
+    review_requests_topic: str | None = None  # labelling tasks: each user's open ones
     review_timeout_h: float = 72.0
     review_on_timeout: str = "deny"
     lag_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (consumer group, its topics) whose lag /metrics shows
@@ -53,6 +54,7 @@ class ApiConfig:
             commands_topic=t.commands.name,
             lifecycle_topic=t.lifecycle.name,
             requests_topic=t.training_requests.name,
+            review_requests_topic=t.review_requests.name,
             users_changelog=changelog_topic(settings.streams.app_id, "users"),
             storage_root=settings.storage_root,
             encryption=settings.storage.encryption,

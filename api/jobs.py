@@ -6,7 +6,8 @@ A background thread reads, from the beginning and without a consumer group
 - `adapter.training-requests`: every training request (from any trigger) is a `RequestView`;
 - `adapter.lifecycle`: events carrying a command's id as `job_id`, or a request's
   `request_id`, move them on;
-- the worker's `<app_id>-users-changelog`: each user's pending gaps.
+- the worker's `<app_id>-users-changelog`: each user's pending gaps;
+- `adapter.review-requests`: each user's open labelling tasks (streams/active.py).
 
 Job status by kind:
 - retrain: queued -> training -> gating -> validating -> promoted | rejected | skipped | failed
@@ -43,6 +44,8 @@ _STATUS_BY_EVENT = {
     "training_failed": "failed",
     "command_failed": "failed",
     "rolled_back": "rolled_back",
+    "awaiting_review": "awaiting_review",
+    "denied": "denied",
 }
 
 
@@ -214,9 +217,12 @@ class JobTracker:
         lifecycle_topic: str,
         users_changelog: str | None,
         requests_topic: str | None = None,
+        review_requests_topic: str | None = None,
     ) -> None:
         self.client = client
-        self.topics = [t for t in (commands_topic, lifecycle_topic, requests_topic, users_changelog) if t]
+        self.topics = [t for t in (commands_topic, lifecycle_topic, requests_topic, users_changelog, review_requests_topic) if t]
+        self.review_requests_topic = review_requests_topic
+        self.tasks: dict[str, dict[str, dict[str, Any]]] = {}  # user -> task id -> the open task
         self.commands_topic, self.lifecycle_topic, self.users_changelog = commands_topic, lifecycle_topic, users_changelog
         self.requests_topic = requests_topic
         self.requests = RequestBook()
@@ -247,6 +253,13 @@ class JobTracker:
     def get(self, job_id: str) -> Job | None:
         with self.lock:
             return self.jobs.get(job_id)
+
+    def open_tasks(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's labelling tasks still open (not answered, not past their expiry), oldest first."""
+        now = time.time()
+        with self.lock:
+            tasks = list(self.tasks.get(user_id, {}).values())
+        return sorted((t for t in tasks if _epoch(t.get("expires_at")) > now), key=lambda t: str(t.get("created_at")))
 
     def counts(self) -> dict[str, int]:
         with self.lock:
@@ -341,10 +354,20 @@ class JobTracker:
                 self._lifecycle(body)
             elif topic == self.requests_topic and body.get("request_id") and body.get("user_id"):
                 self.requests.request(body)
+            elif topic == self.review_requests_topic and body.get("review_request_id") and body.get("user_id"):
+                self._task(body)
+
+    def _task(self, body: dict[str, Any]) -> None:
+        tasks = self.tasks.setdefault(body["user_id"], {})
+        if body.get("status") == "open":
+            tasks[body["review_request_id"]] = body
+        else:  # answered or expired
+            tasks.pop(body["review_request_id"], None)
 
     def _forget(self, user_id: str, at: float) -> None:
         """A forget command: nothing of the user stays in this process's views."""
         self._forgotten[user_id] = max(at, self._forgotten.get(user_id, 0.0))
+        self.tasks.pop(user_id, None)
         self.activity.forget(user_id)
         self.requests.forget(user_id)
         self.jobs = {job_id: job for job_id, job in self.jobs.items() if job.user_id != user_id}

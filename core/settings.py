@@ -126,6 +126,8 @@ class TopicsSettings(_Section):
     dlq: TopicSpec = TopicSpec(name="adapter.dlq", partitions=1, config={"retention.ms": "1209600000"})  # two weeks
     # salted hashes of forgotten users and when (schemas.privacy); compacted, kept forever
     forgotten: TopicSpec = TopicSpec(name="adapter.forgotten", partitions=1, config={"cleanup.policy": "compact"})
+    # labelling tasks for users (active learning, schemas.review_requests): opened, answered, expired
+    review_requests: TopicSpec = TopicSpec(name="adapter.review-requests")
 
     def inputs(self) -> dict[InputKind, TopicSpec]:
         return {kind: getattr(self, kind) for kind in INPUT_KINDS}
@@ -182,6 +184,20 @@ class DatasetSettings(_Section):
     max_pending: int = Field(2000, ge=1, description="new examples kept per user until the next request")
 
 
+class ActiveLearningSettings(_Section):
+    """Labelling tasks: the worker asks a user for the answers worth most (streams/active.py)."""
+
+    enabled: bool = Field(True, description="rank each user's unresolved questions and ask for the best ones")
+    daily_budget: int = Field(3, ge=0, le=1000, description="labelling tasks per user per day (UTC, event time)")
+    min_asks: int = Field(2, ge=1, description="a question is worth a task once the user has asked it this often")
+    low_confidence: float = Field(
+        0.5, ge=0, le=1, description="an answered intent trace below this confidence counts as unresolved"
+    )
+    recency_half_life_h: float = Field(168.0, gt=0, description="a question's worth halves over this many hours unasked")
+    task_ttl_h: float = Field(72.0, gt=0, description="an unanswered task expires after this (the question may be asked again)")
+    max_tracked: int = Field(32, ge=1, le=1000, description="unresolved questions kept per user (the least worth dropped)")
+
+
 class StreamsSettings(_Section):
     app_id: str = Field("adaptloop-worker", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="Faust app id = consumer group")
     internal_partitions: int = Field(6, ge=1, le=1000, description="partitions of the worker's user-keyed internal topics")
@@ -193,6 +209,7 @@ class StreamsSettings(_Section):
     curation: CurationSettings = CurationSettings()
     triggers: TriggerSettings = TriggerSettings()
     dataset: DatasetSettings = DatasetSettings()
+    active_learning: ActiveLearningSettings = ActiveLearningSettings()
 
 
 # --------------------------------------------------------------------------- #

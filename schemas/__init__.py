@@ -33,6 +33,7 @@ from schemas.lifecycle import ENDS_COMMAND, ENDS_REQUEST, LifecycleEvent, reason
 from schemas.manifest import AdapterManifest
 from schemas.privacy import ForgottenRecord
 from schemas.review import Review
+from schemas.review_requests import ReviewRequest
 from schemas.training import DatasetRef, TrainingExample, TrainingRequest
 
 # Every message type, by the name its JSON Schema file carries.
@@ -53,6 +54,7 @@ MESSAGE_TYPES: dict[str, type[BaseModel]] = {
     "training_example": TrainingExample,
     "lifecycle_event": LifecycleEvent,
     "review": Review,
+    "review_request": ReviewRequest,
     "dead_letter": DeadLetter,
 }
 
@@ -77,6 +79,7 @@ __all__ = [
     "ApproveCommand",
     "DenyCommand",
     "Review",
+    "ReviewRequest",
     "ENDS_COMMAND",
     "ENDS_REQUEST",
     "AdapterManifest",

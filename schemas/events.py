@@ -79,6 +79,9 @@ class Feedback(_Rated):
     response: Text
     correction: Text | None = Field(None, description="required when kind is 'correction'")
     comment: Text | None = None
+    review_request_id: EventId | None = Field(
+        None, description="the labelling task this correction answers (adapter.review-requests)"
+    )
 
     @model_validator(mode="after")
     def _kind_has_its_field(self) -> Feedback:

@@ -20,6 +20,7 @@ from core.errors import InvalidMessage
 from schemas.commands import RollbackCommand
 from schemas.deadletter import DeadLetter
 from schemas.lifecycle import LifecycleEvent
+from schemas.review_requests import ReviewRequest
 from streams import metrics
 from streams.config import WorkerConfig
 from streams.decoding import SourceDecoder, partition_of
@@ -119,6 +120,8 @@ class BatchHandler:
                 topic, partition = self.cfg.commands_topic, partition_of(key, self.cfg.internal_partitions)
             elif isinstance(message, LifecycleEvent):  # so does the lifecycle topic
                 topic, partition = self.cfg.lifecycle_topic, partition_of(key, self.cfg.internal_partitions)
+            elif isinstance(message, ReviewRequest):  # labelling tasks, by user
+                topic, partition = self.cfg.review_requests_topic, partition_of(key, self.cfg.review_requests_partitions)
             else:
                 topic, partition = self.cfg.requests_topic, partition_of(key, self.cfg.requests_partitions)
             self.sender.add(topic, partition, key, message.to_bytes(), PHASE_MARKS)
@@ -129,6 +132,8 @@ class BatchHandler:
                 log.warning("rollback command %s for %s: %s", message.command_id, message.user_id, message.reason)
             elif isinstance(message, LifecycleEvent):
                 log.info("%s for %s (job %s): %s", message.type, message.user_id, message.job_id, message.reason)
+            elif isinstance(message, ReviewRequest):
+                log.debug("labelling task %s for %s: %s", message.review_request_id, message.user_id, message.status)
             else:
                 log.info("training request %s for %s (%s)", message.request_id, message.user_id, message.trigger)
         metrics.PROCESSED.inc(stats.events)
@@ -141,4 +146,6 @@ class BatchHandler:
             metrics.REQUESTS.labels(trigger).inc(n)
         for kind, n in stats.redacted.items():
             metrics.REDACTED.labels(kind).inc(n)
+        for status, n in stats.tasks.items():
+            metrics.REVIEW_REQUESTS.labels(status).inc(n)
         metrics.BATCH_SECONDS.labels("process").observe(time.perf_counter() - started)

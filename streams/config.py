@@ -34,6 +34,8 @@ class WorkerConfig:
     dedupe_window_s: float
     requests_partitions: int
     dlq_partitions: int
+    review_requests_topic: str  # labelling tasks (streams/active.py)
+    review_requests_partitions: int
     dlq_raw: bool  # dead letters keep the raw bytes (privacy.dlq_raw)
     data_dir: Path  # Faust's local files
     encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
@@ -75,6 +77,8 @@ class WorkerConfig:
             dedupe_window_s=s.streams.dedupe_window_s,
             requests_partitions=topics.training_requests.partitions,
             dlq_partitions=topics.dlq.partitions,
+            review_requests_topic=topics.review_requests.name,
+            review_requests_partitions=topics.review_requests.partitions,
             dlq_raw=s.privacy.dlq_raw,
             data_dir=worker_data_dir(s),
         )

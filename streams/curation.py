@@ -54,6 +54,16 @@ _TEMPLATES = (
 
 
 @dataclass(frozen=True)
+class Asked:
+    """A question the user asked that may still lack a right answer (active learning, streams/active.py)."""
+
+    question: str
+    kind: Literal["missed_intent", "answered", "negative_rating"]  # answered: judged by its confidence
+    confidence: float | None = None
+    intent: str | None = None
+
+
+@dataclass(frozen=True)
 class Curated:
     """What one event contributes."""
 
@@ -62,6 +72,9 @@ class Curated:
     outcome: bool | None = None  # True: the user was served well; False: badly
     boost_prompt: str | None = None  # a thumbs-up for this prompt
     to_global: bool = False  # the examples belong to the global pool
+    asked: Asked | None = None  # a question that may still lack a right answer
+    resolved: str | None = None  # a question that got its right answer (a correction, a resolution)
+    answers_task: str | None = None  # the labelling task a correction answers
 
 
 def _weight(base: float, confidence: float | None, cfg: CurationSettings) -> float:
@@ -82,29 +95,37 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
     """The examples and signals of one validated event (before augmentation)."""
     if isinstance(event, IntentTrace):
         if event.status in ("missed", "abandoned"):
-            examples = ()
             if event.resolution:
                 w = _weight(cfg.resolution_weight, event.confidence, cfg)
-                examples = (_example(event.query, event.resolution, "intent", w, event, provenance),)
-            return Curated(examples=examples, gap="missed_intent", outcome=False)
+                example = _example(event.query, event.resolution, "intent", w, event, provenance)
+                return Curated(examples=(example,), gap="missed_intent", outcome=False, resolved=event.query)
+            asked = Asked(event.query, "missed_intent", event.confidence, event.intent)
+            return Curated(gap="missed_intent", outcome=False, asked=asked)
+        asked = Asked(event.query, "answered", event.confidence, event.intent) if event.confidence is not None else None
         if event.status == "satisfied":
-            return Curated(outcome=True)
-        return Curated()
+            return Curated(outcome=True, asked=asked)
+        return Curated(asked=asked)
     if isinstance(event, Feedback):
         if event.kind == "correction":
             assert event.correction is not None
             example = _example(event.query, event.correction, "correction", cfg.correction_weight, event, provenance)
-            return Curated(examples=(example,), gap="correction", outcome=False)
+            return Curated(
+                examples=(example,),
+                gap="correction",
+                outcome=False,
+                resolved=event.query,
+                answers_task=event.review_request_id,
+            )
         rating = event.normalized_rating or 0.0
         if rating < 0:
-            return Curated(gap="negative_rating", outcome=False)
+            return Curated(gap="negative_rating", outcome=False, asked=Asked(event.query, "negative_rating"))
         if rating > 0:
             return Curated(outcome=True, boost_prompt=event.query)
         return Curated()
     if isinstance(event, ConversationTurn):
         rating = event.normalized_rating
         if rating is not None and rating < 0:
-            return Curated(gap="negative_rating", outcome=False)
+            return Curated(gap="negative_rating", outcome=False, asked=Asked(event.question, "negative_rating"))
         if rating is not None and rating > 0:
             weight = cfg.conversation_weight * (0.5 + 0.5 * rating)
             example = _example(event.question, event.answer, "conversation", round(weight, 6), event, provenance)
@@ -139,17 +160,24 @@ def without_training(curated: Curated) -> Curated:
 def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Counter[str]]:
     """`curated` with personal data in its texts replaced by placeholders, and how many of each type."""
     found: Counter[str] = Counter()
+    cleaned: dict[str, str] = {}  # a correction's question is its example's prompt too: redacted once
 
     def clean(text: str) -> str:
-        return redactor.redact_into(text, found)
+        if text not in cleaned:
+            cleaned[text] = redactor.redact_into(text, found)
+        return cleaned[text]
 
-    if not redactor.enabled or (not curated.examples and curated.boost_prompt is None):
+    texts = (curated.boost_prompt, curated.resolved, curated.asked)
+    if not redactor.enabled or (not curated.examples and texts == (None, None, None)):
         return curated, found
     examples = tuple(_with_texts(e, clean(e.prompt), clean(e.response)) for e in curated.examples)
     boost = None if curated.boost_prompt is None else clean(curated.boost_prompt)
-    if boost == curated.boost_prompt and all(a is b for a, b in zip(examples, curated.examples, strict=True)):
+    resolved = None if curated.resolved is None else clean(curated.resolved)
+    asked = None if curated.asked is None else replace(curated.asked, question=clean(curated.asked.question))
+    same = (boost, resolved) == (curated.boost_prompt, curated.resolved) and asked == curated.asked
+    if same and all(a is b for a, b in zip(examples, curated.examples, strict=True)):
         return curated, found  # nothing personal found (most texts): no copies
-    return replace(curated, examples=examples, boost_prompt=boost), found
+    return replace(curated, examples=examples, boost_prompt=boost, resolved=resolved, asked=asked), found
 
 
 def _with_texts(example: TrainingExample, prompt: str, response: str) -> TrainingExample:

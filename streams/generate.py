@@ -45,7 +45,8 @@ def test_path_for(output: Path) -> Path:
 def offline_processor(cfg: WorkerConfig, store: ArtifactStore) -> UserProcessor:
     """The worker's processor with every automatic trigger and rollback off: it only curates and counts."""
     triggers = replace(cfg.processor.triggers, schedule="on-demand", accuracy_drop=False)
-    return UserProcessor(replace(cfg.processor, triggers=triggers, auto_rollback=False), store)
+    asks = cfg.processor.active.model_copy(update={"enabled": False})  # no labelling tasks offline
+    return UserProcessor(replace(cfg.processor, triggers=triggers, auto_rollback=False, active=asks), store)
 
 
 def generate_dataset(

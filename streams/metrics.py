@@ -29,6 +29,12 @@ REDACTED = Counter(
     "adaptloop_worker_redactions_total", "Personal data items replaced by placeholders", ["type"], registry=REGISTRY
 )
 REQUESTS = Counter("adaptloop_worker_training_requests_total", "Training requests emitted", ["trigger"], registry=REGISTRY)
+REVIEW_REQUESTS = Counter(
+    "adaptloop_worker_review_requests_total",
+    "Labelling tasks on adapter.review-requests, by status: open (emitted), answered, expired",
+    ["status"],
+    registry=REGISTRY,
+)
 BATCH_SECONDS = Histogram(
     "adaptloop_worker_batch_seconds",
     "Time to process one batch",

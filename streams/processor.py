@@ -18,11 +18,13 @@ from datetime import datetime
 from typing import Any
 
 from core.redaction import Redactor
-from core.settings import CurationSettings, Settings, defaults
+from core.settings import ActiveLearningSettings, CurationSettings, Settings, defaults
 from core.storage import ArtifactStore
 from schemas.commands import RollbackCommand
 from schemas.lifecycle import ENDS_REQUEST, LifecycleEvent
+from schemas.review_requests import ReviewRequest
 from schemas.training import OffsetRange, TrainingExample, TrainingRequest, request_id_for
+from streams.active import Budget, Closed, as_message, expire, note, open_tasks
 from streams.curation import GLOBAL_USER, augment, curate, dedupe, redact_curated, without_training
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
 from streams.envelope import Envelope
@@ -61,6 +63,7 @@ class ProcessorConfig:
     auto_rollback: bool  # an accuracy drop soon after a promotion rolls the promotion back
     auto_rollback_window_s: float
     redactor: Redactor  # personal data out of examples before they are stored
+    active: ActiveLearningSettings = ActiveLearningSettings()  # labelling tasks (streams/active.py)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> ProcessorConfig:
@@ -75,11 +78,13 @@ class ProcessorConfig:
             auto_rollback=s.validation.auto_rollback,
             auto_rollback_window_s=s.validation.auto_rollback_window_s,
             redactor=Redactor.from_settings(s),
+            active=s.streams.active_learning,
         )
         return replace(config, **overrides)
 
 
-Output = TrainingRequest | RollbackCommand | LifecycleEvent  # what the processor gives the worker to send
+# What the processor gives the worker to send.
+Output = TrainingRequest | RollbackCommand | LifecycleEvent | ReviewRequest
 
 
 def _skipped(user_id: str, command_id: str, reason: str) -> LifecycleEvent:
@@ -102,6 +107,7 @@ class BatchStats:
     redacted: dict[str, int] = field(default_factory=dict)  # placeholder type -> items replaced
     not_trained: int = 0  # events counted but not trained on (consent)
     forgotten: int = 0  # envelopes of a forgotten user from before the forget (ignored)
+    tasks: dict[str, int] = field(default_factory=dict)  # labelling tasks by status: open (emitted), answered, expired
 
 
 class UserProcessor:
@@ -118,7 +124,9 @@ class UserProcessor:
         """Apply a batch of one user's envelopes to `state`; return the training requests, commands and events to emit."""
         requests: list[Output] = []
         global_examples: list[TrainingExample] = []
+        closed: list[Closed] = []
         now = state.last_event_at
+        foreign = state.written_by != self.run_id
         requests.extend(self._repair_after_crash(state, user_log, now))
         for env in envelopes:
             if env.k == "event":
@@ -140,6 +148,8 @@ class UserProcessor:
                     max_pending=self.cfg.max_pending,
                     accuracy_window=self.cfg.accuracy_window,
                 )
+                if fresh and trainable and self.cfg.active.enabled:
+                    closed += note(state.unresolved, curated, event.timestamp.timestamp(), self.cfg.active)
                 if fresh:
                     stats.events += 1
                     stats.not_trained += not trainable
@@ -162,6 +172,8 @@ class UserProcessor:
                 # A batch replayed after a crash, or `adaptloop replay`, rebuilds the
                 # very same request instead of a second, different one.
                 requests.extend(self._after_envelope(user_id, state, user_log, now))
+        if user_id != GLOBAL_USER and self.cfg.active.enabled:
+            requests.extend(self._tasks(user_id, state, now, closed, resend=foreign))
         if global_examples:
             write_global(self.store, global_examples)
         if user_id == GLOBAL_USER:
@@ -171,7 +183,25 @@ class UserProcessor:
                 stats.requests[r.trigger] = stats.requests.get(r.trigger, 0) + 1
             elif isinstance(r, RollbackCommand):
                 stats.requests["auto-rollback"] = stats.requests.get("auto-rollback", 0) + 1
+            elif isinstance(r, ReviewRequest):
+                stats.tasks[r.status] = stats.tasks.get(r.status, 0) + 1
         return requests
+
+    def _tasks(self, user_id: str, state: UserState, now: float, closed: list[Closed], resend: bool) -> list[ReviewRequest]:
+        """The user's labelling tasks that ended, and new ones for the questions worth most (streams/active.py).
+
+        `resend`: another run wrote the state last (it may have crashed
+        before its tasks went out): the open ones are sent again, same IDs."""
+        cfg = self.cfg.active
+        open_before = [e for e in state.unresolved if e.task_id is not None] if resend else []
+        closed = closed + expire(state.unresolved, now)
+        budget = Budget(state.tasks_day, state.tasks_used)
+        opened = open_tasks(user_id, state.unresolved, budget, now, cfg) if state.training_consent else []
+        state.tasks_day, state.tasks_used = budget.day, budget.used
+        return [
+            *(as_message(user_id, c.entry, c.status, c.at, cfg) for c in closed),
+            *(as_message(user_id, e, "open", now, cfg) for e in open_before + opened if e.task_id is not None),
+        ]
 
     def _repair_after_crash(self, state: UserState, user_log: UserLog, now: float) -> list[TrainingRequest]:
         """Resend what a crash may have lost after the state landed; start this write's list of counted ids.

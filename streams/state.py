@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from core.settings import CurationSettings
 from schemas.training import TrainingExample
+from streams.active import Unresolved
 from streams.curation import GAP_KINDS, Curated
 
 
@@ -69,6 +70,11 @@ class UserState(BaseModel):
     promoted_version: int | None = Field(None, description="the last promoted version, while a drop may still roll it back")
     promoted_at: float | None = None
     training_consent: bool = Field(True, description="False while the user has opted out of training (a consent command)")
+    unresolved: list[Unresolved] = Field(
+        default_factory=list, description="questions still without a right answer, and their labelling tasks (streams/active.py)"
+    )
+    tasks_day: str | None = Field(None, description="the UTC day (event time) `tasks_used` counts")
+    tasks_used: int = 0
 
     @field_validator("gaps")
     @classmethod

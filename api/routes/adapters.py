@@ -113,6 +113,15 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
     }
 
 
+@router.get("/review-requests/{user_id}")
+def review_requests(user_id: UserIdPath, who: Auth, tracker: Tracker) -> list[dict]:
+    """The user's open labelling tasks (streams/active.py): questions worth answering, best first within a day's budget.
+
+    Answer one with a correction event carrying its `review_request_id`."""
+    allowed(who, user_id)
+    return tracker.open_tasks(user_id)
+
+
 @router.get("/history/{user_id}")
 def history(user_id: UserIdPath, who: Auth, registry: Registry) -> list[dict]:
     allowed(who, user_id)

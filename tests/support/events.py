@@ -6,7 +6,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 INPUT_KINDS = ("intent_traces", "feedback", "conversations", "concept_gaps")
-OTHER_TOPICS = ("commands", "training_requests", "lifecycle", "dlq", "forgotten")
+OTHER_TOPICS = ("commands", "training_requests", "lifecycle", "dlq", "forgotten", "review_requests")
 TOPIC_KEYS = (*INPUT_KINDS, *OTHER_TOPICS)
 
 
