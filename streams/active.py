@@ -85,7 +85,9 @@ def _kind_and_uncertainty(asked: Asked, cfg: ActiveLearningSettings) -> tuple[Un
 
 def note(unresolved: list[Unresolved], curated: Curated, at: float, cfg: ActiveLearningSettings) -> list[Closed]:
     """Apply one counted event to the user's unresolved questions; the tasks it answered."""
-    closed = []
+    closed: list[Closed] = []
+    if curated.asked is None and not unresolved:
+        return closed  # most events: nothing asked, nothing waiting
     if curated.answers_task is not None:
         for entry in [e for e in unresolved if e.task_id == curated.answers_task]:
             unresolved.remove(entry)

@@ -107,3 +107,37 @@ def test_the_dashboard_lists_pending_reviews_with_answers_before_and_after(api_s
     assert "I do not know your dog." in page.text and "Biscuit, your dog." in page.text and "<td>0.900</td>" in page.text
     assert "deny after 72 h without a decision" in page.text
     assert httpx.get(f"{api_server.url}/dashboard", headers=api_server.headers("alice")).status_code == 403
+
+
+def test_a_users_open_labelling_tasks(api_server: ApiHandle):
+    from datetime import UTC, datetime, timedelta
+
+    from core.kafka.io import produce
+    from schemas import ReviewRequest
+
+    now = datetime.now(UTC)
+
+    def task(n: int, status: str = "open", user: str = "alice", expires: timedelta = timedelta(hours=1)) -> tuple[str, bytes]:
+        record = ReviewRequest(
+            review_request_id=f"rr-{n}",
+            user_id=user,
+            status=status,
+            question=f"What is my code {n}?",
+            kind="missed_intent",
+            asked=3,
+            uncertainty=1.0,
+            value=3.0,
+            created_at=now + timedelta(seconds=n),
+            expires_at=now + expires,
+        )
+        return user, record.to_bytes()
+
+    messages = [task(1), task(2), task(3), task(2, "answered"), task(4, expires=-timedelta(minutes=1)), task(5, user="bob")]
+    produce(api_server.client, api_server.topics["review_requests"], messages)
+    url = f"{api_server.url}/api/adapter/review-requests/alice"
+
+    def listed() -> list[str]:
+        return [t["review_request_id"] for t in httpx.get(url, headers=api_server.headers("alice")).json()]
+
+    api_server.wait_for(lambda: listed() == ["rr-1", "rr-3"], what="alice's open tasks: not answered, not expired")
+    assert httpx.get(f"{api_server.url}/api/adapter/review-requests/bob", headers=api_server.headers("alice")).status_code == 403
