@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions bench-active reliability clean
 
 install: $(STAMP)
 
@@ -90,6 +90,9 @@ bench-encryption: install
 
 bench-contradictions: install
 	$(BIN)/python benchmarks/contradictions.py
+
+bench-active: install
+	$(BIN)/python benchmarks/active.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
