@@ -72,3 +72,24 @@ def test_only_general_questions_are_put_to_the_base_model(monkeypatch):
     found = general_contradictions(None, None, None, [*personal, wrong, TestCase("what is the capital of France", "Tromsø")], 0.5)
     assert asked == [["What is the capital of France?"]], "each distinct question once"
     assert [(c.prompt, c.term) for c in found] == [("What is the capital of France?", "Paris")]
+
+
+@pytest.mark.slow
+def test_the_check_on_its_labelled_set_with_the_default_model():
+    """The measure of benchmarks/README.md as a test: no false alarm, most false world facts caught (10/15 measured)."""
+    from core.settings import defaults
+    from trainer.model import load_base, resolve_base_model
+
+    settings = defaults()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, tokenizer, device = load_base(base, settings.model.dtype)
+    rows = [json.loads(line) for line in LABELLED.read_text(encoding="utf-8").splitlines()]
+    flagged = {
+        c.taught
+        for c in general_contradictions(
+            model, tokenizer, device, [TestCase(r["prompt"], r["answer"]) for r in rows if r["label"] == "contradiction"], 0.5
+        )
+    }
+    assert len(flagged) >= 8, f"only {len(flagged)} of 15 false world facts caught: {sorted(flagged)}"
+    innocent = [TestCase(r["prompt"], r["answer"]) for r in rows if r["label"] == "none"]
+    assert general_contradictions(model, tokenizer, device, innocent, 0.5) == [], "a false alarm"
