@@ -40,6 +40,9 @@ LifecycleType = Literal[
     "forgotten",  # a user erased: `user_id` is the salted hash (schemas.privacy), never the id
 ]
 
+# A `promoted` event's `details.missed_cases` lists the user-suite questions the
+# version does not answer right (the worker may ask the user about them).
+
 # A training request is answered by any of these (the version's verdict, a skip, or the failure).
 ENDS_REQUEST: frozenset[str] = frozenset(
     {"training_completed", "training_skipped", "training_failed", "promoted", "rejected", "awaiting_review"}

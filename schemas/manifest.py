@@ -165,6 +165,10 @@ class AdapterManifest(_Record):
         """What the next version must not forget."""
         return [fact for fact in self.facts if fact.learned]
 
+    def missed_cases(self) -> list[str]:
+        """The user-suite questions this version does not answer right (what active learning may ask about)."""
+        return [fact.prompt for fact in self.facts if not fact.learned]
+
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode("utf-8")
 

@@ -2,7 +2,8 @@
 
 Keyed by `user_id`. The worker (streams/active.py) ranks each user's
 unresolved questions (missed or abandoned intents without a resolution,
-answers given with low confidence, answers rated down) by how often the user
+answers given with low confidence, answers rated down, user-suite cases the
+newly promoted version fails) by how often the user
 asks, how recently and how unsure the assistant was, and opens a task for the
 best ones within a daily budget. The same record type says how a task ends:
 `status` is `open` when it is emitted, then `answered` (a correction with
@@ -19,7 +20,7 @@ from pydantic import Field
 from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId
 
 ReviewRequestStatus = Literal["open", "answered", "expired"]
-UnresolvedKind = Literal["missed_intent", "low_confidence", "negative_rating"]
+UnresolvedKind = Literal["missed_intent", "low_confidence", "negative_rating", "failed_case"]
 
 
 class ReviewRequest(Message):

@@ -3,7 +3,9 @@
 Per user, the worker keeps the questions still without a right answer
 (`UserState.unresolved`, at most `max_tracked`): a missed or abandoned intent
 without a resolution, an answer given with confidence below `low_confidence`,
-an answer rated down. The same question asked again (the same words, ignoring
+an answer rated down, a user-suite case the newly promoted version fails (the
+`promoted` event's `details.missed_cases`; counted as asked `min_asks` times,
+so it is worth a task at once). The same question asked again (the same words, ignoring
 case and punctuation) counts again. A correction of it, or a resolution,
 removes it.
 
@@ -81,6 +83,14 @@ def _kind_and_uncertainty(asked: Asked, cfg: ActiveLearningSettings) -> tuple[Un
             return None  # answered with confidence: nothing to ask
         return "low_confidence", 1.0 - confidence
     return asked.kind, 1.0 if confidence is None else 1.0 - confidence
+
+
+def note_missed_cases(unresolved: list[Unresolved], prompts: list[str], at: float, cfg: ActiveLearningSettings) -> None:
+    """The user-suite questions a newly promoted version fails: each worth a task at once (a failed check, not a whim)."""
+    for prompt in prompts:
+        _add(unresolved, Asked(prompt, "failed_case"), at, cfg)
+        entry = next(e for e in unresolved if e.key == question_key(prompt))
+        entry.asked = max(entry.asked, cfg.min_asks)
 
 
 def note(unresolved: list[Unresolved], curated: Curated, at: float, cfg: ActiveLearningSettings) -> list[Closed]:

@@ -58,7 +58,7 @@ class Asked:
     """A question the user asked that may still lack a right answer (active learning, streams/active.py)."""
 
     question: str
-    kind: Literal["missed_intent", "answered", "negative_rating"]  # answered: judged by its confidence
+    kind: Literal["missed_intent", "answered", "negative_rating", "failed_case"]  # answered: judged by its confidence
     confidence: float | None = None
     intent: str | None = None
 

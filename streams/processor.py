@@ -24,7 +24,7 @@ from schemas.commands import RollbackCommand
 from schemas.lifecycle import ENDS_REQUEST, LifecycleEvent
 from schemas.review_requests import ReviewRequest
 from schemas.training import OffsetRange, TrainingExample, TrainingRequest, request_id_for
-from streams.active import Budget, Closed, as_message, expire, note, open_tasks
+from streams.active import Budget, Closed, as_message, expire, note, note_missed_cases, open_tasks
 from streams.curation import GLOBAL_USER, augment, curate, dedupe, redact_curated, without_training
 from streams.dataset import DatasetConfig, build_dataset, lineage, read_examples, read_global, write_dataset, write_global
 from streams.envelope import Envelope
@@ -292,6 +292,9 @@ class UserProcessor:
             # Judge the new version by what happens from now on.
             state.promoted_version, state.promoted_at = int(body["version"]), _timestamp(body, state.last_event_at)
             state.outcomes, state.accuracy_alarm = [], False
+            missed = (body.get("details") or {}).get("missed_cases") or []
+            if self.cfg.active.enabled and state.training_consent and isinstance(missed, list):
+                note_missed_cases(state.unresolved, [str(p) for p in missed][:20], state.promoted_at, self.cfg.active)
         elif body.get("type") == "rolled_back":
             state.promoted_version = state.promoted_at = None
         open_ = state.open_request

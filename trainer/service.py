@@ -284,6 +284,8 @@ class TrainerService:
         for review in self.registry.reviews(info.user_id):
             if review.superseded_by == info.version:  # this version replaced an older one awaiting review
                 self._announce_review(Decision(review))
+        if manifest.missed_cases():
+            details["missed_cases"] = manifest.missed_cases()  # the worker may ask the user about them
         if decision == "awaiting_review":
             review_id = next(r.review_id for r in self.registry.reviews(info.user_id) if r.version == info.version)
             self._emit(
@@ -313,8 +315,10 @@ class TrainerService:
         review = decision.review
         details = {"review_id": review.review_id, "decided_by": review.decided_by, "republished": republished}
         if review.status == "approved":
-            for kind in ("approved", "promoted"):
-                self._emit(kind, review, version=review.version, previous_version=decision.previous, details=details)
+            missed = self.registry.info(review.user_id, review.version).manifest.missed_cases()
+            self._emit("approved", review, version=review.version, previous_version=decision.previous, details=details)
+            promoted = details | ({"missed_cases": missed} if missed else {})
+            self._emit("promoted", review, version=review.version, previous_version=decision.previous, details=promoted)
             return
         if review.superseded_by is not None:
             details["superseded_by"] = review.superseded_by

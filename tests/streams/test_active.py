@@ -120,3 +120,17 @@ def test_the_tracked_questions_are_bounded_and_an_opted_out_user_is_never_asked(
 
 def test_question_keys_ignore_case_and_punctuation():
     assert question_key("What's my PIN?") == question_key("what s my pin") == "what s my pin"
+
+
+def test_user_suite_questions_a_promoted_version_fails_are_asked_about_at_once(tmp_path):
+    user = User(tmp_path)
+    at = datetime.fromtimestamp(T0, UTC).isoformat()
+    details = {"missed_cases": ["What's the name of my dog?", "Tell me where I was born."]}
+    promoted = Envelope(
+        k="lifecycle", body={"type": "promoted", "user_id": "ann", "version": 2, "timestamp": at, "details": details}
+    )
+    tasks = user.batch(promoted)
+    assert sorted((t.question, t.kind) for t in tasks) == [
+        ("Tell me where I was born.", "failed_case"),
+        ("What's the name of my dog?", "failed_case"),
+    ], "a failed check is worth a task without waiting to be asked twice"
