@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import click
@@ -99,23 +100,30 @@ def show_cmd(ctx: CliContext, review_id: str, as_json: bool) -> None:
                 )
 
 
+def _decision(command: Callable) -> Callable:
+    """What approve and deny share: the review's ID, --direct, --timeout, the context."""
+    for option in (
+        pass_ctx,
+        click.option(
+            "--timeout", type=click.FloatRange(0), default=120.0, show_default=True, help="seconds to wait for the outcome"
+        ),
+        click.option("--direct", is_flag=True, help="decide on the registry here instead of sending a command to the trainers"),
+    ):
+        command = option(command)
+    return click.argument("review_id", metavar="ID")(command)
+
+
 @review_group.command("approve")
-@click.argument("review_id", metavar="ID")
 @click.option("--reason", default=None, help="recorded with the decision")
-@click.option("--direct", is_flag=True, help="decide on the registry here instead of sending a command to the trainers")
-@click.option("--timeout", type=click.FloatRange(0), default=120.0, show_default=True, help="seconds to wait for the outcome")
-@pass_ctx
+@_decision
 def approve_cmd(ctx: CliContext, review_id: str, reason: str | None, direct: bool, timeout: float) -> None:
     """Approve: the version becomes the user's active adapter."""
     _decide(ctx.settings, review_id, True, reason, direct, timeout)
 
 
 @review_group.command("deny")
-@click.argument("review_id", metavar="ID")
 @click.option("--reason", required=True, help="why; recorded with the decision and in the `denied` event")
-@click.option("--direct", is_flag=True, help="decide on the registry here instead of sending a command to the trainers")
-@click.option("--timeout", type=click.FloatRange(0), default=120.0, show_default=True, help="seconds to wait for the outcome")
-@pass_ctx
+@_decision
 def deny_cmd(ctx: CliContext, review_id: str, reason: str, direct: bool, timeout: float) -> None:
     """Deny: the version never becomes active."""
     _decide(ctx.settings, review_id, False, reason, direct, timeout)
