@@ -10,11 +10,11 @@ A background thread reads, from the beginning and without a consumer group
 - `adapter.review-requests`: each user's open labelling tasks (streams/active.py).
 
 Job status by kind:
-- retrain: queued -> training -> gating -> validating -> promoted | rejected | skipped | failed
+- retrain: queued -> training -> gating -> validating -> promoted | rejected | awaiting_review | skipped | failed
 - validate: queued -> validated (with `passed`) | failed
 - rollback: queued -> rolled_back | failed
 A request's state: queued -> training (with step/total/loss) -> gating -> deciding ->
-promoted | rejected | skipped (with the reason) | failed.
+promoted | rejected | awaiting_review | skipped (with the reason) | failed.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ _REQUEST_STATE = {
     "validated": "deciding",
     "promoted": "promoted",
     "rejected": "rejected",
+    "awaiting_review": "awaiting_review",
     "training_skipped": "skipped",
     "training_failed": "failed",
 }

@@ -68,3 +68,15 @@ def test_consent_commands_are_no_jobs_and_the_worker_state_says_who_opted_out():
     assert t.activity.opted_out == {"ann"}
     t._apply("app-users-changelog", b"ann", json.dumps({"gaps": [], "training_consent": True}).encode())
     assert t.activity.opted_out == set()
+
+
+def test_in_review_mode_a_retrain_and_its_request_end_awaiting_review():
+    t = _tracker()
+    t._apply("cmd", b"ann", json.dumps({"command_id": "j1", "type": "retrain", "user_id": "ann"}).encode())
+    t.requests.request({"request_id": "r1", "user_id": "ann", "trigger": "on-demand"})
+    for n, kind in enumerate(["training_started", "training_completed", "validated", "awaiting_review"]):
+        t._apply("life", b"ann", _event(n, kind, version=1, request_id="r1", details={"review_id": "r-0123456789ab"}))
+    assert t.get("j1").status == "awaiting_review" and t.get("j1").ended
+    view = t.requests.of("ann")
+    assert view is not None and view.state == "awaiting_review" and not view.open
+    assert view.describe().startswith("awaiting_review v1")
