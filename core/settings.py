@@ -209,7 +209,6 @@ class StreamsSettings(_Section):
     curation: CurationSettings = CurationSettings()
     triggers: TriggerSettings = TriggerSettings()
     dataset: DatasetSettings = DatasetSettings()
-    active_learning: ActiveLearningSettings = ActiveLearningSettings()
 
 
 # --------------------------------------------------------------------------- #
@@ -526,6 +525,7 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     promotion: PromotionSettings = PromotionSettings()
     review: ReviewSettings = ReviewSettings()
+    active_learning: ActiveLearningSettings = ActiveLearningSettings()
     api: ApiSettings = ApiSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()

@@ -8,7 +8,7 @@ asks, how recently and how unsure the assistant was, and opens a task for the
 best ones within a daily budget. The same record type says how a task ends:
 `status` is `open` when it is emitted, then `answered` (a correction with
 this `review_request_id` came, curated like any correction) or `expired`
-(none came within `streams.active_learning.task_ttl_h`).
+(none came within `active_learning.task_ttl_h`).
 """
 
 from __future__ import annotations

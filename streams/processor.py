@@ -78,7 +78,7 @@ class ProcessorConfig:
             auto_rollback=s.validation.auto_rollback,
             auto_rollback_window_s=s.validation.auto_rollback_window_s,
             redactor=Redactor.from_settings(s),
-            active=s.streams.active_learning,
+            active=s.active_learning,
         )
         return replace(config, **overrides)
 

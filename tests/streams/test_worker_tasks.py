@@ -25,7 +25,7 @@ def _asked(user: str, n: int, question: str, t: float) -> tuple[str, dict]:
 def test_tasks_are_emitted_within_budget_answered_by_a_correction_that_trains_and_expired(worker_factory):
     w = worker_factory(
         min_gap_events=8,
-        streams={"active_learning": {"daily_budget": 2, "min_asks": 2, "task_ttl_h": 1}},
+        active_learning={"daily_budget": 2, "min_asks": 2, "task_ttl_h": 1},
     )
     frequent = ["What is my locker code?"] * 4 + ["Which gate is my flight?"] * 3 + ["What is my desk number?"] * 2
     w.publish([_asked("ivy", n, q, T0 + n) for n, q in enumerate(frequent)] + [_asked("ivy", 20, "Who is Zed?", T0 + 20)])
