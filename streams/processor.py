@@ -192,6 +192,8 @@ class UserProcessor:
 
         `resend`: another run wrote the state last (it may have crashed
         before its tasks went out): the open ones are sent again, same IDs."""
+        if not state.unresolved and not closed:
+            return []  # most users: nothing waits for an answer
         cfg = self.cfg.active
         open_before = [e for e in state.unresolved if e.task_id is not None] if resend else []
         closed = closed + expire(state.unresolved, now)
