@@ -649,13 +649,17 @@ class AdapterRegistry:
         atomic_write_json(path, index)
 
     def _archive_old(self, user_id: str) -> None:
+        """Versions beyond `max_versions`, oldest first, to the archive; never the active one or one awaiting review."""
         active = self.active(user_id)
         numbers = self._version_numbers(user_id)
         excess = len(numbers) - self.max_versions
+        if excess <= 0:
+            return
+        kept = {active} | {r.version for r in self.reviews(user_id) if r.pending}
         for version in numbers:
             if excess <= 0:
                 break
-            if version == active:
+            if version in kept:
                 continue
             target = self.root / "archive" / user_id / f"v{version}"
             target.parent.mkdir(parents=True, exist_ok=True)

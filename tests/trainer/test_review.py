@@ -182,3 +182,17 @@ def test_in_auto_mode_a_candidate_that_contradicts_the_base_model_goes_to_review
     assert review_details(registry, review)["contradictions"] == [wrong]
     rejected = ValidationRecord(passed=False, reasons=["user suite scored 0.1"], suites={}, contradictions=[wrong])
     assert apply_decision(registry, _candidate(registry, tmp_path, "max", 2, rejected), mode="auto") == "rejected"
+
+
+def test_a_version_awaiting_review_is_never_archived(tmp_path):
+    registry = AdapterRegistry(tmp_path / "store", max_versions=3)
+    for n in (1, 2):
+        apply_decision(registry, _candidate(registry, tmp_path, "ned", n), mode="auto")
+    apply_decision(registry, _candidate(registry, tmp_path, "ned", 3), mode="review")
+    for n in (4, 5, 6):
+        apply_decision(registry, _candidate(registry, tmp_path, "ned", n, FAILED), mode="review")
+    registry.rollback("ned", "back to v1 while v3 waits", to_version=1)  # an activation: old versions are archived
+    assert [i.version for i in registry.versions("ned")] == [1, 3, 6], "the active one, the one awaiting review, the newest"
+    (review,) = [r for r in registry.reviews("ned") if r.pending]
+    assert decide(registry, review.review_id, approve=True, by="cli").review.status == "approved"
+    assert registry.active("ned") == 3
