@@ -288,15 +288,16 @@ def train_adapter(
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     pad = pad_id(tokenizer)
-    # The base model's side of the anchors' KL, once per run: the base never changes.
-    anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
-    base_states = base_answer_states(model.model, anchor_items, pad, device) if anchor_items else {}
-
     peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
     try:
         trained = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
         params = [p for _, p in trained]
         below = frozen_below(model.model, first_adapted_layer(name for name, _ in trained))
+        # The base model's side of the anchors' KL, once per run (the base never changes), with the adapter
+        # off; the anchors' frozen layers computed here serve every step too.
+        anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
+        with peft_model.disable_adapter():
+            base_states = base_answer_states(model.model, anchor_items, pad, device, below=below) if anchor_items else {}
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
         run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter, hooks.seal)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
