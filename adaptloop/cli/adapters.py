@@ -47,6 +47,8 @@ def status_cmd(ctx: CliContext, user_id: str, no_job: bool) -> None:
     active = registry.active(user_id)
     versions = registry.versions(user_id)
     click.echo(f"user {user_id}: active version {active if active else '(none: base model)'}, {len(versions)} version(s) kept")
+    for review in (r for r in registry.reviews(user_id) if r.pending):
+        click.echo(f"v{review.version} awaits review {review.review_id} (adaptloop review show {review.review_id})")
     if not no_job:
         click.echo(f"job: {_latest_request(ctx.settings, user_id)}")
     if active:

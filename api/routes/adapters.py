@@ -108,6 +108,9 @@ def status(user_id: UserIdPath, who: Auth, registry: Registry, tracker: Tracker)
             "passed": latest.validation.passed if latest.validation else None,
         },
         "pending_gaps": gaps,
+        "pending_reviews": [
+            {"review_id": r.review_id, "version": r.version} for r in registry.reviews(user_id) if r.pending
+        ],  # versions that passed the gate and wait for a person (review mode)
         "training_consent": consenting,
         "job": job,  # the user's latest training request: queued, training (with progress), gating, ... or how it ended
     }

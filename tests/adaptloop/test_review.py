@@ -52,6 +52,8 @@ def test_train_in_review_mode_waits_and_review_commands_approve_deny_and_set_a_u
     (review,) = registry.reviews("ann")
     assert f"v1 passed and awaits review {review.review_id}" in output and registry.active("ann") is None
 
+    status = _run(config, "status", "ann", "--no-job").output
+    assert f"v1 awaits review {review.review_id}" in status and "active version (none: base model)" in status
     listed = _run(config, "review", "list").output.splitlines()
     assert len(listed) == 1 and listed[0].split()[:3] == [review.review_id, "ann", "v1"], "ID first, then user and version"
     shown = _run(config, "review", "show", review.review_id)

@@ -48,6 +48,8 @@ def test_reviews_need_a_reviewer_and_decisions_become_commands_that_follow_the_l
     assert [r["user_id"] for r in httpx.get(f"{url}/api/adapter/reviews", headers=admin, params={"user_id": "bob"}).json()] == [
         "bob"
     ]
+    status = httpx.get(f"{url}/api/adapter/status/alice", headers=alice).json()
+    assert status["pending_reviews"] == [{"review_id": alices, "version": 1}], "the user sees a version waits"
     details = httpx.get(f"{url}/api/adapter/reviews/{alices}", headers=reviewer).json()
     assert (
         details["user_cases"][0]["before"] == "I do not know your dog."
