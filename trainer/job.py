@@ -41,7 +41,7 @@ from trainer.generation import generate_batch
 from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
 from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
-from trainer.review import open_review, promotion_mode, supersede_older
+from trainer.review import open_review, promote, promotion_mode
 from trainer.scoring import TestCase, answers_match
 from trainer.train import StepReport, TrainConfig, TrainHooks, TrainResult, remove_checkpoint, train_adapter
 
@@ -174,8 +174,7 @@ def apply_decision(
             open_review(registry, info, _review_reason(mode, validation))
             done.add("awaiting_review")
         elif validation.passed:
-            registry.activate(user_id, version, reason="passed the validation gate")
-            supersede_older(registry, user_id, version)
+            promote(registry, user_id, version, reason="passed the validation gate")
             done.add("active")
         else:
             registry.mark(user_id, version, "rejected", reasons=validation.reasons)

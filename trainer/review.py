@@ -72,10 +72,14 @@ def open_review(registry: AdapterRegistry, info: VersionInfo, because: str | Non
     return review, superseded
 
 
-def supersede_older(registry: AdapterRegistry, user_id: str, version: int) -> list[Review]:
-    """Deny the user's pending reviews of versions older than `version` (just promoted): what they offered is past."""
+def promote(registry: AdapterRegistry, user_id: str, version: int, reason: str) -> list[Review]:
+    """Make `version` active (auto mode) and deny the user's pending reviews of older versions: what they offered
+    is past. One step under the review lock, so no approval of an older version lands after the newer one."""
     with registry.reviews_locked():
-        return _supersede(registry, user_id, version)
+        registry.verify(user_id, version)  # a version that cannot become active replaces nothing
+        superseded = _supersede(registry, user_id, version)
+        registry.activate(user_id, version, reason=reason)
+        return superseded
 
 
 def _supersede(registry: AdapterRegistry, user_id: str, version: int) -> list[Review]:
