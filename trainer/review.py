@@ -157,14 +157,24 @@ def _close(registry: AdapterRegistry, review: Review, approve: bool, by: str, re
 CHANGED_CORE_SHOWN = 5
 
 
-def review_details(registry: AdapterRegistry, review: Review, changed_core: int = CHANGED_CORE_SHOWN) -> dict[str, Any]:
+def review_details(
+    registry: AdapterRegistry,
+    review: Review,
+    changed_core: int = CHANGED_CORE_SHOWN,
+    gate_records: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """What a reviewer decides on: the gate's verdict and scores, every user-suite case before and after, and the
-    core prompts whose answers changed most (by how much their score moved)."""
+    core prompts whose answers changed most (by how much their score moved).
+
+    `gate_records`: the validation log, when the caller read it once for several reviews."""
+    records = registry.validation_results(review.user_id) if gate_records is None else gate_records
     gate = next(
         (
             r
-            for r in reversed(registry.validation_results(review.user_id))
-            if r.get("version") == review.version and r.get("kind") == "gate"
+            for r in reversed(records)
+            if r.get("user_id", review.user_id) == review.user_id
+            and r.get("version") == review.version
+            and r.get("kind") == "gate"
         ),
         {},
     )

@@ -281,13 +281,15 @@ class TrainerService:
         if validation.contradictions:
             details["contradictions"] = [c.model_dump() for c in validation.contradictions]
         self._emit("validated", request, version=info.version, metrics=metrics_of, details=details)
-        for review in self.registry.reviews(info.user_id):
+        reviews = self.registry.reviews(info.user_id)
+        for review in reviews:
             if review.superseded_by == info.version:  # this version replaced an older one awaiting review
                 self._announce_review(Decision(review))
-        if manifest.missed_cases():
-            details["missed_cases"] = manifest.missed_cases()  # the worker may ask the user about them
+        missed = manifest.missed_cases()
+        if missed:
+            details["missed_cases"] = missed  # the worker may ask the user about them
         if decision == "awaiting_review":
-            review_id = next(r.review_id for r in self.registry.reviews(info.user_id) if r.version == info.version)
+            review_id = next(r.review_id for r in reviews if r.version == info.version)
             self._emit(
                 "awaiting_review", request, version=info.version, metrics=metrics_of, details=details | {"review_id": review_id}
             )

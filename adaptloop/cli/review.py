@@ -138,8 +138,8 @@ def _decide(settings: Settings, review_id: str, approve: bool, reason: str | Non
     from core.kafka.client import ClientConfig
     from schemas import ApproveCommand, DenyCommand
 
-    fields = {"command_id": new_command_id(), "user_id": review.user_id, "review_id": review_id, "reason": reason}
-    command = ApproveCommand(**fields) if approve else DenyCommand(**fields)
+    kind = ApproveCommand if approve else DenyCommand
+    command = kind(command_id=new_command_id(), user_id=review.user_id, review_id=review_id, reason=reason)
     s = settings
     event = send_command(ClientConfig.from_settings(s.kafka), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
     if event is None:

@@ -72,11 +72,9 @@ def _decide(request: Request, who: Principal, review_id: str, approve: bool, rea
     found = _review(request.app.state.registry, review_id)
     if not found.pending:
         raise HTTPException(409, f"review {review_id} was already {found.status} by {found.decided_by}")
-    fields = {"command_id": job_id(), "user_id": found.user_id, "review_id": review_id, "reason": reason}
-    command = (
-        ApproveCommand(**fields, requested_by=f"api:{who.token_id}")
-        if approve
-        else DenyCommand(**fields, requested_by=f"api:{who.token_id}")
+    kind = ApproveCommand if approve else DenyCommand
+    command = kind(
+        command_id=job_id(), user_id=found.user_id, review_id=review_id, reason=reason, requested_by=f"api:{who.token_id}"
     )
     return publish(request, command)
 
@@ -105,6 +103,7 @@ def set_promotion_mode(user_id: UserIdPath, body: PromotionModeBody, who: Auth, 
 def dashboard(who: Auth, registry: Registry, cfg: Config) -> HTMLResponse:
     """Every pending review, with the gate's per-case scores and the answers before and after."""
     _reviewer(who)
-    pending = [review_details(registry, r) for r in registry.reviews() if r.pending]
+    log = registry.validation_results()  # read once for every pending review
+    pending = [review_details(registry, r, gate_records=log) for r in registry.reviews() if r.pending]
     timeout = f"{cfg.review_on_timeout} after {cfg.review_timeout_h:g} h without a decision"
     return HTMLResponse(review_page(pending, timeout))
