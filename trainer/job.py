@@ -32,6 +32,7 @@ from core.encryption import open_store, user_seal
 from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore, scratch_dir
+from schemas.lifecycle import reason_text
 from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
 from schemas.training import OffsetRange, TrainingExample
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
@@ -171,7 +172,7 @@ def apply_decision(
             record = report.to_dict() if report is not None else validation.model_dump(mode="json")
             registry.log_validation(user_id, version, record, kind="gate", request_id=info.manifest.request_id, job_id=job_id)
         if validation.passed and (mode == "review" or validation.contradictions):
-            open_review(registry, info, _review_reason(mode, validation))
+            open_review(registry, info, _review_reason(validation))
             done.add("awaiting_review")
         elif validation.passed:
             promote(registry, user_id, version, reason="passed the validation gate")
@@ -183,11 +184,11 @@ def apply_decision(
     return "promoted" if "active" in done else "awaiting_review"
 
 
-def _review_reason(mode: str, validation: ValidationRecord) -> str:
+def _review_reason(validation: ValidationRecord) -> str:
     if not validation.contradictions:
         return "promotion mode review"
     terms = "; ".join(f"{c.prompt!r} -> {c.taught!r} (the base model says {c.term})" for c in validation.contradictions[:3])
-    return f"{len(validation.contradictions)} taught answer(s) contradict the base model's knowledge: {terms}"[:4000]
+    return reason_text(f"{len(validation.contradictions)} taught answer(s) contradict the base model's knowledge: {terms}")
 
 
 # ---- progress ------------------------------------------------------------------------ #
