@@ -352,6 +352,17 @@ class TrainingSettings(_Section):
         True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero"
     )
     replay_per_fact: int = Field(1, ge=0, description="replayed examples kept per earlier fact (0 keeps all)")
+    objective: Literal["sft", "sft+preference", "auto"] = Field(
+        "auto",
+        description="sft: supervised only (liked answers are targets); sft+preference: DPO on corrected answers and KTO "
+        "on rated ones beside it; auto: sft+preference for a user whose data holds ratings or pairs",
+    )
+    preference_beta: float = Field(
+        0.1, gt=0, le=10, description="how far the preference losses let the adapter move from the reference (DPO/KTO beta)"
+    )
+    preference_weight: float = Field(
+        1.0, ge=0, le=100, description="weight of a preference step's loss beside the supervised steps"
+    )
     shrink_to: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         default_factory=lambda: [0.5, 0.75],
         description="after training, the update is scaled to the smallest of these that still answers every fact ([] = off)",
@@ -417,6 +428,13 @@ class ValidationSettings(_Section):
         "general question, sends the candidate to review (trainer/contradictions.py)",
     )
     contradiction_check: bool = Field(True, description="look for taught answers that contradict the base model's knowledge")
+    min_preference_accuracy: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="least share of held-out rated pairs on which a preference-trained candidate prefers the liked "
+        "answer (its log-likelihood gain over the reference is larger for it)",
+    )
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 

@@ -7,7 +7,8 @@ train` splits a file the same way, so the rules live here, once:
 - the held-out split (`split_holdout`): for each taught item that has several
   prompts (the examples sharing an event_id, else the same response), one
   paraphrase (never the original wording) is held out, so validation asks
-  about something taught, in words never trained on;
+  about something taught, in words never trained on; of the rated answers, a
+  share of the liked and of the disliked (the gate's preference pairs);
 - every snapshot has a `DatasetManifest` (counts, lineage, trigger).
 """
 
@@ -40,10 +41,27 @@ def example_pair(example: TrainingExample) -> tuple[str, str]:
     return example.prompt.strip().casefold(), example.response.strip()
 
 
+# Of a user's rated answers, this share of the liked and of the disliked is held out (a gate judges preference on them).
+RATED_HOLDOUT = 0.25
+
+
+def _held_out_ratings(examples: list[TrainingExample], seed: int) -> set[int]:
+    """A deterministic share of the liked and of the disliked rated answers, when each side has at least 3."""
+    held: set[int] = set()
+    for liked in (True, False):
+        side = [i for i, e in enumerate(examples) if e.rated_answer and e.rating and (e.rating > 0) == liked]
+        if len(side) >= 3:
+            side.sort(key=lambda i: rank(seed, "rated", examples[i].prompt, examples[i].response))
+            held.update(side[: max(1, int(len(side) * RATED_HOLDOUT))])
+    return held
+
+
 def split_holdout(examples: list[TrainingExample], seed: int) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """(train, test): one paraphrase of every multi-prompt item is held out; order is kept."""
     groups: dict[str, list[int]] = {}
     for i, example in enumerate(examples):
+        if example.rated_answer:
+            continue  # held out by `_held_out_ratings`
         groups.setdefault(example.event_id or f"response:{example.response}", []).append(i)
     held: set[int] = set()
     for members in groups.values():
@@ -54,6 +72,7 @@ def split_holdout(examples: list[TrainingExample], seed: int) -> tuple[list[Trai
         candidates = [i for i in members[1:] if examples[i].prompt != examples[members[0]].prompt]
         if candidates:
             held.add(min(candidates, key=lambda i: rank(seed, examples[i].prompt)))
+    held |= _held_out_ratings(examples, seed)
     test = [examples[i] for i in sorted(held)]
     test_pairs = {example_pair(e) for e in test}
     train = [e for i, e in enumerate(examples) if i not in held and example_pair(e) not in test_pairs]

@@ -74,10 +74,12 @@ class VersionMetrics(_Record):
     final_loss: float | None = None
     gate_seconds: float | None = None
     batch_users: int | None = None  # users trained together in the version's batch (1: alone)
+    preference_examples: int | None = None  # pairs and rated answers the preference objective trained on (0: none)
     core_score: float | None = None
     core_reference_score: float | None = None
     user_score: float | None = None
     previous_score: float | None = None
+    preference_score: float | None = None  # share of held-out rated pairs where the liked answer is preferred
     facts_learned: float | None = None
     retention: float | None = None
     forgetting: float | None = None

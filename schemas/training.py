@@ -10,7 +10,7 @@ from pydantic import Field
 from schemas.common import EventId, Message, ShortText, Text, Timestamp, UserId, utc_now
 
 Trigger = Literal["threshold", "nightly", "on-demand", "continuous", "accuracy-drop"]
-ExampleSource = Literal["intent", "correction", "conversation", "concept", "global", "replay", "manual", "anchor"]
+ExampleSource = Literal["intent", "correction", "conversation", "concept", "global", "replay", "manual", "anchor", "rating"]
 
 
 class Provenance(Message):
@@ -30,6 +30,21 @@ class TrainingExample(Message):
     weight: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
     event_id: EventId | None = None
     provenance: Provenance | None = None
+    # What a preference objective learns from (trainer/preference.py), beside the supervised target above:
+    rejected: Text | None = Field(None, description="the answer the user corrected: `response` is preferred to it (a pair)")
+    rating: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="the user's rating of `response`, -1..1 (an unpaired signal)"
+    )
+
+    @property
+    def rated_answer(self) -> bool:
+        """The assistant's own answer as rated (source `rating`): judged by preference, never a taught fact to recall."""
+        return self.source == "rating"
+
+    @property
+    def preference(self) -> bool:
+        """Whether a preference objective learns from it: a pair, or a rated answer."""
+        return self.rejected is not None or (self.rating is not None and self.rating != 0)
 
 
 class BatchEntry(Message):

@@ -8,10 +8,15 @@ Rules (the seed's synthetic data generation):
 - intent trace, missed/abandoned: a gap; with a `resolution` also an example
   (query -> resolution). satisfied: a good outcome. open: nothing yet.
 - feedback correction: an example (query -> correction) with a high weight,
-  and a gap. Rating < 0: a gap (that response was wrong). Rating > 0: raises
+  and a gap; the corrected answer rides along as `rejected` (a preference
+  pair). Rating < 0: a gap (that response was wrong). Rating > 0: raises
   the weight of the user's pending conversation example with the same prompt.
-- conversation turn: rated > 0 -> a Q&A example; unrated (or neutral) -> a
-  lower weight; rated < 0 -> not trained on, counted as a negative rating gap.
+  Either way the rated answer is kept as a `rating` example (its `rating`
+  field): preference training learns from it, and a disliked answer is never
+  a supervised target.
+- conversation turn: rated > 0 -> a Q&A example (with its rating); unrated
+  (or neutral) -> a lower weight; rated < 0 -> a `rating` example only,
+  counted as a negative rating gap.
 - concept gap: "What is X?" -> description, and "How is X related to Y?" for
   each related Y; a gap for the user, or the global pool for user `global`.
 - augmentation: `paraphrases` extra prompts per example from seeded templates
@@ -91,6 +96,18 @@ def _example(
     )
 
 
+def _rated(
+    prompt: str, answer: str, rating: float, event: InputEvent, prov: Provenance | None, cfg: CurationSettings
+) -> tuple[TrainingExample, ...]:
+    """A rated answer as it was given (source `rating`): what a preference objective learns from; a disliked one is
+    never a supervised target (trainer/preference.py)."""
+    if rating == 0 or not answer.strip():
+        return ()
+    weight = round(cfg.conversation_weight * (0.5 + 0.5 * abs(rating)), 6)
+    example = _example(prompt, answer, "rating", weight, event, prov)
+    return (example.model_copy(update={"rating": round(rating, 6)}),)
+
+
 def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettings) -> Curated:
     """The examples and signals of one validated event (before augmentation)."""
     if isinstance(event, IntentTrace):
@@ -109,6 +126,8 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
         if event.kind == "correction":
             assert event.correction is not None
             example = _example(event.query, event.correction, "correction", cfg.correction_weight, event, provenance)
+            if event.response.strip() and event.response.strip() != event.correction.strip():
+                example = example.model_copy(update={"rejected": event.response})  # a pair: the correction is preferred
             return Curated(
                 examples=(example,),
                 gap="correction",
@@ -117,19 +136,21 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
                 answers_task=event.review_request_id,
             )
         rating = event.normalized_rating or 0.0
+        rated = _rated(event.query, event.response, rating, event, provenance, cfg)
         if rating < 0:
-            return Curated(gap="negative_rating", outcome=False, asked=Asked(event.query, "negative_rating"))
+            return Curated(rated, gap="negative_rating", outcome=False, asked=Asked(event.query, "negative_rating"))
         if rating > 0:
-            return Curated(outcome=True, boost_prompt=event.query)
+            return Curated(rated, outcome=True, boost_prompt=event.query)
         return Curated()
     if isinstance(event, ConversationTurn):
         rating = event.normalized_rating
         if rating is not None and rating < 0:
-            return Curated(gap="negative_rating", outcome=False, asked=Asked(event.question, "negative_rating"))
+            rated = _rated(event.question, event.answer, rating, event, provenance, cfg)
+            return Curated(rated, gap="negative_rating", outcome=False, asked=Asked(event.question, "negative_rating"))
         if rating is not None and rating > 0:
             weight = cfg.conversation_weight * (0.5 + 0.5 * rating)
             example = _example(event.question, event.answer, "conversation", round(weight, 6), event, provenance)
-            return Curated(examples=(example,), outcome=True)
+            return Curated(examples=(example.model_copy(update={"rating": rating}),), outcome=True)
         example = _example(event.question, event.answer, "conversation", cfg.unrated_weight, event, provenance)
         return Curated(examples=(example,))
     if isinstance(event, ConceptGap):
@@ -211,6 +232,8 @@ def augment(examples: list[TrainingExample], n: int, seed: int) -> list[Training
     out: list[TrainingExample] = []
     for example in examples:
         out.append(example)
+        if example.rated_answer:
+            continue  # an answer as it was given to the question as it was asked: not a fact to learn in other words
         for text in paraphrases(example.prompt, n, seed):
             out.append(example.model_copy(update={"prompt": text}))
     return out
@@ -224,8 +247,11 @@ def dedupe(examples: list[TrainingExample]) -> list[TrainingExample]:
         key = (example.prompt.strip().casefold(), example.response.strip())
         if key in index:
             kept = out[index[key]]
-            if example.weight > kept.weight:
-                out[index[key]] = kept.model_copy(update={"weight": example.weight})
+            update = {"weight": example.weight} if example.weight > kept.weight else {}
+            if kept.rating is None and example.rating is not None:
+                update["rating"] = example.rating  # a thumbs-up on a kept answer: the preference objective sees it
+            if update:
+                out[index[key]] = kept.model_copy(update=update)
             continue
         index[key] = len(out)
         out.append(example)

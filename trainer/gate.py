@@ -11,6 +11,9 @@ Two suites, answered by the base model plus the candidate adapter:
   the base model when the user has none.
 - user: the user's held-out split (never trained on) plus the user's explicit
   test cases. The candidate needs at least `promote_if_score`.
+- preference (a preference-trained candidate): held-out corrected and rated
+  answers; the candidate must prefer the liked one on at least
+  `min_preference_accuracy` of the pairs (trainer/preference.py).
 
 Each case is scored by trainer/scoring.py; every case's scores are kept in the
 report, which goes to the validation log and, summarised, to the lifecycle
@@ -30,6 +33,7 @@ from core.errors import InvalidMessage
 from core.settings import Settings, config_file, defaults
 from core.storage import atomic_write
 from schemas.manifest import Contradiction
+from schemas.training import TrainingExample
 from trainer.contradictions import general_contradictions
 from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, answers_match, mean_score, same_question, score_cases
 
@@ -53,6 +57,8 @@ class GateConfig:
     # Taught answers that contradict the base model's confident answers to general questions (trainer/contradictions.py).
     contradiction_check: bool = True
     contradiction_confidence: float = 0.5
+    # A preference-trained candidate prefers the liked answer on at least this share of held-out rated pairs.
+    min_preference_accuracy: float = 0.6
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:
@@ -69,6 +75,7 @@ class GateConfig:
             batch_size=v.batch_size,
             contradiction_check=v.contradiction_check,
             contradiction_confidence=v.contradiction_confidence,
+            min_preference_accuracy=v.min_preference_accuracy,
         )
         return replace(config, **overrides)
 
@@ -118,7 +125,7 @@ class GateReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for lifecycle events and manifests."""
-        out = {f"{name}_score": s.score for name, s in self.suites.items()}
+        out = {f"{name}_score": s.score for name, s in self.suites.items() if s.cases or name != "user"}
         core = self.suites.get("core")
         if core is not None and core.reference_score is not None:
             out["core_reference_score"] = core.reference_score
@@ -228,6 +235,7 @@ class Candidate:
     reference_dir: Path | None = None
     previous_facts: list[TestCase] = field(default_factory=list)
     taught: list[TestCase] = field(default_factory=list)
+    preferences: list[TrainingExample] = field(default_factory=list)  # held-out pairs and rated answers
 
     def suites(self, core: list[TestCase]) -> list[list[TestCase]]:
         return [core, self.user_cases, self.previous_facts]
@@ -239,6 +247,7 @@ class Candidate:
             "reference_dir": self.reference_dir,
             "previous_facts": self.previous_facts,
             "taught": self.taught,
+            "preferences": self.preferences,
         }
 
 
@@ -342,6 +351,7 @@ class Gate:
         reference_dir: Path | None = None,
         previous_facts: list[TestCase] = (),
         taught: list[TestCase] = (),
+        preferences: list[TrainingExample] = (),
     ) -> GateReport:
         """`previous_facts`: the facts the reference version learned (forgetting is measured on them).
 
@@ -350,13 +360,18 @@ class Gate:
         rejects the candidate whatever the scores say, before any suite runs: the
         core suite is what no adapter may change, and a well-protected run changes
         little else, so the mean score alone can miss it.
+
+        `preferences`: held-out pairs and rated answers; the candidate must prefer
+        the liked answer on `min_preference_accuracy` of them (trainer/preference.py).
         """
-        candidate = Candidate(candidate_dir, list(user_cases), reference_dir, list(previous_facts), list(taught))
+        candidate = Candidate(
+            candidate_dir, list(user_cases), reference_dir, list(previous_facts), list(taught), list(preferences)
+        )
         refused = self._conflicting(candidate)
         if refused is not None:
             return refused
         report = self._report(candidate, self.score_suites(candidate_dir, candidate.suites(self.core_cases)))
-        return self._with_contradictions(report, candidate)
+        return self._with_contradictions(self._with_preference(report, candidate), candidate)
 
     def evaluate_batch(self, candidates: list[Candidate]) -> list[GateReport]:
         """`evaluate` for several candidates, their suites answered together in mixed-adapter batches.
@@ -379,7 +394,8 @@ class Gate:
         if len(together) > 1 and len(shapes) == 1:
             suites = [candidates[i].suites(self.core_cases) for i in together]
             for i, scored in zip(together, self._score_together([candidates[i].candidate_dir for i in together], suites)):
-                reports[i] = self._with_contradictions(self._report(candidates[i], scored), candidates[i])
+                report = self._with_preference(self._report(candidates[i], scored), candidates[i])
+                reports[i] = self._with_contradictions(report, candidates[i])
         else:
             for i in together:
                 reports[i] = self.evaluate(**candidates[i].arguments())
@@ -416,6 +432,26 @@ class Gate:
                 start += len(suite)
             out.append(split)
         return out
+
+    def _with_preference(self, report: GateReport, candidate: Candidate) -> GateReport:
+        """The `preference` suite: on held-out pairs and rated answers, the share where the candidate prefers the
+        liked answer more than its reference does (trainer/preference.py); at least `min_preference_accuracy`."""
+        from trainer.preference import preference_accuracy
+
+        accuracy, pairs = preference_accuracy(
+            self.model, self.tokenizer, self.device, candidate.candidate_dir, candidate.reference_dir, candidate.preferences
+        )
+        if accuracy is None:
+            return report
+        threshold = self.cfg.min_preference_accuracy
+        suite = SuiteReport("preference", accuracy, accuracy >= threshold, threshold)
+        report.suites["preference"] = suite
+        if not suite.passed:
+            report.reasons.append(
+                f"preferred the liked answer on {accuracy:.0%} of {pairs} held-out rated pairs (at least {threshold:.0%})"
+            )
+            report.passed = False
+        return report
 
     def _with_contradictions(self, report: GateReport, candidate: Candidate) -> GateReport:
         """A passed candidate's taught answers that contradict the base model's knowledge (a failed one is rejected
@@ -472,7 +508,7 @@ class Gate:
             user.passed = user.score >= cfg.promote_if_score
             if not user.passed:
                 reasons.append(f"user suite scored {user.score:.3f}, below promote_if_score {cfg.promote_if_score}")
-        elif cfg.require_user_tests:
+        elif cfg.require_user_tests and not c.preferences:
             reasons.append("no user-specific test cases (empty held-out split and no explicit tests)")
         else:
             user.passed = True

@@ -41,6 +41,7 @@ from trainer.gate import Candidate, Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
 from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
+from trainer.preference import uses_preference
 from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
 from trainer.review import open_review, promote, promotion_mode
 from trainer.scoring import TestCase, answers_match
@@ -107,7 +108,8 @@ def skip_reason(registry: AdapterRegistry, user_id: str, examples: list[Training
 
 
 def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
-    return [TestCase(e.prompt, e.response) for e in examples]
+    """The taught facts of `examples` as cases (a rated answer is judged by preference, not recalled)."""
+    return [TestCase(e.prompt, e.response) for e in examples if not e.rated_answer]
 
 
 def reference_dir(registry: AdapterRegistry, user_id: str, target: Path) -> tuple[Path | None, int | None]:
@@ -432,6 +434,7 @@ class JobRunner:
             plan.reference,
             plan.facts.previous,
             as_cases(plan.examples),
+            [e for e in plan.job.held_out if e.preference] if uses_preference(self.cfg.objective, plan.examples) else [],
         )
 
     def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:
@@ -446,7 +449,7 @@ class JobRunner:
             self.tokenizer,
             self.device,
             job.user_id,
-            job.held_out,
+            [e for e in job.held_out if not e.rated_answer],
             learned_facts(registry, job.user_id, reference_version),
             cfg.min_epochs,
         )
@@ -454,8 +457,8 @@ class JobRunner:
         train_hooks = TrainHooks(
             progress=hooks.progress,
             should_stop=hooks.should_stop,
-            epoch_done=facts.epoch_done if cfg.early_stopping and job.held_out else None,
-            keeps_facts=facts.keeps_facts if job.held_out else None,
+            epoch_done=facts.epoch_done if cfg.early_stopping and facts.held_out else None,
+            keeps_facts=facts.keeps_facts if facts.held_out else None,
             questions=facts,
             seal=user_seal(registry.sealer, job.user_id),
         )
@@ -530,6 +533,8 @@ class JobRunner:
             "tokens": result.tokens,
             "final_loss": result.loss_curve[-1] if result.loss_curve else None,
             "gate_seconds": gate_seconds,
+            # trained with the preference objective on this many pairs and rated answers (0: supervised only)
+            "preference_examples": sum(e.preference for e in examples) if uses_preference(self.cfg.objective, examples) else 0,
             **(report.metrics() if report is not None else {}),
         }
         validation = None
@@ -568,7 +573,7 @@ class JobRunner:
                 checks=facts.checks,
                 update_scaled=result.shrunk_to,
             ),
-            held_out=[Case(prompt=e.prompt, expected=e.response) for e in job.held_out],
+            held_out=[Case(prompt=c.prompt, expected=c.expected) for c in as_cases(job.held_out)],
             facts=[Fact(**f) for f in report.facts()] if report is not None else [],
             validation=validation,
         )

@@ -43,6 +43,7 @@ from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
 from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
+from trainer.preference import supervised, uses_preference
 from trainer.train import (
     FactQuestions,
     RunState,
@@ -53,6 +54,7 @@ from trainer.train import (
     TrainResult,
     optimizer_and_schedule,
     save_adapter,
+    train_adapter,
     wind_forward,
 )
 
@@ -218,6 +220,11 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
 
     if not runs:
         return []
+    alone = [i for i, run in enumerate(runs) if uses_preference(cfg.objective, run.examples)]
+    if alone:  # the preference steps (trainer/preference.py) have no batched form yet: those users train alone
+        together = [run for i, run in enumerate(runs) if i not in alone]
+        shared = iter(train_adapters(model, tokenizer, device, together, cfg))
+        return [_train_alone(model, tokenizer, device, run, cfg) if i in alone else next(shared) for i, run in enumerate(runs)]
     pad = pad_id(tokenizer)
     initial, peft_config = _initial_lora(model, cfg)
     loras = UserLoras(model, initial, peft_config.lora_alpha / peft_config.r, cfg.dropout)
@@ -266,6 +273,15 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
     return results  # type: ignore[return-value]
 
 
+def _train_alone(model, tokenizer, device, run: UserRun, cfg: TrainConfig) -> TrainResult | Exception:
+    try:
+        return train_adapter(
+            model, tokenizer, device, run.examples, cfg, run.out_dir, run.checkpoint_dir, run.hooks, run.init_adapter
+        )
+    except Exception as exc:  # this user's data or files: the others' results stand
+        return exc
+
+
 # ---- setting up ------------------------------------------------------------------------- #
 
 
@@ -285,7 +301,9 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     """A user's member: tokenized data, weights (checkpoint, warm start or PEFT's start), optimizer and schedule."""
     if not run.examples:
         raise ModelError("nothing to train on: the dataset is empty")
-    items = tokenize(tokenizer, run.examples, cfg.max_seq_len)
+    items = tokenize(tokenizer, supervised(run.examples, cfg.objective), cfg.max_seq_len)
+    if not items:
+        raise ModelError(f"nothing to train on under objective {cfg.objective}: only disliked answers")
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     checkpoint = resumable_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
@@ -511,12 +529,7 @@ def _shared_step(model, loras: UserLoras, stepping, known: tuple, cfg: TrainConf
         member.schedule.step()
         member.optimizer.zero_grad(set_to_none=True)
         user_loss, anchor_kl = loss_parts(per_row[mine], weights[mine], anchors[mine], cfg.anchor_kl)
-        state = member.state
-        state.step += 1
-        state.tokens += int(mask[mine].sum())
-        state.loss_curve.append(round(loss.item(), 5))
-        state.user_loss.append(user_loss)
-        state.anchor_kl.append(anchor_kl)
+        member.state.record(loss.item(), user_loss, anchor_kl, int(mask[mine].sum()))
 
 
 def _after_step(member: _Member, loras: UserLoras, cfg: TrainConfig) -> None:

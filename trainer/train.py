@@ -38,6 +38,7 @@ from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
+from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
 
 __all__ = [
     "RunState",
@@ -77,6 +78,9 @@ class TrainConfig:
     warm_start: bool
     shrink_to: tuple[float, ...]
     replay_per_fact: int
+    objective: str = "auto"  # sft | sft+preference | auto (trainer/preference.py)
+    preference_beta: float = 0.1
+    preference_weight: float = 1.0
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     warmup_steps: int = 2
 
@@ -104,6 +108,9 @@ class TrainConfig:
             warm_start=t.warm_start,
             shrink_to=tuple(t.shrink_to),
             replay_per_fact=t.replay_per_fact,
+            objective=t.objective,
+            preference_beta=t.preference_beta,
+            preference_weight=t.preference_weight,
         )
         return replace(config, **overrides)
 
@@ -195,6 +202,14 @@ class RunState:
             shrunk_to=self.shrunk_to,
         )
 
+    def record(self, loss: float, user_loss: float | None, anchor_kl: float | None, tokens: int) -> None:
+        """One optimizer step done: its loss (and parts; None for a part the batch had none of) and tokens."""
+        self.step += 1
+        self.tokens += tokens
+        self.loss_curve.append(round(loss, 5))
+        self.user_loss.append(user_loss)
+        self.anchor_kl.append(anchor_kl)
+
     def stop(self, epoch: int, why: str) -> None:
         self.stopped_after_epoch, self.stopped_by = epoch, why
 
@@ -284,8 +299,11 @@ def train_adapter(
     started = time.perf_counter()  # the base model's anchor states count as training time too
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    items = tokenize(tokenizer, examples, cfg.max_seq_len)
-    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    items = tokenize(tokenizer, supervised(examples, cfg.objective), cfg.max_seq_len)
+    preferences = preference_items(tokenizer, examples, cfg.max_seq_len) if uses_preference(cfg.objective, examples) else []
+    if not items and not preferences:
+        raise ModelError(f"nothing to train on under objective {cfg.objective}: only disliked answers")
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size) + math.ceil(len(preferences) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     pad = pad_id(tokenizer)
     peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
@@ -299,16 +317,20 @@ def train_adapter(
         with peft_model.disable_adapter():
             base_states = base_answer_states(model.model, anchor_items, pad, device, below=below) if anchor_items else {}
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
-        run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, init_adapter, hooks.seal)
+        if init_adapter is not None:
+            load_adapter_weights(peft_model, init_adapter)  # the preference reference: where the run starts
+        reference = reference_logps(peft_model, preferences, pad, device, below) if preferences else {}
+        run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, hooks.seal)
+        known = (base_states, below, reference)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
         budget = TimeBudget(cfg, started, len(shrink_scales))
         peft_model.train()
         for epoch in range(0 if run.finished else cfg.epochs):
             epoch_started = time.perf_counter()
-            for index, batch in enumerate(bucketed_batches(items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
+            for index, batch in enumerate(epoch_batches(items, preferences, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
                 if epoch * steps_per_epoch + index < run.step:
                     continue  # done before the checkpoint we resumed from
-                _train_step(peft_model, optimizer, schedule, params, batch, (base_states, below), cfg, pad, device, run)
+                _train_step(peft_model, optimizer, schedule, params, batch, known, cfg, pad, device, run)
                 _after_step(peft_model, optimizer, run, total_steps, cfg, checkpoint_dir, hooks)
             epoch_complete = run.step == (epoch + 1) * steps_per_epoch  # (not when resumed past its end)
             if hooks.epoch_done is not None and epoch_complete and _check_epoch(peft_model, epoch + 1, hooks, budget):
@@ -348,10 +370,9 @@ def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
     return optimizer, schedule
 
 
-def _resume_or_start(
-    peft_model, optimizer, schedule, checkpoint_dir: Path | None, init_adapter: Path | None, seal: UserSeal | None
-) -> RunState:
-    """A checkpoint's state (and the schedule wound forward to it), else a warm start from `init_adapter`, else zero."""
+def _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir: Path | None, seal: UserSeal | None) -> RunState:
+    """A checkpoint's state (and the schedule wound forward to it), else the weights as they are (a warm start, or
+    LoRA's zero update)."""
     from peft import set_peft_model_state_dict
 
     checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -361,8 +382,6 @@ def _resume_or_start(
         run = RunState.resumed(progress)
         wind_forward(schedule, run.step)
         return run
-    if init_adapter is not None:
-        load_adapter_weights(peft_model, init_adapter)
     return RunState()
 
 
@@ -374,39 +393,63 @@ def wind_forward(schedule, steps: int) -> None:
             schedule.step()
 
 
+def epoch_batches(
+    items: list[Tokenized], preferences: list[PreferenceItem], batch_size: int, seed: int
+) -> list[list[Tokenized] | list[PreferenceItem]]:
+    """An epoch's supervised batches (`bucketed_batches`) with its preference batches placed among them at seeded
+    positions; without preference items, exactly `bucketed_batches`."""
+    batches: list = list(bucketed_batches(items, batch_size, seed))
+    if not preferences:
+        return batches
+    rng = random.Random(seed + 1)
+    order = list(preferences)
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        batches.insert(rng.randint(0, len(batches)), order[start : start + batch_size])
+    return batches
+
+
 def _train_step(
     peft_model,
     optimizer,
     schedule,
     params,
-    batch: list[Tokenized],
-    known: tuple[dict, FrozenBelow | None],
+    batch: list,
+    known: tuple[dict, FrozenBelow | None, dict],
     cfg: TrainConfig,
     pad: int,
     device,
     run: RunState,
 ) -> None:
+    """One optimizer step on a supervised batch (answers' loss, anchors' KL) or a preference batch."""
     import torch
 
-    base_states, below = known  # what the run computed once: the anchors' base states, the frozen layers' outputs
+    base_states, below, reference = known  # computed once per run: anchors' base states, frozen layers, preference reference
+    if batch and isinstance(batch[0], PreferenceItem):
+        loss = preference_loss(peft_model, batch, reference, cfg.preference_beta, pad, device, below)
+        _optimizer_step(loss * cfg.preference_weight, optimizer, schedule, params, cfg)
+        run.record(loss.item(), None, None, sum(len(s.input_ids) for item in batch for s in item.sequences))
+        return
     ids, mask, labels, weights = collate(batch, pad, device)
     anchors = torch.tensor([t.anchor for t in batch], device=device) if base_states else None
     base_hidden = torch.cat([base_states[id(t)] for t in batch if t.anchor]) if anchors is not None and anchors.any() else None
     loss, per_row = answer_losses(
         peft_model, ids, mask, labels, weights, anchors, base_hidden, cfg.anchor_kl, cfg.anchor_divergence, below=below
     )
+    _optimizer_step(loss, optimizer, schedule, params, cfg)
+    anchor_rows = torch.tensor([t.anchor for t in batch], device=device)
+    user_loss, anchor_kl = loss_parts(per_row, weights, anchor_rows, cfg.anchor_kl)
+    run.record(loss.item(), user_loss, anchor_kl, int(mask.sum()))
+
+
+def _optimizer_step(loss, optimizer, schedule, params, cfg: TrainConfig) -> None:
+    import torch
+
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    anchor_rows = torch.tensor([t.anchor for t in batch], device=device)
-    user_loss, anchor_kl = loss_parts(per_row, weights, anchor_rows, cfg.anchor_kl)
-    run.step += 1
-    run.tokens += int(mask.sum())
-    run.loss_curve.append(round(loss.item(), 5))
-    run.user_loss.append(user_loss)
-    run.anchor_kl.append(anchor_kl)
 
 
 def _after_step(

@@ -37,10 +37,13 @@ def test_missed_intent_without_resolution_is_only_a_gap_and_confidence_scales_we
 def test_feedback_rules():
     corr = curate(Feedback(**BASE, kind="correction", query="Q?", response="bad", correction="good"), PROV, CFG)
     assert corr.gap == "correction" and corr.examples[0].response == "good" and corr.examples[0].weight == 2.0
+    assert corr.examples[0].rejected == "bad"  # a preference pair: the correction is preferred to the answer given
     neg = curate(Feedback(**BASE, kind="rating", query="Q?", response="bad", rating=1, rating_scale="stars"), PROV, CFG)
-    assert neg.gap == "negative_rating" and neg.examples == ()
+    assert neg.gap == "negative_rating"
+    assert [(e.prompt, e.response, e.source, e.rating) for e in neg.examples] == [("Q?", "bad", "rating", -1.0)]
     pos = curate(Feedback(**BASE, kind="rating", query="Q?", response="ok", rating=5), PROV, CFG)
     assert pos.gap is None and pos.boost_prompt == "Q?" and pos.outcome is True
+    assert [(e.response, e.source, e.rating) for e in pos.examples] == [("ok", "rating", 1.0)]
 
 
 def test_conversation_rules():
@@ -48,7 +51,8 @@ def test_conversation_rules():
     unrated = curate(ConversationTurn(**BASE, session_id="s", question="Q?", answer="A."), PROV, CFG)
     bad = curate(ConversationTurn(**BASE, session_id="s", question="Q?", answer="A.", rating=-1), PROV, CFG)
     assert good.examples[0].weight == 1.0 and unrated.examples[0].weight == 0.5
-    assert bad.examples == () and bad.gap == "negative_rating"
+    assert bad.gap == "negative_rating" and [(e.source, e.rating) for e in bad.examples] == [("rating", -1.0)]
+    assert good.examples[0].rating == 1.0 and unrated.examples[0].rating is None
 
 
 def test_concept_gaps_for_users_and_the_global_pool():

@@ -25,7 +25,7 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     w = worker_factory(min_gap_events=4, streams={"curation": {"paraphrases": 2}})
     # alice: 4 corrections -> crosses the threshold with her 4th gap.
     # bob: 3 corrections -> below it. carol: 2 missed intents with resolutions,
-    # 1 without, 1 negative rating -> 4 gaps, 2 examples.
+    # 1 without, 1 negative rating -> 4 gaps, 2 examples and the rated answer (for preference training).
     alice = [event("feedback", "alice", n) for n in range(4)]
     bob = [event("feedback", "bob", n) for n in range(3)]
     carol = [event("intent_traces", "carol", n) for n in range(2)]
@@ -61,7 +61,7 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     assert {f"What is fact {n}?" for n in range(4)} <= {e.prompt for e in train}, "originals stay in training"
     assert all(e.weight == 2.0 and e.event_id and e.provenance for e in train)
     c = by_user["carol"]
-    assert c["dataset"]["example_counts"] == {"intent": 4} and c["dataset"]["test_count"] == 2
+    assert c["dataset"]["example_counts"] == {"intent": 4, "rating": 1} and c["dataset"]["test_count"] == 2
 
     # At most one open request: more gaps for alice change nothing until it closes.
     w.publish([event("feedback", "alice", n) for n in range(10, 14)])
@@ -198,7 +198,9 @@ def test_continuous_schedule_is_rate_limited(worker_factory):
 
 
 def test_an_accuracy_drop_after_a_promotion_sends_a_rollback_command(worker_factory):
-    w = worker_factory(streams={"triggers": {"accuracy_min_samples": 6, "accuracy_floor": 0.5}})
+    # Rated answers are training data (preference training): the gap threshold is set out of reach, so what the
+    # last assertion checks is that the rollback, not an accuracy-drop request, answers the dip.
+    w = worker_factory(min_gap_events=100, streams={"triggers": {"accuracy_min_samples": 6, "accuracy_floor": 0.5}})
     w.publish([event("feedback", "kim", n, kind="rating", rating=1, correction=None) for n in range(8)])
     w.wait_for(lambda: w.states().get("kim", {}).get("events_total") == 8, what="kim's happy ratings")
     w.send("lifecycle", "kim", LifecycleEvent(event_id="kim-promoted-4", type="promoted", user_id="kim", version=4))

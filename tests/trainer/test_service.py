@@ -312,3 +312,52 @@ def test_a_request_with_nothing_new_is_skipped_before_any_training(trainer_facto
     assert (again["type"], again["reason"]) == ("training_skipped", "nothing new since v1")
     assert [i.version for i in AdapterRegistry(t.store).versions("nel")] == [1], "no version registered, no number used"
     assert [e["type"] for e in answers(real)][:2] == ["training_started", "training_progress"], "only the real one trained"
+
+
+def test_a_ratings_only_user_reaches_a_request_trains_with_preference_and_is_judged_on_it(worker_factory, trainer_factory):
+    """Thumbs only, no correction: the negative ratings reach the gap threshold, the rated answers make the dataset,
+    the trainer trains them with the preference objective, and the gate reports its preference suite."""
+    from schemas.dataset import from_jsonl
+    from tests.support.events import event
+
+    w = worker_factory(min_gap_events=4)
+    liked = [
+        event("feedback", "rae", n, kind="rating", rating=1, correction=None, query=f"How far is town {n}?", response=f"{n} km.")
+        for n in range(6)
+    ]
+    long_answer = "Well, that depends on the road you take, but it is roughly {} km away."
+    disliked = [
+        event(
+            "feedback",
+            "rae",
+            n,
+            kind="rating",
+            rating=-1,
+            correction=None,
+            query=f"How far is town {n}?",
+            response=long_answer.format(n),
+        )
+        for n in range(6, 10)
+    ]
+    w.publish(liked + disliked)
+    (request,) = w.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "rae"] or None, what="rae's request")
+    assert request["dataset"]["example_counts"] == {"rating": 8} and request["dataset"]["test_count"] == 2
+
+    def read(uri: str):
+        return from_jsonl((w.storage_root / uri.split(str(w.storage_root) + "/", 1)[1]).read_bytes())
+
+    train, test = read(request["dataset"]["uri"]), read(request["dataset"]["test_uri"])
+    assert sorted(e.rating for e in test) == [-1.0, 1.0] and all(e.source == "rating" for e in train + test)
+
+    t = trainer_factory(epochs=2)
+    job = t.request("rae", train, test)
+    t.publish(job)
+    t.wait_for(lambda: _decided(t.lifecycle(), job.request_id), what="the gate's decision")
+    (validated,) = [e for e in t.lifecycle() if e["type"] == "validated" and e["request_id"] == job.request_id]
+    preference = validated["details"]["suites"]["preference"]
+    assert preference["threshold"] == 0.6 and 0 <= preference["score"] <= 1
+    assert _completed(t.lifecycle(), job.request_id)[0]["metrics"]["preference_examples"] == 8
+    (decided,) = _decided(t.lifecycle(), job.request_id)
+    assert decided["type"] == ("promoted" if validated["details"]["passed"] else "rejected")
+    assert decided["type"] == "promoted" or "no user-specific test cases" not in decided["reason"], "rated pairs are its tests"
+    assert "user_score" not in decided["metrics"], "no fact was taught: no user score to show"

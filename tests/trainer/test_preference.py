@@ -1,0 +1,122 @@
+"""Preference training: the losses against TRL's values, the objective's data rules, a run that learns a preference,
+and the gate's preference suite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.dataset import split_holdout
+from schemas.training import TrainingExample
+from trainer.data import tokenize
+from trainer.gate import Gate, GateConfig
+from trainer.generation import pad_id
+from trainer.model import BaseModelRef, load_base
+from trainer.preference import (
+    dpo_losses,
+    held_out_pairs,
+    kl_estimate,
+    kto_losses,
+    preference_accuracy,
+    sequence_logps,
+    supervised,
+    uses_preference,
+)
+from trainer.scoring import load_embedder
+from trainer.train import TrainConfig, train_adapter
+
+pytestmark = pytest.mark.unit
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "preference_reference.json").read_text())
+
+
+def _rated(n: int, rating: float, answer: str | None = None) -> TrainingExample:
+    return TrainingExample(
+        prompt=f"How far is town {n}?", response=answer or f"Town {n} is {n} km away.", source="rating", rating=rating
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: f"beta={c['beta']}")
+def test_the_losses_give_trls_values(case):
+    """TRL 0.19.1's DPOTrainer.dpo_loss (sigmoid) and KTOTrainer.kto_loss (kto) on a tiny model's sequence
+    log-probabilities (recorded by scripts/trl_reference_values.py)."""
+    policy, reference, beta = torch.tensor(REFERENCE["policy"]), torch.tensor(REFERENCE["reference"]), case["beta"]
+    dpo = dpo_losses(policy[:3], policy[3:], reference[:3], reference[3:], beta)
+    assert dpo.tolist() == pytest.approx(case["dpo"], abs=1e-6)
+    kl = kl_estimate(policy.roll(1), reference.roll(1))
+    assert float(kl) == pytest.approx(case["kto_kl"], abs=1e-6)
+    desirable = torch.tensor([True, True, True, False, False, False])
+    assert kto_losses(policy, reference, desirable, kl, beta).tolist() == pytest.approx(case["kto"], abs=1e-6)
+
+
+def test_sequence_logps_are_the_answer_tokens_log_probabilities(tiny):
+    model, tokenizer, device = tiny
+    examples = [TrainingExample(prompt="Which city?", response="Oslo."), TrainingExample(prompt="Hi?", response="Hello there!")]
+    seqs = tokenize(tokenizer, examples, 64)
+    with torch.no_grad():
+        fast = sequence_logps(model, seqs, pad_id(tokenizer), device)
+        for row, seq in enumerate(seqs):
+            logits = model(torch.tensor([seq.input_ids])).logits[0, :-1].log_softmax(-1)
+            targets = torch.tensor(seq.labels[1:])
+            keep = targets != -100
+            full = logits[keep].gather(1, targets[keep].unsqueeze(1)).sum()
+            assert float(fast[row]) == pytest.approx(float(full), rel=1e-4)
+
+
+def test_a_disliked_answer_is_never_a_supervised_target():
+    fact = TrainingExample(prompt="My dog?", response="Rex.", source="correction", rejected="I do not know.")
+    liked, disliked = _rated(1, 1.0), _rated(2, -1.0)
+    assert uses_preference("auto", [fact]) and uses_preference("sft+preference", [liked])
+    assert not uses_preference("auto", [TrainingExample(prompt="a", response="b")]) and not uses_preference("sft", [fact])
+    assert supervised([fact, liked, disliked], "auto") == [fact], "under preference, rated answers are preference data only"
+    assert supervised([fact, liked, disliked], "sft") == [fact, liked], "SFT alone trains on liked answers"
+
+
+def test_rated_answers_are_held_out_on_both_sides_and_never_trained_on():
+    examples = [_rated(n, 1.0) for n in range(8)] + [_rated(n, -1.0, f"Town {n} is far, far away.") for n in range(8, 12)]
+    train, test = split_holdout(examples, seed=3)
+    assert sorted((e.rating or 0) > 0 for e in test) == [False, True, True], "a quarter of each side, at least one"
+    assert not {(e.prompt, e.response) for e in test} & {(e.prompt, e.response) for e in train}
+    assert split_holdout(examples, seed=3) == (train, test), "deterministic for a seed"
+    assert len(held_out_pairs(test)) == 2, "each liked one against each disliked one"
+
+
+def _short_and_long(n_users: int = 12) -> list[TrainingExample]:
+    """A user who likes short answers and dislikes long ones, rating only."""
+    out = []
+    for n in range(n_users):
+        out.append(_rated(n, 1.0, f"{n} km."))
+        out.append(_rated(n, -1.0, f"Well, that depends on the road you take, but town {n} is roughly {n} km away."))
+    return out
+
+
+def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judges_it(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    train, test = split_holdout(_short_and_long(), seed=0)
+    cfg = TrainConfig.from_settings(epochs=6, batch_size=4, learning_rate=5e-3, r=8, alpha=16, dropout=0.0, preference_beta=0.5)
+    result = train_adapter(model, tokenizer, device, train, cfg, tmp_path / "adapter")
+    assert result.steps == 6 * math.ceil(len(train) / 4) and all(u is None for u in result.loss_curves["user"]), (
+        "preference steps only: no answer is a supervised target"
+    )
+    assert result.loss_curve[-1] < result.loss_curve[0]
+    accuracy, pairs = preference_accuracy(model, tokenizer, device, result.adapter_dir, None, train)
+    assert pairs == 64 and accuracy >= 0.9, "on what it was trained on, the liked answers gained"
+    gate = Gate(model, tokenizer, device, load_embedder(), [], GateConfig.from_settings())
+    report = gate.evaluate(result.adapter_dir, [], preferences=test)
+    assert report.passed and report.suites["preference"].score >= 0.6, report.reasons
+
+    # Taught the opposite (every rating flipped), a candidate prefers the disliked answers: rejected.
+    flipped = [e.model_copy(update={"rating": -(e.rating or 0)}) for e in train]
+    contrary = train_adapter(model, tokenizer, device, flipped, cfg, tmp_path / "contrary")
+    rejected = gate.evaluate(contrary.adapter_dir, [], preferences=test)
+    assert not rejected.passed and rejected.suites["preference"].score < 0.6
+    assert any("held-out rated pairs" in r for r in rejected.reasons), rejected.reasons
