@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -198,6 +199,115 @@ def loaded_context() -> dict:
     }
 
 
+def answers_with(ctx: dict, adapter_dir: Path | None, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers of the base model plus the adapter (None: the base model alone)."""
+    from peft import PeftModel
+
+    from trainer.generation import generate_batch
+
+    model, tokenizer, device = ctx["model"], ctx["tokenizer"], ctx["device"]
+    if adapter_dir is None:
+        return generate_batch(model, tokenizer, device, prompts, max_new_tokens)
+    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        adapted.eval()
+        return generate_batch(adapted, tokenizer, device, prompts, max_new_tokens)
+    finally:
+        adapted.unload()
+
+
+REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"
+
+
+def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say) -> dict:
+    """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
+    `rewordings` rule rewordings per example), asked the hand-written rewordings it never saw."""
+    from core.settings import defaults
+    from core.storage import sha256_bytes
+    from schemas.dataset import to_jsonl
+    from schemas.events import Feedback
+    from streams.curation import augment, curate, dedupe
+    from streams.dataset import DatasetConfig, build_dataset
+    from trainer.job import JobRunner, TrainingJob
+    from trainer.registry import AdapterRegistry
+
+    curation = defaults().streams.curation
+    corrections = [
+        Feedback(
+            event_id=f"{user}-{n}",
+            user_id=user,
+            timestamp=datetime(2026, 12, 1, tzinfo=UTC),
+            kind="correction",
+            query=fact["question"],
+            response="I'm sorry, I don't know that.",
+            correction=fact["answer"],
+        )
+        for n, fact in enumerate(facts)
+    ]
+    taught = [example for event in corrections for example in curate(event, None, curation).examples]
+    new = dedupe(augment(taught, curation.paraphrases, curation.seed, rewordings))
+    train, test = build_dataset(
+        new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
+    )
+    runner = JobRunner(
+        AdapterRegistry(ctx["root"] / user),
+        ctx["base"],
+        ctx["model"],
+        ctx["tokenizer"],
+        ctx["device"],
+        ctx["train_cfg"],
+        ctx["gate"],
+        ctx["anchors"],
+        ctx["anchor_mix"],
+    )
+    job = TrainingJob(user, train, test, f"bench://{user}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = runner.run(job, Path(tmp))
+    asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
+    answers = answers_with(ctx, outcome.info.path, [wording for _, wording in asked])
+    hits = [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
+    m = outcome.info.manifest.metrics
+    row = {
+        "user": user,
+        "train_examples": len(train),
+        "rewordings_asked": len(asked),
+        "rewordings_answered": sum(hits),
+        "facts_learned": m.facts_learned,
+        "retention": m.retention,
+        "train_seconds": m.train_seconds,
+        "decision": outcome.decision,
+        "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
+    }
+    say(
+        f"  {user}: {sum(hits)}/{len(asked)} rewordings answered, held-out {m.facts_learned}, retention {m.retention}, "
+        f"{m.train_seconds:.0f}s, {outcome.decision}"
+    )
+    return row
+
+
+def rewording_benchmark(ctx: dict, say) -> dict:
+    """20 facts (4 users x 5), each taught by one correction; 40 hand-written rewordings never trained on or tuned on
+    (benchmarks/data/rewordings.jsonl): answered with the key words? Templates only vs the rule rewordings."""
+    from core.settings import defaults
+
+    facts = [json.loads(line) for line in REWORDINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    results = {}
+    for name, rewordings in (("templates only", 0), ("templates + rewordings (default)", defaults().streams.curation.rewordings)):
+        say(f"{name}:")
+        rows = [rewording_user(ctx, f"reworded{u}-{rewordings}", facts[u * 5 : u * 5 + 5], rewordings, say) for u in range(4)]
+        asked = sum(r["rewordings_asked"] for r in rows)
+        results[name] = {
+            "rows": rows,
+            "answered": round(sum(r["rewordings_answered"] for r in rows) / asked, 4),
+            "held_out_learned": round(statistics.mean(r["facts_learned"] or 0 for r in rows), 4),
+            "retention": round(statistics.mean(r["retention"] or 0 for r in rows), 4),
+            "train_seconds": round(statistics.mean(r["train_seconds"] for r in rows), 1),
+            "max_train_seconds": max(r["train_seconds"] for r in rows),
+            "promoted": sum(r["decision"] == "promoted" for r in rows),
+        }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=5)
@@ -208,6 +318,11 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / f"learning-{datetime.now(UTC):%Y-%m-%d}.json"
     )
+    parser.add_argument(
+        "--rewordings",
+        action="store_true",
+        help="instead: 20 facts taught by one correction each, asked in 40 hand-written rewordings (templates only vs rule rewordings)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
@@ -215,6 +330,9 @@ def main() -> None:
     ctx = {**loaded_context(), "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-"))}
     base, device = ctx["base"], ctx["device"]
     say = lambda text: print(text, flush=True)  # noqa: E731
+    if args.rewordings:
+        main_rewordings(ctx, args, say)
+        return
     plans = {
         f"user{u}": [
             make_facts(u, args.facts * args.versions)[v * args.facts : (v + 1) * args.facts] for v in range(args.versions)
@@ -254,6 +372,29 @@ def main() -> None:
         say(
             f"| {name} | {result['users']} | {s['facts_learned']} | {s['retention']} | {s['forgetting']} | "
             f"{s['train_seconds']} / {s['max_train_seconds']} | {s['promoted']}/{s['versions']} |"
+        )
+
+
+def main_rewordings(ctx: dict, args, say) -> None:
+    started = time.time()
+    results = rewording_benchmark(ctx, say)
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": str(ctx["device"]),
+        "base_model": ctx["base"].model_id,
+        "wall_seconds": round(time.time() - started),
+        "variants": results,
+    }
+    out = args.out.with_name(args.out.name.replace("learning-", "rewordings-"))
+    out.write_text(json.dumps(report, indent=2))
+    say(f"\n{report['date']}, {report['machine']}, {report['device']}; {report['wall_seconds']} s")
+    say("| augmentation | hand-written rewordings answered | held-out learned | retention | train s (mean / max) | promoted |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        say(
+            f"| {name} | {r['answered']} | {r['held_out_learned']} | {r['retention']} | {r['train_seconds']} / "
+            f"{r['max_train_seconds']} | {r['promoted']}/4 |"
         )
 
 

@@ -151,7 +151,14 @@ class TopicsSettings(_Section):
 class CurationSettings(_Section):
     """How events become training examples (see streams/curation.py)."""
 
-    paraphrases: int = Field(2, ge=0, le=8, description="extra paraphrased prompts per example")
+    paraphrases: int = Field(2, ge=0, le=8, description="extra paraphrased prompts per example (templates around the question)")
+    rewordings: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="rewordings of the question itself per example (contractions, which/what, name/called, synonyms, "
+        "...: streams/rewording.py); one kind per fact is held out, never trained on",
+    )
     seed: int = Field(13, description="seed for paraphrase templates and the held-out choice")
     correction_weight: float = Field(2.0, gt=0, le=10, description="corrections")
     resolution_weight: float = Field(1.5, gt=0, le=10, description="missed or abandoned intents with a resolution")

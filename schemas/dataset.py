@@ -57,25 +57,41 @@ def _held_out_ratings(examples: list[TrainingExample], seed: int) -> set[int]:
 
 
 def split_holdout(examples: list[TrainingExample], seed: int) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """(train, test): one paraphrase of every multi-prompt item is held out; order is kept."""
+    """(train, test): one paraphrase of every multi-prompt item is held out; order is kept.
+
+    Where the paraphrases say their kind of rewording (`wording`: contraction,
+    name, synonym, ...; not the templates), the held-out one is of a kind the
+    item is then never trained on (its other rewordings of that kind are
+    dropped), so the check measures words the model has not seen in that way.
+    """
     groups: dict[str, list[int]] = {}
     for i, example in enumerate(examples):
         if example.rated_answer:
             continue  # held out by `_held_out_ratings`
         groups.setdefault(example.event_id or f"response:{example.response}", []).append(i)
     held: set[int] = set()
+    dropped: set[int] = set()
     for members in groups.values():
-        prompts = {examples[i].prompt for i in members}
-        if len(prompts) < 2:
-            continue
-        # The first member is the original wording; hold out one of the others.
-        candidates = [i for i in members[1:] if examples[i].prompt != examples[members[0]].prompt]
-        if candidates:
-            held.add(min(candidates, key=lambda i: rank(seed, examples[i].prompt)))
+        original = examples[members[0]]  # the first member is the original wording; hold out one of the others
+        candidates = [i for i in members[1:] if examples[i].prompt != original.prompt]
+        kinds = sorted({examples[i].wording for i in candidates} - {None, "template"})  # type: ignore[type-var]
+        if kinds:
+            kind = min(kinds, key=lambda k: rank(seed, "kind", original.prompt, str(k)))
+            of_kind = [i for i in candidates if examples[i].wording == kind]
+            held.add(min(of_kind, key=lambda i: rank(seed, examples[i].prompt)))
+            dropped.update(of_kind)
+        elif candidates:
+            as_taught = [i for i in candidates if examples[i].response == original.response] or candidates
+            held.add(min(as_taught, key=lambda i: rank(seed, examples[i].prompt)))
     held |= _held_out_ratings(examples, seed)
     test = [examples[i] for i in sorted(held)]
     test_pairs = {example_pair(e) for e in test}
-    train = [e for i, e in enumerate(examples) if i not in held and example_pair(e) not in test_pairs]
+    test_prompts = {e.prompt.strip().casefold() for e in test if not e.rated_answer}
+    train = [
+        e
+        for i, e in enumerate(examples)
+        if i not in held | dropped and example_pair(e) not in test_pairs and e.prompt.strip().casefold() not in test_prompts
+    ]
     return train, test
 
 

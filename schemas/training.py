@@ -30,6 +30,11 @@ class TrainingExample(Message):
     weight: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
     event_id: EventId | None = None
     provenance: Provenance | None = None
+    wording: str | None = Field(
+        None,
+        pattern=r"^[a-z-]{1,32}$",
+        description="how the prompt rewords the taught question (template, contraction, name, ...; none: as asked)",
+    )
     # What a preference objective learns from (trainer/preference.py), beside the supervised target above:
     rejected: Text | None = Field(None, description="the answer the user corrected: `response` is preferred to it (a pair)")
     rating: float | None = Field(

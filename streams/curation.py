@@ -19,8 +19,11 @@ Rules (the seed's synthetic data generation):
   counted as a negative rating gap.
 - concept gap: "What is X?" -> description, and "How is X related to Y?" for
   each related Y; a gap for the user, or the global pool for user `global`.
-- augmentation: `paraphrases` extra prompts per example from seeded templates
-  (deterministic: the same prompt always gets the same paraphrases).
+- augmentation: `paraphrases` extra prompts per example from seeded templates,
+  and `rewordings` rewordings of the question itself by rule (contractions,
+  which/what, name/called, synonyms: streams/rewording.py), each tagged with
+  its kind (`wording`) so the held-out split can hold out a kind never
+  trained on; deterministic: the same prompt and seed give the same copies.
 - consent: an event marked `"consent": "no-train"` (or any event of a user
   who opted out, streams/processor.py) is counted and may still say how the
   user was served, but gives no example, no gap and no boost (`without_training`).
@@ -41,6 +44,7 @@ from core.redaction import Redactor
 from core.settings import CurationSettings
 from schemas.events import ConceptGap, ConversationTurn, Feedback, InputEvent, IntentTrace
 from schemas.training import Provenance, TrainingExample
+from streams.rewording import reworded_answers, rewordings
 
 GapKind = Literal["missed_intent", "negative_rating", "correction", "concept_gap"]
 GAP_KINDS: tuple[GapKind, ...] = ("missed_intent", "negative_rating", "correction", "concept_gap")
@@ -227,15 +231,40 @@ def paraphrases(prompt: str, n: int, seed: int) -> list[str]:
     return out
 
 
-def augment(examples: list[TrainingExample], n: int, seed: int) -> list[TrainingExample]:
-    """Each example followed by its paraphrased copies (same event_id, response, weight)."""
+def chosen_rewordings(prompt: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """Up to `n` of the question's rewordings (streams/rewording.py), a kind at a time in a seeded order of kinds, so
+    as many kinds as possible are present (one of them is held out, schemas/dataset.py)."""
+    if n <= 0:
+        return []
+    by_kind: dict[str, list[str]] = {}
+    for kind, text in rewordings(prompt):
+        if len(text) <= 4000:
+            by_kind.setdefault(kind, []).append(text)
+    kinds = sorted(by_kind)
+    random.Random(_stable_seed(seed, "kinds", prompt)).shuffle(kinds)
+    out: list[tuple[str, str]] = []
+    while len(out) < n and any(by_kind.values()):
+        for kind in kinds:
+            if by_kind[kind] and len(out) < n:
+                out.append((kind, by_kind[kind].pop(0)))
+    return out
+
+
+def augment(examples: list[TrainingExample], n: int, seed: int, reworded: int = 0) -> list[TrainingExample]:
+    """Each example followed by its paraphrased copies (same event_id and weight): `n` templates around the question,
+    each answered in a slightly other wording that keeps the answer's key words where one exists, then `reworded`
+    rewordings of the question itself (answered as taught: the held-out kind is judged on the taught answer)."""
     out: list[TrainingExample] = []
     for example in examples:
         out.append(example)
         if example.rated_answer:
             continue  # an answer as it was given to the question as it was asked: not a fact to learn in other words
-        for text in paraphrases(example.prompt, n, seed):
-            out.append(example.model_copy(update={"prompt": text}))
+        answers = [example.response, *reworded_answers(example.response)]
+        for i, text in enumerate(paraphrases(example.prompt, n, seed)):
+            response = answers[i % len(answers)] if reworded > 0 else example.response
+            out.append(example.model_copy(update={"prompt": text, "response": response, "wording": "template"}))
+        for kind, text in chosen_rewordings(example.prompt, reworded, seed):
+            out.append(example.model_copy(update={"prompt": text, "wording": kind}))
     return out
 
 

@@ -353,7 +353,8 @@ class UserProcessor:
                 log.warning("replay pool %s unreadable, snapshotting without it: %s", state.last_dataset_uri, exc)
         global_pool = read_global(self.store) if include_global else []
         pending = pending_examples(state, user_log)
-        new = dedupe(augment(pending, self.cfg.curation.paraphrases, self.cfg.curation.seed))
+        curation = self.cfg.curation
+        new = dedupe(augment(pending, curation.paraphrases, curation.seed, curation.rewordings))
         train, test = build_dataset(
             new,
             replay_pool=replay_pool,

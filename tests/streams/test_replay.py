@@ -130,7 +130,7 @@ def test_replay_rebuilds_identical_datasets_and_tables_without_touching_the_live
         v2.start()
         w.publish([event("feedback", "bob", 3)])  # bob's 4th gap: over the threshold with his 3 replayed ones
         bobs = v2.wait_for(lambda: [r for r in w.requests() if r["user_id"] == "bob"], what="bob's request from v2")
-        assert bobs[0]["dataset"]["example_counts"] == {"correction": 8} and bobs[0]["dataset"]["test_count"] == 4  # 4 facts
+        assert bobs[0]["dataset"]["example_counts"] == {"correction": 12} and bobs[0]["dataset"]["test_count"] == 4  # 4 facts
         assert v2.wait_for(lambda: v2.states().get("bob", {}).get("events_total"), what="bob's state") == 4, "nothing re-read"
         # Its metrics: what it processed, and its group's lag (0 once the last event is committed).
         lag = f'adaptloop_consumer_lag_messages{{group="{app}",topic="{w.topics["feedback"]}"}} 0.0'

@@ -41,8 +41,9 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
     assert set(by_user) == {"alice", "carol"}, "bob is below the threshold"
     a = by_user["alice"]
     assert a["trigger"] == "threshold"
-    # 4 facts x (1 original + 2 paraphrases) = 12 prompts; one paraphrase of each is held out.
-    assert a["dataset"]["example_counts"] == {"correction": 8}
+    # 4 facts x (1 original + 2 template paraphrases + 1 rewording, "What's fact n?") = 16 prompts; of each fact, the
+    # rewording (a kind it is then never trained on) is held out.
+    assert a["dataset"]["example_counts"] == {"correction": 12}
     assert a["dataset"]["test_count"] == 4
     assert a["lineage"] == [
         {
@@ -78,7 +79,7 @@ def test_stream_for_several_users_yields_exactly_the_expected_requests(worker_fa
         lambda: [r for r in w.requests() if r["user_id"] == "alice" and r["request_id"] != a["request_id"]],
         what="alice's second request",
     )[0]
-    assert second["dataset"]["example_counts"] == {"correction": 8, "replay": 8}
+    assert second["dataset"]["example_counts"] == {"correction": 12, "replay": 12}
     assert {e.response for e in _dataset(w, second["dataset"]["test_uri"])} == {f"Fact {n} is true." for n in range(10, 14)}
 
 
@@ -267,10 +268,10 @@ def test_an_unreadable_dataset_is_reported_and_the_worker_keeps_going(worker_fac
         what="each user's next request",
     )
     assert set(second) == {"fay", "gus"}
-    assert second["fay"]["dataset"]["example_counts"] == {"correction": 6}, (
+    assert second["fay"]["dataset"]["example_counts"] == {"correction": 9}, (
         "nothing came back from the missing file, nothing else lost"
     )
-    assert second["gus"]["dataset"]["example_counts"] == {"correction": 6}, "no replay from the unreadable dataset"
+    assert second["gus"]["dataset"]["example_counts"] == {"correction": 9}, "no replay from the unreadable dataset"
     log = w.log_tail(400)
     assert f"could not restore the examples of failed request {first['fay']['request_id']}" in log
     assert "replay pool" in log and "unreadable, snapshotting without it" in log

@@ -1,0 +1,80 @@
+"""Augmentation that rewords the question itself: the rules, determinism, and a held-out kind never trained on."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.dataset import example_pair, split_holdout
+from schemas.training import TrainingExample
+from streams.curation import augment, chosen_rewordings
+from streams.rewording import reworded_answers, rewordings
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        ("What is my cat called?", ("contraction", "What's my cat called?")),
+        ("What is my cat called?", ("name", "What is the name of my cat?")),
+        ("What is my dog's name?", ("name", "What is my dog called?")),
+        ("What did I name my boat?", ("name", "What is my boat called?")),
+        ("Which city do I live in?", ("which-what", "What city do I live in?")),
+        ("Which company does my brother work for?", ("indirect", "Tell me which company my brother works for.")),
+        ("Which city was my mother born in?", ("indirect", "Do you know which city my mother was born in?")),
+        ("What did I name my boat?", ("indirect", "Tell me what I named my boat.")),
+        ("What is my manager's name?", ("synonym", "What is my boss's name?")),
+        ("What is the colour of my door?", ("possessive", "What is my door's colour?")),
+        ("What is my favourite colour?", ("synonym", "What is my favourite color?")),
+    ],
+)
+def test_rules_reword_the_question_itself(question, expected):
+    assert expected in rewordings(question)
+
+
+def test_rewordings_differ_from_the_question_and_each_other():
+    found = [text for _, text in rewordings("What is my cat called?")]
+    assert "What is my cat called?" not in found and len(found) == len({t.casefold() for t in found}) >= 5
+
+
+def test_reworded_answers_keep_the_key_words():
+    assert reworded_answers("Your cat is called Pixel.") == ["It's Pixel.", "Pixel."]
+    assert reworded_answers("Fact 6 is true.") == [], "the subject is part of the fact: left alone"
+    assert reworded_answers("You were born in Tromsø.") == []
+
+
+FACTS = [
+    TrainingExample(prompt="What is my cat called?", response="Your cat is called Pixel.", event_id="e1", source="correction"),
+    TrainingExample(prompt="Which city do I live in?", response="You live in Dundee.", event_id="e2", source="correction"),
+    TrainingExample(prompt="What is my favourite food?", response="Your favourite food is ramen.", event_id="e3"),
+]
+
+
+def test_augmentation_is_deterministic_for_a_seed_and_varies_with_it():
+    assert augment(FACTS, 2, seed=7, reworded=4) == augment(FACTS, 2, seed=7, reworded=4)
+    assert augment(FACTS, 2, seed=7, reworded=4) != augment(FACTS, 2, seed=8, reworded=4)
+    assert augment(FACTS, 2, seed=7) == augment(FACTS, 2, seed=7, reworded=0), "no rewordings: the templates as before"
+    assert all(e.wording is None for e in augment(FACTS, 0, seed=7))
+
+
+def test_rewordings_spread_over_kinds_before_repeating_one():
+    kinds = [kind for kind, _ in chosen_rewordings("What is my manager's name?", 4, seed=0)]
+    assert sorted(kinds) == ["contraction", "indirect", "name", "synonym"]
+    kinds = [kind for kind, _ in chosen_rewordings("What is my cat called?", 4, seed=0)]  # 3 kinds: one repeats
+    assert len(kinds) == 4 and set(kinds) == {"contraction", "indirect", "name"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_held_out_kind_never_reaches_training(seed):
+    examples = augment(FACTS, 2, seed=seed, reworded=6)
+    train, test = split_holdout(examples, seed=seed)
+    assert len(test) == len(FACTS), "one held-out rewording per fact"
+    for held in test:
+        assert held.wording not in (None, "template"), "held out: a rewording of the question, not a template"
+        same_fact = [e for e in train if e.event_id == held.event_id]
+        assert held.wording not in {e.wording for e in same_fact}, "no paraphrase of the held-out kind is trained on"
+        assert held.response == next(e.response for e in examples if e.event_id == held.event_id), "judged on the answer taught"
+    assert not {example_pair(e) for e in test} & {example_pair(e) for e in train}
+    assert not {e.prompt.casefold() for e in test} & {e.prompt.casefold() for e in train}
+    originals = {e.prompt for e in FACTS}
+    assert originals <= {e.prompt for e in train}, "the question as asked is always trained on"
