@@ -91,33 +91,48 @@ VARIANTS = {
 DEFAULT = "+ update shrunk while it keeps the facts (default)"
 
 
+def runner_for(ctx: dict, registry_dir: Path, cfg=None, anchors="settings", mix=None):
+    """A JobRunner on the loaded context (its training config, gate, anchors and mix unless given) and a registry."""
+    from trainer.job import JobRunner
+    from trainer.registry import AdapterRegistry
+
+    return JobRunner(
+        AdapterRegistry(registry_dir),
+        ctx["base"],
+        ctx["model"],
+        ctx["tokenizer"],
+        ctx["device"],
+        cfg or ctx["train_cfg"],
+        ctx["gate"],
+        ctx["anchors"] if anchors == "settings" else anchors,
+        mix or ctx["anchor_mix"],
+    )
+
+
+def train_version(runner, user: str, train: list, test: list):
+    """One version of `user` through the trainer's job (train, gate, register); the Outcome."""
+    from core.storage import sha256_bytes
+    from schemas.dataset import to_jsonl
+    from trainer.job import TrainingJob
+
+    job = TrainingJob(user, train, test, f"bench://{user}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
+    with tempfile.TemporaryDirectory() as tmp:
+        return runner.run(job, Path(tmp))
+
+
 def run_user(
     ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say
 ) -> list[dict]:
-    from core.storage import sha256_bytes
-    from schemas.dataset import to_jsonl
     from schemas.training import TrainingExample
     from streams.curation import augment
     from streams.dataset import DatasetConfig, build_dataset
     from trainer.anchors import AnchorMix
-    from trainer.job import JobRunner, TrainingJob
-    from trainer.registry import AdapterRegistry
     from trainer.train import TrainConfig
 
     cfg = replace(ctx["train_cfg"], **{k: v for k, v in training.items() if k in TrainConfig.__dataclass_fields__})
     mix = replace(ctx["anchor_mix"], **{k: v for k, v in training.items() if k in AnchorMix.__dataclass_fields__})
     anchors = ctx["anchors"] if training.get("anchors", True) else None
-    runner = JobRunner(
-        AdapterRegistry(ctx["root"] / user),
-        ctx["base"],
-        ctx["model"],
-        ctx["tokenizer"],
-        ctx["device"],
-        cfg,
-        ctx["gate"],
-        anchors,
-        mix,
-    )
+    runner = runner_for(ctx, ctx["root"] / user, cfg, anchors, mix)
     previous: list[TrainingExample] = []
     rows = []
     for version, facts in enumerate(facts_per_version, start=1):
@@ -125,7 +140,7 @@ def run_user(
             TrainingExample(prompt=q, response=a, event_id=f"{user}-v{version}-{i}", source="correction", weight=2.0)
             for i, (q, a) in enumerate(facts)
         ]
-        new = augment(taught, ctx["paraphrases"], seed=version)
+        new = augment(taught, ctx["paraphrases"], seed=version, reworded=ctx["rewordings"])
         train, test = build_dataset(
             new,
             replay_pool=previous if replay else [],
@@ -134,9 +149,7 @@ def run_user(
             cfg=DatasetConfig.from_settings(),
             user_id=user,
         )
-        job = TrainingJob(user, train, test, f"bench://{user}/v{version}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
-        with tempfile.TemporaryDirectory() as tmp:
-            outcome = runner.run(job, Path(tmp))
+        outcome = train_version(runner, user, train, test)
         m = outcome.info.manifest.metrics
         row = {
             "user": user,
@@ -196,6 +209,7 @@ def loaded_context() -> dict:
         "anchor_mix": AnchorMix.from_settings(settings),
         "anchors": AnchorSet.from_settings(settings, base.sha256),
         "paraphrases": settings.streams.curation.paraphrases,
+        "rewordings": settings.streams.curation.rewordings,
     }
 
 
@@ -223,13 +237,9 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
     `rewordings` rule rewordings per example), asked the hand-written rewordings it never saw."""
     from core.settings import defaults
-    from core.storage import sha256_bytes
-    from schemas.dataset import to_jsonl
     from schemas.events import Feedback
     from streams.curation import augment, curate, dedupe
     from streams.dataset import DatasetConfig, build_dataset
-    from trainer.job import JobRunner, TrainingJob
-    from trainer.registry import AdapterRegistry
 
     curation = defaults().streams.curation
     corrections = [
@@ -249,20 +259,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
     train, test = build_dataset(
         new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
     )
-    runner = JobRunner(
-        AdapterRegistry(ctx["root"] / user),
-        ctx["base"],
-        ctx["model"],
-        ctx["tokenizer"],
-        ctx["device"],
-        ctx["train_cfg"],
-        ctx["gate"],
-        ctx["anchors"],
-        ctx["anchor_mix"],
-    )
-    job = TrainingJob(user, train, test, f"bench://{user}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
-    with tempfile.TemporaryDirectory() as tmp:
-        outcome = runner.run(job, Path(tmp))
+    outcome = train_version(runner_for(ctx, ctx["root"] / user), user, train, test)
     asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
     answers = answers_with(ctx, outcome.info.path, [wording for _, wording in asked])
     hits = [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
@@ -288,11 +285,9 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
 def rewording_benchmark(ctx: dict, say) -> dict:
     """20 facts (4 users x 5), each taught by one correction; 40 hand-written rewordings never trained on or tuned on
     (benchmarks/data/rewordings.jsonl): answered with the key words? Templates only vs the rule rewordings."""
-    from core.settings import defaults
-
     facts = [json.loads(line) for line in REWORDINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
     results = {}
-    for name, rewordings in (("templates only", 0), ("templates + rewordings (default)", defaults().streams.curation.rewordings)):
+    for name, rewordings in (("templates only", 0), ("templates + rewordings (default)", ctx["rewordings"])):
         say(f"{name}:")
         rows = [rewording_user(ctx, f"reworded{u}-{rewordings}", facts[u * 5 : u * 5 + 5], rewordings, say) for u in range(4)]
         asked = sum(r["rewordings_asked"] for r in rows)

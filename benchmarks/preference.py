@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from learning import answers_with, loaded_context  # noqa: E402
+from learning import answers_with, loaded_context, runner_for, train_version  # noqa: E402
 
 SHORT_PROMPTS = [
     "How do I boil an egg?",
@@ -202,38 +202,24 @@ def sampled_answers(ctx: dict, prompts: list[str], samples: int, max_new_tokens:
 def measure(user: str, answers: list[str]) -> dict:
     if user == "short":
         return {"mean_words": round(statistics.mean(words(a) for a in answers), 1)}
-    return {"metric_answers": sum(uses_metric(a) for a in answers), "imperial_answers": sum(uses_imperial(a) for a in answers)}
+    metric = sum(uses_metric(a) and not uses_imperial(a) for a in answers)
+    imperial = sum(uses_imperial(a) and not uses_metric(a) for a in answers)
+    return {"metric_answers": metric, "imperial_answers": imperial}  # in those units alone, as the user rates them
 
 
 def run(ctx: dict, user: str, rated: list[tuple[str, str, float]], objective: str, held_out: list[str], args, say) -> dict:
     """One version trained on the user's rated answers under `objective`, gated, measured on the held-out prompts."""
-    from core.storage import sha256_bytes
-    from schemas.dataset import split_holdout, to_jsonl
+    from schemas.dataset import split_holdout
     from schemas.training import TrainingExample
-    from trainer.job import JobRunner, TrainingJob
-    from trainer.registry import AdapterRegistry
 
     examples = [
         TrainingExample(prompt=p, response=a, source="rating", rating=r, event_id=f"{user}-{n}")
         for n, (p, a, r) in enumerate(rated)
     ]
     train, test = split_holdout(examples, seed=0)
-    cfg = replace(ctx["train_cfg"], objective=objective)
-    runner = JobRunner(
-        AdapterRegistry(ctx["root"] / f"{user}-{objective}"),
-        ctx["base"],
-        ctx["model"],
-        ctx["tokenizer"],
-        ctx["device"],
-        cfg,
-        ctx["gate"],
-        ctx["anchors"],
-        ctx["anchor_mix"],
-    )
-    job = TrainingJob(user, train, test, f"bench://{user}", sha256_bytes(to_jsonl(train)), trigger="benchmark")
-    with tempfile.TemporaryDirectory() as tmp:
-        outcome = runner.run(job, Path(tmp))
-        answers = answers_with(ctx, outcome.info.path, held_out, args.max_new_tokens)
+    runner = runner_for(ctx, ctx["root"] / f"{user}-{objective}", replace(ctx["train_cfg"], objective=objective))
+    outcome = train_version(runner, user, train, test)
+    answers = answers_with(ctx, outcome.info.path, held_out, args.max_new_tokens)
     m = outcome.info.manifest.metrics
     row = {
         "user": user,
@@ -258,7 +244,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="for the sampled answers and the held-out ones")
     parser.add_argument("--users", nargs="+", default=list(USERS), choices=list(USERS))
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / f"preference-{datetime.now(UTC):%Y-%m-%d}.json"

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.learning import loaded_context, make_facts  # noqa: E402
+from benchmarks.learning import loaded_context, make_facts, runner_for  # noqa: E402
 
 
 def user_jobs(ctx: dict, users: int, facts: int) -> list:
@@ -52,7 +52,7 @@ def user_jobs(ctx: dict, users: int, facts: int) -> list:
             TrainingExample(prompt=q, response=a, event_id=f"{user}-{i}", source="correction", weight=2.0)
             for i, (q, a) in enumerate(make_facts(u, facts))
         ]
-        new = augment(taught, ctx["paraphrases"], seed=1)
+        new = augment(taught, ctx["paraphrases"], seed=1, reworded=ctx["rewordings"])
         train, test = build_dataset(
             new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
         )
@@ -62,20 +62,9 @@ def user_jobs(ctx: dict, users: int, facts: int) -> list:
 
 def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
     """Every job once, `batch` users at a time, from a fresh registry; the round's figures."""
-    from trainer.job import JobHooks, JobRunner
-    from trainer.registry import AdapterRegistry
+    from trainer.job import JobHooks
 
-    runner = JobRunner(
-        AdapterRegistry(Path(tempfile.mkdtemp(prefix=f"adaptloop-scale-k{batch}-"))),
-        ctx["base"],
-        ctx["model"],
-        ctx["tokenizer"],
-        ctx["device"],
-        ctx["train_cfg"],
-        ctx["gate"],
-        ctx["anchors"],
-        ctx["anchor_mix"],
-    )
+    runner = runner_for(ctx, Path(tempfile.mkdtemp(prefix=f"adaptloop-scale-k{batch}-")))
     started = time.perf_counter()
     outcomes = []
     for start in range(0, len(jobs), batch):

@@ -159,7 +159,7 @@ def choose_anchor_prompts(
     count = min(len(usable), max(mix.minimum, round(mix.ratio * len(examples))))
     if count <= 0:
         return []
-    near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first else []
+    near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first and examples else []
     rest = [p for p in usable if p not in set(near)]
     return near + random.Random(seed).sample(rest, count - len(near))
 

@@ -508,9 +508,17 @@ class JobRunner:
         return Outcome(info, report, apply_decision(registry, info, report, job_id=job.request_id, mode=mode))
 
     def _with_anchors(self, examples: list[TrainingExample]) -> list[TrainingExample]:
+        """The examples with the anchors mixed in, as many as the facts taught (at least the minimum), nearest to them.
+
+        Rated answers do not count: they teach a way of answering (shorter, in metric units) that is meant to reach
+        general prompts too, where a fact leaking there is a fault; anchors in proportion to them would hold every
+        general answer to the base model's style."""
         if self.anchors is None or not self.anchors.prompts:
             return examples
-        chosen = choose_anchor_prompts(examples, self.anchors.prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first)
+        facts = [e for e in examples if not e.rated_answer]
+        rated = {" ".join(e.prompt.casefold().split()) for e in examples if e.rated_answer}
+        prompts = [p for p in self.anchors.prompts if " ".join(p.casefold().split()) not in rated]
+        chosen = choose_anchor_prompts(facts, prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first)
         return mix_anchors(examples, self.anchors.answers(self.model, self.tokenizer, self.device, chosen), self.anchor_mix)
 
     def _manifest(

@@ -127,22 +127,26 @@ def preference_loss(
     """The weighted mean DPO/KTO loss of a batch of preference items (one forward pass for all their sequences)."""
     import torch
 
-    sequences = [s for item in batch for s in item.sequences]
-    policy = sequence_logps(peft_model, sequences, pad, device, below).view(len(batch), 2)
-    ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in batch], device=policy.device)
-    losses = torch.zeros(len(batch), device=policy.device)
-    pairs = torch.tensor([item.desirable is None for item in batch], device=policy.device)
-    if bool(pairs.any()):
-        p, r = policy[pairs], ref[pairs]
-        losses[pairs] = dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta)
-    if not bool(pairs.all()):
-        rated = ~pairs
-        p, r = policy[rated], ref[rated]
-        kl = kl_estimate(p[:, 1], r[:, 1])
-        desirable = torch.tensor([bool(item.desirable) for item in batch if item.desirable is not None], device=policy.device)
-        losses[rated] = kto_losses(p[:, 0], r[:, 0], desirable, kl, beta)
-    weights = torch.tensor([item.weight for item in batch], device=policy.device)
-    return (losses * weights).sum() / weights.sum()
+    pairs = [item for item in batch if item.desirable is None]
+    rated = [item for item in batch if item.desirable is not None]
+    # One pass with gradients for what the losses learn from: both sides of a pair, a rated answer itself; the
+    # mismatched answers only set KTO's reference point, which carries no gradient: a pass without one.
+    learned = [s for item in pairs for s in item.sequences] + [item.sequences[0] for item in rated]
+    policy = sequence_logps(peft_model, learned, pad, device, below)
+    losses = []
+    if pairs:
+        p = policy[: 2 * len(pairs)].view(len(pairs), 2)
+        r = torch.tensor([[reference[id(s)] for s in item.sequences] for item in pairs], device=policy.device)
+        losses.append(dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta))
+    if rated:
+        with torch.no_grad():
+            mismatched = sequence_logps(peft_model, [item.sequences[1] for item in rated], pad, device, below)
+        ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
+        kl = kl_estimate(mismatched, ref[:, 1])
+        desirable = torch.tensor([bool(item.desirable) for item in rated], device=policy.device)
+        losses.append(kto_losses(policy[2 * len(pairs) :], ref[:, 0], desirable, kl, beta))
+    weights = torch.tensor([item.weight for item in pairs + rated], device=policy.device)
+    return (torch.cat(losses) * weights).sum() / weights.sum()
 
 
 # ---- the gate's judgement ------------------------------------------------------------ #
@@ -168,17 +172,13 @@ def preference_accuracy(model, tokenizer, device, candidate_dir, reference_dir, 
     pairs = held_out_pairs(examples)
     if not pairs:
         return None, 0
-    flat = [e for pair in pairs for e in pair]
-    sequences = tokenize(tokenizer, flat, max_len)
-    gains = [
-        c - r
-        for c, r in zip(
-            _logps_with(model, candidate_dir, sequences, tokenizer, device),
-            _logps_with(model, reference_dir, sequences, tokenizer, device),
-            strict=True,
-        )
-    ]
-    wins = sum(gains[2 * n] > gains[2 * n + 1] for n in range(len(pairs)))
+    # Each held-out answer is in several pairs: its log-probabilities are computed once.
+    answers = list(dict.fromkeys((e.prompt, e.response) for pair in pairs for e in pair))
+    sequences = tokenize(tokenizer, [TrainingExample(prompt=p, response=r) for p, r in answers], max_len)
+    after = _logps_with(model, candidate_dir, sequences, tokenizer, device)
+    before = _logps_with(model, reference_dir, sequences, tokenizer, device)
+    gain = {answer: a - b for answer, a, b in zip(answers, after, before, strict=True)}
+    wins = sum(gain[(good.prompt, good.response)] > gain[(bad.prompt, bad.response)] for good, bad in pairs)
     return round(wins / len(pairs), 4), len(pairs)
 
 

@@ -88,6 +88,10 @@ def test_the_nearest_anchors_come_first_then_a_seeded_sample():
     rest = [p for p in prompts if p not in by_topic["city"]]
     assert chosen[2:] == random.Random(3).sample(rest, 2), "the rest: a seeded sample of the others"
     assert choose_anchor_prompts(user, prompts, mix, seed=3) == random.Random(3).sample(prompts, 4), "no embedder: all sampled"
+    no_facts = choose_anchor_prompts(
+        [], prompts, AnchorMix.from_settings(minimum=3, nearest=0.5), seed=3, nearest_first=nearest_first
+    )
+    assert no_facts == random.Random(3).sample(prompts, 3), "nothing to be near (a user who only rates): the minimum, sampled"
 
 
 def test_the_embedder_ranks_similar_questions_first(tmp_path):
