@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions bench-active reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions bench-active bench-preference reliability clean
 
 install: $(STAMP)
 
@@ -75,6 +75,7 @@ bench-trainer: install
 
 bench-learning: install
 	$(BIN)/python benchmarks/learning.py --ablation
+	$(BIN)/python benchmarks/learning.py --rewordings
 
 bench-serve: install
 	$(BIN)/python benchmarks/serving.py
@@ -93,6 +94,9 @@ bench-contradictions: install
 
 bench-active: install
 	$(BIN)/python benchmarks/active.py
+
+bench-preference: install
+	$(BIN)/python benchmarks/preference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
