@@ -273,6 +273,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
         "retention": m.retention,
         "train_seconds": m.train_seconds,
         "decision": outcome.decision,
+        "reasons": outcome.report.reasons if outcome.report is not None else [],
         "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
     }
     say(
