@@ -215,19 +215,11 @@ def loaded_context() -> dict:
 
 def answers_with(ctx: dict, adapter_dir: Path | None, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
     """Greedy answers of the base model plus the adapter (None: the base model alone)."""
-    from peft import PeftModel
-
     from trainer.generation import generate_batch
+    from trainer.lora import adapter_applied
 
-    model, tokenizer, device = ctx["model"], ctx["tokenizer"], ctx["device"]
-    if adapter_dir is None:
-        return generate_batch(model, tokenizer, device, prompts, max_new_tokens)
-    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
-    try:
-        adapted.eval()
-        return generate_batch(adapted, tokenizer, device, prompts, max_new_tokens)
-    finally:
-        adapted.unload()
+    with adapter_applied(ctx["model"], adapter_dir) as model:
+        return generate_batch(model, ctx["tokenizer"], ctx["device"], prompts, max_new_tokens)
 
 
 REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"

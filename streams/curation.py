@@ -93,10 +93,11 @@ def _weight(base: float, confidence: float | None, cfg: CurationSettings) -> flo
 
 
 def _example(
-    prompt: str, response: str, source: str, weight: float, event: InputEvent, prov: Provenance | None
+    prompt: str, response: str, source: str, weight: float, event: InputEvent, prov: Provenance | None, **preference
 ) -> TrainingExample:
+    """`preference`: `rejected` (the answer a correction replaced) or `rating` (of a rated answer)."""
     return TrainingExample(
-        prompt=prompt, response=response, source=source, weight=weight, event_id=event.event_id, provenance=prov
+        prompt=prompt, response=response, source=source, weight=weight, event_id=event.event_id, provenance=prov, **preference
     )
 
 
@@ -108,8 +109,7 @@ def _rated(
     if rating == 0 or not answer.strip():
         return ()
     weight = round(cfg.conversation_weight * (0.5 + 0.5 * abs(rating)), 6)
-    example = _example(prompt, answer, "rating", weight, event, prov)
-    return (example.model_copy(update={"rating": round(rating, 6)}),)
+    return (_example(prompt, answer, "rating", weight, event, prov, rating=round(rating, 6)),)
 
 
 def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettings) -> Curated:
@@ -129,9 +129,11 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
     if isinstance(event, Feedback):
         if event.kind == "correction":
             assert event.correction is not None
-            example = _example(event.query, event.correction, "correction", cfg.correction_weight, event, provenance)
-            if event.response.strip() and event.response.strip() != event.correction.strip():
-                example = example.model_copy(update={"rejected": event.response})  # a pair: the correction is preferred
+            # A pair: the correction is preferred to the answer it replaced.
+            replaced = event.response if event.response.strip() and event.response.strip() != event.correction.strip() else None
+            example = _example(
+                event.query, event.correction, "correction", cfg.correction_weight, event, provenance, rejected=replaced
+            )
             return Curated(
                 examples=(example,),
                 gap="correction",
@@ -153,8 +155,8 @@ def curate(event: InputEvent, provenance: Provenance | None, cfg: CurationSettin
             return Curated(rated, gap="negative_rating", outcome=False, asked=Asked(event.question, "negative_rating"))
         if rating is not None and rating > 0:
             weight = cfg.conversation_weight * (0.5 + 0.5 * rating)
-            example = _example(event.question, event.answer, "conversation", round(weight, 6), event, provenance)
-            return Curated(examples=(example.model_copy(update={"rating": rating}),), outcome=True)
+            example = _example(event.question, event.answer, "conversation", round(weight, 6), event, provenance, rating=rating)
+            return Curated(examples=(example,), outcome=True)
         example = _example(event.question, event.answer, "conversation", cfg.unrated_weight, event, provenance)
         return Curated(examples=(example,))
     if isinstance(event, ConceptGap):

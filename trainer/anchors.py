@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -145,6 +145,7 @@ def choose_anchor_prompts(
     mix: AnchorMix,
     seed: int,
     nearest_first: Callable[[list[str], list[str]], list[str]] | None = None,
+    avoid: Iterable[str] = (),
 ) -> list[str]:
     """The anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
 
@@ -152,9 +153,9 @@ def choose_anchor_prompts(
     the prompts most like the user's: a new answer leaks into similar
     questions first ("Which city was my sister born in?" -> "What is the
     capital of Spain?"). The rest are a seeded sample. Anchors asking what a
-    user example asks are left out: the user's answer wins.
+    user example asks (or a prompt in `avoid`) are left out: the user's answer wins.
     """
-    taught = {_normal(e.prompt) for e in examples}
+    taught = {_normal(e.prompt) for e in examples} | {_normal(p) for p in avoid}
     usable = [p for p in dict.fromkeys(prompts) if _normal(p) not in taught]
     count = min(len(usable), max(mix.minimum, round(mix.ratio * len(examples))))
     if count <= 0:

@@ -294,16 +294,10 @@ class Gate:
         """Answer and score `cases` with the base model plus the adapter (or the base model alone)."""
         if not cases:
             return []
-        if adapter_dir is None:
-            return self._score_with(self.model, cases)
-        from peft import PeftModel
+        from trainer.lora import adapter_applied
 
-        adapted = PeftModel.from_pretrained(self.model, str(adapter_dir))
-        try:
-            adapted.eval()
-            return self._score_with(adapted, cases)
-        finally:
-            adapted.unload()  # leave the kept base model as it was
+        with adapter_applied(self.model, adapter_dir) as model:
+            return self._score_with(model, cases)
 
     def _score_with(self, model, cases: list[TestCase]) -> list[CaseScore]:
         return score_cases(model, self.tokenizer, self.device, self.embedder, cases, self.cfg.weights, self.cfg.batch_size)

@@ -516,9 +516,10 @@ class JobRunner:
         if self.anchors is None or not self.anchors.prompts:
             return examples
         facts = [e for e in examples if not e.rated_answer]
-        rated = {" ".join(e.prompt.casefold().split()) for e in examples if e.rated_answer}
-        prompts = [p for p in self.anchors.prompts if " ".join(p.casefold().split()) not in rated]
-        chosen = choose_anchor_prompts(facts, prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first)
+        rated = [e.prompt for e in examples if e.rated_answer]
+        chosen = choose_anchor_prompts(
+            facts, self.anchors.prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first, avoid=rated
+        )
         return mix_anchors(examples, self.anchors.answers(self.model, self.tokenizer, self.device, chosen), self.anchor_mix)
 
     def _manifest(

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.errors import ModelError
 from schemas.manifest import ADAPTER_WEIGHTS
+
+
+@contextmanager
+def adapter_applied(model, adapter_dir: Path | None) -> Iterator:
+    """The kept base model with a saved PEFT adapter on it, in eval mode (None: the base model itself); unloaded after,
+    so the kept base model is as it was."""
+    if adapter_dir is None:
+        yield model
+        return
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        adapted.eval()
+        yield adapted
+    finally:
+        adapted.unload()
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...], top_layer_share: float):

@@ -187,20 +187,10 @@ def _logps_with(model, adapter_dir, sequences: list[Tokenized], tokenizer, devic
     import torch
 
     from trainer.generation import pad_id
+    from trainer.lora import adapter_applied
 
-    pad = pad_id(tokenizer)
-    if adapter_dir is None:
-        with torch.no_grad():
-            return _chunked_logps(model, sequences, pad, device)
-    from peft import PeftModel
-
-    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
-    try:
-        adapted.eval()
-        with torch.no_grad():
-            return _chunked_logps(adapted, sequences, pad, device)
-    finally:
-        adapted.unload()  # leave the kept base model as it was
+    with adapter_applied(model, adapter_dir) as adapted, torch.no_grad():
+        return _chunked_logps(adapted, sequences, pad_id(tokenizer), device)
 
 
 def _chunked_logps(model, sequences: list[Tokenized], pad: int, device, below=None, batch_size: int = 16) -> list[float]:
