@@ -91,8 +91,9 @@ VARIANTS = {
 DEFAULT = "+ update shrunk while it keeps the facts (default)"
 
 
-def runner_for(ctx: dict, registry_dir: Path, cfg=None, anchors="settings", mix=None):
-    """A JobRunner on the loaded context (its training config, gate, anchors and mix unless given) and a registry."""
+def runner_for(ctx: dict, registry_dir: Path, cfg=None, anchors="settings", mix=None, paraphraser="settings"):
+    """A JobRunner on the loaded context (its training config, gate, anchors, mix and paraphraser unless given) and
+    a registry."""
     from trainer.job import JobRunner
     from trainer.registry import AdapterRegistry
 
@@ -106,6 +107,7 @@ def runner_for(ctx: dict, registry_dir: Path, cfg=None, anchors="settings", mix=
         ctx["gate"],
         ctx["anchors"] if anchors == "settings" else anchors,
         mix or ctx["anchor_mix"],
+        paraphraser=ctx["paraphraser"] if paraphraser == "settings" else paraphraser,
     )
 
 
@@ -193,6 +195,7 @@ def loaded_context() -> dict:
     from core.settings import load_settings
     from trainer.anchors import AnchorMix, AnchorSet
     from trainer.gate import GateSpec
+    from trainer.job import paraphraser_from_settings
     from trainer.model import load_base, resolve_base_model
     from trainer.train import TrainConfig
 
@@ -208,6 +211,7 @@ def loaded_context() -> dict:
         "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
         "anchor_mix": AnchorMix.from_settings(settings),
         "anchors": AnchorSet.from_settings(settings, base.sha256),
+        "paraphraser": paraphraser_from_settings(settings, model, tokenizer, device),
         "paraphrases": settings.streams.curation.paraphrases,
         "rewordings": settings.streams.curation.rewordings,
     }
@@ -225,9 +229,10 @@ def answers_with(ctx: dict, adapter_dir: Path | None, prompts: list[str], max_ne
 REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"
 
 
-def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say) -> dict:
+def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, paraphraser, say) -> dict:
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
-    `rewordings` rule rewordings per example), asked the hand-written rewordings it never saw."""
+    `rewordings` rule rewordings per example; the trainer's `paraphraser` or None), asked the hand-written rewordings
+    it never saw."""
     from core.settings import defaults
     from schemas.events import Feedback
     from streams.curation import augment, curate, dedupe
@@ -251,7 +256,9 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
     train, test = build_dataset(
         new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
     )
-    outcome = train_version(runner_for(ctx, ctx["root"] / user), user, train, test)
+    started = time.perf_counter()
+    outcome = train_version(runner_for(ctx, ctx["root"] / user, paraphraser=paraphraser), user, train, test)
+    version_seconds = round(time.perf_counter() - started, 1)
     asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
     answers = answers_with(ctx, outcome.info.path, [wording for _, wording in asked])
     hits = [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
@@ -264,25 +271,32 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, say
         "facts_learned": m.facts_learned,
         "retention": m.retention,
         "train_seconds": m.train_seconds,
+        "version_seconds": version_seconds,
         "decision": outcome.decision,
         "reasons": outcome.report.reasons if outcome.report is not None else [],
         "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
     }
     say(
         f"  {user}: {sum(hits)}/{len(asked)} rewordings answered, held-out {m.facts_learned}, retention {m.retention}, "
-        f"{m.train_seconds:.0f}s, {outcome.decision}"
+        f"{m.train_seconds:.0f}s training, {version_seconds:.0f}s in all, {outcome.decision}"
     )
     return row
 
 
 def rewording_benchmark(ctx: dict, say) -> dict:
     """20 facts (4 users x 5), each taught by one correction; 40 hand-written rewordings never trained on or tuned on
-    (benchmarks/data/rewordings.jsonl): answered with the key words? Templates only vs the rule rewordings."""
+    (benchmarks/data/rewordings.jsonl): answered with the key words? Templates only, + the rule rewordings, + the
+    base model's paraphrases."""
     facts = [json.loads(line) for line in REWORDINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
     results = {}
-    for name, rewordings in (("templates only", 0), ("templates + rewordings (default)", ctx["rewordings"])):
+    arms = (
+        ("templates only", 0, None),
+        ("templates + rule rewordings", ctx["rewordings"], None),
+        ("templates + rule rewordings + model paraphrases (default)", ctx["rewordings"], ctx["paraphraser"]),
+    )
+    for n, (name, rewordings, paraphraser) in enumerate(arms):
         say(f"{name}:")
-        rows = [rewording_user(ctx, f"reworded{u}-{rewordings}", facts[u * 5 : u * 5 + 5], rewordings, say) for u in range(4)]
+        rows = [rewording_user(ctx, f"reworded{u}-{n}", facts[u * 5 : u * 5 + 5], rewordings, paraphraser, say) for u in range(4)]
         asked = sum(r["rewordings_asked"] for r in rows)
         results[name] = {
             "rows": rows,
@@ -291,6 +305,7 @@ def rewording_benchmark(ctx: dict, say) -> dict:
             "retention": round(statistics.mean(r["retention"] or 0 for r in rows), 4),
             "train_seconds": round(statistics.mean(r["train_seconds"] for r in rows), 1),
             "max_train_seconds": max(r["train_seconds"] for r in rows),
+            "version_seconds": round(statistics.mean(r["version_seconds"] for r in rows), 1),
             "promoted": sum(r["decision"] == "promoted" for r in rows),
         }
     return results
@@ -309,7 +324,7 @@ def main() -> None:
     parser.add_argument(
         "--rewordings",
         action="store_true",
-        help="instead: 20 facts taught by one correction each, asked in 40 hand-written rewordings (templates only vs rule rewordings)",
+        help="instead: 20 facts taught by one correction each, asked in 40 hand-written rewordings (templates, rules, model)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -377,12 +392,15 @@ def main_rewordings(ctx: dict, args, say) -> None:
     out = args.out.with_name(args.out.name.replace("learning-", "rewordings-"))
     out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {report['wall_seconds']} s")
-    say("| augmentation | hand-written rewordings answered | held-out learned | retention | train s (mean / max) | promoted |")
-    say("| --- | --- | --- | --- | --- | --- |")
+    say(
+        "| augmentation | hand-written rewordings answered | held-out learned | retention | train s (mean / max) "
+        "| s per version (all) | promoted |"
+    )
+    say("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         say(
             f"| {name} | {r['answered']} | {r['held_out_learned']} | {r['retention']} | {r['train_seconds']} / "
-            f"{r['max_train_seconds']} | {r['promoted']}/4 |"
+            f"{r['max_train_seconds']} | {r['version_seconds']} | {r['promoted']}/4 |"
         )
 
 

@@ -370,6 +370,15 @@ class TrainingSettings(_Section):
     preference_weight: float = Field(
         1.0, ge=0, le=100, description="weight of a preference step's loss beside the supervised steps"
     )
+    model_paraphrases: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="paraphrases of each taught question the base model writes before training (trainer/paraphrase.py; 0 = off)",
+    )
+    paraphrase_min_similarity: float = Field(
+        0.8, ge=0, le=1, description="a written paraphrase is trained on only this close in meaning to the taught question"
+    )
     shrink_to: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         default_factory=lambda: [0.5, 0.75],
         description="after training, the update is scaled to the smallest of these that still answers every fact ([] = off)",

@@ -70,7 +70,12 @@ def chat_ids(tokenizer, prompt: str, response: str | None = None) -> list[int]:
     messages = [{"role": "user", "content": prompt}]
     if response is not None:
         messages.append({"role": "assistant", "content": response})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=response is None, tokenize=True)
+    return chat_messages_ids(tokenizer, messages)
+
+
+def chat_messages_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template's token ids for `messages`; ending on a user turn, with the assistant's turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=messages[-1]["role"] != "assistant", tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from trainer.data import chat_ids
+from trainer.data import chat_ids, chat_messages_ids
 
 
 def pad_id(tokenizer) -> int:
@@ -32,18 +32,42 @@ def generate_batch(
     which rows go on whenever some leave (the forward hooks that route rows
     to their users' adapters by index, trainer/multi.py); with it, the
     prompts must be a single batch (`batch_size` or fewer)."""
+    return generate_encoded(
+        model, tokenizer, device, [chat_ids(tokenizer, p) for p in prompts], max_new_tokens, batch_size, narrow
+    )
+
+
+def generate_chats(
+    model, tokenizer, device, chats: list[list[dict[str, str]]], max_new_tokens: int = 48, batch_size: int = 16
+) -> list[str]:
+    """Greedy answers to whole chats (system and earlier turns included: a few-shot prompt), `batch_size` at a time."""
+    return generate_encoded(
+        model, tokenizer, device, [chat_messages_ids(tokenizer, c) for c in chats], max_new_tokens, batch_size
+    )
+
+
+def generate_encoded(
+    model,
+    tokenizer,
+    device,
+    encoded: list[list[int]],
+    max_new_tokens: int | Sequence[int] = 48,
+    batch_size: int = 16,
+    narrow: Callable[[Sequence[int]], None] | None = None,
+) -> list[str]:
+    """Greedy answers to prompts already tokenized with the chat template (`generate_batch`'s loop)."""
     import torch
 
-    if narrow is not None and len(prompts) > batch_size:
+    if narrow is not None and len(encoded) > batch_size:
         raise ValueError("generate_batch with `narrow` takes at most one batch of prompts")
-    limits = per_row(max_new_tokens, len(prompts))
+    limits = per_row(max_new_tokens, len(encoded))
     pad = pad_id(tokenizer)
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(len(e) for e in batch)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in batch], device=device)
         with torch.no_grad():
             rows = greedy_shrinking(model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), narrow)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]

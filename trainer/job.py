@@ -41,10 +41,11 @@ from trainer.gate import Candidate, Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
 from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
+from trainer.paraphrase import ParaphraseFilter, Paraphraser
 from trainer.preference import uses_preference
 from trainer.registry import AdapterRegistry, VersionInfo, verify_adapter_dir
 from trainer.review import open_review, promote, promotion_mode
-from trainer.scoring import TestCase, answers_match
+from trainer.scoring import TestCase, answers_match, load_embedder
 from trainer.train import StepReport, TrainConfig, TrainHooks, TrainResult, remove_checkpoint, train_adapter
 
 log = logging.getLogger("adaptloop.trainer")
@@ -352,8 +353,10 @@ class JobRunner:
         anchors: AnchorSet | None = None,
         anchor_mix: AnchorMix | None = None,
         promotion: str = "auto",
+        paraphraser: Paraphraser | None = None,
     ) -> None:
         self.registry, self.base, self.cfg, self.gate, self.anchors = registry, base, cfg, gate, anchors
+        self.paraphraser = paraphraser  # None: train on the questions as the worker wrote them
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.anchor_mix = anchor_mix or AnchorMix.from_settings()
         self.promotion = promotion  # the configured mode; a user's own (trainer/review.py) wins
@@ -443,6 +446,8 @@ class JobRunner:
         warm start."""
         cfg, registry = self.cfg, self.registry
         examples = thin_replay(job.examples, cfg.replay_per_fact)
+        if self.paraphraser is not None:
+            examples = self.paraphraser.augment(examples, job.held_out)
         mixed = self._with_anchors(examples)
         reference, reference_version = reference_dir(registry, job.user_id, reference_target)
         facts = FactCheck(
@@ -547,6 +552,7 @@ class JobRunner:
             **(report.metrics() if report is not None else {}),
         }
         validation = None
+        written = sum(e.wording == "model" for e in examples)  # trainer/paraphrase.py's, not in the dataset file
         if report is not None:
             suites = {name: suite.summary() for name, suite in report.suites.items()}
             validation = ValidationRecord(
@@ -566,7 +572,8 @@ class JobRunner:
                 uri=job.dataset_uri,
                 sha256=job.dataset_sha256,
                 train_count=len(examples),
-                replay_thinned=len(job.examples) - len(examples),
+                replay_thinned=len(job.examples) - len(examples) + written,
+                model_paraphrases=written,
                 anchor_count=len(mixed) - len(examples),
             ),
             lineage=job.lineage,
@@ -644,7 +651,19 @@ def runner_from_settings(
         AnchorSet.from_settings(settings, base.sha256),
         AnchorMix.from_settings(settings),
         settings.promotion.mode,
+        paraphraser_from_settings(settings, model, tokenizer, device),
     )
+
+
+def paraphraser_from_settings(settings: Settings, model, tokenizer, device) -> Paraphraser | None:
+    """The base model's paraphrases of taught questions (trainer/paraphrase.py), when `training.model_paraphrases`;
+    the embedding model is loaded on its first use."""
+    t, embedding_model = settings.training, settings.model.embedding_model
+    if t.model_paraphrases <= 0:
+        return None
+    keep = ParaphraseFilter(min_similarity=t.paraphrase_min_similarity)
+    similarity = lambda texts, others: load_embedder(embedding_model).similarity(texts, others)  # noqa: E731
+    return Paraphraser.on_model(model, tokenizer, device, similarity, t.model_paraphrases, t.seed, keep)
 
 
 def read_batch_file(path: Path) -> list[tuple[str, Path]]:

@@ -75,3 +75,55 @@ def test_train_one_user_still_works(config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "ann v1:" in result.output
     assert AdapterRegistry(str(tmp_path / "store")).info("ann", 1).manifest.metrics.batch_users == 1
+
+
+def test_a_version_trains_on_the_base_models_paraphrases_but_never_a_held_out_question(config, tmp_path, monkeypatch):
+    """The job asks the paraphraser about each taught question, trains on what it keeps and counts it in the manifest;
+    a paraphrase that is a held-out question is dropped. (The tiny model writes nonsense: a scripted writer here.)"""
+    import trainer.job
+    from schemas.dataset import from_jsonl, split_holdout
+    from trainer.paraphrase import Paraphraser
+
+    data = tmp_path / "ann.jsonl"
+    lines = [
+        line
+        for i in range(3)
+        for line in (
+            {
+                "prompt": f"What is ann's code {i}?",
+                "response": f"Code {i} is {i * 7}.",
+                "source": "correction",
+                "event_id": f"e{i}",
+            },
+            {
+                "prompt": f"What's ann's code {i}?",
+                "response": f"Code {i} is {i * 7}.",
+                "source": "correction",
+                "event_id": f"e{i}",
+                "wording": "contraction",
+            },
+        )
+    ]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    _train, held_out = split_holdout(from_jsonl(data.read_bytes()), 0)
+    asked: list[str] = []
+
+    def write(chats):
+        asked.extend(chat[-1]["content"] for chat in chats)
+        # the first of each question's two prompts: a held-out question (to be dropped); the second: a new wording
+        return [
+            f"Tell me, {c[-1]['content'][0].lower()}{c[-1]['content'][1:]}" if n % 2 == 1 else held_out[0].prompt
+            for n, c in enumerate(chats)
+        ]
+
+    def scripted(settings, model, tokenizer, device):
+        return Paraphraser(write, lambda texts, others: [0.9] * len(texts), count=1, seed=0)
+
+    monkeypatch.setattr(trainer.job, "paraphraser_from_settings", scripted)
+    result = CliRunner().invoke(cli, ["--config", str(config), "train", "--user-id", "ann", "--data-path", str(data)])
+    assert result.exit_code == 0, result.output
+    taught = sorted(set(asked))
+    assert taught and held_out[0].prompt not in taught, "held-out questions are never paraphrased"
+    dataset = AdapterRegistry(str(tmp_path / "store")).info("ann", 1).manifest.dataset
+    assert dataset.model_paraphrases == len(taught) and dataset.replay_thinned == 0
+    assert dataset.train_count == len(_train) + len(taught)
