@@ -35,6 +35,22 @@ from tests.support.handles import (
 from tests.support.processes import JAR_CACHE
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `pytest -n N`, each worker (and every process it starts: brokers aside, trainers, workers, the demo) gets
+    its share of the cores for torch's and BLAS's thread pools, not all of them.
+
+    With two workers on two cores, each process sizing its OpenMP pool to the
+    whole machine oversubscribes it: threads spin at every barrier waiting for
+    a thread the other process holds, and on the tiny test models (thousands
+    of small ops per second) that wait is most of the work. Set before torch
+    is first imported; an explicit OMP_NUM_THREADS is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, share)
+
+
 def _docker_answers() -> bool:
     try:
         import docker

@@ -138,6 +138,8 @@ class Paraphraser:
         written = self.write(chats)
         candidates = [(q, cleaned(q, text)) for q, text in zip((q for q in questions for _ in range(variants)), written)]
         pairs = [(q, text) for q, text in candidates if text is not None]
+        if not pairs:
+            return {}
         close = self.similarity([t for _, t in pairs], [q for q, _ in pairs])
         taken = {_key(text) for text in [*questions, *avoid, *held_out]}
         chosen: dict[str, list[str]] = {}
