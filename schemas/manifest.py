@@ -17,7 +17,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.training import OffsetRange
+from schemas.training import ExampleSource, OffsetRange, TrainingExample
 
 MANIFEST_VERSION = 2
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,6 +35,31 @@ class Case(_Record):
 
     prompt: str
     expected: str
+
+
+class PreferenceCase(_Record):
+    """A held-out pair (a correction and the answer it corrected) or rated answer the gate's preference suite asked."""
+
+    prompt: str
+    response: str
+    source: ExampleSource = "manual"
+    rejected: str | None = None
+    rating: float | None = None
+
+    @classmethod
+    def of(cls, example: TrainingExample) -> PreferenceCase:
+        return cls(
+            prompt=example.prompt,
+            response=example.response,
+            source=example.source,
+            rejected=example.rejected,
+            rating=example.rating,
+        )
+
+    def as_example(self) -> TrainingExample:
+        return TrainingExample(
+            prompt=self.prompt, response=self.response, source=self.source, rejected=self.rejected, rating=self.rating
+        )
 
 
 class Fact(Case):
@@ -157,6 +182,9 @@ class AdapterManifest(_Record):
     )
     early_stopping: EarlyStopping = EarlyStopping()
     held_out: list[Case] = Field(default_factory=list, description="the held-out cases the gate asked")
+    held_out_preferences: list[PreferenceCase] = Field(
+        default_factory=list, description="the held-out pairs and rated answers its preference suite asked"
+    )
     facts: list[Fact] = Field(default_factory=list, description="the user cases and whether each was answered")
     validation: ValidationRecord | None = None
 

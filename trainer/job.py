@@ -33,7 +33,7 @@ from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore, scratch_dir
 from schemas.lifecycle import reason_text
-from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, ValidationRecord
+from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, PreferenceCase, ValidationRecord
 from schemas.training import OffsetRange, TrainingExample
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
 from trainer.data import thin_replay
@@ -111,6 +111,11 @@ def skip_reason(registry: AdapterRegistry, user_id: str, examples: list[Training
 def as_cases(examples: list[TrainingExample]) -> list[TestCase]:
     """The taught facts of `examples` as cases (a rated answer is judged by preference, not recalled)."""
     return [TestCase(e.prompt, e.response) for e in examples if not e.rated_answer]
+
+
+def judged_preferences(objective: str, examples: list[TrainingExample], held_out: list[TrainingExample]) -> list[TrainingExample]:
+    """The held-out pairs and rated answers the gate's preference suite asks, when the run trained on preferences."""
+    return [e for e in held_out if e.preference] if uses_preference(objective, examples) else []
 
 
 def reference_dir(registry: AdapterRegistry, user_id: str, target: Path) -> tuple[Path | None, int | None]:
@@ -437,7 +442,7 @@ class JobRunner:
             plan.reference,
             plan.facts.previous,
             as_cases(plan.examples),
-            [e for e in plan.job.held_out if e.preference] if uses_preference(self.cfg.objective, plan.examples) else [],
+            judged_preferences(self.cfg.objective, plan.examples, plan.job.held_out),
         )
 
     def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:
@@ -590,6 +595,7 @@ class JobRunner:
                 update_scaled=result.shrunk_to,
             ),
             held_out=[Case(prompt=c.prompt, expected=c.expected) for c in as_cases(job.held_out)],
+            held_out_preferences=[PreferenceCase.of(e) for e in judged_preferences(self.cfg.objective, examples, job.held_out)],
             facts=[Fact(**f) for f in report.facts()] if report is not None else [],
             validation=validation,
         )
@@ -610,7 +616,8 @@ def validate_adapter(
     """Run the gate on an existing adapter (offline, or for a validate command) and log the result.
 
     User cases: the held-out slice in the adapter's manifest plus the user's
-    explicit cases. Baseline: `baseline`, else the user's active version, else
+    explicit cases; preference pairs: the ones its manifest says the gate
+    asked (trainer/preference.py). Baseline: `baseline`, else the user's active version, else
     the base model. Nothing is promoted.
     """
     manifest = verify_adapter_dir(adapter) or AdapterManifest()
@@ -622,7 +629,9 @@ def validate_adapter(
         else:
             compared_with, active = reference_dir(registry, user_id, Path(tmp) / "baseline")
             baseline = registry.version_dir(user_id, active) if active is not None else None
-        report = gate.evaluate(registry.plain_dir(Path(adapter), Path(tmp) / "candidate"), cases, compared_with)
+        candidate = registry.plain_dir(Path(adapter), Path(tmp) / "candidate")
+        preferences = [p.as_example() for p in manifest.held_out_preferences]
+        report = gate.evaluate(candidate, cases, compared_with, preferences=preferences)
     registry.log_validation(
         user_id,
         version if version is not None else (manifest.version or None),

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from schemas.dataset import split_holdout
+from schemas.manifest import PreferenceCase
 from schemas.training import TrainingExample
+from tests.support.adapters import manifest
 from trainer.data import tokenize
 from trainer.gate import Gate, GateConfig
 from trainer.generation import pad_id
+from trainer.job import validate_adapter
 from trainer.model import BaseModelRef, load_base
 from trainer.preference import (
     dpo_losses,
@@ -26,6 +29,7 @@ from trainer.preference import (
     supervised,
     uses_preference,
 )
+from trainer.registry import AdapterRegistry
 from trainer.scoring import load_embedder
 from trainer.train import TrainConfig, train_adapter
 
@@ -120,3 +124,13 @@ def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judg
     rejected = gate.evaluate(contrary.adapter_dir, [], preferences=test)
     assert not rejected.passed and rejected.suites["preference"].score < 0.6
     assert any("held-out rated pairs" in r for r in rejected.reasons), rejected.reasons
+
+    # Validated again later (a validate command), each version is judged on the pairs its manifest says were asked.
+    registry = AdapterRegistry(tmp_path / "registry")
+    asked = [PreferenceCase.of(e) for e in test]
+    for name, adapter in (("liked", result.adapter_dir), ("contrary", contrary.adapter_dir)):
+        info = registry.register("rae", adapter, manifest(request_id=name, held_out_preferences=asked))
+        again = validate_adapter(
+            gate=gate, registry=registry, store=None, tests_dir="t", user_id="rae", adapter=info.path, baseline=None
+        )
+        assert again.passed == (name == "liked") and "preference" in again.suites, again.reasons
