@@ -229,6 +229,16 @@ def answers_with(ctx: dict, adapter_dir: Path | None, prompts: list[str], max_ne
 REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"
 
 
+def model_paraphraser(ctx: dict, count: int = 2):
+    """The trainer's paraphrase step as `training.model_paraphrases: count` builds it (off in the shipped settings)."""
+    from core.settings import load_settings
+    from trainer.job import paraphraser_from_settings
+
+    settings = load_settings()
+    settings = settings.model_copy(update={"training": settings.training.model_copy(update={"model_paraphrases": count})})
+    return paraphraser_from_settings(settings, ctx["model"], ctx["tokenizer"], ctx["device"])
+
+
 def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, paraphraser, say) -> dict:
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
     `rewordings` rule rewordings per example; the trainer's `paraphraser` or None), asked the hand-written rewordings
@@ -291,8 +301,8 @@ def rewording_benchmark(ctx: dict, say) -> dict:
     results = {}
     arms = (
         ("templates only", 0, None),
-        ("templates + rule rewordings", ctx["rewordings"], None),
-        ("templates + rule rewordings + model paraphrases (default)", ctx["rewordings"], ctx["paraphraser"]),
+        ("templates + rule rewordings (default)", ctx["rewordings"], None),
+        ("templates + rule rewordings + model paraphrases", ctx["rewordings"], ctx["paraphraser"] or model_paraphraser(ctx)),
     )
     for n, (name, rewordings, paraphraser) in enumerate(arms):
         say(f"{name}:")
