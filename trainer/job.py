@@ -337,6 +337,7 @@ class _Plan:
     facts: FactCheck
     warm: bool
     train_hooks: TrainHooks
+    preferences: list[TrainingExample]  # held out, judged by the gate's preference suite (none: not trained on any)
 
     @property
     def warm_from(self) -> Path | None:
@@ -442,7 +443,7 @@ class JobRunner:
             plan.reference,
             plan.facts.previous,
             as_cases(plan.examples),
-            judged_preferences(self.cfg.objective, plan.examples, plan.job.held_out),
+            plan.preferences,
         )
 
     def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:
@@ -472,7 +473,8 @@ class JobRunner:
             questions=facts,
             seal=user_seal(registry.sealer, job.user_id),
         )
-        return _Plan(job, hooks, examples, mixed, reference, reference_version, facts, warm, train_hooks)
+        preferences = judged_preferences(cfg.objective, examples, job.held_out)
+        return _Plan(job, hooks, examples, mixed, reference, reference_version, facts, warm, train_hooks, preferences)
 
     def _conclude(self, plan: _Plan, result: TrainResult) -> Outcome:
         """The gate on the trained candidate, then `_register`."""
@@ -490,18 +492,7 @@ class JobRunner:
     ) -> Outcome:
         """The candidate's manifest (with the gate's verdict), the registered version, then promote or reject."""
         job, registry = plan.job, self.registry
-        manifest = self._manifest(
-            job,
-            result,
-            report,
-            plan.facts,
-            plan.examples,
-            plan.mixed,
-            plan.reference_version if plan.warm else None,
-            plan.reference_version,
-            gate_seconds,
-            batch_users,
-        )
+        manifest = self._manifest(plan, result, report, gate_seconds, batch_users)
         cancelled = plan.hooks.cancelled() if plan.hooks.cancelled is not None else None
         if cancelled is not None:
             shutil.rmtree(result.adapter_dir, ignore_errors=True)
@@ -533,18 +524,9 @@ class JobRunner:
         return mix_anchors(examples, self.anchors.answers(self.model, self.tokenizer, self.device, chosen), self.anchor_mix)
 
     def _manifest(
-        self,
-        job: TrainingJob,
-        result: TrainResult,
-        report: GateReport | None,
-        facts: FactCheck,
-        examples: list[TrainingExample],
-        mixed: list[TrainingExample],
-        started_from: int | None,
-        reference_version: int | None,
-        gate_seconds: float | None,
-        batch_users: int = 1,
+        self, plan: _Plan, result: TrainResult, report: GateReport | None, gate_seconds: float | None, batch_users: int = 1
     ) -> AdapterManifest:
+        job, examples = plan.job, plan.examples
         metrics = {
             "train_seconds": round(result.seconds, 2),  # in a batch: this user's share of the shared steps
             "batch_users": batch_users,
@@ -563,7 +545,7 @@ class JobRunner:
             validation = ValidationRecord(
                 passed=report.passed,
                 reasons=report.reasons,
-                reference_version=reference_version,
+                reference_version=plan.reference_version,
                 suites=suites,
                 contradictions=report.contradictions,
             )
@@ -579,11 +561,11 @@ class JobRunner:
                 train_count=len(examples),
                 replay_thinned=len(job.examples) - len(examples) + written,
                 model_paraphrases=written,
-                anchor_count=len(mixed) - len(examples),
+                anchor_count=len(plan.mixed) - len(examples),
             ),
             lineage=job.lineage,
             hyperparameters=asdict(self.cfg),
-            started_from_version=started_from,
+            started_from_version=plan.reference_version if plan.warm else None,
             resumed_from_step=result.resumed_from_step,
             metrics=metrics,
             loss_curve=result.loss_curve,
@@ -591,11 +573,11 @@ class JobRunner:
             early_stopping=EarlyStopping(
                 stopped_after_epoch=result.stopped_after_epoch,
                 stopped_by=result.stopped_by,
-                checks=facts.checks,
+                checks=plan.facts.checks,
                 update_scaled=result.shrunk_to,
             ),
             held_out=[Case(prompt=c.prompt, expected=c.expected) for c in as_cases(job.held_out)],
-            held_out_preferences=[PreferenceCase.of(e) for e in judged_preferences(self.cfg.objective, examples, job.held_out)],
+            held_out_preferences=[PreferenceCase.of(e) for e in plan.preferences],
             facts=[Fact(**f) for f in report.facts()] if report is not None else [],
             validation=validation,
         )

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from schemas.dataset import rank
 from schemas.training import TrainingExample
+from trainer.scoring import normal_words
 
 # Rewrites of questions unlike the benchmarks' (benchmarks/data/rewordings.jsonl is never used for tuning).
 SHOTS = [
@@ -61,9 +62,9 @@ _SECOND_PERSON = [
 _FIRST_PERSON = re.compile(r"\b(I|my|me|mine|I'm|I've)\b")
 
 
-def _key(text: str) -> str:
-    """A question's words, for telling two questions apart (case, spacing and punctuation aside)."""
-    return " ".join(re.findall(r"[a-z0-9']+", text.casefold()))
+def _words(text: str) -> tuple[str, ...]:
+    """What tells two questions apart: their words as the gate's matching compares them (case, punctuation aside)."""
+    return tuple(normal_words(text))
 
 
 def in_asker_person(question: str, rewrite: str) -> str | None:
@@ -141,14 +142,14 @@ class Paraphraser:
         if not pairs:
             return {}
         close = self.similarity([t for _, t in pairs], [q for q, _ in pairs])
-        taken = {_key(text) for text in [*questions, *avoid, *held_out]}
+        taken = {_words(text) for text in [*questions, *avoid, *held_out]}
         chosen: dict[str, list[str]] = {}
         for (question, text), similarity in zip(pairs, close):
-            if _key(text) in taken or similarity < self.keep.min_similarity or len(chosen.get(question, [])) >= self.count:
+            if _words(text) in taken or similarity < self.keep.min_similarity or len(chosen.get(question, [])) >= self.count:
                 continue
             if self._near_held_out(text, held_out):
                 continue
-            taken.add(_key(text))
+            taken.add(_words(text))
             chosen.setdefault(question, []).append(text)
         return chosen
 
