@@ -1,7 +1,8 @@
 """One stream batch of the worker's agent: validate, dead-letter, reroute, apply per user, send.
 
     handle = BatchHandler(cfg, processor, tables, sender)
-    await handle(messages)      # the source messages of one fetch (streams/fetch.py)
+    sent = await handle(messages)   # the source messages of one fetch (streams/fetch.py)
+    await sent                      # their outputs acknowledged: the messages may be acked
 
 Events are validated here (bad ones go to the dead-letter topic with the
 reason), grouped by user, and each user's envelopes applied to the user's
@@ -12,9 +13,11 @@ can be committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable
 
 from core.errors import InvalidMessage
 from schemas.commands import RollbackCommand
@@ -50,7 +53,12 @@ class BatchHandler:
         self.sender = sender
         self.decode = SourceDecoder(cfg.input_topics, cfg.commands_topic, cfg.max_event_bytes)
 
-    async def __call__(self, messages: list) -> None:
+    async def __call__(self, messages: list) -> Awaitable[None]:
+        """Work the batch out and start its sends; the awaitable is done once Kafka acknowledged them all.
+
+        The sends go out after the previous batch's (streams/sending.py), so
+        the next batch can be worked on while these wait for the broker.
+        """
         started = time.perf_counter()
         by_user, ticks = self._sort(messages)
         stats = BatchStats()
@@ -59,9 +67,14 @@ class BatchHandler:
             outgoing += self.tables.tick(self.processor, partition, at, stats)
         self.tables.writer.stage()
         self._queue(outgoing)
-        await self.sender.flush()
+        sent = self.sender.start()
         if self.tables.to_purge and self.purger is not None:
+            await sent  # a purge rewrites what the partition holds now: nothing may overtake it
             await self.purger.purge(self.tables, self.sender)
+        return asyncio.ensure_future(self._reported(sent, outgoing, stats, started))
+
+    async def _reported(self, sent: Awaitable[int], outgoing: Outgoing, stats: BatchStats, started: float) -> None:
+        await sent
         self._report(outgoing, stats, started)
 
     def _sort(self, messages: list) -> tuple[dict[bytes, list[Envelope]], list[tuple[int, float]]]:

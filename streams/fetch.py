@@ -15,8 +15,8 @@ What stays Faust's: the consumer, its group membership and rebalances, the
 tables and their recovery (changelog messages still take Faust's path: they
 go to the conductor one by one, as before), offset commits and the hole
 fixes of streams/faust_fixes.py. What stays the worker's guarantee: a
-message is acknowledged (its offset may be committed) only after the
-handler returned, i.e. after the batch's outputs were acknowledged by Kafka;
+message is acknowledged (its offset may be committed) only after its batch's
+outputs were acknowledged by Kafka (the next batch is worked out meanwhile);
 a fetch that a rebalance overtook is dropped unacknowledged, so the
 partition's new owner reads it again from the committed offset.
 """
@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Callable, Collection
 from types import MethodType
 from typing import Any
 
-Handle = Callable[[list[Any]], Awaitable[None]]  # the messages of one fetch, in fetch order
+# The messages of one batch, in fetch order -> once worked out, an awaitable done when their outputs are acknowledged.
+Handle = Callable[[list[Any]], Awaitable[Awaitable[None]]]
 
 
 def install(app: Any, topics: Collection[str], handle: Handle, batch_size: int, within_s: float) -> None:
@@ -54,11 +55,14 @@ def _drainer(topics: frozenset[str], handle: Handle, batch_size: int, within_s: 
         """Faust's `Consumer._drain_messages`, many messages at a time (same stop, error and offset handling)."""
         fetcher_should_stop = fetcher._stopped.is_set
         try:
+            batches = _Batches(handle, batch_size)
             while not (consumer._stopped.is_set() or fetcher_should_stop()):
                 generation = consumer.app.consumer_generation_id
                 fetched = await _fill(consumer, batch_size, within_s)
                 if fetched and not consumer.should_stop:
-                    await _deliver(consumer, fetched, generation, topics, _Batches(handle, batch_size))
+                    await _deliver(consumer, fetched, generation, topics, batches)
+                elif not fetched:
+                    await batches.settle()  # quiet: a failure of the last sends surfaces here
         except consumer.consumer_stopped_errors:
             if not consumer.transport.app.should_stop:
                 raise
@@ -85,10 +89,22 @@ async def _fill(consumer: Any, batch_size: int, within_s: float) -> list[Any]:
 
 
 class _Batches:
-    """The handler, and the most messages it gets at once."""
+    """The handler, the most messages it gets at once, and the batch whose outputs are still being sent.
+
+    A batch is worked out while the batch before it waits for the broker's
+    acknowledgements (they were ~20% of the worker's time when it waited);
+    its messages are acked once its own outputs are, in batch order.
+    """
 
     def __init__(self, handle: Handle, size: int) -> None:
         self.handle, self.size = handle, size
+        self.in_flight: asyncio.Future[None] | None = None
+
+    async def settle(self) -> None:
+        """Wait for the batch in flight to be acknowledged and acked (raises what its sends raised)."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            await in_flight
 
 
 async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: _Batches) -> None:
@@ -100,6 +116,7 @@ async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: f
             continue
         await _handle_run(consumer, run, generation, handle)
         run = []
+        await handle.settle()  # the batches before it are done with the tables
         await consumer.callback(message)  # a changelog record on its way to a table's recovery
         consumer._read_offset[message.tp] = message.offset
     await _handle_run(consumer, run, generation, handle)
@@ -131,16 +148,24 @@ async def _handle_run(consumer: Any, run: list[Any], generation: int, batches: _
     for start in range(0, len(run), batches.size):
         if consumer.app.consumer_generation_id != generation:
             return  # a rebalance came between fetch and now: these partitions are read again by their owner
-        await _handle_batch(consumer, run[start : start + batches.size], batches.handle)
+        await _handle_batch(consumer, run[start : start + batches.size], batches)
 
 
-async def _handle_batch(consumer: Any, batch: list[Any], handle: Handle) -> None:
+async def _handle_batch(consumer: Any, batch: list[Any], batches: _Batches) -> None:
     for message in batch:
         consumer._unacked_messages.add(message)  # a graceful stop waits for them (Consumer.wait_empty)
-    await handle(batch)
-    read, ack = consumer._read_offset, consumer.ack
+    sent = await batches.handle(batch)
+    read = consumer._read_offset
     for message in batch:
         read[message.tp] = message.offset
+    await batches.settle()
+    batches.in_flight = asyncio.ensure_future(_ack_when_sent(consumer, batch, sent))
+
+
+async def _ack_when_sent(consumer: Any, batch: list[Any], sent: Awaitable[None]) -> None:
+    await sent
+    ack = consumer.ack
+    for message in batch:
         ack(message)
     commit_every = consumer._commit_every
     if commit_every is not None and consumer._n_acked >= commit_every:

@@ -47,6 +47,7 @@ class BatchSender:
         """`producer`: an aiokafka producer, or a callable that returns it once it exists (Faust starts it late)."""
         self._producer = producer
         self._groups: dict[tuple[int, str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._last: asyncio.Future[int] | None = None  # the sends started last: the next ones wait for them
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None, phase: int = PHASE_FIRST) -> None:
         self._groups.setdefault((phase, topic, partition), []).append((key, value))
@@ -54,9 +55,24 @@ class BatchSender:
     def _ready_producer(self) -> Producer:
         return self._producer() if callable(self._producer) else self._producer
 
+    def start(self) -> asyncio.Future[int]:
+        """Send every message added so far, after the sends started before; done (the count) once acknowledged.
+
+        The messages are taken now, so what is added next belongs to the next
+        sends; those go out only once these are acknowledged (and fail with
+        them), so a batch's phases never interleave with another batch's.
+        """
+        groups, self._groups = self._groups, {}
+        self._last = asyncio.ensure_future(self._send_after(self._last, groups))
+        return self._last
+
     async def flush(self) -> int:
         """Send every message, phase by phase: a phase goes out only once the one before is acknowledged."""
-        groups, self._groups = self._groups, {}
+        return await self.start()
+
+    async def _send_after(self, previous: asyncio.Future[int] | None, groups: dict) -> int:
+        if previous is not None:
+            await previous
         producer = self._ready_producer()
         for phase in sorted({phase for phase, _topic, _partition in groups}):
             acks = []

@@ -57,11 +57,24 @@ class ConsumerStandIn:
         self.conductor.append((m.topic, m.offset))
 
 
+async def sent_at_once() -> None:
+    """A batch's outputs, acknowledged as soon as asked about."""
+
+
+async def deliver(consumer: ConsumerStandIn, fetched: list, generation: int, handle, batch_size: int) -> None:
+    """`fetched` through the drain, then the last batch's sends waited for (as the drain does when a fetch is empty)."""
+    batches = fetch._Batches(handle, batch_size)
+    try:
+        await fetch._deliver(consumer, fetched, generation, frozenset({SOURCE}), batches)
+    finally:
+        await batches.settle()
+
+
 def drain_once(consumer: ConsumerStandIn, handle, batch_size: int = 3, within_s: float = 0.0) -> None:
     async def run() -> None:
         generation = consumer.app.consumer_generation_id
         fetched = await fetch._fill(consumer, batch_size, within_s)
-        await fetch._deliver(consumer, fetched, generation, frozenset({SOURCE}), fetch._Batches(handle, batch_size))
+        await deliver(consumer, fetched, generation, handle, batch_size)
 
     asyncio.run(run())
 
@@ -74,6 +87,7 @@ def test_a_fetch_goes_to_the_handler_in_batches_and_is_acked_only_after_each_bat
         assert all(m in consumer._unacked_messages for m in batch), "a batch is pending until handled"
         assert not {(m.topic, m.partition, m.offset) for m in batch} & set(consumer.acked), "acked before its handler returned"
         batches.append([m.offset for m in batch])
+        return sent_at_once()
 
     drain_once(consumer, handle)
     assert batches == [[0, 1, 2], [3, 4, 5], [6]]
@@ -92,17 +106,63 @@ def test_a_failing_batch_leaves_its_messages_unacknowledged():
     assert consumer.acked == [] and consumer._read_offset[TP(SOURCE, 0)] is None, "read again after the restart"
 
 
+def test_the_next_batch_is_worked_out_while_the_one_before_waits_for_its_acknowledgements():
+    consumer = ConsumerStandIn([[message(SOURCE, 0, n) for n in range(4)]])
+    acknowledged = {0: asyncio.Event(), 1: asyncio.Event()}
+    events = []
+
+    async def handle(batch):
+        first = batch[0].offset // 2
+        events.append(("worked", first, sorted(offset for _t, _p, offset in consumer.acked)))
+        if first == 1:
+            acknowledged[0].set()  # the broker answers the first batch only now, after the second was worked out
+
+        async def sent() -> None:
+            await acknowledged[first].wait()
+
+        return sent()
+
+    async def run() -> None:
+        fetched = await fetch._fill(consumer, 2, 0.0)
+        batches = fetch._Batches(handle, 2)
+        await fetch._deliver(consumer, fetched, 1, frozenset({SOURCE}), batches)
+        assert [offset for _t, _p, offset in consumer.acked] == [0, 1], "acked once its sends were, not before"
+        assert len(consumer._unacked_messages) == 2, "the second batch waits for its own acknowledgements"
+        acknowledged[1].set()
+        await batches.settle()
+
+    asyncio.run(run())
+    assert events == [("worked", 0, []), ("worked", 1, [])], "the second batch did not wait for the first's acks"
+    assert consumer.acked == [(SOURCE, 0, n) for n in range(4)] and not consumer._unacked_messages
+
+
+def test_a_batch_whose_sends_fail_stays_unacknowledged_and_the_drain_raises():
+    consumer = ConsumerStandIn([[message(SOURCE, 0, n) for n in range(4)]])
+
+    async def handle(batch):
+        async def sent() -> None:
+            if batch[0].offset == 0:
+                raise RuntimeError("the broker refused the batch's writes")
+
+        return asyncio.ensure_future(sent())  # under way, as the worker's sends are
+
+    with pytest.raises(RuntimeError, match="refused"):
+        drain_once(consumer, handle, batch_size=2)
+    assert consumer.acked == [], "neither the failed batch nor the one after it"
+
+
 def test_a_fetch_overtaken_by_a_rebalance_is_dropped_unacknowledged():
     consumer = ConsumerStandIn([[message(SOURCE, 0, 0), message(SOURCE, 0, 1)]])
     handled = []
 
     async def handle(batch):
         handled.extend(batch)
+        return sent_at_once()
 
     async def run() -> None:
         fetched = await fetch._fill(consumer, 10, 0.0)
         consumer.app.consumer_generation_id = 2  # the partitions moved while the fetch waited
-        await fetch._deliver(consumer, fetched, 1, frozenset({SOURCE}), fetch._Batches(handle, 10))
+        await deliver(consumer, fetched, 1, handle, 10)
 
     asyncio.run(run())
     assert handled == [] and consumer.acked == [], "their new owner reads them from the committed offset"
@@ -115,6 +175,7 @@ def test_a_hole_and_a_repeat_are_handled_as_faust_does():
 
     async def handle(batch):
         handled.extend(m.offset for m in batch)
+        return sent_at_once()
 
     drain_once(consumer, handle, batch_size=10)
     drain_once(consumer, handle, batch_size=10)
@@ -129,10 +190,11 @@ def test_changelog_records_take_faust_path_in_order():
 
     async def handle(batch):
         order.append(("batch", [m.offset for m in batch]))
+        return sent_at_once()
 
     async def run() -> None:
         got = await fetch._fill(consumer, 10, 0.0)
-        await fetch._deliver(consumer, got, 1, frozenset({SOURCE}), fetch._Batches(handle, 10))
+        await deliver(consumer, got, 1, handle, 10)
 
     asyncio.run(run())
     assert order == [("batch", [0]), ("batch", [1])] and consumer.conductor == [(CHANGELOG, 0)]
