@@ -343,6 +343,7 @@ def main() -> None:
         default="nightly",
         help="how the worker is kept from triggering training during the run (threshold: as before 2026-12-02)",
     )
+    parser.add_argument("--out", type=Path, default=None, help="the JSON result (default: results/streams-<date>.json)")
     args = parser.parse_args()
     if args.profile:
         profile_worker(args)
@@ -367,9 +368,9 @@ def main() -> None:
         "worker_vs_raw": round(worker / raw, 3),
         "latency": {k: round(v, 1) for k, v in lat.items()},
     }
-    out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f"streams-{result['date'][:10]}.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or REPO / "benchmarks" / "results" / f"streams-{result['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print()
     print("| run | events/s | vs raw |")

@@ -216,8 +216,10 @@ class UserProcessor:
         (perhaps one that crashed), their marks are written again before
         anything else and kept until this run has written a state of its own,
         and a request that write opened is sent again (same request_id: the
-        trainer trains it once). If this run wrote it, that batch was fully
-        sent before this one began.
+        trainer trains it once). If this run wrote it, that batch's sends go
+        out before this one's (they may still wait for the broker while this
+        batch is worked out: streams/sending.py chains them), and a send that
+        fails ends the run, so nothing between them is lost.
         """
         foreign = state.written_by != self.run_id
         carried = state.batch_ids if foreign else []

@@ -141,13 +141,15 @@ class UserLoras:
         import torch
         import torch.nn.functional as F
 
+        from trainer.dropout import sparse_dropout
+
         key_a, key_b = f"base_model.model.{module_name}{_A}", f"base_model.model.{module_name}{_B}"
 
         def add_each_rows_lora(_module, inputs, output):
             runs = self._runs
             if runs is None:
                 return None
-            x = F.dropout(inputs[0], self.dropout, training=self.training) if self.dropout > 0 else inputs[0]
+            x = sparse_dropout(inputs[0], self.dropout) if self.training else inputs[0]
             if len(runs) == 1:  # one user for every row: PEFT's own `lora_B(lora_A(dropout(x))) * scaling`
                 user = self.weights[runs[0][0]]
                 return output + F.linear(F.linear(x, user[key_a]), user[key_b]) * self.scaling
