@@ -77,14 +77,10 @@ def use_dropout(peft_model, kind: str, p: float) -> None:
     """Every LoRA module's dropout made `kind`: torch's `Dropout`, `SparseDropout`, or none."""
     import torch
 
-    from trainer.dropout import SparseDropout
+    from trainer.dropout import SparseDropout, replace_lora_dropout
 
     make = {"torch": lambda: torch.nn.Dropout(p), "sparse": lambda: SparseDropout(p), "none": torch.nn.Identity}[kind]
-    for module in peft_model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name in list(dropouts):
-                dropouts[name] = make()
+    replace_lora_dropout(peft_model, lambda _old: make())
     peft_model.train()
 
 

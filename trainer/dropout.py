@@ -22,27 +22,28 @@ count the positions, so there it is torch's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
-def dropped_positions(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def dropped_positions(n: int, p: float) -> torch.Tensor:
     """The positions in [0, n) an i.i.d. Bernoulli(p) mask drops, ascending (int64, on the CPU)."""
     if n == 0 or p <= 0.0:
         return torch.empty(0, dtype=torch.int64)
     expected = n * p
     draws = int(expected + 6 * math.sqrt(expected) + 16)  # nearly always enough: more are drawn if not
-    ends = _gaps(draws, p, generator).cumsum_(0).sub_(1)  # float64 counts exactly far beyond any tensor's size
+    ends = _gaps(draws, p).cumsum_(0).sub_(1)  # float64 counts exactly far beyond any tensor's size
     while ends[-1].item() < n:
-        more = _gaps(draws, p, generator).cumsum_(0).add_(ends[-1])
+        more = _gaps(draws, p).cumsum_(0).add_(ends[-1])
         ends = torch.cat([ends, more])
     return ends[ends < n].to(torch.int64)
 
 
-def _gaps(count: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
+def _gaps(count: int, p: float) -> torch.Tensor:
     """Distances from one dropped element to the next (the first counted from just before position 0)."""
-    return torch.empty(count, dtype=torch.float64).geometric_(p, generator=generator)
+    return torch.empty(count, dtype=torch.float64).geometric_(p)
 
 
 def sparse_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -72,15 +73,15 @@ class SparseDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_sparse_dropout(peft_model) -> int:
-    """Replace the LoRA dropout modules PEFT made (`lora_dropout[adapter]`) with `SparseDropout`; how many."""
-    replaced = 0
+def use_sparse_dropout(peft_model) -> None:
+    """Replace the LoRA dropout modules PEFT made (`torch.nn.Dropout`; `Identity` where p = 0) with `SparseDropout`."""
+    replace_lora_dropout(peft_model, lambda old: SparseDropout(old.p) if isinstance(old, torch.nn.Dropout) else old)
+
+
+def replace_lora_dropout(peft_model, make: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    """Each LoRA layer's dropout module (`lora_dropout[adapter]`) replaced by `make(it)`."""
     for module in peft_model.modules():
         dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, dropout in list(dropouts.items()):
-            if isinstance(dropout, torch.nn.Dropout):
-                dropouts[name] = SparseDropout(dropout.p)
-                replaced += 1
-    return replaced
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, old in list(dropouts.items()):
+                dropouts[name] = make(old)
