@@ -397,12 +397,14 @@ class Gate:
 
     def _score_together(self, adapters: list[Path], suites: list[list[list[TestCase]]]) -> list[list[list[CaseScore]]]:
         """Every candidate's suites scored in shared batches: row by row through its own candidate's LoRA."""
+        from trainer.frozen import first_adapted_layer, frozen_below
         from trainer.loss import RowUsers
         from trainer.multi import read_lora, stacked_loras
 
         like = next(self.model.parameters())
         weights = [read_lora(path, like) for path in adapters]
         loras = stacked_loras(self.model, weights)
+        below = frozen_below(self.model.model, first_adapted_layer(loras.modules))  # the core cases' lower layers once
         try:
             cases = [case for per in suites for suite in per for case in suite]
             users = tuple(n for n, per in enumerate(suites) for suite in per for _ in suite)
@@ -415,6 +417,7 @@ class Gate:
                 self.cfg.weights,
                 self.cfg.batch_size,
                 rows=RowUsers(users, loras.through),
+                below=below,
             )
         finally:
             loras.remove()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 
 from trainer.data import chat_ids, chat_messages_ids
+from trainer.loss import RowUsers, users_prefix
 
 
 def pad_id(tokenizer) -> int:
@@ -23,18 +25,17 @@ def generate_batch(
     prompts: list[str],
     max_new_tokens: int | Sequence[int] = 48,
     batch_size: int = 16,
-    narrow: Callable[[Sequence[int]], None] | None = None,
+    rows: RowUsers | None = None,
 ) -> list[str]:
-    """Greedy answers to many prompts, `batch_size` at a time (left-padded, so every answer starts at the same column).
+    """Greedy answers to many prompts, `batch_size` at a time (padded on the left of each prompt's own part, so
+    every answer starts at the same column).
 
     Rows that have answered leave the batch (`greedy_shrinking`).
-    `max_new_tokens`: one limit for all, or one per prompt. `narrow`: told
-    which rows go on whenever some leave (the forward hooks that route rows
-    to their users' adapters by index, trainer/multi.py); with it, the
-    prompts must be a single batch (`batch_size` or fewer)."""
-    return generate_encoded(
-        model, tokenizer, device, [chat_ids(tokenizer, p) for p in prompts], max_new_tokens, batch_size, narrow
-    )
+    `max_new_tokens`: one limit for all, or one per prompt. `rows`: prompt i
+    answered through adapter `rows.users[i]` (trainer/multi.py's hooks,
+    which follow the rows as they leave); with it, the prompts must be a
+    single batch (`batch_size` or fewer)."""
+    return generate_encoded(model, tokenizer, device, [chat_ids(tokenizer, p) for p in prompts], max_new_tokens, batch_size, rows)
 
 
 def generate_chats(
@@ -53,25 +54,44 @@ def generate_encoded(
     encoded: list[list[int]],
     max_new_tokens: int | Sequence[int] = 48,
     batch_size: int = 16,
-    narrow: Callable[[Sequence[int]], None] | None = None,
+    rows: RowUsers | None = None,
 ) -> list[str]:
     """Greedy answers to prompts already tokenized with the chat template (`generate_batch`'s loop)."""
     import torch
 
-    if narrow is not None and len(encoded) > batch_size:
-        raise ValueError("generate_batch with `narrow` takes at most one batch of prompts")
+    if rows is not None and len(encoded) > batch_size:
+        raise ValueError("generate_batch with `rows` takes at most one batch of prompts")
     limits = per_row(max_new_tokens, len(encoded))
     pad = pad_id(tokenizer)
     answers: list[str] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
+        prefix = shared_prompt_prefix(batch)
         width = max(len(e) for e in batch)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in batch], device=device)
+        # The padding goes after the shared prefix: every row has it in the same columns, so it runs once.
+        ids = torch.tensor([e[:prefix] + [pad] * (width - len(e)) + e[prefix:] for e in batch], device=device)
+        mask = torch.tensor([[1] * prefix + [0] * (width - len(e)) + [1] * (len(e) - prefix) for e in batch], device=device)
         with torch.no_grad():
-            rows = greedy_shrinking(model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), narrow)
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+            tokens = greedy_shrinking(
+                model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), rows, prefix
+            )
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
     return answers
+
+
+def shared_prompt_prefix(encoded: list[list[int]]) -> int:
+    """How many leading tokens every prompt of a batch shares (the chat template's system turn and the start of
+    the user's: about two thirds of a short question's prompt), one short of the shortest prompt; 0 when fewer
+    than two prompts or tokens would share."""
+    if len(encoded) < 2:
+        return 0
+    shared = 0
+    for column in zip(*encoded):
+        if any(token != column[0] for token in column):
+            break
+        shared += 1
+    shared = min(shared, min(len(e) for e in encoded) - 1)
+    return shared if shared >= 2 else 0
 
 
 def per_row(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
@@ -95,7 +115,8 @@ def greedy_shrinking(
     mask,
     max_new_tokens: int | Sequence[int],
     stops: set[int],
-    narrow: Callable[[Sequence[int]], None] | None = None,
+    rows: RowUsers | None = None,
+    prefix: int = 0,
 ) -> list[list[int]]:
     """Each row's greedy answer tokens (its stop token included), rows leaving the batch as they finish.
 
@@ -105,26 +126,49 @@ def greedy_shrinking(
     32 (benchmarks/README.md). Here a finished row's keys and values leave the cache, so later steps
     compute only the rows still answering. The same greedy choice, positions
     and mask as `generate`; each row's answer is the one it has in any batch
-    up to float rounding. `max_new_tokens`: one limit, or one per row."""
-    import torch
+    up to float rounding. `max_new_tokens`: one limit, or one per row.
+    `rows`: row i through adapter `rows.users[i]` (the hooks are narrowed
+    as rows leave). `prefix`: the first columns hold the same tokens in
+    every row (`shared_prompt_prefix`; padding only after them): they go
+    through the model once per adapter, their keys and values shared by
+    the rows, as the training loss does it (trainer/loss.py)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    users = rows.users if rows is not None else (0,) * ids.shape[0]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-    ).logits
-    limits = per_row(max_new_tokens, ids.shape[0])
-    answers: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    alive = torch.arange(ids.shape[0], device=ids.device)
-    last = positions[:, -1:]
+    cache = DynamicCache(config=model.config)
+    if prefix:
+
+        def run(x, past):
+            return model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
+
+        cache = users_prefix(run, ids[:, :prefix], users, rows, model.config).for_rows(range(ids.shape[0]))
+    with nullcontext() if rows is None else rows.through(users) as narrow:
+        logits = model(
+            input_ids=ids[:, prefix:],
+            attention_mask=mask,
+            position_ids=positions[:, prefix:],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        return _decode(model, logits, cache, (mask, positions[:, -1:]), per_row(max_new_tokens, ids.shape[0]), stops, narrow)
+
+
+def _decode(model, logits, cache, at: tuple, limits: list[int], stops: set[int], narrow) -> list[list[int]]:
+    """The greedy steps after the prompt (`at`: the mask so far and each row's last position)."""
+    import torch
+
+    mask, last = at
+    answers: list[list[int]] = [[] for _ in range(len(limits))]
+    alive = torch.arange(len(limits), device=mask.device)
     for step in range(max(limits)):
         chosen = logits[:, -1, :].float().argmax(dim=-1)
-        rows = alive.tolist()
-        for row, token in zip(rows, chosen.tolist()):
+        kept = alive.tolist()
+        for row, token in zip(kept, chosen.tolist()):
             answers[row].append(token)
         going = torch.tensor(
-            [token not in stops and step + 1 < limits[row] for row, token in zip(rows, chosen.tolist())], device=ids.device
+            [token not in stops and step + 1 < limits[row] for row, token in zip(kept, chosen.tolist())], device=mask.device
         )
         if not bool(going.any()):
             break

@@ -79,8 +79,6 @@ def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None, 
     the layers under the adapters are not run again for a row they have seen:
     the pass starts at the first adapted layer.
     """
-    from transformers import DynamicCache
-
     if below is None:
         inputs = ids
 
@@ -94,33 +92,55 @@ def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None, 
     if prefix < 2:
         with _through(rows, users):
             return through_layers(inputs, mask, None)[:, :-1, :], labels[:, 1:]
-    firsts = sorted({u: i for i, u in reversed(list(enumerate(users)))}.values())  # each user's first row
-    shared = DynamicCache(config=decoder.config)
-    with _through(rows, [users[i] for i in firsts]):
-        through_layers(inputs[firsts, :prefix], None, shared)
-    position = [{users[i]: n for n, i in enumerate(firsts)}[u] for u in users] if len(firsts) > 1 else None
-    hidden = _above_prefix(through_layers, inputs, mask, (shared, decoder.config), prefix, users, position, rows)
+    shared = users_prefix(lambda x, past: through_layers(x, None, past), inputs[:, :prefix], users, rows, decoder.config)
+    hidden = _above_prefix(through_layers, inputs, mask, shared, prefix, users, rows)
     return hidden[:, :-1, :], labels[:, prefix + 1 :]
 
 
-def _above_prefix(through_layers, inputs, mask, shared: tuple, prefix: int, users, position, rows: RowUsers | None):
-    """Every row's states after the prefix, each length group (`length_groups`) padded to its own longest row
-    and given its users' prefix keys and values (`shared`: the prefix's cache and the model's config;
-    `position`: each row's place in that cache, None when every row's user is the same)."""
-    import torch
-    import torch.nn.functional as F
+@dataclass(frozen=True)
+class UsersPrefix:
+    """A prefix every row shares, run once per user: its keys and values, and each row's place among them."""
+
+    cache: object  # a DynamicCache of one row per user
+    position: list[int] | None  # row -> its user's row in `cache`; None when every row's user is the same
+    config: object
+    device: object
+
+    def for_rows(self, picked: Sequence[int]):
+        """A DynamicCache holding the prefix's keys and values for rows `picked` (indices into the batch)."""
+        import torch
+        from transformers import DynamicCache
+
+        index = None if self.position is None else torch.tensor([self.position[r] for r in picked], device=self.device)
+        spread = [_spread(layer, len(picked), index) for layer in self.cache.layers]
+        return DynamicCache(ddp_cache_data=spread, config=self.config)
+
+
+def users_prefix(run, prefix_inputs, users: Sequence[int], rows: RowUsers | None, config) -> UsersPrefix:
+    """`run(inputs, cache)` on the shared prefix (`prefix_inputs`: every row's, the same) once per user, each
+    through its own adapter (`rows`; None: one model for all), filling a DynamicCache."""
     from transformers import DynamicCache
 
-    cache, config = shared
+    firsts = sorted({u: i for i, u in reversed(list(enumerate(users)))}.values())  # each user's first row
+    cache = DynamicCache(config=config)
+    with _through(rows, [users[i] for i in firsts]):
+        run(prefix_inputs[firsts], cache)
+    position = [{users[i]: n for n, i in enumerate(firsts)}[u] for u in users] if len(firsts) > 1 else None
+    return UsersPrefix(cache, position, config, prefix_inputs.device)
+
+
+def _above_prefix(through_layers, inputs, mask, shared: UsersPrefix, prefix: int, users, rows: RowUsers | None):
+    """Every row's states after the prefix, each length group (`length_groups`) padded to its own longest row
+    and given its users' prefix keys and values (`shared`)."""
+    import torch
+    import torch.nn.functional as F
+
     lengths, device = [int(n) for n in mask.sum(dim=1)], mask.device
     parts, order = [], []
     for group in length_groups(lengths, users):
-        index = None if position is None else torch.tensor([position[r] for r in group], device=device)
-        spread = [_spread(layer, len(group), index) for layer in cache.layers]
-        broadcast = DynamicCache(ddp_cache_data=spread, config=config)
         picked, width = torch.tensor(group, device=device), max(lengths[r] for r in group)
         with _through(rows, [users[r] for r in group]):
-            part = through_layers(inputs[picked, prefix:width], mask[picked, :width], broadcast)
+            part = through_layers(inputs[picked, prefix:width], mask[picked, :width], shared.for_rows(group))
         parts.append(F.pad(part, (0, 0, 0, mask.shape[1] - width)))  # zeros where the group had no token (no answer there)
         order += group
     hidden = torch.cat(parts)

@@ -416,8 +416,8 @@ def _answers_together(model, tokenizer, device, loras: UserLoras, members: list[
     with _evaluating(model, loras):
         for start in range(0, len(asked), _CHECK_BATCH):
             users, prompts, limits = zip(*asked[start : start + _CHECK_BATCH])
-            with loras.through(users) as narrow:
-                answers += generate_batch(model, tokenizer, device, list(prompts), limits, _CHECK_BATCH, narrow)
+            rows = RowUsers(users, loras.through)
+            answers += generate_batch(model, tokenizer, device, list(prompts), limits, _CHECK_BATCH, rows)
     out, start = [], 0
     for q in questions:
         out.append(answers[start : start + len(q.prompts)])

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.errors import ModelError
 from core.settings import Settings, defaults
 from trainer.data import collate, tokenize
+from trainer.frozen import FrozenBelow
 from trainer.loss import RowUsers
 
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
@@ -205,7 +205,14 @@ def load_embedder(name: str = EMBEDDED_MINILM) -> Embedder:
 
 
 def answer_nlls(
-    model, tokenizer, device, cases: list[TestCase], max_len: int = 512, batch_size: int = 16, rows: RowUsers | None = None
+    model,
+    tokenizer,
+    device,
+    cases: list[TestCase],
+    max_len: int = 512,
+    batch_size: int = 16,
+    rows: RowUsers | None = None,
+    below: FrozenBelow | None = None,
 ) -> list[float]:
     """Per case, the mean negative log-likelihood of the expected answer's tokens given the prompt.
 
@@ -215,7 +222,9 @@ def answer_nlls(
     token is predicted, not at every position of every row. Rows are
     right-padded: a causal model's states at a real token do not see the
     padding after it, so each row's value is the one it has alone.
-    `rows`: case i is answered through adapter `rows.users[i]`.
+    `rows`: case i is answered through adapter `rows.users[i]`. `below`
+    (trainer/frozen.py): the layers under the adapters run once per distinct
+    case, however many candidates are asked it (the core suite, in a batch).
     """
     import torch
 
@@ -230,7 +239,7 @@ def answer_nlls(
         ids, mask, labels, weights = collate(items[start : start + batch_size], pad, device)
         chunk = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
         with torch.no_grad():
-            _total, per_row = answer_losses(model, ids, mask, labels, weights, rows=chunk)
+            _total, per_row = answer_losses(model, ids, mask, labels, weights, rows=chunk, below=below)
         out += [float(v) for v in per_row]
     return out
 
@@ -244,23 +253,21 @@ def score_cases(
     weights: ScoreWeights,
     batch_size: int = 16,
     rows: RowUsers | None = None,
+    below: FrozenBelow | None = None,
 ) -> list[CaseScore]:
     """Answer every case with `model` (greedy), `batch_size` at a time, and score it.
 
     `rows`: several adapters in one batch (the gate's batch of candidates):
-    case i is answered through adapter `rows.users[i]`."""
+    case i is answered through adapter `rows.users[i]`. `below`: see `answer_nlls`."""
     from trainer.generation import generate_batch
 
     answers: list[str] = []
     nlls: list[float] = []
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
-        with nullcontext() if rows is None else rows.through(rows.users[start : start + batch_size]) as narrow:
-            answers += generate_batch(
-                model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, narrow=narrow
-            )
         users = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
-        nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users)
+        answers += generate_batch(model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, rows=users)
+        nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users, below=below)
     semantic = embedder.similarity(answers, [c.expected for c in cases])
     total = weights.semantic + weights.match + weights.loss
     out = []

@@ -72,6 +72,7 @@ def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(t
 
     from tests.support.adapters import random_adapter
     from trainer.generation import greedy_shrinking
+    from trainer.loss import RowUsers
     from trainer.multi import read_lora, stacked_loras
 
     model, _, ids, mask, _ = _tiny_and_prompts(tiny_model_dir)
@@ -88,9 +89,52 @@ def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(t
     expected = [_until_stop(alone[user][row], stops) for row, user in enumerate(users)]
     loras = stacked_loras(model, [read_lora(adapter, next(model.parameters())) for adapter in adapters])
     try:
-        with torch.no_grad(), loras.through(users) as narrow:
-            got = greedy_shrinking(model, ids, mask, 12, stops, narrow)
+        with torch.no_grad():
+            got = greedy_shrinking(model, ids, mask, 12, stops, RowUsers(users, loras.through))
     finally:
         loras.remove()
     assert got == expected
     assert min(len(a) for a in got) < max(len(a) for a in got), "some rows left the batch before others"
+
+
+def test_the_shared_prompt_prefix_runs_once_and_every_row_answers_as_it_does_alone(tiny_model_dir, tmp_path):
+    """The chat template's start goes through the model once per adapter (padding after it): the same answers."""
+    import torch
+    from peft import PeftModel
+
+    import trainer.generation
+    from tests.support.adapters import random_adapter
+    from trainer.data import chat_ids
+    from trainer.generation import generate_batch, shared_prompt_prefix
+    from trainer.loss import RowUsers
+    from trainer.multi import read_lora, stacked_loras
+
+    model, tokenizer, _, _, _ = _tiny_and_prompts(tiny_model_dir)
+    prefix = shared_prompt_prefix([chat_ids(tokenizer, p) for p in PROMPTS])
+    assert prefix >= 2 and shared_prompt_prefix([chat_ids(tokenizer, PROMPTS[0])]) == 0
+    adapters = [random_adapter(model, tmp_path / f"adapter-{seed}", seed=seed) for seed in (5, 6)]
+    alone = []
+    for adapter in adapters:
+        adapted = PeftModel.from_pretrained(model, str(adapter)).eval()
+        alone.append([generate_batch(adapted, tokenizer, "cpu", [p], 12)[0] for p in PROMPTS])  # one prompt: no prefix
+        assert generate_batch(adapted, tokenizer, "cpu", PROMPTS, 12) == alone[-1]
+        adapted.unload()
+    users = (1, 1, 0, 0, 0, 1)
+    loras = stacked_loras(model, [read_lora(adapter, next(model.parameters())) for adapter in adapters])
+    prefix_rows: list[int] = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        prefix_rows.append(kwargs["input_ids"].shape[0] if kwargs["input_ids"].shape[1] == prefix else 0)
+        return forward(*args, **kwargs)
+
+    try:
+        with torch.no_grad():
+            model.forward = counting
+            mixed = generate_batch(model, tokenizer, "cpu", PROMPTS, 12, rows=RowUsers(users, loras.through))
+    finally:
+        model.forward = forward
+        loras.remove()
+    assert mixed == [alone[user][row] for row, user in enumerate(users)]
+    assert prefix_rows[0] == 2  # the prefix once per adapter, not once per row
+    assert trainer.generation.shared_prompt_prefix([[1, 2, 3], [1, 2, 4]]) == 2
