@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 from trainer.data import chat_ids, chat_messages_ids
-from trainer.loss import RowUsers, users_prefix
+from trainer.loss import RowUsers, routed, users_prefix
 
 
 def pad_id(tokenizer) -> int:
@@ -143,7 +142,7 @@ def greedy_shrinking(
             return model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
 
         cache = users_prefix(run, ids[:, :prefix], users, rows, model.config).for_rows(range(ids.shape[0]))
-    with nullcontext() if rows is None else rows.through(users) as narrow:
+    with routed(rows, users) as narrow:
         logits = model(
             input_ids=ids[:, prefix:],
             attention_mask=mask,

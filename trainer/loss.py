@@ -33,7 +33,8 @@ class RowUsers:
     through: Callable[[Sequence[int]], AbstractContextManager]
 
 
-def _through(rows: RowUsers | None, users: Sequence[int]) -> AbstractContextManager:
+def routed(rows: RowUsers | None, users: Sequence[int]) -> AbstractContextManager:
+    """`rows.through(users)` (it yields `narrow`), or a context that does nothing (and yields None) without `rows`."""
     return nullcontext() if rows is None else rows.through(users)
 
 
@@ -90,7 +91,7 @@ def predicting_states(decoder, ids, mask, labels, rows: RowUsers | None = None, 
     users = rows.users if rows is not None else (0,) * ids.shape[0]
     prefix = shared_prefix_len(ids, mask, labels) if ids.shape[0] > 1 else 0
     if prefix < 2:
-        with _through(rows, users):
+        with routed(rows, users):
             return through_layers(inputs, mask, None)[:, :-1, :], labels[:, 1:]
     shared = users_prefix(lambda x, past: through_layers(x, None, past), inputs[:, :prefix], users, rows, decoder.config)
     hidden = _above_prefix(through_layers, inputs, mask, shared, prefix, users, rows)
@@ -123,7 +124,7 @@ def users_prefix(run, prefix_inputs, users: Sequence[int], rows: RowUsers | None
 
     firsts = sorted({u: i for i, u in reversed(list(enumerate(users)))}.values())  # each user's first row
     cache = DynamicCache(config=config)
-    with _through(rows, [users[i] for i in firsts]):
+    with routed(rows, [users[i] for i in firsts]):
         run(prefix_inputs[firsts], cache)
     position = [{users[i]: n for n, i in enumerate(firsts)}[u] for u in users] if len(firsts) > 1 else None
     return UsersPrefix(cache, position, config, prefix_inputs.device)
@@ -139,7 +140,7 @@ def _above_prefix(through_layers, inputs, mask, shared: UsersPrefix, prefix: int
     parts, order = [], []
     for group in length_groups(lengths, users):
         picked, width = torch.tensor(group, device=device), max(lengths[r] for r in group)
-        with _through(rows, [users[r] for r in group]):
+        with routed(rows, [users[r] for r in group]):
             part = through_layers(inputs[picked, prefix:width], mask[picked, :width], shared.for_rows(group))
         parts.append(F.pad(part, (0, 0, 0, mask.shape[1] - width)))  # zeros where the group had no token (no answer there)
         order += group
