@@ -384,6 +384,11 @@ class TrainingSettings(_Section):
         default_factory=lambda: [0.5, 0.75],
         description="after training, the update is scaled to the smallest of these that still answers every fact ([] = off)",
     )
+    base_matmuls: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the frozen base model's linear layers multiply in this precision in training steps (adapters, "
+        "optimizer, norms and losses stay float32); auto: bfloat16 for a float32 model on a CPU with AMX, else float32",
+    )
     quantization: Literal["none", "4bit"] = Field(
         "none", description="4bit: the trainer's base model in 4 bits (QLoRA, bitsandbytes; CUDA only), LoRA in bf16"
     )

@@ -43,6 +43,7 @@ from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
 from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
+from trainer.precision import FrozenMatmuls, low_precision
 from trainer.preference import supervised, uses_preference
 from trainer.train import (
     FactQuestions,
@@ -239,7 +240,9 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
             except Exception as exc:  # this user's data or files: the others go on
                 results[i] = exc
         below = frozen_below(model.model, first_adapted_layer(loras.modules))
-        base_states = _shared_base_states(model, members, cfg, pad, device, below)
+        matmuls = FrozenMatmuls.for_model(model, device, cfg.base_matmuls)  # the steps' precision (trainer/precision.py)
+        with low_precision(matmuls):
+            base_states = _shared_base_states(model, members, cfg, pad, device, below)
         model.train()
         active = list(members)
         while active:
@@ -256,7 +259,8 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
             if not stepping:
                 continue
             started = time.perf_counter()
-            _shared_step(model, loras, stepping, (base_states, below), cfg, pad, device)
+            with low_precision(matmuls):
+                _shared_step(model, loras, stepping, (base_states, below), cfg, pad, device)
             share = (time.perf_counter() - started) / len(stepping)
             for member, _ in stepping:
                 member.spent += share

@@ -38,6 +38,7 @@ from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
+from trainer.precision import FrozenMatmuls, low_precision
 from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
 
 __all__ = [
@@ -81,6 +82,7 @@ class TrainConfig:
     objective: str = "auto"  # sft | sft+preference | auto (trainer/preference.py)
     preference_beta: float = 0.1
     preference_weight: float = 1.0
+    base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     warmup_steps: int = 2
 
@@ -111,6 +113,7 @@ class TrainConfig:
             objective=t.objective,
             preference_beta=t.preference_beta,
             preference_weight=t.preference_weight,
+            base_matmuls=t.base_matmuls,
         )
         return replace(config, **overrides)
 
@@ -311,15 +314,16 @@ def train_adapter(
         trained = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
         params = [p for _, p in trained]
         below = frozen_below(model.model, first_adapted_layer(name for name, _ in trained))
-        # The base model's side of the anchors' KL, once per run (the base never changes), with the adapter
-        # off; the anchors' frozen layers computed here serve every step too.
+        matmuls = FrozenMatmuls.for_model(model, device, cfg.base_matmuls)  # the steps' precision (trainer/precision.py)
+        # The anchors' base side of the KL once per run (adapter off); their frozen layers serve every step too.
         anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
-        with peft_model.disable_adapter():
+        with peft_model.disable_adapter(), low_precision(matmuls):
             base_states = base_answer_states(model.model, anchor_items, pad, device, below=below) if anchor_items else {}
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
         if init_adapter is not None:
             load_adapter_weights(peft_model, init_adapter)  # the preference reference: where the run starts
-        reference = reference_logps(peft_model, preferences, pad, device, below) if preferences else {}
+        with low_precision(matmuls):
+            reference = reference_logps(peft_model, preferences, pad, device, below) if preferences else {}
         run = _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir, hooks.seal)
         known = (base_states, below, reference)
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
@@ -330,7 +334,8 @@ def train_adapter(
             for index, batch in enumerate(epoch_batches(items, preferences, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
                 if epoch * steps_per_epoch + index < run.step:
                     continue  # done before the checkpoint we resumed from
-                _train_step(peft_model, optimizer, schedule, params, batch, known, cfg, pad, device, run)
+                with low_precision(matmuls):
+                    _train_step(peft_model, optimizer, schedule, params, batch, known, cfg, pad, device, run)
                 _after_step(peft_model, optimizer, run, total_steps, cfg, checkpoint_dir, hooks)
             epoch_complete = run.step == (epoch + 1) * steps_per_epoch  # (not when resumed past its end)
             if hooks.epoch_done is not None and epoch_complete and _check_epoch(peft_model, epoch + 1, hooks, budget):

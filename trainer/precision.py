@@ -1,0 +1,98 @@
+"""The frozen base model's matrix products in bfloat16 during training steps, on CPUs that multiply it natively.
+
+    matmuls = FrozenMatmuls.for_model(model, device, cfg.base_matmuls)   # None: float32 as loaded
+    with low_precision(matmuls):
+        loss = ...; loss.backward()
+
+A training step's time is mostly the base model's linear layers and its
+output projection, frozen, in float32. A CPU with AMX (Intel Sapphire Rapids
+and later) multiplies bfloat16 3-5x faster than float32 (measured on this
+project's 2-core VM: 384 x 576 by 576 x 1536 in 1.0 ms against 4.0 ms;
+benchmarks/README.md), so inside `low_precision` each frozen `nn.Linear`
+multiplies a bfloat16 copy of its weight by its input rounded to bfloat16
+and hands back float32. Everything that learns or accumulates stays float32:
+the LoRA weights and their products, the optimizer, the residual stream,
+norms, attention, the losses. This is mixed precision as GPUs train, for
+the frozen part only. The model's own weights are never changed: the copies
+live while the `FrozenMatmuls` does, and outside the context every module is
+as it was, so generation, the gate and serving see the float32 model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles), so bfloat16 products are faster, not slower."""
+    import torch
+
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx() and torch.backends.mkldnn.is_available())
+
+
+def resolved(setting: str, device, weight_dtype) -> str:
+    """`training.base_matmuls` for this model: auto is bfloat16 for a float32 model on an AMX CPU, else float32."""
+    import torch
+
+    if setting not in ("auto", *_DTYPES):
+        raise ValueError(f"training.base_matmuls: {setting!r} is not one of auto, float32, bfloat16")
+    if setting != "auto":
+        return setting
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    return "bfloat16" if on_cpu and weight_dtype == torch.float32 and native_bf16_cpu() else "float32"
+
+
+class FrozenMatmuls:
+    """Low-precision copies of a model's frozen linear layers' weights, and the context that multiplies with them."""
+
+    @classmethod
+    def for_model(cls, model, device, setting: str) -> FrozenMatmuls | None:
+        """For `model` under the setting, or None when its products stay as loaded (float32, or a bfloat16 model)."""
+        import torch
+
+        weight_dtype = next(model.parameters()).dtype
+        if resolved(setting, device, weight_dtype) != "bfloat16" or weight_dtype != torch.float32:
+            return None
+        return cls(model, torch.bfloat16)
+
+    def __init__(self, model, dtype) -> None:
+        import torch
+
+        self.dtype = dtype
+        self.copies = {
+            module: module.weight.detach().to(dtype)
+            for module in model.modules()
+            if type(module) is torch.nn.Linear and not module.weight.requires_grad and module.weight.dtype == torch.float32
+        }
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Each frozen linear layer multiplies in the low precision (its float32 input and output kept)."""
+        swapped = []
+        try:
+            for module, weight in self.copies.items():
+                if "forward" in module.__dict__:
+                    continue  # another library's own forward (a hook framework): left alone
+                module.forward = partial(_low_forward, module, weight)
+                swapped.append(module)
+            yield
+        finally:
+            for module in swapped:
+                del module.forward
+
+
+def low_precision(matmuls: FrozenMatmuls | None) -> AbstractContextManager:
+    """`matmuls.active()`, or a context that does nothing without them."""
+    return nullcontext() if matmuls is None else matmuls.active()
+
+
+def _low_forward(module, weight, x):
+    import torch.nn.functional as F
+
+    bias = None if module.bias is None else module.bias.to(weight.dtype)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
