@@ -16,7 +16,6 @@ Rapids and later); elsewhere `training.base_matmuls: auto` keeps float32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,33 +28,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.lora_dropout import step_seconds  # noqa: E402
+from benchmarks.lora_dropout import step_seconds, step_setup  # noqa: E402
 
 SHAPES = ((384, 576, 1536), (384, 1536, 576), (900, 576, 49152))  # an MLP's two products, the output projection
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=4)
-    args = parser.parse_args()
+    args, (peft_model, base, device, ids) = step_setup(__doc__)
     import torch
 
-    from core.settings import load_settings
-    from trainer.lora import add_lora
-    from trainer.model import load_base, resolve_base_model
     from trainer.precision import FrozenMatmuls, native_bf16_cpu
 
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, _tokenizer, device = load_base(base, settings.model.dtype)
-    lora = settings.lora
-    peft_model = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.top_layer_share)
     peft_model.train()
     matmuls = FrozenMatmuls(peft_model, torch.bfloat16)
-    torch.manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (args.rows, args.tokens), device=device)
     seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     for _ in range(args.rounds):
         seconds["float32"].append(step_seconds(peft_model, ids))

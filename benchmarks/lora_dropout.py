@@ -26,28 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.settings import load_settings  # noqa: E402
+
 KINDS = ("torch", "sparse", "none")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=4)
-    args = parser.parse_args()
-    import torch
-
-    from core.settings import load_settings
-    from trainer.lora import add_lora
-    from trainer.model import load_base, resolve_base_model
-
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, _tokenizer, device = load_base(base, settings.model.dtype)
-    lora = settings.lora
-    peft_model = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.top_layer_share)
-    torch.manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (args.rows, args.tokens), device=device)
+    args, (peft_model, base, device, ids) = step_setup(__doc__)
+    lora = load_settings().lora
     seconds = {kind: [] for kind in KINDS}
     for _ in range(args.rounds):
         for kind in KINDS:
@@ -71,6 +57,29 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     for kind in KINDS:
         print(f"| {kind} | {medians[kind]:.3f} | {result['vs_torch'][kind]:.2f} |")
+
+
+def step_setup(doc: str):
+    """(args, (peft_model, base, device, ids)): `--rows/--tokens/--rounds` and the settings' base model with the
+    shipped LoRA, and the step's random token ids (benchmarks/base_matmuls.py times the same step)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    import torch
+
+    from trainer.lora import add_lora
+    from trainer.model import load_base, resolve_base_model
+
+    settings = load_settings()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, _tokenizer, device = load_base(base, settings.model.dtype)
+    lora = settings.lora
+    peft_model = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.top_layer_share)
+    torch.manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size, (args.rows, args.tokens), device=device)
+    return args, (peft_model, base, device, ids)
 
 
 def use_dropout(peft_model, kind: str, p: float) -> None:
