@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
+from core.errors import ConfigError
+
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -40,7 +42,7 @@ def resolved(setting: str, device, weight_dtype) -> str:
     import torch
 
     if setting not in ("auto", *_DTYPES):
-        raise ValueError(f"training.base_matmuls: {setting!r} is not one of auto, float32, bfloat16")
+        raise ConfigError(f"training.base_matmuls: {setting!r} is not one of auto, float32, bfloat16")
     if setting != "auto":
         return setting
     on_cpu = getattr(device, "type", str(device)) == "cpu"

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.errors import ConfigError
 from schemas.training import TrainingExample
 from trainer.data import collate, tokenize
 from trainer.loss import answer_losses
@@ -93,7 +94,7 @@ def test_the_setting_resolves_per_device_and_dtype():
     assert resolved("bfloat16", "cpu", torch.float32) == "bfloat16"
     assert resolved("auto", torch.device("cuda"), torch.float32) == "float32"  # a GPU model is loaded in bf16 already
     assert resolved("auto", "cpu", torch.bfloat16) == "float32"
-    with pytest.raises(ValueError, match="training.base_matmuls"):
+    with pytest.raises(ConfigError, match="training.base_matmuls"):
         resolved("fp8", "cpu", torch.float32)
 
 
