@@ -49,6 +49,13 @@ def resolved(setting: str, device, weight_dtype) -> str:
     return "bfloat16" if on_cpu and weight_dtype == torch.float32 and native_bf16_cpu() else "float32"
 
 
+def effective(setting: str, device, weight_dtype) -> str:
+    """The precision the frozen products of a training step run in: the model's own unless it is float32."""
+    import torch
+
+    return resolved(setting, device, weight_dtype) if weight_dtype == torch.float32 else str(weight_dtype).removeprefix("torch.")
+
+
 class FrozenMatmuls:
     """Low-precision copies of a model's frozen linear layers' weights, and the context that multiplies with them."""
 
@@ -58,7 +65,7 @@ class FrozenMatmuls:
         import torch
 
         weight_dtype = next(model.parameters()).dtype
-        if resolved(setting, device, weight_dtype) != "bfloat16" or weight_dtype != torch.float32:
+        if weight_dtype != torch.float32 or effective(setting, device, weight_dtype) != "bfloat16":
             return None
         return cls(model, torch.bfloat16)
 

@@ -38,7 +38,7 @@ from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
-from trainer.precision import FrozenMatmuls, low_precision
+from trainer.precision import FrozenMatmuls, effective, low_precision
 from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
 
 __all__ = [
@@ -490,4 +490,8 @@ def save_adapter(peft_model, cfg: TrainConfig, run: RunState, out_dir: Path) -> 
     peft_model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), "loss_curve": run.loss_curve}))
+    weight = next(peft_model.parameters())
+    products = effective(cfg.base_matmuls, weight.device, weight.dtype)  # what `auto` was on this machine
+    (out_dir / "training.json").write_text(
+        json.dumps({"config": asdict(cfg), "base_products": products, "loss_curve": run.loss_curve})
+    )

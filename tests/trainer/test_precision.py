@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,7 @@ from schemas.training import TrainingExample
 from trainer.data import collate, tokenize
 from trainer.loss import answer_losses
 from trainer.model import BaseModelRef, load_base
-from trainer.precision import FrozenMatmuls, low_precision, resolved
+from trainer.precision import FrozenMatmuls, effective, low_precision, resolved
 from trainer.train import TrainConfig, train_adapter
 
 pytestmark = pytest.mark.unit
@@ -94,6 +95,7 @@ def test_the_setting_resolves_per_device_and_dtype():
     assert resolved("bfloat16", "cpu", torch.float32) == "bfloat16"
     assert resolved("auto", torch.device("cuda"), torch.float32) == "float32"  # a GPU model is loaded in bf16 already
     assert resolved("auto", "cpu", torch.bfloat16) == "float32"
+    assert effective("float32", "cpu", torch.bfloat16) == "bfloat16"  # a bfloat16 model multiplies in its own dtype
     with pytest.raises(ConfigError, match="training.base_matmuls"):
         resolved("fp8", "cpu", torch.float32)
 
@@ -111,6 +113,7 @@ def test_a_run_in_bfloat16_follows_the_float32_runs_loss_curve(tiny_model_dir, t
     for precision in ("float32", "bfloat16"):
         result = train_adapter(model, tokenizer, device, ROWS, replace(cfg, base_matmuls=precision), tmp_path / precision)
         losses[precision] = result.loss_curve
+        assert json.loads((result.adapter_dir / "training.json").read_text())["base_products"] == precision
     assert losses["bfloat16"] != losses["float32"]  # the products did run in bfloat16
     assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.5  # it learns, as the float32 run does
     assert all(abs(low - exact) < 0.01 * exact for low, exact in zip(losses["bfloat16"], losses["float32"]))
