@@ -100,6 +100,14 @@ def low_precision(matmuls: FrozenMatmuls | None) -> AbstractContextManager:
     return nullcontext() if matmuls is None else matmuls.active()
 
 
+def multiplying_weight(module):
+    """The weight a frozen linear layer multiplies by now: its copy inside `FrozenMatmuls.active()`, else its own."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, partial) and forward.func is _low_forward:
+        return forward.args[1]
+    return module.weight
+
+
 def _low_forward(module, weight, x):
     import torch.nn.functional as F
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from core.errors import TrainingInterrupted
 from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
-from trainer.loss import anchor_divergence, answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
+from trainer.loss import answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
 from trainer.model import BaseModelRef, load_base
 from trainer.train import TrainConfig, TrainHooks, remove_checkpoint, train_adapter
 
@@ -189,17 +189,6 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
         )
     finally:
         peft_model.unload()
-
-
-def test_reverse_kl_sees_mass_moved_onto_a_token_the_base_model_finds_unlikely():
-
-    # Base: "Dublin" 0.6, "Moscow" 0.4, "Lviv" almost never. The adapter moves a fifth of the mass onto "Lviv".
-    base = torch.tensor([[0.6, 0.4, 1e-6]]).log()
-    leaked = torch.tensor([[0.48, 0.32, 0.2]]).log()
-    forward, reverse = anchor_divergence(leaked, base, "forward"), anchor_divergence(leaked, base, "reverse")
-    assert reverse.item() > 5 * forward.item(), "forward KL barely notices the leak; reverse KL does"
-    assert torch.allclose(anchor_divergence(leaked, base, "symmetric"), forward + reverse)
-    assert anchor_divergence(base, base).abs().item() < 1e-6
 
 
 def test_a_shared_prefix_gives_the_full_batchs_loss_and_gradients(tiny):
