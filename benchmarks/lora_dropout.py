@@ -70,16 +70,23 @@ def step_setup(doc: str):
     import torch
 
     from trainer.lora import add_lora
-    from trainer.model import load_base, resolve_base_model
 
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, _tokenizer, device = load_base(base, settings.model.dtype)
+    settings, base, model, device = settings_base_model()
     lora = settings.lora
     peft_model = add_lora(model, lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules), lora.top_layer_share)
     torch.manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (args.rows, args.tokens), device=device)
     return args, (peft_model, base, device, ids)
+
+
+def settings_base_model():
+    """(settings, base, model, device): the settings and their base model, loaded as the trainer loads it."""
+    from trainer.model import load_base, resolve_base_model
+
+    settings = load_settings()
+    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    model, _tokenizer, device = load_base(base, settings.model.dtype)
+    return settings, base, model, device
 
 
 def use_dropout(peft_model, kind: str, p: float) -> None:
