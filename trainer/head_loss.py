@@ -27,8 +27,8 @@ The backward pass scales those gradients by each position's share of the
 step's loss, rounds them to the precision the weight multiplies in, and
 makes one product with the weight: what autograd's own backward does, so
 the gradients match the plain operations' to float rounding (a batch of
-users trains as each alone: tests/trainer/test_multi.py). A projection that trains, or is not a
-plain linear layer, takes the plain operations (`plain_head_losses`, also
+users trains as each alone: tests/trainer/test_multi.py). A projection
+that trains, or is not a plain linear layer, takes the plain operations (`plain_head_losses`, also
 the reference the fused path is tested against).
 """
 
@@ -91,16 +91,13 @@ class _FusedHeadLosses(torch.autograd.Function):
         grads = torch.empty_like(logits, dtype=torch.float32) if wants_grad else None
         losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         chunk = max(1, _CHUNK_VALUES // logits.shape[1])
-        if kl_positions is None:
-            kl_positions = torch.zeros_like(targets, dtype=torch.bool)
-        answered = (~kl_positions).nonzero().squeeze(1)
+        answered = torch.arange(len(targets), device=logits.device) if kl_positions is None else (~kl_positions).nonzero()[:, 0]
         for rows in answered.split(chunk):
             _cross_entropy(logits, rows, targets[rows], losses, grads)
-        anchored = kl_positions.nonzero().squeeze(1)
-        if len(anchored):
+        if kl_positions is not None:  # the n-th anchored position's base state is row n of `base_hidden`
             base_logits = F.linear(base_hidden.to(weight.dtype), weight, bias)
-            for rows, base_rows in zip(anchored.split(chunk), torch.arange(len(anchored)).split(chunk)):
-                _divergence(logits, rows, base_logits[base_rows.to(logits.device)], divergence, kl_weight, losses, grads)
+            for rows, base_rows in zip(kl_positions.nonzero()[:, 0].split(chunk), base_logits.split(chunk)):
+                _divergence(logits, rows, base_rows, divergence, kl_weight, losses, grads)
         ctx.save_for_backward(grads, weight)
         ctx.hidden_dtype = hidden.dtype
         return losses
@@ -129,15 +126,15 @@ def _divergence(logits, rows, base_logits, divergence: str, kl_weight: float, lo
     lb = F.log_softmax(base_logits.float(), dim=-1)
     pa, pb = la.exp(), lb.exp()
     diff = la.sub_(lb)  # la - lb (la itself is not needed again)
-    grad = torch.zeros_like(pa)
-    value = torch.zeros(len(rows), dtype=torch.float32, device=pa.device)
+    value, grad = torch.zeros(len(rows), dtype=torch.float32, device=pa.device), None
     if divergence in ("forward", "symmetric"):
         value -= (pb * diff).sum(dim=-1)
-        grad += pa - pb
+        grad = pa - pb
     if divergence in ("reverse", "symmetric"):
         reverse = (pa * diff).sum(dim=-1)
         value += reverse
-        grad += pa * (diff - reverse[:, None])
+        toward = pa * (diff - reverse[:, None])
+        grad = toward if grad is None else grad.add_(toward)
     losses[rows] = value * kl_weight
     if grads is not None:
         grads[rows] = grad.mul_(kl_weight)
