@@ -105,8 +105,23 @@ def load_checkpoint(optimizer, checkpoint_dir: Path, seal: UserSeal | None = Non
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": progress.optim["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": _with_own_kernels(progress.optim["param_groups"], optimizer)})
     return progress, weights
+
+
+# How an optimizer runs its update, not what it computes: the resuming optimizer's own choice stands (a
+# checkpoint written where the fused kernel ran resumes where it does not, and the other way round).
+_KERNEL_CHOICES = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _with_own_kernels(saved_groups: list[dict], optimizer) -> list[dict]:
+    """The saved hyperparameters of each parameter group with `optimizer`'s own kernel choices."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        return saved_groups  # not this optimizer's checkpoint: torch's load_state_dict says so
+    return [
+        {**saved, **{k: group[k] for k in _KERNEL_CHOICES if k in group}}
+        for saved, group in zip(saved_groups, optimizer.param_groups)
+    ]
 
 
 def remove_checkpoint(checkpoint_dir: Path) -> None:

@@ -362,12 +362,22 @@ def train_adapter(
 
 # ---- its steps ------------------------------------------------------------------------ #
 
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs for float weights
+
 
 def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
-    """AdamW with a short linear warm-up and a square-root decay to zero."""
+    """AdamW with a short linear warm-up and a square-root decay to zero.
+
+    AdamW's fused kernel where torch has one for the weights' device: a LoRA
+    has two small tensors per adapted module (420 on the default model), and
+    the per-tensor loop spent 39 ms a step on them on this project's 2-core
+    CPU against the fused kernel's 9 ms (the same update up to float rounding,
+    7e-9 after 50 steps)."""
     import torch
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    params = list(params)
+    fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=fused or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,

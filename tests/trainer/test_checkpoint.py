@@ -40,3 +40,34 @@ def test_a_sealed_checkpoint_resumes_and_is_never_plain_on_disk(tmp_path):
     assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(StorageError, match="is encrypted"):
         load_checkpoint(torch.optim.AdamW([param]), tmp_path / "ck")
+
+
+@pytest.mark.parametrize("written_fused, resumed_fused", [(False, True), (True, False)])
+def test_a_checkpoint_resumes_with_the_resuming_optimizers_own_kernel(tmp_path, written_fused, resumed_fused):
+    """The fused AdamW kernel is the trainer's choice where torch has one: a checkpoint written with or without it
+    resumes in either, with the same state, and the resuming optimizer keeps its own kernel."""
+    import torch
+
+    param = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=written_fused or None)
+    param.grad = torch.ones(2, 2)
+    optimizer.step()
+    save_checkpoint({"w": param.detach()}, optimizer, Progress(step=1), tmp_path / "ck")
+
+    resumed = torch.optim.AdamW([param], lr=0.5, fused=resumed_fused or None)
+    load_checkpoint(resumed, tmp_path / "ck")
+    assert bool(resumed.param_groups[0]["fused"]) is resumed_fused
+    assert resumed.param_groups[0]["lr"] == 0.1  # the hyperparameters are the checkpoint's
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    param.grad = torch.ones(2, 2)
+    resumed.step()  # the resumed kernel runs on the loaded state
+    assert float(resumed.state_dict()["state"][0]["step"]) == 2.0
+
+
+def test_the_trainers_optimizer_is_fused_on_a_cpu():
+    import torch
+
+    from trainer.train import TrainConfig, optimizer_and_schedule
+
+    optimizer, _ = optimizer_and_schedule([torch.nn.Parameter(torch.ones(2))], TrainConfig.from_settings(), total_steps=4)
+    assert optimizer.param_groups[0]["fused"] is True
