@@ -159,7 +159,10 @@ def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(ti
     import trainer.generation
 
     model, tokenizer, device = tiny
-    cfg = replace(CFG, epochs=4, shrink_to=(0.5, 0.75), learning_rate=3e-2)
+    # A learning rate high enough that the users' answers differ (routing is tested), in float32 products: at this
+    # rate Adam magnifies bfloat16's rounding of the frozen products (which rows share a product changes it) to
+    # 1.6e-4 between batched and alone, against 9e-6 in float32, where a routing fault would not hide.
+    cfg = replace(CFG, epochs=4, shrink_to=(0.5, 0.75), learning_rate=3e-2, base_matmuls="float32")
     script = {"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}  # stop at epoch, keep at scale, answer tokens
 
     def facts(user: str) -> ScriptedFacts:
@@ -182,7 +185,7 @@ def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(ti
         assert isinstance(got, TrainResult), got
         assert together[user].seen == alone[user].seen, user  # the same checks, shown the same answers
         assert (got.steps, got.stopped_after_epoch, got.shrunk_to) == (want.steps, want.stopped_after_epoch, want.shrunk_to)
-        assert _close(_weights(got), _weights(want)) < 1e-4, user
+        assert _close(_weights(got), _weights(want)) < 5e-5, user
     assert [r.shrunk_to for r in results.values()] == [0.5, 0.75, 1.0]
     hi = {user: q.seen[0][2][-1] for user, q in together.items()}  # "Hi?" after epoch 2, through each user's adapter
     assert len(set(hi.values())) == 3, f"the users' adapters answer alike, so routing goes untested: {hi}"

@@ -117,3 +117,38 @@ def test_a_run_in_bfloat16_follows_the_float32_runs_loss_curve(tiny_model_dir, t
     assert losses["bfloat16"] != losses["float32"]  # the products did run in bfloat16
     assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.5  # it learns, as the float32 run does
     assert all(abs(low - exact) < 0.01 * exact for low, exact in zip(losses["bfloat16"], losses["float32"]))
+
+
+def test_siblings_that_read_one_input_multiply_once(lora_model):
+    """q, k and v (and gate and up) of a layer: one product for the group, each layer its own share of it, the
+    same values as its own product; a sibling asked with another input gets its own product."""
+    peft_model, _, _ = lora_model
+    matmuls = FrozenMatmuls(peft_model, torch.bfloat16)
+    layers = peft_model.get_base_model().model.layers
+    assert len(matmuls.siblings) == 2 * len(layers)  # PEFT's wrapped q_proj and up_proj are found by their names
+    attention = layers[0].self_attn
+    q, k, v = attention.q_proj.base_layer, attention.k_proj, attention.v_proj
+    x, other = torch.randn(2, 3, q.in_features), torch.randn(2, 3, q.in_features)
+    with torch.no_grad(), matmuls.active():
+        outputs = [q(x), k(x), v(x)]
+        alone = k(other)
+    assert len({out.untyped_storage().data_ptr() for out in outputs}) == 1  # one product, three views of it
+    for module, out in zip((q, k, v), outputs):
+        own = torch.nn.functional.linear(x.bfloat16(), matmuls.copies[module]).float()
+        assert out.shape == own.shape and torch.allclose(out, own, atol=1e-6)
+    assert torch.allclose(alone, torch.nn.functional.linear(other.bfloat16(), matmuls.copies[k]).float(), atol=1e-6)
+
+
+def test_siblings_together_give_the_gradients_of_their_own_products(lora_model):
+    peft_model, tokenizer, device = lora_model
+    batch = collate(tokenize(tokenizer, ROWS, 256), tokenizer.pad_token_id, device)
+    together = FrozenMatmuls(peft_model, torch.bfloat16)
+    apart = FrozenMatmuls(peft_model, torch.bfloat16)
+    apart.siblings = []  # every layer its own product
+    with low_precision(together):
+        loss, grads = _loss_and_grads(peft_model, batch)
+    with low_precision(apart):
+        own_loss, own_grads = _loss_and_grads(peft_model, batch)
+    assert abs(float(loss) - float(own_loss)) < 1e-3 * float(own_loss)
+    for g, own in zip(grads, own_grads):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), own.flatten(), dim=0) > 0.999
