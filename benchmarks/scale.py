@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host import StolenCpu  # noqa: E402
 from benchmarks.learning import loaded_context, make_facts, runner_for  # noqa: E402
 
 
@@ -67,14 +68,15 @@ def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
     runner = runner_for(ctx, Path(tempfile.mkdtemp(prefix=f"adaptloop-scale-k{batch}-")))
     started = time.perf_counter()
     outcomes = []
-    for start in range(0, len(jobs), batch):
-        group = jobs[start : start + batch]
-        with tempfile.TemporaryDirectory() as tmp:
-            if batch == 1:
-                outcomes.append(runner.run(group[0], Path(tmp)))
-            else:
-                outcomes += runner.run_batch([(job, JobHooks()) for job in group], Path(tmp))
-        say(f"  K={batch}: {min(start + batch, len(jobs))}/{len(jobs)} users in {time.perf_counter() - started:.0f} s")
+    with StolenCpu() as stolen:
+        for start in range(0, len(jobs), batch):
+            group = jobs[start : start + batch]
+            with tempfile.TemporaryDirectory() as tmp:
+                if batch == 1:
+                    outcomes.append(runner.run(group[0], Path(tmp)))
+                else:
+                    outcomes += runner.run_batch([(job, JobHooks()) for job in group], Path(tmp))
+            say(f"  K={batch}: {min(start + batch, len(jobs))}/{len(jobs)} users in {time.perf_counter() - started:.0f} s")
     wall = time.perf_counter() - started
     failed = [o for o in outcomes if isinstance(o, Exception)]
     metrics = [o.info.manifest.metrics for o in outcomes if not isinstance(o, Exception)]
@@ -96,6 +98,7 @@ def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
         "retention": mean("retention"),
         "forgetting": mean("forgetting"),
         "promoted": sum(o.decision == "promoted" for o in outcomes if not isinstance(o, Exception)),
+        "cpu_stolen": stolen.share,  # the hypervisor's share of the CPUs' time meanwhile (benchmarks/host.py)
     }
 
 
@@ -134,14 +137,15 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {args.users} users x {args.facts} facts")
     say(
-        "| K | user-versions/h | trainer s per user-version | train s per user | gate s per candidate | facts | retention | forgetting |"
+        "| K | user-versions/h | trainer s per user-version | train s per user | gate s per candidate | facts | retention | "
+        "forgetting | CPU stolen |"
     )
-    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rounds:
         say(
             f"| {r['batch_users']} | {r['user_versions_per_hour']} | {r['trainer_seconds_per_user_version']} | "
             f"{r['train_seconds_per_user']} | {r['gate_seconds_per_candidate']} | {r['facts_learned']} | {r['retention']} | "
-            f"{r['forgetting']} |"
+            f"{r['forgetting']} | {r['cpu_stolen']} |"
         )
     if report["speedup"] is not None:
         say(f"K={args.batch} vs K=1: {report['speedup']}x user-versions per hour")
