@@ -91,10 +91,7 @@ class FrozenMatmuls:
         }
         self.siblings = _sibling_groups(frozen, dtype)
         grouped = {module: group.weights[i] for group in self.siblings for i, module in enumerate(group.modules)}
-        self.copies = {module: grouped.get(module) for module in frozen.values()}
-        for module, weight in self.copies.items():
-            if weight is None:
-                self.copies[module] = module.weight.detach().to(dtype)
+        self.copies = {m: grouped[m] if m in grouped else m.weight.detach().to(dtype) for m in frozen.values()}
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -132,8 +129,10 @@ class _Siblings:
         self.widths = [m.out_features for m in modules]
         self.weight = torch.cat([m.weight.detach().to(dtype) for m in modules])
         self.weights = self.weight.split(self.widths)  # each layer's own rows (views: no second copy)
-        biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
-        self.bias = None if all(m.bias is None for m in modules) else torch.cat(biases).to(dtype)
+        self.bias = None
+        if any(m.bias is not None for m in modules):  # a layer without one adds zeros in its columns
+            biases = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
+            self.bias = torch.cat(biases).to(dtype)
         self._input = None
         self._outputs: tuple = ()
 
