@@ -338,6 +338,9 @@ class TrainingSettings(_Section):
         0.5, ge=0, le=1, description="share of a run's anchors chosen as the prompts most like the user's"
     )
     anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
+    anchor_answer_tokens: int = Field(
+        32, ge=1, le=256, description="tokens of the base model's answer an anchor keeps: the KL runs along them"
+    )
     anchor_divergence: Literal["forward", "reverse", "symmetric"] = Field(
         "symmetric",
         description="KL direction on anchors: forward keeps base tokens likely, reverse stops the user's facts leaking in",
@@ -440,7 +443,11 @@ class ValidationSettings(_Section):
         0.34, ge=0, le=1, description="most share of the previous version's learned facts a candidate may miss"
     )
     batch_size: int = Field(
-        64, ge=1, le=1024, description="cases the gate answers and scores together (one batch for the default suites)"
+        128,
+        ge=1,
+        le=1024,
+        description="most cases the gate (and a batch's early-stopping checks) answers and scores together, in even "
+        "batches: a generation step costs little more for more rows",
     )
     contradiction_confidence: float = Field(
         0.5,

@@ -29,8 +29,6 @@ from trainer.generation import generate_batch
 
 log = logging.getLogger("adaptloop.trainer")
 
-_MAX_NEW_TOKENS = 32  # the KL is taken along the base answer: its first sentence or two is enough
-
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and `#` comments skipped."""
@@ -53,14 +51,22 @@ class AnchorSet:
         if not t.anchors:
             return None
         prompts = [p for name in t.anchor_files for p in read_prompts(config_file(name, "training.anchor_files"))]
-        return cls(prompts, settings.cache_dir, base_sha256, settings.model.embedding_model)
+        return cls(prompts, settings.cache_dir, base_sha256, settings.model.embedding_model, t.anchor_answer_tokens)
 
-    def __init__(self, prompts: list[str], cache_dir: Path, base_sha256: str, embedding_model: str | None = None) -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        cache_dir: Path,
+        base_sha256: str,
+        embedding_model: str | None = None,
+        answer_tokens: int = 32,
+    ) -> None:
         self.prompts = list(prompts)
         self.embedding_model = embedding_model  # None: no nearest-first choice
+        self.answer_tokens = answer_tokens  # the KL is taken along the base answer: its first sentence is enough
         self._vectors = None
         # An unidentified base model (a hub id) is never cached: its weights could change.
-        self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{_MAX_NEW_TOKENS}.jsonl" if base_sha256 else None
+        self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{answer_tokens}.jsonl" if base_sha256 else None
         self._answers: dict[str, str] | None = None
 
     def _load(self) -> dict[str, str]:
@@ -99,7 +105,7 @@ class AnchorSet:
         missing = [p for p in dict.fromkeys(prompts) if p not in known]
         if missing:
             log.info("answering %d anchor prompts with the base model (cached afterwards)", len(missing))
-            fresh = dict(zip(missing, generate_batch(model, tokenizer, device, missing, _MAX_NEW_TOKENS, batch_size=32)))
+            fresh = dict(zip(missing, generate_batch(model, tokenizer, device, missing, self.answer_tokens, batch_size=32)))
             known.update(fresh)
             if self.cache_file is not None:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)

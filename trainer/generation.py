@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trainer.data import chat_ids, chat_messages_ids
+from trainer.data import chat_ids, chat_messages_ids, even_slices
 from trainer.loss import RowUsers, routed, users_prefix
 
 
@@ -26,7 +26,7 @@ def generate_batch(
     batch_size: int = 16,
     rows: RowUsers | None = None,
 ) -> list[str]:
-    """Greedy answers to many prompts, `batch_size` at a time (padded on the left of each prompt's own part, so
+    """Greedy answers to many prompts, at most `batch_size` at a time in even batches (`even_slices`; padded on the left of each prompt's own part, so
     every answer starts at the same column).
 
     Rows that have answered leave the batch (`greedy_shrinking`).
@@ -63,17 +63,15 @@ def generate_encoded(
     limits = per_row(max_new_tokens, len(encoded))
     pad = pad_id(tokenizer)
     answers: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+    for part in even_slices(len(encoded), batch_size):
+        batch = encoded[part]
         prefix = shared_prompt_prefix(batch)
         width = max(len(e) for e in batch)
         # The padding goes after the shared prefix: every row has it in the same columns, so it runs once.
         ids = torch.tensor([e[:prefix] + [pad] * (width - len(e)) + e[prefix:] for e in batch], device=device)
         mask = torch.tensor([[1] * prefix + [0] * (width - len(e)) + [1] * (len(e) - prefix) for e in batch], device=device)
         with torch.no_grad():
-            tokens = greedy_shrinking(
-                model, ids, mask, limits[start : start + batch_size], stop_ids(model, tokenizer), rows, prefix
-            )
+            tokens = greedy_shrinking(model, ids, mask, limits[part], stop_ids(model, tokenizer), rows, prefix)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
     return answers
 

@@ -38,7 +38,7 @@ from core.errors import ModelError, TrainingInterrupted
 from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from schemas.training import TrainingExample
 from trainer.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
-from trainer.data import Tokenized, bucketed_batches, collate, tokenize
+from trainer.data import Tokenized, bucketed_batches, collate, even_slices, tokenize
 from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
@@ -261,7 +261,7 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
                     stepping.append((member, batch))
             for member in [m for m in active if m.batches is None or m.result is not None]:
                 active.remove(member)
-            _check_together(checking, model, tokenizer, device, loras)
+            _check_together(checking, model, tokenizer, device, loras, cfg)
             if not stepping:
                 continue
             started = time.perf_counter()
@@ -412,22 +412,20 @@ def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | _
 
 # ---- the users' checks, answered together ---------------------------------------------------- #
 
-# Prompts one generation batch holds: a step costs little more for more rows on a CPU (the gate's default).
-_CHECK_BATCH = 64
 
-
-def _answers_together(model, tokenizer, device, loras: UserLoras, members: list[_Member]) -> list[list[str]]:
-    """Each member's fact prompts answered through its own adapter, every member's rows in shared batches."""
+def _answers_together(model, tokenizer, device, loras: UserLoras, members: list[_Member], batch_size: int) -> list[list[str]]:
+    """Each member's fact prompts answered through its own adapter, every member's rows in shared batches (at
+    most `batch_size` prompts each, the gate's `validation.batch_size`: a step costs little more for more rows)."""
     from trainer.generation import generate_batch
 
     questions = [_questions(member) for member in members]
     asked = [(member.index, prompt, q.max_new_tokens) for member, q in zip(members, questions) for prompt in q.prompts]
     answers: list[str] = []
     with _evaluating(model, loras):
-        for start in range(0, len(asked), _CHECK_BATCH):
-            users, prompts, limits = zip(*asked[start : start + _CHECK_BATCH])
+        for part in even_slices(len(asked), batch_size):
+            users, prompts, limits = zip(*asked[part])
             rows = RowUsers(users, loras.through)
-            answers += generate_batch(model, tokenizer, device, list(prompts), limits, _CHECK_BATCH, rows)
+            answers += generate_batch(model, tokenizer, device, list(prompts), limits, batch_size, rows)
     out, start = [], 0
     for q in questions:
         out.append(answers[start : start + len(q.prompts)])
@@ -440,12 +438,14 @@ def _questions(member: _Member) -> FactQuestions:
     return member.run.hooks.questions
 
 
-def _check_together(checking: list[tuple[_Member, _EpochCheck]], model, tokenizer, device, loras: UserLoras) -> None:
+def _check_together(
+    checking: list[tuple[_Member, _EpochCheck]], model, tokenizer, device, loras: UserLoras, cfg: TrainConfig
+) -> None:
     """The due early-stopping checks answered in shared batches; each member's verdict waits in `stop_now`."""
     if not checking:
         return
     started = time.perf_counter()
-    answers = _answers_together(model, tokenizer, device, loras, [member for member, _ in checking])
+    answers = _answers_together(model, tokenizer, device, loras, [member for member, _ in checking], cfg.answer_batch)
     share = (time.perf_counter() - started) / len(checking)
     for (member, check), mine in zip(checking, answers):
         member.spent += share
@@ -475,7 +475,7 @@ def _shrink_together(members: list[_Member], model, tokenizer, device, loras: Us
             return
         _scale_update(loras, pending, trained, scale)
         started = time.perf_counter()
-        answers = _answers_together(model, tokenizer, device, loras, pending)
+        answers = _answers_together(model, tokenizer, device, loras, pending, cfg.answer_batch)
         share = (time.perf_counter() - started) / len(pending)
         still = []
         for member, mine in zip(pending, answers):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.errors import ModelError
 from core.settings import Settings, defaults
-from trainer.data import collate, tokenize
+from trainer.data import collate, even_slices, tokenize
 from trainer.frozen import FrozenBelow
 from trainer.loss import RowUsers
 
@@ -235,9 +235,9 @@ def answer_nlls(
     items = tokenize(tokenizer, [TrainingExample(prompt=c.prompt, response=c.expected) for c in cases], max_len)
     pad = pad_id(tokenizer)
     out: list[float] = []
-    for start in range(0, len(items), batch_size):
-        ids, mask, labels, weights = collate(items[start : start + batch_size], pad, device)
-        chunk = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
+    for part in even_slices(len(items), batch_size):
+        ids, mask, labels, weights = collate(items[part], pad, device)
+        chunk = None if rows is None else RowUsers(rows.users[part], rows.through)
         with torch.no_grad():
             _total, per_row = answer_losses(model, ids, mask, labels, weights, rows=chunk, below=below)
         out += [float(v) for v in per_row]
@@ -255,7 +255,7 @@ def score_cases(
     rows: RowUsers | None = None,
     below: FrozenBelow | None = None,
 ) -> list[CaseScore]:
-    """Answer every case with `model` (greedy), `batch_size` at a time, and score it.
+    """Answer every case with `model` (greedy), at most `batch_size` at a time in even batches, and score it.
 
     `rows`: several adapters in one batch (the gate's batch of candidates):
     case i is answered through adapter `rows.users[i]`. `below`: see `answer_nlls`."""
@@ -263,9 +263,9 @@ def score_cases(
 
     answers: list[str] = []
     nlls: list[float] = []
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start : start + batch_size]
-        users = None if rows is None else RowUsers(rows.users[start : start + batch_size], rows.through)
+    for part in even_slices(len(cases), batch_size):
+        chunk = cases[part]
+        users = None if rows is None else RowUsers(rows.users[part], rows.through)
         answers += generate_batch(model, tokenizer, device, [case.prompt for case in chunk], batch_size=batch_size, rows=users)
         nlls += answer_nlls(model, tokenizer, device, chunk, batch_size=batch_size, rows=users, below=below)
     semantic = embedder.similarity(answers, [c.expected for c in cases])

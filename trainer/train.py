@@ -83,6 +83,7 @@ class TrainConfig:
     preference_beta: float = 0.1
     preference_weight: float = 1.0
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
+    answer_batch: int = 128  # prompts the batched early-stopping checks answer together: validation.batch_size
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     warmup_steps: int = 2
 
@@ -114,6 +115,7 @@ class TrainConfig:
             preference_beta=t.preference_beta,
             preference_weight=t.preference_weight,
             base_matmuls=t.base_matmuls,
+            answer_batch=s.validation.batch_size,
         )
         return replace(config, **overrides)
 

@@ -42,8 +42,11 @@ def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monke
     calls = []
     answers = {"Capital of France?": "Paris.", "Say nothing.": "", "Days in a week?": "Seven."}
 
+    limits = []
+
     def fake_generate(model, tokenizer, device, prompts, max_new_tokens=48, batch_size=16):
         calls.append(list(prompts))
+        limits.append(max_new_tokens)
         return [answers[p] for p in prompts]
 
     monkeypatch.setattr(trainer.anchors, "generate_batch", fake_generate)
@@ -59,6 +62,9 @@ def test_base_answers_are_generated_when_first_needed_and_cached(tmp_path, monke
     cache = next((tmp_path / "anchors").glob("abc*.jsonl"))
     cache.write_text(cache.read_text() + '{"prompt": "cut sh')  # a crash mid-line
     assert len(AnchorSet(list(answers), tmp_path, base_sha256="abc").answers(None, None, "cpu", ["Capital of France?"])) == 1
+    assert set(limits) == {32}, "the default answer length"
+    AnchorSet(list(answers), tmp_path, base_sha256="abc", answer_tokens=16).answers(None, None, "cpu", ["Capital of France?"])
+    assert limits[-1] == 16 and calls[-1] == ["Capital of France?"], "another length is another cache"
 
 
 def test_the_nearest_anchors_come_first_then_a_seeded_sample():

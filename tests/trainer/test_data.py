@@ -40,3 +40,17 @@ def test_loading_a_model_prints_no_tokenizer_clean_up_warning(tiny_model_dir, ca
     assert tokenizer.decode(tokenizer("Hi , there !").input_ids) == "Hi , there !", "spaces before punctuation stay"
     out, err = capfd.readouterr()
     assert "clean_up_tokenization" not in out + err + caplog.text
+
+
+def test_even_slices_cover_every_row_once_in_batches_of_near_equal_size():
+    from trainer.data import even_slices
+
+    assert [(s.start, s.stop) for s in even_slices(440, 128)] == [(0, 110), (110, 220), (220, 330), (330, 440)]
+    assert [(s.start, s.stop) for s in even_slices(10, 4)] == [(0, 4), (4, 7), (7, 10)]
+    assert even_slices(0, 8) == []
+    for count in range(1, 60):
+        for most in range(1, 20):
+            slices = even_slices(count, most)
+            sizes = [s.stop - s.start for s in slices]
+            assert [i for s in slices for i in range(s.start, s.stop)] == list(range(count))
+            assert len(slices) == -(-count // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
