@@ -26,8 +26,8 @@ def generate_batch(
     batch_size: int = 16,
     rows: RowUsers | None = None,
 ) -> list[str]:
-    """Greedy answers to many prompts, at most `batch_size` at a time in even batches (`even_slices`; padded on the left of each prompt's own part, so
-    every answer starts at the same column).
+    """Greedy answers to many prompts, at most `batch_size` at a time in even batches (`even_slices`), padded on
+    the left of each prompt's own part, so every answer starts at the same column.
 
     Rows that have answered leave the batch (`greedy_shrinking`).
     `max_new_tokens`: one limit for all, or one per prompt. `rows`: prompt i
