@@ -79,11 +79,11 @@ class TrainConfig:
     warm_start: bool
     shrink_to: tuple[float, ...]
     replay_per_fact: int
+    answer_batch: int  # most prompts the batched early-stopping checks answer together: validation.batch_size
     objective: str = "auto"  # sft | sft+preference | auto (trainer/preference.py)
     preference_beta: float = 0.1
     preference_weight: float = 1.0
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
-    answer_batch: int = 128  # prompts the batched early-stopping checks answer together: validation.batch_size
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     warmup_steps: int = 2
 
