@@ -151,9 +151,11 @@ class UserLoras:
             if runs is None:
                 return None
             x = sparse_dropout(inputs[0], self.dropout) if self.training else inputs[0]
-            if len(runs) == 1:  # one user for every row: PEFT's own `lora_B(lora_A(dropout(x))) * scaling`
+            # The scaling goes on the rank-r middle, not on the layer-wide product: one full-width multiply
+            # less per adapted module, forward and backward.
+            if len(runs) == 1:  # one user for every row: PEFT's `lora_B(lora_A(dropout(x))) * scaling`
                 user = self.weights[runs[0][0]]
-                return output + F.linear(F.linear(x, user[key_a]), user[key_b]) * self.scaling
+                return output + F.linear(F.linear(x, user[key_a]) * self.scaling, user[key_b])
             # Each run of rows through its own user's A and B: a row costs one user's LoRA, whatever the
             # number of users. (All users' A and B side by side and a mask per row, as serving/lora.py does,
             # made every row pay for every user's: about 1.3 M multiply-adds per token and layer at K = 8 and
@@ -162,10 +164,10 @@ class UserLoras:
             # the whole input, one such tensor per run and module; the split's backward is one `cat`.)
             pieces = x.split([end - first for _, first, end in runs])
             parts = [
-                F.linear(F.linear(piece, self.weights[u][key_a]), self.weights[u][key_b])
+                F.linear(F.linear(piece, self.weights[u][key_a]) * self.scaling, self.weights[u][key_b])
                 for (u, _, _), piece in zip(runs, pieces)
             ]
-            return output + torch.cat(parts) * self.scaling
+            return output + torch.cat(parts)
 
         return add_each_rows_lora
 
