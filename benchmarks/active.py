@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import statistics
@@ -38,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.host import machine  # noqa: E402
 
 FACTS = [
     ("What is my locker code?", "Your locker code is 4417."),
@@ -96,7 +97,7 @@ def main() -> None:
     summary = {
         "benchmark": "active",
         "date": datetime.now(UTC).date().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{machine()}, Python {platform.python_version()}",
         "budget": args.budget,
         "zipf_exponent": ZIPF,
         "asked_before": dict(sorted(Counter(history).items())),

@@ -17,8 +17,6 @@ Rapids and later); elsewhere `training.base_matmuls: auto` keeps float32.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host import machine  # noqa: E402
 from benchmarks.lora_dropout import step_seconds, step_setup  # noqa: E402
 
 SHAPES = ((384, 576, 1536), (384, 1536, 576), (900, 576, 49152))  # an MLP's two products, the output projection
@@ -49,7 +48,7 @@ def main() -> None:
     medians = {kind: statistics.median(s) for kind, s in seconds.items()}
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {device}, native bf16: {native_bf16_cpu()}",
+        "machine": f"{machine()}, {device}, native bf16: {native_bf16_cpu()}",
         "base_model": base.model_id,
         "rows": args.rows,
         "tokens": args.tokens,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.host import machine  # noqa: E402
 
 DATA = REPO / "benchmarks" / "data" / "contradictions.jsonl"
 
@@ -81,7 +82,7 @@ def _summary(rows: list[dict], threshold: float, seconds: float) -> dict:
     summary = {
         "benchmark": "contradictions",
         "date": datetime.now(UTC).date().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{machine()}, Python {platform.python_version()}",
         "threshold": threshold,
         "examples": len(rows),
         "precision": round(len(true) / len(flagged), 3) if flagged else None,

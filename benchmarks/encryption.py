@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.host import machine  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV, LAYERS, RANK = 576, 1536, 192, 30, 16
 SHAPES = {  # (in, out) of each LoRA target in SmolLM2-135M
@@ -221,7 +222,7 @@ def main() -> None:
         rotation = bench_rotation(tmp, args.users)
     record = {
         "date": datetime.now(UTC).date().isoformat(),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "machine": f"{machine()}, Python {platform.python_version()}",
         "rounds": args.rounds,
         "runs": runs,
         "rotation": rotation,

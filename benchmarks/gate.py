@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+
+from benchmarks.host import machine
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_BATCH = 16
@@ -146,7 +146,7 @@ def main() -> None:
     answers = {size: [c.answer for s in r.suites.values() for c in s.cases] for size, r in reports.items()}
     result = {
         "date": datetime.now(UTC).isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device}",
+        "machine": f"{machine()}, {device}",
         "cases": len(answers[shipped]),
         "seconds": {str(k): v for k, v in seconds.items()},
         "median_s": {str(k): statistics.median(v) for k, v in seconds.items()},

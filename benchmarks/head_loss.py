@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host import machine  # noqa: E402
 from benchmarks.lora_dropout import settings_base_model  # noqa: E402
 
 
@@ -75,7 +74,7 @@ def main() -> None:
     gap = float((grads["plain"] - grads["fused"]).abs().max() / grads["plain"].abs().max())
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {device}, frozen products: {precision}",
+        "machine": f"{machine()}, {device}, frozen products: {precision}",
         "base_model": base.model_id,
         "positions": args.positions,
         "anchors": args.anchors,

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
@@ -42,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.host import machine  # noqa: E402
 
 NAMES = ["Pixel", "Biscuit", "Juniper", "Marlowe", "Tansy", "Quill", "Odette", "Rasmus", "Wren", "Calloway", "Ysolde", "Fennick"]
 CITIES = ["Dundee", "Tromsø", "Valparaíso", "Ghent", "Kraków", "Hobart", "Bergen", "Lviv", "Oaxaca", "Tartu", "Cork", "Nantes"]
@@ -364,7 +364,7 @@ def main() -> None:
         results[name] = {"users": len(users), "rows": rows, "summary": summary(rows)}
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "device": str(device),
         "base_model": base.model_id,
         "users": args.users,
@@ -393,7 +393,7 @@ def main_rewordings(ctx: dict, args, say) -> None:
     results = rewording_benchmark(ctx, say)
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "device": str(ctx["device"]),
         "base_model": ctx["base"].model_id,
         "wall_seconds": round(time.time() - started),

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host import machine  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 
 KINDS = ("torch", "sparse", "none")
@@ -42,7 +41,7 @@ def main() -> None:
     medians = {kind: statistics.median(s) for kind, s in seconds.items()}
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {device}",
+        "machine": f"{machine()}, {device}",
         "base_model": base.model_id,
         "rows": args.rows,
         "tokens": args.tokens,

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import sys
@@ -44,6 +42,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.host import machine  # noqa: E402
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from learning import answers_with, loaded_context, runner_for, train_version  # noqa: E402
@@ -265,7 +266,7 @@ def main() -> None:
         results[user] = {"base": base, "rows": rows}
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "device": str(ctx["device"]),
         "base_model": ctx["base"].model_id,
         "samples_per_prompt": args.samples,

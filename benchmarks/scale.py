@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.host import StolenCpu  # noqa: E402
+from benchmarks.host import StolenCpu, machine  # noqa: E402
 from benchmarks.learning import loaded_context, make_facts, runner_for  # noqa: E402
 
 
@@ -126,7 +124,7 @@ def main() -> None:
     rounds = [run_round(ctx, jobs, k, say) for k in ((args.batch,) if args.only_batch else (1, args.batch))]
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "device": str(device),
         "base_model": base.model_id,
         "users": args.users,

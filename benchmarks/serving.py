@@ -48,6 +48,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host import machine  # noqa: E402
+
 QUESTION = "Tell me about my week, please."
 
 
@@ -274,7 +276,7 @@ def report(r: dict, args) -> None:
 
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {machine()}, Python {platform.python_version()}",
         "device": _device(),
         "users": args.users,
         "max_tokens": args.max_tokens,

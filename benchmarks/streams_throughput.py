@@ -45,6 +45,7 @@ from pathlib import Path
 import yaml
 from confluent_kafka import Consumer, Producer
 
+from benchmarks.host import machine
 from core.kafka.broker import LocalBroker, free_port
 from core.kafka.client import ClientConfig
 from core.kafka.topics import TopicPlan, ensure_topics
@@ -358,7 +359,7 @@ def main() -> None:
         lat = latency(bootstrap, workdir, args.latency_users, args.latency_rate)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {machine()}, Python {platform.python_version()}",
         "events": args.events,
         "users": args.users,
         "schedule": args.schedule,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import resource
@@ -26,6 +25,8 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from benchmarks.host import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def main() -> None:
     ours, base = results["adaptloop"], results["hf-trainer"]
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, device {ours['device']}",
+        "machine": f"{machine()}, Python {platform.python_version()}, device {ours['device']}",
         "examples": args.examples,
         "epochs": args.epochs,
         "batch": args.batch,

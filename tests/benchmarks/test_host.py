@@ -1,4 +1,4 @@
-"""The benchmarks' record of the CPU time a hypervisor took meanwhile."""
+"""The benchmarks' record of the machine: its CPU, and the CPU time a hypervisor took meanwhile."""
 
 from __future__ import annotations
 
@@ -27,3 +27,30 @@ def test_no_share_where_the_kernel_does_not_count_it(tmp_path, monkeypatch):
     with host.StolenCpu() as stolen:
         pass
     assert host.cpu_ticks() is None and stolen.share is None
+
+
+def _cpuinfo(path, name: str, flags: str) -> None:
+    block = f"processor\t: {{n}}\nvendor_id\t: x\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: {name}\nflags\t\t: {flags}\n\n"
+    path.write_text(block.format(n=0) + block.format(n=1).replace(name, "another"), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("flags", "unit"),
+    [
+        ("fpu avx avx2 avx512f amx_bf16 amx_tile", "AMX"),
+        ("avx2 avx512f avx512_bf16", "AVX-512"),
+        ("avx avx2", "AVX2"),
+        ("sse4_2", "no AVX2"),
+    ],
+)
+def test_the_cpu_is_named_with_its_widest_vector_unit(tmp_path, monkeypatch, flags, unit):
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(host, "_CPUINFO", info)
+    _cpuinfo(info, "Intel(R) Xeon(R) Platinum 8480C", flags)
+    assert host.cpu() == f"Intel(R) Xeon(R) Platinum 8480C (family 6, model 143), {unit}"  # the first processor's block
+    assert host.machine().endswith(f" CPUs: {host.cpu()}")
+
+
+def test_a_machine_without_cpuinfo_is_still_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(host, "_CPUINFO", tmp_path / "missing")
+    assert host.cpu()
