@@ -60,6 +60,10 @@ def _broker_kwargs(client: ClientConfig) -> dict:
     return kwargs
 
 
+# Below the broker's default record-batch limit (message.max.bytes, 1 MiB).
+PRODUCER_MAX_BATCH_BYTES = 512 * 1024
+
+
 def _faust_app(cfg: WorkerConfig) -> faust.App:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     return faust.App(
@@ -77,6 +81,11 @@ def _faust_app(cfg: WorkerConfig) -> faust.App:
         web_bind=cfg.web_bind,
         web_host="127.0.0.1",
         producer_acks=-1,
+        # A batch's sends go out per topic partition in aiokafka batches, and
+        # aiokafka holds one batch per partition until the one before is sent,
+        # with one request in flight per broker: at the 16 KiB default, a batch
+        # of states took several round trips per send phase.
+        producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
         stream_wait_empty=False,
         table_standby_replicas=0,  # tables are rebuilt from their changelogs on (re)assignment
         broker_commit_every=cfg.batch_size,

@@ -19,7 +19,7 @@ from schemas.training import Provenance
 class Envelope(BaseModel):
     k: Literal["event", "command", "lifecycle", "tick"]
     kind: str | None = None  # the input kind of an event
-    body: dict[str, Any] = {}
+    body: dict[str, Any] = Field(default_factory=dict)  # a factory: a literal default is deep-copied per envelope
     prov: Provenance | None = None
     at: float | None = None  # tick time
     parsed: Any = Field(None, exclude=True)  # the validated event, when it never left this process
