@@ -51,6 +51,9 @@ def test_the_cpu_is_named_with_its_widest_vector_unit(tmp_path, monkeypatch, fla
     assert host.machine().endswith(f" CPUs: {host.cpu()}")
 
 
-def test_a_machine_without_cpuinfo_is_still_named(tmp_path, monkeypatch):
+def test_a_machine_without_cpuinfo_is_named_by_platform(tmp_path, monkeypatch):
     monkeypatch.setattr(host, "_CPUINFO", tmp_path / "missing")
-    assert host.cpu()
+    monkeypatch.setattr(host.platform, "processor", lambda: "arm")
+    assert host.cpu() == "arm"
+    monkeypatch.setattr(host.platform, "processor", lambda: "")  # platform knows nothing either
+    assert host.cpu() == "unknown CPU"
