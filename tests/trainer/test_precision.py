@@ -39,7 +39,7 @@ def lora_model(tiny_model_dir):
 def _loss_and_grads(peft_model, batch):
     params = [p for p in peft_model.parameters() if p.requires_grad]
     loss, _ = answer_losses(peft_model, *batch)
-    return loss, torch.autograd.grad(loss, params)
+    return loss.detach(), torch.autograd.grad(loss, params)
 
 
 def test_bfloat16_products_give_a_close_but_not_identical_loss_and_gradients(lora_model):
