@@ -164,11 +164,12 @@ def run_user(
             "train_seconds": m.train_seconds,
             "gate_seconds": m.gate_seconds,
             "decision": outcome.decision,
+            "reasons": outcome.report.reasons if outcome.report is not None else [],
         }
         rows.append(row)
         say(
             f"  {user} v{version}: facts {row['facts_learned']}, retention {row['retention']}, forgetting {row['forgetting']}, "
-            f"{row['train_seconds']:.0f}s training, {row['decision']}"
+            f"{row['train_seconds']:.0f}s training, {row['decision']}" + "".join(f"; {reason}" for reason in row["reasons"])
         )
         previous = train
     return rows
