@@ -122,6 +122,11 @@ def train_version(runner, user: str, train: list, test: list):
         return runner.run(job, Path(tmp))
 
 
+def gate_reasons(outcome) -> list[str]:
+    """Why the gate decided as it did (none when no gate ran)."""
+    return outcome.report.reasons if outcome.report is not None else []
+
+
 def run_user(
     ctx: dict, user: str, facts_per_version: list[list[tuple[str, str]]], training: dict, replay: bool, say
 ) -> list[dict]:
@@ -164,7 +169,7 @@ def run_user(
             "train_seconds": m.train_seconds,
             "gate_seconds": m.gate_seconds,
             "decision": outcome.decision,
-            "reasons": outcome.report.reasons if outcome.report is not None else [],
+            "reasons": gate_reasons(outcome),
         }
         rows.append(row)
         say(
@@ -284,7 +289,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, par
         "train_seconds": m.train_seconds,
         "version_seconds": version_seconds,
         "decision": outcome.decision,
-        "reasons": outcome.report.reasons if outcome.report is not None else [],
+        "reasons": gate_reasons(outcome),
         "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
     }
     say(

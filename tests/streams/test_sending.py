@@ -33,7 +33,7 @@ def _send(bootstrap: str, fill) -> int:
 
 def test_a_phase_larger_than_one_producer_batch_arrives_whole_and_in_order(kafka_client, topic_factory):
     examples, states = topic_factory("examples", partitions=2), topic_factory("states", partitions=2)
-    padding = "x" * 400  # 3,000 records: more than two producer batches per partition
+    padding = "x" * 400  # 3,000 records: more than one producer batch per partition
 
     def fill(sender: BatchSender) -> None:
         for i in range(3000):
