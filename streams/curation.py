@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -184,33 +183,38 @@ def without_training(curated: Curated) -> Curated:
     return Curated(outcome=curated.outcome)
 
 
-def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, Counter[str]]:
-    """`curated` with personal data in its texts replaced by placeholders, and how many of each type."""
-    found: Counter[str] = Counter()
-    cleaned: dict[str, str] = {}  # a correction's question is its example's prompt too: redacted once
+def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, dict[str, int]]:
+    """`curated` with personal data in its texts replaced by placeholders, and how many of each type.
+
+    Every text that can reach a dataset, a metric's label or a labelling task
+    is redacted: an example's prompt, its response, the answer a correction
+    replaced, and the questions the state keeps.
+    """
+    found: dict[str, int] = {}  # a plain dict: ~12x cheaper to make than a Counter, once per event
+    if not redactor.enabled:
+        return curated, found
+    examples = tuple([_redacted_example(e, redactor, found) for e in curated.examples])
+    # The question of a correction or a rating is its example's prompt too: redacted (and counted) once.
+    asked_as, cleaned_as = (curated.examples[0].prompt, examples[0].prompt) if examples else (None, None)
 
     def clean(text: str) -> str:
-        if text not in cleaned:
-            cleaned[text] = redactor.redact_into(text, found)
-        return cleaned[text]
+        return cleaned_as if text == asked_as else redactor.redact_into(text, found)
 
-    texts = (curated.boost_prompt, curated.resolved, curated.asked)
-    if not redactor.enabled or (not curated.examples and texts == (None, None, None)):
-        return curated, found
-    examples = tuple(_with_texts(e, clean(e.prompt), clean(e.response)) for e in curated.examples)
     boost = None if curated.boost_prompt is None else clean(curated.boost_prompt)
     resolved = None if curated.resolved is None else clean(curated.resolved)
     asked = None if curated.asked is None else replace(curated.asked, question=clean(curated.asked.question))
-    same = (boost, resolved) == (curated.boost_prompt, curated.resolved) and asked == curated.asked
-    if same and all(a is b for a, b in zip(examples, curated.examples, strict=True)):
-        return curated, found  # nothing personal found (most texts): no copies
+    if not found:
+        return curated, found  # nothing personal (most events): no copies
     return replace(curated, examples=examples, boost_prompt=boost, resolved=resolved, asked=asked), found
 
 
-def _with_texts(example: TrainingExample, prompt: str, response: str) -> TrainingExample:
-    if prompt == example.prompt and response == example.response:
-        return example
-    return example.model_copy(update={"prompt": prompt, "response": response})
+def _redacted_example(example: TrainingExample, redactor: Redactor, found: dict[str, int]) -> TrainingExample:
+    prompt = redactor.redact_into(example.prompt, found)
+    response = redactor.redact_into(example.response, found)
+    rejected = None if example.rejected is None else redactor.redact_into(example.rejected, found)
+    if prompt is example.prompt and response is example.response and rejected is example.rejected:
+        return example  # redact_into hands back the very text when it found nothing
+    return example.model_copy(update={"prompt": prompt, "response": response, "rejected": rejected})
 
 
 def _stable_seed(*parts: object) -> int:

@@ -131,7 +131,8 @@ class UserProcessor:
         for env in envelopes:
             if env.k == "event":
                 event = env.event()
-                now = max(now, event.timestamp.timestamp())
+                at = event.timestamp.timestamp()
+                now = max(now, at)
                 curated = curate(event, env.prov, self.cfg.curation)
                 trainable = state.training_consent and event.consent != "no-train"
                 if trainable:
@@ -142,14 +143,14 @@ class UserProcessor:
                     state,
                     user_log,
                     event.event_id,
-                    event.timestamp.timestamp(),
+                    at,
                     curated,
                     self.cfg.curation,
                     max_pending=self.cfg.max_pending,
                     accuracy_window=self.cfg.accuracy_window,
                 )
                 if fresh and trainable and self.cfg.active.enabled:
-                    closed += note(state.unresolved, curated, event.timestamp.timestamp(), self.cfg.active)
+                    closed += note(state.unresolved, curated, at, self.cfg.active)
                 if fresh:
                     stats.events += 1
                     stats.not_trained += not trainable

@@ -57,6 +57,21 @@ def test_text_without_digits_or_at_signs_is_untouched(text):
     assert REDACTOR.clean(text) == text
 
 
+# With a custom type the quick rejections are off: every detector looks at every text.
+EXHAUSTIVE = Redactor(custom={"NEVER": r"(?!x)x"})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789 .:-@()+/GBDEFRwest", max_size=60),
+        st.builds(lambda pii, seed: sentence(random.Random(seed), pii[1]), PII, st.integers(0, 2**32)),
+    )
+)
+def test_the_quick_rejections_never_skip_what_a_detector_finds(text):
+    assert REDACTOR.redact(text) == EXHAUSTIVE.redact(text)
+
+
 def test_checks_agree_with_known_values():
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
     assert iban_valid("DE89 3704 0044 0532 0130 00") and not iban_valid("DE89 3704 0044 0532 0130 01")

@@ -96,3 +96,14 @@ def test_redaction_cleans_examples_and_the_thumbs_up_prompt_alike():
     thumbs_up = curate(Feedback(**BASE, kind="rating", query=query, response="ok", rating=5), PROV, CFG)
     assert redact_curated(thumbs_up, Redactor())[0].boost_prompt == clean.examples[0].prompt, "boosts find the redacted prompt"
     assert redact_curated(corr, DISABLED) == (corr, {})
+
+
+def test_redaction_cleans_the_answer_a_correction_replaced():
+    from core.redaction import Redactor
+    from streams.curation import redact_curated
+
+    given = "I have ana@example.org on file for you."
+    corr = curate(Feedback(**BASE, kind="correction", query="Which mail?", response=given, correction="The work one."), PROV, CFG)
+    clean, found = redact_curated(corr, Redactor())
+    assert clean.examples[0].rejected == "I have <EMAIL> on file for you." and found == {"EMAIL": 1}
+    assert clean.examples[0].prompt == "Which mail?" and clean.resolved == "Which mail?"
