@@ -48,7 +48,7 @@ def check_user_id(value: str) -> str:
         raise ValueError(
             "user_id must be 1-128 ASCII letters, digits, '-', '_', '.' or '@' (no spaces, slashes or control characters)"
         )
-    if ".." in value or set(value) == {"."}:
+    if ".." in value or not value.strip("."):
         raise ValueError("user_id must not contain '..' or consist of dots only")
     return value
 

@@ -13,7 +13,6 @@ from aiokafka.partitioner import murmur2
 from schemas import COMMAND_ADAPTER, LifecycleEvent
 from schemas.decode import decode
 from schemas.events import EVENT_TYPE_BY_INPUT_KIND
-from schemas.training import Provenance
 from streams.envelope import Envelope
 
 
@@ -35,7 +34,8 @@ class SourceDecoder:
         if topic in self.kind_by_topic:
             kind = self.kind_by_topic[topic]
             event = decode(EVENT_TYPE_BY_INPUT_KIND[kind], raw, self.max_event_bytes)
-            prov = Provenance(topic=topic, partition=partition, offset=offset)
+            # The provenance as a dict: validated inside the envelope's validation, not as a second model from Python.
+            prov = {"topic": topic, "partition": partition, "offset": offset}
             return event.user_id.encode(), Envelope(k="event", kind=kind, prov=prov, parsed=event)
         if topic == self.commands_topic:
             command = decode(COMMAND_ADAPTER, raw, self.max_event_bytes)

@@ -15,6 +15,7 @@ from core.kafka.topics import TopicPlan, ensure_topics, plans_from_specs
 from core.settings import Settings
 from streams.config import WorkerConfig
 
+
 def gc_thresholds(batch_size: int) -> tuple[int, int, int]:
     """The collector's thresholds for a worker that handles `batch_size` messages at once (Python's: 700, 10, 10).
 
