@@ -344,7 +344,7 @@ def main() -> None:
         default="nightly",
         help="how the worker is kept from triggering training during the run (threshold: as before 2026-12-02)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="the JSON result (default: results/streams-<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON result (default: results/streams-<date>.json, or footprint-<date>.json with --footprint)")
     args = parser.parse_args()
     if args.profile:
         profile_worker(args)
@@ -395,7 +395,7 @@ def footprint_run(args: argparse.Namespace) -> None:
     footprint["worker_events_s"] = round(rate)
     footprint["events"] = args.events
     footprint["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    out = REPO / "benchmarks" / "results" / f"footprint-{footprint['date'][:10]}.json"
+    out = args.out or REPO / "benchmarks" / "results" / f"footprint-{footprint['date'][:10]}.json"
     out.write_text(json.dumps(footprint, indent=2) + "\n")
     print(json.dumps(footprint, indent=2))
 
