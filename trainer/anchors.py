@@ -59,8 +59,11 @@ class AnchorSet:
         cache_dir: Path,
         base_sha256: str,
         embedding_model: str | None = None,
-        answer_tokens: int = 32,
+        answer_tokens: int | None = None,
     ) -> None:
+        """`answer_tokens` None: the shipped `training.anchor_answer_tokens`."""
+        if answer_tokens is None:
+            answer_tokens = defaults().training.anchor_answer_tokens
         self.prompts = list(prompts)
         self.embedding_model = embedding_model  # None: no nearest-first choice
         self.answer_tokens = answer_tokens  # the KL is taken along the base answer: its first sentence is enough
