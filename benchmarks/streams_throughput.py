@@ -344,7 +344,12 @@ def main() -> None:
         default="nightly",
         help="how the worker is kept from triggering training during the run (threshold: as before 2026-12-02)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="the JSON result (default: results/streams-<date>.json, or footprint-<date>.json with --footprint)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON result (default: results/streams-<date>.json, or footprint-<date>.json with --footprint)",
+    )
     args = parser.parse_args()
     if args.profile:
         profile_worker(args)
