@@ -209,7 +209,7 @@ class StreamsSettings(_Section):
     app_id: str = Field("adaptloop-worker", pattern=r"^[A-Za-z0-9._-]{1,100}$", description="Faust app id = consumer group")
     internal_partitions: int = Field(6, ge=1, le=1000, description="partitions of the worker's user-keyed internal topics")
     batch_size: int = Field(
-        4000, ge=1, description="most events the worker handles as one batch (one state write per user, one send per phase)"
+        8000, ge=1, description="most events the worker handles as one batch (one state write per user, one send per phase)"
     )
     batch_within_s: float = Field(0.5, gt=0, description="longest wait to fill a batch")
     web_port: int = Field(6066, ge=0, le=65535, description="Faust web server: /metrics (0 = disabled)")
