@@ -25,9 +25,10 @@ def gc_thresholds(batch_size: int) -> tuple[int, int, int]:
     ~25-40 short-lived containers per message (records, envelopes, examples,
     their dicts): with the youngest generation's threshold below that, every
     batch set off a collection or two of ~15 ms midway (~6% of the handler's
-    time), where above it they are freed before one comes.
+    time), where above it they are freed before one comes. Capped, so that a
+    huge batch size does not leave cyclic garbage waiting without bound.
     """
-    return max(50_000, 64 * batch_size), 20, 100
+    return min(max(50_000, 64 * batch_size), 2_000_000), 20, 100
 
 
 def run_worker(settings: Settings, web_port: int | None = None, loglevel: str = "warning") -> None:
