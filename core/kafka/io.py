@@ -7,6 +7,7 @@ services have their own loops.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,11 +52,11 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
     """Send (key, value[, timestamp_ms[, partition]]) tuples to `topic`; wait for every acknowledgement.
 
     A timestamp of None means now; without a partition, the key's murmur2
-    hash picks it. Returns the count.
+    hash picks it. Returns the count. The calling thread's producer for
+    `client` is kept for its next call (`kept_producer`); after a failure
+    the next call starts a new one.
     """
-    # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
-    # then finds every user's events in the user's home partition.
-    producer = Producer(client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}))
+    producer = kept_producer(client)
     errors: list[str] = []
 
     def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -63,25 +64,52 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
             errors.append(str(err))
 
     count = 0
-    for key, value, *more in messages:
-        stamp, partition = (list(more) + [None, None])[:2]
-        extra = {k: v for k, v in (("timestamp", stamp), ("partition", partition)) if v is not None}
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **extra)
-                break
-            except BufferError:
-                producer.poll(0.1)  # local queue full: let deliveries drain
-        count += 1
-        producer.poll(0)
-    remaining = producer.flush(timeout)
-    if remaining:
-        producer.purge(in_queue=True)  # what never left is not sent later, behind the back of a caller told it failed
-        producer.flush(0)
-        raise KafkaOperationError(f"{remaining} message(s) to {topic} not acknowledged within {timeout:.0f}s")
-    if errors:
-        raise KafkaOperationError(f"{len(errors)} message(s) to {topic} failed, first: {errors[0]}")
+    try:
+        for key, value, *more in messages:
+            stamp, partition = (list(more) + [None, None])[:2]
+            extra = {k: v for k, v in (("timestamp", stamp), ("partition", partition)) if v is not None}
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **extra)
+                    break
+                except BufferError:
+                    producer.poll(0.1)  # local queue full: let deliveries drain
+            count += 1
+            producer.poll(0)
+        remaining = producer.flush(timeout)
+        if remaining:
+            producer.purge(in_queue=True)  # what never left is not sent later, behind the back of a caller told it failed
+            producer.flush(0)
+            raise KafkaOperationError(f"{remaining} message(s) to {topic} not acknowledged within {timeout:.0f}s")
+        if errors:
+            raise KafkaOperationError(f"{len(errors)} message(s) to {topic} failed, first: {errors[0]}")
+    except BaseException:
+        _kept.producers.pop(client, None)  # whatever state a failure left it in, the next call starts afresh
+        raise
     return count
+
+
+_kept = threading.local()
+
+
+def kept_producer(client: ClientConfig) -> Producer:
+    """The calling thread's idempotent producer for `client`, made on first use and kept.
+
+    A new idempotent producer waits about half a second before its first
+    send is acknowledged (flush: 0.51 s, against 0.01 s without idempotence,
+    measured on the local broker): librdkafka asks for a producer id before
+    the broker connection is up and tries again 500 ms later. Every API
+    command and CLI publish paid that before. One producer per thread, so a
+    caller's flush and purge touch only its own messages.
+    """
+    producers: dict[ClientConfig, Producer] = _kept.__dict__.setdefault("producers", {})
+    if client not in producers:
+        # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
+        # then finds every user's events in the user's home partition.
+        producers[client] = Producer(
+            client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"})
+        )
+    return producers[client]
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from confluent_kafka import Producer
 
-from core.errors import BrokerError
+from core.errors import BrokerError, KafkaOperationError
+from core.kafka import io as kafka_io
 from core.kafka.broker import LocalBroker, broker_answers, free_port
 from core.kafka.client import ClientConfig
 from core.kafka.io import produce
@@ -30,6 +33,28 @@ def test_produce_and_read_back_through_the_broker(kafka_client, topic_factory):
     for record in got:
         by_user.setdefault(record.key, set()).add(record.partition)
     assert all(len(parts) == 1 for parts in by_user.values())
+
+
+def test_a_thread_keeps_its_producer_until_a_send_fails(kafka_client, topic_factory, monkeypatch):
+    topic = topic_factory("kept", partitions=1)
+    made: list = []
+    monkeypatch.setattr(kafka_io, "Producer", lambda conf: made.append(Producer(conf)) or made[-1])
+
+    def sends() -> None:  # in a thread of its own: it starts without a kept producer
+        produce(kafka_client, topic, [(b"k", b"1")])
+        produce(kafka_client, topic, [(b"k", b"2")])
+        assert len(made) == 1, "the second send reuses the first one's producer"
+        with pytest.raises(KafkaOperationError, match="not acknowledged"):  # topic auto-creation is off: never delivered
+            produce(kafka_client, f"test.missing.{uuid.uuid4().hex[:8]}", [(b"k", b"x")], timeout=2)
+        produce(kafka_client, topic, [(b"k", b"3")])
+        assert len(made) == 2, "after a failure the next send starts a new producer"
+
+    with ThreadPoolExecutor(1) as one:
+        one.submit(sends).result()
+    with ThreadPoolExecutor(1) as another:
+        another.submit(produce, kafka_client, topic, [(b"k", b"4")]).result()
+    assert len(made) == 3, "each thread its own producer: a flush or purge touches only its caller's messages"
+    assert [r.value for r in read_topic(kafka_client, topic)] == [b"1", b"2", b"3", b"4"]
 
 
 def test_topics_ensure_is_idempotent_and_reports_mismatch(kafka_client):
