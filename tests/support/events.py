@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -46,3 +47,16 @@ def ground_truth(events: list[tuple[str, dict]]) -> dict[str, Counter]:
         if gap:
             counter[gap] += 1
     return truth
+
+
+def mixed_events(rng: random.Random, count: int, users: int) -> list[tuple[str, dict]]:
+    """`count` valid events of all four input kinds for `users` users (user00, user01, ...); half the feedback
+    is negative ratings, half corrections."""
+    kinds = list(INPUT_KINDS)
+    names = [f"user{i:02d}" for i in range(users)]
+    out = []
+    for n in range(count):
+        kind = rng.choice(kinds)
+        extra = {"kind": "rating", "rating": -1, "correction": None} if kind == "feedback" and n % 2 else {}
+        out.append(event(kind, rng.choice(names), n, **extra))
+    return out

@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,22 @@ class WorkerHandle:
             if record.value is not None:
                 out[record.key.decode()] = json.loads(record.value)
         return out
+
+    def counted(self) -> int:
+        """Events the users' states have counted, as their changelog says now."""
+        return sum(s.get("events_total", 0) for s in self.states().values())
+
+    def states_once_counted(self, events: int) -> dict[str, dict] | None:
+        """The users' states once they have counted `events` events in all, else None (for `wait_for`)."""
+        states = self.states()
+        return states if sum(s.get("events_total", 0) for s in states.values()) >= events else None
+
+    def peer(self, log_path: Path, cache_dir: Path) -> WorkerHandle:
+        """Another worker of the same app (config, consumer group, topics, tables), not started, with its own log
+        and local files: a second member to share the partitions with."""
+        other = replace(self, log_path=log_path)
+        other.service.env["ADAPTLOOP_CACHE_DIR"] = str(cache_dir)
+        return other
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 60, what: str = "condition"):
         return wait_until(predicate, timeout, what, interval=0.5, context=self.log_tail)
