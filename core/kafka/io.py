@@ -7,10 +7,12 @@ services have their own loops.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
@@ -52,11 +54,10 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
     """Send (key, value[, timestamp_ms[, partition]]) tuples to `topic`; wait for every acknowledgement.
 
     A timestamp of None means now; without a partition, the key's murmur2
-    hash picks it. Returns the count. The calling thread's producer for
-    `client` is kept for its next call (`kept_producer`); after a failure
-    the next call starts a new one.
+    hash picks it. Returns the count. The process keeps one producer per
+    `client` for the next call (`kept_producer`); after a failure the next
+    call starts a new one.
     """
-    producer = kept_producer(client)
     errors: list[str] = []
 
     def on_delivery(err: KafkaError | None, _msg: Message) -> None:
@@ -64,7 +65,7 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
             errors.append(str(err))
 
     count = 0
-    try:
+    with kept_producer(client, timeout) as producer:
         for key, value, *more in messages:
             stamp, partition = (list(more) + [None, None])[:2]
             extra = {k: v for k, v in (("timestamp", stamp), ("partition", partition)) if v is not None}
@@ -83,33 +84,49 @@ def produce(client: ClientConfig, topic: str, messages: Iterable[tuple], timeout
             raise KafkaOperationError(f"{remaining} message(s) to {topic} not acknowledged within {timeout:.0f}s")
         if errors:
             raise KafkaOperationError(f"{len(errors)} message(s) to {topic} failed, first: {errors[0]}")
-    except BaseException:
-        _kept.producers.pop(client, None)  # whatever state a failure left it in, the next call starts afresh
-        raise
     return count
 
 
-_kept = threading.local()
+@dataclass
+class _Kept:
+    producer: Producer
+    pid: int  # a forked child makes its own: librdkafka's threads do not survive a fork
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def kept_producer(client: ClientConfig) -> Producer:
-    """The calling thread's idempotent producer for `client`, made on first use and kept.
+_kept: dict[ClientConfig, _Kept] = {}
+_kept_guard = threading.Lock()
+
+
+@contextmanager
+def kept_producer(client: ClientConfig, timeout: float = 60.0) -> Iterator[Producer]:
+    """The process's idempotent producer for `client`, made on first use and kept, lent to one caller at a time
+    (so a caller's flush and purge touch only its own messages); dropped when the caller fails with it.
 
     A new idempotent producer waits about half a second before its first
-    send is acknowledged (flush: 0.51 s, against 0.01 s without idempotence,
-    measured on the local broker): librdkafka asks for a producer id before
-    the broker connection is up and tries again 500 ms later. Every API
-    command and CLI publish paid that before. One producer per thread, so a
-    caller's flush and purge touch only its own messages.
+    send is acknowledged (flush: 0.51 s against 0.01 s without idempotence,
+    on the local broker): librdkafka asks for a producer id before the broker
+    connection is up and tries again 500 ms later. Every API command and CLI
+    publish paid that before.
     """
-    producers: dict[ClientConfig, Producer] = _kept.__dict__.setdefault("producers", {})
-    if client not in producers:
-        # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
-        # then finds every user's events in the user's home partition.
-        producers[client] = Producer(
-            client.librdkafka(**{"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"})
-        )
-    return producers[client]
+    with _kept_guard:
+        kept = _kept.get(client)
+        if kept is None or kept.pid != os.getpid():
+            # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
+            # then finds every user's events in the user's home partition.
+            settings = {"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}
+            kept = _kept[client] = _Kept(Producer(client.librdkafka(**settings)), os.getpid())
+    if not kept.lock.acquire(timeout=timeout):
+        raise KafkaOperationError(f"the producer stayed busy with another send for {timeout:.0f}s")
+    try:
+        yield kept.producer
+    except BaseException:
+        with _kept_guard:
+            if _kept.get(client) is kept:
+                del _kept[client]  # whatever state a failure left it in, the next send starts afresh
+        raise
+    finally:
+        kept.lock.release()
 
 
 @dataclass(frozen=True)

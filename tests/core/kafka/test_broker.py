@@ -35,26 +35,24 @@ def test_produce_and_read_back_through_the_broker(kafka_client, topic_factory):
     assert all(len(parts) == 1 for parts in by_user.values())
 
 
-def test_a_thread_keeps_its_producer_until_a_send_fails(kafka_client, topic_factory, monkeypatch):
-    topic = topic_factory("kept", partitions=1)
+def test_the_process_keeps_its_producer_until_a_send_fails(kafka_client, topic_factory, monkeypatch):
+    topic = topic_factory("kept", partitions=2)
     made: list = []
     monkeypatch.setattr(kafka_io, "Producer", lambda conf: made.append(Producer(conf)) or made[-1])
+    monkeypatch.setattr(kafka_io, "_kept", {})  # none kept from earlier tests
 
-    def sends() -> None:  # in a thread of its own: it starts without a kept producer
-        produce(kafka_client, topic, [(b"k", b"1")])
-        produce(kafka_client, topic, [(b"k", b"2")])
-        assert len(made) == 1, "the second send reuses the first one's producer"
-        with pytest.raises(KafkaOperationError, match="not acknowledged"):  # topic auto-creation is off: never delivered
-            produce(kafka_client, f"test.missing.{uuid.uuid4().hex[:8]}", [(b"k", b"x")], timeout=2)
-        produce(kafka_client, topic, [(b"k", b"3")])
-        assert len(made) == 2, "after a failure the next send starts a new producer"
+    def send(values: range) -> None:
+        for n in values:
+            produce(kafka_client, topic, [(f"user{n % 5}".encode(), b"%d" % n)])
 
-    with ThreadPoolExecutor(1) as one:
-        one.submit(sends).result()
-    with ThreadPoolExecutor(1) as another:
-        another.submit(produce, kafka_client, topic, [(b"k", b"4")]).result()
-    assert len(made) == 3, "each thread its own producer: a flush or purge touches only its caller's messages"
-    assert [r.value for r in read_topic(kafka_client, topic)] == [b"1", b"2", b"3", b"4"]
+    with ThreadPoolExecutor(4) as threads:  # callers in several threads share it, one send at a time
+        list(threads.map(send, [range(i, 100, 4) for i in range(4)]))
+    assert len(made) == 1, "every send after the first reuses its producer"
+    with pytest.raises(KafkaOperationError, match="not acknowledged"):  # topic auto-creation is off: never delivered
+        produce(kafka_client, f"test.missing.{uuid.uuid4().hex[:8]}", [(b"k", b"x")], timeout=2)
+    send(range(100, 101))
+    assert len(made) == 2, "after a failure the next send starts a new producer"
+    assert sorted(int(r.value) for r in read_topic(kafka_client, topic)) == list(range(101))
 
 
 def test_topics_ensure_is_idempotent_and_reports_mismatch(kafka_client):
