@@ -7,6 +7,7 @@ services have their own loops.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -95,6 +96,7 @@ class _Kept:
 
 
 _kept: dict[ClientConfig, _Kept] = {}
+_LOG = logging.getLogger("adaptloop.kafka.producer")
 _kept_guard = threading.Lock()
 
 
@@ -115,7 +117,10 @@ def kept_producer(client: ClientConfig, timeout: float = 60.0) -> Iterator[Produ
             # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
             # then finds every user's events in the user's home partition.
             settings = {"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}
-            kept = _kept[client] = _Kept(Producer(client.librdkafka(**settings)), os.getpid())
+            # Its log goes through Python logging, served by its own calls: a kept producer whose broker went
+            # away says nothing until it is used again (librdkafka writes to stderr from its threads otherwise).
+            producer = Producer(client.librdkafka(**settings), logger=_LOG)
+            kept = _kept[client] = _Kept(producer, os.getpid())
     if not kept.lock.acquire(timeout=timeout):
         raise KafkaOperationError(f"the producer stayed busy with another send for {timeout:.0f}s")
     try:

@@ -38,7 +38,7 @@ def test_produce_and_read_back_through_the_broker(kafka_client, topic_factory):
 def test_the_process_keeps_its_producer_until_a_send_fails(kafka_client, topic_factory, monkeypatch):
     topic = topic_factory("kept", partitions=2)
     made: list = []
-    monkeypatch.setattr(kafka_io, "Producer", lambda conf: made.append(Producer(conf)) or made[-1])
+    monkeypatch.setattr(kafka_io, "Producer", lambda conf, **kw: made.append(Producer(conf, **kw)) or made[-1])
     monkeypatch.setattr(kafka_io, "_kept", {})  # none kept from earlier tests
 
     def send(values: range) -> None:
