@@ -86,7 +86,10 @@ def _faust_app(cfg: WorkerConfig) -> faust.App:
         # with one request in flight per broker: at the 16 KiB default, a batch
         # of states took several round trips per send phase.
         producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
-        stream_wait_empty=False,
+        # A rebalance (and a graceful stop) waits for the batch whose sends are in flight: its messages stay
+        # unacked until its outputs are acknowledged (streams/fetch.py), so no record of it lands after its
+        # partitions moved, where it could overwrite a newer state their new owner had written.
+        stream_wait_empty=True,
         table_standby_replicas=0,  # tables are rebuilt from their changelogs on (re)assignment
         broker_commit_every=cfg.batch_size,
         broker_commit_interval=1.0,
