@@ -98,6 +98,7 @@ class _Kept:
 _kept: dict[ClientConfig, _Kept] = {}
 _LOG = logging.getLogger("adaptloop.kafka.producer")
 _kept_guard = threading.Lock()
+_inherited: list[_Kept] = []
 
 
 @contextmanager
@@ -113,7 +114,11 @@ def kept_producer(client: ClientConfig, timeout: float = 60.0) -> Iterator[Produ
     """
     with _kept_guard:
         kept = _kept.get(client)
-        if kept is None or kept.pid != os.getpid():
+        if kept is not None and kept.pid != os.getpid():
+            # A forked child: never destroy the parent's client here, that hangs or aborts (librdkafka #2374, #1674).
+            _inherited.append(kept)
+            kept = None
+        if kept is None:
             # murmur2_random is Kafka's default partitioner (Java, aiokafka): the worker
             # then finds every user's events in the user's home partition.
             settings = {"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,17 @@ def test_the_process_keeps_its_producer_until_a_send_fails(kafka_client, topic_f
     send(range(100, 101))
     assert len(made) == 2, "after a failure the next send starts a new producer"
     assert sorted(int(r.value) for r in read_topic(kafka_client, topic)) == list(range(101))
+
+
+def test_a_forked_child_sends_with_a_producer_of_its_own(kafka_client, topic_factory):
+    topic = topic_factory("forked", partitions=1)
+    produce(kafka_client, topic, [(b"k", b"parent")])  # the parent keeps a producer; the child inherits the object
+    child = multiprocessing.get_context("fork").Process(target=produce, args=(kafka_client, topic, [(b"k", b"child")]))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "librdkafka's threads do not survive a fork: the child needs a producer of its own"
+    produce(kafka_client, topic, [(b"k", b"parent again")])
+    assert sorted(r.value for r in read_topic(kafka_client, topic)) == [b"child", b"parent", b"parent again"]
 
 
 def test_topics_ensure_is_idempotent_and_reports_mismatch(kafka_client):
