@@ -81,8 +81,11 @@ def _reread_from_committed(self) -> None:
     from streams import metrics
 
     metrics.REREADS.inc()
-    if not self.flow_active:
-        return  # a rebalance is under way: it seeks to the committed offsets itself
+    if not self.flow_active or self.app.rebalancing:
+        # A rebalance is under way: it seeks the stream partitions to their committed offsets itself when its
+        # recovery is done. Its recovery resumes the flow to read the changelogs and will not resume it again,
+        # so a flow stopped here then would never restart (a worker hung in recovery in a two-worker test).
+        return
     generation = self.app.consumer_generation_id
     self.stop_flow()
 

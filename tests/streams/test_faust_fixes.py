@@ -91,6 +91,21 @@ def test_a_hole_found_during_a_rebalance_leaves_the_seek_to_the_rebalance():
     assert consumer.calls == []
 
 
+def test_a_hole_found_while_a_rebalance_recovers_the_tables_leaves_the_flow_running():
+    # The recovery resumed the flow to read the changelogs, and resumes it only once: stopping it now would hang
+    # the recovery for good. The rebalance seeks to the committed offsets itself when it is done.
+    consumer = ConsumerBookkeeping(committed=5, acked=[7])
+    consumer.app.rebalancing = True
+
+    async def hole() -> None:
+        await faust_fixes._reread_instead_of_skipping(consumer, TOPIC, 5, 7)
+        for _ in range(10):  # a re-read would run as a task: give it the chance
+            await asyncio.sleep(0)
+
+    asyncio.run(hole())
+    assert consumer.calls == [] and consumer.flow_active
+
+
 def test_the_worker_consumer_waits_briefly_for_empty_fetches(monkeypatch):
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
