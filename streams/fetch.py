@@ -108,7 +108,16 @@ class _Batches:
 
 
 async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: _Batches) -> None:
-    """The worker's messages to `handle` in runs, the rest to Faust's conductor; offsets marked read and acked."""
+    """The worker's messages to `handle` in runs, the rest to Faust's conductor; offsets marked read and acked.
+
+    A fetch a rebalance overtook loses its worker records before its holes are
+    looked for: their offsets belong to the generation before (a partition
+    back from another worker reads its old offset as a hole), and the
+    rebalance seeks them to their committed offsets itself. Its changelog
+    records go on: the new generation's recovery may have fetched them, and
+    nothing would fetch them again."""
+    if consumer.app.consumer_generation_id != generation:
+        fetched = [message for message in fetched if message.topic not in topics]
     run: list[Any] = []
     for message in await _new_messages(consumer, fetched):
         if message.topic in topics:

@@ -168,6 +168,27 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_unacknowledged():
     assert handled == [] and consumer.acked == [], "their new owner reads them from the committed offset"
 
 
+def test_a_fetch_overtaken_by_a_rebalance_loses_its_worker_records_before_its_holes_are_looked_for():
+    # A partition that moved away and came back: its read offset is from its earlier stay, so the fetch of the
+    # generation before looks like a hole. Reporting it would make faust_fixes re-read in the middle of the
+    # rebalance's recovery (a worker hung there in the two-worker test).
+    consumer = ConsumerStandIn([[message(SOURCE, 0, 40), message(CHANGELOG, 0, 7)]])
+    consumer._read_offset[TP(SOURCE, 0)] = 12
+
+    async def handle(batch):
+        raise AssertionError("nothing of the overtaken fetch is handled")
+
+    async def run() -> None:
+        fetched = await fetch._fill(consumer, 10, 0.0)
+        consumer.app.consumer_generation_id = 2
+        await deliver(consumer, fetched, 1, handle, 10)
+
+    asyncio.run(run())
+    assert consumer.gaps == [] and consumer.acked == []
+    assert consumer._read_offset[TP(SOURCE, 0)] == 12, "the rebalance's seek sets it"
+    assert consumer.conductor == [(CHANGELOG, 7)], "the recovery's records go on: nothing would fetch them again"
+
+
 def test_a_hole_and_a_repeat_are_handled_as_faust_does():
     consumer = ConsumerStandIn([[message(SOURCE, 0, 5)], [message(SOURCE, 0, 4), message(SOURCE, 0, 6), message(SOURCE, 0, 9)]])
     consumer._read_offset[TP(SOURCE, 0)] = 4
