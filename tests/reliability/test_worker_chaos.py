@@ -61,23 +61,10 @@ def test_worker_sigkilled_ten_times_loses_nothing_and_counts_nothing_twice(worke
         "Faults",
         "Stream worker SIGKILLed at random points and restarted",
         f"{KILLS} SIGKILLs during {EVENTS:,} events for {USERS} users",
-        lost=result.lost + result.examples_lost,
-        duplicated=result.duplicated + result.examples_doubled,
-        result=f"event and gap counts equal the ground truth for all {USERS} users; each of the "
-        f"{result.examples} training examples in its user's dataset or pending, once; "
-        f"{result.requests} training requests, each "
-        f"opened once by its user's state, datasets intact ({result.deliveries - result.requests} records sent again "
-        f"after a crash, same request_id)",
+        result=result.summary(USERS),
         kill_points_s=kill_points,
         kills_done_s=round(killed_s, 1),
         settle_s=round(settle_s, 1),
-        requests=result.requests,
-        request_deliveries=result.deliveries,
-        request_errors=result.request_errors,
-        examples_lost=result.examples_lost,
-        examples_doubled=result.examples_doubled,
+        **result.figures(),
     )
-    assert (result.lost, result.duplicated) == (0, 0)
-    assert (result.examples_lost, result.examples_doubled) == (0, 0)
-    assert result.requests >= USERS // 2, "most users crossed the threshold"
-    assert result.request_errors == 0
+    result.check(USERS)

@@ -38,6 +38,35 @@ class WorkerAudit:
     deliveries: int  # records of them (a request resent after a crash keeps its request_id)
     request_errors: int  # requests a state did not open, opened ones missing, datasets not matching their hash
 
+    def summary(self, users: int) -> str:
+        """The result column of docs/RELIABILITY.md."""
+        return (
+            f"event and gap counts equal the ground truth for all {users} users; each of the {self.examples} training "
+            f"examples in its user's dataset or pending, once; {self.requests} training requests, each opened once by "
+            f"its user's state, datasets intact ({self.deliveries - self.requests} records sent again, same request_id)"
+        )
+
+    def figures(self) -> dict:
+        """What the `figures` recorder takes besides the summary: lost and duplicated effects, and their parts."""
+        return {
+            "lost": self.lost + self.examples_lost,
+            "duplicated": self.duplicated + self.examples_doubled,
+            "requests": self.requests,
+            "request_deliveries": self.deliveries,
+            "request_errors": self.request_errors,
+            "examples_lost": self.examples_lost,
+            "examples_doubled": self.examples_doubled,
+        }
+
+    def check(self, users: int) -> None:
+        """Nothing lost, nothing twice, every request accounted for, and most users crossed the threshold."""
+        assert (self.lost, self.duplicated) == (0, 0), f"event or gap counts off: {self.lost} lost, {self.duplicated} twice"
+        assert (self.examples_lost, self.examples_doubled) == (0, 0), (
+            f"examples off: {self.examples_lost} lost, {self.examples_doubled} twice"
+        )
+        assert self.requests >= users // 2, f"only {self.requests} requests: most users should cross the threshold"
+        assert self.request_errors == 0, f"{self.request_errors} requests not accounted for by their users' states"
+
 
 def audit_worker(w: WorkerHandle, events: list[tuple[str, dict]], states: dict[str, dict]) -> WorkerAudit:
     truth = ground_truth(events)
