@@ -129,14 +129,14 @@ class WorkerHandle:
                 out[record.key.decode()] = json.loads(record.value)
         return out
 
-    def counted(self) -> int:
-        """Events the users' states have counted, as their changelog says now."""
-        return sum(s.get("events_total", 0) for s in self.states().values())
+    def counted(self, states: dict[str, dict] | None = None) -> int:
+        """Events the users' states (`states`, else as their changelog says now) have counted."""
+        return sum(s.get("events_total", 0) for s in (self.states() if states is None else states).values())
 
     def states_once_counted(self, events: int) -> dict[str, dict] | None:
         """The users' states once they have counted `events` events in all, else None (for `wait_for`)."""
         states = self.states()
-        return states if sum(s.get("events_total", 0) for s in states.values()) >= events else None
+        return states if self.counted(states) >= events else None
 
     def peer(self, log_path: Path, cache_dir: Path) -> WorkerHandle:
         """Another worker of the same app (config, consumer group, topics, tables), not started, with its own log
