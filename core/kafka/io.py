@@ -40,7 +40,11 @@ class Record:
 
 def next_message(consumer: Consumer, timeout: float, what: str) -> Message | None:
     """The next message, or None when nothing came (a partition's end counts as nothing); errors raise."""
-    msg = consumer.poll(timeout)
+    return _checked(consumer.poll(timeout), what)
+
+
+def _checked(msg: Message | None, what: str) -> Message | None:
+    """`msg`, or None for nothing or a partition's end; an error raises."""
     if msg is None:
         return None
     error = msg.error()
@@ -202,18 +206,31 @@ def offset_ranges(
 
 
 def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float = 60.0) -> Iterator[Record]:
-    """Every record in `ranges`, per partition in offset order; no consumer group, nothing committed."""
+    """Every record in `ranges` that still exists, per partition in offset order; no consumer group, nothing committed.
+
+    Records can go between planning and reading (retention, compaction, a
+    forget's delete-records): a start no longer there reads from the log's
+    new start, and a partition's end reached (its EOF) completes its range,
+    whether or not the range's last offsets still hold records.
+    """
     from confluent_kafka import TopicPartition
 
     ends = {(r.topic, r.partition): r.end for r in ranges if r.count > 0}
     if not ends:
         return
-    consumer = Consumer(client.librdkafka(**{"group.id": "adaptloop-reader", "enable.auto.commit": False}))
+    settings = {"group.id": "adaptloop-reader", "enable.auto.commit": False, "enable.partition.eof": True}
+    consumer = Consumer(client.librdkafka(**settings, **{"auto.offset.reset": "earliest"}))
     try:
         consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in ranges if r.count > 0])
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
-            msg = next_message(consumer, 0.5, "reading offset ranges")
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+                key = (msg.topic(), msg.partition())
+                if key in ends and msg.offset() >= ends[key]:  # read to the range's end: what is not there is gone
+                    del ends[key]
+                continue
+            msg = _checked(msg, "reading offset ranges")
             if msg is None:
                 continue
             record = Record.of(msg)

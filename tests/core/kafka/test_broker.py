@@ -36,6 +36,25 @@ def test_produce_and_read_back_through_the_broker(kafka_client, topic_factory):
     assert all(len(parts) == 1 for parts in by_user.values())
 
 
+def test_records_deleted_after_planning_end_the_read_instead_of_hanging_it(kafka_client, topic_factory):
+    # A forget's delete-records (or retention) between planning a read and reading it: the range's start is gone
+    # and so are its last offsets. Before, the reader's start reset to the partition's end and waited out its
+    # timeout for offsets that no longer existed (seen in CI, tests/reliability/test_privacy.py).
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    topic = topic_factory("deleted", partitions=2)
+    produce(kafka_client, topic, [(b"k", b"%d" % i, None, i % 2) for i in range(20)])
+    ranges = kafka_io.offset_ranges(kafka_client, [topic])
+    assert [(r.start, r.end) for r in ranges] == [(0, 10), (0, 10)]
+    admin = AdminClient(kafka_client.librdkafka())
+    gone = [TopicPartition(topic, 0, 10), TopicPartition(topic, 1, 4)]  # all of partition 0, the first 4 of 1
+    for future in admin.delete_records(gone, request_timeout=30).values():
+        future.result()
+    got = list(kafka_io.read_ranges(kafka_client, ranges, timeout=20))
+    assert [(r.partition, r.offset) for r in got] == [(1, offset) for offset in range(4, 10)]
+
+
 def test_the_process_keeps_its_producer_until_a_send_fails(kafka_client, topic_factory, monkeypatch):
     topic = topic_factory("kept", partitions=2)
     made: list = []
