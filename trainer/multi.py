@@ -276,9 +276,11 @@ def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConf
                 if member.result is not None:
                     active.remove(member)
         _shrink_together([m for m in members if m.result is None], model, tokenizer, device, loras, cfg)
+        finishing = [m for m in members if m.result is None]  # trained to its end (not failed, not stopped)
+        for member in finishing:
+            _finish(member, model, loras, cfg)
+        _save_adapters([m for m in finishing if m.result is None], model, loras, cfg)
         for member in members:
-            if member.result is None:  # trained to its end (not failed, not stopped)
-                member.result = _finish(member, model, loras, cfg, peft_config)
             results[runs.index(member.run)] = member.result
     finally:
         loras.remove()  # the kept base model as it was
@@ -568,8 +570,9 @@ def _after_step(member: _Member, loras: UserLoras, cfg: TrainConfig) -> None:
 # ---- finishing ---------------------------------------------------------------------------- #
 
 
-def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig, peft_config) -> TrainResult | Exception:
-    """Shrink the update, the finished checkpoint, the PEFT adapter directory: this user's end of `train_adapter`."""
+def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> None:
+    """Shrink the update and the finished checkpoint: this user's end of `train_adapter` before its adapter is
+    written (`_save_adapters`); an error ends this user only (its `result`)."""
     state, run, hooks = member.state, member.run, member.run.hooks
     try:
         alone = hooks.keeps_facts is not None and hooks.questions is None  # else shrunk with the others' (`_shrink_together`)
@@ -582,20 +585,29 @@ def _finish(member: _Member, model, loras: UserLoras, cfg: TrainConfig, peft_con
             save_checkpoint(
                 loras.state(member.index), member.optimizer, state.progress(finished=True), run.checkpoint_dir, run.hooks.seal
             )
-        _save_peft(model, loras.state(member.index), cfg, state, run.out_dir)
-        return state.result(run.out_dir, member.spent)
     except Exception as exc:
-        return exc
+        member.result = exc
 
 
-def _save_peft(model, weights: dict, cfg: TrainConfig, state: RunState, out_dir: Path) -> None:
-    """The user's weights as a standard PEFT adapter directory, written by PEFT itself."""
+def _save_adapters(members: list[_Member], model, loras: UserLoras, cfg: TrainConfig) -> None:
+    """Each member's weights as a standard PEFT adapter directory, written by PEFT itself, and its result.
+
+    One PEFT wrapper for the whole batch, each user's weights loaded into it
+    in turn: wrapping the model and giving it back once per user cost about
+    half a second each on the default model."""
+    if not members:
+        return
     from peft import set_peft_model_state_dict
 
     peft_model = add_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.top_layer_share)
     try:
-        set_peft_model_state_dict(peft_model, weights)
-        save_adapter(peft_model, cfg, state, out_dir)
+        for member in members:
+            try:
+                set_peft_model_state_dict(peft_model, loras.state(member.index))
+                save_adapter(peft_model, cfg, member.state, member.run.out_dir)
+                member.result = member.state.result(member.run.out_dir, member.spent)
+            except Exception as exc:  # this user's files: the others' adapters stand
+                member.result = exc
     finally:
         peft_model.unload()
 

@@ -76,6 +76,23 @@ def test_a_user_that_cannot_train_stops_only_itself(tiny, tmp_path):
     assert isinstance(ann, TrainResult) and _close(_weights(ann), _weights(alone)) < 1e-4
 
 
+def test_an_adapter_that_cannot_be_written_fails_only_its_user(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    (tmp_path / "blocked").write_text("a file where the adapter's directory should go")
+    runs = [
+        UserRun("ann", _facts("ann", 3), tmp_path / "ann"),
+        UserRun("bad", _facts("bad", 3), tmp_path / "blocked"),
+        UserRun("cy", _facts("cy", 3), tmp_path / "cy"),
+    ]
+    ann, bad, cy = train_adapters(model, tokenizer, device, runs, replace(CFG, epochs=1))
+    assert isinstance(bad, OSError)
+    for user, result in (("ann", ann), ("cy", cy)):  # written after the failed one too, each its own weights
+        assert isinstance(result, TrainResult), user
+        alone = train_adapter(model, tokenizer, device, _facts(user, 3), replace(CFG, epochs=1), tmp_path / f"{user}-alone")
+        assert _close(_weights(result), _weights(alone)) < 1e-4, user
+    assert not [m for m in model.modules() if type(m).__module__.startswith("peft")]  # the base model as it was
+
+
 def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, device = tiny
     cfg = replace(CFG, checkpoint_every=2)
