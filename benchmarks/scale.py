@@ -96,7 +96,22 @@ def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
         "retention": mean("retention"),
         "forgetting": mean("forgetting"),
         "promoted": sum(o.decision == "promoted" for o in outcomes if not isinstance(o, Exception)),
+        "users_seen": [_seen(o) for o in outcomes if not isinstance(o, Exception)],
         "cpu_stolen": stolen.share,  # the hypervisor's share of the CPUs' time meanwhile (benchmarks/host.py)
+    }
+
+
+def _seen(outcome) -> dict:
+    """One user's version as the round saw it: where training stopped, the shrink, the verdict and its reasons."""
+    manifest = outcome.info.manifest
+    stopping = manifest.early_stopping
+    return {
+        "user_id": manifest.user_id,
+        "stopped_after_epoch": stopping.stopped_after_epoch,
+        "stopped_by": stopping.stopped_by,
+        "update_scaled": stopping.update_scaled,
+        "decision": outcome.decision,
+        "reasons": outcome.report.reasons if outcome.report is not None else [],
     }
 
 
@@ -145,6 +160,10 @@ def main() -> None:
             f"{r['train_seconds_per_user']} | {r['gate_seconds_per_candidate']} | {r['facts_learned']} | {r['retention']} | "
             f"{r['forgetting']} | {r['cpu_stolen']} |"
         )
+    for r in rounds:
+        for seen in r["users_seen"]:
+            if seen["decision"] != "promoted":
+                say(f"K={r['batch_users']}: {seen['user_id']} {seen['decision']}: {'; '.join(seen['reasons'])}")
     if report["speedup"] is not None:
         say(f"K={args.batch} vs K=1: {report['speedup']}x user-versions per hour")
 
