@@ -314,7 +314,7 @@ class LoraSettings(_Section):
         min_length=1,
         description="the linear layers that get LoRA",
     )
-    top_layer_share: float = Field(0.5, gt=0, le=1, description="LoRA on this top share of the decoder layers (1: every layer)")
+    top_layer_share: float = Field(0.33, gt=0, le=1, description="LoRA on this top share of the decoder layers (1: every layer)")
 
 
 class TrainingSettings(_Section):
