@@ -225,10 +225,7 @@ def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float 
         deadline = time.monotonic() + timeout
         while ends and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
-                key = (msg.topic(), msg.partition())
-                if key in ends and msg.offset() >= ends[key]:  # read to the range's end: what is not there is gone
-                    del ends[key]
+            if msg is not None and _range_read(msg, ends):
                 continue
             msg = _checked(msg, "reading offset ranges")
             if msg is None:
@@ -245,6 +242,18 @@ def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float 
             raise KafkaOperationError(f"timed out reading {sorted(ends)}")
     finally:
         consumer.close()
+
+
+def _range_read(msg: Message, ends: dict[tuple[str, int], int]) -> bool:
+    """Whether `msg` is a partition's end (EOF); one at or past its range's end completes that range (`ends`):
+    whatever the range held and the partition no longer does is gone."""
+    error = msg.error()
+    if error is None or error.code() != KafkaError._PARTITION_EOF:
+        return False
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is not None and partition is not None and offset is not None and offset >= ends.get((topic, partition), offset + 1):
+        del ends[(topic, partition)]
+    return True
 
 
 def read_since(
