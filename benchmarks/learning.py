@@ -299,18 +299,29 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, par
     return row
 
 
-def rewording_benchmark(ctx: dict, say) -> dict:
+REWORDING_ARMS = ("templates", "rules", "paraphrases")
+
+
+def rewording_benchmark(ctx: dict, say, only: tuple[str, ...] = REWORDING_ARMS) -> dict:
     """20 facts (4 users x 5), each taught by one correction; 40 hand-written rewordings never trained on or tuned on
     (benchmarks/data/rewordings.jsonl): answered with the key words? Templates only, + the rule rewordings, + the
-    base model's paraphrases."""
+    base model's paraphrases (`only`: those of the three arms)."""
     facts = [json.loads(line) for line in REWORDINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
     results = {}
     arms = (
-        ("templates only", 0, None),
-        ("templates + rule rewordings (default)", ctx["rewordings"], None),
-        ("templates + rule rewordings + model paraphrases", ctx["rewordings"], ctx["paraphraser"] or model_paraphraser(ctx)),
+        ("templates", "templates only", 0, lambda: None),
+        ("rules", "templates + rule rewordings (default)", ctx["rewordings"], lambda: None),
+        (
+            "paraphrases",
+            "templates + rule rewordings + model paraphrases",
+            ctx["rewordings"],
+            lambda: ctx["paraphraser"] or model_paraphraser(ctx),
+        ),
     )
-    for n, (name, rewordings, paraphraser) in enumerate(arms):
+    for n, (key, name, rewordings, paraphraser_of) in enumerate(arms):
+        if key not in only:
+            continue
+        paraphraser = paraphraser_of()
         say(f"{name}:")
         rows = [rewording_user(ctx, f"reworded{u}-{n}", facts[u * 5 : u * 5 + 5], rewordings, paraphraser, say) for u in range(4)]
         asked = sum(r["rewordings_asked"] for r in rows)
@@ -342,7 +353,12 @@ def main() -> None:
         action="store_true",
         help="instead: 20 facts taught by one correction each, asked in 40 hand-written rewordings (templates, rules, model)",
     )
+    parser.add_argument(
+        "--arms", default=",".join(REWORDING_ARMS), help="with --rewordings: which arms, of " + ",".join(REWORDING_ARMS)
+    )
     args = parser.parse_args()
+    if not set(args.arms.split(",")) <= set(REWORDING_ARMS):
+        parser.error(f"--arms: each of {', '.join(REWORDING_ARMS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
 
@@ -396,7 +412,7 @@ def main() -> None:
 
 def main_rewordings(ctx: dict, args, say) -> None:
     started = time.time()
-    results = rewording_benchmark(ctx, say)
+    results = rewording_benchmark(ctx, say, tuple(args.arms.split(",")))
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
