@@ -5,9 +5,9 @@
 
 Baseline: the same storage root layout with encryption off, in the same run.
 
-- Adapter load: an adapter of the default shape (SmolLM2-135M, r=16, the
-  seven linear layers of the top half of the decoder: 9.8 MB of float32
-  weights), registered once plain and once sealed. Two loads: what `serve`
+- Adapter load: an adapter of the default shape until 2026-12-04
+  (SmolLM2-135M, r=16, the seven linear layers of the top half of the
+  decoder: 9.8 MB of float32 weights; the top third now, 6.5 MB), registered once plain and once sealed. Two loads: what `serve`
   does on a cache miss (the registry's `files`: every sha256 checked, the
   sealed file opened; then `read_adapter` from the bytes), and what `ask`,
   the gate and a warm start do (`plain_dir`, then PEFT's `from_pretrained`
