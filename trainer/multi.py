@@ -593,8 +593,7 @@ def _save_adapters(members: list[_Member], model, loras: UserLoras, cfg: TrainCo
     """Each member's weights as a standard PEFT adapter directory, written by PEFT itself, and its result.
 
     One PEFT wrapper for the whole batch, each user's weights loaded into it
-    in turn: wrapping the model and giving it back once per user cost about
-    half a second each on the default model."""
+    in turn, instead of wrapping the model and giving it back once per user."""
     if not members:
         return
     from peft import set_peft_model_state_dict
