@@ -218,8 +218,13 @@ def read_ranges(client: ClientConfig, ranges: list[OffsetRange], timeout: float 
     ends = {(r.topic, r.partition): r.end for r in ranges if r.count > 0}
     if not ends:
         return
-    settings = {"group.id": "adaptloop-reader", "enable.auto.commit": False, "enable.partition.eof": True}
-    consumer = Consumer(client.librdkafka(**settings, **{"auto.offset.reset": "earliest"}))
+    settings = {
+        "group.id": "adaptloop-reader",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+    }
+    consumer = Consumer(client.librdkafka(**settings))
     try:
         consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in ranges if r.count > 0])
         deadline = time.monotonic() + timeout
