@@ -1,11 +1,15 @@
 """Each answer position's loss through the output projection, in one pass over the vocabulary.
 
     per_token = head_losses(lm_head, hidden, targets, kl_positions, base_hidden, kl_weight, "symmetric")
+    base_logp = base_log_probs(lm_head, base_hidden)   # once per run: the same losses, the base's product saved
+    per_token = head_losses(lm_head, hidden, targets, kl_positions, kl_weight=4.0, base_logp=base_logp)
 
 A position predicting a user's answer token is scored by cross-entropy; an
 anchor's position (`kl_positions`) by its divergence from the base model's
 distribution there (`base_hidden`: the base model's states at those
-positions, in order), times `kl_weight`.
+positions, in order; or `base_logp`: its log-probabilities there, computed
+once per run by `base_log_probs` instead of at every step), times
+`kl_weight`.
 
 Why fused: the work over the vocabulary (49,152 wide for the default model)
 at every answer position, written as plain tensor operations, made more
@@ -60,32 +64,54 @@ def anchor_divergence(adapted_logp, base_logp, divergence: str = "symmetric"):
     return ((base_logp.exp() - adapted_logp.exp()) * (base_logp - adapted_logp)).sum(dim=-1)
 
 
-def head_losses(lm_head, hidden, targets, kl_positions=None, base_hidden=None, kl_weight: float = 0.0, divergence="symmetric"):
+def head_losses(
+    lm_head, hidden, targets, kl_positions=None, base_hidden=None, kl_weight: float = 0.0, divergence="symmetric", base_logp=None
+):
     """Each position's loss (float32, one per row of `hidden`): see the module's docstring."""
     if kl_positions is not None and not bool(kl_positions.any()):
         kl_positions = None
-    if type(lm_head) is not torch.nn.Linear or lm_head.weight.requires_grad:
-        return plain_head_losses(lm_head, hidden, targets, kl_positions, base_hidden, kl_weight, divergence)
+    if not _fused(lm_head):
+        return plain_head_losses(lm_head, hidden, targets, kl_positions, base_hidden, kl_weight, divergence, base_logp)
     weight = multiplying_weight(lm_head)
     bias = None if lm_head.bias is None else lm_head.bias.to(weight.dtype)
-    return _FusedHeadLosses.apply(hidden, weight, bias, targets, kl_positions, base_hidden, kl_weight, divergence)
+    base = base_logp if base_logp is not None else base_hidden
+    return _FusedHeadLosses.apply(hidden, weight, bias, targets, kl_positions, base, base_logp is not None, kl_weight, divergence)
 
 
-def plain_head_losses(lm_head, hidden, targets, kl_positions=None, base_hidden=None, kl_weight=0.0, divergence="symmetric"):
+def base_log_probs(lm_head, base_hidden):
+    """The base model's log-probabilities (float32, positions x vocabulary) at its states `base_hidden`, as
+    `head_losses` computes them from those states at every step; None where the projection is not the fused
+    path's (a projection that trains: its base side changes as it does)."""
+    if not _fused(lm_head):
+        return None
+    weight = multiplying_weight(lm_head)
+    bias = None if lm_head.bias is None else lm_head.bias.to(weight.dtype)
+    with torch.no_grad():
+        return F.log_softmax(F.linear(base_hidden.to(weight.dtype), weight, bias).float(), dim=-1)
+
+
+def _fused(lm_head) -> bool:
+    return type(lm_head) is torch.nn.Linear and not lm_head.weight.requires_grad
+
+
+def plain_head_losses(
+    lm_head, hidden, targets, kl_positions=None, base_hidden=None, kl_weight=0.0, divergence="symmetric", base_logp=None
+):
     """The same losses as plain tensor operations, through `lm_head` as it is."""
     logits = lm_head(hidden).float()
     per_token = F.cross_entropy(logits, targets, reduction="none")
     if kl_positions is None:
         return per_token
-    with torch.no_grad():
-        base_logp = F.log_softmax(lm_head(base_hidden).float(), dim=-1)
+    if base_logp is None:
+        with torch.no_grad():
+            base_logp = F.log_softmax(lm_head(base_hidden).float(), dim=-1)
     kl = anchor_divergence(F.log_softmax(logits[kl_positions], dim=-1), base_logp, divergence)
     return per_token.masked_scatter(kl_positions, kl * kl_weight)
 
 
 class _FusedHeadLosses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, kl_positions, base_hidden, kl_weight, divergence):
+    def forward(ctx, hidden, weight, bias, targets, kl_positions, base, base_is_logp, kl_weight, divergence):
         logits = F.linear(hidden.to(weight.dtype), weight, bias)
         wants_grad = ctx.needs_input_grad[0]
         grads = torch.empty_like(logits, dtype=torch.float32) if wants_grad else None
@@ -94,10 +120,10 @@ class _FusedHeadLosses(torch.autograd.Function):
         answered = torch.arange(len(targets), device=logits.device) if kl_positions is None else (~kl_positions).nonzero()[:, 0]
         for rows in answered.split(chunk):
             _cross_entropy(logits, rows, targets[rows], losses, grads)
-        if kl_positions is not None:  # the n-th anchored position's base state is row n of `base_hidden`
-            base_logits = F.linear(base_hidden.to(weight.dtype), weight, bias)
+        if kl_positions is not None:  # the n-th anchored position's base side is row n of `base`
+            base_logits = base if base_is_logp else F.linear(base.to(weight.dtype), weight, bias)
             for rows, base_rows in zip(kl_positions.nonzero()[:, 0].split(chunk), base_logits.split(chunk)):
-                _divergence(logits, rows, base_rows, divergence, kl_weight, losses, grads)
+                _divergence(logits, rows, base_rows, base_is_logp, divergence, kl_weight, losses, grads)
         ctx.save_for_backward(grads, weight)
         ctx.hidden_dtype = hidden.dtype
         return losses
@@ -107,7 +133,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         grads, weight = ctx.saved_tensors
         # Scaled before the product, in float32, then rounded to the weight's precision: as autograd does.
         scaled = grads.mul_(upstream[:, None].to(grads.dtype)).to(weight.dtype)
-        return (scaled @ weight).to(ctx.hidden_dtype), None, None, None, None, None, None, None
+        return (scaled @ weight).to(ctx.hidden_dtype), None, None, None, None, None, None, None, None
 
 
 def _cross_entropy(logits, rows, targets, losses, grads) -> None:
@@ -120,10 +146,11 @@ def _cross_entropy(logits, rows, targets, losses, grads) -> None:
         grads[rows] = p
 
 
-def _divergence(logits, rows, base_logits, divergence: str, kl_weight: float, losses, grads) -> None:
-    """`kl_weight` x the divergence from the base at `rows` into `losses`, its gradient into `grads`."""
+def _divergence(logits, rows, base, base_is_logp: bool, divergence: str, kl_weight: float, losses, grads) -> None:
+    """`kl_weight` x the divergence from the base (its logits, or log-probabilities) at `rows` into `losses`, its
+    gradient into `grads`."""
     la = F.log_softmax(logits[rows].float(), dim=-1)
-    lb = F.log_softmax(base_logits.float(), dim=-1)
+    lb = base if base_is_logp else F.log_softmax(base.float(), dim=-1)
     pa, pb = la.exp(), lb.exp()
     diff = la.sub_(lb)  # la - lb (la itself is not needed again)
     value, grad = torch.zeros(len(rows), dtype=torch.float32, device=pa.device), None

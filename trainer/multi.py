@@ -42,7 +42,7 @@ from trainer.data import Tokenized, bucketed_batches, collate, even_slices, toke
 from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
 from trainer.lora import add_lora, lora_state, read_fitting_weights, shrink_update
-from trainer.loss import RowUsers, answer_losses, base_answer_states, loss_parts
+from trainer.loss import BaseAnswers, RowUsers, answer_losses, base_answer_states, loss_parts
 from trainer.precision import FrozenMatmuls, low_precision
 from trainer.preference import supervised, uses_preference
 from trainer.train import (
@@ -346,25 +346,20 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     return member
 
 
-def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: int, device, below) -> dict[int, object]:
-    """The base model's states at the anchors' answer positions, once per distinct anchor for the whole batch
+def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: int, device, below) -> BaseAnswers:
+    """The base model's side of the anchors' KL, once per distinct anchor for the whole batch
     (and the frozen layers' outputs for them, `below`, once for every user's steps)."""
     if cfg.anchor_kl <= 0:
-        return {}
+        return BaseAnswers({}, logp=False)
     distinct: dict[tuple, Tokenized] = {}
+    alias: dict[int, int] = {}  # id(a member's anchor item) -> id(the distinct item alike)
     for member in members:
         for item in member.items:
             if item.anchor:
-                distinct.setdefault((tuple(item.input_ids), tuple(item.labels)), item)
+                alias[id(item)] = id(distinct.setdefault((tuple(item.input_ids), tuple(item.labels)), item))
     if not distinct:
-        return {}
-    computed = base_answer_states(model.model, list(distinct.values()), pad, device, below=below)
-    states = {}
-    for member in members:
-        for item in member.items:
-            if item.anchor:
-                states[id(item)] = computed[id(distinct[(tuple(item.input_ids), tuple(item.labels))])]
-    return states
+        return BaseAnswers({}, logp=False)
+    return base_answer_states(model, list(distinct.values()), pad, device, below=below).shared(alias)
 
 
 # ---- each user's epochs ------------------------------------------------------------------- #
@@ -517,7 +512,6 @@ def _shared_step(model, loras: UserLoras, stepping, known: tuple, cfg: TrainConf
     users = tuple(member.index for member, batch in stepping for _ in batch)
     ids, mask, labels, weights = collate(rows, pad, device)
     anchors = torch.tensor([t.anchor for t in rows], device=device)
-    base_hidden = torch.cat([base_states[id(t)] for t in rows if t.anchor]) if base_states and bool(anchors.any()) else None
     _, per_row = answer_losses(
         model,
         ids,
@@ -525,11 +519,11 @@ def _shared_step(model, loras: UserLoras, stepping, known: tuple, cfg: TrainConf
         labels,
         weights,
         anchors if base_states else None,
-        base_hidden,
-        cfg.anchor_kl,
-        cfg.anchor_divergence,
+        kl_weight=cfg.anchor_kl,
+        divergence=cfg.anchor_divergence,
         rows=RowUsers(users, loras.through),
         below=below,
+        **base_states.for_rows(rows),
     )
     user_of_row = torch.tensor(users, device=device)
     losses = []

@@ -320,7 +320,7 @@ def train_adapter(
         # The anchors' base side of the KL once per run (adapter off); their frozen layers serve every step too.
         anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
         with peft_model.disable_adapter(), low_precision(matmuls):
-            base_states = base_answer_states(model.model, anchor_items, pad, device, below=below) if anchor_items else {}
+            base_states = base_answer_states(model, anchor_items, pad, device, below=below) if anchor_items else None
         optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
         if init_adapter is not None:
             load_adapter_weights(peft_model, init_adapter)  # the preference reference: where the run starts
@@ -449,9 +449,9 @@ def _train_step(
         return
     ids, mask, labels, weights = collate(batch, pad, device)
     anchors = torch.tensor([t.anchor for t in batch], device=device) if base_states else None
-    base_hidden = torch.cat([base_states[id(t)] for t in batch if t.anchor]) if anchors is not None and anchors.any() else None
+    base = base_states.for_rows(batch) if base_states else {}
     loss, per_row = answer_losses(
-        peft_model, ids, mask, labels, weights, anchors, base_hidden, cfg.anchor_kl, cfg.anchor_divergence, below=below
+        peft_model, ids, mask, labels, weights, anchors, None, cfg.anchor_kl, cfg.anchor_divergence, below=below, **base
     )
     _optimizer_step(loss, optimizer, schedule, params, cfg)
     anchor_rows = torch.tensor([t.anchor for t in batch], device=device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import trainer.head_loss as head_loss
-from trainer.head_loss import anchor_divergence, head_losses, plain_head_losses
+from trainer.head_loss import anchor_divergence, base_log_probs, head_losses, plain_head_losses
 from trainer.precision import FrozenMatmuls, multiplying_weight
 
 pytestmark = pytest.mark.unit
@@ -53,6 +53,24 @@ def test_fused_losses_and_gradients_equal_the_plain_operations(head, small_chunk
     assert torch.allclose(fused, plain, atol=1e-5)
     assert torch.allclose(fused_grad, plain_grad, atol=1e-6, rtol=1e-4)
     assert (fused[kl_positions] > 0).all() and fused_grad[kl_positions].abs().sum() > 0
+
+
+@pytest.mark.parametrize("divergence", ["forward", "symmetric"])
+def test_the_base_log_probabilities_kept_for_a_run_give_the_same_losses_and_gradients(head, small_chunks, divergence):
+    hidden, targets, kl_positions, base_hidden = _inputs()
+    base_logp = base_log_probs(head, base_hidden)
+    assert base_logp.shape == (len(base_hidden), VOCAB) and base_logp.dtype == torch.float32
+    projected, projected_grad = _losses_and_grad(head_losses, head, hidden, targets, kl_positions, base_hidden, 4.0, divergence)
+    kept, kept_grad = _losses_and_grad(head_losses, head, hidden, targets, kl_positions, None, 4.0, divergence, base_logp)
+    plain, plain_grad = _losses_and_grad(plain_head_losses, head, hidden, targets, kl_positions, None, 4.0, divergence, base_logp)
+    assert torch.allclose(kept, projected, atol=1e-6) and torch.allclose(kept_grad, projected_grad, atol=1e-7, rtol=1e-5)
+    assert torch.allclose(plain, projected, atol=1e-5) and torch.allclose(plain_grad, projected_grad, atol=1e-6, rtol=1e-4)
+    assert torch.equal(base_logp, base_log_probs(head, base_hidden))  # the kept tensor is read, never written
+
+
+def test_a_projection_that_trains_keeps_no_base_log_probabilities(head):
+    head.weight.requires_grad_(True)
+    assert base_log_probs(head, torch.randn(3, HIDDEN)) is None
 
 
 def test_without_anchors_every_position_is_cross_entropy(head, small_chunks):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from core.errors import TrainingInterrupted
 from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
-from trainer.loss import answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
+from trainer.loss import answer_losses, answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
 from trainer.model import BaseModelRef, load_base
 from trainer.train import TrainConfig, TrainHooks, remove_checkpoint, train_adapter
 
@@ -154,7 +154,7 @@ def test_answer_only_loss_equals_the_full_loss(tiny):
         peft_model.unload()
 
 
-def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
+def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     from core.errors import ModelError
@@ -166,15 +166,24 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
     assert [t.anchor for t in items] == [False, True]
     ids, mask, labels, weights = collate(items, tokenizer.pad_token_id, device)
     rows = torch.tensor([t.anchor for t in items])
-    # The base model's states, computed once before training (here next to a longer row, so with padding).
-    states = base_answer_states(model.model, items[::-1] + [items[1]], tokenizer.pad_token_id, device)
-    base = states[id(items[1])]
-    assert base.shape == (sum(label != IGNORE for label in items[1].labels), model.config.hidden_size)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     try:
+        # The base model's side, computed once before training, base frozen (here next to a longer row: padding).
+        answers = base_answer_states(model, items[::-1] + [items[1]], tokenizer.pad_token_id, device)
+        assert answers.logp  # the tiny model's vocabulary fits: its log-probabilities are kept
+        base_logp = answers.per_item[id(items[1])]
+        assert base_logp.shape == (sum(label != IGNORE for label in items[1].labels), model.config.vocab_size)
+        assert torch.allclose(base_logp.exp().sum(dim=-1), torch.ones(len(base_logp)), atol=1e-5)
+        monkeypatch.setattr("trainer.loss.KEPT_LOG_PROBS_BYTES", 0)  # too large to keep: the states, projected at every step
+        states = base_answer_states(model, items[::-1] + [items[1]], tokenizer.pad_token_id, device)
+        assert not states.logp
+        base = states.per_item[id(items[1])]
+        assert base.shape == (sum(label != IGNORE for label in items[1].labels), model.config.hidden_size)
         # A fresh adapter (B = 0) is the base model: the anchor row's KL is 0, the user row's loss is not.
         only_anchor = answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0)
         assert abs(only_anchor.item()) < 1e-5
+        kept = answer_losses(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0, base_logp=base_logp)
+        assert abs(kept[0].item()) < 1e-5
         with pytest.raises(ModelError, match="base model's states"):
             answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base[:-1], kl_weight=1.0)
         both = answer_only_loss(peft_model, ids, mask, labels, torch.tensor([1.0, 1.0]), rows, base, kl_weight=1.0)
@@ -184,9 +193,10 @@ def test_anchor_rows_are_held_to_the_base_distribution_by_kl(tiny):
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.fill_(0.05)  # now the adapter moves the distribution: the KL grows
-        assert (
-            answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0).item() > 1e-4
-        )
+        moved = answer_only_loss(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], base, kl_weight=1.0)
+        assert moved.item() > 1e-4
+        kept = answer_losses(peft_model, ids[1:], mask[1:], labels[1:], weights[1:], rows[1:], kl_weight=1.0, base_logp=base_logp)
+        assert torch.allclose(kept[0], moved, atol=1e-5)  # the kept log-probabilities give the same loss
     finally:
         peft_model.unload()
 
