@@ -355,6 +355,12 @@ class TrainingSettings(_Section):
     )
     early_stopping: bool = Field(True, description="stop once every held-out paraphrase is answered (epochs is then the most)")
     min_epochs: int = Field(2, ge=1, description="early stopping and the time budget wait at least this many epochs")
+    checks_per_epoch: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="early-stopping checks per epoch once min_epochs are done, evenly spaced (2: halfway and at its end)",
+    )
     max_train_seconds: float = Field(
         120.0,
         ge=0,

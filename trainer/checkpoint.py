@@ -37,7 +37,7 @@ class Progress(BaseModel):
     loss_curves: dict[str, list[float | None]] = Field(default_factory=dict)
     optim: dict[str, Any] = Field(default_factory=dict, description="AdamW's param groups and non-tensor state")
     finished: bool = False
-    stopped_after_epoch: int | None = None
+    stopped_after_epoch: int | float | None = None
     stopped_by: str | None = None
     shrunk_to: float = 1.0
 

@@ -292,10 +292,10 @@ class FactCheck:
         )
         return hits
 
-    def epoch_due(self, epoch: int) -> bool:
+    def epoch_due(self, epoch: float) -> bool:
         return epoch >= self.min_epochs  # not allowed to stop before: spare the generation
 
-    def epoch_judged(self, epoch: int, answers: list[str]) -> bool:
+    def epoch_judged(self, epoch: float, answers: list[str]) -> bool:
         """Early stopping: stop once every held-out paraphrase is answered and the active version's facts still are."""
         self.trained_hits = self.judged(answers, {"epoch": epoch})
         return all(self.trained_hits)
@@ -303,7 +303,7 @@ class FactCheck:
     def scale_judged(self, scale: float, answers: list[str]) -> bool:
         return no_fact_lost(self.judged(answers, {"scale": scale}), self.trained_hits)
 
-    def epoch_done(self, epoch: int, model) -> bool:
+    def epoch_done(self, epoch: float, model) -> bool:
         return self.epoch_due(epoch) and self.epoch_judged(epoch, self.answers(model))
 
     def keeps_facts(self, model, scale: float) -> bool:

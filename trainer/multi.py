@@ -53,6 +53,7 @@ from trainer.train import (
     TrainConfig,
     TrainHooks,
     TrainResult,
+    check_points,
     optimizer_and_schedule,
     save_adapter,
     train_adapter,
@@ -223,7 +224,7 @@ class _Member:
 class _EpochCheck:
     """What a user's epochs yield when its early-stopping check is due: the batch answers it with the others' checks."""
 
-    epoch: int
+    epoch: float
 
 
 def train_adapters(model, tokenizer, device, runs: list[UserRun], cfg: TrainConfig) -> list[TrainResult | Exception]:
@@ -365,35 +366,43 @@ def _shared_base_states(model, members: list[_Member], cfg: TrainConfig, pad: in
 # ---- each user's epochs ------------------------------------------------------------------- #
 
 
-def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Iterator[list[Tokenized]]:
+def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Iterator[list[Tokenized] | _EpochCheck]:
     """The user's batches, epoch by epoch as a run alone has them; early stopping and the budget in between."""
     state, hooks = member.state, member.run.hooks
+    checks = check_points(member.steps_per_epoch, cfg.checks_per_epoch) if hooks.epoch_done is not None else {}
     for epoch in range(0 if state.finished else cfg.epochs):
         epoch_started = member.spent
         for index, batch in enumerate(bucketed_batches(member.items, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
-            if epoch * member.steps_per_epoch + index < state.step:
-                continue  # done before the checkpoint we resumed from
-            yield batch
-        epoch_complete = state.step == (epoch + 1) * member.steps_per_epoch
-        if hooks.epoch_done is not None and epoch_complete:
-            if hooks.questions is not None:
-                member.stop_now = False
-                if hooks.questions.epoch_due(epoch + 1):
-                    yield _EpochCheck(epoch + 1)  # answered with the other users' due checks (`_check_together`)
-                done = member.stop_now
-            else:
-                checked = time.perf_counter()
-                with _evaluating(model, loras), loras.alone(member.index):
-                    done = hooks.epoch_done(epoch + 1, model)
-                member.spent += time.perf_counter() - checked
-                member.budget.note_check(time.perf_counter() - checked)
-            if done:
-                state.stop(epoch + 1, "early stopping")
-                return
+            step = epoch * member.steps_per_epoch + index + 1
+            if step > state.step:  # (else done before the checkpoint we resumed from)
+                yield batch  # resumed here once the shared step has run it
+            # As `train_adapter`: a check point resumed past is not asked again; one resumed at is.
+            if index in checks and step == state.step:
+                done = yield from _early_stopping(member, model, loras, epoch + checks[index])
+                if done:
+                    state.stop(epoch + checks[index], "early stopping")
+                    return
         member.budget.note_epoch(member.spent - epoch_started)
         if member.budget.spent_after(epoch + 1):
             state.stop(epoch + 1, "time budget")
             return
+
+
+def _early_stopping(member: _Member, model, loras: UserLoras, epochs_done: float) -> Iterator[_EpochCheck]:
+    """Whether the user's check at `epochs_done` stops it: its questions are answered with the other users'
+    due checks (`_check_together`, after this yields), or its own `epoch_done` hook runs alone."""
+    hooks = member.run.hooks
+    if hooks.questions is not None:
+        member.stop_now = False
+        if hooks.questions.epoch_due(epochs_done):
+            yield _EpochCheck(epochs_done)
+        return member.stop_now
+    checked = time.perf_counter()
+    with _evaluating(model, loras), loras.alone(member.index):
+        done = hooks.epoch_done(epochs_done, model)
+    member.spent += time.perf_counter() - checked
+    member.budget.note_check(time.perf_counter() - checked)
+    return bool(done)
 
 
 def _next_batch(member: _Member, model, loras: UserLoras) -> list[Tokenized] | _EpochCheck | None:

@@ -84,6 +84,7 @@ class TrainConfig:
     preference_beta: float = 0.1
     preference_weight: float = 1.0
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
+    checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     warmup_steps: int = 2
 
@@ -115,6 +116,7 @@ class TrainConfig:
             preference_beta=t.preference_beta,
             preference_weight=t.preference_weight,
             base_matmuls=t.base_matmuls,
+            checks_per_epoch=t.checks_per_epoch,
             answer_batch=s.validation.batch_size,
         )
         return replace(config, **overrides)
@@ -141,11 +143,11 @@ class FactQuestions(Protocol):
     prompts: list[str]
     max_new_tokens: int
 
-    def epoch_due(self, epoch: int) -> bool:
-        """Whether early stopping asks after this epoch at all."""
+    def epoch_due(self, epoch: float) -> bool:
+        """Whether early stopping asks at this point (epochs done: 2.5 is halfway through the third) at all."""
         ...
 
-    def epoch_judged(self, epoch: int, answers: list[str]) -> bool:
+    def epoch_judged(self, epoch: float, answers: list[str]) -> bool:
         """`epoch_done`'s verdict on these answers: True stops."""
         ...
 
@@ -160,7 +162,8 @@ class TrainHooks:
 
     progress: Callable[[StepReport], None] | None = None  # after every step
     should_stop: Callable[[], bool] | None = None  # after every step: True checkpoints and raises TrainingInterrupted
-    epoch_done: Callable[[int, object], bool] | None = None  # after every epoch, model in eval mode: True stops (early stopping)
+    # At each check point (epochs done, `check_points`), model in eval mode: True stops (early stopping).
+    epoch_done: Callable[[float, object], bool] | None = None
     keeps_facts: Callable[[object, float], bool] | None = None  # does the model, update scaled so, answer what was taught?
     seal: UserSeal | None = None  # encryption at rest: the checkpoints are sealed for the job's user
     questions: FactQuestions | None = None  # the two checks above as prompts: a batch of users answers them together
@@ -176,7 +179,7 @@ class RunState:
     anchor_kl: list[float | None] = field(default_factory=list)
     resumed_from_step: int = 0
     finished: bool = False  # resumed from the finished adapter: nothing left to train
-    stopped_after_epoch: int | None = None
+    stopped_after_epoch: float | None = None  # epochs done (2.5: an early stop halfway through the third)
     stopped_by: str | None = None  # "early stopping" | "time budget"
     shrunk_to: float = 1.0
     tokens: int = 0
@@ -215,7 +218,7 @@ class RunState:
         self.user_loss.append(user_loss)
         self.anchor_kl.append(anchor_kl)
 
-    def stop(self, epoch: int, why: str) -> None:
+    def stop(self, epoch: float, why: str) -> None:
         self.stopped_after_epoch, self.stopped_by = epoch, why
 
     def result(self, adapter_dir: Path, seconds: float) -> TrainResult:
@@ -242,7 +245,7 @@ class TrainResult:
     seconds: float
     loss_curve: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
-    stopped_after_epoch: int | None = None  # stopped before `epochs`...
+    stopped_after_epoch: float | None = None  # stopped before `epochs` (epochs done)...
     stopped_by: str | None = None  # ...by "early stopping" or "time budget"
     shrunk_to: float = 1.0  # the scale the adapter's update was shrunk to (see shrink_update)
     loss_curves: dict[str, list[float | None]] = field(default_factory=dict)  # "user", "anchor_kl" per step
@@ -331,17 +334,20 @@ def train_adapter(
         shrink_scales = sorted(s for s in cfg.shrink_to if 0 < s < 1) if hooks.keeps_facts is not None else []  # smallest first
         budget = TimeBudget(cfg, started, len(shrink_scales))
         peft_model.train()
+        checks = check_points(steps_per_epoch, cfg.checks_per_epoch) if hooks.epoch_done is not None else {}
         for epoch in range(0 if run.finished else cfg.epochs):
             epoch_started = time.perf_counter()
             for index, batch in enumerate(epoch_batches(items, preferences, cfg.batch_size, seed=cfg.seed * 1000 + epoch)):
-                if epoch * steps_per_epoch + index < run.step:
-                    continue  # done before the checkpoint we resumed from
-                with low_precision(matmuls):
-                    _train_step(peft_model, optimizer, schedule, params, batch, known, cfg, pad, device, run)
-                _after_step(peft_model, optimizer, run, total_steps, cfg, checkpoint_dir, hooks)
-            epoch_complete = run.step == (epoch + 1) * steps_per_epoch  # (not when resumed past its end)
-            if hooks.epoch_done is not None and epoch_complete and _check_epoch(peft_model, epoch + 1, hooks, budget):
-                run.stop(epoch + 1, "early stopping")
+                step = epoch * steps_per_epoch + index + 1
+                if step > run.step:  # (else done before the checkpoint we resumed from)
+                    with low_precision(matmuls):
+                        _train_step(peft_model, optimizer, schedule, params, batch, known, cfg, pad, device, run)
+                    _after_step(peft_model, optimizer, run, total_steps, cfg, checkpoint_dir, hooks)
+                # A check point resumed past is not asked again (the run did not stop there); one resumed at is.
+                if index in checks and step == run.step and _check_epoch(peft_model, epoch + checks[index], hooks, budget):
+                    run.stop(epoch + checks[index], "early stopping")
+                    break
+            if run.stopped_by is not None:
                 break
             budget.note_epoch(time.perf_counter() - epoch_started)
             if budget.spent_after(epoch + 1):
@@ -349,10 +355,7 @@ def train_adapter(
                 run.stop(epoch + 1, "time budget")
                 break
         if shrink_scales and not run.finished:
-            peft_model.eval()
-            with torch.no_grad():
-                lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
-                run.shrunk_to = shrink_update(peft_model, lora_b, shrink_scales, hooks.keeps_facts)
+            run.shrunk_to = _shrunk(peft_model, shrink_scales, hooks)
         seconds = time.perf_counter() - started
         if checkpoint_dir is not None and cfg.checkpoint_every and not run.finished:
             save_checkpoint(lora_state(peft_model), optimizer, run.progress(finished=True), checkpoint_dir, hooks.seal)
@@ -483,7 +486,29 @@ def _after_step(
         raise TrainingInterrupted(f"stopped at step {run.step}/{total_steps}; checkpoint saved")
 
 
-def _check_epoch(peft_model, epoch: int, hooks: TrainHooks, budget: TimeBudget) -> bool:
+def _shrunk(peft_model, scales: list[float], hooks: TrainHooks) -> float:
+    """`shrink_update` on the trained adapter (in eval mode, no gradients): the scale its update keeps."""
+    import torch
+
+    peft_model.eval()
+    with torch.no_grad():
+        lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
+        return shrink_update(peft_model, lora_b, scales, hooks.keeps_facts)
+
+
+def check_points(steps_per_epoch: int, per_epoch: int) -> dict[int, float | int]:
+    """Batch index within an epoch -> the epochs done after it, where early stopping checks: `per_epoch` points
+    evenly spaced, the last one at the epoch's end (1 there, 0.5 halfway: a run that has learned its facts
+    halfway through an epoch stops there instead of training the rest of it)."""
+    points: dict[int, float | int] = {}
+    for j in range(1, per_epoch + 1):
+        index = math.ceil(steps_per_epoch * j / per_epoch) - 1
+        if index >= 0:
+            points[index] = 1 if j == per_epoch else j / per_epoch
+    return points
+
+
+def _check_epoch(peft_model, epoch: float, hooks: TrainHooks, budget: TimeBudget) -> bool:
     """Early stopping: the caller's check of the model after `epoch` epochs (in eval mode, no gradients)."""
     import torch
 

@@ -172,15 +172,27 @@ class ScriptedFacts:
         )
 
 
-def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(tiny, tmp_path, monkeypatch):
+# Per checks_per_epoch: each user's (stop at epoch, keep at scale, answer tokens), and the shared generations: with
+# one check per epoch, epochs 2 (all), 3 (bob, cy), 4 (bob) and scales 0.5 (all), 0.75 (bob, cy): five, not eleven;
+# with two, also 2.5 (all: ann stops there) and 3.5 (bob).
+CHECK_SCRIPTS = {
+    1: ({"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}, 5),
+    2: ({"ann": (2.5, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}, 7),
+}
+
+
+@pytest.mark.parametrize("checks_per_epoch", sorted(CHECK_SCRIPTS))
+def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(tiny, tmp_path, monkeypatch, checks_per_epoch):
     import trainer.generation
 
     model, tokenizer, device = tiny
     # A learning rate high enough that the users' answers differ (routing is tested), in float32 products: at this
     # rate Adam magnifies bfloat16's rounding of the frozen products (which rows share a product changes it) to
     # 1.6e-4 between batched and alone, against 9e-6 in float32, where a routing fault would not hide.
-    cfg = replace(CFG, epochs=4, shrink_to=(0.5, 0.75), learning_rate=3e-2, base_matmuls="float32")
-    script = {"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}  # stop at epoch, keep at scale, answer tokens
+    cfg = replace(
+        CFG, epochs=4, shrink_to=(0.5, 0.75), learning_rate=3e-2, base_matmuls="float32", checks_per_epoch=checks_per_epoch
+    )
+    script, shared_generations = CHECK_SCRIPTS[checks_per_epoch]
 
     def facts(user: str) -> ScriptedFacts:
         return ScriptedFacts(tokenizer, device, user, *script[user])
@@ -206,5 +218,5 @@ def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(ti
     assert [r.shrunk_to for r in results.values()] == [0.5, 0.75, 1.0]
     hi = {user: q.seen[0][2][-1] for user, q in together.items()}  # "Hi?" after epoch 2, through each user's adapter
     assert len(set(hi.values())) == 3, f"the users' adapters answer alike, so routing goes untested: {hi}"
-    # Epochs 2 (all), 3 (bob, cy), 4 (bob); scales 0.5 (all), 0.75 (bob, cy): five shared generations, not eleven.
-    assert len(generations) == 5
+    assert [got.stopped_after_epoch for got in results.values()] == [script["ann"][0], None, 3]
+    assert len(generations) == shared_generations

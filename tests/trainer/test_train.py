@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
 from trainer.loss import answer_losses, answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
 from trainer.model import BaseModelRef, load_base
-from trainer.train import TrainConfig, TrainHooks, remove_checkpoint, train_adapter
+from trainer.train import TrainConfig, TrainHooks, check_points, remove_checkpoint, train_adapter
 
 pytestmark = pytest.mark.unit
 
@@ -282,6 +283,26 @@ def test_the_time_budget_stops_a_run_after_min_epochs(tiny, tmp_path):
         model, tokenizer, device, EXAMPLES, replace(five, max_train_seconds=3.0), tmp_path / "d", hooks=slow_check
     )
     assert (slow_start.steps, slow_start.stopped_after_epoch, slow_start.stopped_by) == (2, 2, "time budget")
+
+
+def test_check_points_are_evenly_spaced_and_end_at_the_epochs_end():
+    assert check_points(6, 1) == {5: 1}
+    assert check_points(6, 2) == {2: 0.5, 5: 1}
+    assert check_points(5, 2) == {2: 0.5, 4: 1}
+    assert check_points(8, 4) == {1: 0.25, 3: 0.5, 5: 0.75, 7: 1}
+    assert check_points(1, 2) == {0: 1}  # one step an epoch: its end is the only point
+
+
+def test_early_stopping_can_stop_halfway_through_an_epoch(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, epochs=4, batch_size=1, checkpoint_every=0, max_train_seconds=0, checks_per_epoch=2)
+    per_epoch = train_adapter(model, tokenizer, device, EXAMPLES, replace(cfg, epochs=1), tmp_path / "one").steps
+    asked: list[float] = []
+    halfway = TrainHooks(epoch_done=lambda epoch, _model: asked.append(epoch) or epoch == 2.5)
+    result = train_adapter(model, tokenizer, device, EXAMPLES, cfg, tmp_path / "half", hooks=halfway)
+    assert per_epoch >= 2 and asked == [0.5, 1, 1.5, 2, 2.5]
+    assert (result.stopped_after_epoch, result.stopped_by) == (2.5, "early stopping")
+    assert result.steps == 2 * per_epoch + math.ceil(per_epoch / 2)
 
 
 def test_the_update_is_shrunk_to_the_smallest_scale_that_keeps_the_facts(tiny, tmp_path):
