@@ -150,7 +150,9 @@ class EarlyStopping(_Record):
         None, description="epochs done when training stopped (2.5: halfway through the third, training.checks_per_epoch)"
     )
     stopped_by: str | None = Field(None, description="'early stopping' or 'time budget'; None: every epoch ran")
-    checks: list[dict[str, float]] = Field(default_factory=list, description="each epoch's and shrink step's fact check")
+    checks: list[dict[str, float]] = Field(
+        default_factory=list, description="each early-stopping check's and shrink step's fact check"
+    )
     update_scaled: float = Field(1.0, description="the scale the update was shrunk to after training")
 
 
