@@ -72,8 +72,7 @@ def head_losses(
         kl_positions = None
     if not _fused(lm_head):
         return plain_head_losses(lm_head, hidden, targets, kl_positions, base_hidden, kl_weight, divergence, base_logp)
-    weight = multiplying_weight(lm_head)
-    bias = None if lm_head.bias is None else lm_head.bias.to(weight.dtype)
+    weight, bias = _projection(lm_head)
     base = base_logp if base_logp is not None else base_hidden
     return _FusedHeadLosses.apply(hidden, weight, bias, targets, kl_positions, base, base_logp is not None, kl_weight, divergence)
 
@@ -84,10 +83,15 @@ def base_log_probs(lm_head, base_hidden):
     path's (a projection that trains: its base side changes as it does)."""
     if not _fused(lm_head):
         return None
-    weight = multiplying_weight(lm_head)
-    bias = None if lm_head.bias is None else lm_head.bias.to(weight.dtype)
+    weight, bias = _projection(lm_head)
     with torch.no_grad():
         return F.log_softmax(F.linear(base_hidden.to(weight.dtype), weight, bias).float(), dim=-1)
+
+
+def _projection(lm_head):
+    """(weight, bias) the frozen projection multiplies by now (`multiplying_weight`), the bias in its precision."""
+    weight = multiplying_weight(lm_head)
+    return weight, None if lm_head.bias is None else lm_head.bias.to(weight.dtype)
 
 
 def _fused(lm_head) -> bool:
