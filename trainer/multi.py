@@ -152,11 +152,14 @@ class UserLoras:
             if runs is None:
                 return None
             x = sparse_dropout(inputs[0], self.dropout) if self.training else inputs[0]
+            # On a bfloat16 (or 4-bit) base PEFT keeps LoRA weights in float32 and casts the input to them, and the
+            # update back to the layer's dtype (its autocast_adapter_dtype): the same products here.
+            x = x.to(self.weights[runs[0][0]][key_a].dtype)
             # The scaling goes on the rank-r middle, not on the layer-wide product: one full-width multiply
             # less per adapted module, forward and backward.
             if len(runs) == 1:  # one user for every row: PEFT's `lora_B(lora_A(dropout(x))) * scaling`
                 user = self.weights[runs[0][0]]
-                return output + F.linear(F.linear(x, user[key_a]) * self.scaling, user[key_b])
+                return output + F.linear(F.linear(x, user[key_a]) * self.scaling, user[key_b]).to(output.dtype)
             # Each run of rows through its own user's A and B: a row costs one user's LoRA, whatever the
             # number of users. (All users' A and B side by side and a mask per row, as serving/lora.py does,
             # made every row pay for every user's: about 1.3 M multiply-adds per token and layer at K = 8 and
@@ -168,7 +171,7 @@ class UserLoras:
                 F.linear(F.linear(piece, self.weights[u][key_a]) * self.scaling, self.weights[u][key_b])
                 for (u, _, _), piece in zip(runs, pieces)
             ]
-            return output + torch.cat(parts)
+            return output + torch.cat(parts).to(output.dtype)
 
         return add_each_rows_lora
 

@@ -61,6 +61,21 @@ def test_users_trained_together_get_the_weights_each_gets_alone(tiny, tmp_path):
     assert not any("lora" in name for name, _ in model.named_modules()), "the base model is left as it was"
 
 
+def test_users_on_a_bfloat16_base_train_together_as_each_alone(tiny_model_dir, tmp_path):
+    # A GPU loads the base in bfloat16; PEFT keeps the LoRA weights in float32 and casts around them: so must the batch.
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "bfloat16")
+    data = {"ann": _facts("ann", 2), "bob": _facts("bob", 3)}
+    alone = {u: train_adapter(model, tokenizer, device, ex, CFG, tmp_path / "alone" / u) for u, ex in data.items()}
+    runs = [UserRun(u, ex, tmp_path / "batch" / u) for u, ex in data.items()]
+    together = dict(zip(data, train_adapters(model, tokenizer, device, runs, CFG)))
+    for user in data:
+        got, want = together[user], alone[user]
+        assert isinstance(got, TrainResult), got
+        assert {str(w.dtype) for w in _weights(got).values()} == {str(w.dtype) for w in _weights(want).values()}
+        assert got.loss_curve == pytest.approx(want.loss_curve, rel=1e-3, abs=1e-3)
+        assert _close(_weights(got), _weights(want)) < 1e-2, user  # 4e-3 seen: bfloat16 products in another order
+
+
 def test_a_user_that_cannot_train_stops_only_itself(tiny, tmp_path):
     model, tokenizer, device = tiny
     stopped = TrainHooks(should_stop=lambda: True)
