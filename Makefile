@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-encryption bench-contradictions bench-active bench-preference reliability clean
+.PHONY: install lock demo test test-fast test-unit test-kafka test-stress lint bench-streams bench-trainer bench-learning bench-serve bench-gate bench-scale bench-gpu bench-encryption bench-contradictions bench-active bench-preference reliability clean
 
 install: $(STAMP)
 
@@ -87,6 +87,9 @@ bench-gate: install
 
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py
+
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py
 
 bench-encryption: install
 	$(BIN)/python benchmarks/encryption.py

@@ -196,8 +196,9 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def loaded_context() -> dict:
-    """The settings' base model loaded once, with the training config, gate and anchors the trainer would build."""
+def loaded_context(quantization: str | None = None) -> dict:
+    """The settings' base model loaded once, with the training config, gate and anchors the trainer would build
+    (`quantization`: the settings' training.quantization unless given)."""
     from core.settings import load_settings
     from trainer.anchors import AnchorMix, AnchorSet
     from trainer.gate import GateSpec
@@ -207,7 +208,7 @@ def loaded_context() -> dict:
 
     settings = load_settings()
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    model, tokenizer, device = load_base(base, settings.model.dtype)
+    model, tokenizer, device = load_base(base, settings.model.dtype, quantization or settings.training.quantization)
     return {
         "base": base,
         "model": model,

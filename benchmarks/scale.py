@@ -79,6 +79,8 @@ def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
     failed = [o for o in outcomes if isinstance(o, Exception)]
     metrics = [o.info.manifest.metrics for o in outcomes if not isinstance(o, Exception)]
 
+    train_seconds = sum(m.train_seconds or 0 for m in metrics)  # in a batch each user's share: together the batch's time
+
     def mean(name: str) -> float | None:
         values = [getattr(m, name) for m in metrics if getattr(m, name) is not None]
         return round(sum(values) / len(values), 4) if values else None
@@ -92,6 +94,7 @@ def run_round(ctx: dict, jobs: list, batch: int, say) -> dict:
         "trainer_seconds_per_user_version": round(wall / max(1, len(metrics)), 1),
         "train_seconds_per_user": mean("train_seconds"),
         "gate_seconds_per_candidate": mean("gate_seconds"),
+        "train_tokens_per_s": round(sum(m.tokens or 0 for m in metrics) / train_seconds, 1) if train_seconds else None,
         "facts_learned": mean("facts_learned"),
         "retention": mean("retention"),
         "forgetting": mean("forgetting"),
