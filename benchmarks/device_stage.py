@@ -79,6 +79,17 @@ python3 benchmarks/gpu.py --parts rounds ${GPU_ARGS:-} --out $OUT/gpu-rounds.jso
 """
 
 
+def call_scripts(gguf_name: str, gguf_sha256: str) -> list[str]:
+    """The three calls' run.sh, filled in."""
+    fill = {"@ENV@": ENV, "@GGUF_NAME@": gguf_name, "@GGUF_SHA256@": gguf_sha256}
+    scripts = []
+    for script in (RUN_1, RUN_2, RUN_3):
+        for mark, value in fill.items():
+            script = script.replace(mark, value)
+        scripts.append(script)
+    return scripts
+
+
 def download_wheels(target: Path) -> None:
     """This venv's versions of CARRIED, and bitsandbytes, as CPython 3.12 x86_64 wheels (the GPU machine's Python)."""
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
@@ -137,10 +148,7 @@ def main() -> None:
     (second / "gguf.b").write_bytes(gguf[GGUF_FIRST_PART:])
     scoring_model_in_float16(_package_dir(_MINILM_PACKAGE), third)
 
-    fill = {"@ENV@": ENV, "@GGUF_NAME@": _SMOLLM_GGUF, "@GGUF_SHA256@": file_sha256(smollm / _SMOLLM_GGUF)}
-    for stage, script in zip(stages, (RUN_1, RUN_2, RUN_3)):
-        for mark, value in fill.items():
-            script = script.replace(mark, value)
+    for stage, script in zip(stages, call_scripts(_SMOLLM_GGUF, file_sha256(smollm / _SMOLLM_GGUF))):
         (stage / "run.sh").write_text(script)
     tree = sum(int(line.split()[0]) for line in _tracked_sizes())
     for stage in stages:
