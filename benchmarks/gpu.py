@@ -38,9 +38,11 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def matrix_params(model) -> int:
     import torch
 
     layers = model.get_decoder().layers
-    return sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    # in x out, not weight.numel(): a 4-bit layer's weight is packed two to a byte.
+    return sum(m.in_features * m.out_features for m in layers.modules() if isinstance(m, torch.nn.Linear))
 
 
 def mfu(tokens_per_s: float | None, params: int, device) -> float | None:
@@ -183,8 +186,11 @@ def _train_throughput(model, tokenizer, device, args, say, keep, part: dict) -> 
     cfg = TrainConfig.from_settings(load_settings(), epochs=2, early_stopping=False, shrink_to=(), max_train_seconds=1e9)
     params = matrix_params(model)
     part |= {"device": str(device), "matrix_params": params, "examples_per_user": args.train_examples, "epochs": 2, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:  # untimed: the device's first kernels (CUDA's start, autotuning)
+        train_adapter(model, tokenizer, device, make_examples(2), replace(cfg, epochs=1), Path(tmp))
     for k in args.ks:
-        runs = [UserRun(f"user{u}", make_examples(args.train_examples, seed=u), Path(tempfile.mkdtemp())) for u in range(k)]
+        out = Path(tempfile.mkdtemp(prefix="adaptloop-gpu-"))
+        runs = [UserRun(f"user{u}", make_examples(args.train_examples, seed=u), out / f"user{u}") for u in range(k)]
         _synchronize(device)
         started = time.perf_counter()
         if k == 1:  # as the trainer trains one user alone: PEFT's own layers
@@ -193,6 +199,7 @@ def _train_throughput(model, tokenizer, device, args, say, keep, part: dict) -> 
             results = train_adapters(model, tokenizer, device, runs, cfg)
         _synchronize(device)
         seconds = time.perf_counter() - started
+        shutil.rmtree(out, ignore_errors=True)
         done = [r for r in results if not isinstance(r, Exception)]
         tokens = sum(r.tokens for r in done)
         row = {"batch_users": k, "seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
