@@ -38,7 +38,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -179,7 +178,6 @@ def _train_throughput(model, tokenizer, device, args, say, keep, part: dict) -> 
 
     from benchmarks.trainer_throughput import make_examples
     from core.settings import load_settings
-    from trainer.multi import UserRun, train_adapters
     from trainer.train import TrainConfig, train_adapter
 
     device = torch.device(device)
@@ -189,34 +187,41 @@ def _train_throughput(model, tokenizer, device, args, say, keep, part: dict) -> 
     with tempfile.TemporaryDirectory() as tmp:  # untimed: the device's first kernels (CUDA's start, autotuning)
         train_adapter(model, tokenizer, device, make_examples(2), replace(cfg, epochs=1), Path(tmp))
     for k in args.ks:
-        out = Path(tempfile.mkdtemp(prefix="adaptloop-gpu-"))
-        runs = [UserRun(f"user{u}", make_examples(args.train_examples, seed=u), out / f"user{u}") for u in range(k)]
+        for rows in ("auto",) if k == 1 else args.lora_rows:  # K = 1 trains through PEFT's own layers
+            seconds, results = _timed_training(model, tokenizer, device, replace(cfg, lora_rows=rows), k, args.train_examples)
+            done = [r for r in results if not isinstance(r, Exception)]
+            tokens = sum(r.tokens for r in done)
+            row = {"batch_users": k, "lora_rows": rows, "seconds": round(seconds, 2), "tokens": tokens}
+            row |= {"tokens_per_s": round(tokens / seconds, 1), "mfu": mfu(tokens / seconds, params, device)}
+            row["failed"] = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, Exception)]
+            row["loss_first_last"] = [round(done[0].loss_curve[0], 4), round(done[0].loss_curve[-1], 4)] if done else None
+            part["rows"].append(row)
+            part["peak_memory_gib"] = peak_memory_gib()
+            keep(part)
+            say(
+                f"{part.get('shape') or part.get('quantization') or part['dtype']}: K={k} ({rows}): {row['tokens_per_s']} "
+                f"tokens/s, MFU {row['mfu']}, {seconds:.1f} s, loss {row['loss_first_last']} {row['failed'] or ''}"
+            )
+    del model
+    free_memory()
+
+
+def _timed_training(model, tokenizer, device, cfg, k: int, examples: int) -> tuple[float, list]:
+    """K users with `examples` synthetic examples each, trained together (one alone at K = 1): seconds, results."""
+    from benchmarks.trainer_throughput import make_examples
+    from trainer.multi import UserRun, train_adapters
+    from trainer.train import train_adapter
+
+    with tempfile.TemporaryDirectory(prefix="adaptloop-gpu-") as out:
+        runs = [UserRun(f"user{u}", make_examples(examples, seed=u), Path(out) / f"user{u}") for u in range(k)]
         _synchronize(device)
         started = time.perf_counter()
-        if k == 1:  # as the trainer trains one user alone: PEFT's own layers
+        if k == 1:
             results = [train_adapter(model, tokenizer, device, runs[0].examples, cfg, runs[0].out_dir)]
         else:
             results = train_adapters(model, tokenizer, device, runs, cfg)
         _synchronize(device)
-        seconds = time.perf_counter() - started
-        shutil.rmtree(out, ignore_errors=True)
-        done = [r for r in results if not isinstance(r, Exception)]
-        tokens = sum(r.tokens for r in done)
-        row = {"batch_users": k, "seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
-        row |= {
-            "mfu": mfu(tokens / seconds, params, device),
-            "failed": [f"{type(r).__name__}: {r}" for r in results if isinstance(r, Exception)],
-        }
-        row["loss_first_last"] = [round(done[0].loss_curve[0], 4), round(done[0].loss_curve[-1], 4)] if done else None
-        part["rows"].append(row)
-        part["peak_memory_gib"] = peak_memory_gib()
-        keep(part)
-        say(
-            f"{part.get('shape') or part.get('quantization') or part['dtype']}: K={k}: {row['tokens_per_s']} tokens/s, MFU {row['mfu']}, "
-            f"{seconds:.1f} s, loss {row['loss_first_last']} {row['failed'] or ''}"
-        )
-    del model
-    free_memory()
+        return time.perf_counter() - started, results
 
 
 def _synchronize(device) -> None:
@@ -247,10 +252,14 @@ def main() -> None:
     parser.add_argument("--ks", default="1,32,8", help="K values, in the order run")
     parser.add_argument("--shape", default="smollm2-1.7b", choices=sorted(SHAPES))
     parser.add_argument("--train-examples", type=int, default=16, help="examples per user in the training-alone parts")
+    parser.add_argument(
+        "--lora-rows", default="gathered,split", help="how K > 1 users' rows meet their adapters in the training-alone parts"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that every part runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / f"gpu-{datetime.now(UTC):%Y-%m-%d}.json")
     args = parser.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.lora_rows = args.lora_rows.split(",")
     if args.smoke:
         args.users, args.alone_users, args.facts, args.ks = 2, 1, 2, [1, 2]
         args.shape, args.train_examples = "tiny", 4

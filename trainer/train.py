@@ -86,6 +86,7 @@ class TrainConfig:
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
+    lora_rows: str = "auto"  # how a batch's users' rows meet their adapters (trainer/multi.py LORA_ROWS)
     warmup_steps: int = 2
 
     @classmethod

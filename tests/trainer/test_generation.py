@@ -65,8 +65,9 @@ def test_rows_leave_the_batch_as_they_finish_and_answer_as_generate_does(tiny_mo
         assert min(len(a) for a in got) < 12, "some rows finished early and left the batch"
 
 
-def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(tiny_model_dir, tmp_path):
-    """The gate's mixed-adapter batches shrink too: the row hooks are narrowed as rows finish."""
+@pytest.mark.parametrize("rows", ["split", "gathered"])
+def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(tiny_model_dir, tmp_path, rows):
+    """The gate's mixed-adapter batches shrink too: the row hooks are narrowed as rows finish (either formulation)."""
     import torch
     from peft import PeftModel
 
@@ -87,7 +88,7 @@ def test_rows_of_several_adapters_leave_the_batch_each_through_its_own_adapter(t
     # Stop tokens from what rows 0-2 say at steps 2-4 through their own adapters: rows end at different steps.
     stops = {alone[users[row]][row][2 + row] for row in range(3)}
     expected = [_until_stop(alone[user][row], stops) for row, user in enumerate(users)]
-    loras = stacked_loras(model, [read_lora(adapter, next(model.parameters())) for adapter in adapters])
+    loras = stacked_loras(model, [read_lora(adapter, next(model.parameters())) for adapter in adapters], rows=rows)
     try:
         with torch.no_grad():
             got = greedy_shrinking(model, ids, mask, 12, stops, RowUsers(users, loras.through))

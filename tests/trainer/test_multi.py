@@ -61,6 +61,28 @@ def test_users_trained_together_get_the_weights_each_gets_alone(tiny, tmp_path):
     assert not any("lora" in name for name, _ in model.named_modules()), "the base model is left as it was"
 
 
+def test_gathered_rows_train_the_same_weights_as_split_rows(tiny, tmp_path):
+    # "gathered" (each row's A and B gathered: a GPU's formulation) and "split" (a product pair per user's run)
+    # are two ways of the same arithmetic.
+    model, tokenizer, device = tiny
+    data = {"ann": _facts("ann", 4), "bob": _facts("bob", 6), "cy": _facts("cy", 3)}
+    got = {}
+    for rows in ("split", "gathered"):
+        runs = [UserRun(u, ex, tmp_path / rows / u) for u, ex in data.items()]
+        got[rows] = train_adapters(model, tokenizer, device, runs, replace(CFG, lora_rows=rows))
+    for split, gathered in zip(got["split"], got["gathered"]):
+        assert isinstance(split, TrainResult) and isinstance(gathered, TrainResult)
+        assert gathered.loss_curve == pytest.approx(split.loss_curve, rel=1e-4, abs=1e-5)
+        assert _close(_weights(gathered), _weights(split)) < 1e-5
+
+
+def test_an_unknown_way_of_meeting_rows_is_a_clear_error(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    runs = [UserRun("ann", _facts("ann", 2), tmp_path / "ann"), UserRun("bob", _facts("bob", 2), tmp_path / "bob")]
+    with pytest.raises(ModelError, match="LoRA rows 'sideways'"):
+        train_adapters(model, tokenizer, device, runs, replace(CFG, lora_rows="sideways"))
+
+
 def test_users_on_a_bfloat16_base_train_together_as_each_alone(tiny_model_dir, tmp_path):
     # A GPU loads the base in bfloat16; PEFT keeps the LoRA weights in float32 and casts around them: so must the batch.
     model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "bfloat16")
