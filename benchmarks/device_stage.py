@@ -150,15 +150,16 @@ def main() -> None:
 
     for stage, script in zip(stages, call_scripts(_SMOLLM_GGUF, file_sha256(smollm / _SMOLLM_GGUF))):
         (stage / "run.sh").write_text(script)
-    tree = sum(int(line.split()[0]) for line in _tracked_sizes())
+    tree = _tracked_bytes()
     for stage in stages:
         size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
         print(f"{stage.name}: {size / 1e6:.1f} MB + the tree's {tree / 1e6:.1f} MB (a call carries at most {2**26 / 1e6:.1f} MB)")
 
 
-def _tracked_sizes() -> list[str]:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
-    return [f"{(REPO / f.decode()).stat().st_size} {f.decode()}" for f in files if f and (REPO / f.decode()).is_file()]
+def _tracked_bytes() -> int:
+    """The size of the files git tracks: what travels with every call besides its carry."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    return sum((REPO / f).stat().st_size for f in files if f and (REPO / f).is_file())
 
 
 if __name__ == "__main__":

@@ -129,22 +129,18 @@ def rounds_part(args, say, keep) -> None:
 
 def train_part(args, say, keep) -> None:
     """Training alone (no gate) on the default model's base as the settings load it: tokens/s and MFU at each K."""
-    from core.settings import load_settings
-    from trainer.model import load_base, resolve_base_model
+    from trainer.model import load_base
 
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    settings, base = _settings_and_base()
     model, tokenizer, device = load_base(base, settings.model.dtype)
     _train_throughput(model, tokenizer, device, args, say, keep, {"model": base.model_id, "dtype": str(model.dtype)})
 
 
 def qlora_part(args, say, keep) -> None:
     """Training alone on the default model's base in 4 bits (training.quantization: 4bit, QLoRA)."""
-    from core.settings import load_settings
-    from trainer.model import load_base, resolve_base_model
+    from trainer.model import load_base
 
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    settings, base = _settings_and_base()
     model, tokenizer, device = load_base(base, settings.model.dtype, quantization="4bit")
     part = {"model": base.model_id, "quantization": "4bit", "weights_gib": round(model.get_memory_footprint() / 2**30, 3)}
     _train_throughput(model, tokenizer, device, args, say, keep, part)
@@ -155,11 +151,9 @@ def shape_part(args, say, keep) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from core.settings import load_settings
-    from trainer.model import load_base, resolve_base_model
+    from trainer.model import load_base
 
-    settings = load_settings()
-    base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
+    settings, base = _settings_and_base()
     small, tokenizer, device = load_base(base, settings.model.dtype)
     config = small.config.__class__.from_dict({**small.config.to_dict(), **SHAPES[args.shape]})
     dtype = small.dtype  # the settings' model.dtype as load_base resolved it (auto: bfloat16 on a GPU)
@@ -170,6 +164,15 @@ def shape_part(args, say, keep) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     _train_throughput(model, tokenizer, device, args, say, keep, {"shape": args.shape, "config": SHAPES[args.shape]})
+
+
+def _settings_and_base():
+    """The settings, and their base model as a loadable reference (the GGUF converted once)."""
+    from core.settings import load_settings
+    from trainer.model import resolve_base_model
+
+    settings = load_settings()
+    return settings, resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
 
 
 def _train_throughput(model, tokenizer, device, args, say, keep, part: dict) -> None:
