@@ -246,16 +246,24 @@ def model_paraphraser(ctx: dict, count: int = 2):
     return paraphraser_from_settings(settings, ctx["model"], ctx["tokenizer"], ctx["device"])
 
 
-def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, paraphraser, say) -> dict:
+def _never_asked(train: list, asked: list[str]) -> tuple[list, int]:
+    """`train` without the examples whose question is one of the hand-written rewordings (a rule may write one of
+    them word for word: trained on, it would no longer measure words the model never saw), and how many went."""
+    folded = {" ".join(text.casefold().split()) for text in asked}
+    kept = [example for example in train if " ".join(example.prompt.casefold().split()) not in folded]
+    return kept, len(train) - len(kept)
+
+
+def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int, int], paraphraser, say) -> dict:
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
-    `rewordings` rule rewordings per example; the trainer's `paraphraser` or None), asked the hand-written rewordings
-    it never saw."""
-    from core.settings import defaults
+    `wordings` = (templates, rule rewordings) per example; the trainer's `paraphraser` or None), asked the
+    hand-written rewordings it never saw."""
+    from core.settings import load_settings
     from schemas.events import Feedback
     from streams.curation import augment, curate, dedupe
     from streams.dataset import DatasetConfig, build_dataset
 
-    curation = defaults().streams.curation
+    curation = load_settings().streams.curation
     corrections = [
         Feedback(
             event_id=f"{user}-{n}",
@@ -269,20 +277,22 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], rewordings: int, par
         for n, fact in enumerate(facts)
     ]
     taught = [example for event in corrections for example in curate(event, None, curation).examples]
-    new = dedupe(augment(taught, curation.paraphrases, curation.seed, rewordings))
+    new = dedupe(augment(taught, wordings[0], curation.seed, wordings[1]))
     train, test = build_dataset(
         new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
     )
+    asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
+    train, removed = _never_asked(train, [wording for _, wording in asked])
     started = time.perf_counter()
     outcome = train_version(runner_for(ctx, ctx["root"] / user, paraphraser=paraphraser), user, train, test)
     version_seconds = round(time.perf_counter() - started, 1)
-    asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
     answers = answers_with(ctx, outcome.info.path, [wording for _, wording in asked])
     hits = [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
     m = outcome.info.manifest.metrics
     row = {
         "user": user,
         "train_examples": len(train),
+        "asked_wordings_removed_from_training": removed,
         "rewordings_asked": len(asked),
         "rewordings_answered": sum(hits),
         "facts_learned": m.facts_learned,
@@ -309,22 +319,23 @@ def rewording_benchmark(ctx: dict, say, only: tuple[str, ...] = REWORDING_ARMS) 
     base model's paraphrases (`only`: those of the three arms)."""
     facts = [json.loads(line) for line in REWORDINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
     results = {}
+    shipped = (ctx["paraphrases"], ctx["rewordings"])
     arms = (
-        ("templates", "templates only", 0, lambda: None),
-        ("rules", "templates + rule rewordings (default)", ctx["rewordings"], lambda: None),
+        ("templates", "templates only (2 per example, the augmentation before 12-02)", (2, 0), lambda: None),
+        ("rules", f"{shipped[0]} templates + {shipped[1]} rule rewordings (default)", shipped, lambda: None),
         (
             "paraphrases",
-            "templates + rule rewordings + model paraphrases",
-            ctx["rewordings"],
+            "the default + model paraphrases",
+            shipped,
             lambda: ctx["paraphraser"] or model_paraphraser(ctx),
         ),
     )
-    for n, (key, name, rewordings, paraphraser_of) in enumerate(arms):
+    for n, (key, name, wordings, paraphraser_of) in enumerate(arms):
         if key not in only:
             continue
         paraphraser = paraphraser_of()
         say(f"{name}:")
-        rows = [rewording_user(ctx, f"reworded{u}-{n}", facts[u * 5 : u * 5 + 5], rewordings, paraphraser, say) for u in range(4)]
+        rows = [rewording_user(ctx, f"reworded{u}-{n}", facts[u * 5 : u * 5 + 5], wordings, paraphraser, say) for u in range(4)]
         asked = sum(r["rewordings_asked"] for r in rows)
         results[name] = {
             "rows": rows,

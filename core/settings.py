@@ -151,13 +151,20 @@ class TopicsSettings(_Section):
 class CurationSettings(_Section):
     """How events become training examples (see streams/curation.py)."""
 
-    paraphrases: int = Field(2, ge=0, le=8, description="extra paraphrased prompts per example (templates around the question)")
+    paraphrases: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="extra paraphrased prompts per example (templates around the question); with rewordings on, a "
+        "question the rules cannot reword gets 2 at least (streams/curation.py)",
+    )
     rewordings: int = Field(
-        4,
+        8,
         ge=0,
         le=16,
         description="rewordings of the question itself per example (contractions, which/what, name/called, synonyms, "
-        "...: streams/rewording.py); one kind per fact is held out, never trained on",
+        "wh-words, noun phrases, ...: streams/rewording.py), a kind at a time; one kind per fact is held out, never "
+        "trained on",
     )
     seed: int = Field(13, description="seed for paraphrase templates and the held-out choice")
     correction_weight: float = Field(2.0, gt=0, le=10, description="corrections")

@@ -21,9 +21,12 @@ Rules (the seed's synthetic data generation):
   each related Y; a gap for the user, or the global pool for user `global`.
 - augmentation: `paraphrases` extra prompts per example from seeded templates,
   and `rewordings` rewordings of the question itself by rule (contractions,
-  which/what, name/called, synonyms: streams/rewording.py), each tagged with
-  its kind (`wording`) so the held-out split can hold out a kind never
-  trained on; deterministic: the same prompt and seed give the same copies.
+  which/what, name/called, synonyms, wh-words, noun phrases:
+  streams/rewording.py), each tagged with its kind (`wording`) so the
+  held-out split can hold out a kind never trained on; a question the rules
+  cannot reword gets `TEMPLATES_WITHOUT_REWORDINGS` templates at least, so
+  every fact keeps a wording to hold out; deterministic: the same prompt and
+  seed give the same copies.
 - consent: an event marked `"consent": "no-train"` (or any event of a user
   who opted out, streams/processor.py) is counted and may still say how the
   user was served, but gives no example, no gap and no boost (`without_training`).
@@ -237,6 +240,9 @@ def paraphrases(prompt: str, n: int, seed: int) -> list[str]:
     return out
 
 
+TEMPLATES_WITHOUT_REWORDINGS = 2
+
+
 def chosen_rewordings(prompt: str, n: int, seed: int) -> list[tuple[str, str]]:
     """Up to `n` of the question's rewordings (streams/rewording.py), a kind at a time in a seeded order of kinds, so
     as many kinds as possible are present (one of them is held out, schemas/dataset.py)."""
@@ -259,17 +265,23 @@ def chosen_rewordings(prompt: str, n: int, seed: int) -> list[tuple[str, str]]:
 def augment(examples: list[TrainingExample], n: int, seed: int, reworded: int = 0) -> list[TrainingExample]:
     """Each example followed by its paraphrased copies (same event_id and weight): `n` templates around the question,
     each answered in a slightly other wording that keeps the answer's key words where one exists, then `reworded`
-    rewordings of the question itself (answered as taught: the held-out kind is judged on the taught answer)."""
+    rewordings of the question itself (answered as taught: the held-out kind is judged on the taught answer).
+
+    With rewordings on, a question the rules cannot reword ("How do I reset the router?") gets
+    `TEMPLATES_WITHOUT_REWORDINGS` templates at least: without a copy it would have nothing to hold out, and early
+    stopping and the gate could not ask about it."""
     out: list[TrainingExample] = []
     for example in examples:
         out.append(example)
         if example.rated_answer:
             continue  # an answer as it was given to the question as it was asked: not a fact to learn in other words
+        reworded_copies = chosen_rewordings(example.prompt, reworded, seed)
+        templates = max(n, TEMPLATES_WITHOUT_REWORDINGS) if reworded > 0 and not reworded_copies else n
         answers = [example.response, *reworded_answers(example.response)]
-        for i, text in enumerate(paraphrases(example.prompt, n, seed)):
+        for i, text in enumerate(paraphrases(example.prompt, templates, seed)):
             response = answers[i % len(answers)] if reworded > 0 else example.response
             out.append(example.model_copy(update={"prompt": text, "response": response, "wording": "template"}))
-        for kind, text in chosen_rewordings(example.prompt, reworded, seed):
+        for kind, text in reworded_copies:
             out.append(example.model_copy(update={"prompt": text, "wording": kind}))
     return out
 

@@ -20,6 +20,13 @@ templates:
 - possessive: "my X's Y" <-> "the Y of my X"
 - synonym: the key noun or adjective for a synonym (favourite -> preferred,
   city -> town, mother -> mum, ...)
+- wh-word: the question's noun folded into its wh-word: "Which city do I live
+  in?" -> "Where do I live?", "What car do I drive?" -> "What do I drive?",
+  "What is my manager's name?" -> "Who is my manager?"
+- nominal: a verb phrase as a noun phrase and back: "What car do I drive?" ->
+  "What is my car?", "Where was I born?" -> "What is my birthplace?", "What is
+  my favourite food?" -> "Which food do I like best?"
+- short: the bare noun phrase, as people type it: "My locker code?"
 
 `reworded_answers` varies an answer a little, keeping its key words (the
 part after "is"/"called"/...). Pure functions: the same question always
@@ -73,12 +80,14 @@ _IRREGULAR_PAST = {
     "keep": "kept",
     "leave": "left",
 }
-_WH = r"(?P<wh>what|where|who|when|which \w+|what \w+)"
-_BE = re.compile(rf"^{_WH} (?P<be>is|was|are) (?P<np>(?:my|the|your) [^?]+?)(?P<called> called)?\?$", re.I)
+_WH = r"(?P<wh>what|where|who|when|which \w+(?: \w+)?|what \w+(?: \w+)?)"
+_BE = re.compile(rf"^{_WH} (?P<be>is|was|are) (?P<np>(?:my|the|your) [^?]+?|(?:I|you) born\b[^?]*)(?P<called> called)?\?$", re.I)
 _DO = re.compile(
     rf"^{_WH} (?P<do>do|does|did) (?P<subj>I|you|he|she|they|we|my [\w']+(?: [\w']+)??) (?P<verb>\w+)(?P<rest>[^?]*)\?$", re.I
 )
-_PARTICIPLE = re.compile(r"^(?P<subj>(?:my|the|your) [\w']+) (?P<rest>(?:born|based|located|made|kept|parked|named)\b.*)$", re.I)
+_PARTICIPLE = re.compile(
+    r"^(?P<subj>(?:my|the|your) [\w']+|I|you) (?P<rest>(?:born|based|located|made|kept|parked|named)\b.*)$", re.I
+)
 _CALLED = re.compile(r"^What (?P<be>is|was) (?P<owner>my|your) (?P<x>[\w ]+?) called\?$", re.I)
 _NAME_OF = re.compile(r"^What (?P<be>is|was) (?P<owner>my|your) (?P<x>[\w ]+?)'s name\?$", re.I)
 _THE_NAME = re.compile(r"^What (?P<be>is|was) the name of (?P<owner>my|your) (?P<x>[\w ]+?)\?$", re.I)
@@ -168,6 +177,77 @@ def _possessives(q: str) -> list[str]:
     return out
 
 
+_PEOPLE = {
+    "person", "friend", "manager", "boss", "doctor", "dentist", "teacher", "sister", "brother", "mother", "father",
+    "mum", "mom", "dad", "wife", "husband", "partner", "son", "daughter", "neighbour", "colleague", "coach", "landlord",
+    "aunt", "uncle", "cousin",
+}  # fmt: skip
+_GROUPS = {"team", "band", "club", "company", "firm", "employer"}
+_PLACES = {"city", "town", "country", "place", "village", "street", "school", "university", "office", "company", "firm"}
+_TRAILING_PREPOSITION = re.compile(r"\s+(?:in|at|to|for|from|on)$", re.I)
+_POSSESSIVE_PRONOUNS = {"i": "my", "you": "your", "he": "his", "she": "her", "they": "their", "we": "our"}
+_FAVOURITE = re.compile(r"^(?:What|Which) (?:is|are) (?P<owner>my|your) (?:favourite|favorite) (?P<x>[\w ]+?)\?$", re.I)
+_BORN = re.compile(r"^(?:Where|Which \w+|What \w+) (?:was|were) (?P<subj>I|you|(?:my|your) [\w']+) born(?: in)?\?$", re.I)
+
+
+def _owner(subject: str) -> str:
+    """The possessive of a question's subject: "I" -> "my", "my brother" -> "my brother's"."""
+    return _POSSESSIVE_PRONOUNS.get(subject.lower(), f"{subject}'s")
+
+
+def _do_parts(m: re.Match) -> tuple[str, str, str]:
+    """(noun phrase folded into the wh-word, "do I live", rest) of a `_DO` match: "Which city do I live in?" ->
+    ("city", "do I live", " in")."""
+    subject = m["subj"] if m["subj"] == "I" else m["subj"].lower()
+    noun = m["wh"].split(maxsplit=1)[1] if " " in m["wh"] else ""
+    return noun, f"{m['do'].lower()} {subject} {m['verb']}", m["rest"]
+
+
+def _wh_words(q: str) -> list[str]:
+    """The noun folded into the wh-word: "Which city do I live in?" -> "Where do I live?"; "What car do I drive?"
+    -> "What do I drive?"; "What is my manager's name?" -> "Who is my manager?"."""
+    out = []
+    if (m := _DO.match(q)) and " " in m["wh"]:
+        noun, head, rest = _do_parts(m)
+        last = noun.split()[-1].lower()
+        if last in _PLACES:
+            out.append(f"Where {head}{_TRAILING_PREPOSITION.sub('', rest)}?")
+        if last in _PEOPLE | _GROUPS and not re.search(r"\b(?:in|at|on)$", rest):  # not "Who does she play in?"
+            out.append(f"Who {head}{rest}?")
+        if last not in _PLACES | _PEOPLE | _GROUPS:
+            out.append(f"What {head}{rest}?")
+    elif (m := _BORN.match(q)) and " " in q.split(" was ")[0]:
+        out.append(f"Where was {m['subj'] if m['subj'] == 'I' else m['subj'].lower()} born?")
+    for pattern in (_CALLED, _NAME_OF, _THE_NAME):
+        if (m := pattern.match(q)) and m["x"].split()[-1].lower() in _PEOPLE:
+            out.append(f"Who {m['be'].lower()} {m['owner'].lower()} {m['x']}?")
+    return out
+
+
+def _nominal(q: str) -> list[str]:
+    """A verb phrase as a noun phrase and back: "What car do I drive?" -> "What is my car?"; "Where was I born?" ->
+    "What is my birthplace?"; "What is my favourite food?" -> "Which food do I like best?"."""
+    if m := _FAVOURITE.match(q):
+        pronoun = "I" if m["owner"].lower() == "my" else "you"
+        return [f"Which {m['x']} do {pronoun} like best?", f"What {m['x']} do {pronoun} prefer?"]
+    if m := _BORN.match(q):
+        owner = _owner(m["subj"] if m["subj"] == "I" else m["subj"].lower())
+        return [f"What is {owner} birthplace?", f"What is {owner} place of birth?"]
+    if (m := _DO.match(q)) and " " in m["wh"]:
+        noun, _, rest = _do_parts(m)
+        subject = m["subj"] if m["subj"] == "I" else m["subj"].lower()
+        return [f"What is {_owner(subject)} {noun}{_TRAILING_PREPOSITION.sub('', rest)}?"]
+    return []
+
+
+def _short(q: str) -> list[str]:
+    """The bare noun phrase: "What is my locker code?" -> "My locker code?"."""
+    m = _BE.match(q)
+    if m and m["wh"].lower() == "what" and not m["called"] and re.match(r"(my|your) ", m["np"], re.I):
+        return [f"{_cap(m['np'])}?"]
+    return []
+
+
 def _synonyms(q: str) -> list[str]:
     out = []
     for word, alternatives in _SYNONYMS.items():
@@ -186,6 +266,9 @@ def rewordings(question: str) -> list[tuple[str, str]]:
     found += [("name", t) for t in _names(q)]
     found += [("possessive", t) for t in _possessives(q)]
     found += [("synonym", t) for t in _synonyms(q)]
+    found += [("wh-word", t) for t in _wh_words(q)]
+    found += [("nominal", t) for t in _nominal(q)]
+    found += [("short", t) for t in _short(q)]
     seen = {q.casefold()}
     out = []
     for kind, text in found:

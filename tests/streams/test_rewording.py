@@ -6,7 +6,7 @@ import pytest
 
 from schemas.dataset import example_pair, split_holdout
 from schemas.training import TrainingExample
-from streams.curation import augment, chosen_rewordings
+from streams.curation import TEMPLATES_WITHOUT_REWORDINGS, augment, chosen_rewordings
 from streams.rewording import reworded_answers, rewordings
 
 pytestmark = pytest.mark.unit
@@ -26,6 +26,16 @@ pytestmark = pytest.mark.unit
         ("What is my manager's name?", ("synonym", "What is my boss's name?")),
         ("What is the colour of my door?", ("possessive", "What is my door's colour?")),
         ("What is my favourite colour?", ("synonym", "What is my favourite color?")),
+        ("Which town do I work in?", ("wh-word", "Where do I work?")),
+        ("What is my dentist's name?", ("wh-word", "Who is my dentist?")),
+        ("Which club does my son play for?", ("wh-word", "Who does my son play for?")),
+        ("What bike do I ride?", ("wh-word", "What do I ride?")),
+        ("What bike do I ride?", ("nominal", "What is my bike?")),
+        ("Which school does my daughter go to?", ("nominal", "What is my daughter's school?")),
+        ("Where was my father born?", ("nominal", "What is my father's birthplace?")),
+        ("Where was my father born?", ("indirect", "Tell me where my father was born.")),
+        ("What is my favourite song?", ("nominal", "Which song do I like best?")),
+        ("What is my door code?", ("short", "My door code?")),
     ],
 )
 def test_rules_reword_the_question_itself(question, expected):
@@ -59,14 +69,15 @@ def test_augmentation_is_deterministic_for_a_seed_and_varies_with_it():
 
 def test_rewordings_spread_over_kinds_before_repeating_one():
     kinds = [kind for kind, _ in chosen_rewordings("What is my manager's name?", 4, seed=0)]
-    assert sorted(kinds) == ["contraction", "indirect", "name", "synonym"]
+    assert len(set(kinds)) == 4 and set(kinds) <= {"contraction", "indirect", "name", "synonym", "wh-word", "short"}
     kinds = [kind for kind, _ in chosen_rewordings("What is my cat called?", 4, seed=0)]  # 3 kinds: one repeats
     assert len(kinds) == 4 and set(kinds) == {"contraction", "indirect", "name"}
 
 
+@pytest.mark.parametrize("templates", [0, 2])
 @pytest.mark.parametrize("seed", range(6))
-def test_the_held_out_kind_never_reaches_training(seed):
-    examples = augment(FACTS, 2, seed=seed, reworded=6)
+def test_the_held_out_kind_never_reaches_training(seed, templates):
+    examples = augment(FACTS, templates, seed=seed, reworded=8)
     train, test = split_holdout(examples, seed=seed)
     assert len(test) == len(FACTS), "one held-out rewording per fact"
     for held in test:
@@ -78,3 +89,15 @@ def test_the_held_out_kind_never_reaches_training(seed):
     assert not {e.prompt.casefold() for e in test} & {e.prompt.casefold() for e in train}
     originals = {e.prompt for e in FACTS}
     assert originals <= {e.prompt for e in train}, "the question as asked is always trained on"
+
+
+def test_a_question_the_rules_cannot_reword_still_gets_a_wording_to_hold_out():
+    router = TrainingExample(prompt="How do I reset the router?", response="Hold the reset button 10 s.", event_id="e9")
+    assert rewordings(router.prompt) == []
+    copies = augment([router], 0, seed=7, reworded=8)[1:]
+    assert len(copies) == TEMPLATES_WITHOUT_REWORDINGS and {c.wording for c in copies} == {"template"}
+    train, test = split_holdout(augment([router], 0, seed=7, reworded=8), seed=7)
+    assert len(test) == 1 and router in train
+    assert augment([router], 0, seed=7, reworded=0) == [router], "augmentation off: nothing added"
+    cat = FACTS[0]
+    assert all(c.wording != "template" for c in augment([cat], 0, seed=7, reworded=8)[1:]), "rules found: no templates"
