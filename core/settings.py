@@ -156,7 +156,7 @@ class CurationSettings(_Section):
         ge=0,
         le=8,
         description="extra paraphrased prompts per example (templates around the question); with rewordings on, a "
-        "question the rules cannot reword gets 2 at least (streams/curation.py)",
+        "question the rules reword in fewer than two kinds gets 2 at least (streams/curation.py)",
     )
     rewordings: int = Field(
         8,

@@ -24,9 +24,10 @@ Rules (the seed's synthetic data generation):
   which/what, name/called, synonyms, wh-words, noun phrases:
   streams/rewording.py), each tagged with its kind (`wording`) so the
   held-out split can hold out a kind never trained on; a question the rules
-  cannot reword gets `TEMPLATES_WITHOUT_REWORDINGS` templates at least, so
-  every fact keeps a wording to hold out; deterministic: the same prompt and
-  seed give the same copies.
+  reword in fewer than two kinds gets `TEMPLATES_WITHOUT_REWORDINGS`
+  templates at least, so every fact keeps a wording to hold out and one
+  beside the question to train on; deterministic: the same prompt and seed
+  give the same copies.
 - consent: an event marked `"consent": "no-train"` (or any event of a user
   who opted out, streams/processor.py) is counted and may still say how the
   user was served, but gives no example, no gap and no boost (`without_training`).
@@ -267,16 +268,18 @@ def augment(examples: list[TrainingExample], n: int, seed: int, reworded: int = 
     each answered in a slightly other wording that keeps the answer's key words where one exists, then `reworded`
     rewordings of the question itself (answered as taught: the held-out kind is judged on the taught answer).
 
-    With rewordings on, a question the rules cannot reword ("How do I reset the router?") gets
-    `TEMPLATES_WITHOUT_REWORDINGS` templates at least: without a copy it would have nothing to hold out, and early
-    stopping and the gate could not ask about it."""
+    With rewordings on, a question the rules reword in fewer than two kinds ("How do I reset the router?": none;
+    "What is fact 6?": "What's fact 6?" only) gets `TEMPLATES_WITHOUT_REWORDINGS` templates at least: one kind is held
+    out, and without them the fact would have nothing to hold out (early stopping and the gate could not ask about
+    it) or nothing but the question itself to train on."""
     out: list[TrainingExample] = []
     for example in examples:
         out.append(example)
         if example.rated_answer:
             continue  # an answer as it was given to the question as it was asked: not a fact to learn in other words
         reworded_copies = chosen_rewordings(example.prompt, reworded, seed)
-        templates = max(n, TEMPLATES_WITHOUT_REWORDINGS) if reworded > 0 and not reworded_copies else n
+        few_kinds = len({kind for kind, _ in reworded_copies}) < 2
+        templates = max(n, TEMPLATES_WITHOUT_REWORDINGS) if reworded > 0 and few_kinds else n
         answers = [example.response, *reworded_answers(example.response)]
         for i, text in enumerate(paraphrases(example.prompt, templates, seed)):
             response = answers[i % len(answers)] if reworded > 0 else example.response

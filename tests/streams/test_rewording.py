@@ -91,7 +91,7 @@ def test_the_held_out_kind_never_reaches_training(seed, templates):
     assert originals <= {e.prompt for e in train}, "the question as asked is always trained on"
 
 
-def test_a_question_the_rules_cannot_reword_still_gets_a_wording_to_hold_out():
+def test_a_question_the_rules_reword_in_fewer_than_two_kinds_gets_templates():
     router = TrainingExample(prompt="How do I reset the router?", response="Hold the reset button 10 s.", event_id="e9")
     assert rewordings(router.prompt) == []
     copies = augment([router], 0, seed=7, reworded=8)[1:]
@@ -101,3 +101,8 @@ def test_a_question_the_rules_cannot_reword_still_gets_a_wording_to_hold_out():
     assert augment([router], 0, seed=7, reworded=0) == [router], "augmentation off: nothing added"
     cat = FACTS[0]
     assert all(c.wording != "template" for c in augment([cat], 0, seed=7, reworded=8)[1:]), "rules found: no templates"
+    one_kind = TrainingExample(prompt="What is fact 6?", response="Fact 6 is true.", event_id="e8")
+    assert {kind for kind, _ in rewordings(one_kind.prompt)} == {"contraction"}
+    train, test = split_holdout(augment([one_kind], 0, seed=7, reworded=8), seed=7)
+    assert [e.wording for e in test] == ["contraction"], "the one kind is held out"
+    assert sorted(e.wording or "asked" for e in train) == ["asked", "template", "template"], "templates beside it"
