@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from trainer.job import no_fact_lost, progress_log
+from schemas.training import TrainingExample
+from trainer.job import FactCheck, no_fact_lost, progress_log
 from trainer.train import StepReport
 
 pytestmark = pytest.mark.unit
@@ -19,6 +20,25 @@ def test_a_shrunk_update_may_not_lose_a_fact_the_trained_one_answers():
     assert not no_fact_lost([True, False, False], trained)
     # Without an epoch check to compare with (early stopping off), every case must be answered.
     assert no_fact_lost([True, True], []) and not no_fact_lost([True, False], [])
+
+
+class _WordTokenizer:
+    def __call__(self, text):
+        return type("Encoded", (), {"input_ids": text.split()})()
+
+
+def test_an_update_that_never_answered_every_fact_is_kept_as_trained():
+    held_out = [
+        TrainingExample(prompt="Which cat is mine?", response="Your cat is called Pixel."),
+        TrainingExample(prompt="Where do I live?", response="You live in Dundee."),
+    ]
+    check = FactCheck(_WordTokenizer(), "cpu", "ana", held_out, previous=[], min_epochs=1)
+    half = ["Your cat is called Pixel.", "I don't know."]
+    assert not check.epoch_judged(8, half) and not check.learned_every_fact()
+    assert not check.scale_judged(0.5, half), "it answers what the trained update answered, yet it is not shrunk"
+    both = ["Your cat is called Pixel.", "You live in Dundee."]
+    assert check.epoch_judged(3, both) and check.learned_every_fact()
+    assert check.scale_judged(0.5, both) and not check.scale_judged(0.5, half)
 
 
 def test_progress_lines_show_the_user_loss_and_the_anchor_kl_apart(caplog):
