@@ -216,7 +216,7 @@ def _wh_words(q: str) -> list[str]:
             out.append(f"Who {head}{rest}?")
         if last not in _PLACES | _PEOPLE | _GROUPS:
             out.append(f"What {head}{rest}?")
-    elif (m := _BORN.match(q)) and " " in q.split(" was ")[0]:
+    elif (m := _BORN.match(q)) and " " in q.split(" was ")[0]:  # a noun to fold: "Which city was ...", not "Where was ..."
         out.append(f"Where was {m['subj'] if m['subj'] == 'I' else m['subj'].lower()} born?")
     for pattern in (_CALLED, _NAME_OF, _THE_NAME):
         if (m := pattern.match(q)) and m["x"].split()[-1].lower() in _PEOPLE:
