@@ -122,6 +122,11 @@ def _which_what(q: str) -> list[str]:
     return [f"{other} {m.group(2)}{m.group(3)}"]
 
 
+def _subject(m: re.Match) -> str:
+    """A match's `subj` as it stands mid-sentence: "I" kept, "My brother" -> "my brother"."""
+    return m["subj"] if m["subj"] == "I" else m["subj"].lower()
+
+
 def _third_person(verb: str) -> str:
     if re.search(r"(s|sh|ch|x|z|o)$", verb):
         return verb + "es"
@@ -147,7 +152,7 @@ def _indirect(q: str) -> list[tuple[str, str]]:
             clause = f"{m['wh'].lower()} {np} {be}{m['called'] or ''}"
     elif m := _DO.match(q):
         verb = m["verb"].lower()
-        subject = m["subj"] if m["subj"] == "I" else m["subj"].lower()
+        subject = _subject(m)
         if m["do"].lower() == "does":
             verb = _third_person(verb)
         elif m["do"].lower() == "did":
@@ -198,7 +203,7 @@ def _owner(subject: str) -> str:
 def _do_parts(m: re.Match) -> tuple[str, str, str]:
     """(noun phrase folded into the wh-word, "do I live", rest) of a `_DO` match: "Which city do I live in?" ->
     ("city", "do I live", " in")."""
-    subject = m["subj"] if m["subj"] == "I" else m["subj"].lower()
+    subject = _subject(m)
     noun = m["wh"].split(maxsplit=1)[1] if " " in m["wh"] else ""
     return noun, f"{m['do'].lower()} {subject} {m['verb']}", m["rest"]
 
@@ -217,7 +222,7 @@ def _wh_words(q: str) -> list[str]:
         if last not in _PLACES | _PEOPLE | _GROUPS:
             out.append(f"What {head}{rest}?")
     elif (m := _BORN.match(q)) and " " in q.split(" was ")[0]:  # a noun to fold: "Which city was ...", not "Where was ..."
-        out.append(f"Where was {m['subj'] if m['subj'] == 'I' else m['subj'].lower()} born?")
+        out.append(f"Where was {_subject(m)} born?")
     for pattern in (_CALLED, _NAME_OF, _THE_NAME):
         if (m := pattern.match(q)) and m["x"].split()[-1].lower() in _PEOPLE:
             out.append(f"Who {m['be'].lower()} {m['owner'].lower()} {m['x']}?")
@@ -231,12 +236,11 @@ def _nominal(q: str) -> list[str]:
         pronoun = "I" if m["owner"].lower() == "my" else "you"
         return [f"Which {m['x']} do {pronoun} like best?", f"What {m['x']} do {pronoun} prefer?"]
     if m := _BORN.match(q):
-        owner = _owner(m["subj"] if m["subj"] == "I" else m["subj"].lower())
+        owner = _owner(_subject(m))
         return [f"What is {owner} birthplace?", f"What is {owner} place of birth?"]
     if (m := _DO.match(q)) and " " in m["wh"]:
         noun, _, rest = _do_parts(m)
-        subject = m["subj"] if m["subj"] == "I" else m["subj"].lower()
-        return [f"What is {_owner(subject)} {noun}{_TRAILING_PREPOSITION.sub('', rest)}?"]
+        return [f"What is {_owner(_subject(m))} {noun}{_TRAILING_PREPOSITION.sub('', rest)}?"]
     return []
 
 
