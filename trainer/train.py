@@ -152,6 +152,10 @@ class FactQuestions(Protocol):
         """`epoch_done`'s verdict on these answers: True stops."""
         ...
 
+    def learned_every_fact(self) -> bool:
+        """Whether the update as trained answered every held-out fact: one that never did is not shrunk at all."""
+        ...
+
     def scale_judged(self, scale: float, answers: list[str]) -> bool:
         """`keeps_facts`' verdict on these answers (the update scaled by `scale`)."""
         ...

@@ -179,10 +179,12 @@ class ScriptedFacts:
     (generation through its own PEFT model), so alone and batched runs can
     be compared answer by answer."""
 
-    def __init__(self, tokenizer, device, user: str, stop_at: int, keeps_at: float, max_new_tokens: int) -> None:
+    def __init__(
+        self, tokenizer, device, user: str, stop_at: int, keeps_at: float, max_new_tokens: int, learned: bool = True
+    ) -> None:
         self.tokenizer, self.device = tokenizer, device
         self.prompts = [f"What is {user}'s code {i}?" for i in range(3)] + ["Hi?"]
-        self.max_new_tokens, self.stop_at, self.keeps_at = max_new_tokens, stop_at, keeps_at
+        self.max_new_tokens, self.stop_at, self.keeps_at, self.learned = max_new_tokens, stop_at, keeps_at, learned
         self.seen: list[tuple] = []
 
     def epoch_due(self, epoch: int) -> bool:
@@ -192,9 +194,12 @@ class ScriptedFacts:
         self.seen.append(("epoch", epoch, answers))
         return epoch >= self.stop_at
 
+    def learned_every_fact(self) -> bool:
+        return self.learned
+
     def scale_judged(self, scale: float, answers: list[str]) -> bool:
         self.seen.append(("scale", scale, answers))
-        return scale >= self.keeps_at
+        return self.learned and scale >= self.keeps_at
 
     def _answers(self, model) -> list[str]:
         from trainer.generation import generate_batch
@@ -204,17 +209,18 @@ class ScriptedFacts:
     def hooks(self) -> TrainHooks:
         return TrainHooks(
             epoch_done=lambda epoch, model: self.epoch_due(epoch) and self.epoch_judged(epoch, self._answers(model)),
-            keeps_facts=lambda model, scale: self.scale_judged(scale, self._answers(model)),
+            keeps_facts=lambda model, scale: self.learned and self.scale_judged(scale, self._answers(model)),
             questions=self,
         )
 
 
-# Per checks_per_epoch: each user's (stop at epoch, keep at scale, answer tokens), and the shared generations: with
-# one check per epoch, epochs 2 (all), 3 (bob, cy), 4 (bob) and scales 0.5 (all), 0.75 (bob, cy): five, not eleven;
-# with two, also 2.5 (all: ann stops there) and 3.5 (bob).
+# Per checks_per_epoch: each user's (stop at epoch, keep at scale, answer tokens[, learned every fact]), and the shared
+# generations: with one check per epoch, epochs 2 (all), 3 (bob, cy, dee), 4 (bob, dee) and scales 0.5 (ann, bob,
+# cy), 0.75 (bob, cy): five, not fourteen; with two, also 2.5 (all: ann stops there) and 3.5 (bob, dee). dee never
+# answers every fact, so, as alone, no scale is tried for it.
 CHECK_SCRIPTS = {
-    1: ({"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}, 5),
-    2: ({"ann": (2.5, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6)}, 7),
+    1: ({"ann": (2, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6), "dee": (9, 0.5, 7, False)}, 5),
+    2: ({"ann": (2.5, 0.5, 5), "bob": (9, 0.75, 8), "cy": (3, 9.0, 6), "dee": (9, 0.5, 7, False)}, 7),
 }
 
 
@@ -252,8 +258,9 @@ def test_early_stopping_and_shrink_checks_are_answered_together_as_each_alone(ti
         assert together[user].seen == alone[user].seen, user  # the same checks, shown the same answers
         assert (got.steps, got.stopped_after_epoch, got.shrunk_to) == (want.steps, want.stopped_after_epoch, want.shrunk_to)
         assert _close(_weights(got), _weights(want)) < 5e-5, user
-    assert [r.shrunk_to for r in results.values()] == [0.5, 0.75, 1.0]
+    assert [r.shrunk_to for r in results.values()] == [0.5, 0.75, 1.0, 1.0]
+    assert not [seen for seen in together["dee"].seen if seen[0] == "scale"], "an update that never learned was shrunk"
     hi = {user: q.seen[0][2][-1] for user, q in together.items()}  # "Hi?" after epoch 2, through each user's adapter
-    assert len(set(hi.values())) == 3, f"the users' adapters answer alike, so routing goes untested: {hi}"
-    assert [got.stopped_after_epoch for got in results.values()] == [script["ann"][0], None, 3]
+    assert len(set(hi.values())) == len(script), f"the users' adapters answer alike, so routing goes untested: {hi}"
+    assert [got.stopped_after_epoch for got in results.values()] == [script["ann"][0], None, 3, None]
     assert len(generations) == shared_generations
