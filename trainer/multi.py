@@ -515,10 +515,16 @@ def _shrink_together(members: list[_Member], model, tokenizer, device, loras: Us
     batches; a member no scale suits gets its update back as trained.
     """
     scales = sorted(s for s in cfg.shrink_to if 0 < s < 1)
-    asking = [m for m in members if m.run.hooks.questions is not None and m.run.hooks.keeps_facts is not None]
     # As alone (`keeps_facts`), an update that never answered every held-out fact is kept as trained without
     # generating a scale's answers.
-    pending = [m for m in asking if not m.state.finished and _questions(m).learned_every_fact()]
+    pending = [
+        m
+        for m in members
+        if m.run.hooks.questions is not None
+        and m.run.hooks.keeps_facts is not None
+        and not m.state.finished
+        and m.run.hooks.questions.learned_every_fact()
+    ]
     if not scales or not pending:
         return
     trained = {m.index: {k: p.detach().clone() for k, p in loras.weights[m.index].items() if k.endswith(_B)} for m in pending}
