@@ -85,7 +85,7 @@ VARIANTS = {
     "+ nearest anchors": ({"early_stopping": False, **_FROM_ZERO}, False),
     "+ early stopping": (dict(_FROM_ZERO), False),
     "+ replay buffer (every example)": (dict(_FROM_ZERO), True),
-    "+ warm start, one reminder per fact": ({"shrink_to": ()}, True),
+    "+ warm start, two reminders per fact": ({"shrink_to": ()}, True),
     "+ update shrunk while it keeps the facts (default)": ({}, True),
 }
 DEFAULT = "+ update shrunk while it keeps the facts (default)"

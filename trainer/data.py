@@ -32,9 +32,12 @@ def thin_replay(examples: list[TrainingExample], per_fact: int) -> list[Training
     """Keep at most `per_fact` replayed examples per earlier fact (its answer), the heaviest first; 0 keeps all.
 
     A version that starts from the active adapter already knows the earlier
-    facts; one reminder each keeps them at a fraction of the cost of
+    facts; a reminder or two each keeps them at a fraction of the cost of
     replaying every paraphrase, so a run's size grows with the facts, not
-    with the paraphrases.
+    with the paraphrases. Two (the default) rather than one: a new fact in
+    the same form as an earlier one ("Which city was my brother born in?"
+    after "... my sister ...") otherwise tends to overwrite it, the earlier
+    fact answered with the new one's value in a wording not replayed.
     """
     if per_fact <= 0:
         return list(examples)
