@@ -237,7 +237,7 @@ REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"
 
 
 def model_paraphraser(ctx: dict, count: int = 2):
-    """The trainer's paraphrase step as `training.model_paraphrases: count` builds it (off in the shipped settings)."""
+    """The trainer's paraphrase step as `training.model_paraphrases: count` builds it (2 in the shipped settings)."""
     from core.settings import load_settings
     from trainer.job import paraphraser_from_settings
 
@@ -322,10 +322,10 @@ def rewording_benchmark(ctx: dict, say, only: tuple[str, ...] = REWORDING_ARMS) 
     shipped = (ctx["paraphrases"], ctx["rewordings"])
     arms = (
         ("templates", "templates only (2 per example, the augmentation before 12-02)", (2, 0), lambda: None),
-        ("rules", f"{shipped[0]} templates + {shipped[1]} rule rewordings (default)", shipped, lambda: None),
+        ("rules", f"{shipped[0]} templates + {shipped[1]} rule rewordings", shipped, lambda: None),
         (
             "paraphrases",
-            "the default + model paraphrases",
+            "the rules + model paraphrases (default)",
             shipped,
             lambda: ctx["paraphraser"] or model_paraphraser(ctx),
         ),

@@ -389,11 +389,10 @@ class TrainingSettings(_Section):
         1.0, ge=0, le=100, description="weight of a preference step's loss beside the supervised steps"
     )
     model_paraphrases: int = Field(
-        0,
+        2,
         ge=0,
         le=16,
-        description="paraphrases of each taught question the base model writes before training (trainer/paraphrase.py; "
-        "0 = off: on the default 135M model they cost answers, benchmarks/README.md)",
+        description="paraphrases of each taught question the base model writes before training (trainer/paraphrase.py; 0 = off)",
     )
     paraphrase_min_similarity: float = Field(
         0.8, ge=0, le=1, description="a written paraphrase is trained on only this close in meaning to the taught question"

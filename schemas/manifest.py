@@ -72,7 +72,9 @@ class DatasetInfo(_Record):
     uri: str = ""
     sha256: str = ""
     train_count: int = 0
-    replay_thinned: int = Field(0, description="replayed examples left out (`training.replay_per_fact` reminders kept per earlier fact)")
+    replay_thinned: int = Field(
+        0, description="replayed examples left out (`training.replay_per_fact` reminders kept per earlier fact)"
+    )
     model_paraphrases: int = Field(0, description="taught questions reworded by the base model (trainer/paraphrase.py)")
     anchor_count: int = 0
 
