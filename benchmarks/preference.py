@@ -164,6 +164,7 @@ def rate_metric(answers: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
     return out
 
 
+OBJECTIVES = ("sft+preference", "sft")  # the preference objective, then the ablation: SFT on the liked answers
 USERS = {
     "short": (SHORT_PROMPTS, SHORT_HELD_OUT, rate_short),
     "metric": (METRIC_PROMPTS, METRIC_HELD_OUT, rate_metric),
@@ -208,8 +209,11 @@ def measure(user: str, answers: list[str]) -> dict:
     return {"metric_answers": metric, "imperial_answers": imperial}  # in those units alone, as the user rates them
 
 
-def run(ctx: dict, user: str, rated: list[tuple[str, str, float]], objective: str, held_out: list[str], args, say) -> dict:
-    """One version trained on the user's rated answers under `objective`, gated, measured on the held-out prompts."""
+def run(
+    ctx: dict, user: str, rated: list[tuple[str, str, float]], objective: str, seed: int, held_out: list[str], args, say
+) -> dict:
+    """One version trained on the user's rated answers under `objective` (and `training.seed`), gated, measured on
+    the held-out prompts."""
     from schemas.dataset import split_holdout
     from schemas.training import TrainingExample
 
@@ -218,13 +222,15 @@ def run(ctx: dict, user: str, rated: list[tuple[str, str, float]], objective: st
         for n, (p, a, r) in enumerate(rated)
     ]
     train, test = split_holdout(examples, seed=0)
-    runner = runner_for(ctx, ctx["root"] / f"{user}-{objective}", replace(ctx["train_cfg"], objective=objective))
+    cfg = replace(ctx["train_cfg"], objective=objective, seed=seed)
+    runner = runner_for(ctx, ctx["root"] / f"{user}-{objective}-{seed}", cfg)
     outcome = train_version(runner, user, train, test)
     answers = answers_with(ctx, outcome.info.path, held_out, args.max_new_tokens)
     m = outcome.info.manifest.metrics
     row = {
         "user": user,
         "objective": objective,
+        "seed": seed,
         "rated": len(rated),
         "liked": sum(r > 0 for _, _, r in rated),
         "train_examples": len(train),
@@ -237,7 +243,9 @@ def run(ctx: dict, user: str, rated: list[tuple[str, str, float]], objective: st
         "reasons": outcome.report.reasons if outcome.report is not None else [],
         "answers": answers,
     }
-    say(f"  {user} / {objective}: {measure(user, answers)}, retention {m.retention}, {m.train_seconds:.0f}s, {outcome.decision}")
+    say(
+        f"  {user} / {objective} / seed {seed}: {measure(user, answers)}, retention {m.retention}, {m.train_seconds:.0f}s, {outcome.decision}"
+    )
     return row
 
 
@@ -247,6 +255,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="for the sampled answers and the held-out ones")
     parser.add_argument("--users", nargs="+", default=list(USERS), choices=list(USERS))
+    parser.add_argument(
+        "--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES), help="the run and its ablation"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, help="training seeds, one version each (default: the settings' training.seed)"
+    )
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / f"preference-{datetime.now(UTC):%Y-%m-%d}.json"
     )
@@ -262,7 +276,8 @@ def main() -> None:
         rated = rate(sampled_answers(ctx, prompts, args.samples, args.max_new_tokens, seed=1))
         base = measure(user, answers_with(ctx, None, held_out, args.max_new_tokens))
         say(f"{user}: {len(rated)} rated answers ({sum(r > 0 for *_, r in rated)} liked); base model on held-out prompts: {base}")
-        rows = [run(ctx, user, rated, objective, held_out, args, say) for objective in ("sft+preference", "sft")]
+        seeds = args.seeds or [ctx["train_cfg"].seed]
+        rows = [run(ctx, user, rated, o, seed, held_out, args, say) for o in args.objectives for seed in seeds]
         results[user] = {"base": base, "rows": rows}
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -275,15 +290,17 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {report['wall_seconds']} s")
-    say("| user | objective | held-out answers (base -> trained) | change | preference acc. | retention | train s | decision |")
-    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    say(
+        "| user | objective | seed | held-out answers (base -> trained) | change | preference acc. | retention | train s | decision |"
+    )
+    say("| --- | --- | ---: | --- | --- | --- | --- | --- | --- |")
     for user, result in results.items():
         key = "mean_words" if user == "short" else "metric_answers"
         for row in result["rows"]:
             before, after = result["base"][key], row[key]
             change = f"{after / before - 1:+.0%}" if user == "short" else f"{after / max(before, 1):.2f}x"
             say(
-                f"| {user} | {row['objective']} | {key} {before} -> {after} | {change} | {row['preference_score']} | "
+                f"| {user} | {row['objective']} | {row['seed']} | {key} {before} -> {after} | {change} | {row['preference_score']} | "
                 f"{row['retention']} | {row['train_seconds']} | {row['decision']} |"
             )
 
