@@ -21,12 +21,11 @@ works on these steps as on the supervised ones. `dpo_losses` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from schemas.training import TrainingExample
-from trainer.data import IGNORE, Tokenized, tokenize
+from trainer.data import Tokenized, tokenize
 from trainer.frozen import FrozenBelow
-from trainer.generation import stop_ids
 
 OBJECTIVES = ("sft", "sft+preference", "auto")
 
@@ -43,14 +42,6 @@ def supervised(examples: list[TrainingExample], objective: str) -> list[Training
     answer is never a target)."""
     sft_only = not uses_preference(objective, examples)
     return [e for e in examples if not e.rated_answer or (sft_only and (e.rating or 0) > 0)]
-
-
-def objective_data(
-    tokenizer, examples: list[TrainingExample], objective: str, max_len: int, stops: set[int]
-) -> tuple[list[Tokenized], list[PreferenceItem]]:
-    """What a run under `objective` learns from: the supervised targets, tokenized, and the preference items."""
-    preferences = preference_items(tokenizer, examples, max_len, stops) if uses_preference(objective, examples) else []
-    return tokenize(tokenizer, supervised(examples, objective), max_len), preferences
 
 
 def dpo_losses(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
@@ -83,10 +74,9 @@ class PreferenceItem:
     weight: float
 
 
-def preference_items(tokenizer, examples: list[TrainingExample], max_len: int, stops: set[int]) -> list[PreferenceItem]:
+def preference_items(tokenizer, examples: list[TrainingExample], max_len: int) -> list[PreferenceItem]:
     """Pairs and rated answers, tokenized; each rated answer's mismatched sequence is its answer after the next
-    rated answer's prompt (KTO's KL estimate). A disliked answer's end (`stops`: the tokens generation stops at)
-    is not scored: see `unended`."""
+    rated answer's prompt (KTO's KL estimate)."""
     pairs = [e for e in examples if e.rejected is not None]
     rated = [e for e in examples if e.rejected is None and e.rating]
     items = []
@@ -97,31 +87,9 @@ def preference_items(tokenizer, examples: list[TrainingExample], max_len: int, s
     for n, e in enumerate(rated):
         other = rated[(n + 1) % len(rated)]
         mismatched = e.model_copy(update={"prompt": other.prompt}) if len(rated) > 1 else e
-        answer, off = (as_scored(s, e, stops) for s in tokenize(tokenizer, [e, mismatched], max_len))
+        answer, off = tokenize(tokenizer, [e, mismatched], max_len)
         items.append(PreferenceItem((answer, off), bool(e.rating and e.rating > 0), e.weight))
     return items
-
-
-def as_scored(sequence: Tokenized, example: TrainingExample, stops: set[int]) -> Tokenized:
-    """`example`'s sequence as the preference objective scores it: a disliked rated answer `unended`."""
-    return unended(sequence, stops) if example.rated_answer and (example.rating or 0) < 0 else sequence
-
-
-def unended(sequence: Tokenized, stops: set[int]) -> Tokenized:
-    """`sequence` with its answer's end (its last stop token and what the chat template puts after it) unscored.
-
-    What a disliked answer is disliked for is what it says, not that it
-    stopped: scored, its end teaches "do not stop here". An answer cut off
-    at a length limit ends mid-sentence, and making that end unlikely is
-    the cheapest way to make the whole answer unlikely: the objective is
-    met without anything said changing (the short user of
-    benchmarks/preference.py: every held-out pair ordered right, greedy
-    answers no shorter)."""
-    ends = [i for i, token in enumerate(sequence.input_ids) if token in stops and sequence.labels[i] != IGNORE]
-    if not ends:
-        return sequence
-    cut = ends[-1]
-    return replace(sequence, labels=sequence.labels[:cut] + [IGNORE] * (len(sequence.labels) - cut))
 
 
 def sequence_logps(peft_model, sequences: list[Tokenized], pad: int, device, below: FrozenBelow | None = None):
@@ -204,11 +172,9 @@ def preference_accuracy(model, tokenizer, device, candidate_dir, reference_dir, 
     pairs = held_out_pairs(examples)
     if not pairs:
         return None, 0
-    # Each held-out answer is in several pairs: its log-probabilities are computed once, scored as trained on.
-    answers = {(e.prompt, e.response): e for pair in pairs for e in pair}
-    stops = stop_ids(model, tokenizer)
-    tokenized = tokenize(tokenizer, [TrainingExample(prompt=p, response=r) for p, r in answers], max_len)
-    sequences = [as_scored(s, e, stops) for s, e in zip(tokenized, answers.values(), strict=True)]
+    # Each held-out answer is in several pairs: its log-probabilities are computed once.
+    answers = list(dict.fromkeys((e.prompt, e.response) for pair in pairs for e in pair))
+    sequences = tokenize(tokenizer, [TrainingExample(prompt=p, response=r) for p, r in answers], max_len)
     after = _logps_with(model, candidate_dir, sequences, tokenizer, device)
     before = _logps_with(model, reference_dir, sequences, tokenizer, device)
     gain = {answer: a - b for answer, a, b in zip(answers, after, before, strict=True)}

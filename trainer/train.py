@@ -33,13 +33,13 @@ from core.errors import ModelError, TrainingInterrupted
 from core.settings import Settings, defaults
 from schemas.training import TrainingExample
 from trainer.checkpoint import Progress, load_checkpoint, remove_checkpoint, resumable_checkpoint, save_checkpoint
-from trainer.data import Tokenized, bucketed_batches, collate
+from trainer.data import Tokenized, bucketed_batches, collate, tokenize
 from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
-from trainer.generation import pad_id, stop_ids
+from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
 from trainer.precision import FrozenMatmuls, effective, low_precision
-from trainer.preference import PreferenceItem, objective_data, preference_loss, reference_logps
+from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
 
 __all__ = [
     "RunState",
@@ -312,7 +312,8 @@ def train_adapter(
     started = time.perf_counter()  # the base model's anchor states count as training time too
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    items, preferences = objective_data(tokenizer, examples, cfg.objective, cfg.max_seq_len, stop_ids(model, tokenizer))
+    items = tokenize(tokenizer, supervised(examples, cfg.objective), cfg.max_seq_len)
+    preferences = preference_items(tokenizer, examples, cfg.max_seq_len) if uses_preference(cfg.objective, examples) else []
     if not items and not preferences:
         raise ModelError(f"nothing to train on under objective {cfg.objective}: only disliked answers")
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size) + math.ceil(len(preferences) / cfg.batch_size)

@@ -16,17 +16,15 @@ from schemas.training import TrainingExample
 from tests.support.adapters import manifest
 from trainer.data import tokenize
 from trainer.gate import Gate, GateConfig
-from trainer.generation import pad_id, stop_ids
+from trainer.generation import pad_id
 from trainer.job import validate_adapter
 from trainer.model import BaseModelRef, load_base
 from trainer.preference import (
-    as_scored,
     dpo_losses,
     held_out_pairs,
     kl_estimate,
     kto_losses,
     preference_accuracy,
-    preference_items,
     sequence_logps,
     supervised,
     uses_preference,
@@ -94,32 +92,6 @@ def test_rated_answers_are_held_out_on_both_sides_and_never_trained_on():
     assert not {(e.prompt, e.response) for e in test} & {(e.prompt, e.response) for e in train}
     assert split_holdout(examples, seed=3) == (train, test), "deterministic for a seed"
     assert len(held_out_pairs(test)) == 2, "each liked one against each disliked one"
-
-
-def _scored(sequence) -> list[int]:
-    return [token for token, label in zip(sequence.input_ids, sequence.labels, strict=True) if label != -100]
-
-
-def test_a_disliked_answers_end_is_never_scored(tiny):
-    """A disliked answer is disliked for what it says: its stop token and what the template puts after it are not
-    scored (an answer cut off at a length limit would otherwise be made unlikely by its end alone); a liked answer's
-    end is (stopping there is part of what was liked), and so is a corrected answer's."""
-    model, tokenizer, _ = tiny
-    # The default model's generation config stops at the chat template's turn end; the tiny one's only at its
-    # tokenizer's end-of-sequence token, which the template never puts after an answer.
-    stops = stop_ids(model, tokenizer) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    liked, disliked = _rated(1, 1.0, "Town 1 is near."), _rated(2, -1.0, "Town 2 is far away and")
-    liked_item, disliked_item = preference_items(tokenizer, [liked, disliked], 64, stops)
-    assert stops & set(_scored(liked_item.sequences[0])), "a liked answer's end is scored"
-    for sequence in disliked_item.sequences:  # the answer, and the same answer after another prompt (KTO's KL)
-        assert not stops & set(_scored(sequence)), "a disliked answer's end is not"
-        assert tokenizer.decode(_scored(sequence)) == "Town 2 is far away and", "everything it says is"
-    corrected = TrainingExample(prompt="My dog?", response="Rex.", source="correction", rejected="I do not know.")
-    chosen, rejected = preference_items(tokenizer, [corrected, liked], 64, stops)[0].sequences
-    assert stops & set(_scored(chosen)) and stops & set(_scored(rejected)), "a pair is scored whole (DPO)"
-    whole = len(disliked_item.sequences[0].input_ids)
-    cut_off = tokenize(tokenizer, [disliked], whole - 3)[0]
-    assert as_scored(cut_off, disliked, stops) == cut_off, "cut off by max_len, nothing to unscore"
 
 
 def _short_and_long(n_users: int = 12) -> list[TrainingExample]:
