@@ -243,9 +243,8 @@ def run(
         "reasons": outcome.report.reasons if outcome.report is not None else [],
         "answers": answers,
     }
-    say(
-        f"  {user} / {objective} / seed {seed}: {measure(user, answers)}, retention {m.retention}, {m.train_seconds:.0f}s, {outcome.decision}"
-    )
+    run_name = f"{user} / {objective} / seed {seed}"
+    say(f"  {run_name}: {measure(user, answers)}, retention {m.retention}, {m.train_seconds:.0f}s, {outcome.decision}")
     return row
 
 
@@ -271,12 +270,12 @@ def main() -> None:
     say = lambda text: print(text, flush=True)  # noqa: E731
     started = time.time()
     results = {}
+    seeds = args.seeds or [ctx["train_cfg"].seed]
     for user in args.users:
         prompts, held_out, rate = USERS[user]
         rated = rate(sampled_answers(ctx, prompts, args.samples, args.max_new_tokens, seed=1))
         base = measure(user, answers_with(ctx, None, held_out, args.max_new_tokens))
         say(f"{user}: {len(rated)} rated answers ({sum(r > 0 for *_, r in rated)} liked); base model on held-out prompts: {base}")
-        seeds = args.seeds or [ctx["train_cfg"].seed]
         rows = [run(ctx, user, rated, o, seed, held_out, args, say) for o in args.objectives for seed in seeds]
         results[user] = {"base": base, "rows": rows}
     report = {
@@ -291,7 +290,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {report['wall_seconds']} s")
     say(
-        "| user | objective | seed | held-out answers (base -> trained) | change | preference acc. | retention | train s | decision |"
+        "| user | objective | seed | held-out answers (base -> trained) | change | preference acc. | retention | train s |"
+        " decision |"
     )
     say("| --- | --- | ---: | --- | --- | --- | --- | --- | --- |")
     for user, result in results.items():
@@ -300,8 +300,8 @@ def main() -> None:
             before, after = result["base"][key], row[key]
             change = f"{after / before - 1:+.0%}" if user == "short" else f"{after / max(before, 1):.2f}x"
             say(
-                f"| {user} | {row['objective']} | {row['seed']} | {key} {before} -> {after} | {change} | {row['preference_score']} | "
-                f"{row['retention']} | {row['train_seconds']} | {row['decision']} |"
+                f"| {user} | {row['objective']} | {row['seed']} | {key} {before} -> {after} | {change} | "
+                f"{row['preference_score']} | {row['retention']} | {row['train_seconds']} | {row['decision']} |"
             )
 
 
