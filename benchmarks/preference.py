@@ -88,6 +88,18 @@ SHORT_HELD_OUT = [
     "How do I plan a budget?",
     "What makes a good friend?",
     "How do rainbows form?",
+    "What is a good way to make friends in a new city?",
+    "How do I fix a slow computer?",
+    "Why do birds migrate?",
+    "What is climate change?",
+    "How do I bake bread?",
+    "Why do we need sleep?",
+    "How does a refrigerator work?",
+    "What is a healthy lunch?",
+    "How do I prepare for a job interview?",
+    "Why do onions make you cry?",
+    "How do I keep my kitchen clean?",
+    "What is democracy?",
 ]
 METRIC_PROMPTS = [
     "How tall is the Eiffel Tower?",
@@ -201,6 +213,13 @@ def sampled_answers(ctx: dict, prompts: list[str], samples: int, max_new_tokens:
     return [(p, a) for p, a in out if a]
 
 
+def served_answer_tokens() -> int:
+    """How long an answer the server gives when a request names no length (`serving.default_max_tokens`)."""
+    from core.settings import load_settings
+
+    return load_settings().serving.default_max_tokens
+
+
 def measure(user: str, answers: list[str]) -> dict:
     if user == "short":
         return {"mean_words": round(statistics.mean(words(a) for a in answers), 1)}
@@ -252,7 +271,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=4, help="sampled answers per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="for the sampled answers and the held-out ones")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="for the sampled answers and the held-out ones (default: the server's, serving.default_max_tokens)",
+    )
     parser.add_argument("--users", nargs="+", default=list(USERS), choices=list(USERS))
     parser.add_argument(
         "--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES), help="the run and its ablation"
@@ -267,6 +290,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
     ctx = {**loaded_context(), "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-preference-"))}
+    # Answers as long as the server gives them: a shorter limit cuts most of the base model's answers (7 of the 12
+    # first held-out ones at 160 tokens), which hides a candidate's shortening from the length measure.
+    args.max_new_tokens = args.max_new_tokens or served_answer_tokens()
     say = lambda text: print(text, flush=True)  # noqa: E731
     started = time.time()
     results = {}
@@ -284,6 +310,7 @@ def main() -> None:
         "device": str(ctx["device"]),
         "base_model": ctx["base"].model_id,
         "samples_per_prompt": args.samples,
+        "max_new_tokens": args.max_new_tokens,
         "wall_seconds": round(time.time() - started),
         "users": results,
     }
