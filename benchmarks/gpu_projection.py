@@ -133,7 +133,10 @@ def host_cost_per_call(model, rows: int = 8, tokens: int = 40) -> dict[str, floa
 
 
 def projected(round_: dict, watched: LayerCalls, host: dict[str, float], flops: float) -> dict:
+    """The round's GPU price per user-version: host-bound layer calls, arithmetic at the assumed MFU, and the rest."""
     versions = round_["users"] - len(round_["failed"])
+    if versions < 1:
+        raise ValueError(f"every user of the K = {round_['batch_users']} round failed: no user-version to price")
     host_seconds = sum(watched.calls[k] * host[k] for k in host)
     arithmetic = (watched.tokens["train"] * 3 + watched.tokens["infer"]) * flops / (PEAK_BF16_FLOPS * ASSUMED_MFU)
     rest = round_["wall_seconds"] - watched.seconds

@@ -46,3 +46,9 @@ def test_a_user_version_is_priced_as_host_calls_plus_arithmetic_plus_the_rest():
     assert row["rest_seconds_per_user_version"] == 10.0  # (50 - 30) s over 2 versions
     assert row["projected_gpu_seconds_per_user_version"] == round((0.8 + arithmetic + 20.0) / 2, 2)
     assert row["layer_calls_per_user_version"] == {"train": 50, "infer": 200}
+
+
+def test_a_round_where_every_user_failed_is_a_clear_error_not_a_division_by_zero():
+    round_ = {"users": 2, "failed": ["u1", "u2"], "batch_users": 8, "wall_seconds": 50.0}
+    with pytest.raises(ValueError, match="every user of the K = 8 round failed"):
+        projected(round_, LayerCalls(), {"train": 0.004, "infer": 0.001}, flops=10**8)
