@@ -287,12 +287,15 @@ def main() -> None:
         "--out", type=Path, default=REPO / "benchmarks" / "results" / f"preference-{datetime.now(UTC):%Y-%m-%d}.json"
     )
     args = parser.parse_args()
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("adaptloop.trainer").setLevel(logging.INFO)
     ctx = {**loaded_context(), "root": Path(tempfile.mkdtemp(prefix="adaptloop-bench-preference-"))}
     # Answers as long as the server gives them: a shorter limit cuts most of the base model's answers (7 of the 12
     # first held-out ones at 160 tokens), which hides a candidate's shortening from the length measure.
-    args.max_new_tokens = args.max_new_tokens or served_answer_tokens()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = served_answer_tokens()
     say = lambda text: print(text, flush=True)  # noqa: E731
     started = time.time()
     results = {}
