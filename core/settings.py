@@ -388,6 +388,9 @@ class TrainingSettings(_Section):
     preference_weight: float = Field(
         1.0, ge=0, le=100, description="weight of a preference step's loss beside the supervised steps"
     )
+    preference_undesirable_weight: float = Field(
+        1.0, ge=0, le=10, description="KTO's weight of a disliked answer's loss against a liked one's (TRL: undesirable_weight)"
+    )
     model_paraphrases: int = Field(
         2,
         ge=0,

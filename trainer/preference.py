@@ -122,9 +122,17 @@ def reference_logps(
 
 
 def preference_loss(
-    peft_model, batch: list[PreferenceItem], reference: dict[int, float], beta: float, pad: int, device, below=None
+    peft_model,
+    batch: list[PreferenceItem],
+    reference: dict[int, float],
+    beta: float,
+    pad: int,
+    device,
+    below=None,
+    undesirable_weight: float = 1.0,
 ):
-    """The weighted mean DPO/KTO loss of a batch of preference items (one forward pass for all their sequences)."""
+    """The weighted mean DPO/KTO loss of a batch of preference items (one forward pass for all their sequences);
+    a disliked answer's loss counts `undesirable_weight` times (KTO's lambda_U, relative to a liked one's)."""
     import torch
 
     pairs = [item for item in batch if item.desirable is None]
@@ -146,7 +154,11 @@ def preference_loss(
         desirable = torch.tensor([bool(item.desirable) for item in rated], device=policy.device)
         losses.append(kto_losses(policy[2 * len(pairs) :], ref[:, 0], desirable, kl, beta))
     weights = torch.tensor([item.weight for item in pairs + rated], device=policy.device)
-    return (torch.cat(losses) * weights).sum() / weights.sum()
+    # Scaled apart from the examples' weights, so that a batch of disliked answers alone is down-weighted too.
+    scales = torch.tensor(
+        [undesirable_weight if item.desirable is False else 1.0 for item in pairs + rated], device=policy.device
+    )
+    return (torch.cat(losses) * weights * scales).sum() / weights.sum()
 
 
 # ---- the gate's judgement ------------------------------------------------------------ #

@@ -83,6 +83,7 @@ class TrainConfig:
     objective: str = "auto"  # sft | sft+preference | auto (trainer/preference.py)
     preference_beta: float = 0.1
     preference_weight: float = 1.0
+    preference_undesirable_weight: float = 1.0
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
@@ -116,6 +117,7 @@ class TrainConfig:
             objective=t.objective,
             preference_beta=t.preference_beta,
             preference_weight=t.preference_weight,
+            preference_undesirable_weight=t.preference_undesirable_weight,
             base_matmuls=t.base_matmuls,
             checks_per_epoch=t.checks_per_epoch,
             answer_batch=s.validation.batch_size,
@@ -451,7 +453,9 @@ def _train_step(
 
     base_states, below, reference = known  # computed once per run: anchors' base states, frozen layers, preference reference
     if batch and isinstance(batch[0], PreferenceItem):
-        loss = preference_loss(peft_model, batch, reference, cfg.preference_beta, pad, device, below)
+        loss = preference_loss(
+            peft_model, batch, reference, cfg.preference_beta, pad, device, below, cfg.preference_undesirable_weight
+        )
         _optimizer_step(loss * cfg.preference_weight, optimizer, schedule, params, cfg)
         run.record(loss.item(), None, None, sum(len(s.input_ids) for item in batch for s in item.sequences))
         return

@@ -25,6 +25,9 @@ from trainer.preference import (
     kl_estimate,
     kto_losses,
     preference_accuracy,
+    preference_items,
+    preference_loss,
+    reference_logps,
     sequence_logps,
     supervised,
     uses_preference,
@@ -74,6 +77,27 @@ def test_sequence_logps_are_the_answer_tokens_log_probabilities(tiny):
             keep = targets != -100
             full = logits[keep].gather(1, targets[keep].unsqueeze(1)).sum()
             assert float(fast[row]) == pytest.approx(float(full), rel=1e-4)
+
+
+def test_a_disliked_answers_loss_counts_undesirable_weight_times(tiny):
+    """KTO's lambda_U: the batch loss is linear in it, and a batch of disliked answers alone is scaled too (the
+    examples' own weights normalize a batch, not this scale)."""
+    model, tokenizer, device = tiny
+    pad = pad_id(tokenizer)
+    liked = [_rated(n, 1.0) for n in range(3)]
+    disliked = [_rated(n, -1.0, f"Town {n}? I could not say how far that is.") for n in range(3, 6)]
+    items = preference_items(tokenizer, liked + disliked, 64)
+    reference = reference_logps(model, items, pad, device)
+    with torch.no_grad():
+        # Away from the reference (its losses all equal there), as after a few steps.
+        reference = {key: value - 1.5 * (n % 3) for n, (key, value) in enumerate(reference.items())}
+        loss = {w: float(preference_loss(model, items, reference, 0.5, pad, device, undesirable_weight=w)) for w in (0, 0.5, 1)}
+        only_disliked = {
+            w: float(preference_loss(model, items[3:], reference, 0.5, pad, device, undesirable_weight=w)) for w in (0.25, 1)
+        }
+    assert loss[0] > 0 and loss[1] > loss[0], "the disliked answers add to the loss, by their weight"
+    assert loss[0.5] == pytest.approx((loss[0] + loss[1]) / 2, rel=1e-5)
+    assert only_disliked[0.25] == pytest.approx(only_disliked[1] / 4, rel=1e-5)
 
 
 def test_a_disliked_answer_is_never_a_supervised_target():
