@@ -152,13 +152,12 @@ def preference_loss(
         ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
         kl = kl_estimate(mismatched, ref[:, 1])
         desirable = torch.tensor([bool(item.desirable) for item in rated], device=policy.device)
-        losses.append(kto_losses(policy[2 * len(pairs) :], ref[:, 0], desirable, kl, beta))
+        kto = kto_losses(policy[2 * len(pairs) :], ref[:, 0], desirable, kl, beta)
+        # Scaled apart from the examples' weights (which normalize the batch), so that a batch of disliked answers
+        # alone is down-weighted too.
+        losses.append(torch.where(desirable, kto, kto * undesirable_weight))
     weights = torch.tensor([item.weight for item in pairs + rated], device=policy.device)
-    # Scaled apart from the examples' weights, so that a batch of disliked answers alone is down-weighted too.
-    scales = torch.tensor(
-        [undesirable_weight if item.desirable is False else 1.0 for item in pairs + rated], device=policy.device
-    )
-    return (torch.cat(losses) * weights * scales).sum() / weights.sum()
+    return (torch.cat(losses) * weights).sum() / weights.sum()
 
 
 # ---- the gate's judgement ------------------------------------------------------------ #
