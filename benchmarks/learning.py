@@ -210,6 +210,7 @@ def loaded_context(quantization: str | None = None) -> dict:
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     model, tokenizer, device = load_base(base, settings.model.dtype, quantization or settings.training.quantization)
     return {
+        "settings": settings,
         "base": base,
         "model": model,
         "tokenizer": tokenizer,
@@ -238,10 +239,9 @@ REWORDINGS = REPO / "benchmarks" / "data" / "rewordings.jsonl"
 
 def model_paraphraser(ctx: dict, count: int = 2):
     """The trainer's paraphrase step as `training.model_paraphrases: count` builds it (2 in the shipped settings)."""
-    from core.settings import load_settings
     from trainer.job import paraphraser_from_settings
 
-    settings = load_settings()
+    settings = ctx["settings"]
     settings = settings.model_copy(update={"training": settings.training.model_copy(update={"model_paraphrases": count})})
     return paraphraser_from_settings(settings, ctx["model"], ctx["tokenizer"], ctx["device"])
 
@@ -258,12 +258,11 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
     `wordings` = (templates, rule rewordings) per example; the trainer's `paraphraser` or None), asked the
     hand-written rewordings it never saw."""
-    from core.settings import load_settings
     from schemas.events import Feedback
     from streams.curation import augment, curate, dedupe
     from streams.dataset import DatasetConfig, build_dataset
 
-    curation = load_settings().streams.curation
+    curation = ctx["settings"].streams.curation
     corrections = [
         Feedback(
             event_id=f"{user}-{n}",
@@ -279,7 +278,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
     taught = [example for event in corrections for example in curate(event, None, curation).examples]
     new = dedupe(augment(taught, wordings[0], curation.seed, wordings[1]))
     train, test = build_dataset(
-        new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(), user_id=user
+        new, replay_pool=[], global_pool=[], include_global=False, cfg=DatasetConfig.from_settings(ctx["settings"]), user_id=user
     )
     asked = [(fact, wording) for fact in facts for wording in fact["rewordings"]]
     train, removed = _never_asked(train, [wording for _, wording in asked])

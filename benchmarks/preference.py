@@ -213,13 +213,6 @@ def sampled_answers(ctx: dict, prompts: list[str], samples: int, max_new_tokens:
     return [(p, a) for p, a in out if a]
 
 
-def served_answer_tokens() -> int:
-    """How long an answer the server gives when a request names no length (`serving.default_max_tokens`)."""
-    from core.settings import load_settings
-
-    return load_settings().serving.default_max_tokens
-
-
 def measure(user: str, answers: list[str]) -> dict:
     if user == "short":
         return {"mean_words": round(statistics.mean(words(a) for a in answers), 1)}
@@ -295,7 +288,7 @@ def main() -> None:
     # Answers as long as the server gives them: a shorter limit cuts most of the base model's answers (7 of the 12
     # first held-out ones at 160 tokens), which hides a candidate's shortening from the length measure.
     if args.max_new_tokens is None:
-        args.max_new_tokens = served_answer_tokens()
+        args.max_new_tokens = ctx["settings"].serving.default_max_tokens  # the server's, when a request names none
     say = lambda text: print(text, flush=True)  # noqa: E731
     started = time.time()
     results = {}
