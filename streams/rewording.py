@@ -192,7 +192,7 @@ _PLACES = {"city", "town", "country", "place", "village", "street", "school", "u
 _TRAILING_PREPOSITION = re.compile(r"\s+(?:in|at|to|for|from|on)$", re.I)
 _POSSESSIVE_PRONOUNS = {"i": "my", "you": "your", "he": "his", "she": "her", "they": "their", "we": "our"}
 _FAVOURITE = re.compile(r"^(?:What|Which) (?:is|are) (?P<owner>my|your) (?:favourite|favorite) (?P<x>[\w ]+?)\?$", re.I)
-_BORN = re.compile(r"^(?:Where|Which \w+|What \w+) (?:was|were) (?P<subj>I|you|(?:my|your) [\w']+) born(?: in)?\?$", re.I)
+_BORN = re.compile(r"^(?P<wh>Where|Which \w+|What \w+) (?P<be>was|were) (?P<subj>I|you|(?:my|your) [\w']+) born(?: in)?\?$", re.I)
 
 
 def _owner(subject: str) -> str:
@@ -221,8 +221,8 @@ def _wh_words(q: str) -> list[str]:
             out.append(f"Who {head}{rest}?")
         if last not in _PLACES | _PEOPLE | _GROUPS:
             out.append(f"What {head}{rest}?")
-    elif (m := _BORN.match(q)) and " " in q.split(" was ")[0]:  # a noun to fold: "Which city was ...", not "Where was ..."
-        out.append(f"Where was {_subject(m)} born?")
+    elif (m := _BORN.match(q)) and " " in m["wh"]:  # a noun to fold: "Which city was ...", not "Where was ..."
+        out.append(f"Where {m['be'].lower()} {_subject(m)} born?")
     for pattern in (_CALLED, _NAME_OF, _THE_NAME):
         if (m := pattern.match(q)) and m["x"].split()[-1].lower() in _PEOPLE:
             out.append(f"Who {m['be'].lower()} {m['owner'].lower()} {m['x']}?")

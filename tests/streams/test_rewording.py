@@ -42,6 +42,12 @@ def test_rules_reword_the_question_itself(question, expected):
     assert expected in rewordings(question)
 
 
+def test_the_born_rule_keeps_the_questions_verb_and_leaves_a_plain_where_alone():
+    assert ("wh-word", "Where were you born?") in rewordings("Which city were you born in?")
+    assert ("wh-word", "Where was my aunt born?") in rewordings("Which town was my aunt born in?")
+    assert [text for kind, text in rewordings("Where were you born?") if kind == "wh-word"] == [], "nothing to fold"
+
+
 def test_rewordings_differ_from_the_question_and_each_other():
     found = [text for _, text in rewordings("What is my cat called?")]
     assert "What is my cat called?" not in found and len(found) == len({t.casefold() for t in found}) >= 5
