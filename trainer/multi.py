@@ -515,16 +515,7 @@ def _shrink_together(members: list[_Member], model, tokenizer, device, loras: Us
     batches; a member no scale suits gets its update back as trained.
     """
     scales = sorted(s for s in cfg.shrink_to if 0 < s < 1)
-    # As alone (`keeps_facts`), an update that never answered every held-out fact is kept as trained without
-    # generating a scale's answers.
-    pending = [
-        m
-        for m in members
-        if m.run.hooks.questions is not None
-        and m.run.hooks.keeps_facts is not None
-        and not m.state.finished
-        and m.run.hooks.questions.learned_every_fact()
-    ]
+    pending = [m for m in members if _may_shrink(m)]
     if not scales or not pending:
         return
     trained = {m.index: {k: p.detach().clone() for k, p in loras.weights[m.index].items() if k.endswith(_B)} for m in pending}
@@ -547,6 +538,16 @@ def _shrink_together(members: list[_Member], model, tokenizer, device, loras: Us
                 member.result = exc
         pending = still
     _scale_update(loras, pending, trained, 1.0)  # no smaller update keeps their facts: as trained
+
+
+def _may_shrink(member: _Member) -> bool:
+    """Whether a member's update is tried at smaller scales: it asks its facts as questions (`keeps_facts`), its run
+    is not finished (a finished one resumed was shrunk before) and, as alone, its update as trained answered every
+    held-out fact (one that never did is kept as trained, without generating a scale's answers)."""
+    hooks = member.run.hooks
+    if hooks.questions is None or hooks.keeps_facts is None or member.state.finished:
+        return False
+    return hooks.questions.learned_every_fact()
 
 
 def _scale_update(loras: UserLoras, members: list[_Member], trained: dict[int, dict], scale: float) -> None:
