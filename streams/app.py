@@ -60,10 +60,6 @@ def _broker_kwargs(client: ClientConfig) -> dict:
     return kwargs
 
 
-# Below the broker's default record-batch limit (message.max.bytes, 1 MiB).
-PRODUCER_MAX_BATCH_BYTES = 512 * 1024
-
-
 def _faust_app(cfg: WorkerConfig) -> faust.App:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     return faust.App(
@@ -85,7 +81,7 @@ def _faust_app(cfg: WorkerConfig) -> faust.App:
         # aiokafka holds one batch per partition until the one before is sent,
         # with one request in flight per broker: at the 16 KiB default, a batch
         # of states took several round trips per send phase.
-        producer_max_batch_size=PRODUCER_MAX_BATCH_BYTES,
+        producer_max_batch_size=cfg.producer_batch_bytes,  # below every topic's max.message.bytes
         # A rebalance (and a graceful stop) waits for the batch whose sends are in flight: its messages stay
         # unacked until its outputs are acknowledged (streams/fetch.py), so no record of it lands after its
         # partitions moved, where it could overwrite a newer state their new owner had written.

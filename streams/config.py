@@ -6,8 +6,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.kafka.client import ClientConfig
-from core.settings import EncryptionSettings, Settings, defaults, worker_data_dir, worker_internal_topic
+from core.settings import EncryptionSettings, Settings, TopicsSettings, defaults, worker_data_dir, worker_internal_topic
 from streams.processor import ProcessorConfig
+
+# Below the broker's default record-batch limit (message.max.bytes, 1 MiB).
+PRODUCER_MAX_BATCH_BYTES = 512 * 1024
+_RECORD_BATCH_OVERHEAD = 1024  # a record batch's header and the records' framing, beyond what aiokafka counts
+
+
+def producer_batch_bytes(topics: TopicsSettings) -> int:
+    """The worker producer's batch size: PRODUCER_MAX_BATCH_BYTES, or less where a topic's own `max.message.bytes`
+    (`topics.<name>.config`) is lower: the broker refuses a record batch above its topic's limit whole."""
+    limits = [
+        int(spec.config["max.message.bytes"]) - _RECORD_BATCH_OVERHEAD
+        for spec in topics.all()
+        if "max.message.bytes" in spec.config
+    ]
+    return max(1, min([PRODUCER_MAX_BATCH_BYTES, *limits]))
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,7 @@ class WorkerConfig:
     review_requests_partitions: int
     dlq_raw: bool  # dead letters keep the raw bytes (privacy.dlq_raw)
     data_dir: Path  # Faust's local files
+    producer_batch_bytes: int = PRODUCER_MAX_BATCH_BYTES  # see producer_batch_bytes
     encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @property
@@ -81,5 +97,6 @@ class WorkerConfig:
             review_requests_partitions=topics.review_requests.partitions,
             dlq_raw=s.privacy.dlq_raw,
             data_dir=worker_data_dir(s),
+            producer_batch_bytes=producer_batch_bytes(topics),
         )
         return replace(config, **overrides)

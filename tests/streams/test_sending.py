@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.app import PRODUCER_MAX_BATCH_BYTES, _faust_app
-from streams.config import WorkerConfig
+from streams.app import _faust_app
+from streams.config import PRODUCER_MAX_BATCH_BYTES, WorkerConfig
 from streams.sending import PHASE_FIRST, PHASE_MARKS, PHASE_STATE, BatchSender
 from tests.support.kafka import read_topic
 
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.kafka
 BROKER_RECORD_BATCH_LIMIT = 1_048_588  # the broker's default message.max.bytes
 
 
-def _send(bootstrap: str, fill) -> int:
+def _send(bootstrap: str, fill, batch_bytes: int = PRODUCER_MAX_BATCH_BYTES) -> int:
     async def run() -> int:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=-1, max_batch_size=PRODUCER_MAX_BATCH_BYTES)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=-1, max_batch_size=batch_bytes)
         await producer.start()
         try:
             sender = BatchSender(producer)
@@ -66,3 +66,20 @@ def test_the_worker_producer_batches_a_partition_s_records_of_a_send_phase_toget
     """aiokafka holds one batch per partition until the one before is sent: 16 KiB batches cost round trips."""
     app = _faust_app(WorkerConfig.from_settings(isolated_settings()))
     assert 256 * 1024 <= app.conf.producer_max_batch_size == PRODUCER_MAX_BATCH_BYTES < BROKER_RECORD_BATCH_LIMIT
+
+
+def test_a_topic_whose_max_message_bytes_is_lower_gets_batches_it_accepts(kafka_client, topic_factory, isolated_settings):
+    """A topic configured with a lower `max.message.bytes` than the worker's batch size refused its full batches."""
+    limit = 64 * 1024
+    settings = isolated_settings()
+    dlq = settings.topics.dlq.model_copy(update={"config": {**settings.topics.dlq.config, "max.message.bytes": str(limit)}})
+    cfg = WorkerConfig.from_settings(settings.model_copy(update={"topics": settings.topics.model_copy(update={"dlq": dlq})}))
+    assert cfg.producer_batch_bytes < limit and _faust_app(cfg).conf.producer_max_batch_size == cfg.producer_batch_bytes
+    small = topic_factory("small-messages", config={"max.message.bytes": str(limit)})
+
+    def fill(sender: BatchSender) -> None:
+        for i in range(2000):  # about 460 KB: several batches at the topic's limit, one at the default size
+            sender.add(small, 0, b"u", b'{"seq": %d, "pad": "%s"}' % (i, b"x" * 200))
+
+    assert _send(kafka_client.bootstrap_servers, fill, cfg.producer_batch_bytes) == 2000
+    assert len(read_topic(kafka_client, small)) == 2000
