@@ -108,6 +108,15 @@ class TopicSpec(_Section):
             raise ValueError("a topic name is 1-249 of letters, digits, '.', '_' and '-'")
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _message_size_in_bytes(cls, value: dict[str, str]) -> dict[str, str]:
+        """`max.message.bytes` also sizes the worker's producer batches (streams/config.py): a whole number."""
+        size = value.get("max.message.bytes")
+        if size is not None and not (size.isdigit() and int(size) > 0):
+            raise ValueError(f"max.message.bytes is a positive whole number of bytes, not {size!r}")
+        return value
+
 
 InputKind = Literal["intent_traces", "feedback", "conversations", "concept_gaps"]
 INPUT_KINDS: tuple[InputKind, ...] = ("intent_traces", "feedback", "conversations", "concept_gaps")

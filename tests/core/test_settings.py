@@ -78,13 +78,21 @@ def test_one_error_lists_every_bad_key(tmp_path, monkeypatch):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(
         "schedule: weekly\nmin_gap_events: 0\npromote_if_score: 1.5\nkafka:\n  bootstrap_servers: x\n  colour: red\n"
-        "topics:\n  dlq: {name: 'bad/name'}\n"
+        "topics:\n  dlq: {name: 'bad/name'}\n  feedback: {name: f, config: {max.message.bytes: 64k}}\n"
     )
     monkeypatch.setenv("ADAPTLOOP_MAX_ADAPTER_VERSIONS", "many")
     with pytest.raises(ConfigError) as info:
         load_settings(cfg)
     message = str(info.value)
-    for key in ["schedule", "min_gap_events", "promote_if_score", "kafka.colour", "topics.dlq.name", "max_adapter_versions"]:
+    for key in [
+        "schedule",
+        "min_gap_events",
+        "promote_if_score",
+        "kafka.colour",
+        "topics.dlq.name",
+        "topics.feedback.config",
+        "max_adapter_versions",
+    ]:
         assert key in message, key
     assert "ADAPTLOOP_MAX_ADAPTER_VERSIONS" in message
     assert "unknown key" in message
