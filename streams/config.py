@@ -14,7 +14,7 @@ PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 _RECORD_BATCH_OVERHEAD = 1024  # a record batch's header and the records' framing, beyond what aiokafka counts
 
 
-def producer_batch_bytes(topics: TopicsSettings) -> int:
+def fitting_producer_batch_bytes(topics: TopicsSettings) -> int:
     """The worker producer's batch size: PRODUCER_MAX_BATCH_BYTES, or less where a topic's own `max.message.bytes`
     (`topics.<name>.config`) is lower: the broker refuses a record batch above its topic's limit whole."""
     limits = [
@@ -53,7 +53,7 @@ class WorkerConfig:
     review_requests_partitions: int
     dlq_raw: bool  # dead letters keep the raw bytes (privacy.dlq_raw)
     data_dir: Path  # Faust's local files
-    producer_batch_bytes: int = PRODUCER_MAX_BATCH_BYTES  # see producer_batch_bytes
+    producer_batch_bytes: int = PRODUCER_MAX_BATCH_BYTES  # below every topic's max.message.bytes (fitting_producer_batch_bytes)
     encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
 
     @property
@@ -97,6 +97,6 @@ class WorkerConfig:
             review_requests_partitions=topics.review_requests.partitions,
             dlq_raw=s.privacy.dlq_raw,
             data_dir=worker_data_dir(s),
-            producer_batch_bytes=producer_batch_bytes(topics),
+            producer_batch_bytes=fitting_producer_batch_bytes(topics),
         )
         return replace(config, **overrides)
