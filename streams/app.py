@@ -60,7 +60,9 @@ def _broker_kwargs(client: ClientConfig) -> dict:
     return kwargs
 
 
-def _faust_app(cfg: WorkerConfig) -> faust.App:
+def faust_app(cfg: WorkerConfig) -> faust.App:
+    """The Faust app the worker's settings describe, before its topics, tables and handlers are added
+    (`create_app` adds them): its broker, producer and commit settings in one place."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     return faust.App(
         cfg.app_id,
@@ -97,7 +99,7 @@ def _faust_app(cfg: WorkerConfig) -> faust.App:
 
 def create_app(cfg: WorkerConfig) -> faust.App:
     faust_fixes.apply()
-    app = _faust_app(cfg)
+    app = faust_app(cfg)
     internal = app.topic(cfg.internal_topic, partitions=cfg.internal_partitions, internal=True, key_type=bytes, value_type=bytes)
     # One consumer reads everything: Faust assigns partition p of every source
     # topic (and of the tables' changelogs) to the same worker.

@@ -11,6 +11,10 @@ call:
 
     install(app, topics, handle)   # before the app starts; handle(messages) is async
 
+Each turn of the drain: `fill` gathers what the fetches bring for a batch,
+`deliver` gives the worker's messages to `Batches` (the handler and the
+batch whose outputs are still being sent) and the rest to Faust.
+
 What stays Faust's: the consumer, its group membership and rebalances, the
 tables and their recovery (changelog messages still take Faust's path: they
 go to the conductor one by one, as before), offset commits and the hole
@@ -55,12 +59,12 @@ def _drainer(topics: frozenset[str], handle: Handle, batch_size: int, within_s: 
         """Faust's `Consumer._drain_messages`, many messages at a time (same stop, error and offset handling)."""
         fetcher_should_stop = fetcher._stopped.is_set
         try:
-            batches = _Batches(handle, batch_size)
+            batches = Batches(handle, batch_size)
             while not (consumer._stopped.is_set() or fetcher_should_stop()):
                 generation = consumer.app.consumer_generation_id
-                fetched = await _fill(consumer, batch_size, within_s)
+                fetched = await fill(consumer, batch_size, within_s)
                 if fetched and not consumer.should_stop:
-                    await _deliver(consumer, fetched, generation, topics, batches)
+                    await deliver(consumer, fetched, generation, topics, batches)
                 elif not fetched:
                     await batches.settle()  # quiet: a failure of the last sends surfaces here
         except consumer.consumer_stopped_errors:
@@ -73,7 +77,7 @@ def _drainer(topics: frozenset[str], handle: Handle, batch_size: int, within_s: 
     return drain_in_batches
 
 
-async def _fill(consumer: Any, batch_size: int, within_s: float) -> list[Any]:
+async def fill(consumer: Any, batch_size: int, within_s: float) -> list[Any]:
     """Fetches until `batch_size` messages, `within_s` after the first, or a rebalance; all they brought."""
     loop = asyncio.get_running_loop()
     generation = consumer.app.consumer_generation_id
@@ -88,7 +92,7 @@ async def _fill(consumer: Any, batch_size: int, within_s: float) -> list[Any]:
     return fetched
 
 
-class _Batches:
+class Batches:
     """The handler, the most messages it gets at once, and the batch whose outputs are still being sent.
 
     A batch is worked out while the batch before it waits for the broker's
@@ -107,7 +111,7 @@ class _Batches:
             await in_flight
 
 
-async def _deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: _Batches) -> None:
+async def deliver(consumer: Any, fetched: list[Any], generation: int, topics: frozenset[str], handle: Batches) -> None:
     """The worker's messages to `handle` in runs, the rest to Faust's conductor; offsets marked read and acked.
 
     A fetch a rebalance overtook loses its worker records before its holes are
@@ -148,7 +152,7 @@ async def _new_messages(consumer: Any, fetched: list[Any]) -> list[Any]:
     return fresh
 
 
-async def _handle_run(consumer: Any, run: list[Any], generation: int, batches: _Batches) -> None:
+async def _handle_run(consumer: Any, run: list[Any], generation: int, batches: Batches) -> None:
     # In batches, not a whole fetch at once: a batch's work holds the event loop
     # (the metrics page) until its sends, and aiokafka's fetches are not capped
     # (`max_poll_records` would leave partitions half drained, and the next
@@ -160,7 +164,7 @@ async def _handle_run(consumer: Any, run: list[Any], generation: int, batches: _
         await _handle_batch(consumer, run[start : start + batches.size], batches)
 
 
-async def _handle_batch(consumer: Any, batch: list[Any], batches: _Batches) -> None:
+async def _handle_batch(consumer: Any, batch: list[Any], batches: Batches) -> None:
     for message in batch:
         consumer._unacked_messages.add(message)  # a graceful stop waits for them (Consumer.wait_empty)
     sent = await batches.handle(batch)

@@ -63,9 +63,9 @@ async def sent_at_once() -> None:
 
 async def deliver(consumer: ConsumerStandIn, fetched: list, generation: int, handle, batch_size: int) -> None:
     """`fetched` through the drain, then the last batch's sends waited for (as the drain does when a fetch is empty)."""
-    batches = fetch._Batches(handle, batch_size)
+    batches = fetch.Batches(handle, batch_size)
     try:
-        await fetch._deliver(consumer, fetched, generation, frozenset({SOURCE}), batches)
+        await fetch.deliver(consumer, fetched, generation, frozenset({SOURCE}), batches)
     finally:
         await batches.settle()
 
@@ -73,7 +73,7 @@ async def deliver(consumer: ConsumerStandIn, fetched: list, generation: int, han
 def drain_once(consumer: ConsumerStandIn, handle, batch_size: int = 3, within_s: float = 0.0) -> None:
     async def run() -> None:
         generation = consumer.app.consumer_generation_id
-        fetched = await fetch._fill(consumer, batch_size, within_s)
+        fetched = await fetch.fill(consumer, batch_size, within_s)
         await deliver(consumer, fetched, generation, handle, batch_size)
 
     asyncio.run(run())
@@ -123,9 +123,9 @@ def test_the_next_batch_is_worked_out_while_the_one_before_waits_for_its_acknowl
         return sent()
 
     async def run() -> None:
-        fetched = await fetch._fill(consumer, 2, 0.0)
-        batches = fetch._Batches(handle, 2)
-        await fetch._deliver(consumer, fetched, 1, frozenset({SOURCE}), batches)
+        fetched = await fetch.fill(consumer, 2, 0.0)
+        batches = fetch.Batches(handle, 2)
+        await fetch.deliver(consumer, fetched, 1, frozenset({SOURCE}), batches)
         assert [offset for _t, _p, offset in consumer.acked] == [0, 1], "acked once its sends were, not before"
         assert len(consumer._unacked_messages) == 2, "the second batch waits for its own acknowledgements"
         acknowledged[1].set()
@@ -160,7 +160,7 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_unacknowledged():
         return sent_at_once()
 
     async def run() -> None:
-        fetched = await fetch._fill(consumer, 10, 0.0)
+        fetched = await fetch.fill(consumer, 10, 0.0)
         consumer.app.consumer_generation_id = 2  # the partitions moved while the fetch waited
         await deliver(consumer, fetched, 1, handle, 10)
 
@@ -179,7 +179,7 @@ def test_a_fetch_overtaken_by_a_rebalance_loses_its_worker_records_before_its_ho
         raise AssertionError("nothing of the overtaken fetch is handled")
 
     async def run() -> None:
-        fetched = await fetch._fill(consumer, 10, 0.0)
+        fetched = await fetch.fill(consumer, 10, 0.0)
         consumer.app.consumer_generation_id = 2
         await deliver(consumer, fetched, 1, handle, 10)
 
@@ -214,7 +214,7 @@ def test_changelog_records_take_faust_path_in_order():
         return sent_at_once()
 
     async def run() -> None:
-        got = await fetch._fill(consumer, 10, 0.0)
+        got = await fetch.fill(consumer, 10, 0.0)
         await deliver(consumer, got, 1, handle, 10)
 
     asyncio.run(run())
@@ -228,6 +228,6 @@ def test_a_batch_fills_from_several_fetches_until_its_size():
     )
 
     async def run() -> list:
-        return await fetch._fill(consumer, 3, 60.0)
+        return await fetch.fill(consumer, 3, 60.0)
 
     assert [m.offset for m in asyncio.run(run())] == [0, 1, 2], "stops at the batch size, not at the deadline"

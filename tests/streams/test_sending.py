@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streams.app import _faust_app
+from streams.app import faust_app
 from streams.config import PRODUCER_MAX_BATCH_BYTES, WorkerConfig
 from streams.sending import PHASE_FIRST, PHASE_MARKS, PHASE_STATE, BatchSender
 from tests.support.kafka import read_topic
@@ -64,7 +64,7 @@ def test_phases_are_acknowledged_in_order(kafka_client, topic_factory):
 
 def test_the_worker_producer_batches_a_partition_s_records_of_a_send_phase_together(isolated_settings):
     """aiokafka holds one batch per partition until the one before is sent: 16 KiB batches cost round trips."""
-    app = _faust_app(WorkerConfig.from_settings(isolated_settings()))
+    app = faust_app(WorkerConfig.from_settings(isolated_settings()))
     assert 256 * 1024 <= app.conf.producer_max_batch_size == PRODUCER_MAX_BATCH_BYTES < BROKER_RECORD_BATCH_LIMIT
 
 
@@ -74,7 +74,7 @@ def test_a_topic_whose_max_message_bytes_is_lower_gets_batches_it_accepts(kafka_
     settings = isolated_settings()
     dlq = settings.topics.dlq.model_copy(update={"config": {**settings.topics.dlq.config, "max.message.bytes": str(limit)}})
     cfg = WorkerConfig.from_settings(settings.model_copy(update={"topics": settings.topics.model_copy(update={"dlq": dlq})}))
-    assert cfg.producer_batch_bytes < limit and _faust_app(cfg).conf.producer_max_batch_size == cfg.producer_batch_bytes
+    assert cfg.producer_batch_bytes < limit and faust_app(cfg).conf.producer_max_batch_size == cfg.producer_batch_bytes
     small = topic_factory("small-messages", config={"max.message.bytes": str(limit)})
 
     def fill(sender: BatchSender) -> None:
