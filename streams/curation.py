@@ -206,9 +206,10 @@ def redact_curated(curated: Curated, redactor: Redactor) -> tuple[Curated, dict[
 
     boost = None if curated.boost_prompt is None else clean(curated.boost_prompt)
     resolved = None if curated.resolved is None else clean(curated.resolved)
-    asked = None if curated.asked is None else replace(curated.asked, question=clean(curated.asked.question))
+    question = None if curated.asked is None else clean(curated.asked.question)
     if not found:
         return curated, found  # nothing personal (most events): no copies
+    asked = None if curated.asked is None else replace(curated.asked, question=question)
     return replace(curated, examples=examples, boost_prompt=boost, resolved=resolved, asked=asked), found
 
 

@@ -98,6 +98,18 @@ def test_redaction_cleans_examples_and_the_thumbs_up_prompt_alike():
     assert redact_curated(corr, DISABLED) == (corr, {})
 
 
+def test_redaction_cleans_a_kept_question_and_copies_nothing_without_personal_data():
+    from core.redaction import Redactor
+    from streams.curation import redact_curated
+
+    missed = curate(IntentTrace(**BASE, intent="i", status="missed", query="Mail ana@example.org?"), PROV, CFG)
+    clean, found = redact_curated(missed, Redactor())
+    assert clean.asked.question == "Mail <EMAIL>?" and found == {"EMAIL": 1}
+    assert missed.asked.question == "Mail ana@example.org?", "the curated event itself is left as it was"
+    plain = curate(IntentTrace(**BASE, intent="i", status="missed", query="Which mail?"), PROV, CFG)
+    assert redact_curated(plain, Redactor()) == (plain, {}) and redact_curated(plain, Redactor())[0] is plain
+
+
 def test_redaction_cleans_the_answer_a_correction_replaced():
     from core.redaction import Redactor
     from streams.curation import redact_curated
