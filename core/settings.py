@@ -382,6 +382,11 @@ class TrainingSettings(_Section):
         ge=0,
         description="time budget per version: no epoch starts that would, at the last one's pace, end past it (0 = none)",
     )
+    anneal_within_budget: bool = Field(
+        True,
+        description="the learning rate decays to zero by the end of the last epoch the time budget allows (planned "
+        "again after each epoch), not by `epochs`: a run the budget stops ends at a low rate, not a high one",
+    )
     warm_start: bool = Field(
         True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero"
     )

@@ -46,6 +46,7 @@ from trainer.loss import BaseAnswers, RowUsers, answer_losses, base_answer_state
 from trainer.precision import FrozenMatmuls, low_precision
 from trainer.preference import supervised, uses_preference
 from trainer.train import (
+    DecayPlan,
     FactQuestions,
     RunState,
     StepReport,
@@ -255,6 +256,7 @@ class _Member:
     total_steps: int
     optimizer: object
     schedule: object
+    plan: DecayPlan
     state: RunState
     budget: TimeBudget
     spent: float = 0.0  # this user's seconds: a share of every shared step, all of its own checks
@@ -371,7 +373,7 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
     if checkpoint is None and run.init_adapter is not None:
         start = read_fitting_weights(run.init_adapter, initial)
     index = loras.add(start)
-    optimizer, schedule = optimizer_and_schedule(loras.params(index), cfg, total)
+    optimizer, schedule, plan = optimizer_and_schedule(loras.params(index), cfg, total)
     state = RunState()
     if checkpoint is not None:
         progress, weights = load_checkpoint(optimizer, checkpoint, run.hooks.seal)
@@ -384,7 +386,7 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
         wind_forward(schedule, state.step)
     hooks = run.hooks
     shrink_checks = len([s for s in cfg.shrink_to if 0 < s < 1]) if hooks.keeps_facts is not None else 0
-    member = _Member(run, index, items, steps_per_epoch, total, optimizer, schedule, state, None)  # type: ignore[arg-type]
+    member = _Member(run, index, items, steps_per_epoch, total, optimizer, schedule, plan, state, None)  # type: ignore[arg-type]
     member.budget = TimeBudget(cfg, 0.0, shrink_checks, clock=lambda: member.spent)
     member.batches = _epochs(member, model, loras, cfg)
     return member
@@ -425,8 +427,7 @@ def _epochs(member: _Member, model, loras: UserLoras, cfg: TrainConfig) -> Itera
                 if done:
                     state.stop(epoch + checks[index], "early stopping")
                     return
-        member.budget.note_epoch(member.spent - epoch_started)
-        if member.budget.spent_after(epoch + 1):
+        if member.budget.epoch_end(member.spent - epoch_started, epoch + 1, member.plan, member.steps_per_epoch):
             state.stop(epoch + 1, "time budget")
             return
 

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.encryption import UserSeal
 from core.errors import ModelError, TrainingInterrupted
@@ -45,6 +45,7 @@ __all__ = [
     "RunState",
     "StepReport",
     "TimeBudget",
+    "DecayPlan",
     "TrainConfig",
     "TrainHooks",
     "TrainResult",
@@ -86,6 +87,7 @@ class TrainConfig:
     preference_undesirable_weight: float = 1.0
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
+    anneal_within_budget: bool = True  # the rate reaches zero where the time budget ends the run (`DecayPlan`)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     lora_rows: str = "auto"  # how a batch's users' rows meet their adapters (trainer/multi.py LORA_ROWS)
     warmup_steps: int = 2
@@ -120,6 +122,7 @@ class TrainConfig:
             preference_undesirable_weight=t.preference_undesirable_weight,
             base_matmuls=t.base_matmuls,
             checks_per_epoch=t.checks_per_epoch,
+            anneal_within_budget=t.anneal_within_budget,
             answer_batch=s.validation.batch_size,
         )
         return replace(config, **overrides)
@@ -258,6 +261,29 @@ class TrainResult:
     loss_curves: dict[str, list[float | None]] = field(default_factory=dict)  # "user", "anchor_kl" per step
 
 
+@dataclass
+class DecayPlan:
+    """The step at which the learning rate reaches zero: every epoch's steps at first, then, with
+    `anneal_within_budget`, the end of the last epoch the time budget allows, planned again after each epoch.
+
+    A run the budget stops (most runs on a CPU: a ratings-only user's two
+    epochs of eight) otherwise ended at 87% of the peak rate, its last
+    weights as noisy as its middle ones; decayed to where it ends, the short
+    user's versions kept retention >= 0.95 at three seeds of three against
+    one of three (benchmarks/README.md, "a schedule that ends with the run").
+    A resumed run plans anew after its next epoch: its time budget starts
+    again with it."""
+
+    steps: int
+    schedule: Any = None  # the LambdaLR reading `steps` (`optimizer_and_schedule` sets it)
+
+    def replan(self, steps: int) -> None:
+        """Move the decay's end to `steps`, the rate of the next step with it."""
+        self.steps, s = steps, self.schedule
+        for group, base, rate in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
+            group["lr"] = base * rate(s.last_epoch)
+
+
 class TimeBudget:
     """`max_train_seconds`: no epoch starts that would, at the slowest pace so far, end past the budget.
 
@@ -278,6 +304,24 @@ class TimeBudget:
 
     def note_epoch(self, seconds: float) -> None:
         self.slowest_epoch = max(self.slowest_epoch, seconds)
+
+    def epochs_that_fit(self, epochs_done: int) -> int:
+        """The epochs the run will have done when `spent_after` stops it, at the slowest pace so far (`epochs`
+        without a budget or a pace yet)."""
+        cfg = self.cfg
+        if cfg.max_train_seconds <= 0 or self.slowest_epoch <= 0:
+            return cfg.epochs
+        left = cfg.max_train_seconds - (self.clock() - self.started) - self.shrink_checks * self.slowest_check
+        more = max(0, math.floor(left / self.slowest_epoch))
+        return min(cfg.epochs, max(cfg.min_epochs, epochs_done + more))
+
+    def epoch_end(self, seconds: float, epochs_done: int, plan: DecayPlan, steps_per_epoch: int) -> bool:
+        """Note an epoch's `seconds`, move the rate's decay to the end of the epochs that fit
+        (`anneal_within_budget`), and say whether the budget ends the run now."""
+        self.note_epoch(seconds)
+        if self.cfg.anneal_within_budget:
+            plan.replan(steps_per_epoch * self.epochs_that_fit(epochs_done))
+        return self.spent_after(epochs_done)
 
     def spent_after(self, epochs_done: int) -> bool:
         cfg = self.cfg
@@ -331,7 +375,7 @@ def train_adapter(
         anchor_items = [t for t in items if t.anchor] if cfg.anchor_kl > 0 else []
         with peft_model.disable_adapter(), low_precision(matmuls):
             base_states = base_answer_states(model, anchor_items, pad, device, below=below) if anchor_items else None
-        optimizer, schedule = optimizer_and_schedule(params, cfg, total_steps)
+        optimizer, schedule, plan = optimizer_and_schedule(params, cfg, total_steps)
         if init_adapter is not None:
             load_adapter_weights(peft_model, init_adapter)  # the preference reference: where the run starts
         with low_precision(matmuls):
@@ -356,8 +400,7 @@ def train_adapter(
                     break
             if run.stopped_by is not None:
                 break
-            budget.note_epoch(time.perf_counter() - epoch_started)
-            if budget.spent_after(epoch + 1):
+            if budget.epoch_end(time.perf_counter() - epoch_started, epoch + 1, plan, steps_per_epoch):
                 # A bounded wait per version is worth more than the last few facts; the gate judges what was learned.
                 run.stop(epoch + 1, "time budget")
                 break
@@ -378,7 +421,8 @@ _FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs for flo
 
 
 def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
-    """AdamW with a short linear warm-up and a square-root decay to zero.
+    """AdamW with a short linear warm-up and a square-root decay to zero at `total_steps`, and the `DecayPlan`
+    that moves that end.
 
     AdamW's fused kernel where torch has one for the weights' device: a LoRA
     has two small tensors per adapted module (420 on the default model), and
@@ -387,14 +431,15 @@ def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
     7e-9 after 50 steps)."""
     import torch
 
-    params = list(params)
+    params, plan = list(params), DecayPlan(total_steps)
     fused = all(p.device.type in _FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=fused or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, total_steps)) ** 0.5,
+        lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.0, 1 - s / max(1, plan.steps)) ** 0.5,
     )
-    return optimizer, schedule
+    plan.schedule = schedule
+    return optimizer, schedule, plan
 
 
 def _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir: Path | None, seal: UserSeal | None) -> RunState:

@@ -69,5 +69,5 @@ def test_the_trainers_optimizer_is_fused_on_a_cpu():
 
     from trainer.train import TrainConfig, optimizer_and_schedule
 
-    optimizer, _ = optimizer_and_schedule([torch.nn.Parameter(torch.ones(2))], TrainConfig.from_settings(), total_steps=4)
+    optimizer, *_ = optimizer_and_schedule([torch.nn.Parameter(torch.ones(2))], TrainConfig.from_settings(), total_steps=4)
     assert optimizer.param_groups[0]["fused"] is True

@@ -46,16 +46,22 @@ def _close(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_users_trained_together_get_the_weights_each_gets_alone(tiny, tmp_path):
+# Planned for six epochs, stopped by a budget no epoch fits after min_epochs (two): the rate's decay is planned
+# again after each epoch (`anneal_within_budget`), for each user in a batch as for a run alone.
+HURRIED = replace(CFG, epochs=6, min_epochs=2, max_train_seconds=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [CFG, HURRIED], ids=["every epoch", "stopped by the time budget"])
+def test_users_trained_together_get_the_weights_each_gets_alone(tiny, tmp_path, cfg):
     model, tokenizer, device = tiny
     data = {"ann": _facts("ann", 4), "bob": _facts("bob", 6), "cy": _facts("cy", 3)}  # different lengths: bob runs longest
-    alone = {u: train_adapter(model, tokenizer, device, ex, CFG, tmp_path / "alone" / u) for u, ex in data.items()}
+    alone = {u: train_adapter(model, tokenizer, device, ex, cfg, tmp_path / "alone" / u) for u, ex in data.items()}
     runs = [UserRun(u, ex, tmp_path / "batch" / u) for u, ex in data.items()]
-    together = dict(zip(data, train_adapters(model, tokenizer, device, runs, CFG)))
+    together = dict(zip(data, train_adapters(model, tokenizer, device, runs, cfg)))
     for user in data:
         got, want = together[user], alone[user]
         assert isinstance(got, TrainResult)
-        assert got.steps == want.steps and got.tokens == want.tokens
+        assert got.steps == want.steps and got.tokens == want.tokens and got.stopped_by == want.stopped_by
         assert got.loss_curve == pytest.approx(want.loss_curve, rel=1e-3, abs=1e-4)
         assert _close(_weights(got), _weights(want)) < 1e-4, user
     assert not any("lora" in name for name, _ in model.named_modules()), "the base model is left as it was"

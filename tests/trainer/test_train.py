@@ -17,7 +17,15 @@ from schemas.training import TrainingExample
 from trainer.data import IGNORE, bucketed_batches, tokenize
 from trainer.loss import answer_losses, answer_only_loss, base_answer_states, shared_prefix_len, weighted_loss
 from trainer.model import BaseModelRef, load_base
-from trainer.train import TrainConfig, TrainHooks, check_points, remove_checkpoint, train_adapter
+from trainer.train import (
+    TimeBudget,
+    TrainConfig,
+    TrainHooks,
+    check_points,
+    optimizer_and_schedule,
+    remove_checkpoint,
+    train_adapter,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -365,3 +373,65 @@ def test_user_loss_and_anchor_kl_are_recorded_apart(tiny, tmp_path):
         assert min(parts) - 1e-3 <= total <= max(parts) + 1e-3
     plain = train_adapter(model, tokenizer, device, EXAMPLES, replace(CFG, epochs=1), tmp_path / "b")
     assert all(k is None for k in plain.loss_curves["anchor_kl"]) and plain.loss_curves["user"] == plain.loss_curve
+
+
+def test_the_time_budget_plans_the_epochs_that_fit_and_stops_after_them():
+    clock = [0.0]
+    budget = TimeBudget(replace(CFG, epochs=8, min_epochs=2, max_train_seconds=100.0), 0.0, 0, clock=lambda: clock[0])
+    assert budget.epochs_that_fit(0) == 8, "no pace yet: every epoch"
+    planned, done = [], 0
+    while True:  # epochs of 30 s against 100 s: three fit
+        clock[0], done = clock[0] + 30.0, done + 1
+        budget.note_epoch(30.0)
+        planned.append(budget.epochs_that_fit(done))
+        if budget.spent_after(done):
+            break
+    assert (planned, done) == ([3, 3, 3], 3)
+    tight = TimeBudget(replace(CFG, epochs=8, min_epochs=2, max_train_seconds=10.0), 0.0, 0, clock=lambda: 30.0)
+    tight.note_epoch(30.0)
+    assert tight.epochs_that_fit(1) == 2, "never fewer than min_epochs"
+    unbounded = TimeBudget(replace(CFG, epochs=8, max_train_seconds=0), 0.0, 0, clock=lambda: 30.0)
+    unbounded.note_epoch(30.0)
+    assert unbounded.epochs_that_fit(1) == 8
+
+
+@pytest.mark.parametrize("anneal", [True, False])
+def test_a_run_the_time_budget_stops_decays_its_rate_to_zero_where_it_ends(tiny, tmp_path, monkeypatch, anneal):
+    """Planned for eight epochs and stopped after two, the rate was 87% of its peak at the last step; with
+    `anneal_within_budget` the decay is planned again after the first epoch to end with the second."""
+    import trainer.train as train
+
+    rates: list[float] = []
+    step = train._optimizer_step
+
+    def recording(loss, optimizer, *rest):
+        rates.append(optimizer.param_groups[0]["lr"])
+        step(loss, optimizer, *rest)
+
+    monkeypatch.setattr(train, "_optimizer_step", recording)
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, epochs=8, batch_size=1, min_epochs=2, checkpoint_every=0, max_train_seconds=1e-6)
+    result = train_adapter(model, tokenizer, device, EXAMPLES, replace(cfg, anneal_within_budget=anneal), tmp_path / "a")
+    per_epoch = len(EXAMPLES)
+    assert (result.steps, result.stopped_by) == (2 * per_epoch, "time budget")
+
+    def rate(s: int, end: int) -> float:
+        return cfg.learning_rate * min(1.0, (s + 1) / cfg.warmup_steps) * (1 - s / end) ** 0.5
+
+    ends = [8 * per_epoch] * per_epoch + [2 * per_epoch if anneal else 8 * per_epoch] * per_epoch
+    assert rates == pytest.approx([rate(s, end) for s, end in enumerate(ends)])
+
+
+def test_a_new_plan_moves_the_next_steps_rate_at_once():
+    import torch
+
+    optimizer, schedule, plan = optimizer_and_schedule([torch.nn.Parameter(torch.ones(2))], CFG, 100)
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    plan.replan(20)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(CFG.learning_rate * (1 - 10 / 20) ** 0.5)
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == 0
