@@ -42,10 +42,10 @@ from trainer.precision import FrozenMatmuls, effective, low_precision
 from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
 
 __all__ = [
+    "DecayPlan",
     "RunState",
     "StepReport",
     "TimeBudget",
-    "DecayPlan",
     "TrainConfig",
     "TrainHooks",
     "TrainResult",
