@@ -312,8 +312,7 @@ class TimeBudget:
         cfg = self.cfg
         if cfg.max_train_seconds <= 0 or self.slowest_epoch <= 0:
             return cfg.epochs
-        left = cfg.max_train_seconds - (self.clock() - self.started) - self.shrink_checks * self.slowest_check
-        more = max(0, math.floor(left / self.slowest_epoch))
+        more = max(0, math.floor(self._seconds_left() / self.slowest_epoch))
         return min(cfg.epochs, max(cfg.min_epochs, epochs_done + more))
 
     def epoch_end(self, seconds: float, epochs_done: int, plan: DecayPlan, steps_per_epoch: int) -> bool:
@@ -328,8 +327,11 @@ class TimeBudget:
         cfg = self.cfg
         if cfg.max_train_seconds <= 0 or epochs_done < cfg.min_epochs or epochs_done >= cfg.epochs:
             return False
-        needed = self.slowest_epoch + self.shrink_checks * self.slowest_check
-        return (self.clock() - self.started) + needed > cfg.max_train_seconds
+        return self._seconds_left() < self.slowest_epoch
+
+    def _seconds_left(self) -> float:
+        """The budget's seconds not yet spent, less those the shrink checks after training are reserved."""
+        return self.cfg.max_train_seconds - (self.clock() - self.started) - self.shrink_checks * self.slowest_check
 
 
 # ---- the recipe ------------------------------------------------------------------------ #
