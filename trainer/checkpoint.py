@@ -14,6 +14,7 @@ every file is sealed for the job's user (`seal`).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,8 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.encryption import UserSeal
 from core.storage import open_sealed
+from trainer.lora import same_lora_shape
 
 PROGRESS = "progress.json"
+
+log = logging.getLogger("adaptloop.trainer")
 
 
 class Progress(BaseModel):
@@ -91,6 +95,30 @@ def resumable_checkpoint(checkpoint_dir: Path) -> Path | None:
     for candidate in (checkpoint_dir, siblings(checkpoint_dir)[1]):
         if (candidate / PROGRESS).is_file():
             return candidate
+    return None
+
+
+def usable_checkpoint(checkpoint_dir: Path | None, expected: dict, seal: UserSeal | None = None) -> Path | None:
+    """The complete checkpoint to resume from (`resumable_checkpoint`) if its LoRA weights fit a run whose weights are
+    `expected` (names and shapes).
+
+    One written with another LoRA shape (the settings' rank, target modules or
+    layers changed between a kill and the restart) cannot continue this run:
+    it is removed with a warning and the run starts over, instead of failing
+    on every restart."""
+    checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint is None:
+        return None
+    from safetensors.torch import load
+
+    if same_lora_shape(load(_read(checkpoint / "adapter.safetensors", seal)), expected):
+        return checkpoint
+    log.warning(
+        "%s was written with another LoRA shape than this run's (rank, target modules or layers changed since): "
+        "removed, starting over",
+        checkpoint,
+    )
+    remove_checkpoint(checkpoint_dir)
     return None
 
 

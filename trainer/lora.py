@@ -60,12 +60,17 @@ def lora_state(peft_model) -> dict:
     return get_peft_model_state_dict(peft_model)
 
 
+def same_lora_shape(weights: dict, expected: dict) -> bool:
+    """Whether saved LoRA weights fit a run whose weights are `expected`: the same names, each of the same shape."""
+    return set(weights) == set(expected) and all(weights[k].shape == v.shape for k, v in expected.items())
+
+
 def read_fitting_weights(adapter_dir: Path, expected: dict) -> dict:
     """A saved adapter's weights, checked to fit a run whose LoRA weights are `expected` (names and shapes)."""
     from safetensors.torch import load_file
 
     weights = load_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
-    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+    if not same_lora_shape(weights, expected):
         raise ModelError(f"{adapter_dir}: its LoRA weights do not fit this run's LoRA shape (rank or target modules differ)")
     return weights
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from core.errors import ModelError, TrainingInterrupted
 from schemas.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from schemas.training import TrainingExample
-from trainer.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint, usable_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, even_slices, tokenize
 from trainer.frozen import first_adapted_layer, frozen_below
 from trainer.generation import pad_id
@@ -368,7 +368,7 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
         raise ModelError(f"nothing to train on under objective {cfg.objective}: only disliked answers")
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    checkpoint = resumable_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
+    checkpoint = usable_checkpoint(run.checkpoint_dir, initial, run.hooks.seal)
     start = initial
     if checkpoint is None and run.init_adapter is not None:
         start = read_fitting_weights(run.init_adapter, initial)

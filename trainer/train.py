@@ -32,7 +32,7 @@ from core.encryption import UserSeal
 from core.errors import ModelError, TrainingInterrupted
 from core.settings import Settings, defaults
 from schemas.training import TrainingExample
-from trainer.checkpoint import Progress, load_checkpoint, remove_checkpoint, resumable_checkpoint, save_checkpoint
+from trainer.checkpoint import Progress, load_checkpoint, remove_checkpoint, save_checkpoint, usable_checkpoint
 from trainer.data import Tokenized, bucketed_batches, collate, tokenize
 from trainer.frozen import FrozenBelow, first_adapted_layer, frozen_below
 from trainer.generation import pad_id
@@ -450,7 +450,7 @@ def _resume_or_start(peft_model, optimizer, schedule, checkpoint_dir: Path | Non
     LoRA's zero update)."""
     from peft import set_peft_model_state_dict
 
-    checkpoint = resumable_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoint = usable_checkpoint(checkpoint_dir, lora_state(peft_model), seal)
     if checkpoint is not None:
         progress, weights = load_checkpoint(optimizer, checkpoint, seal)
         set_peft_model_state_dict(peft_model, weights)

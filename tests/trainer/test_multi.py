@@ -158,6 +158,28 @@ def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
         assert _close(_weights(result), _weights(alone)) < 1e-4, user
 
 
+def test_a_batch_starts_over_from_checkpoints_of_another_lora_shape(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, checkpoint_every=2)
+    calls = {"n": 0}
+
+    def stop_at_the_fifth_step() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    first = [
+        UserRun(u, _facts(u, 4), tmp_path / "x" / u, tmp_path / "ck" / u, TrainHooks(should_stop=stop_at_the_fifth_step))
+        for u in ("ann", "bob")
+    ]
+    train_adapters(model, tokenizer, device, first, cfg)
+    wider = replace(cfg, r=cfg.r * 2, alpha=cfg.alpha * 2)
+    again = [UserRun(u, _facts(u, 4), tmp_path / "y" / u, tmp_path / "ck" / u) for u in ("ann", "bob")]
+    for user, result in zip(("ann", "bob"), train_adapters(model, tokenizer, device, again, wider)):
+        alone = train_adapter(model, tokenizer, device, _facts(user, 4), wider, tmp_path / "alone" / user)
+        assert isinstance(result, TrainResult) and result.resumed_from_step == 0 and result.steps == alone.steps
+        assert _close(_weights(result), _weights(alone)) < 1e-4, user
+
+
 def test_no_cross_talk_between_users_taught_conflicting_answers(tiny, tmp_path):
     from peft import PeftModel
 

@@ -117,6 +117,28 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt")]
 
 
+def test_a_checkpoint_of_another_lora_shape_is_dropped_and_the_run_starts_over(tiny, tmp_path, caplog):
+    """Settings changed between a kill and the restart (another rank): the checkpoint cannot continue this run, so
+    the run starts from the beginning and says why, instead of failing on every restart."""
+    model, tokenizer, device = tiny
+    ckpt = tmp_path / "ckpt"
+    calls = {"n": 0}
+
+    def stop_after_five() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with pytest.raises(TrainingInterrupted):
+        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, TrainHooks(should_stop=stop_after_five))
+    wider = replace(CFG, r=8, alpha=16)
+    with caplog.at_level("WARNING", logger="adaptloop.trainer"):
+        resumed = train_adapter(model, tokenizer, device, EXAMPLES, wider, tmp_path / "a2", ckpt)
+    straight = train_adapter(model, tokenizer, device, EXAMPLES, wider, tmp_path / "a3")
+    assert resumed.resumed_from_step == 0 and resumed.loss_curve == straight.loss_curve
+    assert "another LoRA shape" in caplog.text and "starting over" in caplog.text
+    assert json.loads((ckpt / "progress.json").read_text())["step"] == resumed.steps  # the new run's own
+
+
 def test_empty_dataset_is_a_clear_error(tiny, tmp_path):
     from core.errors import ModelError
 
