@@ -136,9 +136,9 @@ def test_an_adapter_that_cannot_be_written_fails_only_its_user(tiny, tmp_path):
     assert not [m for m in model.modules() if type(m).__module__.startswith("peft")]  # the base model as it was
 
 
-def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
+def _stopped_at_the_fifth_step(tiny, tmp_path, cfg: TrainConfig) -> list:
+    """A batch of ann and bob stopped at its fifth step, checkpointed under tmp_path/ck/<user>; its results."""
     model, tokenizer, device = tiny
-    cfg = replace(CFG, checkpoint_every=2)
     calls = {"n": 0}
 
     def stop_at_the_fifth_step() -> bool:
@@ -149,8 +149,13 @@ def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
         UserRun(u, _facts(u, 4), tmp_path / "x" / u, tmp_path / "ck" / u, TrainHooks(should_stop=stop_at_the_fifth_step))
         for u in ("ann", "bob")
     ]
-    results = train_adapters(model, tokenizer, device, first, cfg)
-    assert any(isinstance(r, TrainingInterrupted) for r in results)
+    return train_adapters(model, tokenizer, device, first, cfg)
+
+
+def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
+    model, tokenizer, device = tiny
+    cfg = replace(CFG, checkpoint_every=2)
+    assert any(isinstance(r, TrainingInterrupted) for r in _stopped_at_the_fifth_step(tiny, tmp_path, cfg))
     again = [UserRun(u, _facts(u, 4), tmp_path / "y" / u, tmp_path / "ck" / u) for u in ("ann", "bob")]
     for user, result in zip(("ann", "bob"), train_adapters(model, tokenizer, device, again, cfg)):
         alone = train_adapter(model, tokenizer, device, _facts(user, 4), cfg, tmp_path / "alone" / user)
@@ -161,17 +166,7 @@ def test_a_batch_resumes_each_user_from_its_checkpoint(tiny, tmp_path):
 def test_a_batch_starts_over_from_checkpoints_of_another_lora_shape(tiny, tmp_path):
     model, tokenizer, device = tiny
     cfg = replace(CFG, checkpoint_every=2)
-    calls = {"n": 0}
-
-    def stop_at_the_fifth_step() -> bool:
-        calls["n"] += 1
-        return calls["n"] == 5
-
-    first = [
-        UserRun(u, _facts(u, 4), tmp_path / "x" / u, tmp_path / "ck" / u, TrainHooks(should_stop=stop_at_the_fifth_step))
-        for u in ("ann", "bob")
-    ]
-    train_adapters(model, tokenizer, device, first, cfg)
+    assert any(isinstance(r, TrainingInterrupted) for r in _stopped_at_the_fifth_step(tiny, tmp_path, cfg))
     wider = replace(cfg, r=cfg.r * 2, alpha=cfg.alpha * 2)
     again = [UserRun(u, _facts(u, 4), tmp_path / "y" / u, tmp_path / "ck" / u) for u in ("ann", "bob")]
     for user, result in zip(("ann", "bob"), train_adapters(model, tokenizer, device, again, wider)):

@@ -86,17 +86,22 @@ def test_train_writes_a_peft_adapter_that_changes_answers(tiny, tmp_path):
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+def _stopping_at_step(step: int) -> TrainHooks:
+    """Hooks that ask the run to stop when it asks for the `step`-th time (at that step)."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == step
+
+    return TrainHooks(should_stop=should_stop)
+
+
 def test_a_stopped_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, device = tiny
     ckpt = tmp_path / "ckpt"
-    calls = {"n": 0}
-
-    def stop_after_five() -> bool:
-        calls["n"] += 1
-        return calls["n"] == 5
-
     with pytest.raises(TrainingInterrupted, match="stopped at step 5/9; checkpoint saved"):
-        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, TrainHooks(should_stop=stop_after_five))
+        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, _stopping_at_step(5))
     assert json.loads((ckpt / "progress.json").read_text())["step"] == 5
     assert (ckpt / "optimizer.safetensors").is_file()
     # A kill inside the checkpoint swap leaves the last complete checkpoint under its ".old" name.
@@ -122,14 +127,8 @@ def test_a_checkpoint_of_another_lora_shape_is_dropped_and_the_run_starts_over(t
     the run starts from the beginning and says why, instead of failing on every restart."""
     model, tokenizer, device = tiny
     ckpt = tmp_path / "ckpt"
-    calls = {"n": 0}
-
-    def stop_after_five() -> bool:
-        calls["n"] += 1
-        return calls["n"] == 5
-
     with pytest.raises(TrainingInterrupted):
-        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, TrainHooks(should_stop=stop_after_five))
+        train_adapter(model, tokenizer, device, EXAMPLES, CFG, tmp_path / "a1", ckpt, _stopping_at_step(5))
     wider = replace(CFG, r=8, alpha=16)
     with caplog.at_level("WARNING", logger="adaptloop.trainer"):
         resumed = train_adapter(model, tokenizer, device, EXAMPLES, wider, tmp_path / "a2", ckpt)
