@@ -255,8 +255,7 @@ class _Member:
     steps_per_epoch: int
     total_steps: int
     optimizer: object
-    schedule: object
-    plan: DecayPlan
+    plan: DecayPlan  # its `schedule` is the member's learning-rate schedule
     state: RunState
     budget: TimeBudget
     spent: float = 0.0  # this user's seconds: a share of every shared step, all of its own checks
@@ -386,7 +385,7 @@ def _join(model, tokenizer, device, run: UserRun, cfg: TrainConfig, loras: UserL
         wind_forward(schedule, state.step)
     hooks = run.hooks
     shrink_checks = len([s for s in cfg.shrink_to if 0 < s < 1]) if hooks.keeps_facts is not None else 0
-    member = _Member(run, index, items, steps_per_epoch, total, optimizer, schedule, plan, state, None)  # type: ignore[arg-type]
+    member = _Member(run, index, items, steps_per_epoch, total, optimizer, plan, state, None)  # type: ignore[arg-type]
     member.budget = TimeBudget(cfg, 0.0, shrink_checks, clock=lambda: member.spent)
     member.batches = _epochs(member, model, loras, cfg)
     return member
@@ -597,7 +596,7 @@ def _shared_step(model, loras: UserLoras, stepping, known: tuple, cfg: TrainConf
         params = loras.params(member.index)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         member.optimizer.step()
-        member.schedule.step()
+        member.plan.schedule.step()
         member.optimizer.zero_grad(set_to_none=True)
         user_loss, anchor_kl = loss_parts(per_row[mine], weights[mine], anchors[mine], cfg.anchor_kl)
         member.state.record(loss.item(), user_loss, anchor_kl, int(mask[mine].sum()))
