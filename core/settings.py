@@ -322,8 +322,8 @@ class ModelSettings(_Section):
 
 
 class LoraSettings(_Section):
-    r: int = Field(16, ge=1, le=512, description="LoRA rank")
-    alpha: int = Field(32, ge=1, description="LoRA scaling (the update is scaled by alpha / r)")
+    r: int = Field(8, ge=1, le=512, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on LoRA's input")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
