@@ -5,9 +5,9 @@
 
 One `adaptloop serve` process on the default model (the embedded
 SmolLM2-135M-Instruct), a registry of `--users` users, each with an adapter
-of their own of the default LoRA shape (r=16 on every linear layer of the
-top `lora.top_layer_share` of the decoder: the top half until 2026-12-04, the
-top third since; weights drawn at random so each changes its user's answers). Every request streams (`stream: true`, as a chat app would) and
+of their own of the default LoRA shape (rank `lora.r`, 16 until 2026-12-06
+and 8 since, on every linear layer of the top `lora.top_layer_share` of the
+decoder: the top half until 2026-12-04, the top third since; weights drawn at random so each changes its user's answers). Every request streams (`stream: true`, as a chat app would) and
 generates exactly `--max-tokens` tokens (`ignore_eos`), greedy. Both sides
 run `--rounds` times, alternating; medians are reported.
 
