@@ -390,7 +390,9 @@ class TrainingSettings(_Section):
     warm_start: bool = Field(
         True, description="a new version starts from the user's active adapter (same LoRA shape), not from zero"
     )
-    replay_per_fact: int = Field(2, ge=0, description="replayed examples kept per earlier fact (0 keeps all)")
+    replay_per_fact: int = Field(
+        2, ge=0, description="replayed examples kept per earlier fact on a warm start (0 keeps all; from zero, all)"
+    )
     objective: Literal["sft", "sft+preference", "auto"] = Field(
         "auto",
         description="sft: supervised only (liked answers are targets); sft+preference: DPO on corrected answers and KTO "

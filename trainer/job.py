@@ -154,6 +154,12 @@ def same_shape(registry: AdapterRegistry, user_id: str, version: int | None, bas
     return same
 
 
+def replay_to_train(examples: list[TrainingExample], per_fact: int, warm: bool) -> list[TrainingExample]:
+    """The job's examples with the replayed ones thinned to `per_fact` reminders per earlier fact on a warm start;
+    a run from zero (no active version of this shape) learns the earlier facts again, from every replayed example."""
+    return thin_replay(examples, per_fact) if warm else list(examples)
+
+
 def apply_decision(
     registry: AdapterRegistry,
     info: VersionInfo,
@@ -462,11 +468,12 @@ class JobRunner:
         (opened into `reference_target` when sealed), the facts early stopping and the shrink step ask about, and the
         warm start."""
         cfg, registry = self.cfg, self.registry
-        examples = thin_replay(job.examples, cfg.replay_per_fact)
+        reference, reference_version = reference_dir(registry, job.user_id, reference_target)
+        warm = cfg.warm_start and same_shape(registry, job.user_id, reference_version, self.base, cfg)
+        examples = replay_to_train(job.examples, cfg.replay_per_fact, warm)
         if self.paraphraser is not None:
             examples = self.paraphraser.augment(examples, job.held_out)
         mixed = self._with_anchors(examples)
-        reference, reference_version = reference_dir(registry, job.user_id, reference_target)
         facts = FactCheck(
             self.tokenizer,
             self.device,
@@ -475,7 +482,6 @@ class JobRunner:
             learned_facts(registry, job.user_id, reference_version),
             cfg.min_epochs,
         )
-        warm = cfg.warm_start and same_shape(registry, job.user_id, reference_version, self.base, cfg)
         train_hooks = TrainHooks(
             progress=hooks.progress,
             should_stop=hooks.should_stop,

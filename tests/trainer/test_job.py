@@ -1,4 +1,4 @@
-"""The job's own pieces: the shrink step's fact rule and the progress lines."""
+"""The job's own pieces: the shrink step's fact rule, the replay a run trains on and the progress lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from schemas.training import TrainingExample
-from trainer.job import FactCheck, no_fact_lost, progress_log
+from trainer.job import FactCheck, no_fact_lost, progress_log, replay_to_train
 from trainer.train import StepReport
 
 pytestmark = pytest.mark.unit
@@ -50,3 +50,13 @@ def test_progress_lines_show_the_user_loss_and_the_anchor_kl_apart(caplog):
     assert lines[0] == "training ana: step 1/10, loss 0.500, user loss 0.250, anchor KL 0.0625"
     assert lines[4] == "training ana: step 5/10, loss 0.500, anchor KL 0.0625", "a batch of anchors only has no user loss"
     assert len(lines) == 10
+
+
+def test_replay_is_thinned_on_a_warm_start_and_kept_whole_from_zero():
+    new = [TrainingExample(prompt="Which cat is mine?", response="Your cat is called Pixel.")]
+    replay = [
+        TrainingExample(prompt=f"{form} do I live?", response="You live in Dundee.", source="replay")
+        for form in ("Where", "In which town", "Tell me where")
+    ]
+    assert replay_to_train(new + replay, 2, warm=True) == new + replay[:2], "the active adapter knows them: reminders"
+    assert replay_to_train(new + replay, 2, warm=False) == new + replay, "from zero (another LoRA shape): every one"
