@@ -95,6 +95,9 @@ class KafkaSettings(_Section):
         return self
 
 
+MIN_TOPIC_MESSAGE_BYTES = 4096  # a topic's smallest max.message.bytes: a record batch's ~1 KiB framing and an event
+
+
 class TopicSpec(_Section):
     name: str = Field(description="the topic's name")
     partitions: int = Field(6, ge=1, le=10_000, description="partitions when adaptloop creates it")
@@ -111,10 +114,11 @@ class TopicSpec(_Section):
     @field_validator("config")
     @classmethod
     def _message_size_in_bytes(cls, value: dict[str, str]) -> dict[str, str]:
-        """`max.message.bytes` also sizes the worker's producer batches (streams/config.py): a whole number."""
+        """`max.message.bytes` also sizes the worker's producer batches (streams/config.py): a whole number of bytes,
+        at least MIN_TOPIC_MESSAGE_BYTES (a record batch's framing takes about 1 KiB of it, events the rest)."""
         size = value.get("max.message.bytes")
-        if size is not None and not (size.isdigit() and int(size) > 0):
-            raise ValueError(f"max.message.bytes is a positive whole number of bytes, not {size!r}")
+        if size is not None and not (size.isdigit() and int(size) >= MIN_TOPIC_MESSAGE_BYTES):
+            raise ValueError(f"max.message.bytes is a whole number of bytes, at least {MIN_TOPIC_MESSAGE_BYTES}, not {size!r}")
         return value
 
 

@@ -74,6 +74,19 @@ def test_kafka_bootstrap_servers_env_wins(monkeypatch):
     assert settings.external_kafka
 
 
+def test_a_topic_too_small_for_a_record_batch_is_refused_by_name(tmp_path):
+    """The worker's producer batches are sized below every topic's max.message.bytes: a limit that leaves no room
+    past a record batch's framing would make them a byte long."""
+    from core.settings import MIN_TOPIC_MESSAGE_BYTES
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("topics:\n  training_requests: {name: r, config: {max.message.bytes: '1000'}}\n")
+    with pytest.raises(ConfigError, match=r"topics\.training_requests\.config[\s\S]*at least 4096, not '1000'"):
+        load_settings(cfg)
+    cfg.write_text(f"topics:\n  training_requests: {{name: r, config: {{max.message.bytes: '{MIN_TOPIC_MESSAGE_BYTES}'}}}}\n")
+    assert load_settings(cfg).topics.training_requests.config["max.message.bytes"] == str(MIN_TOPIC_MESSAGE_BYTES)
+
+
 def test_one_error_lists_every_bad_key(tmp_path, monkeypatch):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(
