@@ -249,6 +249,8 @@ def run(
         **measure(user, answers),
         "preference_score": m.preference_score,
         "retention": m.retention,
+        "core_score": m.core_score,  # against the reference's core_reference_score (the gate's allowed drop)
+        "core_reference_score": m.core_reference_score,
         "train_seconds": m.train_seconds,
         "gate_seconds": m.gate_seconds,
         "decision": outcome.decision,
