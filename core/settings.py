@@ -359,6 +359,13 @@ class TrainingSettings(_Section):
     anchor_nearest: float = Field(
         0.5, ge=0, le=1, description="share of a run's anchors chosen as the prompts most like the user's"
     )
+    anchor_least_sure: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of a run's other anchors (not the nearest) chosen as the prompts the base model answers least"
+        " surely (the smallest top-1/top-2 gap along its answer); the rest a seeded sample",
+    )
     anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
     anchor_answer_tokens: int = Field(
         32, ge=1, le=256, description="tokens of the base model's answer an anchor keeps: the KL runs along them"

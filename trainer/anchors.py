@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,6 +72,7 @@ class AnchorSet:
         # An unidentified base model (a hub id) is never cached: its weights could change.
         self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{answer_tokens}.jsonl" if base_sha256 else None
         self._answers: dict[str, str] | None = None
+        self._margins: dict[str, float] | None = None  # per prompt: the base answer's smallest top-1/top-2 gap
 
     def _load(self) -> dict[str, str]:
         if self._answers is None:
@@ -102,6 +104,22 @@ class AnchorSet:
         )
         return [candidates[i] for i in closeness.argsort(descending=True).tolist()]
 
+    def least_sure_first(self, model, tokenizer, device, candidates: list[str]) -> list[str]:
+        """`candidates` (a subset of the prompts), those the base model answers least surely first: by the smallest
+        gap between its top two next-token log-probabilities along its answer (the model must be the plain base)."""
+        if self._margins is None:
+            self._margins = {}
+        missing = [p for p in dict.fromkeys(candidates) if p not in self._margins]
+        if missing:
+            started = time.perf_counter()
+            answered = self.answers(model, tokenizer, device, missing)
+            self._margins.update(zip((a.prompt for a in answered), answer_margins(model, tokenizer, device, answered)))
+            log.info(
+                "ranked %d anchor prompts by the base model's certainty in %.1f s", len(missing), time.perf_counter() - started
+            )
+            self._margins.update((p, float("inf")) for p in missing if p not in self._margins)  # no usable answer
+        return sorted(candidates, key=lambda p: self._margins.get(p, float("inf")))
+
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
         """Anchor examples for `prompts` (the model must be the plain base model)."""
         known = self._load()
@@ -123,6 +141,25 @@ class AnchorSet:
         return examples
 
 
+def answer_margins(model, tokenizer, device, examples: list[TrainingExample], batch_size: int = 16) -> list[float]:
+    """Per example, the smallest gap (nats) between the model's two likeliest next tokens at any of its answer's
+    positions: how close the model's own answer came to taking another path."""
+    import torch
+
+    from trainer.data import collate, tokenize
+    from trainer.generation import pad_id
+
+    items = tokenize(tokenizer, examples, 512)
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            ids, mask, labels, _ = collate(items[start : start + batch_size], pad_id(tokenizer), device)
+            top2 = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().topk(2, dim=-1).values
+            gaps = (top2[..., 0] - top2[..., 1]).masked_fill(labels[:, 1:] == -100, float("inf"))
+            out += gaps.min(dim=1).values.tolist()
+    return out
+
+
 @dataclass(frozen=True)
 class AnchorMix:
     """How many anchors join a run: ratio x the user's examples, at least `minimum`; their loss weight.
@@ -135,12 +172,20 @@ class AnchorMix:
     minimum: int
     weight: float
     nearest: float
+    least_sure: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> AnchorMix:
         t = (settings or defaults()).training
         return replace(
-            cls(ratio=t.anchor_ratio, minimum=t.anchor_min, weight=t.anchor_weight, nearest=t.anchor_nearest), **overrides
+            cls(
+                ratio=t.anchor_ratio,
+                minimum=t.anchor_min,
+                weight=t.anchor_weight,
+                nearest=t.anchor_nearest,
+                least_sure=t.anchor_least_sure,
+            ),
+            **overrides,
         )
 
 
@@ -155,14 +200,18 @@ def choose_anchor_prompts(
     seed: int,
     nearest_first: Callable[[list[str], list[str]], list[str]] | None = None,
     avoid: Iterable[str] = (),
+    least_sure_first: Callable[[list[str]], list[str]] | None = None,
 ) -> list[str]:
     """The anchor prompts for a run: ratio x as many as the user's examples, at least `minimum`.
 
     With `nearest_first` (AnchorSet.nearest_first), `mix.nearest` of them are
     the prompts most like the user's: a new answer leaks into similar
     questions first ("Which city was my sister born in?" -> "What is the
-    capital of Spain?"). The rest are a seeded sample. Anchors asking what a
-    user example asks (or a prompt in `avoid`) are left out: the user's answer wins.
+    capital of Spain?"). With `least_sure_first` (AnchorSet.least_sure_first),
+    `mix.least_sure` of the others are the prompts whose base answers are the
+    least sure: where a small update flips a general answer first. The rest
+    are a seeded sample. Anchors asking what a user example asks (or a prompt
+    in `avoid`) are left out: the user's answer wins.
     """
     taught = {_normal(e.prompt) for e in examples} | {_normal(p) for p in avoid}
     usable = [p for p in dict.fromkeys(prompts) if _normal(p) not in taught]
@@ -171,7 +220,11 @@ def choose_anchor_prompts(
         return []
     near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first and examples else []
     rest = [p for p in usable if p not in set(near)]
-    return near + random.Random(seed).sample(rest, count - len(near))
+    unsure = (
+        least_sure_first(rest)[: round(mix.least_sure * (count - len(near)))] if least_sure_first and mix.least_sure > 0 else []
+    )
+    rest = [p for p in rest if p not in set(unsure)]
+    return near + unsure + random.Random(seed).sample(rest, count - len(near) - len(unsure))
 
 
 def mix_anchors(examples: list[TrainingExample], anchors: list[TrainingExample], mix: AnchorMix) -> list[TrainingExample]:

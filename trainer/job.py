@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from core.encryption import open_store, user_seal
@@ -536,7 +537,13 @@ class JobRunner:
         facts = [e for e in examples if not e.rated_answer]
         rated = [e.prompt for e in examples if e.rated_answer]
         chosen = choose_anchor_prompts(
-            facts, self.anchors.prompts, self.anchor_mix, self.cfg.seed, self.anchors.nearest_first, avoid=rated
+            facts,
+            self.anchors.prompts,
+            self.anchor_mix,
+            self.cfg.seed,
+            self.anchors.nearest_first,
+            avoid=rated,
+            least_sure_first=partial(self.anchors.least_sure_first, self.model, self.tokenizer, self.device),
         )
         return mix_anchors(examples, self.anchors.answers(self.model, self.tokenizer, self.device, chosen), self.anchor_mix)
 

@@ -111,3 +111,53 @@ def test_the_embedder_ranks_similar_questions_first(tmp_path):
     )
     ranked = anchor_set.nearest_first(["Which city is the capital of my home country?"], anchor_set.prompts)
     assert ranked[0] == "What is the capital of Spain?" and sorted(ranked) == sorted(anchor_set.prompts)
+
+
+def test_a_share_of_the_other_anchors_are_the_least_sure_answers():
+    prompts = [f"General question {n}?" for n in range(12)]
+    unsure = {"General question 7?": 0.01, "General question 2?": 0.02}  # the rest: sure answers
+
+    def least_sure_first(candidates):  # stands in for the base model's margins
+        return sorted(candidates, key=lambda c: unsure.get(c, 1.0))
+
+    mix = AnchorMix.from_settings(minimum=4, nearest=0.0, least_sure=0.5)
+    chosen = choose_anchor_prompts([], prompts, mix, seed=3, least_sure_first=least_sure_first)
+    assert chosen[:2] == ["General question 7?", "General question 2?"], "half of them the least sure"
+    rest = [p for p in prompts if p not in unsure]
+    assert chosen[2:] == random.Random(3).sample(rest, 2), "the rest: a seeded sample of the others"
+    assert chosen == choose_anchor_prompts([], prompts, mix, seed=3, least_sure_first=least_sure_first)
+    off = AnchorMix.from_settings(minimum=4, nearest=0.0, least_sure=0.0)
+    assert choose_anchor_prompts([], prompts, off, seed=3, least_sure_first=pytest.fail) == random.Random(3).sample(prompts, 4), (
+        "share 0: the margins are never asked for"
+    )
+
+
+def test_answer_margins_are_the_smallest_top_two_gap_along_the_answer(tiny_model_dir, tmp_path):
+    import torch
+
+    from trainer.anchors import answer_margins
+    from trainer.data import collate, tokenize
+    from trainer.generation import pad_id
+    from trainer.model import BaseModelRef, load_base
+
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    examples = [
+        TrainingExample(prompt="What is the capital of Spain?", response="Madrid."),
+        TrainingExample(prompt="Name a colour.", response="Blue, or green, or any other colour you like."),
+    ]
+    margins = answer_margins(model, tokenizer, device, examples, batch_size=1)
+    for example, margin in zip(examples, margins, strict=True):  # each row alone, computed the plain way
+        ids, mask, labels, _ = collate(tokenize(tokenizer, [example], 512), pad_id(tokenizer), device)
+        with torch.no_grad():
+            top2 = model(input_ids=ids, attention_mask=mask).logits[0, :-1].topk(2, dim=-1).values
+        gaps = (top2[:, 0] - top2[:, 1])[labels[0, 1:] != -100]
+        assert margin == pytest.approx(float(gaps.min()), abs=1e-5) and margin >= 0
+    assert answer_margins(model, tokenizer, device, examples, batch_size=2) == pytest.approx(margins, abs=1e-4), (
+        "padding in a batch changes no row's margin"
+    )
+
+    anchor_set = AnchorSet([e.prompt for e in examples], tmp_path, "abc", answer_tokens=8)
+    ranked = anchor_set.least_sure_first(model, tokenizer, device, anchor_set.prompts)
+    assert sorted(ranked) == sorted(anchor_set.prompts)
+    answered = anchor_set.answers(model, tokenizer, device, ranked)
+    assert answer_margins(model, tokenizer, device, answered) == sorted(answer_margins(model, tokenizer, device, answered))
