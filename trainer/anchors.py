@@ -72,7 +72,7 @@ class AnchorSet:
         # An unidentified base model (a hub id) is never cached: its weights could change.
         self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{answer_tokens}.jsonl" if base_sha256 else None
         self._answers: dict[str, str] | None = None
-        self._margins: dict[str, float] | None = None  # per prompt: the base answer's smallest top-1/top-2 gap
+        self._margins: dict[str, float] = {}  # per prompt: the base answer's smallest top-1/top-2 gap
 
     def _load(self) -> dict[str, str]:
         if self._answers is None:
@@ -107,8 +107,6 @@ class AnchorSet:
     def least_sure_first(self, model, tokenizer, device, candidates: list[str]) -> list[str]:
         """`candidates` (a subset of the prompts), those the base model answers least surely first: by the smallest
         gap between its top two next-token log-probabilities along its answer (the model must be the plain base)."""
-        if self._margins is None:
-            self._margins = {}
         missing = [p for p in dict.fromkeys(candidates) if p not in self._margins]
         if missing:
             started = time.perf_counter()
@@ -118,7 +116,7 @@ class AnchorSet:
                 "ranked %d anchor prompts by the base model's certainty in %.1f s", len(missing), time.perf_counter() - started
             )
             self._margins.update((p, float("inf")) for p in missing if p not in self._margins)  # no usable answer
-        return sorted(candidates, key=lambda p: self._margins.get(p, float("inf")))
+        return sorted(candidates, key=self._margins.__getitem__)
 
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
         """Anchor examples for `prompts` (the model must be the plain base model)."""
@@ -148,15 +146,18 @@ def answer_margins(model, tokenizer, device, examples: list[TrainingExample], ba
 
     from trainer.data import collate, tokenize
     from trainer.generation import pad_id
+    from trainer.loss import predicting_states
 
     items = tokenize(tokenizer, examples, 512)
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             ids, mask, labels, _ = collate(items[start : start + batch_size], pad_id(tokenizer), device)
-            top2 = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().topk(2, dim=-1).values
-            gaps = (top2[..., 0] - top2[..., 1]).masked_fill(labels[:, 1:] == -100, float("inf"))
-            out += gaps.min(dim=1).values.tolist()
+            # As the training loss does: the shared prefix once, the vocabulary only where an answer token is predicted.
+            hidden, targets = predicting_states(model.model, ids, mask, labels)
+            for row in range(ids.shape[0]):
+                top2 = model.lm_head(hidden[row][targets[row] != -100]).float().topk(2, dim=-1).values
+                out.append(float((top2[:, 0] - top2[:, 1]).min()))
     return out
 
 
