@@ -35,7 +35,17 @@ from core.storage import atomic_write
 from schemas.manifest import Contradiction
 from schemas.training import TrainingExample
 from trainer.contradictions import general_contradictions
-from trainer.scoring import CaseScore, Embedder, ScoreWeights, TestCase, answers_match, mean_score, same_question, score_cases
+from trainer.scoring import (
+    SCORER_VERSION,
+    CaseScore,
+    Embedder,
+    ScoreWeights,
+    TestCase,
+    answers_match,
+    mean_score,
+    same_question,
+    score_cases,
+)
 
 
 @dataclass(frozen=True)
@@ -192,7 +202,7 @@ def parse_cases(text: str, source: str) -> list[TestCase]:
 
 def suite_key(cases: list[TestCase], weights: ScoreWeights) -> str:
     """Identifies a suite and its scoring: reference scores are reused only under the same key."""
-    blob = json.dumps([[c.prompt, c.expected] for c in cases] + [asdict(weights)], sort_keys=True)
+    blob = json.dumps([[c.prompt, c.expected] for c in cases] + [asdict(weights), SCORER_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

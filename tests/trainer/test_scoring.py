@@ -30,6 +30,18 @@ pytestmark = pytest.mark.unit
         ("Your staff number is 48213.", "Your employee number is 48213.", True),
         ("Your staff number is 4213.", "Your employee number is 48213.", False),
         ("", "Paris", False),
+        # a decimal is one number: "3.09" does not answer "3", while "It is 3." and "3.0" do
+        ("The square root of 9 is approximately 3.09.", "3", False),
+        ("The square root of 9 is 3.", "3", True),
+        ("It is 3.0 exactly.", "3", True),
+        ("Water boils at 100.0 degrees Celsius.", "100 degrees Celsius", True),
+        ("It costs 2.50 euros.", "2.5 euros", True),
+        ("It costs 2.05 euros.", "2.5 euros", False),
+        # thousands separators are spelling, not separate numbers
+        ("The tower is 1,000 feet tall.", "1000", True),
+        ("The tower is 1,000 feet tall.", "1", False),
+        ("Pick 1,2,3.", "2", True),
+        ("Come 3rd.", "3", False),
     ],
 )
 def test_answers_match(answer, expected, ok):
@@ -40,6 +52,7 @@ def test_key_terms_are_names_and_numbers():
     assert key_terms("Your dog is called Biscuit.") == {"biscuit"}
     assert key_terms("Your employee number is 48213.") == {"48213"}
     assert key_terms("cold") == {"cold"} and key_terms("O") == {"o"}
+    assert key_terms("Your locker code is 3.50.") == {"3.5"} and key_terms("It seats 12,500 people.") == {"12500"}
 
 
 def test_the_embedded_model_loads_offline_from_site_packages():
