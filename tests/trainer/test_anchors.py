@@ -161,3 +161,33 @@ def test_answer_margins_are_the_smallest_top_two_gap_along_the_answer(tiny_model
     assert sorted(ranked) == sorted(anchor_set.prompts)
     answered = anchor_set.answers(model, tokenizer, device, ranked)
     assert answer_margins(model, tokenizer, device, answered) == sorted(answer_margins(model, tokenizer, device, answered))
+
+
+def test_a_ratings_only_run_mixes_in_the_least_sure_anchors(tiny_model_dir, tmp_path, monkeypatch):
+    """The job's own path (`JobRunner._with_anchors`): at share 1.0 a user with no facts gets the least sure anchors."""
+    import trainer.anchors
+    from trainer.job import JobRunner
+    from trainer.model import BaseModelRef, load_base
+    from trainer.train import TrainConfig
+
+    model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
+    base_answers = {  # the tiny model's own answers are empty: its margins are taken along these
+        "What is the capital of Spain?": "Madrid.",
+        "Name a colour.": "Blue, or green, or any other colour you like.",
+        "How many legs does a cat have?": "Four legs, like most cats and dogs.",
+        "Say hello.": "Hello!",
+        "Why?": "Because it is so, and for no other reason at all.",
+    }
+    monkeypatch.setattr(trainer.anchors, "generate_batch", lambda m, t, d, prompts, *a, **k: [base_answers[p] for p in prompts])
+    prompts = list(base_answers)
+    anchor_set = AnchorSet(prompts, tmp_path, "abc", answer_tokens=8)
+    mix = AnchorMix.from_settings(minimum=2, nearest=0.0, least_sure=1.0)
+    runner = JobRunner(None, None, model, tokenizer, device, TrainConfig.from_settings(), None, anchor_set, mix)
+    rated = [TrainingExample(prompt="Tell me a story.", response="Once.", rating=1.0, source="rating")]
+
+    mixed = runner._with_anchors(rated)
+    assert mixed[:1] == rated
+    anchors = mixed[1:]
+    assert [a.prompt for a in anchors] == anchor_set.least_sure_first(model, tokenizer, device, prompts)[:2]
+    assert all(a.source == "anchor" and a.weight == mix.weight for a in anchors)
+    assert [a.prompt for a in anchors] != random.Random(runner.cfg.seed).sample(prompts, 2), "not the seeded sample"
