@@ -216,7 +216,7 @@ def run_demo(settings: Settings, local_broker=None, timeout_s: float = 1500.0) -
         bootstrap = settings.kafka.bootstrap_servers
     workdir = Path(tempfile.mkdtemp(prefix="adaptloop-demo-"))
     s = demo_settings(settings, workdir, bootstrap)
-    client = ClientConfig.from_settings(s.kafka)
+    client = ClientConfig.from_settings(s)
     ensure_topics(client, plans_from_specs(s.topics.all()))
     config = write_settings(s, workdir / "settings.yaml")
     stack = Stack(workdir)

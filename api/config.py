@@ -50,7 +50,7 @@ class ApiConfig:
             worker_internal_topic(settings.streams.app_id),
         )
         return cls(
-            client=ClientConfig.from_settings(settings.kafka),
+            client=ClientConfig.from_settings(settings),
             commands_topic=t.commands.name,
             lifecycle_topic=t.lifecycle.name,
             requests_topic=t.training_requests.name,

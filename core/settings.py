@@ -148,6 +148,14 @@ class TopicsSettings(_Section):
     def all(self) -> list[TopicSpec]:
         return [getattr(self, name) for name in type(self).model_fields]
 
+    def record_batch_limit(self) -> int | None:
+        """The smallest `max.message.bytes` a topic sets, or None where none sets one (the broker's default).
+
+        The broker refuses a record batch above its topic's limit whole, every
+        record of it failing, however small each is: producers keep their
+        batches under this (`ClientConfig.producer_batch_bytes`)."""
+        return min((int(s.config["max.message.bytes"]) for s in self.all() if "max.message.bytes" in s.config), default=None)
+
     @model_validator(mode="after")
     def _names_unique(self) -> TopicsSettings:
         names = [spec.name for spec in self.all()]

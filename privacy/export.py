@@ -63,7 +63,7 @@ class ExportConfig:
             encryption=settings.storage.encryption,
             max_versions=settings.max_adapter_versions,
             user_tests_dir=settings.validation.user_tests_dir,
-            client=ClientConfig.from_settings(settings.kafka),
+            client=ClientConfig.from_settings(settings),
             users_changelog=changelog_topic(app_id, "users"),
             examples_changelog=changelog_topic(app_id, "examples"),
         )

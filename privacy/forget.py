@@ -69,7 +69,7 @@ class ForgetConfig:
             storage_root=settings.storage_root,
             encryption=settings.storage.encryption,
             user_tests_dir=settings.validation.user_tests_dir,
-            client=ClientConfig.from_settings(settings.kafka),
+            client=ClientConfig.from_settings(settings),
             commands_topic=t.commands.name,
             lifecycle_topic=t.lifecycle.name,
             forgotten=plans_from_specs([t.forgotten])[0],

@@ -34,7 +34,7 @@ class ServeConfig:
         s = settings or defaults()
         v = s.serving
         config = cls(
-            client=ClientConfig.from_settings(s.kafka),
+            client=ClientConfig.from_settings(s),
             lifecycle_topic=s.topics.lifecycle.name,
             feedback_topic=s.topics.feedback.name,
             conversations_topic=s.topics.conversations.name,

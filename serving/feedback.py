@@ -116,7 +116,7 @@ class EventPublisher:
     """One producer for the server's whole life; `send` waits for Kafka's acknowledgement (call it off the event loop)."""
 
     def __init__(self, client: ClientConfig) -> None:
-        self.producer = Producer(client.librdkafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
+        self.producer = Producer(client.librdkafka_producer(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
 
     def send(self, topic: str, key: str, value: bytes, timeout: float = 15.0) -> None:
         errors: list[str] = []

@@ -5,24 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.kafka.client import ClientConfig
+from core.kafka.client import RECORD_BATCH_OVERHEAD, ClientConfig
 from core.settings import EncryptionSettings, Settings, TopicsSettings, defaults, worker_data_dir, worker_internal_topic
 from streams.processor import ProcessorConfig
 
 # Below the broker's default record-batch limit (message.max.bytes, 1 MiB).
 PRODUCER_MAX_BATCH_BYTES = 512 * 1024
-_RECORD_BATCH_OVERHEAD = 1024  # a record batch's header and the records' framing, beyond what aiokafka counts
 
 
 def fitting_producer_batch_bytes(topics: TopicsSettings) -> int:
     """The worker producer's batch size: PRODUCER_MAX_BATCH_BYTES, or less where a topic's own `max.message.bytes`
     (`topics.<name>.config`) is lower: the broker refuses a record batch above its topic's limit whole."""
-    limits = [
-        int(spec.config["max.message.bytes"]) - _RECORD_BATCH_OVERHEAD
-        for spec in topics.all()
-        if "max.message.bytes" in spec.config
-    ]
-    return max(1, min([PRODUCER_MAX_BATCH_BYTES, *limits]))
+    limit = topics.record_batch_limit()
+    return PRODUCER_MAX_BATCH_BYTES if limit is None else max(1, min(PRODUCER_MAX_BATCH_BYTES, limit - RECORD_BATCH_OVERHEAD))
 
 
 @dataclass(frozen=True)
@@ -71,7 +66,7 @@ class WorkerConfig:
         topics = s.topics
         config = cls(
             app_id=s.streams.app_id,
-            client=ClientConfig.from_settings(s.kafka),
+            client=ClientConfig.from_settings(s),
             input_topics={kind: spec.name for kind, spec in topics.inputs().items()},
             commands_topic=topics.commands.name,
             lifecycle_topic=topics.lifecycle.name,

@@ -143,7 +143,7 @@ class TrainerConfig:
     def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
         t = settings.topics
         return cls(
-            client=ClientConfig.from_settings(settings.kafka),
+            client=ClientConfig.from_settings(settings),
             group_id=settings.training.group_id,
             requests_topic=t.training_requests.name,
             commands_topic=t.commands.name,
@@ -201,7 +201,7 @@ class TrainerService:
         self.reviews_due = 0.0  # when to look for overdue reviews next (time.monotonic)
         self.requests = self._consumer(cfg.group_id)
         self.commands = self._consumer(trainer_commands_group(cfg.group_id))
-        self.producer = Producer(cfg.client.librdkafka(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
+        self.producer = Producer(cfg.client.librdkafka_producer(**{"enable.idempotence": True, "partitioner": "murmur2_random"}))
 
     def _consumer(self, group_id: str) -> Consumer:
         return Consumer(

@@ -66,7 +66,7 @@ def _latest_request(settings: Settings, user_id: str, hours: float = 24.0) -> st
     from core.kafka.io import offset_ranges, read_ranges
     from streams.decoding import partition_of
 
-    client, t = ClientConfig.from_settings(settings.kafka), settings.topics
+    client, t = ClientConfig.from_settings(settings), settings.topics
     topics = [t.training_requests.name, t.lifecycle.name]
     try:
         ranges = offset_ranges(client, topics, int((time.time() - hours * 3600) * 1000), timeout=10)
@@ -150,7 +150,7 @@ def rollback_cmd(ctx: CliContext, user_id: str, reason: str, to_version: int | N
     from schemas import RollbackCommand
 
     command = RollbackCommand(command_id=new_command_id(), user_id=user_id, reason=reason, to_version=to_version)
-    event = send_command(ClientConfig.from_settings(s.kafka), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
+    event = send_command(ClientConfig.from_settings(s), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
     if event is None:
         click.echo(
             f"command {command.command_id} sent; no outcome within {timeout:.0f}s (is `adaptloop trainer` running?)", err=True

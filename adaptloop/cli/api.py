@@ -24,7 +24,7 @@ def api_group(click_ctx: click.Context, host: str | None, port: int | None) -> N
     from core.kafka.topics import ensure_topics, plans_from_specs
 
     s = click_ctx.find_object(CliContext).settings
-    ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all()))
+    ensure_topics(ClientConfig.from_settings(s), plans_from_specs(s.topics.all()))
     run_api(ApiConfig.from_settings(s), host or s.api.host, port or s.api.port)
 
 

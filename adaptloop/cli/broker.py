@@ -62,6 +62,6 @@ def topics() -> None:
 def topics_ensure(ctx: CliContext) -> None:
     """Create every configured topic that is missing (idempotent)."""
     settings = ctx.settings
-    for o in ensure_topics(ClientConfig.from_settings(settings.kafka), plans_from_specs(settings.topics.all())):
+    for o in ensure_topics(ClientConfig.from_settings(settings), plans_from_specs(settings.topics.all())):
         state = "created" if o.created else "exists "
         click.echo(f"{state} {o.name} ({o.partitions} partitions){'  ! ' + o.note if o.note else ''}")

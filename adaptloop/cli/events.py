@@ -55,7 +55,7 @@ def publish_cmd(ctx: CliContext, path: str, dry_run: bool) -> None:
     settings = ctx.settings
     topics = {name: getattr(settings.topics, name).name for name in type(settings.topics).model_fields}
     records = read_publish_file(Path(path), topics)
-    client = ClientConfig.from_settings(settings.kafka)
+    client = ClientConfig.from_settings(settings)
     for warning in retention_warnings(client, records):
         click.echo(f"warning: {warning}", err=True)
     counts: dict[str, int] = {}

@@ -45,7 +45,7 @@ def consent_cmd(ctx: CliContext, user_id: str, train: bool) -> None:
     s = ctx.settings
     user_id = user_arg(user_id, "USER_ID")
     command = ConsentCommand(command_id=new_command_id(), user_id=user_id, train=train)
-    produce(ClientConfig.from_settings(s.kafka), s.topics.commands.name, [(user_id, command.to_bytes())])
+    produce(ClientConfig.from_settings(s), s.topics.commands.name, [(user_id, command.to_bytes())])
     choice = "may be trained on" if train else "opted out of training"
     click.echo(f"{user_id}: {choice} (command {command.command_id} sent; the worker applies it)")
 

@@ -141,7 +141,7 @@ def _decide(settings: Settings, review_id: str, approve: bool, reason: str | Non
     kind = ApproveCommand if approve else DenyCommand
     command = kind(command_id=new_command_id(), user_id=review.user_id, review_id=review_id, reason=reason)
     s = settings
-    event = send_command(ClientConfig.from_settings(s.kafka), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
+    event = send_command(ClientConfig.from_settings(s), s.topics.commands.name, s.topics.lifecycle.name, command, timeout)
     if event is None:
         click.echo(
             f"command {command.command_id} sent; no outcome within {timeout:.0f}s (is `adaptloop trainer` running?"

@@ -23,7 +23,7 @@ def serve_cmd(ctx: CliContext, host: str | None, port: int | None) -> None:
     from serving.app import run_serve
 
     s = ctx.settings
-    ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all()))
+    ensure_topics(ClientConfig.from_settings(s), plans_from_specs(s.topics.all()))
     run_serve(s, host or s.serving.host, port or s.serving.port)
 
 
@@ -63,7 +63,7 @@ def serving_sync(
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     s = ctx.settings
-    ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all()))
+    ensure_topics(ClientConfig.from_settings(s), plans_from_specs(s.topics.all()))
     exported = Path(export_dir) if export_dir else None
     if exported is not None:
         exported.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def serving_sync(
         base_model_name=base_model_name,
         hasher=UserHasher.for_store(ArtifactStore(s.storage_root)),
     )
-    follower = LifecycleFollower(ClientConfig.from_settings(s.kafka), s.topics.lifecycle.name, sync.on_swap)
+    follower = LifecycleFollower(ClientConfig.from_settings(s), s.topics.lifecycle.name, sync.on_swap)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

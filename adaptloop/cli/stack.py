@@ -52,7 +52,7 @@ def up_cmd(ctx: CliContext, services: str, timeout_s: float, run_dir: str | None
         bootstrap, broker_port = broker.up(), broker.port
         click.echo(f"Kafka: local broker at {bootstrap}")
     s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"bootstrap_servers": bootstrap})})
-    for outcome in ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all())):
+    for outcome in ensure_topics(ClientConfig.from_settings(s), plans_from_specs(s.topics.all())):
         if outcome.created:
             click.echo(f"created topic {outcome.name}")
     config_file = Path(ctx.config_path).resolve() if ctx.config_path else write_settings(s, stack.run_dir / "settings.yaml")

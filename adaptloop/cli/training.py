@@ -24,7 +24,7 @@ def trainer_cmd(ctx: CliContext, metrics_port: int | None) -> None:
     from trainer.service import run_trainer
 
     s = ctx.settings
-    ensure_topics(ClientConfig.from_settings(s.kafka), plans_from_specs(s.topics.all()))
+    ensure_topics(ClientConfig.from_settings(s), plans_from_specs(s.topics.all()))
     run_trainer(s, metrics_port)
 
 

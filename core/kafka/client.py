@@ -1,9 +1,10 @@
 """Kafka client configuration, derived from the settings at the client's edge.
 
 `ClientConfig` is the plain, settings-free description every component takes;
-`librdkafka()` turns it into a confluent-kafka dict and `aiokafka()` into
-keyword arguments for aiokafka (which Faust uses). Secrets stay `SecretStr`
-until this last step, so they never land in logs or reprs.
+`librdkafka()` turns it into a confluent-kafka dict (`librdkafka_producer()`
+for a producer, its batches fitted to the topics' limits) and `aiokafka()`
+into keyword arguments for aiokafka (which Faust uses). Secrets stay
+`SecretStr` until this last step, so they never land in logs or reprs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
+
+RECORD_BATCH_OVERHEAD = 1024  # a record batch's header and its records' framing, beyond what a client counts
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,13 @@ class ClientConfig:
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    producer_batch_bytes: int | None = None  # a producer's largest record batch; None: the client's default
 
     @classmethod
-    def from_settings(cls, kafka: Any) -> ClientConfig:
-        """Build from a `KafkaSettings` section (the only place that reads it)."""
+    def from_settings(cls, settings: Any) -> ClientConfig:
+        """Build from the settings' `kafka` section (the only place that reads it) and its `topics`: producers keep
+        their record batches under the smallest topic's `max.message.bytes`."""
+        kafka, limit = settings.kafka, settings.topics.record_batch_limit()
         return cls(
             bootstrap_servers=kafka.bootstrap_servers,
             client_id=kafka.client_id,
@@ -41,6 +47,7 @@ class ClientConfig:
             ssl_cafile=kafka.ssl_cafile,
             ssl_certfile=kafka.ssl_certfile,
             ssl_keyfile=kafka.ssl_keyfile,
+            producer_batch_bytes=max(1, limit - RECORD_BATCH_OVERHEAD) if limit is not None else None,
         )
 
     def librdkafka(self, **extra: Any) -> dict[str, Any]:
@@ -62,6 +69,13 @@ class ClientConfig:
             conf["ssl.key.location"] = str(self.ssl_keyfile)
         conf.update(extra)
         return conf
+
+    def librdkafka_producer(self, **extra: Any) -> dict[str, Any]:
+        """A confluent-kafka producer's config: `librdkafka(**extra)` with its batches within `producer_batch_bytes`
+        (librdkafka sends a topic one batch of up to 1,000,000 bytes otherwise, which a topic with a lower
+        `max.message.bytes` refuses whole: librdkafka issue #1716)."""
+        batch = {"batch.size": self.producer_batch_bytes} if self.producer_batch_bytes is not None else {}
+        return self.librdkafka(**batch, **extra)
 
     def aiokafka(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka producers and consumers."""

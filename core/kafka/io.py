@@ -128,7 +128,7 @@ def kept_producer(client: ClientConfig, timeout: float = 60.0) -> Iterator[Produ
             settings = {"enable.idempotence": True, "linger.ms": 5, "partitioner": "murmur2_random"}
             # Its log goes through Python logging, served by its own calls: a kept producer whose broker went
             # away says nothing until it is used again (librdkafka writes to stderr from its threads otherwise).
-            producer = Producer(client.librdkafka(**settings), logger=_LOG)
+            producer = Producer(client.librdkafka_producer(**settings), logger=_LOG)
             kept = _kept[client] = _Kept(producer, os.getpid())
     if not kept.lock.acquire(timeout=timeout):
         raise KafkaOperationError(f"the producer stayed busy with another send for {timeout:.0f}s")

@@ -160,3 +160,21 @@ def test_a_cluster_id_starting_with_a_dash_formats(tmp_path):
         assert broker.up() == broker.bootstrap
     finally:
         broker.down()
+
+
+def test_a_topic_with_a_small_message_limit_gets_every_message_in_batches_it_accepts(kafka_client, topic_factory):
+    """The broker refuses a record batch above the topic's `max.message.bytes` whole (librdkafka batches up to
+    1,000,000 bytes): a producer fitted to the limit sends many small messages in batches it accepts."""
+    from dataclasses import replace
+
+    from core.kafka.client import RECORD_BATCH_OVERHEAD
+
+    limit = 4096
+    topic, unfitted = (topic_factory(name, config={"max.message.bytes": str(limit)}) for name in ("small-limit", "unfitted"))
+    sent = [(f"user-{i % 3}", json.dumps({"n": i, "pad": "x" * 500}).encode()) for i in range(200)]  # ~100 KB
+    with pytest.raises(KafkaOperationError, match="(?i)too large"):
+        produce(kafka_client, unfitted, sent)  # librdkafka's default batches: refused whole
+    fitted = replace(kafka_client, client_id="adaptloop-tests-fitted", producer_batch_bytes=limit - RECORD_BATCH_OVERHEAD)
+    assert produce(fitted, topic, sent) == 200
+    got = read_topic(kafka_client, topic)
+    assert sorted(json.loads(r.value)["n"] for r in got) == list(range(200)), "every message once"
