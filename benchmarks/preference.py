@@ -254,6 +254,7 @@ def run(
         "train_seconds": m.train_seconds,
         "gate_seconds": m.gate_seconds,
         "decision": outcome.decision,
+        "update_scaled": outcome.info.manifest.early_stopping.update_scaled,  # < 1: a drift retry's smaller update
         "reasons": outcome.report.reasons if outcome.report is not None else [],
         "answers": answers,
     }

@@ -516,7 +516,21 @@ class ValidationSettings(_Section):
         description="least share of held-out rated pairs on which a preference-trained candidate prefers the liked "
         "answer (its log-likelihood gain over the reference is larger for it)",
     )
+    drift_retry_scales: list[float] = Field(
+        default_factory=lambda: [0.75],
+        max_length=4,
+        description="a candidate rejected only for drifted general answers (the core suite, retention) is gated again "
+        "with its update (LoRA B) scaled by each of these in turn, the first that passes kept; [] never",
+    )
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
+
+    @field_validator("drift_retry_scales")
+    @classmethod
+    def _scales_shrink(cls, value: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in value):
+            raise ValueError(f"each scale is between 0 and 1 (exclusive), not {value}")
+        return value
+
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 
 

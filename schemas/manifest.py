@@ -155,7 +155,9 @@ class EarlyStopping(_Record):
     checks: list[dict[str, float]] = Field(
         default_factory=list, description="each early-stopping check's and shrink step's fact check"
     )
-    update_scaled: float = Field(1.0, description="the scale the update was shrunk to after training")
+    update_scaled: float = Field(
+        1.0, description="the scale the update was shrunk to after training (the shrink step, a drift retry at the gate)"
+    )
 
 
 class AdapterManifest(_Record):

@@ -69,6 +69,8 @@ class GateConfig:
     contradiction_confidence: float = 0.5
     # A preference-trained candidate prefers the liked answer on at least this share of held-out rated pairs.
     min_preference_accuracy: float = 0.6
+    # A candidate rejected only for drift is gated again with its update scaled by each (trainer/job.py).
+    drift_retry_scales: tuple[float, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:
@@ -86,6 +88,7 @@ class GateConfig:
             contradiction_check=v.contradiction_check,
             contradiction_confidence=v.contradiction_confidence,
             min_preference_accuracy=v.min_preference_accuracy,
+            drift_retry_scales=tuple(v.drift_retry_scales),
         )
         return replace(config, **overrides)
 
@@ -126,6 +129,13 @@ class GateReport:
     retention: float | None = None  # share of general prompts answered as the base model answers them
     forgetting: float | None = None  # share of the previous version's learned facts now missed
     contradictions: list[Contradiction] = field(default_factory=list)  # a passed candidate with any goes to review
+    drifted: bool = False  # the core suite regressed or retention fell short: general answers moved too far
+
+    @property
+    def only_drifted(self) -> bool:
+        """Rejected for drifted general answers and for nothing else (every other suite passed): a smaller multiple
+        of the update may keep what was learned and pass."""
+        return not self.passed and self.drifted and all(s.passed for name, s in self.suites.items() if name != "core")
 
     @property
     def facts_learned(self) -> float | None:
@@ -528,7 +538,8 @@ class Gate:
             )
             if forgetting > cfg.max_forgetting:
                 reasons.append(f"forgot {forgetting:.0%} of what the previous version learned (at most {cfg.max_forgetting:.0%})")
-        return GateReport(passed=not reasons, reasons=reasons, suites=suites, retention=retention, forgetting=forgetting)
+        drifted = (retention is not None and retention < cfg.min_retention) or ("core" in suites and not suites["core"].passed)
+        return GateReport(not reasons, reasons, suites, retention, forgetting, drifted=drifted)
 
     def retention(self, candidate: list[CaseScore]) -> float:
         """Share of core prompts answered as the base model answers them (same meaning, or both right)."""

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -34,12 +34,22 @@ from core.errors import AdaptloopError, StorageError, TrainingSkipped
 from core.settings import Settings
 from core.storage import ArtifactStore, scratch_dir
 from schemas.lifecycle import reason_text
-from schemas.manifest import AdapterManifest, Case, DatasetInfo, EarlyStopping, Fact, PreferenceCase, ValidationRecord
+from schemas.manifest import (
+    ADAPTER_WEIGHTS,
+    AdapterManifest,
+    Case,
+    DatasetInfo,
+    EarlyStopping,
+    Fact,
+    PreferenceCase,
+    ValidationRecord,
+)
 from schemas.training import OffsetRange, TrainingExample
 from trainer.anchors import AnchorMix, AnchorSet, choose_anchor_prompts, mix_anchors
 from trainer.data import thin_replay
 from trainer.gate import Candidate, Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
+from trainer.lora import write_scaled_update
 from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
 from trainer.paraphrase import ParaphraseFilter, Paraphraser
@@ -436,23 +446,31 @@ class JobRunner:
                 continue
             assert isinstance(plan, _Plan) and isinstance(result, TrainResult)
             try:
-                report, seconds = gated[id(plan)]
+                report, seconds, result = gated[id(plan)]
                 outcomes.append(self._register(plan, result, report, seconds, batch_users=len(ready)))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
 
-    def _gate_together(self, done: list[tuple[_Plan, TrainResult]]) -> dict[int, tuple[GateReport | None, float | None]]:
-        """The gate on every trained candidate of a batch at once (`Gate.evaluate_batch`); each its share of the time."""
+    def _gate_together(
+        self, done: list[tuple[_Plan, TrainResult]]
+    ) -> dict[int, tuple[GateReport | None, float | None, TrainResult]]:
+        """The gate on every trained candidate of a batch at once (`Gate.evaluate_batch`), each its share of the time;
+        one rejected only for drift then alone at smaller scales (`_smaller_if_drifted`), on its own time."""
         if self.gate is None or not done:
-            return {id(plan): (None, None) for plan, _ in done}
+            return {id(plan): (None, None, result) for plan, result in done}
         for plan, _ in done:
             if plan.hooks.gating is not None:
                 plan.hooks.gating()
         started = time.perf_counter()
         reports = self.gate.evaluate_batch([self._candidate(plan, result) for plan, result in done])
-        share = round((time.perf_counter() - started) / len(done), 2)
-        return {id(plan): (report, share) for (plan, _), report in zip(done, reports)}
+        share = (time.perf_counter() - started) / len(done)
+        gated = {}
+        for (plan, result), report in zip(done, reports, strict=True):
+            again = time.perf_counter()
+            report, result = self._smaller_if_drifted(plan, result, report)
+            gated[id(plan)] = (report, round(share + time.perf_counter() - again, 2), result)
+        return gated
 
     def _candidate(self, plan: _Plan, result: TrainResult) -> Candidate:
         return Candidate(
@@ -502,8 +520,36 @@ class JobRunner:
                 plan.hooks.gating()
             gate_started = time.perf_counter()
             report = self.gate.evaluate(**self._candidate(plan, result).arguments())
+            report, result = self._smaller_if_drifted(plan, result, report)
             gate_seconds = round(time.perf_counter() - gate_started, 2)
         return self._register(plan, result, report, gate_seconds)
+
+    def _smaller_if_drifted(self, plan: _Plan, result: TrainResult, report: GateReport) -> tuple[GateReport, TrainResult]:
+        """A candidate rejected only for drifted general answers, gated again with its update scaled by each of
+        `validation.drift_retry_scales` in turn: the first that passes stays in the candidate's files (its scale in
+        the manifest's `update_scaled`), else the update as trained is put back with the first verdict.
+
+        The update's size sets both how far a way of answering moves and how many general answers move with it
+        (benchmarks/README.md: a rejected preference version at 0.75 of its update passed the core suite)."""
+        scales = self.gate.cfg.drift_retry_scales if self.gate is not None else ()
+        if not scales or not report.only_drifted:
+            return report, result
+        weights = result.adapter_dir / ADAPTER_WEIGHTS
+        trained = weights.read_bytes()
+        for scale in scales:
+            write_scaled_update(weights, trained, scale)
+            again = self.gate.evaluate(**self._candidate(plan, result).arguments())
+            log.info(
+                "%s: rejected for drift (%s); at %.2f of its update it %s",
+                plan.job.user_id,
+                "; ".join(report.reasons),
+                scale,
+                "passes" if again.passed else "fails too: " + "; ".join(again.reasons),
+            )
+            if again.passed:
+                return again, replace(result, shrunk_to=result.shrunk_to * scale)
+        weights.write_bytes(trained)
+        return report, result
 
     def _register(
         self, plan: _Plan, result: TrainResult, report: GateReport | None, gate_seconds: float | None, batch_users: int = 1

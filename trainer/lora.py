@@ -82,6 +82,16 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     set_peft_model_state_dict(peft_model, read_fitting_weights(adapter_dir, lora_state(peft_model)))
 
 
+def write_scaled_update(weights_file: Path, trained: bytes, scale: float) -> None:
+    """Write `trained` (an adapter's safetensors bytes) to `weights_file` with its update (the LoRA B matrices, PEFT's
+    `lora_B` names) scaled by `scale`: the adapter's change to the base model, `scale` times as large."""
+    from safetensors.torch import load, save
+
+    tensors = load(trained)
+    scaled = {name: t * scale if ".lora_B." in name else t for name, t in tensors.items()}
+    weights_file.write_bytes(save(scaled, metadata={"format": "pt"}))
+
+
 def shrink_update(model, lora_b: list, scales: list[float], keeps_facts: Callable[[object, float], bool]) -> float:
     """Scale the adapter's update (its LoRA B matrices) by the first of `scales` (smallest first) that `keeps_facts`; return it.
 

@@ -85,6 +85,7 @@ def test_a_candidate_that_changes_core_answers_is_rejected_with_reasons(world):
     assert any("core suite regressed" in r for r in report.reasons)
     assert any("user suite scored" in r for r in report.reasons)
     assert report.suites["core"].score < report.suites["core"].reference_score - 0.05
+    assert report.drifted and not report.only_drifted, "the user suite failed too: a smaller update cannot mend that"
     text = "\n".join(report.lines())
     assert text.startswith("REJECTED") and "core suite:" in text and "FAIL" in text
 
@@ -102,6 +103,7 @@ def test_a_candidate_trained_to_change_a_core_answer_is_rejected_before_any_suit
         f"trained to change 1 core-suite answer(s): {wrong.prompt!r} -> {wrong.expected!r}"
     ]
     assert report.suites == {} and report.metrics() == {} and report.lines()[0].startswith("REJECTED: trained to change")
+    assert not report.only_drifted, "refused before any suite: not a drift"
     assert gate.evaluate(world["A"], world["user"], reference_dir=world["A"], taught=taught[1:]).passed
 
 
@@ -118,6 +120,9 @@ def test_no_user_cases_is_a_rejection_unless_configured(world, tiny):
         GateConfig.from_settings(require_user_tests=False, **LENIENT),
     )
     assert lenient.evaluate(world["A"], [], reference_dir=world["A"]).passed
+    drifted = lenient.evaluate(world["B"], [], reference_dir=world["A"])
+    assert drifted.reasons and all(r.startswith("core suite regressed") for r in drifted.reasons)
+    assert drifted.only_drifted, "rejected for the core suite alone: a smaller update may pass"
 
 
 def test_reference_scores_are_computed_once_per_adapter(world, monkeypatch):

@@ -60,3 +60,59 @@ def test_replay_is_thinned_on_a_warm_start_and_kept_whole_from_zero():
     ]
     assert replay_to_train(new + replay, 2, warm=True) == new + replay[:2], "the active adapter knows them: reminders"
     assert replay_to_train(new + replay, 2, warm=False) == new + replay, "from zero (another LoRA shape): every one"
+
+
+def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5)):
+    """`JobRunner._smaller_if_drifted` on an adapter whose LoRA B is all 2.0, with a gate that passes it when its
+    update is at most `passes_at` of that: (verdict, result, the B values the gate saw, the B left in the file)."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from schemas.manifest import ADAPTER_WEIGHTS
+    from trainer.gate import GateConfig, GateReport
+    from trainer.job import JobRunner
+    from trainer.train import TrainConfig, TrainResult
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    weights = adapter / ADAPTER_WEIGHTS
+    lora = {"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.full((4, 2), 2.0)}
+    save_file(lora, str(weights), metadata={"format": "pt"})
+    seen: list[float] = []
+
+    class Gate:
+        cfg = GateConfig.from_settings(drift_retry_scales=tuple(scales))
+
+        def evaluate(self, candidate_dir, **_):
+            tensors = load_file(str(candidate_dir / ADAPTER_WEIGHTS))
+            assert torch.equal(tensors["m.q_proj.lora_A.weight"], lora["m.q_proj.lora_A.weight"]), "A is never scaled"
+            seen.append(float(tensors["m.q_proj.lora_B.weight"][0, 0]))
+            passed = seen[-1] <= 2.0 * passes_at
+            return GateReport(passed, [] if passed else ["core suite regressed"], {}, drifted=True)
+
+    runner = JobRunner(None, None, None, None, "cpu", TrainConfig.from_settings(), Gate())
+    monkeypatch.setattr(runner, "_candidate", lambda plan, result: SimpleNamespace(arguments=lambda: {"candidate_dir": adapter}))
+    first = GateReport(False, ["core suite regressed"], {}, drifted=True)
+    result = TrainResult(adapter, steps=10, tokens=100, seconds=1.0, shrunk_to=0.8)
+    report, result = runner._smaller_if_drifted(SimpleNamespace(job=SimpleNamespace(user_id="ann")), result, first)
+    return report, result, seen, float(load_file(str(weights))["m.q_proj.lora_B.weight"][0, 0])
+
+
+def test_a_candidate_rejected_only_for_drift_is_kept_at_the_first_smaller_update_that_passes(tmp_path, monkeypatch):
+    report, result, seen, left = _drift_retry(tmp_path, monkeypatch, passes_at=0.5)
+    assert seen == [1.5, 1.0], "0.75 of the update, then 0.5"
+    assert report.passed and left == 1.0, "the passing scale stays in the candidate's files"
+    assert result.shrunk_to == pytest.approx(0.4), "the manifest's update_scaled: the shrink step's 0.8 times 0.5"
+
+
+def test_when_no_smaller_update_passes_the_trained_one_and_the_first_verdict_stand(tmp_path, monkeypatch):
+    report, result, seen, left = _drift_retry(tmp_path, monkeypatch, passes_at=0.1)
+    assert seen == [1.5, 1.0] and not report.passed and report.reasons == ["core suite regressed"]
+    assert left == 2.0 and result.shrunk_to == 0.8, "the update as trained is put back"
+
+
+def test_without_retry_scales_a_drifted_candidate_is_gated_once(tmp_path, monkeypatch):
+    report, result, seen, left = _drift_retry(tmp_path, monkeypatch, passes_at=0.5, scales=())
+    assert seen == [] and not report.passed and left == 2.0
