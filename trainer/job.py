@@ -526,8 +526,9 @@ class JobRunner:
 
     def _smaller_if_drifted(self, plan: _Plan, result: TrainResult, report: GateReport) -> tuple[GateReport, TrainResult]:
         """A candidate rejected only for drifted general answers, gated again with its update scaled by each of
-        `validation.drift_retry_scales` in turn: the first that passes stays in the candidate's files (its scale in
-        the manifest's `update_scaled`), else the update as trained is put back with the first verdict.
+        `validation.drift_retry_scales` in turn: the first that passes, answering every held-out fact the trained
+        update answered (as the shrink step asks), stays in the candidate's files (its scale in the manifest's
+        `update_scaled`), else the update as trained is put back with the first verdict.
 
         The update's size sets both how far a way of answering moves and how many general answers move with it
         (benchmarks/README.md: a rejected preference version at 0.75 of its update passed the core suite)."""
@@ -539,14 +540,17 @@ class JobRunner:
         for scale in scales:
             write_scaled_update(weights, trained, scale)
             again = self.gate.evaluate(**self._candidate(plan, result).arguments())
+            kept = (again.facts_learned or 0.0) >= (report.facts_learned or 0.0)
             log.info(
                 "%s: rejected for drift (%s); at %.2f of its update it %s",
                 plan.job.user_id,
                 "; ".join(report.reasons),
                 scale,
-                "passes" if again.passed else "fails too: " + "; ".join(again.reasons),
+                ("passes" if kept else f"passes but answers fewer facts ({again.facts_learned} < {report.facts_learned})")
+                if again.passed
+                else "fails too: " + "; ".join(again.reasons),
             )
-            if again.passed:
+            if again.passed and kept:
                 return again, replace(result, shrunk_to=result.shrunk_to * scale)
         weights.write_bytes(trained)
         return report, result

@@ -180,3 +180,12 @@ def test_write_settings_round_trips_with_secrets(tmp_path):
     assert oct(os.stat(out).st_mode & 0o777) == "0o600"
     again = load_settings(out)
     assert again == settings and again.kafka.sasl_password.get_secret_value() == "pw"
+
+
+def test_drift_retry_scales_must_shrink_the_update(tmp_path):
+    cfg = tmp_path / "retry.yaml"
+    cfg.write_text("validation:\n  drift_retry_scales: [0.75, 1.5]\n")
+    with pytest.raises(ConfigError, match=r"validation\.drift_retry_scales[\s\S]*between 0 and 1"):
+        load_settings(cfg)
+    cfg.write_text("validation:\n  drift_retry_scales: []\n")
+    assert load_settings(cfg).validation.drift_retry_scales == []

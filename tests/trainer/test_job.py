@@ -62,21 +62,23 @@ def test_replay_is_thinned_on_a_warm_start_and_kept_whole_from_zero():
     assert replay_to_train(new + replay, 2, warm=False) == new + replay, "from zero (another LoRA shape): every one"
 
 
-def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5)):
+def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5), facts_down_to: float = 0.0):
     """`JobRunner._smaller_if_drifted` on an adapter whose LoRA B is all 2.0, with a gate that passes it when its
-    update is at most `passes_at` of that: (verdict, result, the B values the gate saw, the B left in the file)."""
+    update is at most `passes_at` of that, and answers both held-out facts down to `facts_down_to` of it (one below):
+    (verdict, result, the B values the gate saw, the B left in the file)."""
     from types import SimpleNamespace
 
     import torch
     from safetensors.torch import load_file, save_file
 
     from schemas.manifest import ADAPTER_WEIGHTS
-    from trainer.gate import GateConfig, GateReport
+    from trainer.gate import GateConfig, GateReport, SuiteReport
     from trainer.job import JobRunner
+    from trainer.scoring import CaseScore
     from trainer.train import TrainConfig, TrainResult
 
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
+    adapter.mkdir(parents=True)
     weights = adapter / ADAPTER_WEIGHTS
     lora = {"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.full((4, 2), 2.0)}
     save_file(lora, str(weights), metadata={"format": "pt"})
@@ -90,11 +92,16 @@ def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5)):
             assert torch.equal(tensors["m.q_proj.lora_A.weight"], lora["m.q_proj.lora_A.weight"]), "A is never scaled"
             seen.append(float(tensors["m.q_proj.lora_B.weight"][0, 0]))
             passed = seen[-1] <= 2.0 * passes_at
-            return GateReport(passed, [] if passed else ["core suite regressed"], {}, drifted=True)
+            return GateReport(passed, [] if passed else ["core suite regressed"], facts(seen[-1]), drifted=True)
+
+    def facts(b: float) -> dict:
+        matches = [1.0, 1.0 if b >= 2.0 * facts_down_to else 0.0]
+        cases = [CaseScore(f"q{n}", "a", "a", 1.0, m, 1.0, 0.1, 0.9) for n, m in enumerate(matches)]
+        return {"user": SuiteReport("user", 0.9, True, 0.5, None, cases)}
 
     runner = JobRunner(None, None, None, None, "cpu", TrainConfig.from_settings(), Gate())
     monkeypatch.setattr(runner, "_candidate", lambda plan, result: SimpleNamespace(arguments=lambda: {"candidate_dir": adapter}))
-    first = GateReport(False, ["core suite regressed"], {}, drifted=True)
+    first = GateReport(False, ["core suite regressed"], facts(2.0), drifted=True)
     result = TrainResult(adapter, steps=10, tokens=100, seconds=1.0, shrunk_to=0.8)
     report, result = runner._smaller_if_drifted(SimpleNamespace(job=SimpleNamespace(user_id="ann")), result, first)
     return report, result, seen, float(load_file(str(weights))["m.q_proj.lora_B.weight"][0, 0])
@@ -116,3 +123,12 @@ def test_when_no_smaller_update_passes_the_trained_one_and_the_first_verdict_sta
 def test_without_retry_scales_a_drifted_candidate_is_gated_once(tmp_path, monkeypatch):
     report, result, seen, left = _drift_retry(tmp_path, monkeypatch, passes_at=0.5, scales=())
     assert seen == [] and not report.passed and left == 2.0
+
+
+def test_a_smaller_update_that_answers_fewer_held_out_facts_is_not_kept(tmp_path, monkeypatch):
+    """As the shrink step asks: a scale may give back general answers, never a fact the trained update answered."""
+    report, result, seen, left = _drift_retry(tmp_path, monkeypatch, passes_at=0.75, facts_down_to=0.9)
+    assert seen == [1.5, 1.0], "0.75 passed the gate but lost a fact; 0.5 failed"
+    assert not report.passed and left == 2.0 and result.shrunk_to == 0.8
+    report, result, seen, left = _drift_retry(tmp_path / "kept", monkeypatch, passes_at=0.75, facts_down_to=0.7)
+    assert report.passed and seen == [1.5] and left == 1.5 and result.shrunk_to == pytest.approx(0.6)
