@@ -523,6 +523,7 @@ class ValidationSettings(_Section):
         "with its update (LoRA B) scaled by each of these in turn, the first that passes kept; [] never",
     )
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
+    auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 
     @field_validator("drift_retry_scales")
     @classmethod
@@ -530,8 +531,6 @@ class ValidationSettings(_Section):
         if any(not 0 < s < 1 for s in value):
             raise ValueError(f"each scale is between 0 and 1 (exclusive), not {value}")
         return value
-
-    auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
 
 
 class PromotionSettings(_Section):

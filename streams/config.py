@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.kafka.client import RECORD_BATCH_OVERHEAD, ClientConfig
-from core.settings import EncryptionSettings, Settings, TopicsSettings, defaults, worker_data_dir, worker_internal_topic
+from core.kafka.client import ClientConfig
+from core.settings import EncryptionSettings, Settings, defaults, worker_data_dir, worker_internal_topic
 from streams.processor import ProcessorConfig
 
 # Below the broker's default record-batch limit (message.max.bytes, 1 MiB).
 PRODUCER_MAX_BATCH_BYTES = 512 * 1024
 
 
-def fitting_producer_batch_bytes(topics: TopicsSettings) -> int:
+def fitting_producer_batch_bytes(client: ClientConfig) -> int:
     """The worker producer's batch size: PRODUCER_MAX_BATCH_BYTES, or less where a topic's own `max.message.bytes`
-    (`topics.<name>.config`) is lower: the broker refuses a record batch above its topic's limit whole."""
-    limit = topics.record_batch_limit()
-    return PRODUCER_MAX_BATCH_BYTES if limit is None else max(1, min(PRODUCER_MAX_BATCH_BYTES, limit - RECORD_BATCH_OVERHEAD))
+    (`topics.<name>.config`) is lower (`client.producer_batch_bytes`): the broker refuses a record batch above its
+    topic's limit whole."""
+    return min(PRODUCER_MAX_BATCH_BYTES, client.producer_batch_bytes or PRODUCER_MAX_BATCH_BYTES)
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class WorkerConfig:
     @classmethod
     def from_settings(cls, settings: Settings | None = None, web_port: int | None = None, **overrides) -> WorkerConfig:
         s = settings or defaults()
-        topics = s.topics
+        topics, client = s.topics, ClientConfig.from_settings(s)
         config = cls(
             app_id=s.streams.app_id,
-            client=ClientConfig.from_settings(s),
+            client=client,
             input_topics={kind: spec.name for kind, spec in topics.inputs().items()},
             commands_topic=topics.commands.name,
             lifecycle_topic=topics.lifecycle.name,
@@ -92,6 +92,6 @@ class WorkerConfig:
             review_requests_partitions=topics.review_requests.partitions,
             dlq_raw=s.privacy.dlq_raw,
             data_dir=worker_data_dir(s),
-            producer_batch_bytes=fitting_producer_batch_bytes(topics),
+            producer_batch_bytes=fitting_producer_batch_bytes(client),
         )
         return replace(config, **overrides)
