@@ -35,7 +35,7 @@ import secrets
 import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,6 +60,7 @@ SHARED = "shared"  # owner of files that hold several users' data (the global po
 KEY_BYTES = 32
 NONCE_BYTES = 12
 _WRAPPED_BYTES = KEY_BYTES + 16  # AES-GCM adds a 16-byte tag
+KEYS_HELD = 4096  # owners' data keys a sealer keeps in memory, the most recently used (about 1.3 MiB in all)
 _KEY_ID = re.compile(r"^k-[0-9a-f]{12}$")
 
 
@@ -251,7 +252,9 @@ class Sealer:
     def __init__(self, store: ArtifactStore, keyring: Keyring) -> None:
         self.store, self.keyring = store, keyring
         self.hasher = UserHasher.for_store(store)
-        self._keys: dict[str, AESGCM] = {}  # each owner's data key, ready to wrap and unwrap file keys
+        # The most recently used owners' data keys, ready to wrap and unwrap file keys: a long-lived trainer or API
+        # meets every user in time, and a key not held is read from its key file again (one small read and unwrap).
+        self._keys: OrderedDict[str, AESGCM] = OrderedDict()
         self._lock = threading.Lock()
 
     def owner(self, user_id: str | None) -> str:
@@ -305,6 +308,8 @@ class Sealer:
     def _wrapper(self, owner: str, create: bool = True, what: str = "") -> AESGCM:
         with self._lock:
             key = self._keys.get(owner)
+            if key is not None:
+                self._keys.move_to_end(owner)
         if key is not None:
             return key
         relative = key_file(owner)
@@ -319,6 +324,8 @@ class Sealer:
         key = _aesgcm(_unwrap(self.keyring, record))
         with self._lock:
             self._keys[owner] = key
+            while len(self._keys) > KEYS_HELD:
+                self._keys.popitem(last=False)
         return key
 
 

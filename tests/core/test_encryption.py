@@ -168,3 +168,17 @@ def test_deleting_a_users_key_file_makes_every_copy_of_their_files_unreadable(tm
     with pytest.raises(StorageError, match="data key is gone"):
         store.sealer.open(backup)
     assert store.read_bytes("bo.jsonl") == b"bo's data"
+
+
+def test_a_sealer_holds_the_most_recently_used_keys_only_and_reads_the_others_again(tmp_path, monkeypatch):
+    monkeypatch.setattr("core.encryption.KEYS_HELD", 2)
+    store = sealed_store(tmp_path)
+    for user in ("ana", "bo", "cy"):
+        store.write_personal(f"{user}.jsonl", f"{user}'s data".encode(), user)
+    held = lambda: set(store.sealer._keys)  # noqa: E731
+    assert held() == {store.sealer.hasher("bo"), store.sealer.hasher("cy")}, "ana's key, the least recent, let go"
+    assert store.read_bytes("ana.jsonl") == b"ana's data", "read again from ana's key file"
+    assert store.read_bytes("cy.jsonl") == b"cy's data"  # bo let go for ana; cy used since, so ana goes next
+    store.write_personal("dee.jsonl", b"dee's data", "dee")
+    assert held() == {store.sealer.hasher("cy"), store.sealer.hasher("dee")}
+    assert [store.read_bytes(f"{u}.jsonl") for u in ("ana", "bo")] == [b"ana's data", b"bo's data"]
