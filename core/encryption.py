@@ -307,11 +307,9 @@ class Sealer:
 
     def _wrapper(self, owner: str, create: bool = True, what: str = "") -> AESGCM:
         with self._lock:
-            key = self._keys.get(owner)
-            if key is not None:
+            if owner in self._keys:
                 self._keys.move_to_end(owner)
-        if key is not None:
-            return key
+                return self._keys[owner]
         relative = key_file(owner)
         if self.store.exists(relative):
             record = WrappedKey.model_validate_json(self.store.read_bytes(relative))
