@@ -520,7 +520,7 @@ class ValidationSettings(_Section):
         default_factory=lambda: [0.75],
         max_length=4,
         description="a candidate rejected only for drifted general answers (the core suite, retention) is gated again "
-        "with its update (LoRA B) scaled by each of these in turn, the first that passes kept; [] never",
+        "with its update (LoRA B) scaled by each of these in turn, largest first, the first that passes kept; [] never",
     )
     auto_rollback: bool = Field(True, description="roll back when the accuracy-drop signal fires soon after a promotion")
     auto_rollback_window_s: float = Field(24 * 3600, gt=0, description="how long after a promotion a drop means rollback")
@@ -530,6 +530,10 @@ class ValidationSettings(_Section):
     def _scales_shrink(cls, value: list[float]) -> list[float]:
         if any(not 0 < s < 1 for s in value):
             raise ValueError(f"each scale is between 0 and 1 (exclusive), not {value}")
+        # Tried in order and the first that passes kept: a smaller scale before a larger one would give away
+        # more of the update than the gate asks for.
+        if any(later >= earlier for earlier, later in zip(value, value[1:])):
+            raise ValueError(f"the scales are tried largest first, each smaller than the one before, not {value}")
         return value
 
 

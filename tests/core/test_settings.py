@@ -187,5 +187,11 @@ def test_drift_retry_scales_must_shrink_the_update(tmp_path):
     cfg.write_text("validation:\n  drift_retry_scales: [0.75, 1.5]\n")
     with pytest.raises(ConfigError, match=r"validation\.drift_retry_scales[\s\S]*between 0 and 1"):
         load_settings(cfg)
+    for unordered in ("[0.5, 0.75]", "[0.75, 0.75]"):
+        cfg.write_text(f"validation:\n  drift_retry_scales: {unordered}\n")
+        with pytest.raises(ConfigError, match=r"validation\.drift_retry_scales[\s\S]*largest first"):
+            load_settings(cfg)
+    cfg.write_text("validation:\n  drift_retry_scales: [0.75, 0.5]\n")
+    assert load_settings(cfg).validation.drift_retry_scales == [0.75, 0.5]
     cfg.write_text("validation:\n  drift_retry_scales: []\n")
     assert load_settings(cfg).validation.drift_retry_scales == []
