@@ -12,9 +12,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
+
+if TYPE_CHECKING:  # the settings are read here only, at the edge; a ClientConfig never holds them
+    from core.settings import Settings
 
 RECORD_BATCH_OVERHEAD = 1024  # a record batch's header and its records' framing, beyond what a client counts
 
@@ -33,7 +36,7 @@ class ClientConfig:
     producer_batch_bytes: int | None = None  # a producer's largest record batch; None: the client's default
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ClientConfig:
+    def from_settings(cls, settings: Settings) -> ClientConfig:
         """Build from the settings' `kafka` section (the only place that reads it) and its `topics`: producers keep
         their record batches under the smallest topic's `max.message.bytes`."""
         kafka, limit = settings.kafka, settings.topics.record_batch_limit()
