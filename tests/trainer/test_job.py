@@ -62,49 +62,107 @@ def test_replay_is_thinned_on_a_warm_start_and_kept_whole_from_zero():
     assert replay_to_train(new + replay, 2, warm=False) == new + replay, "from zero (another LoRA shape): every one"
 
 
-def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5), facts_down_to: float = 0.0):
-    """`JobRunner._smaller_if_drifted` on an adapter whose LoRA B is all 2.0, with a gate that passes it when its
-    update is at most `passes_at` of that, and answers both held-out facts down to `facts_down_to` of it (one below):
-    (verdict, result, the B values the gate saw, the B left in the file)."""
-    from types import SimpleNamespace
-
+def _trained_adapter(adapter):
+    """An adapter directory whose LoRA A is all 1.0 and B all 2.0 (the update as trained): its weights file."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from schemas.manifest import ADAPTER_WEIGHTS
-    from trainer.gate import GateConfig, GateReport, SuiteReport
-    from trainer.job import JobRunner
-    from trainer.scoring import CaseScore
-    from trainer.train import TrainConfig, TrainResult
 
-    adapter = tmp_path / "adapter"
     adapter.mkdir(parents=True)
     weights = adapter / ADAPTER_WEIGHTS
     lora = {"m.q_proj.lora_A.weight": torch.ones(2, 4), "m.q_proj.lora_B.weight": torch.full((4, 2), 2.0)}
     save_file(lora, str(weights), metadata={"format": "pt"})
-    seen: list[float] = []
+    return weights
 
-    class Gate:
-        cfg = GateConfig.from_settings(drift_retry_scales=tuple(scales))
 
-        def evaluate(self, candidate_dir, **_):
-            tensors = load_file(str(candidate_dir / ADAPTER_WEIGHTS))
-            assert torch.equal(tensors["m.q_proj.lora_A.weight"], lora["m.q_proj.lora_A.weight"]), "A is never scaled"
-            seen.append(float(tensors["m.q_proj.lora_B.weight"][0, 0]))
-            passed = seen[-1] <= 2.0 * passes_at
-            return GateReport(passed, [] if passed else ["core suite regressed"], facts(seen[-1]), drifted=True)
+def _b_of(weights) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    assert (tensors["m.q_proj.lora_A.weight"] == 1.0).all(), "A is never scaled"
+    return float(tensors["m.q_proj.lora_B.weight"][0, 0])
+
+
+def _scale_judging_gate(seen: list[float], passes_at: float, scales, facts_down_to: float = 0.0):
+    """A gate that passes an adapter of `_trained_adapter` when its update is at most `passes_at` of the trained
+    one, else rejects it for drift alone, and answers both held-out facts down to `facts_down_to` of it (one below);
+    every B it judged is appended to `seen`."""
+    from trainer.gate import GateConfig, GateReport, SuiteReport
+    from trainer.scoring import CaseScore
 
     def facts(b: float) -> dict:
         matches = [1.0, 1.0 if b >= 2.0 * facts_down_to else 0.0]
         cases = [CaseScore(f"q{n}", "a", "a", 1.0, m, 1.0, 0.1, 0.9) for n, m in enumerate(matches)]
         return {"user": SuiteReport("user", 0.9, True, 0.5, None, cases)}
 
-    runner = JobRunner(None, None, None, None, "cpu", TrainConfig.from_settings(), Gate())
-    monkeypatch.setattr(runner, "_candidate", lambda plan, result: SimpleNamespace(arguments=lambda: {"candidate_dir": adapter}))
-    first = GateReport(False, ["core suite regressed"], facts(2.0), drifted=True)
-    result = TrainResult(adapter, steps=10, tokens=100, seconds=1.0, shrunk_to=0.8)
+    class Gate:
+        cfg = GateConfig.from_settings(drift_retry_scales=tuple(scales))
+
+        def evaluate(self, candidate_dir, **_):
+            from schemas.manifest import ADAPTER_WEIGHTS
+
+            seen.append(_b_of(candidate_dir / ADAPTER_WEIGHTS))
+            passed = seen[-1] <= 2.0 * passes_at
+            return GateReport(passed, [] if passed else ["core suite regressed"], facts(seen[-1]), drifted=True)
+
+        def evaluate_batch(self, candidates):
+            return [self.evaluate(**candidate.arguments()) for candidate in candidates]
+
+    return Gate()
+
+
+def _runner_judged_by(gate, monkeypatch):
+    """A JobRunner with `gate` whose candidates are their trained results' adapter directories."""
+    from types import SimpleNamespace
+
+    from trainer.job import JobRunner
+    from trainer.train import TrainConfig
+
+    runner = JobRunner(None, None, None, None, "cpu", TrainConfig.from_settings(), gate)
+    candidate = lambda plan, result: SimpleNamespace(arguments=lambda: {"candidate_dir": result.adapter_dir})  # noqa: E731
+    monkeypatch.setattr(runner, "_candidate", candidate)
+    return runner
+
+
+def _drift_retry(tmp_path, monkeypatch, passes_at: float, scales=(0.75, 0.5), facts_down_to: float = 0.0):
+    """`JobRunner._smaller_if_drifted` on an adapter of `_trained_adapter` judged by `_scale_judging_gate`:
+    (verdict, result, the B values the gate saw, the B left in the file)."""
+    from types import SimpleNamespace
+
+    from trainer.train import TrainResult
+
+    weights = _trained_adapter(tmp_path / "adapter")
+    seen: list[float] = []
+    gate = _scale_judging_gate(seen, passes_at, scales, facts_down_to)
+    runner = _runner_judged_by(gate, monkeypatch)
+    first = gate.evaluate(weights.parent)
+    seen.clear()
+    result = TrainResult(weights.parent, steps=10, tokens=100, seconds=1.0, shrunk_to=0.8)
     report, result = runner._smaller_if_drifted(SimpleNamespace(job=SimpleNamespace(user_id="ann")), result, first)
-    return report, result, seen, float(load_file(str(weights))["m.q_proj.lora_B.weight"][0, 0])
+    return report, result, seen, _b_of(weights)
+
+
+def test_a_batch_gate_retries_its_drifted_candidates_alone_at_smaller_updates(tmp_path, monkeypatch):
+    """The batch path (`_gate_together`): every candidate gated at once, then a drifted one alone."""
+    from types import SimpleNamespace
+
+    from trainer.lora import write_scaled_update
+    from trainer.train import TrainResult
+
+    seen: list[float] = []
+    runner = _runner_judged_by(_scale_judging_gate(seen, passes_at=0.75, scales=(0.75, 0.5)), monkeypatch)
+    files, done = {}, []
+    for user in ("ann", "bob"):
+        files[user] = _trained_adapter(tmp_path / user)
+        plan = SimpleNamespace(job=SimpleNamespace(user_id=user), hooks=SimpleNamespace(gating=None))
+        done.append((plan, TrainResult(files[user].parent, steps=10, tokens=100, seconds=1.0, shrunk_to=1.0)))
+    write_scaled_update(files["bob"], files["bob"].read_bytes(), 0.5)  # bob's update as trained passes
+    gated = runner._gate_together(done)
+    (ann, _, ann_result), (bob, _, bob_result) = (gated[id(plan)] for plan, _ in done)
+    assert seen == [2.0, 1.0, 1.5], "both at once (ann drifted, bob passed), then ann alone at 0.75"
+    assert ann.passed and ann_result.shrunk_to == 0.75 and _b_of(files["ann"]) == 1.5
+    assert bob.passed and bob_result.shrunk_to == 1.0 and _b_of(files["bob"]) == 1.0, "a passing candidate untouched"
 
 
 def test_a_candidate_rejected_only_for_drift_is_kept_at_the_first_smaller_update_that_passes(tmp_path, monkeypatch):
