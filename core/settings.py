@@ -426,6 +426,13 @@ class TrainingSettings(_Section):
     preference_undesirable_weight: float = Field(
         1.0, ge=0, le=10, description="KTO's weight of a disliked answer's loss against a liked one's (TRL: undesirable_weight)"
     )
+    preference_kto_token_beta: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="above 0: KTO on each rated answer's log-ratio averaged over its tokens (length-normalized), with this "
+        "beta (10 tried: shorter answers, more drift); 0: summed, with preference_beta (TRL's kto)",
+    )
     model_paraphrases: int = Field(
         2,
         ge=0,

@@ -2,7 +2,7 @@
 
     items = preference_items(tokenizer, examples, max_len)        # pairs and rated answers
     reference = reference_logps(peft_model, items, pad, device)   # once per run, from the run's starting weights
-    loss = preference_loss(peft_model, batch, reference, beta, pad, device)
+    loss = preference_loss(peft_model, batch, reference, PreferenceLoss(beta), pad, device)
 
 A correction is a pair: the user's correction (chosen) is preferred to the
 answer the assistant gave (rejected), so DPO's loss (Rafailov et al. 2023,
@@ -17,6 +17,13 @@ forgetting machinery (anchors' KL, early stopping, shrink, the time budget)
 works on these steps as on the supervised ones. `dpo_losses` and
 `kto_losses` are tested against TRL's own functions' values
 (tests/trainer/data/preference_reference.json, scripts/trl_reference_values.py).
+
+KTO's log-ratios are summed over an answer's tokens, as TRL's, or, opted in,
+averaged over them (`PreferenceLoss.kto_token_beta`, length-normalized as
+SimPO's): a summed ratio of a long answer saturates the sigmoid after a small
+change per token, so the long answers a user dislikes stop teaching early;
+averaged, every answer is pushed as far per token (benchmarks/README.md: the
+short-answer user's answers shorten more, and more general answers drift).
 """
 
 from __future__ import annotations
@@ -63,6 +70,22 @@ def kto_losses(policy, reference, desirable, kl, beta: float):
 
     ratio = policy - reference
     return 1 - torch.sigmoid(beta * torch.where(desirable, ratio - kl, kl - ratio))
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """How a preference batch's losses are weighed (training.preference_* settings)."""
+
+    beta: float = 0.1  # DPO's beta; KTO's too on summed log-ratios
+    undesirable_weight: float = 1.0  # KTO's lambda_U: a disliked answer's loss against a liked one's
+    kto_token_beta: float = 0.0  # above 0: KTO on log-ratios averaged over each answer's tokens, with this beta
+
+
+def answer_tokens(sequences: list[Tokenized], device):
+    """How many answer tokens each sequence's log-probability sums (as `sequence_logps` counts them)."""
+    import torch
+
+    return torch.tensor([max(1, sum(label != -100 for label in s.labels[1:])) for s in sequences], device=device)
 
 
 @dataclass(frozen=True)
@@ -122,17 +145,10 @@ def reference_logps(
 
 
 def preference_loss(
-    peft_model,
-    batch: list[PreferenceItem],
-    reference: dict[int, float],
-    beta: float,
-    pad: int,
-    device,
-    below=None,
-    undesirable_weight: float = 1.0,
+    peft_model, batch: list[PreferenceItem], reference: dict[int, float], losses: PreferenceLoss, pad: int, device, below=None
 ):
     """The weighted mean DPO/KTO loss of a batch of preference items (one forward pass for all their sequences);
-    a disliked answer's loss counts `undesirable_weight` times (KTO's lambda_U, relative to a liked one's)."""
+    a disliked answer's loss counts `losses.undesirable_weight` times (KTO's lambda_U, relative to a liked one's)."""
     import torch
 
     pairs = [item for item in batch if item.desirable is None]
@@ -141,23 +157,37 @@ def preference_loss(
     # mismatched answers only set KTO's reference point, which carries no gradient: a pass without one.
     learned = [s for item in pairs for s in item.sequences] + [item.sequences[0] for item in rated]
     policy = sequence_logps(peft_model, learned, pad, device, below)
-    losses = []
+    parts = []
     if pairs:
         p = policy[: 2 * len(pairs)].view(len(pairs), 2)
         r = torch.tensor([[reference[id(s)] for s in item.sequences] for item in pairs], device=policy.device)
-        losses.append(dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta))
+        parts.append(dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], losses.beta))
     if rated:
-        with torch.no_grad():
-            mismatched = sequence_logps(peft_model, [item.sequences[1] for item in rated], pad, device, below)
-        ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
-        kl = kl_estimate(mismatched, ref[:, 1])
-        desirable = torch.tensor([bool(item.desirable) for item in rated], device=policy.device)
-        kto = kto_losses(policy[2 * len(pairs) :], ref[:, 0], desirable, kl, beta)
-        # Scaled apart from the examples' weights (which normalize the batch), so that a batch of disliked answers
-        # alone is down-weighted too.
-        losses.append(torch.where(desirable, kto, kto * undesirable_weight))
+        parts.append(_rated_losses(peft_model, rated, policy[2 * len(pairs) :], reference, losses, pad, device, below))
     weights = torch.tensor([item.weight for item in pairs + rated], device=policy.device)
-    return (torch.cat(losses) * weights).sum() / weights.sum()
+    return (torch.cat(parts) * weights).sum() / weights.sum()
+
+
+def _rated_losses(peft_model, rated: list[PreferenceItem], policy, reference, losses: PreferenceLoss, pad, device, below):
+    """KTO's loss of each rated answer, summed or per token (`losses.kto_token_beta`), a disliked one's weighted."""
+    import torch
+
+    with torch.no_grad():
+        mismatched = sequence_logps(peft_model, [item.sequences[1] for item in rated], pad, device, below)
+    ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
+    beta, answers, others = losses.beta, ref[:, 0], ref[:, 1]
+    if losses.kto_token_beta > 0:
+        beta = losses.kto_token_beta
+        tokens = answer_tokens([item.sequences[0] for item in rated], policy.device)
+        other_tokens = answer_tokens([item.sequences[1] for item in rated], policy.device)
+        policy, answers = policy / tokens, answers / tokens
+        mismatched, others = mismatched / other_tokens, others / other_tokens
+    kl = kl_estimate(mismatched, others)
+    desirable = torch.tensor([bool(item.desirable) for item in rated], device=policy.device)
+    kto = kto_losses(policy, answers, desirable, kl, beta)
+    # Scaled apart from the examples' weights (which normalize the batch), so that a batch of disliked answers
+    # alone is down-weighted too.
+    return torch.where(desirable, kto, kto * losses.undesirable_weight)
 
 
 # ---- the gate's judgement ------------------------------------------------------------ #

@@ -39,7 +39,15 @@ from trainer.generation import pad_id
 from trainer.lora import add_lora, load_adapter_weights, lora_state, shrink_update
 from trainer.loss import answer_losses, base_answer_states, loss_parts
 from trainer.precision import FrozenMatmuls, effective, low_precision
-from trainer.preference import PreferenceItem, preference_items, preference_loss, reference_logps, supervised, uses_preference
+from trainer.preference import (
+    PreferenceItem,
+    PreferenceLoss,
+    preference_items,
+    preference_loss,
+    reference_logps,
+    supervised,
+    uses_preference,
+)
 
 __all__ = [
     "DecayPlan",
@@ -85,6 +93,7 @@ class TrainConfig:
     preference_beta: float = 0.1
     preference_weight: float = 1.0
     preference_undesirable_weight: float = 1.0
+    preference_kto_token_beta: float = 0.0  # above 0: KTO per token with this beta (trainer/preference.py)
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
     anneal_within_budget: bool = True  # the rate reaches zero where the time budget ends the run (`DecayPlan`)
@@ -120,6 +129,7 @@ class TrainConfig:
             preference_beta=t.preference_beta,
             preference_weight=t.preference_weight,
             preference_undesirable_weight=t.preference_undesirable_weight,
+            preference_kto_token_beta=t.preference_kto_token_beta,
             base_matmuls=t.base_matmuls,
             checks_per_epoch=t.checks_per_epoch,
             anneal_within_budget=t.anneal_within_budget,
@@ -501,9 +511,8 @@ def _train_step(
 
     base_states, below, reference = known  # computed once per run: anchors' base states, frozen layers, preference reference
     if batch and isinstance(batch[0], PreferenceItem):
-        loss = preference_loss(
-            peft_model, batch, reference, cfg.preference_beta, pad, device, below, cfg.preference_undesirable_weight
-        )
+        losses = PreferenceLoss(cfg.preference_beta, cfg.preference_undesirable_weight, cfg.preference_kto_token_beta)
+        loss = preference_loss(peft_model, batch, reference, losses, pad, device, below)
         _optimizer_step(loss * cfg.preference_weight, optimizer, schedule, params, cfg)
         run.record(loss.item(), None, None, sum(len(s.input_ids) for item in batch for s in item.sequences))
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from trainer.generation import pad_id
 from trainer.job import validate_adapter
 from trainer.model import BaseModelRef, load_base
 from trainer.preference import (
+    PreferenceLoss,
+    answer_tokens,
     dpo_losses,
     held_out_pairs,
     kl_estimate,
@@ -91,13 +94,40 @@ def test_a_disliked_answers_loss_counts_undesirable_weight_times(tiny):
     with torch.no_grad():
         # Away from the reference (its losses all equal there), as after a few steps.
         reference = {key: value - 1.5 * (n % 3) for n, (key, value) in enumerate(reference.items())}
-        loss = {w: float(preference_loss(model, items, reference, 0.5, pad, device, undesirable_weight=w)) for w in (0, 0.5, 1)}
+        loss = {
+            w: float(preference_loss(model, items, reference, PreferenceLoss(0.5, undesirable_weight=w), pad, device))
+            for w in (0, 0.5, 1)
+        }
         only_disliked = {
-            w: float(preference_loss(model, items[3:], reference, 0.5, pad, device, undesirable_weight=w)) for w in (0.25, 1)
+            w: float(preference_loss(model, items[3:], reference, PreferenceLoss(0.5, undesirable_weight=w), pad, device))
+            for w in (0.25, 1)
         }
     assert loss[0] > 0 and loss[1] > loss[0], "the disliked answers add to the loss, by their weight"
     assert loss[0.5] == pytest.approx((loss[0] + loss[1]) / 2, rel=1e-5)
     assert only_disliked[0.25] == pytest.approx(only_disliked[1] / 4, rel=1e-5)
+
+
+def test_per_token_kto_weighs_a_long_answer_moved_as_far_per_token_as_a_short_one(tiny):
+    """Length-normalized KTO: liked answers of different lengths whose log-likelihood gained the same per token have
+    the same loss; summed, the long one's gain saturates the sigmoid first (its loss is lower)."""
+    model, tokenizer, device = tiny
+    pad = pad_id(tokenizer)
+    answers = ["7 km.", "Town 7 is seven kilometres away by the coast road, a little more by the hills."]
+    items = preference_items(tokenizer, [_rated(7, 1.0, answers[0]), _rated(8, 1.0, answers[1])], 64)
+    sequences = [s for item in items for s in item.sequences]
+    with torch.no_grad():
+        logps = sequence_logps(model, sequences, pad, device)
+    tokens = answer_tokens(sequences, device)
+    # Each answer 0.05 nats per token above its reference; the mismatched answers at theirs (KTO's KL point 0).
+    gained = {
+        id(s): float(lp) - (0.05 * float(n) if k % 2 == 0 else 0.0) for k, (s, lp, n) in enumerate(zip(sequences, logps, tokens))
+    }
+    assert int(tokens[2]) > 3 * int(tokens[0]), "the second answer is much longer"
+    with torch.no_grad():
+        per_token = [float(preference_loss(model, [i], gained, PreferenceLoss(kto_token_beta=10.0), pad, device)) for i in items]
+        summed = [float(preference_loss(model, [i], gained, PreferenceLoss(beta=0.5), pad, device)) for i in items]
+    assert per_token == pytest.approx([1 - 1 / (1 + math.exp(-0.5))] * 2, abs=1e-4)
+    assert summed[1] < summed[0] - 0.05
 
 
 def test_a_disliked_answer_is_never_a_supervised_target():
@@ -127,10 +157,12 @@ def _short_and_long(n_users: int = 12) -> list[TrainingExample]:
     return out
 
 
-def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judges_it(tiny, tmp_path):
+@pytest.mark.parametrize("kto_token_beta", [0.0, 10.0], ids=["summed", "per-token"])
+def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judges_it(tiny, tmp_path, kto_token_beta):
     model, tokenizer, device = tiny
     train, test = split_holdout(_short_and_long(), seed=0)
     cfg = TrainConfig.from_settings(epochs=6, batch_size=4, learning_rate=5e-3, r=8, alpha=16, dropout=0.0, preference_beta=0.5)
+    cfg = replace(cfg, preference_kto_token_beta=kto_token_beta)
     result = train_adapter(model, tokenizer, device, train, cfg, tmp_path / "adapter")
     assert result.steps == 6 * math.ceil(len(train) / 4) and all(u is None for u in result.loss_curves["user"]), (
         "preference steps only: no answer is a supervised target"
