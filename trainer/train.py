@@ -101,6 +101,11 @@ class TrainConfig:
     lora_rows: str = "auto"  # how a batch's users' rows meet their adapters (trainer/multi.py LORA_ROWS)
     warmup_steps: int = 2
 
+    @property
+    def preference_losses(self) -> PreferenceLoss:
+        """How the preference steps weigh their losses (trainer/preference.py)."""
+        return PreferenceLoss(self.preference_beta, self.preference_undesirable_weight, self.preference_kto_token_beta)
+
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> TrainConfig:
         s = settings or defaults()
@@ -511,8 +516,7 @@ def _train_step(
 
     base_states, below, reference = known  # computed once per run: anchors' base states, frozen layers, preference reference
     if batch and isinstance(batch[0], PreferenceItem):
-        losses = PreferenceLoss(cfg.preference_beta, cfg.preference_undesirable_weight, cfg.preference_kto_token_beta)
-        loss = preference_loss(peft_model, batch, reference, losses, pad, device, below)
+        loss = preference_loss(peft_model, batch, reference, cfg.preference_losses, pad, device, below)
         _optimizer_step(loss * cfg.preference_weight, optimizer, schedule, params, cfg)
         run.record(loss.item(), None, None, sum(len(s.input_ids) for item in batch for s in item.sequences))
         return
