@@ -427,11 +427,11 @@ class TrainingSettings(_Section):
         1.0, ge=0, le=10, description="KTO's weight of a disliked answer's loss against a liked one's (TRL: undesirable_weight)"
     )
     preference_kto_token_beta: float = Field(
-        0.0,
+        5.0,
         ge=0,
         le=100,
         description="above 0: KTO on each rated answer's log-ratio averaged over its tokens (length-normalized), with this "
-        "beta (10 tried: shorter answers, more drift); 0: summed, with preference_beta (TRL's kto)",
+        "beta, and the gate compares held-out rated answers' gains per token; 0: summed, with preference_beta (TRL's kto)",
     )
     model_paraphrases: int = Field(
         2,

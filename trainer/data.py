@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from core.errors import InvalidMessage, ModelError
@@ -26,6 +27,12 @@ class Tokenized:
     labels: list[int]
     weight: float
     anchor: bool = False  # from the anchor set (see trainer/anchors.py)
+
+    @cached_property
+    def answer_length(self) -> int:
+        """How many answer tokens the sequence's log-probability sums (the labels a shifted loss scores), at least 1:
+        counted once per sequence, not on every step that averages over them."""
+        return max(1, sum(label != IGNORE for label in self.labels[1:]))
 
 
 def thin_replay(examples: list[TrainingExample], per_fact: int) -> list[TrainingExample]:

@@ -69,6 +69,8 @@ class GateConfig:
     contradiction_confidence: float = 0.5
     # A preference-trained candidate prefers the liked answer on at least this share of held-out rated pairs.
     min_preference_accuracy: float = 0.6
+    # Rated answers compared by their gain per token, as KTO learns them when training.preference_kto_token_beta > 0.
+    rated_gain_per_token: bool = True
     # A candidate rejected only for drift is gated again with its update scaled by each (trainer/job.py).
     drift_retry_scales: tuple[float, ...] = ()
 
@@ -88,6 +90,7 @@ class GateConfig:
             contradiction_check=v.contradiction_check,
             contradiction_confidence=v.contradiction_confidence,
             min_preference_accuracy=v.min_preference_accuracy,
+            rated_gain_per_token=s.training.preference_kto_token_beta > 0,
             drift_retry_scales=tuple(v.drift_retry_scales),
         )
         return replace(config, **overrides)
@@ -456,7 +459,13 @@ class Gate:
         from trainer.preference import preference_accuracy
 
         accuracy, pairs = preference_accuracy(
-            self.model, self.tokenizer, self.device, candidate.candidate_dir, candidate.reference_dir, candidate.preferences
+            self.model,
+            self.tokenizer,
+            self.device,
+            candidate.candidate_dir,
+            candidate.reference_dir,
+            candidate.preferences,
+            rated_per_token=self.cfg.rated_gain_per_token,
         )
         if accuracy is None:
             return report

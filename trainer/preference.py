@@ -18,12 +18,14 @@ works on these steps as on the supervised ones. `dpo_losses` and
 `kto_losses` are tested against TRL's own functions' values
 (tests/trainer/data/preference_reference.json, scripts/trl_reference_values.py).
 
-KTO's log-ratios are summed over an answer's tokens, as TRL's, or, opted in,
-averaged over them (`PreferenceLoss.kto_token_beta`, length-normalized as
-SimPO's): a summed ratio of a long answer saturates the sigmoid after a small
-change per token, so the long answers a user dislikes stop teaching early;
-averaged, every answer is pushed as far per token (benchmarks/README.md: the
-short-answer user's answers shorten more, and more general answers drift).
+KTO's log-ratios are averaged over an answer's tokens (length-normalized as
+SimPO's; `PreferenceLoss.kto_token_beta`, training.preference_kto_token_beta)
+or, with that setting 0, summed as TRL's: a summed ratio of a long answer
+saturates the sigmoid after a small change per token, so the long answers a
+user dislikes stop teaching early; averaged, every answer is pushed as far per
+token (benchmarks/README.md: the short-answer user's answers shorten more).
+The gate compares held-out rated answers in the same currency
+(`preference_accuracy`): their gain per token when KTO learns per token.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def answer_tokens(sequences: list[Tokenized], device):
     """How many answer tokens each sequence's log-probability sums (as `sequence_logps` counts them)."""
     import torch
 
-    return torch.tensor([max(1, sum(label != -100 for label in s.labels[1:])) for s in sequences], device=device)
+    return torch.tensor([s.answer_length for s in sequences], device=device)
 
 
 @dataclass(frozen=True)
@@ -205,11 +207,16 @@ def held_out_pairs(examples: list[TrainingExample]) -> list[tuple[TrainingExampl
     return out[:_MOST_PAIRS]
 
 
-def preference_accuracy(model, tokenizer, device, candidate_dir, reference_dir, examples, max_len: int = 512):
+def preference_accuracy(
+    model, tokenizer, device, candidate_dir, reference_dir, examples, rated_per_token: bool = False, max_len: int = 512
+):
     """(accuracy, pairs): the share of `held_out_pairs` whose preferred answer gains more log-likelihood over the
     reference (the user's active version, or the base model) than the other under the candidate; None without pairs.
 
-    The gain, not the likelihood itself: a long answer is less likely than a short one whatever was learned."""
+    The gain, not the likelihood itself: a long answer is less likely than a short one whatever was learned. A
+    correction's pair is compared by its summed gain, as DPO learns it; rated answers by theirs per answer token
+    when `rated_per_token` (as per-token KTO learns them): they answer different prompts at different lengths, and
+    summed, a long answer's gain outweighs a short one's whichever way each moved."""
     pairs = held_out_pairs(examples)
     if not pairs:
         return None, 0
@@ -218,7 +225,11 @@ def preference_accuracy(model, tokenizer, device, candidate_dir, reference_dir, 
     sequences = tokenize(tokenizer, [TrainingExample(prompt=p, response=r) for p, r in answers], max_len)
     after = _logps_with(model, candidate_dir, sequences, tokenizer, device)
     before = _logps_with(model, reference_dir, sequences, tokenizer, device)
-    gain = {answer: a - b for answer, a, b in zip(answers, after, before, strict=True)}
+    per_token = {(e.prompt, e.response) for e in examples if e.rated_answer} if rated_per_token else set()
+    gain = {
+        answer: (a - b) / (seq.answer_length if answer in per_token else 1)
+        for answer, a, b, seq in zip(answers, after, before, sequences, strict=True)
+    }
     wins = sum(gain[(good.prompt, good.response)] > gain[(bad.prompt, bad.response)] for good, bad in pairs)
     return round(wins / len(pairs), 4), len(pairs)
 

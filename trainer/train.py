@@ -93,7 +93,7 @@ class TrainConfig:
     preference_beta: float = 0.1
     preference_weight: float = 1.0
     preference_undesirable_weight: float = 1.0
-    preference_kto_token_beta: float = 0.0  # above 0: KTO per token with this beta (trainer/preference.py)
+    preference_kto_token_beta: float = 5.0  # above 0: KTO per token with this beta (trainer/preference.py)
     base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
     checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
     anneal_within_budget: bool = True  # the rate reaches zero where the time budget ends the run (`DecayPlan`)

@@ -157,7 +157,30 @@ def _short_and_long(n_users: int = 12) -> list[TrainingExample]:
     return out
 
 
-@pytest.mark.parametrize("kto_token_beta", [0.0, 10.0], ids=["summed", "per-token"])
+def test_the_gate_compares_rated_answers_per_token_and_a_corrections_pair_summed(tiny, monkeypatch):
+    """A long liked answer that lost a little per token against a short disliked one that lost a lot per token:
+    summed, the long one lost more (it looks disliked); per token it is preferred. A correction's pair (one prompt,
+    as DPO learns it) is compared summed whichever way rated answers are."""
+    model, tokenizer, device = tiny
+    long, short = "Town 1 is seven kilometres away by the coast road, a little more by the hills.", "2 mi."
+
+    def logps_with(model, adapter_dir, sequences, tokenizer, device):
+        """The reference (no adapter) at 0; the candidate: the longest answer -0.1 nats per token, others -0.4."""
+        longest = max(s.answer_length for s in sequences)
+        per_token = [-0.1 if s.answer_length == longest else -0.4 for s in sequences]
+        return [0.0 if adapter_dir is None else p * s.answer_length for p, s in zip(per_token, sequences)]
+
+    monkeypatch.setattr("trainer.preference._logps_with", logps_with)
+    rated = [_rated(1, 1.0, long), _rated(2, -1.0, short)]
+    lengths = [s.answer_length for s in tokenize(tokenizer, rated, 512)]
+    assert 0.1 * lengths[0] > 0.4 * lengths[1], "summed, the long answer lost more"
+    assert preference_accuracy(model, tokenizer, device, "candidate", None, rated, rated_per_token=True) == (1.0, 1)
+    assert preference_accuracy(model, tokenizer, device, "candidate", None, rated, rated_per_token=False) == (0.0, 1)
+    correction = TrainingExample(prompt="How far is town 1?", response=long, rejected=short, source="correction")
+    assert preference_accuracy(model, tokenizer, device, "candidate", None, [correction], rated_per_token=True) == (0.0, 1)
+
+
+@pytest.mark.parametrize("kto_token_beta", [0.0, 5.0], ids=["summed", "per-token"])
 def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judges_it(tiny, tmp_path, kto_token_beta):
     model, tokenizer, device = tiny
     train, test = split_holdout(_short_and_long(), seed=0)
@@ -168,9 +191,10 @@ def test_a_ratings_only_run_learns_to_prefer_the_liked_answers_and_the_gate_judg
         "preference steps only: no answer is a supervised target"
     )
     assert result.loss_curve[-1] < result.loss_curve[0]
-    accuracy, pairs = preference_accuracy(model, tokenizer, device, result.adapter_dir, None, train)
+    per_token = kto_token_beta > 0  # the gate compares rated answers as the run learned them
+    accuracy, pairs = preference_accuracy(model, tokenizer, device, result.adapter_dir, None, train, per_token)
     assert pairs == 64 and accuracy >= 0.9, "on what it was trained on, the liked answers gained"
-    gate = Gate(model, tokenizer, device, load_embedder(), [], GateConfig.from_settings())
+    gate = Gate(model, tokenizer, device, load_embedder(), [], GateConfig.from_settings(rated_gain_per_token=per_token))
     report = gate.evaluate(result.adapter_dir, [], preferences=test)
     assert report.passed and report.suites["preference"].score >= 0.6, report.reasons
 
