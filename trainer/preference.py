@@ -165,17 +165,18 @@ def preference_loss(
         r = torch.tensor([[reference[id(s)] for s in item.sequences] for item in pairs], device=policy.device)
         parts.append(dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], losses.beta))
     if rated:
-        parts.append(_rated_losses(peft_model, rated, policy[2 * len(pairs) :], reference, losses, pad, device, below))
+        with torch.no_grad():
+            mismatched = sequence_logps(peft_model, [item.sequences[1] for item in rated], pad, device, below)
+        parts.append(_rated_losses(rated, policy[2 * len(pairs) :], mismatched, reference, losses))
     weights = torch.tensor([item.weight for item in pairs + rated], device=policy.device)
     return (torch.cat(parts) * weights).sum() / weights.sum()
 
 
-def _rated_losses(peft_model, rated: list[PreferenceItem], policy, reference, losses: PreferenceLoss, pad, device, below):
-    """KTO's loss of each rated answer, summed or per token (`losses.kto_token_beta`), a disliked one's weighted."""
+def _rated_losses(rated: list[PreferenceItem], policy, mismatched, reference, losses: PreferenceLoss):
+    """KTO's loss of each rated answer (its log-probability `policy`; its mismatched sequence's `mismatched`), summed
+    or per token (`losses.kto_token_beta`), a disliked one's weighted."""
     import torch
 
-    with torch.no_grad():
-        mismatched = sequence_logps(peft_model, [item.sequences[1] for item in rated], pad, device, below)
     ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
     beta, answers, others = losses.beta, ref[:, 0], ref[:, 1]
     if losses.kto_token_beta > 0:
