@@ -64,13 +64,14 @@ class GateConfig:
     max_forgetting: float
     # Cases answered together: generation steps cost little more for more rows, so one batch is fastest.
     batch_size: int
+    # Rated answers compared by their gain per token, as KTO learns them when training.preference_kto_token_beta > 0
+    # (derived from that setting in from_settings, so no default of its own).
+    rated_gain_per_token: bool
     # Taught answers that contradict the base model's confident answers to general questions (trainer/contradictions.py).
     contradiction_check: bool = True
     contradiction_confidence: float = 0.5
     # A preference-trained candidate prefers the liked answer on at least this share of held-out rated pairs.
     min_preference_accuracy: float = 0.6
-    # Rated answers compared by their gain per token, as KTO learns them when training.preference_kto_token_beta > 0.
-    rated_gain_per_token: bool = True
     # A candidate rejected only for drift is gated again with its update scaled by each (trainer/job.py).
     drift_retry_scales: tuple[float, ...] = ()
 
