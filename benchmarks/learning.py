@@ -254,6 +254,11 @@ def _never_asked(train: list, asked: list[str]) -> tuple[list, int]:
     return kept, len(train) - len(kept)
 
 
+def _with_key_words(asked: list[tuple[dict, str]], answers: list[str]) -> list[bool]:
+    """Per (fact, wording) asked, whether its answer holds every key word of the fact."""
+    return [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
+
+
 def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int, int], paraphraser, say) -> dict:
     """One version taught `facts` (one correction event each, through the worker's curation and dataset builder, with
     `wordings` = (templates, rule rewordings) per example; the trainer's `paraphraser` or None), asked the
@@ -285,8 +290,12 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
     started = time.perf_counter()
     outcome = train_version(runner_for(ctx, ctx["root"] / user, paraphraser=paraphraser), user, train, test)
     version_seconds = round(time.perf_counter() - started, 1)
-    answers = answers_with(ctx, outcome.info.path, [wording for _, wording in asked])
-    hits = [all(key.casefold() in answer.casefold() for key in fact["key"]) for (fact, _), answer in zip(asked, answers)]
+    wordings = [wording for _, wording in asked]
+    answers = answers_with(ctx, outcome.info.path, wordings)
+    hits = _with_key_words(asked, answers)
+    # What the user is served: the candidate once promoted, else the base model (a rejected candidate reaches no one).
+    served = answers if outcome.decision == "promoted" else answers_with(ctx, None, wordings)
+    served_hits = _with_key_words(asked, served)
     m = outcome.info.manifest.metrics
     row = {
         "user": user,
@@ -294,6 +303,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
         "asked_wordings_removed_from_training": removed,
         "rewordings_asked": len(asked),
         "rewordings_answered": sum(hits),
+        "rewordings_answered_as_served": sum(served_hits),
         "facts_learned": m.facts_learned,
         "retention": m.retention,
         "train_seconds": m.train_seconds,
@@ -303,7 +313,7 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
         "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
     }
     say(
-        f"  {user}: {sum(hits)}/{len(asked)} rewordings answered, held-out {m.facts_learned}, retention {m.retention}, "
+        f"  {user}: {sum(hits)}/{len(asked)} rewordings answered ({sum(served_hits)} as served), held-out {m.facts_learned}, retention {m.retention}, "
         f"{m.train_seconds:.0f}s training, {version_seconds:.0f}s in all, {outcome.decision}"
     )
     return row
@@ -339,6 +349,7 @@ def rewording_benchmark(ctx: dict, say, only: tuple[str, ...] = REWORDING_ARMS) 
         results[name] = {
             "rows": rows,
             "answered": round(sum(r["rewordings_answered"] for r in rows) / asked, 4),
+            "answered_as_served": round(sum(r["rewordings_answered_as_served"] for r in rows) / asked, 4),
             "held_out_learned": round(statistics.mean(r["facts_learned"] or 0 for r in rows), 4),
             "retention": round(statistics.mean(r["retention"] or 0 for r in rows), 4),
             "train_seconds": round(statistics.mean(r["train_seconds"] for r in rows), 1),
@@ -436,13 +447,13 @@ def main_rewordings(ctx: dict, args, say) -> None:
     out.write_text(json.dumps(report, indent=2))
     say(f"\n{report['date']}, {report['machine']}, {report['device']}; {report['wall_seconds']} s")
     say(
-        "| augmentation | hand-written rewordings answered | held-out learned | retention | train s (mean / max) "
-        "| s per version (all) | promoted |"
+        "| augmentation | hand-written rewordings answered | as served | held-out learned | retention "
+        "| train s (mean / max) | s per version (all) | promoted |"
     )
-    say("| --- | --- | --- | --- | --- | --- | --- |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         say(
-            f"| {name} | {r['answered']} | {r['held_out_learned']} | {r['retention']} | {r['train_seconds']} / "
+            f"| {name} | {r['answered']} | {r['answered_as_served']} | {r['held_out_learned']} | {r['retention']} | {r['train_seconds']} / "
             f"{r['max_train_seconds']} | {r['version_seconds']} | {r['promoted']}/4 |"
         )
 
