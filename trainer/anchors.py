@@ -11,7 +11,8 @@ Training on the base model's own answers to a few hundred general prompts
 (self-distillation) alongside the user's examples keeps those answers where
 they were. Each answer is generated once per base model (greedy, batched),
 when a run first samples its prompt, and cached as JSONL under
-`<cache_dir>/anchors/`.
+`<cache_dir>/anchors/`, as are the margins that rank them by the base
+model's certainty (`training.anchor_least_sure`).
 """
 
 from __future__ import annotations
@@ -72,19 +73,22 @@ class AnchorSet:
         # An unidentified base model (a hub id) is never cached: its weights could change.
         self.cache_file = Path(cache_dir) / "anchors" / f"{base_sha256[:32]}-{answer_tokens}.jsonl" if base_sha256 else None
         self._answers: dict[str, str] | None = None
-        self._margins: dict[str, float] = {}  # per prompt: the base answer's smallest top-1/top-2 gap
+        # Per prompt: the base answer's smallest top-1/top-2 gap, cached beside the answers it was taken along.
+        self.margins_file = self.cache_file.with_name(f"{self.cache_file.stem}-margins.jsonl") if self.cache_file else None
+        self._margins: dict[str, float] | None = None
 
     def _load(self) -> dict[str, str]:
         if self._answers is None:
-            self._answers = {}
-            if self.cache_file is not None and self.cache_file.is_file():
-                for line in self.cache_file.read_text(encoding="utf-8").splitlines():
-                    try:
-                        entry = json.loads(line)
-                        self._answers[entry["prompt"]] = entry["answer"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line cut short by a crash: answered again when needed
+            self._answers = _read_cache(self.cache_file, "answer")
         return self._answers
+
+    def _load_margins(self) -> dict[str, float]:
+        if self._margins is None:
+            cached = _read_cache(self.margins_file, "margin")
+            self._margins = {
+                p: float("inf") if m is None else float(m) for p, m in cached.items() if m is None or isinstance(m, int | float)
+            }
+        return self._margins
 
     def nearest_first(self, queries: list[str], candidates: list[str]) -> list[str]:
         """`candidates` (a subset of the prompts), the most similar to any of `queries` first."""
@@ -107,16 +111,24 @@ class AnchorSet:
     def least_sure_first(self, model, tokenizer, device, candidates: list[str]) -> list[str]:
         """`candidates` (a subset of the prompts), those the base model answers least surely first: by the smallest
         gap between its top two next-token log-probabilities along its answer (the model must be the plain base)."""
-        missing = [p for p in dict.fromkeys(candidates) if p not in self._margins]
+        margins = self._load_margins()
+        missing = [p for p in dict.fromkeys(candidates) if p not in margins]
         if missing:
             started = time.perf_counter()
             answered = self.answers(model, tokenizer, device, missing)
-            self._margins.update(zip((a.prompt for a in answered), answer_margins(model, tokenizer, device, answered)))
+            fresh = dict(zip((a.prompt for a in answered), answer_margins(model, tokenizer, device, answered)))
+            fresh.update((p, float("inf")) for p in missing if p not in fresh)  # no usable answer: never "least sure"
+            margins.update(fresh)
             log.info(
                 "ranked %d anchor prompts by the base model's certainty in %.1f s", len(missing), time.perf_counter() - started
             )
-            self._margins.update((p, float("inf")) for p in missing if p not in self._margins)  # no usable answer
-        return sorted(candidates, key=self._margins.__getitem__)
+            if self.margins_file is not None:
+                self.margins_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.margins_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(
+                        json.dumps({"prompt": p, "margin": None if m == float("inf") else m}) + "\n" for p, m in fresh.items()
+                    )
+        return sorted(candidates, key=margins.__getitem__)
 
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
         """Anchor examples for `prompts` (the model must be the plain base model)."""
@@ -137,6 +149,19 @@ class AnchorSet:
             except ValueError:  # an empty answer, or one with control characters: not worth teaching back
                 continue
         return examples
+
+
+def _read_cache(path: Path | None, field: str) -> dict:
+    """A JSONL cache's `field` per prompt; a line cut short by a crash is skipped (its prompt is done again)."""
+    entries = {}
+    if path is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                entries[entry["prompt"]] = entry[field]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return entries
 
 
 def answer_margins(model, tokenizer, device, examples: list[TrainingExample], batch_size: int = 16) -> list[float]:

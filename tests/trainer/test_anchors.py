@@ -191,3 +191,35 @@ def test_a_ratings_only_run_mixes_in_the_least_sure_anchors(tiny_model_dir, tmp_
     assert [a.prompt for a in anchors] == anchor_set.least_sure_first(model, tokenizer, device, prompts)[:2]
     assert all(a.source == "anchor" and a.weight == mix.weight for a in anchors)
     assert [a.prompt for a in anchors] != random.Random(runner.cfg.seed).sample(prompts, 2), "not the seeded sample"
+
+
+def test_the_certainty_ranking_is_cached_per_base_model(tmp_path, monkeypatch):
+    """A trainer process ranks the anchor prompts once per base model, not once per start: the margins are kept
+    beside the cached answers; a line cut short by a crash is ranked again, another base model ranks afresh."""
+    import trainer.anchors
+
+    answers = {"Say hello.": "Hello!", "Name a colour.": "Blue, or green.", "Why?": "Because it is so, and for no reason."}
+    monkeypatch.setattr(trainer.anchors, "generate_batch", lambda m, t, d, prompts, *a, **k: [answers[p] for p in prompts])
+    ranked_by_model: list[list[str]] = []
+
+    def margins(model, tokenizer, device, examples):  # stands in for the base model: longer answers, surer
+        ranked_by_model.append([e.prompt for e in examples])
+        return [float(len(e.response)) for e in examples]
+
+    monkeypatch.setattr(trainer.anchors, "answer_margins", margins)
+    prompts = list(answers)
+    ranked = AnchorSet(prompts, tmp_path, "abc", answer_tokens=8).least_sure_first(None, None, None, prompts)
+    assert ranked == ["Say hello.", "Name a colour.", "Why?"] and ranked_by_model == [prompts]
+
+    again = AnchorSet(prompts, tmp_path, "abc", answer_tokens=8)
+    assert again.least_sure_first(None, None, None, list(reversed(prompts))) == ranked
+    assert len(ranked_by_model) == 1, "the next process reads the ranking instead of taking it again"
+
+    margins_file = again.margins_file
+    lines = margins_file.read_text(encoding="utf-8").splitlines()
+    margins_file.write_text("\n".join(lines[:-1] + [lines[-1][:12]]) + "\n", encoding="utf-8")  # the last line cut short
+    assert AnchorSet(prompts, tmp_path, "abc", answer_tokens=8).least_sure_first(None, None, None, prompts) == ranked
+    assert ranked_by_model[1:] == [["Why?"]], "only the prompt whose line was cut is ranked again"
+
+    AnchorSet(prompts, tmp_path, "other-base", answer_tokens=8).least_sure_first(None, None, None, prompts)
+    assert ranked_by_model[2:] == [prompts], "another base model's answers are ranked afresh"
