@@ -368,11 +368,12 @@ class TrainingSettings(_Section):
         0.5, ge=0, le=1, description="share of a run's anchors chosen as the prompts most like the user's"
     )
     anchor_least_sure: float = Field(
-        0.0,
+        1.0,
         ge=0,
         le=1,
-        description="share of a run's other anchors (not the nearest) chosen as the prompts the base model answers least"
-        " surely (the smallest top-1/top-2 gap along its answer); the rest a seeded sample",
+        description="in a run that teaches facts, share of its other anchors (not the nearest) chosen as the prompts the"
+        " base model answers least surely (the smallest top-1/top-2 gap along its answer); the rest, and a ratings-only"
+        " run's anchors, a seeded sample",
     )
     anchor_weight: float = Field(1.0, gt=0, le=10, description="loss weight of an anchor example")
     anchor_answer_tokens: int = Field(

@@ -234,9 +234,9 @@ def choose_anchor_prompts(
     the prompts most like the user's: a new answer leaks into similar
     questions first ("Which city was my sister born in?" -> "What is the
     capital of Spain?"). With `least_sure_first` (AnchorSet.least_sure_first),
-    `mix.least_sure` of the others are the prompts whose base answers are the
-    least sure: where a small update flips a general answer first. The rest
-    are a seeded sample. Anchors asking what a user example asks (or a prompt
+    in a run that teaches facts, `mix.least_sure` of the others are the
+    prompts whose base answers are the least sure: where a small update flips
+    a general answer first. The rest are a seeded sample. Anchors asking what a user example asks (or a prompt
     in `avoid`) are left out: the user's answer wins.
     """
     taught = {_normal(e.prompt) for e in examples} | {_normal(p) for p in avoid}
@@ -246,8 +246,12 @@ def choose_anchor_prompts(
         return []
     near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first and examples else []
     rest = [p for p in usable if p not in set(near)]
+    # Only beside facts: a run that teaches none (ratings only) would get the same few least-sure prompts as all of
+    # its anchors, for every such user, and that cost a user who likes metric units promotions (benchmarks/README.md).
     unsure = (
-        least_sure_first(rest)[: round(mix.least_sure * (count - len(near)))] if least_sure_first and mix.least_sure > 0 else []
+        least_sure_first(rest)[: round(mix.least_sure * (count - len(near)))]
+        if least_sure_first and mix.least_sure > 0 and examples
+        else []
     )
     rest = [p for p in rest if p not in set(unsure)]
     return near + unsure + random.Random(seed).sample(rest, count - len(near) - len(unsure))

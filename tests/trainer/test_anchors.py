@@ -120,15 +120,20 @@ def test_a_share_of_the_other_anchors_are_the_least_sure_answers():
     def least_sure_first(candidates):  # stands in for the base model's margins
         return sorted(candidates, key=lambda c: unsure.get(c, 1.0))
 
+    facts = [TrainingExample(prompt="What is my cat called?", response="Your cat is called Pixel.")]
     mix = AnchorMix.from_settings(minimum=4, nearest=0.0, least_sure=0.5)
-    chosen = choose_anchor_prompts([], prompts, mix, seed=3, least_sure_first=least_sure_first)
+    chosen = choose_anchor_prompts(facts, prompts, mix, seed=3, least_sure_first=least_sure_first)
     assert chosen[:2] == ["General question 7?", "General question 2?"], "half of them the least sure"
     rest = [p for p in prompts if p not in unsure]
     assert chosen[2:] == random.Random(3).sample(rest, 2), "the rest: a seeded sample of the others"
-    assert chosen == choose_anchor_prompts([], prompts, mix, seed=3, least_sure_first=least_sure_first)
+    assert chosen == choose_anchor_prompts(facts, prompts, mix, seed=3, least_sure_first=least_sure_first)
     off = AnchorMix.from_settings(minimum=4, nearest=0.0, least_sure=0.0)
-    assert choose_anchor_prompts([], prompts, off, seed=3, least_sure_first=pytest.fail) == random.Random(3).sample(prompts, 4), (
+    sample = random.Random(3).sample(prompts, 4)
+    assert choose_anchor_prompts(facts, prompts, off, seed=3, least_sure_first=pytest.fail) == sample, (
         "share 0: the margins are never asked for"
+    )
+    assert choose_anchor_prompts([], prompts, mix, seed=3, least_sure_first=pytest.fail) == sample, (
+        "a run that teaches no facts (ratings only) keeps a seeded sample"
     )
 
 
@@ -163,8 +168,11 @@ def test_answer_margins_are_the_smallest_top_two_gap_along_the_answer(tiny_model
     assert answer_margins(model, tokenizer, device, answered) == sorted(answer_margins(model, tokenizer, device, answered))
 
 
-def test_a_ratings_only_run_mixes_in_the_least_sure_anchors(tiny_model_dir, tmp_path, monkeypatch):
-    """The job's own path (`JobRunner._with_anchors`): at share 1.0 a user with no facts gets the least sure anchors."""
+def test_a_run_teaching_facts_mixes_in_the_least_sure_anchors_and_a_ratings_only_run_a_sample(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The job's own path (`JobRunner._with_anchors`): at share 1.0 a user who teaches a fact gets the least sure
+    anchors; a user who only rates keeps the seeded sample."""
     import trainer.anchors
     from trainer.job import JobRunner
     from trainer.model import BaseModelRef, load_base
@@ -183,14 +191,18 @@ def test_a_ratings_only_run_mixes_in_the_least_sure_anchors(tiny_model_dir, tmp_
     anchor_set = AnchorSet(prompts, tmp_path, "abc", answer_tokens=8)
     mix = AnchorMix.from_settings(minimum=2, nearest=0.0, least_sure=1.0)
     runner = JobRunner(None, None, model, tokenizer, device, TrainConfig.from_settings(), None, anchor_set, mix)
+    fact = TrainingExample(prompt="What is my cat called?", response="Your cat is called Pixel.", source="correction")
     rated = [TrainingExample(prompt="Tell me a story.", response="Once.", rating=1.0, source="rating")]
+    least_sure = anchor_set.least_sure_first(model, tokenizer, device, prompts)[:2]
+    sample = random.Random(runner.cfg.seed).sample(prompts, 2)
+    assert least_sure != sample, "the two choices differ, so the test tells them apart"
 
-    mixed = runner._with_anchors(rated)
-    assert mixed[:1] == rated
-    anchors = mixed[1:]
-    assert [a.prompt for a in anchors] == anchor_set.least_sure_first(model, tokenizer, device, prompts)[:2]
-    assert all(a.source == "anchor" and a.weight == mix.weight for a in anchors)
-    assert [a.prompt for a in anchors] != random.Random(runner.cfg.seed).sample(prompts, 2), "not the seeded sample"
+    mixed = runner._with_anchors([fact, *rated])
+    assert mixed[:2] == [fact, *rated]
+    assert [a.prompt for a in mixed[2:]] == least_sure
+    assert all(a.source == "anchor" and a.weight == mix.weight for a in mixed[2:])
+    only_rated = runner._with_anchors(rated)
+    assert [a.prompt for a in only_rated[1:]] == sample, "no facts: the seeded sample"
 
 
 def test_the_certainty_ranking_is_cached_per_base_model(tmp_path, monkeypatch):
