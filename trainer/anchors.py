@@ -41,9 +41,10 @@ def read_prompts(path: str | Path) -> list[str]:
 class AnchorSet:
     """The anchor prompts, and the base model's answers to them: generated on first use, cached per base model.
 
-    Only the prompts a run samples are answered, so the first run pays for a
-    batch of them, not for the whole set; the cache (JSONL under
-    `<cache_dir>/anchors/<base sha256>.jsonl`) fills as runs go.
+    Only the prompts a run samples or ranks are answered, and the cache (JSONL
+    under `<cache_dir>/anchors/<base sha256>-<answer tokens>.jsonl`, the
+    certainty ranking's margins beside it in `...-margins.jsonl`) fills as
+    runs go; a run that ranks the anchors by certainty answers them all once.
     """
 
     @classmethod
@@ -236,8 +237,9 @@ def choose_anchor_prompts(
     capital of Spain?"). With `least_sure_first` (AnchorSet.least_sure_first),
     in a run that teaches facts, `mix.least_sure` of the others are the
     prompts whose base answers are the least sure: where a small update flips
-    a general answer first. The rest are a seeded sample. Anchors asking what a user example asks (or a prompt
-    in `avoid`) are left out: the user's answer wins.
+    a general answer first. The rest are a seeded sample. Anchors asking what
+    a user example asks (or a prompt in `avoid`) are left out: the user's
+    answer wins.
     """
     taught = {_normal(e.prompt) for e in examples} | {_normal(p) for p in avoid}
     usable = [p for p in dict.fromkeys(prompts) if _normal(p) not in taught]
