@@ -313,8 +313,9 @@ def rewording_user(ctx: dict, user: str, facts: list[dict], wordings: tuple[int,
         "misses": [[wording, answer] for (_, wording), answer, hit in zip(asked, answers, hits) if not hit],
     }
     say(
-        f"  {user}: {sum(hits)}/{len(asked)} rewordings answered ({sum(served_hits)} as served), held-out {m.facts_learned}, retention {m.retention}, "
-        f"{m.train_seconds:.0f}s training, {version_seconds:.0f}s in all, {outcome.decision}"
+        f"  {user}: {sum(hits)}/{len(asked)} rewordings answered ({sum(served_hits)} as served), "
+        f"held-out {m.facts_learned}, retention {m.retention}, {m.train_seconds:.0f}s training, "
+        f"{version_seconds:.0f}s in all, {outcome.decision}"
     )
     return row
 
@@ -453,8 +454,8 @@ def main_rewordings(ctx: dict, args, say) -> None:
     say("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         say(
-            f"| {name} | {r['answered']} | {r['answered_as_served']} | {r['held_out_learned']} | {r['retention']} | {r['train_seconds']} / "
-            f"{r['max_train_seconds']} | {r['version_seconds']} | {r['promoted']}/4 |"
+            f"| {name} | {r['answered']} | {r['answered_as_served']} | {r['held_out_learned']} | {r['retention']} "
+            f"| {r['train_seconds']} / {r['max_train_seconds']} | {r['version_seconds']} | {r['promoted']}/4 |"
         )
 
 

@@ -249,7 +249,7 @@ def choose_anchor_prompts(
     near = nearest_first([e.prompt for e in examples], usable)[: round(mix.nearest * count)] if nearest_first and examples else []
     rest = [p for p in usable if p not in set(near)]
     # Only beside facts: a run that teaches none (ratings only) would get the same few least-sure prompts as all of
-    # its anchors, for every such user, and that cost a user who likes metric units promotions (benchmarks/README.md).
+    # its anchors, for every such user; measured, that cost ratings-only versions promotions (benchmarks/README.md).
     unsure = (
         least_sure_first(rest)[: round(mix.least_sure * (count - len(near)))]
         if least_sure_first and mix.least_sure > 0 and examples
