@@ -92,6 +92,15 @@ class Hyperparameters(_Record):
     def lora_shape(self) -> tuple:
         return self.r, self.alpha, self.top_layer_share, tuple(sorted(self.target_modules))
 
+    def rated_gain_per_token(self) -> bool | None:
+        """Whether the version's KTO learned rated answers per token (its gate compares them so); None: not recorded.
+
+        A config recorded without `preference_kto_token_beta` was trained before per-token KTO existed: summed.
+        """
+        if self.r is None:
+            return None
+        return float((self.model_extra or {}).get("preference_kto_token_beta") or 0) > 0
+
 
 class VersionMetrics(_Record):
     """Training and gate figures; None where not measured (no gate, old manifests)."""

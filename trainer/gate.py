@@ -260,6 +260,8 @@ class Candidate:
     previous_facts: list[TestCase] = field(default_factory=list)
     taught: list[TestCase] = field(default_factory=list)
     preferences: list[TrainingExample] = field(default_factory=list)  # held-out pairs and rated answers
+    # How its training learned rated answers (its manifest's record); None: as the gate's config says.
+    rated_per_token: bool | None = None
 
     def suites(self, core: list[TestCase]) -> list[list[TestCase]]:
         return [core, self.user_cases, self.previous_facts]
@@ -272,6 +274,7 @@ class Candidate:
             "previous_facts": self.previous_facts,
             "taught": self.taught,
             "preferences": self.preferences,
+            "rated_per_token": self.rated_per_token,
         }
 
 
@@ -370,6 +373,7 @@ class Gate:
         previous_facts: list[TestCase] = (),
         taught: list[TestCase] = (),
         preferences: list[TrainingExample] = (),
+        rated_per_token: bool | None = None,
     ) -> GateReport:
         """`previous_facts`: the facts the reference version learned (forgetting is measured on them).
 
@@ -380,10 +384,17 @@ class Gate:
         little else, so the mean score alone can miss it.
 
         `preferences`: held-out pairs and rated answers; the candidate must prefer
-        the liked answer on `min_preference_accuracy` of them (trainer/preference.py).
+        the liked answer on `min_preference_accuracy` of them (trainer/preference.py), rated answers compared
+        per token or summed as `rated_per_token` says (how the candidate learned them; None: the gate's config).
         """
         candidate = Candidate(
-            candidate_dir, list(user_cases), reference_dir, list(previous_facts), list(taught), list(preferences)
+            candidate_dir,
+            list(user_cases),
+            reference_dir,
+            list(previous_facts),
+            list(taught),
+            list(preferences),
+            rated_per_token,
         )
         refused = self._conflicting(candidate)
         if refused is not None:
@@ -466,7 +477,7 @@ class Gate:
             candidate.candidate_dir,
             candidate.reference_dir,
             candidate.preferences,
-            rated_per_token=self.cfg.rated_gain_per_token,
+            rated_per_token=self.cfg.rated_gain_per_token if candidate.rated_per_token is None else candidate.rated_per_token,
         )
         if accuracy is None:
             return report

@@ -673,7 +673,8 @@ def validate_adapter(
 
     User cases: the held-out slice in the adapter's manifest plus the user's
     explicit cases; preference pairs: the ones its manifest says the gate
-    asked (trainer/preference.py). Baseline: `baseline`, else the user's active version, else
+    asked (trainer/preference.py), its rated answers compared per token or
+    summed as its recorded training config learned them. Baseline: `baseline`, else the user's active version, else
     the base model. Nothing is promoted.
     """
     manifest = verify_adapter_dir(adapter) or AdapterManifest()
@@ -687,7 +688,8 @@ def validate_adapter(
             baseline = registry.version_dir(user_id, active) if active is not None else None
         candidate = registry.plain_dir(Path(adapter), Path(tmp) / "candidate")
         preferences = [p.as_example() for p in manifest.held_out_preferences]
-        report = gate.evaluate(candidate, cases, compared_with, preferences=preferences)
+        per_token = manifest.hyperparameters.rated_gain_per_token()  # judged as it was trained, whatever today's setting
+        report = gate.evaluate(candidate, cases, compared_with, preferences=preferences, rated_per_token=per_token)
     registry.log_validation(
         user_id,
         version if version is not None else (manifest.version or None),

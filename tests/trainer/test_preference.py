@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 from schemas.dataset import split_holdout
 from schemas.manifest import PreferenceCase
 from schemas.training import TrainingExample
-from tests.support.adapters import manifest
+from tests.support.adapters import manifest, random_adapter
 from trainer.data import tokenize
 from trainer.gate import Gate, GateConfig
 from trainer.generation import pad_id
@@ -178,6 +178,42 @@ def test_the_gate_compares_rated_answers_per_token_and_a_corrections_pair_summed
     assert preference_accuracy(model, tokenizer, device, "candidate", None, rated, rated_per_token=False) == (0.0, 1)
     correction = TrainingExample(prompt="How far is town 1?", response=long, rejected=short, source="correction")
     assert preference_accuracy(model, tokenizer, device, "candidate", None, [correction], rated_per_token=True) == (0.0, 1)
+
+
+def test_a_version_validated_later_is_judged_as_its_recorded_training_learned_its_rated_answers(tiny, tmp_path, monkeypatch):
+    """A validate command under today's setting (per token) judges a version trained with summed KTO summed, and one
+    whose manifest records no `preference_kto_token_beta` (trained before per-token KTO) summed too."""
+    model, tokenizer, device = tiny
+
+    def logps_with(model, adapter_dir, sequences, tokenizer, device):
+        """As above: the candidate loses 0.1 nats per token on the long (liked) answer, 0.4 on the short one."""
+        longest = max(s.answer_length for s in sequences)
+        return [
+            0.0 if adapter_dir is None else (-0.1 if s.answer_length == longest else -0.4) * s.answer_length for s in sequences
+        ]
+
+    monkeypatch.setattr("trainer.preference._logps_with", logps_with)
+    long, short = "Town 1 is seven kilometres away by the coast road, a little more by the hills.", "2 mi."
+    asked = [PreferenceCase.of(e) for e in (_rated(1, 1.0, long), _rated(2, -1.0, short))]
+    gate = Gate(model, tokenizer, device, load_embedder(), [], GateConfig.from_settings(rated_gain_per_token=True))
+    registry = AdapterRegistry(tmp_path / "registry")
+    recorded = {"per-token": {"r": 4, "preference_kto_token_beta": 5.0}, "summed": {"r": 4, "preference_kto_token_beta": 0.0}}
+    recorded |= {"older": {"r": 4}, "unrecorded": {}}
+    passed = {}
+    for name, hyperparameters in recorded.items():
+        adapter = random_adapter(model, tmp_path / name, seed=1)
+        fields = {"request_id": name, "held_out_preferences": asked, "hyperparameters": hyperparameters}
+        info = registry.register("rae", adapter, manifest(**fields))
+        report = validate_adapter(
+            gate=gate, registry=registry, store=None, tests_dir="t", user_id="rae", adapter=info.path, baseline=None
+        )
+        passed[name] = report.suites["preference"].passed
+    assert passed == {"per-token": True, "summed": False, "older": False, "unrecorded": True}, "unrecorded: the gate's own"
+
+    # What a job records (its TrainConfig, trainer/job.py) says how it learned: per token by default.
+    for beta, per_token in ((5.0, True), (0.0, False)):
+        trained = asdict(TrainConfig.from_settings(preference_kto_token_beta=beta))
+        assert manifest(hyperparameters=trained).hyperparameters.rated_gain_per_token() is per_token
 
 
 @pytest.mark.parametrize("kto_token_beta", [0.0, 5.0], ids=["summed", "per-token"])
