@@ -42,7 +42,9 @@ class AnchorSet:
     """The anchor prompts, and the base model's answers to them: generated on first use, cached per base model.
 
     Only the prompts a run samples or ranks are answered, and the cache (JSONL
-    under `<cache_dir>/anchors/<base sha256>-<answer tokens>.jsonl`, the
+    under `<cache_dir>/anchors/<base sha256>-<answer tokens>.jsonl`, the sha256
+    mixed with the precision for a base model held in bfloat16 or 4 bits
+    (trainer/model.py `cache_identity`, which the caller passes as `base_sha256`), the
     certainty ranking's margins beside it in `...-margins.jsonl`) fills as
     runs go; a run that ranks the anchors by certainty answers them all once.
     """

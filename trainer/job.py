@@ -50,7 +50,7 @@ from trainer.data import thin_replay
 from trainer.gate import Candidate, Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
 from trainer.lora import write_scaled_update
-from trainer.model import BaseModelRef
+from trainer.model import BaseModelRef, cache_identity
 from trainer.multi import UserRun, train_adapters
 from trainer.paraphrase import ParaphraseFilter, Paraphraser
 from trainer.preference import uses_preference
@@ -706,7 +706,8 @@ def runner_from_settings(
     settings: Settings, base: BaseModelRef, model, tokenizer, device, *, with_gate: bool = True, **train_overrides
 ) -> JobRunner:
     """The job runner the settings describe, around an already loaded base model."""
-    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256) if with_gate else None
+    identity = cache_identity(base.sha256, model)
+    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, identity) if with_gate else None
     return JobRunner(
         AdapterRegistry.from_settings(settings),
         base,
@@ -715,7 +716,7 @@ def runner_from_settings(
         device,
         TrainConfig.from_settings(settings, **train_overrides),
         gate,
-        AnchorSet.from_settings(settings, base.sha256),
+        AnchorSet.from_settings(settings, identity),
         AnchorMix.from_settings(settings),
         settings.promotion.mode,
         paraphraser_from_settings(settings, model, tokenizer, device),

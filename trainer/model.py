@@ -150,6 +150,23 @@ def load_base(ref: BaseModelRef, dtype: str = "auto", quantization: str = "none"
     return model, tokenizer, device
 
 
+def cache_identity(base_sha256: str, model) -> str:
+    """What identifies the loaded base model's answers in the caches (anchors' answers, the gate's core scores).
+
+    Its weights' sha256 as loaded in float32; mixed with how they are held otherwise (bfloat16 on a GPU, 4-bit
+    QLoRA), since greedy answers and their margins move with the precision and a cache directory can be shared.
+    An unidentified base model ("") stays unidentified: nothing is cached for it.
+    """
+    import hashlib
+
+    import torch
+
+    held = "4bit" if getattr(model, "is_loaded_in_4bit", False) else str(getattr(model, "dtype", torch.float32))
+    if not base_sha256 or held == str(torch.float32):
+        return base_sha256
+    return hashlib.sha256(f"{base_sha256}:{held}".encode()).hexdigest()
+
+
 def build_tiny_model(path: Path, tokenizer_from: Path | None = None, layers: int = 2, hidden: int = 64) -> Path:
     """A small Llama built from a config (for fast tests), saved as a model directory."""
     import torch
