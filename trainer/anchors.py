@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -125,12 +126,7 @@ class AnchorSet:
             log.info(
                 "ranked %d anchor prompts by the base model's certainty in %.1f s", len(missing), time.perf_counter() - started
             )
-            if self.margins_file is not None:
-                self.margins_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.margins_file, "a", encoding="utf-8") as fh:
-                    fh.writelines(
-                        json.dumps({"prompt": p, "margin": None if m == float("inf") else m}) + "\n" for p, m in fresh.items()
-                    )
+            _append_cache(self.margins_file, "margin", {p: None if m == float("inf") else m for p, m in fresh.items()})
         return sorted(candidates, key=margins.__getitem__)
 
     def answers(self, model, tokenizer, device, prompts: list[str]) -> list[TrainingExample]:
@@ -141,10 +137,7 @@ class AnchorSet:
             log.info("answering %d anchor prompts with the base model (cached afterwards)", len(missing))
             fresh = dict(zip(missing, generate_batch(model, tokenizer, device, missing, self.answer_tokens, batch_size=32)))
             known.update(fresh)
-            if self.cache_file is not None:
-                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.cache_file, "a", encoding="utf-8") as fh:
-                    fh.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in fresh.items())
+            _append_cache(self.cache_file, "answer", fresh)
         examples = []
         for prompt in prompts:
             try:
@@ -165,6 +158,20 @@ def _read_cache(path: Path | None, field: str) -> dict:
             except (ValueError, KeyError, TypeError):
                 continue
     return entries
+
+
+def _append_cache(path: Path | None, field: str, entries: dict) -> None:
+    """Add `entries` (prompt -> `field`) to a JSONL cache in one appending write, so two trainers filling the same
+    cache at once add whole lines (a duplicate line is harmless: the last one read wins, and they agree)."""
+    if path is None or not entries:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"prompt": p, field: value}) + "\n" for p, value in entries.items()).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines)
+    finally:
+        os.close(fd)
 
 
 def answer_margins(model, tokenizer, device, examples: list[TrainingExample], batch_size: int = 16) -> list[float]:
