@@ -65,7 +65,8 @@ class GateConfig:
     # Cases answered together: generation steps cost little more for more rows, so one batch is fastest.
     batch_size: int
     # Rated answers compared by their gain per token, as KTO learns them when training.preference_kto_token_beta > 0
-    # (derived from that setting in from_settings, so no default of its own).
+    # (derived from that setting in from_settings, so no default of its own), for a candidate whose own training
+    # is not known: a job's candidates and a validated version's manifest say how they learned (Candidate.rated_per_token).
     rated_gain_per_token: bool
     # Taught answers that contradict the base model's confident answers to general questions (trainer/contradictions.py).
     contradiction_check: bool = True

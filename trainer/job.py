@@ -473,6 +473,7 @@ class JobRunner:
         return gated
 
     def _candidate(self, plan: _Plan, result: TrainResult) -> Candidate:
+        """What the gate judges; rated answers compared as this runner's KTO learned them (per token or summed)."""
         return Candidate(
             result.adapter_dir,
             as_cases(plan.job.held_out) + list(plan.job.explicit_cases),
@@ -480,6 +481,7 @@ class JobRunner:
             plan.facts.previous,
             as_cases(plan.examples),
             plan.preferences,
+            rated_per_token=self.cfg.preference_kto_token_beta > 0,
         )
 
     def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:

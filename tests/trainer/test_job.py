@@ -62,6 +62,22 @@ def test_replay_is_thinned_on_a_warm_start_and_kept_whole_from_zero():
     assert replay_to_train(new + replay, 2, warm=False) == new + replay, "from zero (another LoRA shape): every one"
 
 
+def test_a_candidate_is_judged_as_its_runner_learned_rated_answers(tmp_path):
+    """Per token or summed as the runner's own training config says, whatever the gate's settings (a runner built
+    with training overrides)."""
+    from types import SimpleNamespace
+
+    from trainer.job import JobRunner
+    from trainer.train import TrainConfig, TrainResult
+
+    job = SimpleNamespace(held_out=[], explicit_cases=[])
+    plan = SimpleNamespace(job=job, reference=None, facts=SimpleNamespace(previous=[]), examples=[], preferences=[])
+    result = TrainResult(tmp_path, steps=1, tokens=1, seconds=1.0)
+    for beta, per_token in ((0.0, False), (5.0, True)):
+        runner = JobRunner(None, None, None, None, "cpu", TrainConfig.from_settings(preference_kto_token_beta=beta), None)
+        assert runner._candidate(plan, result).rated_per_token is per_token
+
+
 def _trained_adapter(adapter):
     """An adapter directory whose LoRA A is all 1.0 and B all 2.0 (the update as trained): its weights file."""
     import torch
