@@ -84,7 +84,7 @@ class PreferenceLoss:
 
 
 def answer_tokens(sequences: list[Tokenized], device):
-    """How many answer tokens each sequence's log-probability sums (as `sequence_logps` counts them)."""
+    """How many answer tokens each sequence's log-probability sums (`sequence_logps` turns its mean into the sum by it)."""
     import torch
 
     return torch.tensor([s.answer_length for s in sequences], device=device)
@@ -127,7 +127,7 @@ def sequence_logps(peft_model, sequences: list[Tokenized], pad: int, device, bel
     ids, mask, labels, _ = collate(sequences, pad, device)
     ones = torch.ones(ids.shape[0], device=ids.device)
     _, mean_nll = answer_losses(peft_model, ids, mask, labels, ones, below=below)
-    return -mean_nll * (labels[:, 1:] != -100).sum(dim=1)
+    return -mean_nll * answer_tokens(sequences, ids.device)  # each row's mean back to its sum
 
 
 def reference_logps(
