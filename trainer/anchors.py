@@ -201,14 +201,17 @@ class AnchorMix:
     """How many anchors join a run: ratio x the user's examples, at least `minimum`; their loss weight.
 
     `nearest`: the share of them that are the prompts closest to the user's
-    (by sentence embedding); the rest are a seeded sample of the others.
+    (by sentence embedding); `least_sure`: in a run that teaches facts, the
+    share of the rest that are the prompts the base model answers least
+    surely (`choose_anchor_prompts`); the others are a seeded sample.
+    (Defaults: core/settings.py `training.anchor_*`.)
     """
 
     ratio: float
     minimum: int
     weight: float
     nearest: float
-    least_sure: float = 0.0
+    least_sure: float
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> AnchorMix:

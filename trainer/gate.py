@@ -65,16 +65,16 @@ class GateConfig:
     # Cases answered together: generation steps cost little more for more rows, so one batch is fastest.
     batch_size: int
     # Rated answers compared by their gain per token, as KTO learns them when training.preference_kto_token_beta > 0
-    # (derived from that setting in from_settings, so no default of its own), for a candidate whose own training
+    # (derived from that setting in from_settings), for a candidate whose own training
     # is not known: a job's candidates and a validated version's manifest say how they learned (Candidate.rated_per_token).
     rated_gain_per_token: bool
     # Taught answers that contradict the base model's confident answers to general questions (trainer/contradictions.py).
-    contradiction_check: bool = True
-    contradiction_confidence: float = 0.5
+    contradiction_check: bool
+    contradiction_confidence: float
     # A preference-trained candidate prefers the liked answer on at least this share of held-out rated pairs.
-    min_preference_accuracy: float = 0.6
+    min_preference_accuracy: float
     # A candidate rejected only for drift is gated again with its update scaled by each (trainer/job.py).
-    drift_retry_scales: tuple[float, ...] = ()
+    drift_retry_scales: tuple[float, ...]
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> GateConfig:

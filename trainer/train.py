@@ -89,14 +89,14 @@ class TrainConfig:
     shrink_to: tuple[float, ...]
     replay_per_fact: int
     answer_batch: int  # most prompts the batched early-stopping checks answer together: validation.batch_size
-    objective: str = "auto"  # sft | sft+preference | auto (trainer/preference.py)
-    preference_beta: float = 0.1
-    preference_weight: float = 1.0
-    preference_undesirable_weight: float = 1.0
-    preference_kto_token_beta: float = 5.0  # above 0: KTO per token with this beta (trainer/preference.py)
-    base_matmuls: str = "auto"  # auto | float32 | bfloat16 (trainer/precision.py)
-    checks_per_epoch: int = 2  # early-stopping checks per epoch once min_epochs are done (`check_points`)
-    anneal_within_budget: bool = True  # the rate reaches zero where the time budget ends the run (`DecayPlan`)
+    objective: str  # sft | sft+preference | auto (trainer/preference.py)
+    preference_beta: float
+    preference_weight: float
+    preference_undesirable_weight: float
+    preference_kto_token_beta: float  # above 0: KTO per token with this beta (trainer/preference.py)
+    base_matmuls: str  # auto | float32 | bfloat16 (trainer/precision.py)
+    checks_per_epoch: int  # early-stopping checks per epoch once min_epochs are done (`check_points`)
+    anneal_within_budget: bool  # the rate reaches zero where the time budget ends the run (`DecayPlan`)
     max_grad_norm: float = 1.0  # not settings: fixed parts of the recipe
     lora_rows: str = "auto"  # how a batch's users' rows meet their adapters (trainer/multi.py LORA_ROWS)
     warmup_steps: int = 2
