@@ -203,13 +203,12 @@ def loaded_context(quantization: str | None = None) -> dict:
     from trainer.anchors import AnchorMix, AnchorSet
     from trainer.gate import GateSpec
     from trainer.job import paraphraser_from_settings
-    from trainer.model import cache_identity, load_base, resolve_base_model
+    from trainer.model import load_base, resolve_base_model
     from trainer.train import TrainConfig
 
     settings = load_settings()
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
     model, tokenizer, device = load_base(base, settings.model.dtype, quantization or settings.training.quantization)
-    identity = cache_identity(base.sha256, model)  # the caches' key for this model as loaded
     return {
         "settings": settings,
         "base": base,
@@ -217,9 +216,9 @@ def loaded_context(quantization: str | None = None) -> dict:
         "tokenizer": tokenizer,
         "device": device,
         "train_cfg": TrainConfig.from_settings(settings),
-        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, identity),
+        "gate": GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256),
         "anchor_mix": AnchorMix.from_settings(settings),
-        "anchors": AnchorSet.from_settings(settings, identity),
+        "anchors": AnchorSet.from_settings(settings, base.sha256, model),
         "paraphraser": paraphraser_from_settings(settings, model, tokenizer, device),
         "paraphrases": settings.streams.curation.paraphrases,
         "rewordings": settings.streams.curation.rewordings,

@@ -1,6 +1,6 @@
 """The anchor set: general prompts with the base model's own answers, mixed into every training run.
 
-    anchor_set = AnchorSet(prompts, cache_dir, base_sha256)      # or AnchorSet.from_settings(settings, base_sha256)
+    anchor_set = AnchorSet(prompts, cache_dir, base_sha256)      # or AnchorSet.from_settings(settings, base_sha256, model)
     mix = AnchorMix.from_settings(settings)
     chosen = choose_anchor_prompts(user_examples, anchor_set.prompts, mix, seed=0)
     mixed = mix_anchors(user_examples, anchor_set.answers(model, tokenizer, device, chosen), mix)
@@ -29,6 +29,7 @@ from pathlib import Path
 from core.settings import Settings, config_file, defaults
 from schemas.training import TrainingExample
 from trainer.generation import generate_batch
+from trainer.model import cache_identity
 
 log = logging.getLogger("adaptloop.trainer")
 
@@ -45,19 +46,21 @@ class AnchorSet:
     Only the prompts a run samples or ranks are answered, and the cache (JSONL
     under `<cache_dir>/anchors/<base sha256>-<answer tokens>.jsonl`, the sha256
     mixed with the precision for a base model held in bfloat16 or 4 bits
-    (trainer/model.py `cache_identity`, which the caller passes as `base_sha256`), the
+    (trainer/model.py `cache_identity`, which `from_settings` passes as `base_sha256`), the
     certainty ranking's margins beside it in `...-margins.jsonl`) fills as
     runs go; a run that ranks the anchors by certainty answers them all once.
     """
 
     @classmethod
-    def from_settings(cls, settings: Settings, base_sha256: str) -> AnchorSet | None:
-        """The anchor set the settings name (`training.anchor_files`), or None when `training.anchors` is off."""
+    def from_settings(cls, settings: Settings, base_sha256: str, model) -> AnchorSet | None:
+        """The anchor set the settings name (`training.anchor_files`), or None when `training.anchors` is off; cached
+        per base model as `model` holds it (`cache_identity`)."""
         t = settings.training
         if not t.anchors:
             return None
         prompts = [p for name in t.anchor_files for p in read_prompts(config_file(name, "training.anchor_files"))]
-        return cls(prompts, settings.cache_dir, base_sha256, settings.model.embedding_model, t.anchor_answer_tokens)
+        identity = cache_identity(base_sha256, model)
+        return cls(prompts, settings.cache_dir, identity, settings.model.embedding_model, t.anchor_answer_tokens)
 
     def __init__(
         self,

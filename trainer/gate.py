@@ -35,6 +35,7 @@ from core.storage import atomic_write
 from schemas.manifest import Contradiction
 from schemas.training import TrainingExample
 from trainer.contradictions import general_contradictions
+from trainer.model import cache_identity
 from trainer.scoring import (
     SCORER_VERSION,
     CaseScore,
@@ -241,11 +242,14 @@ class GateSpec:
         )
 
     def build(self, model, tokenizer, device, base_sha256: str = "") -> Gate:
+        """The gate around the loaded base model; its core scores cached per base model as loaded (`cache_identity`:
+        its weights' sha256, apart when held in bfloat16 or 4 bits), none for an unidentified one ("")."""
         from trainer.scoring import load_embedder
 
         core = [case for path in self.core_suites for case in load_cases(path)]
-        cache = self.cache_dir / "gate" if self.cache_dir is not None and base_sha256 else None
-        return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg, cache, base_sha256)
+        identity = cache_identity(base_sha256, model)
+        cache = self.cache_dir / "gate" if self.cache_dir is not None and identity else None
+        return Gate(model, tokenizer, device, load_embedder(self.embedding_model), core, self.cfg, cache, identity)
 
 
 _KEPT_REFERENCES = 256

@@ -50,7 +50,7 @@ from trainer.data import thin_replay
 from trainer.gate import Candidate, Gate, GateReport, GateSpec, parse_cases
 from trainer.generation import generate_batch
 from trainer.lora import write_scaled_update
-from trainer.model import BaseModelRef, cache_identity
+from trainer.model import BaseModelRef
 from trainer.multi import UserRun, train_adapters
 from trainer.paraphrase import ParaphraseFilter, Paraphraser
 from trainer.preference import uses_preference
@@ -481,7 +481,7 @@ class JobRunner:
             plan.facts.previous,
             as_cases(plan.examples),
             plan.preferences,
-            rated_per_token=self.cfg.preference_kto_token_beta > 0,
+            rated_per_token=self.cfg.preference_losses.per_token,
         )
 
     def _plan(self, job: TrainingJob, hooks: JobHooks, reference_target: Path) -> _Plan:
@@ -708,8 +708,7 @@ def runner_from_settings(
     settings: Settings, base: BaseModelRef, model, tokenizer, device, *, with_gate: bool = True, **train_overrides
 ) -> JobRunner:
     """The job runner the settings describe, around an already loaded base model."""
-    identity = cache_identity(base.sha256, model)
-    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, identity) if with_gate else None
+    gate = GateSpec.from_settings(settings).build(model, tokenizer, device, base.sha256) if with_gate else None
     return JobRunner(
         AdapterRegistry.from_settings(settings),
         base,
@@ -718,7 +717,7 @@ def runner_from_settings(
         device,
         TrainConfig.from_settings(settings, **train_overrides),
         gate,
-        AnchorSet.from_settings(settings, identity),
+        AnchorSet.from_settings(settings, base.sha256, model),
         AnchorMix.from_settings(settings),
         settings.promotion.mode,
         paraphraser_from_settings(settings, model, tokenizer, device),

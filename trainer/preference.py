@@ -82,6 +82,11 @@ class PreferenceLoss:
     undesirable_weight: float = 1.0  # KTO's lambda_U: a disliked answer's loss against a liked one's
     kto_token_beta: float = 0.0  # above 0: KTO on log-ratios averaged over each answer's tokens, with this beta
 
+    @property
+    def per_token(self) -> bool:
+        """Whether rated answers' gains are learned per answer token (and so compared at the gate)."""
+        return self.kto_token_beta > 0
+
 
 def answer_tokens(sequences: list[Tokenized], device):
     """How many answer tokens each sequence's log-probability sums (`sequence_logps` turns its mean into the sum by it)."""
@@ -179,7 +184,7 @@ def _rated_losses(rated: list[PreferenceItem], policy, mismatched, reference, lo
 
     ref = torch.tensor([[reference[id(s)] for s in item.sequences] for item in rated], device=policy.device)
     beta, answers, others = losses.beta, ref[:, 0], ref[:, 1]
-    if losses.kto_token_beta > 0:
+    if losses.per_token:
         beta = losses.kto_token_beta
         tokens = answer_tokens([item.sequences[0] for item in rated], policy.device)
         other_tokens = answer_tokens([item.sequences[1] for item in rated], policy.device)

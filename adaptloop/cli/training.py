@@ -126,7 +126,7 @@ def validate_cmd(ctx: CliContext, adapter: str, user_id: str, baseline: str | No
     """Run the validation gate on an adapter offline; exit 0 if it passes, 1 if rejected."""
     from trainer.gate import GateSpec
     from trainer.job import validate_adapter
-    from trainer.model import cache_identity, load_base, resolve_base_model
+    from trainer.model import load_base, resolve_base_model
     from trainer.registry import AdapterRegistry, verify_adapter_dir
 
     s = ctx.settings
@@ -144,7 +144,7 @@ def validate_cmd(ctx: CliContext, adapter: str, user_id: str, baseline: str | No
     base = resolve_base_model(s.model.base_model, s.model.gguf_file, s.cache_dir)
     model, tokenizer, device = load_base(base, s.model.dtype)
     report = validate_adapter(
-        gate=spec.build(model, tokenizer, device, cache_identity(base.sha256, model)),
+        gate=spec.build(model, tokenizer, device, base.sha256),
         registry=registry,
         store=open_store(s.storage_root, s.storage.encryption),
         tests_dir=spec.user_tests_dir,
