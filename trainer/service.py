@@ -113,6 +113,10 @@ from trainer.train import StepReport, remove_checkpoint
 
 log = logging.getLogger("adaptloop.trainer")
 
+# A request or command names its data (a dataset's URI and sha256) and the lineage's offset ranges, never the data
+# itself: one larger than this is malformed and goes to the dead-letter topic.
+MAX_REQUEST_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -129,15 +133,14 @@ class TrainerConfig:
     metrics_port: int  # 0: no metrics endpoint
     metrics_host: str
     session_timeout_s: float
-    batch_users: int = 1
-    batch_wait_s: float = 0.0
-    max_message_bytes: int = 1 << 20
-    redactor: Redactor = field(default_factory=Redactor)  # dead letters' previews and reasons
-    dlq_raw: bool = False
-    encryption: EncryptionSettings = EncryptionSettings()  # storage.encryption: seal personal files
-    review_timeout_h: float = 72.0
-    review_on_timeout: str = "deny"
-    review_check_s: float = 30.0
+    batch_users: int
+    batch_wait_s: float
+    redactor: Redactor  # dead letters' previews and reasons
+    dlq_raw: bool
+    encryption: EncryptionSettings  # storage.encryption: seal personal files
+    review_timeout_h: float
+    review_on_timeout: str
+    review_check_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics_port: int | None = None) -> TrainerConfig:
@@ -379,7 +382,7 @@ class TrainerService:
         next_offset = TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)
         is_command = msg.topic() == self.cfg.commands_topic
         try:
-            message = decode(COMMAND_ADAPTER if is_command else TrainingRequest, msg.value(), self.cfg.max_message_bytes)
+            message = decode(COMMAND_ADAPTER if is_command else TrainingRequest, msg.value(), MAX_REQUEST_BYTES)
         except InvalidMessage as exc:
             if not is_command:  # the streams worker dead-letters bad commands; one letter per message is enough
                 letter = DeadLetter.of(
