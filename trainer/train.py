@@ -298,6 +298,7 @@ class DecayPlan:
         self.steps, s = steps, self.schedule
         for group, base, rate in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
             group["lr"] = base * rate(s.last_epoch)
+        s._last_lr = [group["lr"] for group in s.optimizer.param_groups]  # as `step` leaves it: `get_last_lr` agrees
 
 
 class TimeBudget:

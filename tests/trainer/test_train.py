@@ -452,6 +452,7 @@ def test_a_new_plan_moves_the_next_steps_rate_at_once():
         schedule.step()
     plan.replan(20)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(CFG.learning_rate * (1 - 10 / 20) ** 0.5)
+    assert schedule.get_last_lr() == [optimizer.param_groups[0]["lr"]]
     for _ in range(10):
         optimizer.step()
         schedule.step()
