@@ -114,7 +114,7 @@ from trainer.train import StepReport, remove_checkpoint
 log = logging.getLogger("adaptloop.trainer")
 
 # A request or command names its data (a dataset's URI and sha256) and the lineage's offset ranges, never the data
-# itself: one larger than this is malformed and goes to the dead-letter topic.
+# itself: one larger than this is malformed, dead-lettered as any other (a command by the streams worker).
 MAX_REQUEST_BYTES = 1 << 20
 
 
