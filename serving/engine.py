@@ -65,9 +65,9 @@ class TextStream:
     """A row's answer as text, sent as it grows: never a piece that a later token could still change.
 
     Held back until more arrives: trailing whitespace (the answer is stripped,
-    as `adaptloop ask` strips it), a half-decoded character, and a tail that
-    may be the start of a stop sequence. So the pieces sent always add up to
-    the final answer.
+    as `adaptloop ask` strips it), a half-decoded character at the end, and a
+    tail that may be the start of a stop sequence. So the pieces sent always
+    add up to the final answer.
     """
 
     def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
@@ -87,9 +87,9 @@ class TextStream:
         if cut >= 0:
             self.stopped = True
             return self._advance(text[:cut].rstrip())
-        safe = text.rstrip()
-        if "\ufffd" in safe[len(self.sent) :]:
-            safe = safe[: safe.index("\ufffd", len(self.sent))]
+        # A character whose bytes are still arriving decodes as U+FFFD at the end; once a character follows it, it
+        # stays as decoded (UTF-8 resynchronises), so a stray byte mid-answer holds back nothing after it.
+        safe = text.rstrip().rstrip("\ufffd")
         held = max((n for s in self.stops for n in range(1, len(s)) if safe.endswith(s[:n])), default=0)
         return self._advance(safe[: len(safe) - held].rstrip())
 

@@ -153,6 +153,21 @@ def test_text_stream_holds_back_what_a_later_token_could_change(world):
     assert stream.stopped and stream.final()[0] == "Hello there"
 
 
+def test_text_stream_sends_a_character_whole_and_goes_on_past_a_stray_byte(world):
+    tokenizer = world["tokenizer"]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    stream = TextStream(tokenizer, stops=())
+    pieces = [stream.push(i) for i in ids("Café ☕ ok")]  # "☕" is three bytes over three tokens
+    assert "".join(pieces) == "Café ☕ ok" and " ☕" in pieces, "the cup is sent whole, once its last byte arrives"
+    stray = TextStream(tokenizer, stops=())
+    lead_byte = tokenizer.convert_tokens_to_ids("â")  # byte 0xE2 alone: a three-byte character that never completes
+    sent = "".join(stray.push(i) for i in [*ids("Hi"), lead_byte, *ids(" and the rest of the answer")])
+    assert sent == stray.final()[0] == "Hi\ufffd and the rest of the answer", "streamed on, not held to the end"
+
+
 def test_stacked_adapters_of_different_shapes_give_each_row_its_own_update(world, tmp_path):
     """Rows of adapters with different ranks and layers, and a base row, in one forward pass: each as PEFT gives it alone."""
     import torch
