@@ -9,6 +9,7 @@ while, so it is converted once into safetensors under
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -157,8 +158,6 @@ def cache_identity(base_sha256: str, model) -> str:
     QLoRA), since greedy answers and their margins move with the precision and a cache directory can be shared.
     An unidentified base model ("") stays unidentified: nothing is cached for it.
     """
-    import hashlib
-
     import torch
 
     held = "4bit" if getattr(model, "is_loaded_in_4bit", False) else str(getattr(model, "dtype", torch.float32))
