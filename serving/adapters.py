@@ -11,7 +11,10 @@ place (vLLM #42125 shows what same-name reloads do to caches). At most
 is evicted to make room, so eviction never breaks a request in flight. When
 every slot is held, `acquire` waits for one. Loading reads the file in the
 caller's thread, never in the generation loop's. An operator may pin a
-version (`/v1/load_lora_adapter`) until it is unloaded.
+version (`/v1/load_lora_adapter`) until it is unloaded. A version unloaded,
+superseded (a promotion or rollback) or forgotten while requests hold it
+finishes them on its own weights and leaves when the last one ends, rather
+than staying resident until the LRU reaches it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ class _Entry:
     weights: LoraWeights
     users: int = 0  # requests holding it
     pinned: bool = False  # loaded by an operator: stays until unloaded
-    doomed: bool = False  # its user was forgotten: evicted when the last request holding it ends
+    leaving: bool = False  # unloaded or superseded while held: goes when the last request ends, unless wanted again
+    forgotten: bool = False  # its user was forgotten: goes when the last request ends, whatever else
+
+    def goes_on_release(self) -> bool:
+        return self.users == 0 and (self.forgotten or self.leaving)
 
 
 @dataclass
@@ -107,7 +114,7 @@ class AdapterCache:
             entry = self._entries.get(weights.name)
             if entry is not None and entry.weights is weights:
                 entry.users -= 1
-                if entry.doomed and entry.users == 0:
+                if entry.goes_on_release():
                     self._evict(weights.name)
                 self._lock.notify_all()
 
@@ -126,7 +133,7 @@ class AdapterCache:
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None:
-                entry.pinned = True
+                entry.pinned, entry.leaving = True, False
                 return False
         weights = read_adapter(path, name, sha, self.device, self.dtype, adapter_files(path, self.registry.sealer))
         with self._lock:
@@ -156,6 +163,8 @@ class AdapterCache:
             entry.pinned = False
             if entry.users == 0:
                 self._evict(name)
+            else:
+                entry.leaving = True
             return True
 
     def resident(self) -> list[str]:
@@ -163,14 +172,20 @@ class AdapterCache:
             return list(self._entries)
 
     def drop_user_versions(self, user_id: str, keep: int | None) -> None:
-        """Evict the user's resident versions other than `keep` that nothing holds (after a rollback or a promotion)."""
+        """After a promotion or rollback: the user's resident versions other than `keep` go (a held one when its last
+        request ends; an operator's pin stays), and `keep` stays even if an earlier swap had it leaving."""
+        kept = adapter_name(user_id, keep) if keep else None
         with self._lock:
-            for name in [
-                n for n in self._entries if n.startswith(f"{user_id}@v") and n != (adapter_name(user_id, keep) if keep else None)
-            ]:
+            for name in [n for n in self._entries if n.startswith(f"{user_id}@v")]:
                 entry = self._entries[name]
-                if entry.users == 0 and not entry.pinned:
+                if name == kept:
+                    entry.leaving = False
+                elif entry.pinned:
+                    continue
+                elif entry.users == 0:
                     self._evict(name)
+                else:
+                    entry.leaving = True
 
     def forget_users(self, is_forgotten: Callable[[str], bool]) -> list[str]:
         """Evict every version of the users `is_forgotten` picks, pinned ones too (held ones when released); the names."""
@@ -181,7 +196,7 @@ class AdapterCache:
                 if entry.users == 0:
                     self._evict(name)
                 else:
-                    entry.doomed = True
+                    entry.forgotten = True
             return names
 
     # ---- inside ------------------------------------------------------------------------ #

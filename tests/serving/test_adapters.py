@@ -83,6 +83,37 @@ def test_an_operators_adapter_stays_until_unloaded(registry):
     assert cache.pin("ops@v1", registry.version_dir("u4", 1)), "an operator's own adapter, not in the registry"
 
 
+def test_a_version_superseded_or_unloaded_while_held_leaves_when_its_last_request_ends(registry):
+    """A promotion (or an operator's unload) while a request holds a version: the request keeps it to the end, and
+    it goes then, not when the LRU reaches it; a version kept again (a rollback, a new pin) stays."""
+    evicted = []
+    cache = AdapterCache(registry, capacity=4, on_evict=lambda w: evicted.append(w.name))
+    held = cache.acquire("u0", 1)
+    cache.drop_user_versions("u0", keep=2)  # u0@v2 promoted while a request holds u0@v1
+    assert "u0@v1" in cache.resident() and evicted == [], "never taken from a request in flight"
+    cache.release(held)
+    assert "u0@v1" not in cache.resident() and evicted == ["u0@v1"]
+
+    held = cache.acquire("u1", 1)
+    cache.drop_user_versions("u1", keep=2)
+    cache.drop_user_versions("u1", keep=1)  # rolled back to the version still held
+    cache.release(cache.acquire("u1", 1))  # the rollback's preload
+    cache.release(held)
+    assert "u1@v1" in cache.resident(), "kept again: it stays"
+
+    cache.pin("u2@v1", registry.info("u2", 1).path)
+    held = cache.acquire("u2", 1)
+    assert cache.unpin("u2@v1") and "u2@v1" in cache.resident(), "unloaded while a request holds it"
+    cache.release(held)
+    assert "u2@v1" not in cache.resident()
+    cache.pin("u3@v1", registry.info("u3", 1).path)
+    held = cache.acquire("u3", 1)
+    cache.unpin("u3@v1")
+    cache.pin("u3@v1", registry.info("u3", 1).path)  # loaded again before the request ended
+    cache.release(held)
+    assert "u3@v1" in cache.resident() and evicted == ["u0@v1", "u2@v1"]
+
+
 def test_a_forgotten_users_versions_leave_the_cache_pinned_or_held(registry):
     """A `forgotten` event names a salted hash: every resident version of that user goes, an operator's pin too;
     one a request still holds goes when the request ends. Other users stay."""
