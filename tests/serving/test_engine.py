@@ -7,12 +7,14 @@ import time
 
 import pytest
 
+from serving.adapters import AdapterCache
 from serving.engine import Engine, Job, Sampling, TextStream
 from serving.lora import read_adapter
-from tests.support.adapters import random_adapter
+from tests.support.adapters import manifest, random_adapter
 from trainer.data import chat_ids
 from trainer.generation import generate
 from trainer.model import BaseModelRef, load_base
+from trainer.registry import AdapterRegistry
 
 pytestmark = pytest.mark.unit
 
@@ -140,6 +142,46 @@ def test_a_cancelled_row_leaves_the_batch(world):
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.running == 0 and not sink.finished.is_set(), "dropped, nothing more sent to a client that left"
+
+
+def test_a_row_in_flight_keeps_its_version_when_a_promotion_drops_it(world, tmp_path):
+    """A promotion under a running row, held as a state (the engine waits at a step): the cache drops v1 for v2 and a
+    v2 request joins; v1's row goes on with v1's weights to its last token, and v1 leaves when the row's request ends."""
+    engine = world["engine"]
+    registry = AdapterRegistry(tmp_path / "store")
+    for n, adapter in enumerate(world["adapters"], start=1):
+        registry.register("ivy", adapter, manifest(request_id=f"ivy{n}"))
+    cache = AdapterCache(registry, capacity=4, on_evict=engine.lora.forget)
+    alone = [_serve(world, PROMPTS[2], weights, max_tokens=40).wait()[0] for weights in world["weights"]]
+    assert alone[0] != alone[1], "the versions answer differently (else this test would prove little)"
+    steps: list[int] = []
+    reached, go = threading.Event(), threading.Event()
+
+    def hold_at_the_third_step(rows: int) -> None:
+        steps.append(rows)
+        if len(steps) == 3:
+            reached.set()
+            go.wait(60)
+
+    engine.on_step = hold_at_the_third_step
+    try:
+        v1 = cache.acquire("ivy", 1)
+        started = _serve(world, PROMPTS[2], v1, max_tokens=40)
+        assert reached.wait(60), "the row never reached its third step"
+        cache.drop_user_versions("ivy", keep=2)  # what `serve` does on the lifecycle topic's `promoted`
+        assert "ivy@v1" in cache.resident(), "a request in flight holds it"
+        v2 = cache.acquire("ivy", 2)
+        joined = _serve(world, PROMPTS[2], v2, max_tokens=40)
+        go.set()
+        answers = [started.wait()[0], joined.wait()[0]]
+    finally:
+        engine.on_step = None
+        go.set()
+    assert answers == alone, "each row answered on its own version to the end"
+    assert 2 in steps, "the v2 row joined while v1's row was generating"
+    cache.release(v1)
+    cache.release(v2)
+    assert cache.resident() == ["ivy@v2"], "v1 left once the request holding it ended"
 
 
 def test_text_stream_holds_back_what_a_later_token_could_change(world):
