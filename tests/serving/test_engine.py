@@ -210,6 +210,39 @@ def test_text_stream_sends_a_character_whole_and_goes_on_past_a_stray_byte(world
     assert sent == stray.final()[0] == "Hi\ufffd and the rest of the answer", "streamed on, not held to the end"
 
 
+def test_text_stream_decodes_incrementally_as_decoding_every_token_at_once(world):
+    """After every token, the stream's text is what decoding all the answer's tokens at once gives: random answers over
+    the whole vocabulary (byte pieces, half characters, special tokens), and on a SentencePiece-style tokenizer that
+    drops the first token's leading space and spells characters in byte tokens."""
+    import random
+
+    rng = random.Random(7)
+    for tokenizer in (world["tokenizer"], _sentencepiece_style_tokenizer()):
+        specials, answers = tokenizer.all_special_ids, []
+        for _answer in range(20):
+            stream = TextStream(tokenizer, stops=())
+            for _token in range(150):
+                stream.push(rng.choice(specials) if rng.random() < 0.05 else rng.randrange(len(tokenizer)))
+                assert stream.text == tokenizer.decode(stream.ids, skip_special_tokens=True).lstrip(), stream.ids
+            answers.append(stream.text)
+        met = "".join(text.strip() for text in answers)
+        assert "\ufffd" in met and " " in met, "half characters and spaces were met (else this test would prove little)"
+
+
+def _sentencepiece_style_tokenizer():
+    """Llama's decoding (the "▁" word marker, byte-fallback tokens, the first leading space stripped) on a tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "</s>", "▁Hello", "▁world", "!", "▁a", "b", "▁", "<0xE2>", "<0x98>", "<0x95>", "<0xC3>", "<0xA9>"]
+    model = models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>", byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>")
+
+
 def test_stacked_adapters_of_different_shapes_give_each_row_its_own_update(world, tmp_path):
     """Rows of adapters with different ranks and layers, and a base row, in one forward pass: each as PEFT gives it alone."""
     import torch
