@@ -72,7 +72,7 @@ class Server:
             device=str(device),
             dtype=next(model.parameters()).dtype,
         )
-        self.metrics = ServeMetrics(self.cache, self.router)
+        self.metrics = ServeMetrics(self.cache, self.engine)
         self.engine.on_step = self.metrics.batch_rows.observe
         self.completions = RecentCompletions(cfg.feedback_window)
         self.publisher = EventPublisher(cfg.client)

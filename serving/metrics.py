@@ -8,16 +8,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serving.adapters import AdapterCache
-from serving.routing import Router
+from serving.engine import Engine
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class _CacheCollector:
-    """The adapter cache's counters and size, read at scrape time."""
+class _StateCollector:
+    """The adapter cache's counters and size, and the engine's rows, read at scrape time."""
 
-    def __init__(self, cache: AdapterCache, router: Router) -> None:
-        self.cache, self.router = cache, router
+    def __init__(self, cache: AdapterCache, engine: Engine) -> None:
+        self.cache, self.engine = cache, engine
 
     def collect(self) -> Iterator:
         stats = self.cache.stats
@@ -32,13 +32,19 @@ class _CacheCollector:
             "adaptloop_serve_adapters_refused", "versions that failed their sha256 check and were not served", value=stats.refused
         )
         yield GaugeMetricFamily("adaptloop_serve_adapters_resident", "adapters loaded now", value=len(self.cache.resident()))
+        yield GaugeMetricFamily(
+            "adaptloop_serve_requests_running", "requests generating now (rows in the batch)", value=self.engine.running
+        )
+        yield GaugeMetricFamily(
+            "adaptloop_serve_requests_waiting", "requests waiting to join the batch", value=self.engine.waiting
+        )
 
     def describe(self) -> list:
         return []
 
 
 class ServeMetrics:
-    def __init__(self, cache: AdapterCache, router: Router) -> None:
+    def __init__(self, cache: AdapterCache, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("adaptloop_serve_requests_total", "HTTP requests", ["route", "status"], registry=r)
@@ -61,7 +67,7 @@ class ServeMetrics:
             "adaptloop_serve_swaps_total", "promotions and rollbacks followed from the lifecycle topic", registry=r
         )
         self.feedback = Counter("adaptloop_serve_feedback_events_total", "feedback events published", ["kind"], registry=r)
-        self.registry.register(_CacheCollector(cache, router))
+        self.registry.register(_StateCollector(cache, engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -49,6 +49,35 @@ class Collect:
         return self.result
 
 
+class StepHold:
+    """The engine held after its `at`-th decoding step until released: a state to act in, whatever the machine's speed."""
+
+    def __init__(self, engine: Engine, at: int) -> None:
+        self.engine, self.at = engine, at
+        self.steps: list[int] = []  # each step's rows
+        self._reached, self._go = threading.Event(), threading.Event()
+
+    def __enter__(self) -> StepHold:
+        self.engine.on_step = self._on_step
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.engine.on_step = None
+        self._go.set()
+
+    def _on_step(self, rows: int) -> None:
+        self.steps.append(rows)
+        if len(self.steps) == self.at:
+            self._reached.set()
+            self._go.wait(60)
+
+    def reached(self) -> None:
+        assert self._reached.wait(60), f"the engine never reached step {self.at}"
+
+    def release(self) -> None:
+        self._go.set()
+
+
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tmp_path_factory):
     model, tokenizer, device = load_base(BaseModelRef(str(tiny_model_dir), "tiny", ""), "float32")
@@ -154,34 +183,49 @@ def test_a_row_in_flight_keeps_its_version_when_a_promotion_drops_it(world, tmp_
     cache = AdapterCache(registry, capacity=4, on_evict=engine.lora.forget)
     alone = [_serve(world, PROMPTS[2], weights, max_tokens=40).wait()[0] for weights in world["weights"]]
     assert alone[0] != alone[1], "the versions answer differently (else this test would prove little)"
-    steps: list[int] = []
-    reached, go = threading.Event(), threading.Event()
-
-    def hold_at_the_third_step(rows: int) -> None:
-        steps.append(rows)
-        if len(steps) == 3:
-            reached.set()
-            go.wait(60)
-
-    engine.on_step = hold_at_the_third_step
-    try:
+    with StepHold(engine, at=3) as hold:
         v1 = cache.acquire("ivy", 1)
         started = _serve(world, PROMPTS[2], v1, max_tokens=40)
-        assert reached.wait(60), "the row never reached its third step"
+        hold.reached()
         cache.drop_user_versions("ivy", keep=2)  # what `serve` does on the lifecycle topic's `promoted`
         assert "ivy@v1" in cache.resident(), "a request in flight holds it"
         v2 = cache.acquire("ivy", 2)
         joined = _serve(world, PROMPTS[2], v2, max_tokens=40)
-        go.set()
+        hold.release()
         answers = [started.wait()[0], joined.wait()[0]]
-    finally:
-        engine.on_step = None
-        go.set()
     assert answers == alone, "each row answered on its own version to the end"
-    assert 2 in steps, "the v2 row joined while v1's row was generating"
+    assert 2 in hold.steps, "the v2 row joined while v1's row was generating"
     cache.release(v1)
     cache.release(v2)
     assert cache.resident() == ["ivy@v2"], "v1 left once the request holding it ended"
+
+
+def test_the_metrics_count_requests_running_and_waiting(world, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import ServeMetrics
+
+    engine = world["engine"]
+    metrics = ServeMetrics(AdapterCache(AdapterRegistry(tmp_path / "store"), capacity=1), engine)
+
+    def requests() -> dict[str, float]:
+        families = text_string_to_metric_families(metrics.render().decode())
+        return {
+            f.name: f.samples[0].value for f in families if f.name.startswith("adaptloop_serve_requests_") and f.type == "gauge"
+        }
+
+    with StepHold(engine, at=2) as hold:
+        running = _serve(world, PROMPTS[0], max_tokens=8)
+        hold.reached()
+        waiting = [_serve(world, prompt, max_tokens=8) for prompt in PROMPTS[1:3]]
+        assert requests() == {"adaptloop_serve_requests_running": 1, "adaptloop_serve_requests_waiting": 2}
+        hold.release()
+        for sink in (running, *waiting):
+            sink.wait()
+    deadline = time.monotonic() + 60
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)  # the rows leave the batch just after their answers are sent
+    assert requests() == {"adaptloop_serve_requests_running": 0, "adaptloop_serve_requests_waiting": 0}
 
 
 def test_text_stream_holds_back_what_a_later_token_could_change(world):
