@@ -41,14 +41,13 @@ class WholeDecode(TextStream):
 
 
 def default_tokenizer():
-    from transformers import AutoTokenizer
-
+    """The settings' base model's tokenizer, loaded as `adaptloop serve` loads it."""
     from core.settings import load_settings
-    from trainer.model import CLEAN_UP_SPACES, resolve_base_model
+    from trainer.model import load_base, resolve_base_model
 
     settings = load_settings()
     base = resolve_base_model(settings.model.base_model, settings.model.gguf_file, settings.cache_dir)
-    return AutoTokenizer.from_pretrained(base.path, clean_up_tokenization_spaces=CLEAN_UP_SPACES)
+    return load_base(base, "float32")[1]
 
 
 def stream_seconds(kind: type[TextStream], tokenizer, ids: list[int]) -> tuple[float, float, list[str]]:

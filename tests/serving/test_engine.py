@@ -11,6 +11,7 @@ from serving.adapters import AdapterCache
 from serving.engine import Engine, Job, Sampling, TextStream
 from serving.lora import read_adapter
 from tests.support.adapters import manifest, random_adapter
+from tests.support.processes import wait_until
 from trainer.data import chat_ids
 from trainer.generation import generate
 from trainer.model import BaseModelRef, load_base
@@ -222,9 +223,7 @@ def test_the_metrics_count_requests_running_and_waiting(world, tmp_path):
         hold.release()
         for sink in (running, *waiting):
             sink.wait()
-    deadline = time.monotonic() + 60
-    while engine.running and time.monotonic() < deadline:
-        time.sleep(0.01)  # the rows leave the batch just after their answers are sent
+    wait_until(lambda: engine.running == 0, 60, "the rows leaving the batch (just after their answers are sent)", interval=0.01)
     assert requests() == {"adaptloop_serve_requests_running": 0, "adaptloop_serve_requests_waiting": 0}
 
 
